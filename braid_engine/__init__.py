@@ -1,0 +1,23 @@
+"""braid_engine: an embedded single-GPU inference engine for small decoder-only models."""
+
+from braid_engine.engine.engine import PinHandle
+from braid_engine.engine.sequence import RequestOutput
+from braid_engine.errors import (
+    BraidError,
+    ChatTemplateError,
+    CheckpointError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    KVCacheFullError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    UnsupportedArchitectureError,
+)
+from braid_engine.llm import LLM
+from braid_engine.sampling import SamplingParams
+
+__all__ = [
+    "LLM", "SamplingParams", "RequestOutput", "PinHandle", "BraidError", "ChatTemplateError",
+    "CheckpointError", "InvalidRequestError", "InvalidSamplingParamsError", "KVCacheFullError",
+    "ModelNotFoundError", "PromptTooLongError", "UnsupportedArchitectureError",
+]

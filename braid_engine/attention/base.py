@@ -1,0 +1,92 @@
+"""The attention backend interface: plan once per step for all layers, run per layer.
+
+A step's batch is a list of sequences, each with ``query_len`` new tokens at the end of
+``kv_len`` tokens of context, stored in pages listed by its page table. Sequences whose page
+tables start with the same pages share that prefix physically; the plan may attend it once
+for all of them (a cascade level) and merge with each sequence's own suffix by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class BatchLayout:
+    query_lens: list[int]
+    kv_lens: list[int]
+    page_tables: list[list[int]]
+    page_size: int
+    slot_mapping: torch.Tensor  # [num_tokens] flat slot (page * page_size + offset) of each new token
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+
+@dataclass
+class CascadeGroup:
+    """Consecutive sequences ``[first, last)`` that share ``shared_pages`` leading pages."""
+
+    first: int
+    last: int
+    shared_pages: list[int] = field(default_factory=list)
+
+
+def shared_prefix_groups(layout: BatchLayout, min_shared_tokens: int) -> list[CascadeGroup]:
+    """Groups of ≥2 consecutive sequences whose page tables share full leading pages that lie
+    entirely before every query token of the group."""
+    groups: list[CascadeGroup] = []
+    n = len(layout.page_tables)
+    i = 0
+    while i < n:
+        j = i + 1
+        table0 = layout.page_tables[i]
+        while j < n and table0 and layout.page_tables[j][:1] == table0[:1]:
+            j += 1
+        if j - i >= 2:
+            limit = min(layout.kv_lens[s] - layout.query_lens[s] for s in range(i, j)) // layout.page_size
+            common = 0
+            while common < limit and all(
+                len(layout.page_tables[s]) > common and layout.page_tables[s][common] == table0[common]
+                for s in range(i + 1, j)
+            ):
+                common += 1
+            if common and common * layout.page_size >= min_shared_tokens:
+                groups.append(CascadeGroup(i, j, table0[:common]))
+        i = j
+    return groups
+
+
+class AttentionBackend(ABC):
+    """Chosen once at engine start. ``kv_cache`` is ``[layers, pages, 2, kv_heads, page_size, head_dim]``."""
+
+    name: str = "base"
+
+    def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int, cascade: str = "auto") -> None:
+        if cascade not in ("auto", "always", "never"):
+            raise ValueError(f"cascade must be 'auto', 'always' or 'never', not {cascade!r}")
+        self.kv_cache = kv_cache
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.cascade = cascade
+        self.groups: list[CascadeGroup] = []
+
+    @abstractmethod
+    def plan(self, layout: BatchLayout) -> None:
+        """Prepare everything the step's layers share (indices, masks, cascade levels)."""
+
+    @abstractmethod
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write this step's k/v into ``kv_cache[layer]``, then attend. q: [tokens, heads, dim]."""
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        cache = self.kv_cache[layer]
+        page_size = cache.shape[3]
+        pages, offsets = slot_mapping // page_size, slot_mapping % page_size
+        cache[pages, 0, :, offsets] = k.to(cache.dtype)
+        cache[pages, 1, :, offsets] = v.to(cache.dtype)

@@ -1,0 +1,135 @@
+"""Model configuration parsed from a checkpoint's config.json, and engine settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from braid_engine.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    torch_dtype: torch.dtype = torch.float32
+    eos_token_ids: tuple[int, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise CheckpointError(
+                "config.json has no 'architectures' entry; add the model class name, "
+                "e.g. \"architectures\": [\"Qwen3ForCausalLM\"]."
+            )
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            rope = cfg.get("rope_parameters") or {}
+            rope_type = rope.get("rope_type", (cfg.get("rope_scaling") or {}).get("rope_type", "default"))
+            if rope_type not in ("default", None):
+                raise CheckpointError(
+                    f"rope type {rope_type!r} is not supported yet; only default RoPE is."
+                )
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            use_bias = bool(cfg.get("use_bias", False))
+            return cls(
+                architecture=archs[0],
+                model_type=cfg.get("model_type", ""),
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                hidden_act=cfg.get("hidden_act", "silu"),
+                attention_bias=bool(cfg.get("attention_bias", use_bias)),
+                mlp_bias=bool(cfg.get("mlp_bias", use_bias)),
+                torch_dtype=_parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+                eos_token_ids=eos_ids,
+                raw=cfg,
+            )
+        except KeyError as e:
+            raise CheckpointError(f"config.json lacks the required field {e.args[0]!r}.") from e
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the checkpoint.") from e
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def _parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[str(name).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(set(_DTYPES))} or 'auto'.") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available; use device='cpu' or 'auto'.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """'auto' is the checkpoint's dtype on GPU and float32 on CPU."""
+    if dtype == "auto":
+        return checkpoint_dtype if device.type == "cuda" else torch.float32
+    return _parse_dtype(dtype)
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings. Sizes are in tokens unless named otherwise."""
+
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    page_size: int = 16
+    num_pages: int = 0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    max_pinned_fraction: float = 0.5
+    attention_backend: str = "torch"
+    cascade: str = "auto"

@@ -1,0 +1,368 @@
+"""LLMEngine: request lifecycle and the step loop, run by one background thread.
+
+Callers on any thread (or event loop) add requests and read their ``RequestStream``; the
+loop thread alone touches the scheduler, the page pool and the model, one step at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from braid_engine.config import EngineConfig, ModelConfig
+from braid_engine.detokenizer import IncrementalDetokenizer
+from braid_engine.engine.kv_cache import PagePool
+from braid_engine.engine.model_runner import ModelRunner
+from braid_engine.engine.prefix_cache import RadixCache, RadixNode
+from braid_engine.engine.scheduler import Scheduler
+from braid_engine.engine.sequence import RequestOutput, Sequence, Status
+from braid_engine.errors import (
+    EngineClosedError,
+    InvalidRequestError,
+    KVCacheFullError,
+    PromptTooLongError,
+)
+from braid_engine.sampling import SamplingParams, sample
+
+logger = logging.getLogger("braid_engine")
+_ids = itertools.count()
+
+
+class RequestStream:
+    """The outputs of one request: deltas as tokens are sampled, the last with a finish reason."""
+
+    def __init__(self, engine: LLMEngine, seq: Sequence, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.engine = engine
+        self.request_id = seq.request_id
+        self.prompt_token_ids = seq.prompt_token_ids
+        self._loop = loop
+        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.num_cached_tokens = 0
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                self.engine.abort(self.request_id)
+        else:
+            self._queue.put(item)
+
+    def _accept(self, item: RequestOutput | BaseException) -> RequestOutput:
+        if isinstance(item, BaseException):
+            raise item
+        self.token_ids.extend(item.token_ids)
+        self.text += item.text
+        self.finish_reason = item.finish_reason
+        self.num_cached_tokens = item.num_cached_tokens
+        return item
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        try:
+            while self.finish_reason is None:
+                yield self._accept(self._queue.get())
+        finally:
+            if self.finish_reason is None:
+                self.engine.abort(self.request_id)
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while self.finish_reason is None:
+                yield self._accept(await self._queue.get())
+        finally:
+            if self.finish_reason is None:
+                self.engine.abort(self.request_id)
+
+    def result(self) -> RequestOutput:
+        """Block until the request finishes; the whole output."""
+        for _ in self:
+            pass
+        return self._final()
+
+    async def aresult(self) -> RequestOutput:
+        async for _ in self:
+            pass
+        return self._final()
+
+    def _final(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt_token_ids, list(self.token_ids),
+                             self.text, self.finish_reason, self.num_cached_tokens)
+
+
+@dataclass
+class PinHandle:
+    """Keeps a cached prefix resident until ``release()``. Releasing twice is harmless."""
+
+    engine: LLMEngine
+    node: RadixNode | None
+    num_tokens: int
+
+    def release(self) -> None:
+        self.engine.release(self)
+
+
+class LLMEngine:
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, tokenizer, runner: ModelRunner,
+                 eos_token_ids: set[int]) -> None:
+        self.model_config = model_config
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.eos_token_ids = eos_token_ids
+        self.pool = PagePool(config.num_pages, config.page_size)
+        self.cache = RadixCache(self.pool) if config.enable_prefix_caching else None
+        self.scheduler = Scheduler(config, self.pool, self.cache, self._copy_page)
+        self._streams: dict[str, RequestStream] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._pending: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._wake = threading.Condition()
+        self._state = threading.RLock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # -- requests ----------------------------------------------------------------------
+    def validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty; pass at least one token.")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]!r} is outside the vocabulary (0 … {vocab - 1}); "
+                "encode prompts with this model's tokenizer."
+            )
+        if len(token_ids) >= self.config.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(token_ids)} tokens but max_model_len is "
+                f"{self.config.max_model_len} (and one token must be left to generate); shorten "
+                "the prompt, or raise max_model_len if the model and KV pool allow it."
+            )
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None,
+                    loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        if self._closed:
+            raise EngineClosedError("the engine was shut down; create a new LLM.")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}.")
+        prompt = list(prompt_token_ids)
+        self.validate_prompt(prompt)
+        request_id = request_id or f"req-{next(_ids)}"
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.config.device).manual_seed(params.seed)
+        max_len = self.config.max_model_len
+        if params.max_tokens is not None:
+            max_len = min(max_len, len(prompt) + params.max_tokens)
+        seq = Sequence(
+            request_id=request_id, prompt_token_ids=prompt, params=params,
+            detok=IncrementalDetokenizer(self.tokenizer, prompt, params.stop_strings,
+                                         params.skip_special_tokens),
+            max_len=max_len, generator=gen,
+        )
+        stream = RequestStream(self, seq, loop)
+        with self._wake:
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use.")
+            self._streams[request_id] = stream
+            self._pending.append(seq)
+            self._ensure_thread()
+            self._wake.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its computed KV stays cached. Unknown or finished ids are ignored."""
+        with self._wake:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    # -- the loop ----------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="braid-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._closed or self._pending or self._aborts or self.scheduler.has_work()):
+                    self._wake.wait()
+                if self._closed:
+                    return
+                pending, self._pending = self._pending, []
+                aborts, self._aborts = self._aborts, []
+            with self._state:
+                for seq in pending:
+                    self._seqs[seq.request_id] = seq
+                    self.scheduler.add(seq)
+                for rid in aborts:
+                    seq = self._seqs.get(rid)
+                    if seq is not None and not seq.is_finished:
+                        self._finish(seq, "abort")
+                try:
+                    self.step()
+                except Exception as e:  # a failed step fails its requests, not the engine
+                    logger.exception("engine step failed")
+                    for seq in list(self.scheduler.running):
+                        self._fail(seq, e)
+
+    def step(self) -> None:
+        """One forward over the scheduled batch, then sample and emit. Loop thread only."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            stuck = self.scheduler.stuck()
+            if stuck is not None:
+                self._fail(stuck, KVCacheFullError(
+                    f"request {stuck.request_id} needs {len(stuck)} tokens of KV but the pool "
+                    f"holds {self.pool.num_pages * self.pool.page_size} and nothing more can be "
+                    "evicted (pinned prefixes stay); release pins or enlarge the pool."))
+            return
+        self.steps += 1
+        logits, samplers = self.runner.execute(batch)
+        for seq, n in batch:
+            seq.num_computed += n
+            if (self.cache is not None and not seq.output_token_ids
+                    and seq.num_computed == len(seq.prompt_token_ids)):
+                self.scheduler.cache_sequence(seq)  # a shared prompt is reusable while it runs
+        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        for seq, token in zip(samplers, tokens):
+            self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.output_token_ids.append(token)
+        p = seq.params
+        reason = None
+        if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        else:
+            seq.detok.add(token)
+            if seq.detok.stopped:
+                reason = "stop"
+        if reason is None and len(seq) >= seq.max_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, reason)
+        else:
+            self._emit(seq, final=False)
+
+    def _emit(self, seq: Sequence, final: bool) -> None:
+        stream = self._streams.get(seq.request_id)
+        new = seq.output_token_ids[seq.emitted_tokens:]
+        seq.emitted_tokens = len(seq.output_token_ids)
+        text = seq.detok.take(final)
+        if stream is not None:
+            stream._put(RequestOutput(seq.request_id, seq.prompt_token_ids, new, text,
+                                      seq.finish_reason, seq.num_cached_tokens, finished=final))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        self._emit(seq, final=True)
+        self._forget(seq)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        seq.finish_reason = "error"
+        self.scheduler.finish(seq)
+        stream = self._streams.get(seq.request_id)
+        if stream is not None:
+            stream._put(error)
+        self._forget(seq)
+
+    def _forget(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        with self._wake:
+            self._streams.pop(seq.request_id, None)
+
+    def _copy_page(self, src: int, dst: int) -> None:
+        kv = self.runner.backend.kv_cache
+        kv[:, dst].copy_(kv[:, src])
+
+    # -- prefix cache control ------------------------------------------------------------
+    def pin(self, token_ids: list[int]) -> PinHandle:
+        """Compute (if needed) and keep resident the KV of ``token_ids``."""
+        if self.cache is None:
+            raise InvalidRequestError("prefix caching is off (enable_prefix_caching=False); nothing to pin.")
+        self.validate_prompt(token_ids)
+        # a one-token request leaves the whole prompt's KV in the tree
+        self.add_request(token_ids, SamplingParams(temperature=0, max_tokens=1)).result()
+        with self._state:
+            node, m, _ = self.cache.match(token_ids)
+            if m < len(token_ids):
+                raise KVCacheFullError("the prefix was evicted before it could be pinned; the pool is too small.")
+            pinned = self.cache.pinned_pages() | set(_path_pages(node))
+            limit = int(self.config.max_pinned_fraction * self.pool.num_pages)
+            if len(pinned) > limit:
+                raise KVCacheFullError(
+                    f"pinning would hold {len(pinned)} pages, over the limit of {limit} "
+                    f"({self.config.max_pinned_fraction:.0%} of the pool); release other pins "
+                    "or raise max_pinned_fraction.")
+            self.cache.pin(node)
+        return PinHandle(self, node, m)
+
+    def release(self, handle: PinHandle) -> None:
+        with self._state:
+            if handle.node is not None:
+                self.cache.unpin(handle.node)
+                handle.node = None
+
+    def stats(self) -> dict[str, int]:
+        with self._state:
+            used = sum(1 for r in self.pool.refs if r > 0)
+            c = self.cache
+            return {
+                "pages_total": self.pool.num_pages,
+                "page_size": self.pool.page_size,
+                "pages_used": used,
+                "pages_free": self.pool.num_free,
+                "pages_cached": len(c.cached_pages()) if c else 0,
+                "pages_pinned": len(c.pinned_pages()) if c else 0,
+                "prefix_lookups": c.stats.lookups if c else 0,
+                "prefix_hits": c.stats.prefix_hits if c else 0,
+                "prefix_hit_tokens": c.stats.hit_tokens if c else 0,
+                "evictions": c.stats.evictions if c else 0,
+                "evicted_pages": c.stats.evicted_pages if c else 0,
+                "prefilled_tokens": self.scheduler.prefilled_tokens,
+                "reused_tokens": self.scheduler.reused_tokens,
+                "preemptions": self.scheduler.num_preemptions,
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting),
+                "steps": self.steps,
+            }
+
+    def clear_cache(self) -> None:
+        """Evict every cached prefix that is not pinned or in use."""
+        with self._state:
+            if self.cache is not None:
+                self.cache.clear()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    @property
+    def idle(self) -> bool:
+        with self._wake:
+            return not (self._pending or self._streams) and not self.scheduler.has_work()
+
+
+def _path_pages(node: RadixNode) -> list[int]:
+    pages = []
+    while node is not None and node.parent is not None:
+        pages.extend(node.pages)
+        node = node.parent
+    return pages

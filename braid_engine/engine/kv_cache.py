@@ -1,0 +1,58 @@
+"""The KV page pool: one tensor for every layer, pages handed out with reference counts."""
+
+from __future__ import annotations
+
+import torch
+
+from braid_engine.config import ModelConfig
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def allocate_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """``[layers, pages, 2, kv_heads, page_size, head_dim]`` (HND pages)."""
+    return torch.zeros(cfg.num_hidden_layers, num_pages, 2, cfg.num_key_value_heads, page_size,
+                       cfg.head_dim, dtype=dtype, device=device)
+
+
+class PagePool:
+    """Free list and reference counts of KV pages. A page is free when its count is 0.
+
+    Holders are sequences (their page tables) and the prefix cache (its nodes); each holds one
+    reference per page it names.
+    """
+
+    def __init__(self, num_pages: int, page_size: int) -> None:
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.refs = [0] * num_pages
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh pages with one reference each, or None if fewer than n are free."""
+        if n > len(self._free):
+            return None
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self.refs[p] = 1
+        return pages
+
+    def incref(self, pages: list[int]) -> None:
+        for p in pages:
+            assert self.refs[p] > 0, f"page {p} is free and cannot gain a reference"
+            self.refs[p] += 1
+
+    def decref(self, pages: list[int]) -> None:
+        for p in pages:
+            assert self.refs[p] > 0, f"page {p} released more often than referenced"
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self._free.append(p)

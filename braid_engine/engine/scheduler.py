@@ -1,0 +1,159 @@
+"""Continuous batching: which sequences compute how many tokens this step.
+
+Every step each running sequence computes the tokens whose KV is not yet cached — one for a
+decoding sequence, a chunk of the prompt for a prefilling one — within a token budget. New
+requests join when pages allow; when decode runs out of pages the newest request is
+preempted (its pages freed, recomputed later, usually from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from braid_engine.config import EngineConfig
+from braid_engine.engine.kv_cache import PagePool
+from braid_engine.engine.prefix_cache import RadixCache
+from braid_engine.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, pool: PagePool, cache: RadixCache | None,
+                 copy_page: Callable[[int, int], None]) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.cache = cache
+        self.copy_page = copy_page
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.prefilled_tokens = 0
+        self.reused_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.cfg.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            n = min(len(seq) - seq.num_computed, budget)
+            while not self._reserve(seq, seq.num_computed + n):
+                victims = [s for s in self.running if s is not seq and all(s is not b for b, _ in batch)]
+                victim = max(victims or [seq], key=lambda s: s.arrival)
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                batch.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.num_computed == 0 and not seq.page_table:
+                self._match_prefix(seq)
+            n = min(len(seq) - seq.num_computed, budget)
+            if not self._reserve(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        for seq, n in batch:
+            self.prefilled_tokens += n
+        return batch
+
+    def stuck(self) -> Sequence | None:
+        """The first waiting request when nothing runs and it still cannot be admitted."""
+        if self.running or not self.waiting:
+            return None
+        return self.waiting[0]
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        if self.cache is None or not seq.params.enable_prefix_caching:
+            return
+        tokens = seq.all_token_ids
+        node, m, table = self.cache.match(tokens[:-1])
+        self.cache.stats.lookups += 1
+        if m == 0:
+            return
+        ps = self.pool.page_size
+        self.cache.lock(node, 1)  # before any eviction below
+        if m % ps:
+            fresh = self.pool.allocate(1)
+            if fresh is None:
+                self.cache.evict(1)
+                fresh = self.pool.allocate(1)
+            if fresh is None:  # no page to copy the partial one into: reuse only full pages
+                self.cache.lock(node, -1)
+                node, m, table = self.cache.match(tokens[: m - m % ps])
+                if m == 0:
+                    return
+                self.cache.lock(node, 1)
+            else:
+                self.copy_page(table[-1], fresh[0])
+                self.pool.incref(table[:-1])
+                table[-1] = fresh[0]
+        if m % ps == 0:
+            self.pool.incref(table)
+        seq.cache_node = node
+        seq.page_table = table
+        seq.num_computed = m
+        if not seq.output_token_ids:
+            seq.num_cached_tokens = m
+        self.cache.stats.prefix_hits += 1
+        self.cache.stats.hit_tokens += m
+        self.reused_tokens += m
+
+    def _reserve(self, seq: Sequence, kv_len: int) -> bool:
+        need = -(-kv_len // self.pool.page_size) - len(seq.page_table)
+        if need <= 0:
+            return True
+        if self.pool.num_free < need and self.cache is not None:
+            self.cache.evict(need)
+        pages = self.pool.allocate(need)
+        if pages is None:
+            return False
+        seq.page_table.extend(pages)
+        return True
+
+    def cache_sequence(self, seq: Sequence) -> None:
+        """Insert the tokens whose KV ``seq`` has computed; move its lock to the new node."""
+        if self.cache is None or not seq.params.enable_prefix_caching or seq.num_computed == 0:
+            return
+        node = self.cache.insert(seq.all_token_ids[: seq.num_computed], seq.page_table)
+        self.cache.lock(node, 1)
+        if seq.cache_node is not None:
+            self.cache.lock(seq.cache_node, -1)
+        seq.cache_node = node
+
+    def release(self, seq: Sequence) -> None:
+        """Give back ``seq``'s pages and lock (its KV stays in the prefix cache if inserted)."""
+        self.pool.decref(seq.page_table)
+        seq.page_table = []
+        if seq.cache_node is not None:
+            self.cache.lock(seq.cache_node, -1)
+            seq.cache_node = None
+
+    def preempt(self, seq: Sequence) -> None:
+        self.cache_sequence(seq)
+        self.release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        self.cache_sequence(seq)
+        self.release(seq)
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,0 +1,41 @@
+"""Typed errors. Each message names the problem and the way out."""
+
+
+class BraidError(Exception):
+    """Base class of every error braid_engine raises on purpose."""
+
+
+class ModelNotFoundError(BraidError, FileNotFoundError):
+    """The model path or hub id could not be resolved to a local checkpoint."""
+
+
+class UnsupportedArchitectureError(BraidError, ValueError):
+    """config.json names an architecture braid_engine has no implementation for."""
+
+
+class CheckpointError(BraidError, ValueError):
+    """The checkpoint's files are missing, truncated, corrupt or inconsistent with its config."""
+
+
+class ChatTemplateError(BraidError, ValueError):
+    """The tokenizer has no chat template, or the template could not render the messages."""
+
+
+class InvalidRequestError(BraidError, ValueError):
+    """A prompt the engine cannot serve (too long, token ids outside the vocabulary, empty)."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt does not fit in max_model_len."""
+
+
+class InvalidSamplingParamsError(BraidError, ValueError):
+    """A SamplingParams field is out of range."""
+
+
+class KVCacheFullError(BraidError, RuntimeError):
+    """The KV page pool cannot hold a request even after evicting everything evictable."""
+
+
+class EngineClosedError(BraidError, RuntimeError):
+    """The engine was shut down."""

@@ -1,0 +1,228 @@
+"""``LLM``: the offline API (vLLM's names) over one ``LLMEngine``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from braid_engine.attention.base import AttentionBackend
+from braid_engine.config import EngineConfig, resolve_device, resolve_dtype
+from braid_engine.engine.engine import LLMEngine, PinHandle
+from braid_engine.engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
+from braid_engine.engine.model_runner import ModelRunner
+from braid_engine.engine.sequence import RequestOutput
+from braid_engine.errors import ChatTemplateError, InvalidRequestError
+from braid_engine.loader import load_config, load_model, load_tokenizer, resolve_model_path
+from braid_engine.sampling import SamplingParams
+
+logger = logging.getLogger("braid_engine")
+
+PromptType = Union[str, Sequence[int]]
+
+_CPU_KV_BYTES = 1 << 30  # default KV pool on CPU: at most 1 GiB
+
+
+class LLM:
+    """An embedded engine for one model on one device.
+
+    Example:
+        >>> llm = LLM("Qwen/Qwen3-0.6B")
+        >>> out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
+        >>> print(out[0].text)
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.85,
+        attention_backend: str = "auto",
+        cascade: str = "auto",
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        max_pinned_fraction: float = 0.5,
+        trust_remote_code: bool = False,
+    ) -> None:
+        path = resolve_model_path(model)
+        self.model_path = path
+        self.model_config = cfg = load_config(path)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
+        max_len = max_model_len or cfg.max_position_embeddings
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={max_len} exceeds the model's max_position_embeddings "
+                f"({cfg.max_position_embeddings}); use a value at most that."
+            )
+        torch_model = load_model(path, cfg, dev, dt, max_positions=cfg.max_position_embeddings)
+        per_token = kv_bytes_per_token(cfg, dt)
+        if num_pages is None:
+            budget = kv_cache_memory or self._default_kv_bytes(dev, gpu_memory_utilization, per_token, max_len)
+            num_pages = max(1, budget // (per_token * page_size))
+        if max_model_len is None:
+            max_len = min(max_len, num_pages * page_size)
+        elif max_len > num_pages * page_size:
+            raise ValueError(
+                f"max_model_len={max_len} needs {-(-max_len // page_size)} KV pages but the pool "
+                f"has {num_pages}; lower max_model_len or give the KV cache more memory."
+            )
+        backend_name = _choose_backend(attention_backend, dev)
+        self.config = EngineConfig(
+            device=dev, dtype=dt, max_model_len=max_len, page_size=page_size, num_pages=num_pages,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_batched_tokens, 1),
+            enable_prefix_caching=enable_prefix_caching, max_pinned_fraction=max_pinned_fraction,
+            attention_backend=backend_name, cascade=cascade,
+        )
+        kv_cache = allocate_kv_cache(cfg, num_pages, page_size, dt, dev)
+        backend = _make_backend(backend_name, kv_cache, cfg.num_attention_heads, cfg.head_dim, cascade)
+        runner = ModelRunner(torch_model, backend, page_size, dev)
+        self.engine = LLMEngine(cfg, self.config, self.tokenizer, runner, self._eos_ids(path))
+        logger.info("braid: %s on %s (%s), %s attention, %d KV pages of %d tokens",
+                    cfg.architecture, dev, dt, backend_name, num_pages, page_size)
+
+    @staticmethod
+    def _default_kv_bytes(dev: torch.device, util: float, per_token: int, max_len: int) -> int:
+        if dev.type == "cuda":
+            free, total = torch.cuda.mem_get_info(dev)
+            used = total - free
+            return max(int(total * util) - used, per_token * max_len)
+        return min(_CPU_KV_BYTES, per_token * max(4 * max_len, 16384))
+
+    def _eos_ids(self, path: Path) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        gen = path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # -- prompts -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def _to_ids(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise InvalidRequestError(
+            f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
+
+    def _normalize(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            return [self._to_ids(prompts)]
+        return [self._to_ids(p) for p in prompts]
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> list[int]:
+        """Render ``messages`` with the checkpoint's own chat template → token ids."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ChatTemplateError(
+                f"the tokenizer of {self.model_path} has no chat template; use generate() with a "
+                "plain prompt, or set tokenizer.chat_template."
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs)
+        except Exception as e:
+            raise ChatTemplateError(f"the chat template could not render the messages: {e}") from e
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or many, batched together; outputs in prompt order."""
+        params = params or SamplingParams()
+        ids = self._normalize(prompts)
+        for p in ids:
+            self.engine.validate_prompt(p)
+        streams = [self.engine.add_request(p, params) for p in ids]
+        return [s.result() for s in streams]
+
+    def stream(self, prompt: PromptType, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield deltas (new token ids, new text) as they are sampled; the last carries the
+        finish reason. Closing the iterator early aborts the request."""
+        yield from self.engine.add_request(self._to_ids(prompt), params or SamplingParams())
+
+    async def astream(self, prompt: PromptType,
+                      params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """``stream`` for asyncio: the event loop is never blocked by the engine."""
+        stream = self.engine.add_request(self._to_ids(prompt), params or SamplingParams(),
+                                         loop=asyncio.get_running_loop())
+        async for delta in stream:
+            yield delta
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
+             **template_kwargs: Any) -> list[RequestOutput]:
+        """Render one conversation with the chat template and generate the assistant turn."""
+        return self.generate([self.apply_chat_template(messages, **template_kwargs)], params)
+
+    # -- prefix cache --------------------------------------------------------------------
+    def pin(self, prompt: PromptType) -> PinHandle:
+        """Keep the KV of a prefix (token ids or text) resident until ``handle.release()``."""
+        return self.engine.pin(self._to_ids(prompt))
+
+    def release(self, handle: PinHandle) -> None:
+        handle.release()
+
+    def stats(self) -> dict[str, int]:
+        """Pages total/used/cached/pinned, prefix hits, reused and prefilled tokens, evictions."""
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _choose_backend(name: str, device: torch.device) -> str:
+    if name not in ("auto", "torch", "flashinfer"):
+        raise ValueError(f"attention_backend must be 'auto', 'torch' or 'flashinfer', not {name!r}.")
+    if name == "auto":
+        if device.type == "cuda":
+            try:
+                import flashinfer  # noqa: F401
+
+                from braid_engine.attention import flashinfer_backend  # noqa: F401
+
+                return "flashinfer"
+            except ImportError:
+                logger.info("braid: FlashInfer is not available; using the torch attention backend")
+        return "torch"
+    if name == "flashinfer" and device.type != "cuda":
+        raise ValueError("attention_backend='flashinfer' needs a CUDA device; use 'torch' on CPU.")
+    return name
+
+
+def _make_backend(name: str, kv_cache: torch.Tensor, num_heads: int, head_dim: int,
+                  cascade: str) -> AttentionBackend:
+    if name == "flashinfer":
+        from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+        return FlashInferBackend(kv_cache, num_heads, head_dim, cascade)
+    from braid_engine.attention.torch_backend import TorchBackend
+
+    return TorchBackend(kv_cache, num_heads, head_dim, cascade)

@@ -1,0 +1,194 @@
+"""The shared decoder layers. Numerics follow transformers' order so fp32 outputs match it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from braid_engine.config import ModelConfig
+
+
+class AttentionContext(Protocol):
+    """What a model needs from the attention backend during one forward (set per step)."""
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Default RoPE. ``interleaved`` pairs (0,1),(2,3)… as ERNIE-4.5 does; otherwise halves."""
+
+    def __init__(self, head_dim: int, base: float, max_positions: int, interleaved: bool) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", torch.cat((freqs, freqs), -1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat((freqs, freqs), -1).sin(), persistent=False)
+        self.interleaved = interleaved
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # q, k: [tokens, heads, head_dim]
+        cos = self.cos[positions].to(q.dtype)[:, None, :]
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        if not self.interleaved:
+            return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        half = cos.shape[-1] // 2
+        cos = cos[..., :half].repeat_interleave(2, dim=-1).float()
+        sin = sin[..., :half].repeat_interleave(2, dim=-1).float()
+        qe = q.float() * cos + _rotate_pairs(q).float() * sin
+        ke = k.float() * cos + _rotate_pairs(k).float() * sin
+        return qe.to(q.dtype), ke.to(k.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+class MergedLinear(nn.Linear):
+    """One matmul for several projections that read the same input (q/k/v, gate/up).
+
+    ``shards`` maps each checkpoint projection name to its rows in the merged weight.
+    """
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
+        self.shards: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, size in shard_sizes.items():
+            self.shards[name] = (start, size)
+            start += size
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool, interleaved_rope: bool,
+                 rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q_proj": q_size, "k_proj": kv_size,
+                                                       "v_proj": kv_size}, cfg.attention_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.rotary = [rotary]  # shared, kept out of this module's parameters
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        t = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary[0](positions, q, k)
+        o = ctx.attention(self.layer, q, k, v)
+        return self.o_proj(o.reshape(t, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported; only 'silu' is.")
+        n = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": n, "up_proj": n}, cfg.mlp_bias)
+        self.down_proj = nn.Linear(n, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, qk_norm: bool, interleaved_rope: bool,
+                 rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer, qk_norm, interleaved_rope, rotary)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = x + self.self_attn(positions, self.input_layernorm(x), ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, qk_norm: bool, interleaved_rope: bool,
+                 max_positions: int) -> None:
+        super().__init__()
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, max_positions, interleaved_rope)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, qk_norm, interleaved_rope, self.rotary)
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, ctx)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM. Subclasses set the architecture's switches."""
+
+    qk_norm = False
+    interleaved_rope = False
+
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, self.qk_norm, self.interleaved_rope,
+                                  max_positions or cfg.max_position_embeddings)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def checkpoint_names(self) -> dict[str, tuple[nn.Parameter, tuple[int, int] | None]]:
+        """Map every checkpoint tensor name this model expects to (parameter, rows or None)."""
+        names: dict[str, tuple[nn.Parameter, tuple[int, int] | None]] = {}
+        for mod_name, mod in self.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                if isinstance(mod, MergedLinear):
+                    prefix = mod_name.rsplit(".", 1)[0]
+                    for shard, rows in mod.shards.items():
+                        names[f"{prefix}.{shard}.{p_name}"] = (p, rows)
+                else:
+                    names[f"{mod_name}.{p_name}"] = (p, None)
+        if self.config.tie_word_embeddings:
+            names.pop("lm_head.weight", None)
+        return names

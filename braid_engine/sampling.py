@@ -1,0 +1,105 @@
+"""Sampling parameters and the sampler: logits → next tokens."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from braid_engine.errors import InvalidSamplingParamsError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop (vLLM's names).
+
+    ``temperature=0`` is greedy. ``top_k`` ≤ 0 and ``top_p=1`` and ``min_p=0`` disable those
+    filters. ``stop`` strings end generation and are never part of the returned text.
+    ``enable_prefix_caching=False`` makes this request neither read nor write the prefix cache.
+
+    Example:
+        >>> SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64, seed=1, stop=["\\n\\n"])
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    max_tokens: int | None = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    skip_special_tokens: bool = True
+    enable_prefix_caching: bool = True
+    _stop: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> InvalidSamplingParamsError:
+            return InvalidSamplingParamsError(f"SamplingParams: {msg}")
+
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature must be a number ≥ 0 (0 = greedy), got {self.temperature!r}.")
+        if not (0 < self.top_p <= 1):
+            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}; use 1 to disable it.")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+            raise bad(f"top_k must be an int, got {self.top_k!r}; use -1 to disable it.")
+        if not (0 <= self.min_p <= 1):
+            raise bad(f"min_p must be in [0, 1], got {self.min_p!r}; use 0 to disable it.")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad(f"max_tokens must be an int ≥ 1 or None, got {self.max_tokens!r}.")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad(f"seed must be an int or None, got {self.seed!r}.")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise bad(f"stop must be non-empty strings, got {self.stop!r}.")
+        self._stop = stop
+        ids = list(self.stop_token_ids or [])
+        if any(not isinstance(t, int) or t < 0 for t in ids):
+            raise bad(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}.")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return self._stop
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  min_p: float) -> torch.Tensor:
+    """Temperature-scaled log-probabilities with filtered-out tokens at -inf. logits: [V] fp32."""
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if min_p > 0:
+        probs = torch.softmax(logits, -1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
+        drop_sorted = (cum - torch.softmax(sorted_logits, -1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(logits, -1)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of ``logits`` [B, V] (fp32)."""
+    out: list[int] = []
+    greedy = logits.argmax(-1).tolist()
+    for row, p, gen in zip(range(logits.shape[0]), params, generators):
+        if p.greedy:
+            out.append(greedy[row])
+            continue
+        logp = filter_logits(logits[row], p.temperature, p.top_k, p.top_p, p.min_p)
+        # Gumbel-max via exponential race: argmax p / E, E ~ Exp(1), drawn from the request's generator
+        e = torch.empty_like(logp).exponential_(generator=gen)
+        out.append(int((logp.exp() / e).argmax()))
+    return out
