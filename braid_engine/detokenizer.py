@@ -39,6 +39,14 @@ class IncrementalDetokenizer:
                 self.text = self.text[: min(hits)]
                 self.stopped = True
 
+    def flush(self) -> None:
+        """At the end: keep bytes that never completed a character (as U+FFFD, like decode)."""
+        if self.stopped or self.read_offset == len(self.ids):
+            return
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        self.text += self._decode(self.ids[self.prefix_offset:])[len(prefix):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+
     def take(self, final: bool) -> str:
         """Text not yet handed out, holding back a suffix that could start a stop string."""
         end = len(self.text)

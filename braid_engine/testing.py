@@ -180,7 +180,7 @@ def make_tiny_checkpoint(
     *,
     seed: int = 0,
     k_norm_max: float | None = None,
-    init_std: float = 0.1,
+    init_std: float = 0.3,
     max_shard_size: str | int | None = None,
     chat_template: bool = True,
     **config_overrides: Any,
@@ -246,3 +246,25 @@ def tiny_messages(turns: int = 1) -> list[dict[str, str]]:
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2))
+
+
+def forward_logits(llm, token_ids: list[int], page_size: int = 4, seed: int = 0) -> torch.Tensor:
+    """Logits [len, vocab] of one prompt through ``llm``'s model and its attention backend's
+    class, over a scratch paged KV cache whose pages are shuffled (so paging is exercised)."""
+    from braid_engine.attention.base import BatchLayout
+    from braid_engine.engine.kv_cache import allocate_kv_cache
+
+    runner = llm.engine.runner
+    cfg = llm.model_config
+    n_pages = -(-len(token_ids) // page_size)
+    order = torch.randperm(n_pages * 2, generator=torch.Generator().manual_seed(seed))[:n_pages].tolist()
+    kv = allocate_kv_cache(cfg, n_pages * 2, page_size, llm.config.dtype, llm.config.device)
+    backend = type(runner.backend)(kv, cfg.num_attention_heads, cfg.head_dim, "never")
+    slots = [order[p // page_size] * page_size + p % page_size for p in range(len(token_ids))]
+    dev = llm.config.device
+    backend.plan(BatchLayout([len(token_ids)], [len(token_ids)], [order], page_size,
+                             torch.tensor(slots, device=dev)))
+    with torch.inference_mode():
+        ids = torch.tensor(token_ids, device=dev)
+        hidden = runner.model(ids, torch.arange(len(token_ids), device=dev), backend)
+        return runner.model.compute_logits(hidden)

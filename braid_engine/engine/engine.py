@@ -269,6 +269,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
+        seq.detok.flush()
         self._emit(seq, final=True)
         self._forget(seq)
 

@@ -1,0 +1,27 @@
+import pytest
+
+from braid_engine.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("qwen3"), arch="qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_ernie(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ernie"), arch="ernie4_5")
+
+
+@pytest.fixture(scope="session")
+def qwen3_llm(tiny_qwen3):
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu")
+    yield llm
+    llm.shutdown()
