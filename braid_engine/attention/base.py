@@ -75,6 +75,7 @@ class AttentionBackend(ABC):
         self.scale = head_dim ** -0.5
         self.cascade = cascade
         self.groups: list[CascadeGroup] = []
+        self.cascade_steps = 0  # steps planned with at least one cascade level
 
     @abstractmethod
     def plan(self, layout: BatchLayout) -> None:

@@ -48,6 +48,7 @@ class TorchBackend(AttentionBackend):
         device = self.kv_cache.device
         min_shared = 1 if self.cascade == "always" else self.min_cascade_tokens
         self.groups = [] if self.cascade == "never" else shared_prefix_groups(layout, min_shared)
+        self.cascade_steps += bool(self.groups)
         shared_of = {}
         for g in self.groups:
             for s in range(g.first, g.last):

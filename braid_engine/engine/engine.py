@@ -340,6 +340,7 @@ class LLMEngine:
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
                 "steps": self.steps,
+                "cascade_steps": self.runner.backend.cascade_steps,
             }
 
     def clear_cache(self) -> None:

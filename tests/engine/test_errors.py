@@ -1,0 +1,145 @@
+"""Bad input gets a typed error that names the problem and the way out; the engine keeps serving."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from braid_engine import (
+    LLM,
+    ChatTemplateError,
+    CheckpointError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    SamplingParams,
+    UnsupportedArchitectureError,
+)
+from braid_engine.testing import make_tiny_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="neither a local directory nor a hub id"):
+        LLM(str(tmp_path / "nope" / "deeper"))
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        LLM(tmp_path)
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "m", arch="llama")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["MysteryForCausalLM"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match="Qwen3ForCausalLM.*|.*LlamaForCausalLM"):
+        LLM(path, device="cpu")
+
+
+def test_truncated_safetensors(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "m", arch="llama")
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*re-download"):
+        LLM(path, device="cpu")
+
+
+def test_corrupt_safetensors_header(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "m", arch="llama")
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"\xff" * 32
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        LLM(path, device="cpu")
+
+
+def test_missing_tensor_and_wrong_shape(tmp_path):
+    from safetensors.torch import load_file
+
+    path = make_tiny_checkpoint(tmp_path / "m", arch="llama")
+    tensors = load_file(path / "model.safetensors")
+    dropped = dict(tensors)
+    dropped.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(dropped, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing"):
+        LLM(path, device="cpu")
+    tensors["model.norm.weight"] = torch.ones(3)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="shape"):
+        LLM(path, device="cpu")
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "m", arch="llama")
+    (path / "model.safetensors").unlink()
+    torch.save({"x": torch.ones(1)}, path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled weights are never loaded"):
+        LLM(path, device="cpu")
+
+
+def test_sharded_checkpoint_loads_and_matches_single_file(tmp_path):
+    single = make_tiny_checkpoint(tmp_path / "single", arch="qwen3", seed=3)
+    sharded = make_tiny_checkpoint(tmp_path / "sharded", arch="qwen3", seed=3, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    a = LLM(single, device="cpu").generate("Hello there", GREEDY)[0].token_ids
+    b = LLM(sharded, device="cpu").generate("Hello there", GREEDY)[0].token_ids
+    assert a == b
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        LLM(sharded, device="cpu")
+
+
+def test_tokenizer_without_chat_template(tmp_path):
+    llm = LLM(make_tiny_checkpoint(tmp_path / "m", arch="qwen3", chat_template=False), device="cpu")
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        llm.chat([{"role": "user", "content": "hi"}])
+    assert llm.generate("hi", GREEDY)[0].finish_reason == "length"
+
+
+def test_request_errors_leave_the_engine_serving(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", max_model_len=64, page_size=4)
+    vocab = llm.model_config.vocab_size
+    with pytest.raises(PromptTooLongError, match=r"100 tokens but max_model_len is 64"):
+        llm.generate([[5] * 100], GREEDY)
+    with pytest.raises(InvalidRequestError, match=f"token id {vocab}.*outside the vocabulary"):
+        llm.generate([[1, 2, vocab]], GREEDY)
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        llm.generate([[1, -4]], GREEDY)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(InvalidRequestError, match="SamplingParams"):
+        llm.generate("hi", {"temperature": 0})
+    # nothing was admitted, nothing leaked, and it still serves
+    assert llm.stats()["pages_used"] == 0
+    out = llm.generate("Hello", GREEDY)[0]
+    assert len(out.token_ids) == 8
+    llm.engine.clear_cache()
+    assert llm.stats()["pages_used"] == 0
+
+
+def test_generation_stops_at_max_model_len(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", max_model_len=32, page_size=4)
+    out = llm.generate([[7] * 30], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert len(out.token_ids) == 2 and out.finish_reason == "length"
+
+
+def test_trust_remote_code_is_never_implied(tmp_path, monkeypatch):
+    import transformers
+
+    seen = {}
+    original = transformers.AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    path = make_tiny_checkpoint(tmp_path / "m", arch="llama")
+    LLM(path, device="cpu")
+    assert seen["trust_remote_code"] is False
+    shutil.rmtree(path)

@@ -1,0 +1,122 @@
+import asyncio
+import time
+
+from braid_engine import SamplingParams
+from braid_engine.detokenizer import IncrementalDetokenizer
+
+
+def test_stream_deltas_add_up_to_generate(qwen3_llm):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompt = "東京 café 😀 Tell me a story"
+    whole = qwen3_llm.generate(prompt, params)[0]
+    deltas = list(qwen3_llm.stream(prompt, params))
+    assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+    assert "".join(d.text for d in deltas) == whole.text
+    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
+
+
+def test_multibyte_characters_are_never_split(qwen3_llm):
+    tok = qwen3_llm.tokenizer
+    text = "東京 😀 café Привет"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split()), "the test needs characters spread over several tokens"
+    detok = IncrementalDetokenizer(tok, [], [], True)
+    pieces = []
+    for t in ids:
+        detok.add(t)
+        pieces.append(detok.take(final=False))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def _detok_run(tok, text, stop):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tok, [], stop, True)
+    pieces = []
+    for t in ids:
+        detok.add(t)
+        pieces.append(detok.take(final=detok.stopped))
+        if detok.stopped:
+            break
+    return pieces, detok
+
+
+def test_stop_string_is_never_returned_even_partially(qwen3_llm):
+    tok = qwen3_llm.tokenizer
+    pieces, detok = _detok_run(tok, "The quick brown fox jumps over the lazy dog.", ["jumps over"])
+    assert detok.stopped
+    assert "".join(pieces) == "The quick brown fox "
+    assert not any("jum" in p for p in pieces)
+
+
+def test_stop_strings_end_generation_in_the_engine(qwen3_llm):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = qwen3_llm.generate("Hello there", params)[0]
+    stop = full.text[10:13]
+    assert stop and stop not in full.text[:10]
+    cut = qwen3_llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=40,
+                                                           ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    streamed = "".join(d.text for d in qwen3_llm.stream("Hello there", SamplingParams(
+        temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])))
+    assert streamed == cut.text
+
+
+def test_stop_token_ids(qwen3_llm):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = qwen3_llm.generate("Hello there", params)[0]
+    target = full.token_ids[5]
+    first = full.token_ids.index(target)
+    out = qwen3_llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                           stop_token_ids=[target]))[0]
+    assert out.token_ids == full.token_ids[: first + 1] and out.finish_reason == "stop"
+
+
+def test_abandoned_stream_is_aborted_and_frees_its_pages(tiny_qwen3):
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False, page_size=4)
+    it = llm.stream("Tell me a long story", SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+    for i, _ in enumerate(it):
+        if i == 3:
+            break
+    it.close()
+    deadline = time.time() + 10
+    while not llm.engine.idle and time.time() < deadline:
+        time.sleep(0.01)
+    stats = llm.stats()
+    assert stats["pages_used"] == 0 and stats["running"] == 0
+    assert stats["steps"] < 100
+    assert len(llm.generate("Hi", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+    llm.shutdown()
+
+
+async def test_astream_does_not_block_the_event_loop(qwen3_llm):
+    params = SamplingParams(temperature=0, max_tokens=25, ignore_eos=True)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    tokens = [t async for d in qwen3_llm.astream("Hello there", params) for t in d.token_ids]
+    task.cancel()
+    assert tokens == qwen3_llm.generate("Hello there", params)[0].token_ids
+    assert ticks > len(tokens)
+
+
+def test_many_threads_are_batched_together(qwen3_llm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(8)]
+    alone = [qwen3_llm.generate(p, params)[0].token_ids for p in prompts]
+    steps0 = qwen3_llm.stats()["steps"]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: qwen3_llm.generate(p, params)[0].token_ids, prompts))
+    assert together == alone
+    assert qwen3_llm.stats()["steps"] - steps0 < 8 * 20
