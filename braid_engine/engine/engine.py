@@ -336,6 +336,7 @@ class LLMEngine:
                 "evicted_pages": c.stats.evicted_pages if c else 0,
                 "prefilled_tokens": self.scheduler.prefilled_tokens,
                 "reused_tokens": self.scheduler.reused_tokens,
+                "decoded_tokens": self.scheduler.decoded_tokens,
                 "preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),

@@ -27,8 +27,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.prefilled_tokens = 0
-        self.reused_tokens = 0
+        self.prefilled_tokens = 0  # prompt (and recomputed) tokens run through the model
+        self.decoded_tokens = 0  # one per decode step per sequence
+        self.reused_tokens = 0  # tokens whose KV came from the prefix cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -39,6 +40,7 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.cfg.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
+        preemptions_before = self.num_preemptions
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
@@ -52,20 +54,30 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 batch.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+        preempted = self.num_preemptions > preemptions_before
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if seq.num_computed == 0 and not seq.page_table:
-                self._match_prefix(seq)
+            self._match_prefix(seq)
             n = min(len(seq) - seq.num_computed, budget)
             if not self._reserve(seq, seq.num_computed + n):
+                self.release(seq)  # a waiting request holds no pages, so waiters never deadlock
+                seq.num_computed = 0
                 break
             self.waiting.popleft()
+            if self.cache is not None and seq.params.enable_prefix_caching:
+                self.cache.stats.lookups += 1
+                self.cache.stats.prefix_hits += seq.num_computed > 0
+                self.cache.stats.hit_tokens += seq.num_computed
+            self.reused_tokens += seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
         for seq, n in batch:
-            self.prefilled_tokens += n
+            if n == 1 and seq.output_token_ids and seq.num_computed + 1 == len(seq):
+                self.decoded_tokens += 1
+            else:
+                self.prefilled_tokens += n
         return batch
 
     def stuck(self) -> Sequence | None:
@@ -79,7 +91,6 @@ class Scheduler:
             return
         tokens = seq.all_token_ids
         node, m, table = self.cache.match(tokens[:-1])
-        self.cache.stats.lookups += 1
         if m == 0:
             return
         ps = self.pool.page_size
@@ -106,9 +117,6 @@ class Scheduler:
         seq.num_computed = m
         if not seq.output_token_ids:
             seq.num_cached_tokens = m
-        self.cache.stats.prefix_hits += 1
-        self.cache.stats.hit_tokens += m
-        self.reused_tokens += m
 
     def _reserve(self, seq: Sequence, kv_len: int) -> bool:
         need = -(-kv_len // self.pool.page_size) - len(seq.page_table)

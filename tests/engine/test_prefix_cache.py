@@ -1,0 +1,267 @@
+"""The radix prefix cache: exact reuse, retained answers, pins, eviction, no page leaks."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from braid_engine import LLM, KVCacheFullError, SamplingParams
+from braid_engine.engine.kv_cache import PagePool
+from braid_engine.engine.prefix_cache import RadixCache
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+# -- the tree alone ----------------------------------------------------------------------
+def _table(pool, n_tokens):
+    return pool.allocate(-(-n_tokens // pool.page_size))
+
+
+def test_match_insert_split_and_partial_pages():
+    pool = PagePool(32, 4)
+    cache = RadixCache(pool)
+    a = list(range(10))
+    ta = _table(pool, 10)
+    cache.insert(a, ta)
+    node, m, table = cache.match(a + [99])
+    assert m == 10 and table == ta and node.end == 10
+    # diverging in the middle of a page splits the node there
+    node, m, table = cache.match(a[:6] + [77, 78])
+    assert m == 6 and table == ta[:2] and node.end == 6
+    assert [n.end for n in cache.nodes()] in ([6, 10], [10, 6])
+    # a second branch, written into its own pages, is matched with its own last page
+    b = a[:6] + [77, 78, 79]
+    tb = ta[:1] + pool.allocate(2)  # page 1 copied (as the scheduler does), page 2 fresh
+    cache.insert(b, tb)
+    assert cache.match(b)[2] == tb
+    assert cache.match(a)[2] == ta
+    # the tree's references: every page it names, once per node that names it
+    refs = cache.page_refs()
+    assert refs[ta[1]] == 2  # split straddles page 1: both halves name it
+
+
+def test_eviction_is_lru_and_respects_locks_and_pins():
+    pool = PagePool(8, 2)
+    cache = RadixCache(pool)
+    seqs = {k: [k * 10 + i for i in range(4)] for k in range(3)}
+    nodes = {}
+    for k, toks in seqs.items():
+        table = _table(pool, 4)
+        nodes[k] = cache.insert(toks, table)
+        pool.decref(table)  # the "sequence" finished: only the tree holds the pages
+    assert pool.num_free == 2
+    cache.lock(nodes[0], 1)
+    cache.pin(nodes[1])
+    cache.match(seqs[2])  # touch
+    assert cache.evict(4) == 4  # only seq 2 is evictable
+    assert cache.match(seqs[2])[1] == 0
+    assert cache.match(seqs[0])[1] == 4 and cache.match(seqs[1])[1] == 4
+    cache.lock(nodes[0], -1)
+    cache.unpin(nodes[1])
+    assert cache.evict(8) == 8 and cache.nodes() == []
+
+
+# -- the engine ------------------------------------------------------------------------
+def test_cache_reuse_is_exact_and_reported(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    plain = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False)
+    system = llm.encode("You are a helpful assistant. Answer briefly. " * 3)
+    first = llm.generate([system + llm.encode(" Hi")], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    second = llm.generate([system + llm.encode(" Hello")], GREEDY)[0]
+    common = 0
+    while first.prompt_token_ids[common] == second.prompt_token_ids[common]:
+        common += 1
+    assert second.num_cached_tokens == common  # reuse ends exactly where prompts diverge
+    assert second.token_ids == plain.generate([second.prompt_token_ids], GREEDY)[0].token_ids
+    # the answer is retained: the conversation continued re-uses prompt and output
+    cont = first.prompt_token_ids + first.token_ids + llm.encode(" More?")
+    third = llm.generate([cont], GREEDY)[0]
+    assert third.num_cached_tokens == len(first.prompt_token_ids) + len(first.token_ids) - 1
+    assert third.token_ids == plain.generate([cont], GREEDY)[0].token_ids
+    # a per-request opt-out neither reads nor writes
+    off = llm.generate([cont], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                              enable_prefix_caching=False))[0]
+    assert off.num_cached_tokens == 0 and off.token_ids == third.token_ids
+    s = llm.stats()
+    assert s["prefix_hits"] == 2 and s["prefix_hit_tokens"] == common + third.num_cached_tokens
+    llm.shutdown()
+    plain.shutdown()
+
+
+def test_ten_turn_conversation_prefills_only_new_tokens(tiny_qwen3):
+    page = 4
+    llm = LLM(tiny_qwen3, device="cpu", page_size=page)
+    plain = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False)
+    tok = llm.tokenizer
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ids = llm.apply_chat_template([{"role": "system", "content": "You are terse. " * 4},
+                                   {"role": "user", "content": "Turn 0: hello"}])
+    prev_total = 0
+    for turn in range(10):
+        before = llm.stats()["prefilled_tokens"]
+        out = llm.generate([ids], params)[0]
+        prefilled = llm.stats()["prefilled_tokens"] - before
+        new_tokens = len(ids) - max(prev_total - 1, 0)  # the last answer token's KV is never computed
+        assert prefilled <= new_tokens + page
+        assert out.num_cached_tokens == len(ids) - prefilled
+        if turn:
+            assert out.num_cached_tokens >= prev_total - 1
+        assert out.token_ids == plain.generate([ids], params)[0].token_ids
+        prev_total = len(ids) + len(out.token_ids)
+        ids = ids + out.token_ids + tok("<|im_end|>\n<|im_start|>user\nTurn "
+                                        f"{turn + 1}: and then?<|im_end|>\n<|im_start|>assistant\n",
+                                        add_special_tokens=False)["input_ids"]
+    llm.shutdown()
+    plain.shutdown()
+
+
+def test_qwen3_template_reuse_ends_after_the_assistant_header(tiny_qwen3):
+    """Qwen3's template drops earlier <think> blocks, so the cached answer (with thinking) and
+    the re-rendered one diverge right after '<|im_start|>assistant\\n'."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    tok = llm.tokenizer
+    msgs = [{"role": "user", "content": "What is 2 plus 2?"}]
+    prompt = llm.apply_chat_template(msgs)
+    answer = tok("<think>\nadd them\n</think>\n\nIt is 4.<|im_end|>", add_special_tokens=False)["input_ids"]
+    llm.generate([prompt + answer], SamplingParams(temperature=0, max_tokens=1))  # cache turn 1 as generated
+    msgs += [{"role": "assistant", "content": "<think>\nadd them\n</think>\n\nIt is 4."},
+             {"role": "user", "content": "And 3 plus 3?"}]
+    nxt = llm.apply_chat_template(msgs)
+    out = llm.generate([nxt], GREEDY)[0]
+    assert out.num_cached_tokens == len(prompt)  # everything up to and including the header
+    assert tok.decode(nxt[len(prompt):]).startswith("It is 4.")
+    llm.shutdown()
+
+
+def test_pins_keep_a_prefix_resident_until_released(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40)
+    system = "You are a helpful assistant. " * 3
+    handle = llm.pin(system)
+    n = handle.num_tokens
+    assert llm.stats()["pages_pinned"] == -(-n // 4)
+    # flood the pool: unpinned entries are evicted, the pinned prefix stays
+    for i in range(12):
+        llm.generate([f"Unrelated request number {i} about the weather in Paris"], GREEDY)
+    assert llm.stats()["evictions"] > 0
+    out = llm.generate([system + " Hi"], GREEDY)[0]
+    assert out.num_cached_tokens >= n - 1
+    handle.release()
+    handle.release()  # harmless
+    assert llm.stats()["pages_pinned"] == 0
+    llm.engine.clear_cache()
+    assert llm.stats()["pages_used"] == 0
+
+
+def test_pinned_share_is_capped(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40, max_pinned_fraction=0.25)
+    with pytest.raises(KVCacheFullError, match="over the limit of 10"):
+        llm.pin([5] * 60)
+    assert llm.stats()["pages_pinned"] == 0
+
+
+def test_preemption_under_pressure_keeps_outputs_exact(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16, max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[(5 * k + j) % 300 + 3 for j in range(20)] for k in range(4)]
+    streams = [llm.engine.add_request(p, params) for p in prompts]
+    outs = [s.result() for s in streams]
+    assert llm.stats()["preemptions"] > 0
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == _reference(tiny_qwen3, p, 24)
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == 16
+    llm.shutdown()
+
+
+# -- the property ------------------------------------------------------------------------
+_PLAIN: dict = {}
+
+
+def _reference(path, prompt, max_tokens):
+    key = (str(path), tuple(prompt), max_tokens)
+    if key not in _PLAIN:
+        if "llm" not in _PLAIN:
+            _PLAIN["llm"] = LLM(path, device="cpu", enable_prefix_caching=False)
+        _PLAIN[key] = _PLAIN["llm"].generate(
+            [prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))[0].token_ids
+    return _PLAIN[key]
+
+
+op = st.one_of(
+    st.tuples(st.just("batch"), st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), st.integers(4, 16)),
+                                         min_size=1, max_size=4), st.just(0)),
+    st.tuples(st.just("continue"), st.integers(0, 5), st.integers(1, 12)),
+    st.tuples(st.just("abandon"), st.integers(0, 2), st.integers(0, 4)),
+    st.tuples(st.just("pin"), st.integers(0, 2), st.just(0)),
+    st.tuples(st.just("release"), st.integers(0, 5), st.just(0)),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(op, min_size=3, max_size=8), page_size=st.sampled_from([1, 3, 4]),
+       pool_tokens=st.integers(64, 128))
+def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_size, pool_tokens):
+    """A small pool (down to one max-length request) forces eviction and preemption."""
+    num_pages = pool_tokens // page_size
+    llm = LLM(tiny_qwen3, device="cpu", page_size=page_size, num_pages=num_pages,
+              max_model_len=num_pages * page_size, cascade="always")
+    prefixes = [[(7 * k + j) % 300 + 3 for j in range(8 + 6 * k)] for k in range(3)]
+    history: list[list[int]] = []
+    handles = []
+    try:
+        for kind, a, b in ops:
+            if kind == "batch":
+                prompts = [prefixes[p][: len(prefixes[p]) - (s % 5)] + [s + 3, s + 4] for p, s, _ in a]
+                streams = [llm.engine.add_request(pr, SamplingParams(temperature=0, max_tokens=mt,
+                                                                     ignore_eos=True))
+                           for pr, (_, _, mt) in zip(prompts, a)]  # submitted together: one batch
+                outs = [s.result() for s in streams]
+                for pr, (_, _, mt), out in zip(prompts, a, outs):
+                    assert out.token_ids == _reference(tiny_qwen3, pr, mt)
+                    history.append(pr + out.token_ids)
+            elif kind == "continue" and history:
+                pr = history[a % len(history)] + [a + 10, a + 11, a + 12]
+                if len(pr) + b < 64:
+                    out = llm.generate([pr], SamplingParams(temperature=0, max_tokens=b, ignore_eos=True))[0]
+                    assert out.token_ids == _reference(tiny_qwen3, pr, b)
+                    history.append(pr + out.token_ids)
+            elif kind == "abandon":
+                it = llm.stream(prefixes[a] + [9, 9], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+                for i, _ in enumerate(it):
+                    if i >= b:
+                        break
+                it.close()
+            elif kind == "pin":
+                try:
+                    handles.append(llm.pin(prefixes[a]))
+                except KVCacheFullError:
+                    pass
+            elif kind == "release" and handles:
+                handles[a % len(handles)].release()
+        _wait_idle(llm)
+        _check_refs(llm)
+        for h in handles:
+            h.release()
+        llm.engine.clear_cache()
+        assert llm.stats()["pages_used"] == 0
+        assert llm.engine.pool.num_free == num_pages
+    finally:
+        llm.shutdown()
+
+
+def _wait_idle(llm):
+    import time
+
+    deadline = time.time() + 30
+    while not llm.engine.idle and time.time() < deadline:
+        time.sleep(0.01)
+    assert llm.engine.idle
+
+
+def _check_refs(llm):
+    """With nothing running, every page's count is exactly the tree's references to it."""
+    tree = llm.engine.cache.page_refs()
+    for page, count in enumerate(llm.engine.pool.refs):
+        assert count == tree.get(page, 0), f"page {page}: pool count {count}, tree refs {tree.get(page, 0)}"
