@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from braid_engine.errors import BraidError, ChatTemplateError
 from langchain_core.messages import (
     AIMessage,
     BaseMessage,
@@ -17,6 +16,8 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+
+from braid_engine.errors import BraidError, ChatTemplateError
 
 #: ``response_metadata`` key under which ChatBraid stores the token ids it generated.
 TOKEN_IDS_KEY = "token_ids"

@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from braid_engine import LLM, PinHandle, RequestOutput, SamplingParams
-from braid_engine.loader import load_tokenizer, resolve_model_path
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
@@ -20,6 +18,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
+from braid_engine import LLM, PinHandle, RequestOutput, SamplingParams
+from braid_engine.loader import load_tokenizer, resolve_model_path
 from langchain_braid._messages import TOKEN_IDS_KEY, render
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
 
