@@ -163,8 +163,8 @@ def render(tokenizer: Any, messages: Sequence[BaseMessage], *, add_generation_pr
         if ids is None or max(ids) >= vocab:
             continue
         piece = tokenizer.decode(ids, skip_special_tokens=False)
-        if not piece:
-            continue
+        if not piece or dicts[i]["content"] not in piece:
+            continue  # the answer was edited: its ids no longer spell the message
         # start looking after the messages before this one, so a user echoing it cannot match
         try:
             before = _apply_template(tokenizer, dicts[:i], False, kwargs) if i else ""
