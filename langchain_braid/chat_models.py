@@ -337,9 +337,8 @@ class ChatBraid(BaseChatModel):
             for delta in deltas:
                 out_ids += delta.token_ids
                 reasoning, answer = parser.feed(delta.text)
-                if delta.finish_reason is None:
-                    if reasoning or answer:
-                        yield self._chunk(reasoning, answer)
+                if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
+                    yield self._chunk(reasoning, answer)
                     continue
                 tail_reasoning, tail_answer = parser.finish()
                 yield self._last_chunk(engine, ids, out_ids, delta, reasoning + tail_reasoning,
@@ -359,9 +358,8 @@ class ChatBraid(BaseChatModel):
             async for delta in deltas:
                 out_ids += delta.token_ids
                 reasoning, answer = parser.feed(delta.text)
-                if delta.finish_reason is None:
-                    if reasoning or answer:
-                        yield self._chunk(reasoning, answer)
+                if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
+                    yield self._chunk(reasoning, answer)
                     continue
                 tail_reasoning, tail_answer = parser.finish()
                 yield self._last_chunk(engine, ids, out_ids, delta, reasoning + tail_reasoning,

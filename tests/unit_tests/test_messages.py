@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
-from braid_engine.testing import build_tokenizer
 from hypothesis import given
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
+from braid_engine.testing import build_tokenizer
 from langchain_braid import TOKEN_IDS_KEY, UnsupportedContentError
 from langchain_braid._messages import render, to_template_dict
 from langchain_braid._thinking import ReasoningParser, split_reasoning
@@ -106,7 +108,7 @@ def test_streamed_reasoning_equals_whole(pieces: list[str], cuts: list[int]) -> 
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     parser = ReasoningParser()
     reasoning, answer = "", ""
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in pairwise(bounds):
         r, s = parser.feed(text[a:b])
         reasoning, answer = reasoning + r, answer + s
     r, s = parser.finish()
