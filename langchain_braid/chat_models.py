@@ -182,18 +182,29 @@ class ChatBraid(BaseChatModel):
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage],
                                      tools: Sequence[Any] | None = None) -> int:
-        """Tokens ``messages`` take once rendered with the chat template (no generation
-        prompt), so ``trim_messages(token_counter=chat)`` counts what the model sees.
+        """Tokens ``messages`` take in a prompt, counted with the checkpoint's template.
+
+        Each message is measured as the template renders it between two user turns, so counts
+        add up whatever the order (``trim_messages`` counts partial and reversed lists) and
+        ``trim_messages(token_counter=chat)`` keeps what fits the model's prompt.
 
         Example:
             >>> ChatBraid(model="Qwen/Qwen3-0.6B").get_num_tokens_from_messages([HumanMessage("hi")])
         """
+        tok = self.tokenizer
         kwargs = self._template_kwargs({})
+
+        def count(batch: list[BaseMessage], template: dict[str, Any]) -> int:
+            rendered = render(tok, batch, add_generation_prompt=False, template_kwargs=template)
+            return len(rendered.token_ids(tok))
+
+        frame = [HumanMessage("."), HumanMessage(".")]
+        empty = count(frame, kwargs)
+        total = sum(count([frame[0], m, frame[1]], kwargs) - empty for m in messages)
         if tools:
-            kwargs["tools"] = [convert_to_openai_tool(t) for t in tools]
-        rendered = render(self.tokenizer, messages, add_generation_prompt=False,
-                          template_kwargs=kwargs)
-        return len(rendered.token_ids(self.tokenizer))
+            with_tools = {**kwargs, "tools": [convert_to_openai_tool(t) for t in tools]}
+            total += count(frame, with_tools) - empty
+        return total
 
     # -- thread pins ---------------------------------------------------------------------
     def pin_thread(self, thread_id: str, messages: Sequence[BaseMessage]) -> int:

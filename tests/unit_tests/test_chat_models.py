@@ -65,3 +65,24 @@ def test_unknown_call_option_is_a_clear_error(tiny_model: str) -> None:
     chat = ChatBraid(model=tiny_model, device="cpu", max_tokens=2)
     with pytest.raises(TypeError, match="unknown call options \\['frequency_penalty'\\]"):
         chat.invoke("hi", frequency_penalty=1.0)
+
+
+def test_trim_messages_counts_with_the_template(tiny_model: str) -> None:
+    from langchain_core.messages import AIMessage, SystemMessage, trim_messages
+
+    chat = ChatBraid(model=tiny_model)
+    messages = [SystemMessage("You are a helpful assistant."), HumanMessage("Question 0?"),
+                AIMessage("It is 0."), HumanMessage("Question 1: what is 1 plus 1?")]
+    rendered = chat.tokenizer.apply_chat_template(
+        [{"role": m.type.replace("human", "user").replace("ai", "assistant"), "content": m.content}
+         for m in messages], tokenize=False, add_generation_prompt=False)
+    assert chat.get_num_tokens_from_messages(messages) == len(chat.get_token_ids(rendered))
+    budget = chat.get_num_tokens_from_messages(messages[:1] + messages[2:])
+    trimmed = trim_messages(messages, max_tokens=budget, token_counter=chat, strategy="last",
+                            include_system=True)
+    assert trimmed == messages[:1] + messages[2:]
+
+
+def test_bind_tools_is_not_supported_yet(tiny_model: str) -> None:
+    with pytest.raises(NotImplementedError):
+        ChatBraid(model=tiny_model).bind_tools([])
