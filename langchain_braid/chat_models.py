@@ -158,12 +158,20 @@ class ChatBraid(BaseChatModel):
 
     @property
     def llm(self) -> LLM:
-        """The shared ``braid_engine.LLM`` (loaded on first access)."""
+        """The shared ``braid_engine.LLM`` (loaded on first access).
+
+        Example:
+            >>> ChatBraid(model="Qwen/Qwen3-0.6B").llm.stats()["prefix_hit_tokens"]
+        """
         return self._engine().llm
 
     @property
     def tokenizer(self) -> Any:
-        """The checkpoint's tokenizer; loads only the tokenizer if the engine is not loaded."""
+        """The checkpoint's tokenizer; loads only the tokenizer if the engine is not loaded.
+
+        Example:
+            >>> ChatBraid(model="Qwen/Qwen3-0.6B").tokenizer.decode([9707])
+        """
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
         if key in _ENGINES:
             return _ENGINES[key].llm.tokenizer
