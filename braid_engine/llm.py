@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -24,7 +24,7 @@ from braid_engine.sampling import SamplingParams
 
 logger = logging.getLogger("braid_engine")
 
-PromptType = Union[str, Sequence[int]]
+PromptType = str | Sequence[int]
 
 _CPU_KV_BYTES = 1 << 30  # default KV pool on CPU: at most 1 GiB
 

@@ -1,11 +1,19 @@
+from pathlib import Path
+
 import pytest
 
 from braid_engine.testing import make_tiny_checkpoint
+from tests import tiny
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("qwen3"), arch="qwen3")
+def tiny_model() -> str:
+    return tiny.tiny_qwen3()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3() -> Path:
+    return Path(tiny.tiny_qwen3())
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from braid_engine.engine.kv_cache import PagePool
 from braid_engine.engine.model_runner import ModelRunner
 from braid_engine.engine.prefix_cache import RadixCache, RadixNode
 from braid_engine.engine.scheduler import Scheduler
-from braid_engine.engine.sequence import RequestOutput, Sequence, Status
+from braid_engine.engine.sequence import RequestOutput, Sequence
 from braid_engine.errors import (
     EngineClosedError,
     InvalidRequestError,

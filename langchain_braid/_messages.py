@@ -1,0 +1,179 @@
+"""LangChain messages → chat-template dicts → prompt token ids, reusing the ids each answer
+was generated as (so a returning conversation hits the retained KV exactly)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+
+from braid_engine.errors import BraidError, ChatTemplateError
+
+#: ``response_metadata`` key under which ChatBraid stores the token ids it generated.
+TOKEN_IDS_KEY = "token_ids"
+
+_TEXT_BLOCKS = ("text", "text-plain")
+_REASONING_BLOCKS = ("reasoning", "thinking")
+_IGNORED_AI_BLOCKS = ("tool_call", "tool_call_chunk", "tool_use", "server_tool_call")
+_ROLES = {"system": "system", "developer": "system", "human": "user", "user": "user",
+          "ai": "assistant", "assistant": "assistant", "tool": "tool"}
+
+
+class UnsupportedContentError(BraidError, ValueError):
+    """A message holds content ChatBraid cannot feed a text-only model (images, audio, files)."""
+
+
+def _content_text(message: BaseMessage) -> tuple[str, str]:
+    """The message's text and (for AI messages) its reasoning, from str or list content."""
+    content = message.content
+    if isinstance(content, str):
+        return content, ""
+    texts: list[str] = []
+    reasoning: list[str] = []
+    for block in content:
+        if isinstance(block, str):
+            texts.append(block)
+            continue
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in _TEXT_BLOCKS:
+            texts.append(block.get("text", ""))
+        elif kind in _REASONING_BLOCKS and isinstance(message, AIMessage):
+            reasoning.append(block.get("reasoning") or block.get("thinking") or "")
+        elif kind in _IGNORED_AI_BLOCKS and isinstance(message, AIMessage):
+            continue  # tool calls travel in message.tool_calls
+        else:
+            raise UnsupportedContentError(
+                f"a {message.type} message holds a {kind!r} content block, but ChatBraid serves "
+                "text-only models; send text blocks only (describe or transcribe media first).")
+    return "\n".join(texts), "".join(reasoning)
+
+
+def to_template_dict(message: BaseMessage) -> dict[str, Any]:
+    """One LangChain message as the dict a Hugging Face chat template expects."""
+    if isinstance(message, SystemMessage):
+        role = "system"
+    elif isinstance(message, HumanMessage):
+        role = "user"
+    elif isinstance(message, AIMessage):
+        role = "assistant"
+    elif isinstance(message, ToolMessage):
+        role = "tool"
+    elif isinstance(message, ChatMessage) and message.role in _ROLES:
+        role = _ROLES[message.role]
+    else:
+        raise UnsupportedContentError(
+            f"ChatBraid cannot render a {type(message).__name__} (role "
+            f"{getattr(message, 'role', message.type)!r}); use System, Human, AI or Tool messages.")
+    text, reasoning = _content_text(message)
+    out: dict[str, Any] = {"role": role, "content": text}
+    if message.name:
+        out["name"] = message.name
+    if isinstance(message, AIMessage):
+        reasoning = reasoning or message.additional_kwargs.get("reasoning_content") or ""
+        if reasoning:
+            out["reasoning_content"] = reasoning
+        if message.tool_calls:
+            out["tool_calls"] = [
+                {"type": "function", "id": tc.get("id"),
+                 "function": {"name": tc["name"], "arguments": tc["args"]}}
+                for tc in message.tool_calls
+            ]
+    if isinstance(message, ToolMessage):
+        out["tool_call_id"] = message.tool_call_id
+        if not isinstance(message.content, str):
+            out["content"] = text or json.dumps(message.content)
+    return out
+
+
+def carried_token_ids(message: BaseMessage) -> list[int] | None:
+    """The token ids ChatBraid generated for ``message``, if it is one of its answers."""
+    if not isinstance(message, AIMessage):
+        return None
+    ids = message.response_metadata.get(TOKEN_IDS_KEY)
+    if isinstance(ids, list) and ids and all(isinstance(t, int) and t >= 0 for t in ids):
+        return ids
+    return None
+
+
+@dataclass
+class RenderedPrompt:
+    """The template's text and the spans of it that are spliced with original token ids."""
+
+    text: str
+    spans: list[tuple[int, int, list[int]]] = field(default_factory=list)
+
+    def token_ids(self, tokenizer: Any, end: int | None = None) -> list[int]:
+        """Token ids of ``text[:end]``: original ids in spans, fresh tokenization elsewhere."""
+        end = len(self.text) if end is None else end
+        ids: list[int] = []
+        pos = 0
+        for start, stop, span_ids in self.spans:
+            if stop > end:
+                break
+            ids += _encode(tokenizer, self.text[pos:start])
+            ids += span_ids
+            pos = stop
+        return ids + _encode(tokenizer, self.text[pos:end])
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _apply_template(tokenizer: Any, dicts: list[dict[str, Any]], add_generation_prompt: bool,
+                    template_kwargs: dict[str, Any]) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            "the checkpoint's tokenizer has no chat template, so ChatBraid cannot render "
+            "messages; use a chat (instruct) checkpoint or set tokenizer.chat_template.")
+    try:
+        return tokenizer.apply_chat_template(dicts, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             **template_kwargs)
+    except Exception as e:  # jinja raises many types; all mean "this template rejects these messages"
+        raise ChatTemplateError(f"the chat template could not render the messages: {e}") from e
+
+
+def render(tokenizer: Any, messages: Sequence[BaseMessage], *, add_generation_prompt: bool = True,
+           template_kwargs: dict[str, Any] | None = None) -> RenderedPrompt:
+    """Render ``messages`` with the template and mark where each carried answer can be spliced.
+
+    An answer is spliced only where the template wrote exactly the text its ids decode to, so
+    the prompt's text never changes; elsewhere (edited answers, templates that drop ``<think>``)
+    the text is re-tokenised and the cache reuses the longest common prefix.
+    """
+    kwargs = template_kwargs or {}
+    dicts = [to_template_dict(m) for m in messages]
+    text = _apply_template(tokenizer, dicts, add_generation_prompt, kwargs)
+    prompt = RenderedPrompt(text)
+    cursor = 0
+    for i, message in enumerate(messages):
+        ids = carried_token_ids(message)
+        if ids is None:
+            continue
+        piece = tokenizer.decode(ids, skip_special_tokens=False)
+        if not piece or dicts[i]["content"] not in piece:
+            continue  # the answer was edited: its ids no longer spell the message
+        # start looking after the messages before this one, so a user echoing it cannot match
+        try:
+            before = _apply_template(tokenizer, dicts[:i], False, kwargs) if i else ""
+        except ChatTemplateError:
+            before = ""
+        if text.startswith(before):
+            cursor = max(cursor, len(before))
+        start = text.find(piece, cursor)
+        if start < 0:
+            continue
+        prompt.spans.append((start, start + len(piece), ids))
+        cursor = start + len(piece)
+    return prompt

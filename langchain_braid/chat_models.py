@@ -1,0 +1,387 @@
+"""ChatBraid: a LangChain chat model over an embedded braid_engine, whose prefix cache keeps
+every answer's KV so each turn of a conversation pays only for its new tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams, ModelProfile
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field
+
+from braid_engine import LLM, PinHandle, RequestOutput, SamplingParams
+from braid_engine.loader import load_tokenizer, resolve_model_path
+from langchain_braid._messages import TOKEN_IDS_KEY, render
+from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
+
+_PROVIDER = "braid"
+_PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would start
+_CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
+                           "enable_thinking", "enable_prefix_caching", "chat_template_kwargs"})
+
+
+class _Engine:
+    """One loaded ``LLM`` and the thread pins on it, shared by every matching ChatBraid."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.pins: dict[str, PinHandle] = {}
+        self.lock = threading.Lock()
+
+
+_ENGINES: dict[tuple[Any, ...], _Engine] = {}
+_TOKENIZERS: dict[str, Any] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _engine_key(model: str, device: str, dtype: str, engine_kwargs: dict[str, Any]) -> tuple:
+    return (model, device, dtype, json.dumps(engine_kwargs, sort_keys=True, default=str))
+
+
+class ChatBraid(BaseChatModel):
+    """A local chat model on braid_engine; a conversation's history is served from retained KV.
+
+    Constructing it loads nothing: the engine loads on first use and is shared by every
+    ``ChatBraid`` with the same ``(model, device, dtype, engine_kwargs)`` in the process, so
+    calls from many threads, ``batch`` and ``abatch`` are batched together on one model.
+
+    Every returned ``AIMessage`` carries the ids it was generated as in
+    ``response_metadata["token_ids"]``. When the history comes back, those ids are spliced in
+    wherever the chat template rendered the answer unchanged, so the cached KV is hit exactly;
+    ``usage_metadata["input_token_details"]["cache_read"]`` says how many prompt tokens were
+    reused. Reasoning (``<think>…</think>``) goes to ``additional_kwargs["reasoning_content"]``
+    (and to reasoning blocks with ``output_version="v1"``); ``content`` holds the answer.
+
+    Example:
+        >>> from langchain_braid import ChatBraid
+        >>> llm = ChatBraid(model="Qwen/Qwen3-0.6B", temperature=0, max_tokens=256)
+        >>> msg = llm.invoke("Name three colours.")
+        >>> msg.content, msg.usage_metadata["input_token_details"]["cache_read"]
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    model: str = Field(alias="model_name")
+    """A Hugging Face hub id (e.g. ``"Qwen/Qwen3-0.6B"``) or a local checkpoint directory."""
+    device: str = "auto"
+    """``"auto"`` (CUDA if available, else CPU), ``"cuda"``, ``"cuda:1"`` or ``"cpu"``."""
+    dtype: str = "auto"
+    """``"auto"`` (the checkpoint's dtype; float32 on CPU), ``"bfloat16"``, ``"float16"``…"""
+    temperature: float = 0.7
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1 disables it."""
+    top_k: int = -1
+    """Sample among the k most likely tokens; -1 disables it."""
+    max_tokens: int | None = None
+    """Most tokens to generate; ``None`` runs to end of turn or the context limit."""
+    stop: list[str] | None = None
+    """Strings that end the answer (not included in it)."""
+    seed: int | None = None
+    """Seed of the request's sampler, for reproducible sampling."""
+    enable_thinking: bool | None = None
+    """Qwen3 thinking switch passed to the chat template; ``None`` keeps the template default."""
+    enable_prefix_caching: bool = True
+    """Per request: ``False`` neither reads nor writes the prefix cache."""
+    streaming: bool = False
+    """Use the streaming path for ``invoke`` (callbacks get each token)."""
+    timeout: float | None = None
+    """Accepted as LangChain's standard parameter; a local engine has no network to wait on."""
+    max_retries: int | None = None
+    """Accepted as LangChain's standard parameter; local calls are not retried."""
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra variables for the chat template."""
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed to ``braid_engine.LLM`` (e.g. ``max_model_len``, ``kv_cache_memory``)."""
+
+    # -- LangChain identity ------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "braid-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model, "device": self.device, "dtype": self.dtype,
+                "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_tokens": self.max_tokens, "stop": self.stop, "seed": self.seed,
+                "enable_thinking": self.enable_thinking}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider=_PROVIDER, ls_model_type="chat",
+            ls_model_name=kwargs.get("model") or self.model,
+            ls_temperature=kwargs.get("temperature", self.temperature))
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        profile = ModelProfile(text_inputs=True, text_outputs=True, image_inputs=False,
+                               audio_inputs=False, video_inputs=False, pdf_inputs=False,
+                               tool_calling=False, structured_output=False,
+                               reasoning_output=False, temperature=True)
+        config = Path(self.model).expanduser() / "config.json"
+        if config.is_file():  # a local checkpoint: read only its small config, never weights
+            cfg = json.loads(config.read_text())
+            limit = self.engine_kwargs.get("max_model_len") or cfg.get("max_position_embeddings")
+            if isinstance(limit, int):
+                profile["max_input_tokens"] = limit
+            profile["reasoning_output"] = cfg.get("model_type", "").startswith("qwen3")
+        elif "qwen3" in self.model.lower():
+            profile["reasoning_output"] = True
+        return profile
+
+    # -- engine and tokenizer ------------------------------------------------------------
+    def _engine(self) -> _Engine:
+        key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
+        engine = _ENGINES.get(key)
+        if engine is None:
+            with _REGISTRY_LOCK:
+                engine = _ENGINES.get(key)
+                if engine is None:
+                    llm = LLM(self.model, device=self.device, dtype=self.dtype,
+                              **{"enable_prefix_caching": True, **self.engine_kwargs})
+                    engine = _ENGINES[key] = _Engine(llm)
+        return engine
+
+    @property
+    def llm(self) -> LLM:
+        """The shared ``braid_engine.LLM`` (loaded on first access).
+
+        Example:
+            >>> ChatBraid(model="Qwen/Qwen3-0.6B").llm.stats()["prefix_hit_tokens"]
+        """
+        return self._engine().llm
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer; loads only the tokenizer if the engine is not loaded.
+
+        Example:
+            >>> ChatBraid(model="Qwen/Qwen3-0.6B").tokenizer.decode([9707])
+        """
+        key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
+        if key in _ENGINES:
+            return _ENGINES[key].llm.tokenizer
+        with _REGISTRY_LOCK:
+            if self.model not in _TOKENIZERS:
+                _TOKENIZERS[self.model] = load_tokenizer(resolve_model_path(self.model))
+            return _TOKENIZERS[self.model]
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` under the checkpoint's own tokenizer.
+
+        Example:
+            >>> ChatBraid(model="Qwen/Qwen3-0.6B").get_token_ids("hello world")
+        """
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage],
+                                     tools: Sequence[Any] | None = None) -> int:
+        """Tokens ``messages`` take in a prompt, counted with the checkpoint's template.
+
+        Each message is measured as the template renders it between two user turns, so counts
+        add up whatever the order (``trim_messages`` counts partial and reversed lists) and
+        ``trim_messages(token_counter=chat)`` keeps what fits the model's prompt.
+
+        Example:
+            >>> ChatBraid(model="Qwen/Qwen3-0.6B").get_num_tokens_from_messages([HumanMessage("hi")])
+        """
+        tok = self.tokenizer
+        kwargs = self._template_kwargs({})
+
+        def count(batch: list[BaseMessage], template: dict[str, Any]) -> int:
+            rendered = render(tok, batch, add_generation_prompt=False, template_kwargs=template)
+            return len(rendered.token_ids(tok))
+
+        frame = [HumanMessage("."), HumanMessage(".")]
+        empty = count(frame, kwargs)
+        total = sum(count([frame[0], m, frame[1]], kwargs) - empty for m in messages)
+        if tools:
+            with_tools = {**kwargs, "tools": [convert_to_openai_tool(t) for t in tools]}
+            total += count(frame, with_tools) - empty
+        return total
+
+    # -- thread pins ---------------------------------------------------------------------
+    def pin_thread(self, thread_id: str, messages: Sequence[BaseMessage]) -> int:
+        """Keep the KV of a conversation resident until ``release_thread(thread_id)``.
+
+        Pins what the thread's next turn will reuse (its history as the template renders it
+        before a new user message). Pinning the same thread again moves the pin to the new
+        history. Returns the number of tokens pinned.
+
+        Example:
+            >>> state = graph.get_state(config)
+            >>> chat.pin_thread(config["configurable"]["thread_id"], state.values["messages"])
+        """
+        engine = self._engine()
+        tok = engine.llm.tokenizer
+        rendered = render(tok, [*messages, HumanMessage(_PIN_SENTINEL)],
+                          add_generation_prompt=False, template_kwargs=self._template_kwargs({}))
+        ids = rendered.token_ids(tok, end=rendered.text.rfind(_PIN_SENTINEL))
+        handle = engine.llm.engine.pin(ids)
+        with engine.lock:
+            old = engine.pins.pop(thread_id, None)
+            engine.pins[thread_id] = handle
+        if old is not None:  # after the new pin, so the shared prefix never leaves the cache
+            old.release()
+        return handle.num_tokens
+
+    def release_thread(self, thread_id: str) -> bool:
+        """Let the KV of a pinned thread be evicted again; ``False`` if it was not pinned.
+
+        Example:
+            >>> chat.release_thread("user-42")
+        """
+        engine = self._engine()
+        with engine.lock:
+            handle = engine.pins.pop(thread_id, None)
+        if handle is None:
+            return False
+        handle.release()
+        return True
+
+    # -- requests ------------------------------------------------------------------------
+    def _template_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {**self.chat_template_kwargs, **options.get("chat_template_kwargs", {})}
+        thinking = options.get("enable_thinking", self.enable_thinking)
+        if thinking is not None:
+            kwargs["enable_thinking"] = thinking
+        return kwargs
+
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
+                 kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool]:
+        """The engine, the prompt ids, the sampling params, and whether the prompt opened
+        a ``<think>`` block."""
+        options = {k: v for k, v in kwargs.items() if k != "stream" and not k.startswith("ls_")}
+        unknown = set(options) - _CALL_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"ChatBraid got unknown call options {sorted(unknown)}; per call it accepts "
+                f"{sorted(_CALL_OPTIONS)} and stop (tool calling is not supported yet).")
+        engine = self._engine()
+        tok = engine.llm.tokenizer
+        rendered = render(tok, messages, template_kwargs=self._template_kwargs(options))
+        params = SamplingParams(
+            temperature=options.get("temperature", self.temperature),
+            top_p=options.get("top_p", self.top_p), top_k=options.get("top_k", self.top_k),
+            min_p=options.get("min_p", 0.0), max_tokens=options.get("max_tokens", self.max_tokens),
+            stop=stop if stop is not None else self.stop, seed=options.get("seed", self.seed),
+            enable_prefix_caching=options.get("enable_prefix_caching", self.enable_prefix_caching),
+        )
+        opened = rendered.text.rstrip().endswith(OPEN)
+        return engine, rendered.token_ids(tok), params, opened
+
+    def _usage(self, prompt_ids: list[int], out_ids: list[int], cached: int,
+               tok: Any) -> UsageMetadata:
+        usage = UsageMetadata(input_tokens=len(prompt_ids), output_tokens=len(out_ids),
+                              total_tokens=len(prompt_ids) + len(out_ids),
+                              input_token_details={"cache_read": cached})
+        close_id = tok.convert_tokens_to_ids(CLOSE)
+        if isinstance(close_id, int) and close_id in out_ids:
+            usage["output_token_details"] = {"reasoning": out_ids.index(close_id) + 1}
+        return usage
+
+    def _metadata(self, out_ids: list[int], finish_reason: str | None) -> dict[str, Any]:
+        return {"model_name": self.model, "model_provider": _PROVIDER,
+                "finish_reason": finish_reason, TOKEN_IDS_KEY: list(out_ids)}
+
+    def _message(self, engine: _Engine, out: RequestOutput, opened: bool) -> AIMessage:
+        reasoning, answer = split_reasoning(out.text, thinking=opened)
+        return AIMessage(
+            content=answer,
+            additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
+            usage_metadata=self._usage(out.prompt_token_ids, out.token_ids,
+                                       out.num_cached_tokens, engine.llm.tokenizer),
+            response_metadata=self._metadata(out.token_ids, out.finish_reason),
+        )
+
+    def _chunk(self, reasoning: str, answer: str, **extra: Any) -> ChatGenerationChunk:
+        kwargs = {"reasoning_content": reasoning} if reasoning else {}
+        return ChatGenerationChunk(
+            message=AIMessageChunk(content=answer, additional_kwargs=kwargs, **extra))
+
+    def _last_chunk(self, engine: _Engine, prompt_ids: list[int], out_ids: list[int],
+                    delta: RequestOutput, reasoning: str, answer: str) -> ChatGenerationChunk:
+        return self._chunk(
+            reasoning, answer, chunk_position="last",
+            usage_metadata=self._usage(prompt_ids, out_ids, delta.num_cached_tokens,
+                                       engine.llm.tokenizer),
+            response_metadata=self._metadata(out_ids, delta.finish_reason))
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None,
+                  **kwargs: Any) -> ChatResult:
+        engine, ids, params, opened = self._prepare(messages, stop, kwargs)
+        out = engine.llm.engine.add_request(ids, params).result()
+        return ChatResult(generations=[ChatGeneration(message=self._message(engine, out, opened))],
+                          llm_output={"model_name": self.model})
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                         **kwargs: Any) -> ChatResult:
+        engine, ids, params, opened = await self._aprepare(messages, stop, kwargs)
+        stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
+        out = await stream.aresult()
+        return ChatResult(generations=[ChatGeneration(message=self._message(engine, out, opened))],
+                          llm_output={"model_name": self.model})
+
+    async def _aprepare(self, messages: list[BaseMessage], stop: list[str] | None,
+                        kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool]:
+        key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
+        if key not in _ENGINES:  # loading takes seconds: keep it off the event loop
+            await asyncio.to_thread(self._engine)
+        return self._prepare(messages, stop, kwargs)
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        engine, ids, params, opened = self._prepare(messages, stop, kwargs)
+        parser = ReasoningParser(thinking=opened)
+        deltas = iter(engine.llm.engine.add_request(ids, params))
+        out_ids: list[int] = []
+        try:
+            for delta in deltas:
+                out_ids += delta.token_ids
+                reasoning, answer = parser.feed(delta.text)
+                if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
+                    yield self._chunk(reasoning, answer)
+                    continue
+                tail_reasoning, tail_answer = parser.finish()
+                yield self._last_chunk(engine, ids, out_ids, delta, reasoning + tail_reasoning,
+                                       answer + tail_answer)
+        finally:
+            deltas.close()  # a caller that stops early aborts the request
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        engine, ids, params, opened = await self._aprepare(messages, stop, kwargs)
+        parser = ReasoningParser(thinking=opened)
+        stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
+        deltas = stream.__aiter__()
+        out_ids: list[int] = []
+        try:
+            async for delta in deltas:
+                out_ids += delta.token_ids
+                reasoning, answer = parser.feed(delta.text)
+                if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
+                    yield self._chunk(reasoning, answer)
+                    continue
+                tail_reasoning, tail_answer = parser.finish()
+                yield self._last_chunk(engine, ids, out_ids, delta, reasoning + tail_reasoning,
+                                       answer + tail_answer)
+        finally:
+            await deltas.aclose()  # a caller that stops early aborts the request

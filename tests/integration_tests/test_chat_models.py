@@ -1,0 +1,222 @@
+"""ChatBraid on a tiny random Qwen3: conversation memory served from retained KV, streaming,
+reasoning, async, thread pins. Greedy decoding everywhere, so outputs have exact references."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+
+from braid_engine import RequestOutput
+from langchain_braid import TOKEN_IDS_KEY, ChatBraid
+from langchain_braid._messages import render
+
+_fresh = itertools.count()
+
+
+def _system() -> SystemMessage:
+    """A long, unique system prompt (a RAG context): unique so no earlier test warmed it."""
+    doc = "Paged attention stores keys and values in fixed-size pages. " * 6
+    return SystemMessage(f"Context {next(_fresh)}: {doc}")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+@pytest.fixture
+def chat(tiny_model: str) -> ChatBraid:
+    return ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=12)
+
+
+def _prompt_ids(chat: ChatBraid, messages: list[BaseMessage], **template: Any) -> list[int]:
+    return render(chat.tokenizer, messages, template_kwargs=template).token_ids(chat.tokenizer)
+
+
+def test_five_turns_reuse_the_kv_of_every_answer(chat: ChatBraid) -> None:
+    uncached = chat.model_copy(update={"enable_prefix_caching": False})
+    questions = ["Hello! How are you today?", "What is the weather like in Paris?",
+                 "Tell me a story about a robot.", "Numbers: 1 2 3?", "Thank you."]
+    system = _system()
+    thread: list[BaseMessage] = [system]
+    reference: list[BaseMessage] = [system]
+    previous: tuple[list[int], list[int]] | None = None  # last turn's prompt and answer ids
+    chat.llm.engine.clear_cache()  # turn 1 then shares nothing with earlier tests
+    for turn, question in enumerate(questions, 1):
+        thread.append(HumanMessage(question))
+        reference.append(HumanMessage(question))
+        prompt = _prompt_ids(chat, thread)
+        answer = chat.invoke(thread)
+        plain = uncached.invoke(reference)
+        assert (answer.content, answer.response_metadata[TOKEN_IDS_KEY]) == (
+            plain.content, plain.response_metadata[TOKEN_IDS_KEY])
+        usage = answer.usage_metadata
+        assert usage["input_tokens"] == len(prompt) == plain.usage_metadata["input_tokens"]
+        assert plain.usage_metadata["input_token_details"]["cache_read"] == 0
+        if previous is None:
+            assert usage["input_token_details"]["cache_read"] == 0
+        else:
+            # the whole last prompt and answer, except the final token whose KV was never computed
+            expected = len(previous[0]) + len(previous[1]) - 1
+            assert prompt[:expected + 1] == previous[0] + previous[1]
+            assert usage["input_token_details"]["cache_read"] == expected
+            assert expected >= 0.8 * usage["input_tokens"], turn
+        previous = (prompt, answer.response_metadata[TOKEN_IDS_KEY])
+        thread.append(answer)
+        reference.append(plain)
+
+
+def test_edited_history_reuses_the_longest_common_prefix(chat: ChatBraid) -> None:
+    thread = [_system(), HumanMessage("Hello!")]
+    first_prompt = _prompt_ids(chat, thread)
+    answer = chat.invoke(thread)
+    cached = first_prompt + answer.response_metadata[TOKEN_IDS_KEY][:-1]
+    edited = answer.model_copy(update={"content": "An edited answer."})
+    thread += [edited, HumanMessage("And then?")]
+    prompt = _prompt_ids(chat, thread)
+    second = chat.invoke(thread)
+    expected = _common_prefix(cached, prompt)
+    assert len(first_prompt) <= expected < len(cached)
+    assert second.usage_metadata["input_token_details"]["cache_read"] == expected
+
+
+def test_without_thinking_reuse_ends_after_the_assistant_header(chat: ChatBraid) -> None:
+    quiet = chat.model_copy(update={"enable_thinking": False})
+    thread = [_system(), HumanMessage("Hello!")]
+    first_prompt = _prompt_ids(quiet, thread, enable_thinking=False)
+    answer = quiet.invoke(thread)
+    thread += [answer, HumanMessage("And then?")]
+    second = quiet.invoke(thread)
+    text = render(quiet.tokenizer, thread[:2], template_kwargs={"enable_thinking": False}).text
+    header_end = text.rindex("<think>")  # the empty think block is dropped from earlier turns
+    expected = len(quiet.get_token_ids(text[:header_end]))
+    assert expected < len(first_prompt)
+    assert second.usage_metadata["input_token_details"]["cache_read"] == expected
+
+
+def test_pinned_thread_survives_cache_clearing(chat: ChatBraid) -> None:
+    thread = [_system(), HumanMessage("Hello!")]
+    thread.append(chat.invoke(thread))
+    pinned = chat.pin_thread("t-1", thread)
+    thread.append(HumanMessage("Still there?"))
+    prompt = _prompt_ids(chat, thread)
+    assert pinned == _common_prefix(prompt, prompt[:pinned])
+    chat.llm.engine.clear_cache()
+    assert chat.invoke(thread).usage_metadata["input_token_details"]["cache_read"] == pinned
+    assert chat.release_thread("t-1") is True
+    assert chat.release_thread("t-1") is False
+    chat.llm.engine.clear_cache()
+    assert chat.invoke(thread).usage_metadata["input_token_details"]["cache_read"] == 0
+
+
+class _Tokens(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+
+def test_stream_matches_invoke_and_calls_back_per_chunk(chat: ChatBraid) -> None:
+    messages = [_system(), HumanMessage("Tell me a story")]
+    reference = chat.model_copy(update={"enable_prefix_caching": False}).invoke(messages)
+    handler = _Tokens()
+    chunks = list(chat.stream(messages, config={"callbacks": [handler]}))
+    full = chunks[0]
+    for c in chunks[1:]:
+        full += c
+    assert full.content == reference.content
+    assert full.response_metadata[TOKEN_IDS_KEY] == reference.response_metadata[TOKEN_IDS_KEY]
+    assert full.usage_metadata["output_tokens"] == reference.usage_metadata["output_tokens"]
+    assert handler.tokens == [c.content for c in chunks]
+    assert len(chunks) == reference.usage_metadata["output_tokens"]  # a chunk per token
+    assert chunks[-1].chunk_position == "last"
+    assert all(c.usage_metadata is None for c in chunks[:-1])
+
+
+async def test_astream_leaves_the_event_loop_free(chat: ChatBraid) -> None:
+    messages = [_system(), HumanMessage("Tell me a story")]
+    reference = await chat.model_copy(update={"enable_prefix_caching": False}).ainvoke(messages)
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    text, seen = "", []
+    async for chunk in chat.astream(messages):
+        text += chunk.content
+        seen.append(ticks)
+    done.set()
+    await task
+    assert text == reference.content
+    assert seen[-1] > seen[0]  # the loop ran other work while tokens were being generated
+
+
+def test_batch_from_threads_equals_one_by_one(chat: ChatBraid) -> None:
+    prompts = [[_system(), HumanMessage(q)] for q in ("Hi", "Hey", "Hello there", "Yo")]
+    alone = [chat.invoke(p).response_metadata[TOKEN_IDS_KEY] for p in prompts]
+    together = chat.batch(prompts, config={"max_concurrency": 4})
+    assert [m.response_metadata[TOKEN_IDS_KEY] for m in together] == alone
+
+
+def _scripted(chat: ChatBraid, text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the engine 'generate' ``text`` token by token (a random model never thinks)."""
+    engine = chat._engine()
+    tok = engine.llm.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+
+    class Stream:
+        def __init__(self, prompt: list[int]) -> None:
+            self.prompt = prompt
+
+        def __iter__(self):
+            for i, t in enumerate(ids):
+                last = i == len(ids) - 1
+                yield RequestOutput("r", self.prompt, [t], tok.decode([t], skip_special_tokens=True),
+                                    "stop" if last else None, 3)
+
+        def result(self) -> RequestOutput:
+            return RequestOutput("r", self.prompt, list(ids), text, "stop", 3)
+
+    monkeypatch.setattr(engine.llm.engine, "add_request", lambda prompt, params, **kw: Stream(prompt))
+
+
+def test_reasoning_goes_to_reasoning_content_and_v1_blocks(chat: ChatBraid, monkeypatch) -> None:
+    _scripted(chat, "<think>\nThe user greets me.\n</think>\n\nHello!", monkeypatch)
+    message = chat.invoke("Hi")
+    assert message.content == "Hello!"
+    assert message.additional_kwargs["reasoning_content"] == "The user greets me."
+    assert message.usage_metadata["output_token_details"]["reasoning"] == len(
+        chat.get_token_ids("<think>\nThe user greets me.\n</think>"))
+    v1 = chat.model_copy(update={"output_version": "v1"}).invoke("Hi")
+    assert [(b["type"], b.get("reasoning") or b.get("text")) for b in v1.content] == [
+        ("reasoning", "The user greets me."), ("text", "Hello!")]
+
+    chunks = list(chat.stream("Hi"))
+    kinds = [("r" if c.additional_kwargs.get("reasoning_content") else "") + ("a" if c.content else "")
+             for c in chunks]
+    kinds = [k for k in kinds if k]  # tags and held-back newlines stream as empty chunks
+    first_answer = kinds.index("a")
+    assert set(kinds[:first_answer]) == {"r"} and set(kinds[first_answer:]) == {"a"}
+    full = chunks[0]
+    for c in chunks[1:]:
+        full += c
+    assert (full.content, full.additional_kwargs["reasoning_content"]) == (
+        "Hello!", "The user greets me.")
+
+
+def test_returned_message_carries_generated_ids(chat: ChatBraid) -> None:
+    message = chat.invoke([_system(), HumanMessage("Hi")])
+    ids = message.response_metadata[TOKEN_IDS_KEY]
+    assert len(ids) == message.usage_metadata["output_tokens"]
+    assert chat.tokenizer.decode(ids, skip_special_tokens=True) == message.content
+    assert isinstance(message, AIMessage) and message.response_metadata["model_name"] == chat.model

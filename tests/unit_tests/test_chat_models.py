@@ -1,0 +1,88 @@
+"""Standard LangChain unit tests, plus construction and option handling (no weights loaded)."""
+
+from __future__ import annotations
+
+import pytest
+from langchain_core.messages import HumanMessage
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from langchain_braid import ChatBraid
+from langchain_braid import chat_models as cm
+from tests.tiny import tiny_qwen3
+
+
+class TestChatBraidUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatBraid]:
+        return ChatBraid
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"model": tiny_qwen3(), "device": "cpu"}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+
+def test_construction_loads_nothing(tiny_model: str) -> None:
+    before = dict(cm._ENGINES)
+    chat = ChatBraid(model_name=tiny_model, device="cpu", engine_kwargs={"max_model_len": 512})
+    assert chat.model == tiny_model
+    assert cm._ENGINES == before
+    assert chat.profile["max_input_tokens"] == 512
+    assert chat.profile["tool_calling"] is False and chat.profile["reasoning_output"] is True
+
+
+def test_identifying_and_ls_params(tiny_model: str) -> None:
+    chat = ChatBraid(model=tiny_model, temperature=0.2, max_tokens=7, stop=["x"], seed=3)
+    assert chat._llm_type == "braid-chat"
+    assert chat._identifying_params["seed"] == 3
+    ls = chat._get_ls_params()
+    assert ls == {"ls_provider": "braid", "ls_model_type": "chat", "ls_model_name": tiny_model,
+                  "ls_temperature": 0.2, "ls_max_tokens": 7, "ls_stop": ["x"]}
+
+
+def test_token_counting_uses_the_checkpoint_tokenizer(tiny_model: str) -> None:
+    from braid_engine.loader import load_tokenizer, resolve_model_path
+
+    chat = ChatBraid(model=tiny_model)
+    tok = load_tokenizer(resolve_model_path(tiny_model))
+    assert chat.get_token_ids("The quick brown fox") == tok("The quick brown fox")["input_ids"]
+    messages = [HumanMessage("hello there"), HumanMessage("again")]
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "hello there"}, {"role": "user", "content": "again"}],
+        tokenize=False, add_generation_prompt=False)
+    expected = len(tok(rendered, add_special_tokens=False)["input_ids"])
+    assert chat.get_num_tokens_from_messages(messages) == expected
+
+
+def test_unknown_call_option_is_a_clear_error(tiny_model: str) -> None:
+    chat = ChatBraid(model=tiny_model, device="cpu", max_tokens=2)
+    with pytest.raises(TypeError, match="unknown call options \\['frequency_penalty'\\]"):
+        chat.invoke("hi", frequency_penalty=1.0)
+
+
+def test_trim_messages_counts_with_the_template(tiny_model: str) -> None:
+    from langchain_core.messages import AIMessage, SystemMessage, trim_messages
+
+    chat = ChatBraid(model=tiny_model)
+    messages = [SystemMessage("You are a helpful assistant."), HumanMessage("Question 0?"),
+                AIMessage("It is 0."), HumanMessage("Question 1: what is 1 plus 1?")]
+    rendered = chat.tokenizer.apply_chat_template(
+        [{"role": m.type.replace("human", "user").replace("ai", "assistant"), "content": m.content}
+         for m in messages], tokenize=False, add_generation_prompt=False)
+    assert chat.get_num_tokens_from_messages(messages) == len(chat.get_token_ids(rendered))
+    budget = chat.get_num_tokens_from_messages(messages[:1] + messages[2:])
+    trimmed = trim_messages(messages, max_tokens=budget, token_counter=chat, strategy="last",
+                            include_system=True)
+    assert trimmed == messages[:1] + messages[2:]
+
+
+def test_bind_tools_is_not_supported_yet(tiny_model: str) -> None:
+    with pytest.raises(NotImplementedError):
+        ChatBraid(model=tiny_model).bind_tools([])

@@ -1,0 +1,115 @@
+"""Message conversion, prompt rendering with token-id splicing, and reasoning parsing."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+from braid_engine.testing import build_tokenizer
+from langchain_braid import TOKEN_IDS_KEY, UnsupportedContentError
+from langchain_braid._messages import render, to_template_dict
+from langchain_braid._thinking import ReasoningParser, split_reasoning
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer("qwen3")
+
+
+def _encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_roles_names_lists_and_tool_calls() -> None:
+    ai = AIMessage(content=[{"type": "reasoning", "reasoning": "hm"}, {"type": "text", "text": "Hi"}],
+                   tool_calls=[{"name": "f", "args": {"x": 1}, "id": "c1"}])
+    assert to_template_dict(SystemMessage("s")) == {"role": "system", "content": "s"}
+    assert to_template_dict(HumanMessage(["a", {"type": "text", "text": "b"}], name="bob")) == {
+        "role": "user", "content": "a\nb", "name": "bob"}
+    assert to_template_dict(ai) == {
+        "role": "assistant", "content": "Hi", "reasoning_content": "hm",
+        "tool_calls": [{"type": "function", "id": "c1", "function": {"name": "f", "arguments": {"x": 1}}}]}
+    assert to_template_dict(ToolMessage("42", tool_call_id="c1")) == {
+        "role": "tool", "content": "42", "tool_call_id": "c1"}
+
+
+def test_media_is_a_typed_error() -> None:
+    image = HumanMessage([{"type": "text", "text": "what is this?"},
+                          {"type": "image", "url": "https://example.com/cat.png"}])
+    with pytest.raises(UnsupportedContentError, match="text-only"):
+        to_template_dict(image)
+
+
+def _thread(tok, answer_ids: list[int], content: str | None = None) -> list:
+    text = content if content is not None else tok.decode(answer_ids, skip_special_tokens=True)
+    return [SystemMessage("You are a helpful assistant."), HumanMessage("Hello!"),
+            AIMessage(text, response_metadata={TOKEN_IDS_KEY: answer_ids}),
+            HumanMessage("Tell me a story")]
+
+
+def test_carried_ids_are_spliced_where_the_text_matches(tok) -> None:
+    # ids no fresh tokenization would produce: "Hello" spelt one byte-token at a time, then end of turn
+    answer = [tok.convert_tokens_to_ids(c) for c in "Hello"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert _encode(tok, "Hello") != answer[:-1]
+    prompt = render(tok, _thread(tok, answer))
+    ids = prompt.token_ids(tok)
+    assert tok.decode(ids, skip_special_tokens=False) == prompt.text  # text never changes
+    head = _encode(tok, prompt.text[: prompt.text.index("Hello<|im_end|>")])
+    assert ids[: len(head) + len(answer)] == head + answer
+
+
+def test_edited_answer_is_retokenised(tok) -> None:
+    answer = [tok.convert_tokens_to_ids(c) for c in "Hello"]
+    prompt = render(tok, _thread(tok, answer, content="Hello, edited"))
+    assert prompt.spans == []
+    assert prompt.token_ids(tok) == _encode(tok, prompt.text)
+
+
+def test_a_user_echoing_the_answer_is_not_spliced(tok) -> None:
+    answer = [tok.convert_tokens_to_ids(c) for c in "Hi"]
+    messages = [HumanMessage("Hi"), AIMessage("Hi", response_metadata={TOKEN_IDS_KEY: answer}),
+                HumanMessage("again")]
+    prompt = render(tok, messages)
+    (start, _, _), = prompt.spans
+    assert prompt.text[:start].endswith("<|im_start|>assistant\n")
+
+
+def test_dropped_think_block_ends_reuse_after_the_role_header(tok) -> None:
+    generated = "<think>\nhmm\n</think>\n\nHi<|im_end|>"
+    ids = _encode(tok, generated)
+    ai = AIMessage("Hi", additional_kwargs={"reasoning_content": "hmm"},
+                   response_metadata={TOKEN_IDS_KEY: ids})
+    earlier = render(tok, [HumanMessage("a"), ai, HumanMessage("b")])
+    assert earlier.spans == []  # the template drops reasoning of earlier turns
+    in_tool_loop = render(tok, [HumanMessage("a"), ai, ToolMessage("r", tool_call_id="1")])
+    assert [s[2] for s in in_tool_loop.spans] == [ids]  # after the last query it is kept verbatim
+
+
+@pytest.mark.parametrize("text, opened, expected", [
+    ("<think>\nhmm\n</think>\n\nHi", False, ("hmm", "Hi")),
+    ("  plain answer\n", False, ("", "  plain answer\n")),
+    ("\nhmm\n</think>\n\nHi", True, ("hmm", "Hi")),
+    ("<think>\nunfinished\n", False, ("unfinished", "")),
+    ("<thin", False, ("", "<thin")),
+])
+def test_split_reasoning(text: str, opened: bool, expected: tuple[str, str]) -> None:
+    assert split_reasoning(text, thinking=opened) == expected
+
+
+@given(st.lists(st.sampled_from(["<think>", "</think>", "<th", "ink>", "\n", "a", " b", "</", "</thi",
+                                 "nk>"]), max_size=12),
+       st.lists(st.integers(0, 60), max_size=6))
+def test_streamed_reasoning_equals_whole(pieces: list[str], cuts: list[int]) -> None:
+    text = "".join(pieces)
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    parser = ReasoningParser()
+    reasoning, answer = "", ""
+    for a, b in pairwise(bounds):
+        r, s = parser.feed(text[a:b])
+        reasoning, answer = reasoning + r, answer + s
+    r, s = parser.finish()
+    assert (reasoning + r, answer + s) == split_reasoning(text)
