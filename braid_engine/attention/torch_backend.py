@@ -1,11 +1,14 @@
 """Reference attention in plain torch: paged prefill/decode with GQA, and cascade levels.
 
-Computes in float32 whatever the cache dtype, so it is the oracle the fast backends match.
+A sequence attended alone goes through torch's SDPA in the model dtype, as transformers does;
+cascade levels compute in float32 with their log-sum-exp and merge. It runs anywhere, and it
+is the oracle the fast backends are tested against.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from braid_engine.attention.base import AttentionBackend, BatchLayout, shared_prefix_groups
 
@@ -28,6 +31,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     p = torch.exp(s - lse[..., None])
     out = torch.einsum("hgnm,mhd->nhgd", p, v.float()).reshape(n, hq, d)
     return out, lse.permute(2, 0, 1).reshape(n, hq)
+
+
+def attend_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last n positions over all m keys, through torch's SDPA (no LSE)."""
+    n, m = q.shape[0], k.shape[0]
+    mask = None if n == m else (torch.arange(m, device=q.device)[None, :]
+                                <= torch.arange(m - n, m, device=q.device)[:, None])
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.to(q.dtype).transpose(0, 1)[None], v.to(q.dtype).transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None and n > 1, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
 
 
 def merge_states(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
@@ -80,6 +94,9 @@ class TorchBackend(AttentionBackend):
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         for start, ql, slots, shared, q_pos in self.seqs:
+            if not shared:  # no cascade level to merge with: no LSE needed
+                out[start:start + ql] = attend_fast(q[start:start + ql], flat[0, slots], flat[1, slots], self.scale)
+                continue
             o, s = attend(q[start:start + ql], flat[0, slots], flat[1, slots], self.scale, q_pos, shared)
             out[start:start + ql], lse[start:start + ql] = o, s
         for q_start, q_end, slots in self.group_slots:

@@ -1,0 +1,44 @@
+"""Shared helpers for the benchmark scripts: model shapes, the card's name, timing."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from braid_engine.testing import make_tiny_checkpoint
+
+# Qwen3-0.6B's shapes with random weights (speed does not depend on the values)
+QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                 max_position_embeddings=40960, rope_theta=1_000_000.0, init_std=0.02)
+
+
+def build_model(shape: str, model: str | None) -> Path | str:
+    """A local path/hub id as given, or a random checkpoint of a named shape."""
+    if model and model != "tiny":
+        return model
+    overrides = {"tiny": {}, "qwen3-0.6b": QWEN3_06B}[shape]
+    return make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix=f"braid-{shape}-")), arch="qwen3", **overrides)
+
+
+def card(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return f"CPU: {line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device: torch.device) -> float:
+    sync(device)
+    return time.perf_counter()
