@@ -55,15 +55,21 @@ class Scheduler:
                 batch.append((seq, n))
                 budget -= n
         preempted = self.num_preemptions > preemptions_before
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
             self._match_prefix(seq)
+            if self._prefix_in_flight(seq):
+                self.release(seq)  # wait for the sharer's prompt to land in the cache, then reuse it
+                seq.num_computed = 0
+                deferred.append(seq)
+                continue
             n = min(len(seq) - seq.num_computed, budget)
             if not self._reserve(seq, seq.num_computed + n):
                 self.release(seq)  # a waiting request holds no pages, so waiters never deadlock
                 seq.num_computed = 0
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
             if self.cache is not None and seq.params.enable_prefix_caching:
                 self.cache.stats.lookups += 1
                 self.cache.stats.prefix_hits += seq.num_computed > 0
@@ -73,12 +79,27 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         for seq, n in batch:
             if n == 1 and seq.output_token_ids and seq.num_computed + 1 == len(seq):
                 self.decoded_tokens += 1
             else:
                 self.prefilled_tokens += n
         return batch
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Whether a running request is still prefilling a prompt that shares at least a page
+        more with ``seq`` than the cache holds: admitting ``seq`` now would compute it twice."""
+        if self.cache is None or not seq.params.enable_prefix_caching:
+            return False
+        tokens = seq.all_token_ids
+        want = seq.num_computed + self.pool.page_size
+        for other in self.running:
+            prompt = other.prompt_token_ids
+            if (other.params.enable_prefix_caching and other.num_computed < len(prompt)
+                    and len(prompt) >= want and tokens[:want] == prompt[:want]):
+                return True
+        return False
 
     def stuck(self) -> Sequence | None:
         """The first waiting request when nothing runs and it still cannot be admitted."""

@@ -265,3 +265,19 @@ def _check_refs(llm):
     tree = llm.engine.cache.page_refs()
     for page, count in enumerate(llm.engine.pool.refs):
         assert count == tree.get(page, 0), f"page {page}: pool count {count}, tree refs {tree.get(page, 0)}"
+
+
+def test_requests_arriving_together_compute_a_shared_prefix_once(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    shared = [(3 * j) % 300 + 3 for j in range(80)]
+    prompts = [shared + [k + 5, k + 6] for k in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == _reference(tiny_qwen3, p, 5)
+    assert [o.num_cached_tokens for o in outs] == [0] + [80] * 5
+    s = llm.stats()
+    assert s["prefilled_tokens"] == 82 + 5 * 2
+    # the prefix is stored once: 20 shared pages + each request's own pages
+    assert s["pages_cached"] <= 20 + 6 * 2
+    llm.shutdown()
