@@ -8,9 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, *args: str) -> str:
+def run(script: str, *args: str, stdin: str | None = None) -> str:
     out = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--model", "tiny", *args],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, input=stdin)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -27,3 +27,12 @@ def test_rag_app_reads_the_shared_prefix_from_the_cache():
     assert len(rows) == 8
     assert int(rows[0][1]) == 0
     assert all(int(read) >= 0.8 * int(total) for total, read in rows[1:])
+
+
+def test_chat_example_streams_turns_and_reuses_the_history():
+    out = run("chat.py", "--max-tokens", "8", stdin="hello there\nand again\n/stats\n/reset\nnew\n")
+    turns = [tuple(map(int, t)) for t in re.findall(r"\[(\d+) in, (\d+) cached, (\d+) out", out)]
+    assert len(turns) == 3
+    (in1, cached1, out1), (in2, cached2, _), _ = turns
+    assert cached1 == 0 and cached2 == in1 + out1 - 1
+    assert "'prefix_hits'" in out and "(new conversation)" in out
