@@ -72,35 +72,40 @@ class TorchBackend(AttentionBackend):
         ps = layout.page_size
         for i, (ql, kl, table) in enumerate(zip(layout.query_lens, layout.kv_lens, layout.page_tables)):
             shared = shared_of.get(i, 0)
-            pages = torch.tensor(table[: -(-kl // ps)], dtype=torch.long, device=device)
-            slots = (pages[:, None] * ps + torch.arange(ps, device=device)[None, :]).reshape(-1)[:kl]
+            # the sequence's own pages after the shared ones, and where its keys start and end in them
+            pages = torch.tensor(table[shared // ps: -(-kl // ps)], dtype=torch.long, device=device)
             q_pos = torch.arange(kl - ql, kl, device=device)
-            self.seqs.append((start, ql, slots[shared:], shared, q_pos))
+            self.seqs.append((start, ql, pages, kl - shared, shared, q_pos))
             start += ql
-        self.group_slots = []
+        self.group_pages = []
         for g in self.groups:
             pages = torch.tensor(g.shared_pages, dtype=torch.long, device=device)
-            slots = (pages[:, None] * ps + torch.arange(ps, device=device)[None, :]).reshape(-1)
             q_start = self.seqs[g.first][0]
             q_end = self.seqs[g.last - 1][0] + self.seqs[g.last - 1][1]
-            self.group_slots.append((q_start, q_end, slots))
+            self.group_pages.append((q_start, q_end, pages))
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.write_kv(layer, k, v, self.layout.slot_mapping)
         cache = self.kv_cache[layer]
-        _, _, hkv, ps, d = cache.shape
-        # [pages, 2, H, P, D] → [2, pages*P, H, D]
-        flat = cache.permute(1, 0, 3, 2, 4).reshape(2, -1, hkv, d)
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        for start, ql, slots, shared, q_pos in self.seqs:
+        for start, ql, pages, n_keys, shared, q_pos in self.seqs:
+            k_seq, v_seq = _gather(cache, pages, n_keys)
             if not shared:  # no cascade level to merge with: no LSE needed
-                out[start:start + ql] = attend_fast(q[start:start + ql], flat[0, slots], flat[1, slots], self.scale)
+                out[start:start + ql] = attend_fast(q[start:start + ql], k_seq, v_seq, self.scale)
                 continue
-            o, s = attend(q[start:start + ql], flat[0, slots], flat[1, slots], self.scale, q_pos, shared)
+            o, s = attend(q[start:start + ql], k_seq, v_seq, self.scale, q_pos, shared)
             out[start:start + ql], lse[start:start + ql] = o, s
-        for q_start, q_end, slots in self.group_slots:
-            o, s = attend(q[q_start:q_end], flat[0, slots], flat[1, slots], self.scale)
+        for q_start, q_end, pages in self.group_pages:
+            k_shared, v_shared = _gather(cache, pages, len(pages) * cache.shape[3])
+            o, s = attend(q[q_start:q_end], k_shared, v_shared, self.scale)
             out[q_start:q_end], lse[q_start:q_end] = merge_states(
                 o, s, out[q_start:q_end], lse[q_start:q_end])
         return out.to(q.dtype)
+
+
+def _gather(cache: torch.Tensor, pages: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n keys and values stored in ``pages`` of one layer: two [n, kv_heads, dim]."""
+    kv = cache[pages]  # [pages, 2, H, P, D]
+    kv = kv.permute(1, 0, 3, 2, 4).reshape(2, -1, kv.shape[2], kv.shape[4])[:, :n]
+    return kv[0], kv[1]

@@ -1,0 +1,132 @@
+"""Decode throughput (tokens/s) by batch size: the engine vs two transformers baselines.
+
+Baselines, same weights, same card, same run: transformers `generate` (eager), and a
+hand-written decode loop over `StaticCache` with the step under
+`torch.compile(mode="reduce-overhead", fullgraph=True)` (what a PyTorch user would write).
+Each row also gives the bytes a decode step must read (weights + KV) over its time, as a
+fraction of the card's measured copy bandwidth.
+
+    python -m benchmarks.decode --shape qwen3-0.6b --device cuda --batch 1 8 32 128
+    python -m benchmarks.decode --batch 1 4 --new-tokens 16          # tiny model, CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import AutoModelForCausalLM, StaticCache
+
+from benchmarks.common import build_model, card, now
+from braid_engine import LLM, SamplingParams
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device copy (read + write)."""
+    x = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t0 = now(device)
+    for _ in range(10):
+        y.copy_(x)
+    return 2 * x.numel() * 10 / (now(device) - t0)
+
+
+def engine_decode(llm: LLM, prompts: list[list[int]], new: int, device: torch.device) -> float:
+    """Seconds for `new - 1` decode steps of the whole batch (prefill time subtracted)."""
+    p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, enable_prefix_caching=False)
+    pn = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, enable_prefix_caching=False)
+    llm.generate(prompts, pn)  # warm-up (graphs, kernels)
+    t0 = now(device)
+    llm.generate(prompts, p1)
+    t1 = now(device)
+    llm.generate(prompts, pn)
+    t2 = now(device)
+    return (t2 - t1) - (t1 - t0)
+
+
+@torch.inference_mode()
+def hf_eager(model, prompts: torch.Tensor, new: int, device: torch.device) -> float:
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **kw)
+    t0 = now(device)
+    model.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kw)
+    t1 = now(device)
+    model.generate(prompts, max_new_tokens=new, min_new_tokens=new, **kw)
+    t2 = now(device)
+    return (t2 - t1) - (t1 - t0)
+
+
+@torch.inference_mode()
+def hf_compiled(model, prompts: torch.Tensor, new: int, device: torch.device) -> float:
+    b, p = prompts.shape
+    cache = StaticCache(config=model.config, max_cache_len=p + new + 1)
+
+    def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = model(tok, past_key_values=cache, cache_position=pos, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+
+    def run() -> float:
+        cache.reset()
+        tok = model(prompts, past_key_values=cache, cache_position=torch.arange(p, device=device),
+                    use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        t0 = now(device)
+        for i in range(new - 1):
+            tok = compiled(tok.clone(), torch.tensor([p + i], device=device))
+        return now(device) - t0
+
+    run()  # compiles
+    run()
+    return run()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--compiled-batches", type=int, nargs="*", default=[1],
+                    help="batch sizes for the torch.compile baseline (each compiles anew)")
+    ap.add_argument("--attention-backend", default="auto")
+    args = ap.parse_args()
+
+    path = build_model(args.shape, args.model)
+    llm = LLM(path, device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
+              enable_prefix_caching=False)
+    device, dtype = llm.config.device, llm.config.dtype
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    cfg = llm.model_config
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+    bw = copy_bandwidth(device)
+    gen = torch.Generator().manual_seed(0)
+    print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
+          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"{'batch':>5} {'braid tok/s':>12} {'hf eager':>10} {'hf compiled':>12} {'vs eager':>9} "
+          f"{'vs compiled':>12} {'bandwidth':>10}")
+    for b in args.batch:
+        ids = torch.randint(3, len(llm.tokenizer), (b, args.prompt_tokens), generator=gen)
+        steps = args.new_tokens - 1
+        t_braid = engine_decode(llm, ids.tolist(), args.new_tokens, device)
+        t_eager = hf_eager(hf, ids.to(device), args.new_tokens, device)
+        t_comp = (hf_compiled(hf, ids.to(device), args.new_tokens, device)
+                  if b in args.compiled_batches else None)
+        tps = b * steps / t_braid
+        ctx = args.prompt_tokens + args.new_tokens / 2
+        step_bytes = weight_bytes + b * ctx * kv_per_token
+        frac = step_bytes / (t_braid / steps) / bw
+        comp = f"{b * steps / t_comp:>12.1f}" if t_comp else f"{'-':>12}"
+        vs_comp = f"{t_comp / t_braid:>11.2f}x" if t_comp else f"{'-':>12}"
+        print(f"{b:>5} {tps:>12.1f} {b * steps / t_eager:>10.1f} {comp} {t_eager / t_braid:>8.2f}x "
+              f"{vs_comp} {frac:>9.0%}")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
