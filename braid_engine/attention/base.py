@@ -75,14 +75,21 @@ class AttentionBackend(ABC):
         self.scale = head_dim ** -0.5
         self.cascade = cascade
         self.groups: list[CascadeGroup] = []
+        self.layout: BatchLayout | None = None
 
     @abstractmethod
     def plan(self, layout: BatchLayout) -> None:
         """Prepare everything the step's layers share (indices, masks, cascade levels)."""
 
     @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attend q [tokens, heads, dim] over ``kv_cache[layer]``, which already holds this
+        step's k/v (a fused kernel may have written them)."""
+
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k/v into ``kv_cache[layer]``, then attend. q: [tokens, heads, dim]."""
+        self.write_kv(layer, k, v, self.layout.slot_mapping)
+        return self.attend(layer, q)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         cache = self.kv_cache[layer]

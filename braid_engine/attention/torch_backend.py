@@ -70,8 +70,7 @@ class TorchBackend(AttentionBackend):
             q_end = self.seqs[g.last - 1][0] + self.seqs[g.last - 1][1]
             self.group_slots.append((q_start, q_end, slots))
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.write_kv(layer, k, v, self.layout.slot_mapping)
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]
         _, _, hkv, ps, d = cache.shape
         # [pages, 2, H, P, D] → [2, pages*P, H, D]
