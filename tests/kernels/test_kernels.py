@@ -10,7 +10,8 @@ from braid_engine.models.layers import RotaryEmbedding
 
 # float32 reductions may add in another order; that moves the last bit of a float32 result,
 # and in float16 flips the rounding of a rare element by one unit
-DTYPES = [torch.float32, torch.float16]
+# bfloat16 only compiled: the interpreter computes it wrongly
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:

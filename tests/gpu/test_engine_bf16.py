@@ -1,0 +1,123 @@
+"""The whole engine in bf16 on a Qwen3-0.6B-shaped random model (k_norm weights up to 96.5)
+against transformers bf16 on the same weights (GPU only)."""
+
+import gc
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from braid_engine import LLM, SamplingParams  # noqa: E402
+from braid_engine.attention.base import BatchLayout  # noqa: E402
+from braid_engine.testing import make_tiny_checkpoint  # noqa: E402
+
+QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e6)
+NEW_TOKENS = 32
+# a greedy divergence is excused only where transformers' own top two logits are this close
+NEAR_TIE = 0.1
+CONFIGS = {
+    "flashinfer+fused(auto)": dict(attention_backend="flashinfer", fused_kernels="auto"),
+    "flashinfer+fused(force)": dict(attention_backend="flashinfer", fused_kernels="force"),
+    "torch+unfused": dict(attention_backend="torch", fused_kernels="off"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("qwen3-0.6b-shaped"), init_std=0.02,
+                                k_norm_max=96.5, **QWEN3_0_6B)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+    yield model
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, QWEN3_0_6B["vocab_size"], (n,), generator=g).tolist() for n in (7, 31, 64, 150)]
+
+
+def _engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """All-position logits of one prompt through the engine's own model and backend."""
+    runner = llm.engine.runner
+    ps = runner.page_size
+    table = list(range(-(-len(ids) // ps)))
+    layout = BatchLayout([len(ids)], [len(ids)], [table], ps,
+                         torch.arange(len(ids), device="cuda"))
+    runner.backend.plan(layout)
+    with torch.inference_mode():
+        hidden = runner.model(torch.tensor(ids, device="cuda"), torch.arange(len(ids), device="cuda"),
+                              runner.backend)
+        return runner.model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_engine_matches_transformers(checkpoint, hf, name, record_property):
+    llm = LLM(str(checkpoint), device="cuda", dtype="bfloat16", num_pages=256, **CONFIGS[name])
+    try:
+        prompts = _prompts()
+        errors = []
+        for ids in prompts:
+            with torch.inference_mode():
+                ref = hf(torch.tensor([ids], device="cuda")).logits[0].float()
+            ours = _engine_logits(llm, ids)
+            errors.append(((ours - ref).norm() / ref.norm()).item())
+        record_property("logits_rel_err", max(errors))
+        print(f"{name}: fused layers {len(llm.fused_layers)}, logits rel err {', '.join(f'{e:.2e}' for e in errors)}")
+        assert max(errors) <= 1e-2
+
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
+        for ids, out in zip(prompts, outs, strict=True):
+            with torch.inference_mode():
+                ref = hf.generate(torch.tensor([ids], device="cuda"), do_sample=False,
+                                  max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)[0, len(ids):].tolist()
+            same = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref, strict=True)) if a != b),
+                        NEW_TOKENS)
+            print(f"{name}: prompt {len(ids)}: first divergence at {same} of {NEW_TOKENS}")
+            if same < NEW_TOKENS:
+                with torch.inference_mode():
+                    logits = hf(torch.tensor([ids + ref[:same]], device="cuda")).logits[0, -1].float()
+                top2 = logits.topk(2).values
+                gap = (top2[0] - top2[1]).item()
+                print(f"{name}:   transformers' top-2 gap there {gap:.4f}")
+                assert gap < NEAR_TIE, f"diverged at {same} without a near-tie (gap {gap:.3f})"
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def test_cascade_never_changes_greedy_output(checkpoint):
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, QWEN3_0_6B["vocab_size"], (200,), generator=g).tolist()
+    prompts = [prefix + torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 9, 17, 30)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    results = {}
+    for cascade in ("never", "always"):
+        llm = LLM(str(checkpoint), device="cuda", dtype="bfloat16", num_pages=256,
+                  attention_backend="flashinfer", cascade=cascade)
+        try:
+            llm.generate([prefix], SamplingParams(temperature=0, max_tokens=1))  # caches the prefix
+            results[cascade] = [o.token_ids for o in llm.generate(prompts, params)]
+            planned = llm.engine.runner.backend.groups
+            print(f"cascade={cascade}: groups in the last step {[(x.first, x.last) for x in planned]}")
+            if cascade == "always":
+                assert planned, "the shared prefix was never planned as a cascade level"
+        finally:
+            llm.shutdown()
+            del llm
+            gc.collect()
+    matches = sum(a == b for a, b in zip(results["never"], results["always"], strict=True))
+    print(f"cascade always vs never: {matches} of {len(prompts)} continuations identical")
+    assert matches == len(prompts)
