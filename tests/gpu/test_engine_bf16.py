@@ -6,7 +6,8 @@ import gc
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from braid_engine import LLM, SamplingParams  # noqa: E402
 from braid_engine.attention.base import BatchLayout  # noqa: E402

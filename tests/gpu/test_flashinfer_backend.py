@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
 flashinfer = pytest.importorskip("flashinfer")
 
 from braid_engine.attention.base import BatchLayout  # noqa: E402
