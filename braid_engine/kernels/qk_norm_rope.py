@@ -71,11 +71,12 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, q_weight: 
     apply_norm = q_weight is not None
     qw = q_weight if apply_norm else qkv
     kw = k_weight if apply_norm else qkv
+    # no FMA contraction: torch rounds each RoPE product before the sum
     _qk_norm_rope_kernel[(t, num_heads + num_kv_heads)](
         qkv, qkv.stride(0), positions, qw, kw, cos, sin, cos.stride(0), q, cache, slot_mapping,
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.shape[3], eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, APPLY_NORM=apply_norm,
-        num_warps=1)
+        num_warps=1, enable_fp_fusion=False)
     return q
 
 
