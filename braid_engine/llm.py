@@ -13,13 +13,16 @@ from typing import Any
 import torch
 
 from braid_engine.attention.base import AttentionBackend
+from braid_engine.compat import check_model
 from braid_engine.config import EngineConfig, resolve_device, resolve_dtype
 from braid_engine.engine.engine import LLMEngine, PinHandle
 from braid_engine.engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from braid_engine.engine.model_runner import ModelRunner
 from braid_engine.engine.sequence import RequestOutput
 from braid_engine.errors import ChatTemplateError, InvalidRequestError
+from braid_engine.kernels import fused_kernels_available
 from braid_engine.loader import load_config, load_model, load_tokenizer, resolve_model_path
+from braid_engine.models.layers import CausalLM
 from braid_engine.sampling import SamplingParams
 
 logger = logging.getLogger("braid_engine")
@@ -52,6 +55,7 @@ class LLM:
         gpu_memory_utilization: float = 0.85,
         attention_backend: str = "auto",
         cascade: str = "auto",
+        fused_kernels: str = "auto",
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
         max_pinned_fraction: float = 0.5,
@@ -70,6 +74,7 @@ class LLM:
                 f"({cfg.max_position_embeddings}); use a value at most that."
             )
         torch_model = load_model(path, cfg, dev, dt, max_positions=cfg.max_position_embeddings)
+        self.fused_layers = _enable_fused(torch_model, fused_kernels, dev)
         per_token = kv_bytes_per_token(cfg, dt)
         if num_pages is None:
             budget = kv_cache_memory or self._default_kv_bytes(dev, gpu_memory_utilization, per_token, max_len)
@@ -208,13 +213,39 @@ def _choose_backend(name: str, device: torch.device) -> str:
 
                 from braid_engine.attention import flashinfer_backend  # noqa: F401
 
+                logger.info("braid: attention backend auto → flashinfer (CUDA, FlashInfer imports)")
                 return "flashinfer"
             except ImportError:
-                logger.info("braid: FlashInfer is not available; using the torch attention backend")
+                logger.info("braid: attention backend auto → torch (FlashInfer does not import)")
+        else:
+            logger.info("braid: attention backend auto → torch (device %s has no CUDA)", device)
         return "torch"
     if name == "flashinfer" and device.type != "cuda":
         raise ValueError("attention_backend='flashinfer' needs a CUDA device; use 'torch' on CPU.")
     return name
+
+
+def _enable_fused(model: CausalLM, mode: str, device: torch.device) -> set[int]:
+    """Switch the model to the Triton kernels where they run and the checkpoint allows;
+    returns the fused layers. 'force' ignores the compatibility check (tests, benchmarks)."""
+    if mode not in ("auto", "off", "force"):
+        raise ValueError(f"fused_kernels must be 'auto', 'off' or 'force', not {mode!r}.")
+    n = model.config.num_hidden_layers
+    if mode == "off" or not fused_kernels_available(device):
+        if mode == "force":
+            raise ValueError("fused_kernels='force' needs a CUDA device with triton installed.")
+        return set()
+    layers = set(range(n))
+    final = True
+    if mode == "auto":
+        report = check_model(model)
+        for line in report.warnings():
+            logger.warning("braid: %s", line)
+        layers -= report.risky_layers
+        final = report.level(-1) != "risk"
+    model.set_fused(layers, final)
+    logger.info("braid: fused Triton kernels in %d of %d layers", len(layers), n)
+    return layers
 
 
 def _make_backend(name: str, kv_cache: torch.Tensor, num_heads: int, head_dim: int,

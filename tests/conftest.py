@@ -1,9 +1,15 @@
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from braid_engine.testing import make_tiny_checkpoint
-from tests import tiny
+# without a GPU, Triton kernels run in the interpreter; it must be chosen before triton loads
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from braid_engine.testing import make_tiny_checkpoint  # noqa: E402
+from tests import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

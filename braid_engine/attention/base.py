@@ -76,18 +76,35 @@ class AttentionBackend(ABC):
         self.cascade = cascade
         self.groups: list[CascadeGroup] = []
         self.cascade_steps = 0  # steps planned with at least one cascade level
+        self.layout: BatchLayout | None = None
 
     @abstractmethod
     def plan(self, layout: BatchLayout) -> None:
         """Prepare everything the step's layers share (indices, masks, cascade levels)."""
 
     @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attend q [tokens, heads, dim] over ``kv_cache[layer]``, which already holds this
+        step's k/v (a fused kernel may have written them)."""
+
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k/v into ``kv_cache[layer]``, then attend. q: [tokens, heads, dim]."""
+        self.write_kv(layer, k, v, self.layout.slot_mapping)
+        return self.attend(layer, q)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        cache = self.kv_cache[layer]
-        page_size = cache.shape[3]
-        pages, offsets = slot_mapping // page_size, slot_mapping % page_size
-        cache[pages, 0, :, offsets] = k.to(cache.dtype)
-        cache[pages, 1, :, offsets] = v.to(cache.dtype)
+        write_kv_cache(self.kv_cache[layer], k, v, slot_mapping)
+
+
+def write_kv_cache(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v [tokens, kv_heads, dim] at flat slots of one layer's HND pages.
+
+    One row copy over a flat view: advanced indexing on (page, offset) around the heads axis
+    would make torch copy the whole layer (hundreds of µs on an H100).
+    """
+    _, _, h, p, d = cache.shape
+    page, off = slot_mapping // p, slot_mapping % p
+    rows = (page[:, None] * (2 * h) + torch.arange(h, device=cache.device)[None, :]) * p + off[:, None]
+    flat = cache.view(-1, d)
+    flat.index_copy_(0, rows.reshape(-1), k.reshape(-1, d).to(cache.dtype))
+    flat.index_copy_(0, (rows + h * p).reshape(-1), v.reshape(-1, d).to(cache.dtype))

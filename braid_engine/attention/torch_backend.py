@@ -84,8 +84,7 @@ class TorchBackend(AttentionBackend):
             q_end = self.seqs[g.last - 1][0] + self.seqs[g.last - 1][1]
             self.group_pages.append((q_start, q_end, pages))
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.write_kv(layer, k, v, self.layout.slot_mapping)
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)

@@ -1,0 +1,17 @@
+"""Fused Triton kernels for the GPU path, each beside its torch reference.
+
+The kernels follow PyTorch's order of operations and roundings exactly (normalise in float32,
+round to the model dtype, then multiply by the weight), so they differ from the torch path only
+by float32 reduction order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def fused_kernels_available(device: torch.device) -> bool:
+    """True where the Triton kernels can run compiled: a CUDA device with triton installed."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None

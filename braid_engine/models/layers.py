@@ -8,23 +8,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braid_engine.attention.base import BatchLayout
 from braid_engine.config import ModelConfig
 
 
 class AttentionContext(Protocol):
     """What a model needs from the attention backend during one forward (set per step)."""
 
+    kv_cache: torch.Tensor
+    layout: BatchLayout | None
+
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         ...
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; given ``residual`` it first adds it and returns (normed, x + residual)."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused:
+            from braid_engine.kernels.rmsnorm import add_rms_norm, rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -95,11 +117,25 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = [rotary]  # shared, kept out of this module's parameters
+        self.interleaved_rope = interleaved_rope
+        self.fused = False
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.fused and not self.interleaved_rope:
+            from braid_engine.kernels.qk_norm_rope import qk_norm_rope_write_kv
+
+            has_norm = self.q_norm is not None
+            rope = self.rotary[0]
+            q = qk_norm_rope_write_kv(
+                qkv, positions, self.q_norm.weight if has_norm else None,
+                self.k_norm.weight if has_norm else None, self.q_norm.eps if has_norm else 0.0,
+                rope.cos, rope.sin, ctx.kv_cache[self.layer], ctx.layout.slot_mapping,
+                self.num_heads, self.num_kv_heads)
+            return self.o_proj(ctx.attend(self.layer, q).reshape(t, q_size))
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -118,9 +154,15 @@ class MLP(nn.Module):
         n = cfg.intermediate_size
         self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": n, "up_proj": n}, cfg.mlp_bias)
         self.down_proj = nn.Linear(n, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            from braid_engine.kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -133,9 +175,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        h = x + self.self_attn(positions, self.input_layernorm(x), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def set_fused(self, enabled: bool) -> None:
+        """Switch this layer's norms, attention prologue and activation to the Triton kernels."""
+        for mod in (self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm):
+            mod.fused = enabled
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """x is the previous layer's MLP output (or the embeddings with ``residual`` None);
+        returns this layer's MLP output and the residual stream before it is added."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(positions, h, ctx), residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -152,9 +206,10 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            x = layer(positions, x, ctx)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, ctx)
+        return self.norm(x, residual)[0]
 
 
 class CausalLM(nn.Module):
@@ -174,6 +229,12 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
+
+    def set_fused(self, layers: set[int] | None, final_norm: bool) -> None:
+        """Use the Triton kernels in ``layers`` (None: all) and the final norm; torch elsewhere."""
+        for i, layer in enumerate(self.model.layers):
+            layer.set_fused(layers is None or i in layers)
+        self.model.norm.fused = final_norm
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

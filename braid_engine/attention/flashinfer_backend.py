@@ -1,0 +1,155 @@
+"""FlashInfer attention on the HND paged cache: prefill, decode and a two-level cascade.
+
+One plan per step serves every layer. The model applies RoPE itself before attention, so every
+wrapper runs with ``pos_encoding_mode="NONE"`` and the reference's ``sm_scale`` (1/sqrt(D)).
+
+Cascade: a group's shared prefix is attended once by a non-causal prefill over the group's
+queries, each sequence's own suffix by the ordinary causal prefill (or decode), and the two are
+merged by log-sum-exp. This is what ``MultiLevelCascadeAttentionWrapper`` does inside (its upper
+levels are non-causal, its last level causal), but that wrapper needs every query in every
+level, while here only the sequences of a group that pays its way share a level.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from braid_engine.attention.base import (
+    AttentionBackend,
+    BatchLayout,
+    CascadeGroup,
+    shared_prefix_groups,
+)
+
+# From the H100 table in docs/gpu.md (plain decode time / cascade time, 16/8 heads, D 128):
+# groups of 8 lose at every prefix length (0.28-0.50); 32 × 2k breaks even (69.6 vs 70.8 µs);
+# 32 × 4k (1.21) and 128 × 1k (1.12) win; a suffix a quarter of the prefix loses at 32 (0.94).
+CASCADE_MIN_GROUP = 32
+CASCADE_MIN_SHARED_WORK = 128 * 1024  # group size × shared tokens
+CASCADE_MIN_SHARED_PER_UNIQUE = 8  # shared tokens per mean unique token of the group
+
+_WORKSPACE_BYTES = 128 << 20
+
+
+def cascade_pays(group_size: int, shared_tokens: int, mean_unique_tokens: float) -> bool:
+    """Whether attending a shared prefix once for the group beats plain paged attention."""
+    return (group_size >= CASCADE_MIN_GROUP
+            and group_size * shared_tokens >= CASCADE_MIN_SHARED_WORK
+            and shared_tokens >= CASCADE_MIN_SHARED_PER_UNIQUE * mean_unique_tokens)
+
+
+def choose_groups(layout: BatchLayout, cascade: str) -> list[CascadeGroup]:
+    """The cascade groups of a step: none, every shared prefix, or those the cost rule picks."""
+    if cascade == "never":
+        return []
+    groups = shared_prefix_groups(layout, 1)
+    if cascade == "always":
+        return groups
+    chosen = []
+    for g in groups:
+        shared = len(g.shared_pages) * layout.page_size
+        unique = sum(layout.kv_lens[g.first:g.last]) / (g.last - g.first) - shared
+        if cascade_pays(g.last - g.first, shared, unique):
+            chosen.append(g)
+    return chosen
+
+
+class FlashInferBackend(AttentionBackend):
+    name = "flashinfer"
+
+    def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int, cascade: str = "auto") -> None:
+        super().__init__(kv_cache, num_heads, head_dim, cascade)
+        import flashinfer
+
+        if kv_cache.device.type != "cuda":
+            raise ValueError("the FlashInfer backend needs the KV cache on a CUDA device; use 'torch' on CPU.")
+        if kv_cache.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"the FlashInfer backend needs a float16 or bfloat16 KV cache, not {kv_cache.dtype}; "
+                             "use dtype='bfloat16' or attention_backend='torch'.")
+        self.num_kv_heads = kv_cache.shape[3]
+        self.page_size = kv_cache.shape[4]
+
+        def workspace() -> torch.Tensor:
+            return torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=kv_cache.device)
+
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND")
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "HND")
+        self._shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND")
+        self._merge = flashinfer.merge_state_in_place
+        self._is_decode = False
+        self._rows: slice | torch.Tensor | None = None
+
+    def _common(self) -> dict:
+        dt = self.kv_cache.dtype
+        return dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=self.page_size,
+                    pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=dt, kv_data_type=dt)
+
+    def plan(self, layout: BatchLayout) -> None:
+        if layout.page_size != self.page_size:
+            raise ValueError(f"layout page size {layout.page_size} differs from the cache's {self.page_size}")
+        self.layout = layout
+        self.groups = choose_groups(layout, self.cascade)
+        dev = self.kv_cache.device
+        ps = layout.page_size
+        skip = [0] * len(layout.kv_lens)
+        for g in self.groups:
+            for s in range(g.first, g.last):
+                skip[s] = len(g.shared_pages)
+        indptr, indices, last = [0], [], []
+        for table, kv_len, shared in zip(layout.page_tables, layout.kv_lens, skip, strict=True):
+            n = -(-kv_len // ps)
+            indices.extend(table[shared:n])
+            indptr.append(len(indices))
+            last.append(kv_len - (n - 1) * ps)
+        kv = (torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32, device=dev),
+              torch.tensor(last, dtype=torch.int32))
+        self._is_decode = all(q == 1 for q in layout.query_lens)
+        if self._is_decode:
+            self._decode.plan(*kv, head_dim=self.head_dim, **self._common())
+        else:
+            qo = [0]
+            for q in layout.query_lens:
+                qo.append(qo[-1] + q)
+            self._prefill.plan(torch.tensor(qo, dtype=torch.int32), *kv, head_dim_qk=self.head_dim,
+                               causal=True, **self._common())
+        self._rows = None
+        if self.groups:
+            self._plan_shared(layout)
+
+    def _plan_shared(self, layout: BatchLayout) -> None:
+        dev = self.kv_cache.device
+        starts = [0]
+        for q in layout.query_lens:
+            starts.append(starts[-1] + q)
+        qo, indptr, indices, last, ranges = [0], [0], [], [], []
+        for g in self.groups:
+            ranges.append((starts[g.first], starts[g.last]))
+            qo.append(qo[-1] + starts[g.last] - starts[g.first])
+            indices.extend(g.shared_pages)
+            indptr.append(len(indices))
+            last.append(layout.page_size)
+        self._shared.plan(torch.tensor(qo, dtype=torch.int32), torch.tensor(indptr, dtype=torch.int32),
+                          torch.tensor(indices, dtype=torch.int32, device=dev),
+                          torch.tensor(last, dtype=torch.int32), head_dim_qk=self.head_dim,
+                          causal=False, **self._common())
+        # the groups' queries are usually one run of rows; a slice merges in place without a gather
+        if all(a[1] == b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True)):
+            self._rows = slice(ranges[0][0], ranges[-1][1])
+        else:
+            self._rows = torch.cat([torch.arange(a, b, device=dev) for a, b in ranges])
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        cache = self.kv_cache[layer]
+        wrapper = self._decode if self._is_decode else self._prefill
+        if self._rows is None:
+            return wrapper.run(q, cache)
+        out, lse = wrapper.run(q, cache, return_lse=True)
+        rows = self._rows
+        o_shared, lse_shared = self._shared.run(q[rows], cache, return_lse=True)
+        if isinstance(rows, slice):
+            self._merge(out[rows], lse[rows], o_shared, lse_shared)
+        else:
+            o, s = out[rows], lse[rows]
+            self._merge(o, s, o_shared, lse_shared)
+            out[rows] = o
+        return out

@@ -1,0 +1,104 @@
+"""Qwen3's attention prologue in one pass: per-head q/k RMSNorm, rotate-half RoPE, and the write
+of k and v into the paged KV cache. Returns q; k and v never leave the kernel."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, table_stride,
+                         q_out_ptr, cache_ptr, slot_ptr, s_page, s_kv, s_head, s_off, page_size, eps,
+                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         APPLY_NORM: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    half: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, half)
+    dtype = q_out_ptr.dtype.element_ty
+    row = qkv_ptr + t * qkv_stride
+    x1 = tl.load(row + h * HEAD_DIM + d)
+    x2 = tl.load(row + h * HEAD_DIM + half + d)
+    if APPLY_NORM:
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        r = tl.math.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM + eps)
+        is_q = h < NUM_HEADS
+        w1 = tl.where(is_q, tl.load(qw_ptr + d), tl.load(kw_ptr + d)).to(tl.float32)
+        w2 = tl.where(is_q, tl.load(qw_ptr + half + d), tl.load(kw_ptr + half + d)).to(tl.float32)
+        # normalise in float32, round to the model dtype, then multiply by the weight, as torch does
+        x1 = (w1 * (f1 * r).to(dtype).to(tl.float32)).to(dtype)
+        x2 = (w2 * (f2 * r).to(dtype).to(tl.float32)).to(dtype)
+    pos = tl.load(pos_ptr + t)
+    c = tl.load(cos_ptr + pos * table_stride + d).to(dtype).to(tl.float32)
+    s = tl.load(sin_ptr + pos * table_stride + d).to(dtype).to(tl.float32)
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    # x*cos + rotate_half(x)*sin with each product and the sum rounded to the model dtype
+    o1 = ((a1 * c).to(dtype).to(tl.float32) + (-a2 * s).to(dtype).to(tl.float32)).to(dtype)
+    o2 = ((a2 * c).to(dtype).to(tl.float32) + (a1 * s).to(dtype).to(tl.float32)).to(dtype)
+    if h < NUM_HEADS:
+        out = q_out_ptr + (t * NUM_HEADS + h) * HEAD_DIM
+        tl.store(out + d, o1)
+        tl.store(out + half + d, o2)
+    else:
+        kv_h = h - NUM_HEADS
+        slot = tl.load(slot_ptr + t)
+        dst = cache_ptr + (slot // page_size) * s_page + kv_h * s_head + (slot % page_size) * s_off
+        tl.store(dst + d, o1.to(cache_ptr.dtype.element_ty))
+        tl.store(dst + half + d, o2.to(cache_ptr.dtype.element_ty))
+        full = tl.arange(0, HEAD_DIM)
+        v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_h) * HEAD_DIM + full)
+        tl.store(dst + s_kv + full, v.to(cache_ptr.dtype.element_ty))
+
+
+def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None,
+                          k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                          cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
+                          num_kv_heads: int) -> torch.Tensor:
+    """qkv [tokens, (Hq + 2·Hkv)·D] → q [tokens, Hq, D] normed and rotated; k (normed, rotated)
+    and v written into ``cache`` ([pages, 2, Hkv, page_size, D]) at ``slot_mapping``.
+
+    Without weights (``q_weight is None``) the norm is skipped: plain rotate-half RoPE.
+    """
+    t = qkv.shape[0]
+    d = cache.shape[-1]
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
+    apply_norm = q_weight is not None
+    qw = q_weight if apply_norm else qkv
+    kw = k_weight if apply_norm else qkv
+    # no FMA contraction: torch rounds each RoPE product before the sum
+    _qk_norm_rope_kernel[(t, num_heads + num_kv_heads)](
+        qkv, qkv.stride(0), positions, qw, kw, cos, sin, cos.stride(0), q, cache, slot_mapping,
+        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.shape[3], eps,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, APPLY_NORM=apply_norm,
+        num_warps=1, enable_fp_fusion=False)
+    return q
+
+
+def qk_norm_rope_write_kv_ref(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None,
+                              k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                              sin: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                              num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    from braid_engine.attention.base import write_kv_cache
+    from braid_engine.kernels.rmsnorm import rms_norm_ref
+
+    t, d = qkv.shape[0], cache.shape[-1]
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q, k, v = q.reshape(t, num_heads, d), k.reshape(t, num_kv_heads, d), v.reshape(t, num_kv_heads, d)
+    if q_weight is not None:
+        q, k = rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps)
+    c = cos[positions].to(q.dtype)[:, None, :]
+    s = sin[positions].to(q.dtype)[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+    q, k = rotate(q), rotate(k)
+    write_kv_cache(cache, k, v, slot_mapping)
+    return q

@@ -1,0 +1,43 @@
+"""The model with every Triton kernel switched on computes what the torch path computes."""
+
+import pytest
+import torch
+
+from braid_engine.attention.base import BatchLayout
+from braid_engine.attention.torch_backend import TorchBackend
+from braid_engine.engine.kv_cache import allocate_kv_cache
+from braid_engine.loader import load_config, load_model
+from braid_engine.testing import make_tiny_checkpoint
+
+
+def _logits(path, fused: bool, ids: list[int], device: torch.device) -> torch.Tensor:
+    cfg = load_config(path)
+    model = load_model(path, cfg, device, torch.float32, cfg.max_position_embeddings)
+    model.set_fused(None if fused else set(), fused)
+    ps, n = 4, len(ids)
+    cache = allocate_kv_cache(cfg, 8, ps, torch.float32, device)
+    backend = TorchBackend(cache, cfg.num_attention_heads, cfg.head_dim)
+    table = [5, 2, 7, 0, 3, 1]
+    backend.plan(BatchLayout([n], [n], [table], ps,
+                             torch.tensor([table[p // ps] * ps + p % ps for p in range(n)], device=device)))
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids, device=device), torch.arange(n, device=device), backend)
+        return model.compute_logits(hidden).cpu()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_fused_model_matches_torch_path(tmp_path, arch, device):
+    path = make_tiny_checkpoint(tmp_path / arch, arch=arch, k_norm_max=96.5 if arch == "qwen3" else None)
+    ids = [3, 17, 42, 8, 99, 5, 61, 23, 7, 11]
+    torch.testing.assert_close(_logits(path, True, ids, device), _logits(path, False, ids, device), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_path_matches_transformers(tmp_path, device):
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_checkpoint(tmp_path / "q", k_norm_max=96.5)
+    ids = [3, 17, 42, 8, 99, 5, 61, 23, 7, 11]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(_logits(path, False, ids, device), ref, rtol=1e-4, atol=1e-4)
