@@ -56,6 +56,7 @@ class LLM:
         attention_backend: str = "auto",
         cascade: str = "auto",
         fused_kernels: str = "auto",
+        cuda_graphs: bool | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
         max_pinned_fraction: float = 0.5,
@@ -86,16 +87,23 @@ class LLM:
                 f"max_model_len={max_len} needs {-(-max_len // page_size)} KV pages but the pool "
                 f"has {num_pages}; lower max_model_len or give the KV cache more memory."
             )
-        backend_name = _choose_backend(attention_backend, dev)
+        backend_name = _choose_backend(attention_backend, dev, dt)
+        # decode graphs need the fixed-buffer FlashInfer plans; the torch backend runs eagerly
+        graphs = backend_name == "flashinfer" if cuda_graphs is None else cuda_graphs
+        if graphs and backend_name != "flashinfer":
+            raise ValueError("cuda_graphs=True needs attention_backend='flashinfer' on a CUDA device.")
         self.config = EngineConfig(
             device=dev, dtype=dt, max_model_len=max_len, page_size=page_size, num_pages=num_pages,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_batched_tokens, 1),
             enable_prefix_caching=enable_prefix_caching, max_pinned_fraction=max_pinned_fraction,
             attention_backend=backend_name, cascade=cascade,
         )
-        kv_cache = allocate_kv_cache(cfg, num_pages, page_size, dt, dev)
+        # one page beyond the pool takes the KV writes of graph padding rows
+        kv_cache = allocate_kv_cache(cfg, num_pages + graphs, page_size, dt, dev)
         backend = _make_backend(backend_name, kv_cache, cfg.num_attention_heads, cfg.head_dim, cascade)
         runner = ModelRunner(torch_model, backend, page_size, dev)
+        if graphs:
+            runner.capture_graphs(max_num_seqs, pad_page=num_pages)
         self.engine = LLMEngine(cfg, self.config, self.tokenizer, runner, self._eos_ids(path))
         logger.info("braid: %s on %s (%s), %s attention, %d KV pages of %d tokens",
                     cfg.architecture, dev, dt, backend_name, num_pages, page_size)
@@ -203,11 +211,13 @@ class LLM:
             engine.shutdown()
 
 
-def _choose_backend(name: str, device: torch.device) -> str:
+def _choose_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name not in ("auto", "torch", "flashinfer"):
         raise ValueError(f"attention_backend must be 'auto', 'torch' or 'flashinfer', not {name!r}.")
     if name == "auto":
-        if device.type == "cuda":
+        if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+            logger.info("braid: FlashInfer needs float16/bfloat16; using the torch attention backend for %s", dtype)
+        elif device.type == "cuda":
             try:
                 import flashinfer  # noqa: F401
 

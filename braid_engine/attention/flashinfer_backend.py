@@ -78,13 +78,52 @@ class FlashInferBackend(AttentionBackend):
         self._merge = flashinfer.merge_state_in_place
         self._is_decode = False
         self._rows: slice | torch.Tensor | None = None
+        self._graph_decode: dict[int, object] = {}  # captured batch size → fixed-buffer wrapper
+        self._active = None  # the graph wrapper of this step, when it replays a graph
 
     def _common(self) -> dict:
         dt = self.kv_cache.dtype
         return dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=self.page_size,
                     pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=dt, kv_data_type=dt)
 
+    # -- CUDA graphs: decode steps with fixed-size buffers, planned outside the graph --------
+    def prepare_graph(self, batch_size: int) -> None:
+        import flashinfer
+
+        dev = self.kv_cache.device
+        max_pages = self.kv_cache.shape[1] + batch_size
+        self._graph_decode[batch_size] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev), "HND", use_cuda_graph=True,
+            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
+            paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=dev),
+            paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev))
+
+    def plan_graph(self, layout: BatchLayout, batch_size: int, pad_page: int) -> bool:
+        """Plan a decode step for the graph of ``batch_size``; sequences past the layout's are
+        padding (one key on ``pad_page``). False when the step needs a cascade (run eagerly)."""
+        if choose_groups(layout, self.cascade):
+            return False
+        ps = self.page_size
+        n = len(layout.kv_lens)
+        indptr, indices, last = [0], [], []
+        for table, kv_len in zip(layout.page_tables, layout.kv_lens, strict=True):
+            pages = -(-kv_len // ps)
+            indices.extend(table[:pages])
+            indptr.append(len(indices))
+            last.append(kv_len - (pages - 1) * ps)
+        for _ in range(batch_size - n):
+            indices.append(pad_page)
+            indptr.append(len(indices))
+            last.append(1)
+        wrapper = self._graph_decode[batch_size]
+        wrapper.plan(torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32),
+                     torch.tensor(last, dtype=torch.int32), head_dim=self.head_dim, **self._common())
+        self.layout, self.groups, self._rows = layout, [], None
+        self._is_decode, self._active = True, wrapper
+        return True
+
     def plan(self, layout: BatchLayout) -> None:
+        self._active = None
         if layout.page_size != self.page_size:
             raise ValueError(f"layout page size {layout.page_size} differs from the cache's {self.page_size}")
         self.layout = layout
@@ -140,7 +179,7 @@ class FlashInferBackend(AttentionBackend):
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]
-        wrapper = self._decode if self._is_decode else self._prefill
+        wrapper = self._active or (self._decode if self._is_decode else self._prefill)
         if self._rows is None:
             return wrapper.run(q, cache)
         out, lse = wrapper.run(q, cache, return_lse=True)

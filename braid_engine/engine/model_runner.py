@@ -9,6 +9,9 @@ from braid_engine.engine.sequence import Sequence
 from braid_engine.models.layers import CausalLM
 
 
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, page_size: int,
                  device: torch.device) -> None:
@@ -16,6 +19,62 @@ class ModelRunner:
         self.backend = backend
         self.page_size = page_size
         self.device = device
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pad_page = -1
+        self.graph_replays = 0
+
+    # -- CUDA graphs for decode ------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_graphs(self, max_batch: int, pad_page: int) -> None:
+        """Capture one decode graph per batch size up to ``max_batch``. Inputs live in static
+        buffers; the attention plan is made outside the graph before each replay. Padding rows
+        write their KV into ``pad_page``, a page the pool never hands out."""
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
+        dev = self.device
+        n = sizes[-1]
+        self.pad_page = pad_page
+        self.static_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.static_pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.static_slots = torch.full((n,), pad_page * self.page_size, dtype=torch.long, device=dev)
+        pool = None
+        for bs in reversed(sizes):
+            self.backend.prepare_graph(bs)
+            layout = BatchLayout([], [], [], self.page_size, self.static_slots[:bs])
+            self.backend.plan_graph(layout, bs, pad_page)
+            self._forward_static(bs)  # warm-up outside the graph (kernel selection, autotune)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward_static(bs)
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize(dev)
+
+    def _forward_static(self, bs: int) -> torch.Tensor:
+        hidden = self.model(self.static_ids[:bs], self.static_pos[:bs], self.backend)
+        return self.model.compute_logits(hidden)
+
+    def _graph_size(self, batch: list[tuple[Sequence, int]]) -> int | None:
+        if not self.graphs or any(n != 1 for _, n in batch):
+            return None
+        return next((b for b in sorted(self.graphs) if b >= len(batch)), None)
+
+    def _replay(self, bs: int, ids: list[int], positions: list[int], slots: list[int],
+                layout: BatchLayout) -> torch.Tensor | None:
+        n = len(ids)
+        graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables,
+                                   self.page_size, self.static_slots[:bs])
+        if not self.backend.plan_graph(graph_layout, bs, self.pad_page):
+            return None
+        pad = bs - n
+        host = torch.tensor([ids + [0] * pad, positions + [0] * pad,
+                             slots + [self.pad_page * self.page_size] * pad], dtype=torch.long)
+        self.static_ids[:bs].copy_(host[0], non_blocking=True)
+        self.static_pos[:bs].copy_(host[1], non_blocking=True)
+        self.static_slots[:bs].copy_(host[2], non_blocking=True)
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        self.graph_replays += 1
+        return logits[:n]
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
@@ -45,8 +104,14 @@ class ModelRunner:
             kv_lens=[seq.num_computed + n for seq, n in batch],
             page_tables=[seq.page_table for seq, _ in batch],
             page_size=ps,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=torch.empty(0, dtype=torch.long),
         )
+        bs = self._graph_size(batch) if len(samplers) == len(batch) else None
+        if bs is not None:
+            logits = self._replay(bs, ids, positions, slots, layout)
+            if logits is not None:
+                return logits, samplers
+        layout.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         self.backend.plan(layout)
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev), self.backend)
