@@ -8,7 +8,6 @@ from braid_engine.attention.base import AttentionBackend, BatchLayout
 from braid_engine.engine.sequence import Sequence
 from braid_engine.models.layers import CausalLM
 
-
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
