@@ -108,7 +108,8 @@ class GrammarRuntime:
                 compiled = self._compiler.compile_json_schema(
                     schema, any_whitespace=False, separators=(", ", ": "))
             else:
-                compiled = self._compiler.compile_structural_tag(guided.structural_tag)
+                tag = self._compact(guided.structural_tag)
+                compiled = self._compiler.compile_structural_tag(tag)
         except Exception as e:  # xgrammar raises RuntimeError/ValueError/pydantic errors alike
             raise InvalidGrammarError(
                 f"the guided-decoding constraint could not be compiled: {e}; check the JSON "
@@ -116,6 +117,20 @@ class GrammarRuntime:
         with self._lock:
             self._compiled[key] = compiled
         return compiled
+
+    def _compact(self, node: Any) -> Any:
+        """``node`` with each JSON-schema format turned into a compact-JSON grammar format:
+        xgrammar's own allows any whitespace, which random or weak models fill forever."""
+        if isinstance(node, list):
+            return [self._compact(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "json_schema" and node.get("style", "json") == "json" \
+                and not node.get("excludes") and "json_schema" in node:
+            grammar = self._xgr.Grammar.from_json_schema(
+                json.dumps(node["json_schema"]), any_whitespace=False, separators=(", ", ": "))
+            return {"type": "grammar", "grammar": str(grammar)}
+        return {k: self._compact(v) for k, v in node.items()}
 
     def matcher(self, guided: GuidedDecoding) -> Any:
         """A fresh matcher (one per request) at the start of ``guided``'s grammar."""
