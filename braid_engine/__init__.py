@@ -6,6 +6,8 @@ from braid_engine.errors import (
     BraidError,
     ChatTemplateError,
     CheckpointError,
+    GrammarUnavailableError,
+    InvalidGrammarError,
     InvalidRequestError,
     InvalidSamplingParamsError,
     KVCacheFullError,
@@ -13,11 +15,12 @@ from braid_engine.errors import (
     PromptTooLongError,
     UnsupportedArchitectureError,
 )
+from braid_engine.grammar import GuidedDecoding
 from braid_engine.llm import LLM
 from braid_engine.sampling import SamplingParams
 
 __all__ = [
-    "LLM", "SamplingParams", "RequestOutput", "PinHandle", "BraidError", "ChatTemplateError",
-    "CheckpointError", "InvalidRequestError", "InvalidSamplingParamsError", "KVCacheFullError",
+    "LLM", "SamplingParams", "GuidedDecoding", "RequestOutput", "PinHandle", "BraidError", "ChatTemplateError",
+    "CheckpointError", "GrammarUnavailableError", "InvalidGrammarError", "InvalidRequestError", "InvalidSamplingParamsError", "KVCacheFullError",
     "ModelNotFoundError", "PromptTooLongError", "UnsupportedArchitectureError",
 ]

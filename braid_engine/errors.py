@@ -39,3 +39,11 @@ class KVCacheFullError(BraidError, RuntimeError):
 
 class EngineClosedError(BraidError, RuntimeError):
     """The engine was shut down."""
+
+
+class GrammarUnavailableError(BraidError, ImportError):
+    """Guided decoding was requested but the optional ``xgrammar`` package is not installed."""
+
+
+class InvalidGrammarError(InvalidRequestError):
+    """A guided-decoding constraint (JSON schema or structural tag) could not be compiled."""

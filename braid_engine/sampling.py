@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from braid_engine.errors import InvalidSamplingParamsError
+from braid_engine.grammar import GuidedDecoding
 
 
 @dataclass
@@ -17,6 +18,8 @@ class SamplingParams:
     ``temperature=0`` is greedy. ``top_k`` ≤ 0 and ``top_p=1`` and ``min_p=0`` disable those
     filters. ``stop`` strings end generation and are never part of the returned text.
     ``enable_prefix_caching=False`` makes this request neither read nor write the prefix cache.
+    ``guided`` constrains the output to a grammar (JSON schema, JSON object or structural tag);
+    it needs the optional ``xgrammar`` package.
 
     Example:
         >>> SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64, seed=1, stop=["\\n\\n"])
@@ -33,6 +36,7 @@ class SamplingParams:
     seed: int | None = None
     skip_special_tokens: bool = True
     enable_prefix_caching: bool = True
+    guided: GuidedDecoding | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +62,8 @@ class SamplingParams:
         ids = list(self.stop_token_ids or [])
         if any(not isinstance(t, int) or t < 0 for t in ids):
             raise bad(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}.")
+        if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
+            raise bad(f"guided must be a GuidedDecoding or None, got {type(self.guided).__name__}.")
 
     @property
     def stop_strings(self) -> list[str]:

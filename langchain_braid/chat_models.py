@@ -6,27 +6,48 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams, ModelProfile
+from langchain_core.language_models import (
+    BaseChatModel,
+    LangSmithParams,
+    LanguageModelInput,
+    ModelProfile,
+)
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers.openai_tools import (
+    JsonOutputKeyToolsParser,
+    PydanticToolsParser,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field
 
-from braid_engine import LLM, PinHandle, RequestOutput, SamplingParams
+from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
 from braid_engine.loader import load_tokenizer, resolve_model_path
 from langchain_braid._messages import TOKEN_IDS_KEY, render
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
+from langchain_braid._tools import (
+    ToolCallStreamParser,
+    normalize_tool_choice,
+    parse_tool_calls,
+    tool_grammar,
+    tool_names,
+)
 
 _PROVIDER = "braid"
 _PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would start
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
-                           "enable_thinking", "enable_prefix_caching", "chat_template_kwargs"})
+                           "enable_thinking", "enable_prefix_caching", "chat_template_kwargs",
+                           "tools", "tool_choice", "response_format"})
 
 
 class _Engine:
@@ -130,7 +151,7 @@ class ChatBraid(BaseChatModel):
     def _resolve_model_profile(self) -> ModelProfile | None:
         profile = ModelProfile(text_inputs=True, text_outputs=True, image_inputs=False,
                                audio_inputs=False, video_inputs=False, pdf_inputs=False,
-                               tool_calling=False, structured_output=False,
+                               tool_calling=True, tool_choice=True, structured_output=True,
                                reasoning_output=False, temperature=True)
         config = Path(self.model).expanduser() / "config.json"
         if config.is_file():  # a local checkpoint: read only its small config, never weights
@@ -262,27 +283,41 @@ class ChatBraid(BaseChatModel):
         return kwargs
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
-                 kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool]:
-        """The engine, the prompt ids, the sampling params, and whether the prompt opened
-        a ``<think>`` block."""
+                 kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
+                                                  list[str]]:
+        """The engine, the prompt ids, the sampling params, whether the prompt opened a
+        ``<think>`` block, and the names of the bound tools (calls are parsed if any)."""
         options = {k: v for k, v in kwargs.items() if k != "stream" and not k.startswith("ls_")}
         unknown = set(options) - _CALL_OPTIONS
         if unknown:
             raise TypeError(
                 f"ChatBraid got unknown call options {sorted(unknown)}; per call it accepts "
-                f"{sorted(_CALL_OPTIONS)} and stop (tool calling is not supported yet).")
+                f"{sorted(_CALL_OPTIONS)} and stop.")
         engine = self._engine()
         tok = engine.llm.tokenizer
-        rendered = render(tok, messages, template_kwargs=self._template_kwargs(options))
+        template = self._template_kwargs(options)
+        tools = options.get("tools") or []
+        guided = None
+        if tools:
+            template["tools"] = tools
+            choice = normalize_tool_choice(options.get("tool_choice"), tool_names(tools))
+            guided = tool_grammar(tools, choice)
+        else:
+            guided = _response_format_grammar(options.get("response_format"))
+            choice = "any" if guided is not None else "auto"
+        if choice not in ("auto", "none"):
+            template["enable_thinking"] = False  # a forced answer starts at its first token
+        rendered = render(tok, messages, template_kwargs=template)
         params = SamplingParams(
             temperature=options.get("temperature", self.temperature),
             top_p=options.get("top_p", self.top_p), top_k=options.get("top_k", self.top_k),
             min_p=options.get("min_p", 0.0), max_tokens=options.get("max_tokens", self.max_tokens),
             stop=stop if stop is not None else self.stop, seed=options.get("seed", self.seed),
             enable_prefix_caching=options.get("enable_prefix_caching", self.enable_prefix_caching),
+            guided=guided,
         )
         opened = rendered.text.rstrip().endswith(OPEN)
-        return engine, rendered.token_ids(tok), params, opened
+        return engine, rendered.token_ids(tok), params, opened, tool_names(tools)
 
     def _usage(self, prompt_ids: list[int], out_ids: list[int], cached: int,
                tok: Any) -> UsageMetadata:
@@ -298,10 +333,15 @@ class ChatBraid(BaseChatModel):
         return {"model_name": self.model, "model_provider": _PROVIDER,
                 "finish_reason": finish_reason, TOKEN_IDS_KEY: list(out_ids)}
 
-    def _message(self, engine: _Engine, out: RequestOutput, opened: bool) -> AIMessage:
+    def _message(self, engine: _Engine, out: RequestOutput, opened: bool,
+                 names: list[str]) -> AIMessage:
         reasoning, answer = split_reasoning(out.text, thinking=opened)
+        calls: dict[str, Any] = {}
+        if names:
+            answer, tool_calls, invalid = parse_tool_calls(answer, names)
+            calls = {"tool_calls": tool_calls, "invalid_tool_calls": invalid}
         return AIMessage(
-            content=answer,
+            content=answer, **calls,
             additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
             usage_metadata=self._usage(out.prompt_token_ids, out.token_ids,
                                        out.num_cached_tokens, engine.llm.tokenizer),
@@ -314,9 +354,10 @@ class ChatBraid(BaseChatModel):
             message=AIMessageChunk(content=answer, additional_kwargs=kwargs, **extra))
 
     def _last_chunk(self, engine: _Engine, prompt_ids: list[int], out_ids: list[int],
-                    delta: RequestOutput, reasoning: str, answer: str) -> ChatGenerationChunk:
+                    delta: RequestOutput, reasoning: str, answer: str,
+                    calls: list[Any]) -> ChatGenerationChunk:
         return self._chunk(
-            reasoning, answer, chunk_position="last",
+            reasoning, answer, chunk_position="last", tool_call_chunks=calls,
             usage_metadata=self._usage(prompt_ids, out_ids, delta.num_cached_tokens,
                                        engine.llm.tokenizer),
             response_metadata=self._metadata(out_ids, delta.finish_reason))
@@ -324,22 +365,25 @@ class ChatBraid(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
-        engine, ids, params, opened = self._prepare(messages, stop, kwargs)
+        engine, ids, params, opened, names = self._prepare(messages, stop, kwargs)
         out = engine.llm.engine.add_request(ids, params).result()
-        return ChatResult(generations=[ChatGeneration(message=self._message(engine, out, opened))],
+        message = self._message(engine, out, opened, names)
+        return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        engine, ids, params, opened = await self._aprepare(messages, stop, kwargs)
+        engine, ids, params, opened, names = await self._aprepare(messages, stop, kwargs)
         stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
         out = await stream.aresult()
-        return ChatResult(generations=[ChatGeneration(message=self._message(engine, out, opened))],
+        message = self._message(engine, out, opened, names)
+        return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
     async def _aprepare(self, messages: list[BaseMessage], stop: list[str] | None,
-                        kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool]:
+                        kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
+                                                         list[str]]:
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
         if key not in _ENGINES:  # loading takes seconds: keep it off the event loop
             await asyncio.to_thread(self._engine)
@@ -348,40 +392,163 @@ class ChatBraid(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        engine, ids, params, opened = self._prepare(messages, stop, kwargs)
-        parser = ReasoningParser(thinking=opened)
+        engine, ids, params, opened, names = self._prepare(messages, stop, kwargs)
+        parser = _AnswerParser(opened, names)
         deltas = iter(engine.llm.engine.add_request(ids, params))
         out_ids: list[int] = []
         try:
             for delta in deltas:
                 out_ids += delta.token_ids
-                reasoning, answer = parser.feed(delta.text)
+                reasoning, answer, calls = parser.feed(delta.text)
                 if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
-                    yield self._chunk(reasoning, answer)
+                    yield self._chunk(reasoning, answer, tool_call_chunks=calls)
                     continue
-                tail_reasoning, tail_answer = parser.finish()
+                tail_reasoning, tail_answer, tail_calls = parser.finish()
                 yield self._last_chunk(engine, ids, out_ids, delta, reasoning + tail_reasoning,
-                                       answer + tail_answer)
+                                       answer + tail_answer, calls + tail_calls)
         finally:
             deltas.close()  # a caller that stops early aborts the request
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        engine, ids, params, opened = await self._aprepare(messages, stop, kwargs)
-        parser = ReasoningParser(thinking=opened)
+        engine, ids, params, opened, names = await self._aprepare(messages, stop, kwargs)
+        parser = _AnswerParser(opened, names)
         stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
         deltas = stream.__aiter__()
         out_ids: list[int] = []
         try:
             async for delta in deltas:
                 out_ids += delta.token_ids
-                reasoning, answer = parser.feed(delta.text)
+                reasoning, answer, calls = parser.feed(delta.text)
                 if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
-                    yield self._chunk(reasoning, answer)
+                    yield self._chunk(reasoning, answer, tool_call_chunks=calls)
                     continue
-                tail_reasoning, tail_answer = parser.finish()
+                tail_reasoning, tail_answer, tail_calls = parser.finish()
                 yield self._last_chunk(engine, ids, out_ids, delta, reasoning + tail_reasoning,
-                                       answer + tail_answer)
+                                       answer + tail_answer, calls + tail_calls)
         finally:
             await deltas.aclose()  # a caller that stops early aborts the request
+
+    # -- tools and structured output -----------------------------------------------------
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
+                   tool_choice: dict | str | bool | None = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (LangChain tools, pydantic models, TypedDicts, functions or OpenAI dicts).
+
+        They are rendered through the chat template's ``tools`` support, and every call the
+        model writes is constrained by a grammar, so ``tool_calls`` always parse and match the
+        tool's argument schema. ``tool_choice``: ``"auto"`` (default; the model decides),
+        ``"any"``/``"required"`` (at least one call, from the first token), a tool name (that
+        tool), or ``"none"`` (no call). A forced call answers without a reasoning block.
+
+        Example:
+            >>> def get_weather(city: str) -> str:
+            ...     \"\"\"The weather in a city.\"\"\"
+            >>> msg = chat.bind_tools([get_weather], tool_choice="any").invoke("Paris?")
+            >>> msg.tool_calls[0]["name"], msg.tool_calls[0]["args"]["city"]
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        names = tool_names(formatted)
+        if tool_choice is not None:
+            tool_choice = normalize_tool_choice(tool_choice, names)
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self, schema: dict[str, Any] | type, *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False, strict: bool | None = None, **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | Any]:
+        """A runnable returning ``schema``-shaped output (pydantic instance, else a dict).
+
+        ``method="json_schema"`` constrains the answer to the schema's JSON; ``"function_calling"``
+        forces a call of a tool named after the schema; ``"json_mode"`` constrains the answer to
+        some JSON object (describe the keys in the prompt; ``schema`` then only parses).
+        ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}`` instead of raising.
+        ``strict`` is accepted for compatibility: decoding is always schema-strict.
+
+        Example:
+            >>> class Person(BaseModel):
+            ...     name: str
+            ...     age: int
+            >>> chat.with_structured_output(Person).invoke("Invent a person.")
+            Person(name='…', age=…)
+        """
+        if kwargs:
+            raise TypeError(f"with_structured_output got unexpected arguments {sorted(kwargs)}.")
+        if method not in ("json_schema", "function_calling", "json_mode"):
+            raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'.")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"method={method!r} needs a schema; pass one, or use method='json_mode'.")
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        ls_format = {"kwargs": {"method": method}, "schema": schema}
+        parser: Runnable
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format)
+            parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
+                      else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        else:
+            if method == "json_schema":
+                fmt = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
+            else:
+                fmt = {"type": "json_object"}
+            llm = self.bind(response_format=fmt,
+                            ls_structured_output_format=ls_format if schema is not None else None)
+            parser = RunnableLambda(_json_parser(schema if pydantic else None))
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser,
+                                            parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDecoding | None:
+    """The constraint of an OpenAI-style ``response_format`` (``json_schema``/``json_object``)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return GuidedDecoding(json_object=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        return GuidedDecoding(json_schema=spec.get("schema", spec))
+    raise ValueError(f"response_format={response_format!r}: use {{'type': 'json_object'}} or "
+                     "{'type': 'json_schema', 'json_schema': {'schema': {...}}}.")
+
+
+def _json_parser(model: type | None) -> Callable[[AIMessage], Any]:
+    """Parse an answer's JSON (into ``model`` when given; pydantic v1 and v2 alike)."""
+
+    def parse(message: AIMessage) -> Any:
+        value = json.loads(message.text, strict=False)  # raw control characters are allowed
+        if model is None:
+            return value
+        return model.model_validate(value) if hasattr(model, "model_validate") else model.parse_obj(value)
+
+    return parse
+
+
+class _AnswerParser:
+    """Reasoning split, then (when tools are bound) tool calls, for a streamed answer."""
+
+    def __init__(self, opened: bool, names: list[str]) -> None:
+        self.reasoning = ReasoningParser(thinking=opened)
+        self.calls = ToolCallStreamParser(names) if names else None
+
+    def feed(self, delta: str) -> tuple[str, str, list[Any]]:
+        reasoning, answer = self.reasoning.feed(delta)
+        if self.calls is None:
+            return reasoning, answer, []
+        answer, chunks = self.calls.feed(answer)
+        return reasoning, answer, chunks
+
+    def finish(self) -> tuple[str, str, list[Any]]:
+        reasoning, answer = self.reasoning.finish()
+        if self.calls is None:
+            return reasoning, answer, []
+        text, chunks = self.calls.feed(answer)
+        tail, more = self.calls.finish()
+        return reasoning, text + tail, chunks + more

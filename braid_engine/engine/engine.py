@@ -29,6 +29,7 @@ from braid_engine.errors import (
     KVCacheFullError,
     PromptTooLongError,
 )
+from braid_engine.grammar import GrammarRuntime
 from braid_engine.sampling import SamplingParams, sample
 
 logger = logging.getLogger("braid_engine")
@@ -130,6 +131,7 @@ class LLMEngine:
         self._state = threading.RLock()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._grammar: GrammarRuntime | None = None
         self.steps = 0
 
     # -- requests ----------------------------------------------------------------------
@@ -163,6 +165,7 @@ class LLMEngine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.config.device).manual_seed(params.seed)
+        matcher = self.grammar().matcher(params.guided) if params.guided is not None else None
         max_len = self.config.max_model_len
         if params.max_tokens is not None:
             max_len = min(max_len, len(prompt) + params.max_tokens)
@@ -170,7 +173,7 @@ class LLMEngine:
             request_id=request_id, prompt_token_ids=prompt, params=params,
             detok=IncrementalDetokenizer(self.tokenizer, prompt, params.stop_strings,
                                          params.skip_special_tokens),
-            max_len=max_len, generator=gen,
+            max_len=max_len, generator=gen, matcher=matcher,
         )
         stream = RequestStream(self, seq, loop)
         with self._wake:
@@ -181,6 +184,14 @@ class LLMEngine:
             self._ensure_thread()
             self._wake.notify()
         return stream
+
+    def grammar(self) -> GrammarRuntime:
+        """The engine's grammar compiler and mask computer (created on first guided request)."""
+        with self._wake:
+            if self._grammar is None:
+                self._grammar = GrammarRuntime(self.tokenizer, self.model_config.vocab_size,
+                                               self.eos_token_ids)
+            return self._grammar
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its computed KV stays cached. Unknown or finished ids are ignored."""
@@ -230,7 +241,13 @@ class LLMEngine:
                     "evicted (pinned prefixes stay); release pins or enlarge the pool."))
             return
         self.steps += 1
+        # masks depend only on tokens already accepted, so they are computed during the forward
+        guided = [s for s, n in batch if s.matcher is not None and s.num_computed + n == len(s)]
+        masks = self._grammar.fill_async([s.matcher for s in guided]) if guided else None
         logits, samplers = self.runner.execute(batch)
+        if masks is not None:
+            rows = {id(s): i for i, s in enumerate(samplers)}
+            self._grammar.apply(logits, masks.result(), [rows[id(s)] for s in guided])
         for seq, n in batch:
             seq.num_computed += n
             if (self.cache is not None and not seq.output_token_ids
@@ -244,12 +261,16 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         p = seq.params
         reason = None
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} was sampled outside the grammar of {seq.request_id}")
         if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
         else:
             seq.detok.add(token)
             if seq.detok.stopped:
                 reason = "stop"
+        if reason is None and seq.matcher is not None and seq.matcher.is_terminated():
+            reason = "stop"  # the constraint is complete: nothing more may follow
         if reason is None and len(seq) >= seq.max_len:
             reason = "length"
         if reason is not None:
@@ -356,6 +377,8 @@ class LLMEngine:
             self._wake.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+        if self._grammar is not None:
+            self._grammar.shutdown()
 
     @property
     def idle(self) -> bool:

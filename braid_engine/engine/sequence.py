@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ class Sequence:
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_counter))
     emitted_tokens: int = 0
+    matcher: Any = None  # the request's xgrammar matcher when its output is constrained
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -22,11 +22,19 @@ class TestChatBraidUnit(ChatModelUnitTests):
 
     @property
     def has_tool_calling(self) -> bool:
-        return False
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
 
     @property
     def has_structured_output(self) -> bool:
-        return False
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
 
 
 def test_construction_loads_nothing(tiny_model: str) -> None:
@@ -35,7 +43,7 @@ def test_construction_loads_nothing(tiny_model: str) -> None:
     assert chat.model == tiny_model
     assert cm._ENGINES == before
     assert chat.profile["max_input_tokens"] == 512
-    assert chat.profile["tool_calling"] is False and chat.profile["reasoning_output"] is True
+    assert chat.profile["tool_calling"] is True and chat.profile["reasoning_output"] is True
 
 
 def test_identifying_and_ls_params(tiny_model: str) -> None:
@@ -81,8 +89,3 @@ def test_trim_messages_counts_with_the_template(tiny_model: str) -> None:
     trimmed = trim_messages(messages, max_tokens=budget, token_counter=chat, strategy="last",
                             include_system=True)
     assert trimmed == messages[:1] + messages[2:]
-
-
-def test_bind_tools_is_not_supported_yet(tiny_model: str) -> None:
-    with pytest.raises(NotImplementedError):
-        ChatBraid(model=tiny_model).bind_tools([])

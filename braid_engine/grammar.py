@@ -1,0 +1,161 @@
+"""Grammar-constrained decoding: a request's output is forced to match a JSON schema, any JSON
+object, or a structural tag (free text until a trigger such as ``<tool_call>``, then a schema).
+
+Each constrained request owns an ``xgrammar`` matcher. Before every forward pass the engine
+asks for the masks of the requests about to sample (on a helper thread, so the work overlaps
+the forward); after it, disallowed logits are set to -inf and each sampled token advances its
+matcher. ``xgrammar`` is optional (``pip install langchain-braid[grammar]``) and imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from braid_engine.errors import GrammarUnavailableError, InvalidGrammarError
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """One constraint on a request's output; set exactly one field.
+
+    ``json_schema`` (a dict or JSON string) forces a JSON value valid under the schema;
+    ``json_object=True`` forces any JSON object; ``structural_tag`` is an xgrammar structural
+    tag (a dict ``{"type": "structural_tag", "format": ...}``), e.g. free text in which every
+    ``<tool_call>`` must continue as a valid call. When the constraint is complete the request
+    ends with finish reason ``"stop"``.
+
+    Example:
+        >>> schema = {"type": "object", "properties": {"city": {"type": "string"}},
+        ...           "required": ["city"]}
+        >>> SamplingParams(max_tokens=64, guided=GuidedDecoding(json_schema=schema))
+    """
+
+    json_schema: dict[str, Any] | str | None = None
+    json_object: bool = False
+    structural_tag: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [self.json_schema is not None, bool(self.json_object),
+                  self.structural_tag is not None]
+        if sum(chosen) != 1:
+            raise InvalidGrammarError(
+                "GuidedDecoding: set exactly one of json_schema, json_object=True or "
+                f"structural_tag (got {sum(chosen)}).")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
+            raise InvalidGrammarError(
+                f"GuidedDecoding.json_schema must be a dict or a JSON string, got "
+                f"{type(self.json_schema).__name__}; convert pydantic models with "
+                "Model.model_json_schema().")
+        if self.structural_tag is not None and not isinstance(self.structural_tag, dict):
+            raise InvalidGrammarError(
+                "GuidedDecoding.structural_tag must be a dict such as "
+                '{"type": "structural_tag", "format": {...}}.')
+
+    def key(self) -> str:
+        """A canonical string naming the constraint (compiled grammars are cached by it)."""
+        schema = self.json_schema
+        if isinstance(schema, str):
+            schema = json.loads(schema)
+        return json.dumps([schema, self.json_object, self.structural_tag], sort_keys=True)
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise GrammarUnavailableError(
+            "guided decoding (tool calling, structured output) needs the optional xgrammar "
+            "package; install it with `pip install 'langchain-braid[grammar]'`.") from e
+    return xgrammar
+
+
+class GrammarRuntime:
+    """Compiles constraints for one tokenizer and computes token masks for a batch.
+
+    Masks cover the model's vocabulary: ids past the tokenizer's (padding rows) are never
+    allowed. Thread-safe: requests compile on the caller's thread, masks run on the engine's.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+        xgr = _xgrammar()
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=sorted(stop_token_ids))
+        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self._compiled: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def compile(self, guided: GuidedDecoding) -> Any:
+        """The compiled grammar of ``guided`` (cached); raises InvalidGrammarError if invalid."""
+        key = guided.key()
+        with self._lock:
+            hit = self._compiled.get(key)
+        if hit is not None:
+            return hit
+        try:
+            if guided.json_object or guided.json_schema is not None:
+                # compact ", " / ": " separators: what chat templates' tojson renders back
+                schema = {"type": "object"} if guided.json_object else guided.json_schema
+                compiled = self._compiler.compile_json_schema(
+                    schema, any_whitespace=False, separators=(", ", ": "))
+            else:
+                tag = self._compact(guided.structural_tag)
+                compiled = self._compiler.compile_structural_tag(tag)
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError/pydantic errors alike
+            raise InvalidGrammarError(
+                f"the guided-decoding constraint could not be compiled: {e}; check the JSON "
+                "schema (or structural tag) is valid.") from e
+        with self._lock:
+            self._compiled[key] = compiled
+        return compiled
+
+    def _compact(self, node: Any) -> Any:
+        """``node`` with each JSON-schema format turned into a compact-JSON grammar format:
+        xgrammar's own allows any whitespace, which random or weak models fill forever."""
+        if isinstance(node, list):
+            return [self._compact(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "json_schema" and node.get("style", "json") == "json" \
+                and not node.get("excludes") and "json_schema" in node:
+            grammar = self._xgr.Grammar.from_json_schema(
+                json.dumps(node["json_schema"]), any_whitespace=False, separators=(", ", ": "))
+            return {"type": "grammar", "grammar": str(grammar)}
+        return {k: self._compact(v) for k, v in node.items()}
+
+    def matcher(self, guided: GuidedDecoding) -> Any:
+        """A fresh matcher (one per request) at the start of ``guided``'s grammar."""
+        return self._xgr.GrammarMatcher(self.compile(guided))
+
+    def fill(self, matchers: list[Any]) -> torch.Tensor:
+        """Bitmask [len(matchers), ceil(V/32)] of the tokens each matcher allows next."""
+        bitmask = self._xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+        for i, m in enumerate(matchers):
+            m.fill_next_token_bitmask(bitmask, i)
+        return bitmask
+
+    def fill_async(self, matchers: list[Any]) -> Future:
+        """``fill`` on a helper thread, so it runs while the forward pass does."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="braid-grammar")
+        return self._pool.submit(self.fill, matchers)
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Set logits[rows[i]] to -inf wherever bitmask[i] disallows the token (in place)."""
+        full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=bitmask.dtype)
+        full[rows] = bitmask
+        self._xgr.apply_token_bitmask_inplace(logits, full.to(logits.device),
+                                              vocab_size=self.vocab_size, indices=rows)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

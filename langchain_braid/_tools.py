@@ -1,0 +1,216 @@
+"""Tools and structured output: the grammar each ``tool_choice`` implies, and parsing the
+``<tool_call>`` blocks the model writes (whole or streamed) into LangChain tool calls."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
+
+from braid_engine import GuidedDecoding
+
+OPEN_CALL, CLOSE_CALL = "<tool_call>", "</tool_call>"
+_CALL = re.compile(re.escape(OPEN_CALL) + r"(.*?)(?:" + re.escape(CLOSE_CALL) + r"|\Z)", re.S)
+_CALL_AND_SPACE = re.compile(r"\s*" + _CALL.pattern + r"\n*", re.S)  # as the stream parser cuts
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+_CHOICES = ("auto", "none", "any", "required")
+
+
+class ToolChoiceError(ValueError):
+    """``tool_choice`` names no bound tool or is not one of the accepted forms."""
+
+
+def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
+    """``"auto"``, ``"none"``, ``"any"`` or a tool name, from LangChain's accepted forms."""
+    if tool_choice is None:
+        return "auto"
+    if tool_choice is True:
+        if len(names) != 1:
+            raise ToolChoiceError("tool_choice=True needs exactly one bound tool; pass its name.")
+        return names[0]
+    if isinstance(tool_choice, dict):  # OpenAI form {"type": "function", "function": {"name": …}}
+        tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+    if tool_choice in _CHOICES:
+        return "any" if tool_choice == "required" else tool_choice
+    if isinstance(tool_choice, str) and tool_choice in names:
+        return tool_choice
+    raise ToolChoiceError(
+        f"tool_choice={tool_choice!r} is neither one of {list(_CHOICES)} nor a bound tool "
+        f"({', '.join(names) or 'none bound'}); pass one of those.")
+
+
+def tool_names(tools: Sequence[dict[str, Any]]) -> list[str]:
+    return [t["function"]["name"] for t in tools]
+
+
+def _call_tag(tool: dict[str, Any]) -> dict[str, Any]:
+    fn = tool["function"]
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    # the exact text the chat template renders a call as, so answers splice back into the cache
+    return {"type": "tag", "begin": f'{OPEN_CALL}\n{{"name": {json.dumps(fn["name"])}, "arguments": ',
+            "content": {"type": "json_schema", "json_schema": params}, "end": f"}}\n{CLOSE_CALL}"}
+
+
+def tool_grammar(tools: Sequence[dict[str, Any]], choice: str) -> GuidedDecoding:
+    """The constraint for ``choice`` (normalised): auto lets the model write text and constrains
+    each call it starts; any / a name force calls from the first token; none forbids calls."""
+    if choice == "none":
+        fmt: dict[str, Any] = {"type": "any_text", "excludes": [OPEN_CALL]}
+    elif choice == "auto":
+        fmt = {"type": "triggered_tags", "triggers": [OPEN_CALL],
+               "tags": [_call_tag(t) for t in tools]}
+    else:
+        chosen = [t for t in tools if choice == "any" or t["function"]["name"] == choice]
+        fmt = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
+               "stop_after_first": choice != "any", "tags": [_call_tag(t) for t in chosen]}
+    return GuidedDecoding(structural_tag={"type": "structural_tag", "format": fmt})
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def parse_call(body: str, names: Sequence[str], call_id: str) -> ToolCall | InvalidToolCall:
+    """One ``<tool_call>`` body as a tool call, or an invalid one saying what is wrong."""
+    name = None
+    try:
+        value = json.loads(body, strict=False)
+        if not isinstance(value, dict):
+            raise ValueError("the call is not a JSON object")
+        name, args = value.get("name"), value.get("arguments", {})
+        if name not in names:
+            raise ValueError(f"no bound tool is named {name!r}")
+        if not isinstance(args, dict):
+            raise ValueError("arguments is not a JSON object")
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        return InvalidToolCall(type="invalid_tool_call", name=name if isinstance(name, str) else None,
+                               args=body, id=call_id, error=str(e))
+    return ToolCall(type="tool_call", name=name, args=args, id=call_id)
+
+
+def parse_tool_calls(text: str, names: Sequence[str]) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    """``(content, tool_calls, invalid_tool_calls)`` of a whole answer.
+
+    Example:
+        >>> parse_tool_calls('<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>', ["f"])[1]
+        [{'name': 'f', 'args': {'x': 1}, 'id': 'call_…', 'type': 'tool_call'}]
+    """
+    calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
+    for m in _CALL.finditer(text):
+        closed = m.group(0).endswith(CLOSE_CALL)
+        parsed = parse_call(m.group(1).strip(), names, _call_id())
+        if closed and parsed["type"] == "tool_call":
+            calls.append(parsed)
+        else:
+            if not closed:
+                parsed = InvalidToolCall(type="invalid_tool_call", name=parsed.get("name"),
+                                         args=m.group(1).strip(), id=parsed["id"],
+                                         error="the call was cut off before </tool_call>")
+            invalid.append(parsed)
+    return _CALL_AND_SPACE.sub("", text).strip(), calls, invalid
+
+
+class ToolCallStreamParser:
+    """Incremental ``parse_tool_calls``: feed answer deltas, get ``(content, tool_call_chunks)``.
+
+    A call's name goes out as soon as its header is complete, then its arguments as they are
+    generated; the wrapper's closing brace and tag are held back until they are unambiguous.
+
+    Example:
+        >>> p = ToolCallStreamParser(["f"])
+        >>> p.feed('<tool_call>\\n{"name": "f", "arguments": {"x"')[1][0]["name"]
+        'f'
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.buffer = ""
+        self.in_call = False
+        self.header_done = False
+        self.sent = 0  # characters of the current call's arguments already emitted
+        self.index = -1
+        self.call_id = ""
+        self.content_started = False
+
+    def feed(self, delta: str) -> tuple[str, list[ToolCallChunk]]:
+        self.buffer += delta
+        content: list[str] = []
+        chunks: list[ToolCallChunk] = []
+        while True:
+            if not self.in_call:
+                start = self.buffer.find(OPEN_CALL)
+                if start < 0:
+                    keep = _partial_suffix(self.buffer, OPEN_CALL)
+                    head = self.buffer[:len(self.buffer) - keep]
+                    keep += len(head) - len(head.rstrip())  # spaces before a call are dropped
+                    text, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+                    content.append(self._content(text))
+                    break
+                content.append(self._content(self.buffer[:start].rstrip()))
+                self.buffer = self.buffer[start + len(OPEN_CALL):]
+                self.in_call, self.header_done, self.sent = True, False, 0
+                self.index += 1
+                self.call_id = _call_id()
+                continue
+            end = self.buffer.find(CLOSE_CALL)
+            body = self.buffer if end < 0 else self.buffer[:end]
+            if not self.header_done:
+                header = _HEADER.match(body)
+                if header is not None:
+                    name = json.loads(header.group(1))
+                    chunks.append(ToolCallChunk(type="tool_call_chunk", name=name, args="",
+                                                id=self.call_id, index=self.index))
+                    self.buffer = self.buffer[header.end():]
+                    self.header_done = True
+                    continue
+                if end < 0:
+                    break
+                chunks.append(ToolCallChunk(type="tool_call_chunk", name=None, args=body.strip(),
+                                            id=self.call_id, index=self.index))
+            else:
+                args = _args_so_far(body, closed=end >= 0)
+                if len(args) > self.sent:
+                    chunks.append(ToolCallChunk(type="tool_call_chunk", name=None,
+                                                args=args[self.sent:], id=None, index=self.index))
+                    self.sent = len(args)
+                if end < 0:
+                    break
+            self.buffer = self.buffer[end + len(CLOSE_CALL):].lstrip("\n")
+            self.in_call = False
+        return "".join(content), chunks
+
+    def finish(self) -> tuple[str, list[ToolCallChunk]]:
+        """Flush at the end: held text is content; a cut-off call keeps what was sent."""
+        rest, self.buffer = self.buffer, ""
+        if self.in_call:
+            return "", ([] if self.header_done else [ToolCallChunk(
+                type="tool_call_chunk", name=None, args=rest.strip(), id=self.call_id,
+                index=self.index)])
+        return self._content(rest.rstrip()), []
+
+    def _content(self, text: str) -> str:
+        if not self.content_started:
+            text = text.lstrip()  # content after a call starts fresh, as parse_tool_calls strips
+            self.content_started = bool(text)
+        return text
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for k in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
+def _args_so_far(body: str, *, closed: bool) -> str:
+    """The arguments JSON in a call body, minus what may still be the wrapper's ``}`` / tag."""
+    if not closed:
+        body = body[:len(body) - _partial_suffix(body, CLOSE_CALL)]
+    stripped = body.strip()
+    return stripped[:-1] if stripped.endswith("}") else stripped

@@ -1,0 +1,130 @@
+"""Grammar-constrained decoding: outputs match their constraint under greedy and sampled
+decoding, in batches, streamed, and after cached prefixes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from braid_engine import (
+    GrammarUnavailableError,
+    GuidedDecoding,
+    InvalidGrammarError,
+    InvalidSamplingParamsError,
+    SamplingParams,
+)
+from braid_engine.grammar import GrammarRuntime
+
+SCHEMA = {"type": "object",
+          "properties": {"city": {"type": "string", "pattern": "^[A-Za-z ]{1,8}$"},
+                         "days": {"type": "integer", "minimum": 0, "maximum": 99},
+                         "unit": {"enum": ["celsius", "fahrenheit"]},
+                         "ok": {"type": "boolean"}},
+          "required": ["city", "days", "unit", "ok"]}
+
+
+def check(value: dict) -> None:
+    assert list(value) == ["city", "days", "unit", "ok"]
+    assert isinstance(value["city"], str) and 1 <= len(value["city"]) <= 8
+    assert type(value["days"]) is int and 0 <= value["days"] <= 99
+    assert value["unit"] in ("celsius", "fahrenheit")
+    assert type(value["ok"]) is bool
+
+
+def guided(**kw) -> SamplingParams:
+    return SamplingParams(max_tokens=200, guided=GuidedDecoding(json_schema=SCHEMA), **kw)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_schema_output_validates_and_finishes_with_stop(qwen3_llm, temperature):
+    ids = qwen3_llm.encode("The weather in Paris is")
+    for seed in range(3):
+        out = qwen3_llm.engine.add_request(ids, guided(temperature=temperature, seed=seed)).result()
+        check(json.loads(out.text))
+        assert out.finish_reason == "stop"
+        assert max(out.token_ids) < len(qwen3_llm.tokenizer)  # padding rows are never sampled
+
+
+def test_batched_requests_each_keep_their_own_constraint(qwen3_llm):
+    engine = qwen3_llm.engine
+    ids = qwen3_llm.encode("Hello! How are you today?")
+    streams = [engine.add_request(ids, guided(temperature=0.7, seed=s)) for s in range(3)]
+    streams.append(engine.add_request(ids, SamplingParams(temperature=0.7, seed=9, max_tokens=40,
+                                                          guided=GuidedDecoding(json_object=True))))
+    free = engine.add_request(ids, SamplingParams(temperature=0.7, seed=1, max_tokens=12))
+    outs = [s.result() for s in streams]
+    for out in outs[:3]:
+        check(json.loads(out.text))
+    assert outs[3].text.startswith("{")  # an object, whose random keys max_tokens may cut
+    assert free.result().token_ids == qwen3_llm.engine.add_request(
+        ids, SamplingParams(temperature=0.7, seed=1, max_tokens=12)).result().token_ids
+
+
+def test_streamed_deltas_spell_the_valid_output(qwen3_llm):
+    stream = qwen3_llm.engine.add_request(qwen3_llm.encode("Numbers:"), guided(temperature=0.7, seed=4))
+    deltas = list(stream)
+    assert len(deltas) > 5 and deltas[-1].finish_reason == "stop"
+    check(json.loads("".join(d.text for d in deltas)))
+
+
+def test_grammar_keeps_the_prefix_cache_exact(qwen3_llm):
+    engine = qwen3_llm.engine
+    prefix = qwen3_llm.encode("Retrieval augmented generation puts documents in the prompt. " * 3)
+    engine.add_request(prefix, SamplingParams(temperature=0, max_tokens=1)).result()
+    prompt = prefix + qwen3_llm.encode(" JSON:")
+    cached = engine.add_request(prompt, guided(temperature=0.7, seed=5)).result()
+    fresh = engine.add_request(prompt, guided(temperature=0.7, seed=5,
+                                              enable_prefix_caching=False)).result()
+    assert cached.num_cached_tokens >= len(prefix) - 16 and fresh.num_cached_tokens == 0
+    assert cached.token_ids == fresh.token_ids
+    check(json.loads(cached.text))
+
+
+def test_structural_tag_forces_a_tagged_call(qwen3_llm):
+    tag = {"type": "structural_tag", "format": {
+        "type": "tags_with_separator", "separator": "\n", "at_least_one": True,
+        "stop_after_first": True,
+        "tags": [{"type": "tag", "begin": '<tool_call>\n{"name": "w", "arguments": ',
+                  "content": {"type": "json_schema", "json_schema": SCHEMA},
+                  "end": "}\n</tool_call>"}]}}
+    out = qwen3_llm.engine.add_request(qwen3_llm.encode("Call:"), SamplingParams(
+        temperature=0.7, seed=3, max_tokens=200, guided=GuidedDecoding(structural_tag=tag))).result()
+    assert out.finish_reason == "stop"
+    assert out.text.startswith("<tool_call>\n") and out.text.endswith("\n</tool_call>")
+    call = json.loads(out.text[len("<tool_call>\n"):-len("\n</tool_call>")])
+    assert call["name"] == "w"
+    check(call["arguments"])
+
+
+def test_stop_strings_still_end_a_constrained_request(qwen3_llm):
+    out = qwen3_llm.engine.add_request(qwen3_llm.encode("x"), guided(temperature=0, stop=['"days"'])).result()
+    assert out.finish_reason == "stop" and out.text.startswith('{"city": ') and '"days"' not in out.text
+
+
+def test_masks_cover_the_model_vocab_and_forbid_padding_rows(qwen3_llm):
+    runtime = qwen3_llm.engine.grammar()
+    matcher = runtime.matcher(GuidedDecoding(json_object=True))
+    logits = torch.zeros(2, qwen3_llm.model_config.vocab_size)
+    runtime.apply(logits, runtime.fill([matcher]), [1])
+    assert torch.isinf(logits[1, len(qwen3_llm.tokenizer):]).all()
+    assert not torch.isinf(logits[0]).any()  # rows without a constraint are untouched
+    allowed = torch.nonzero(~torch.isinf(logits[1])).flatten().tolist()
+    assert allowed and all(qwen3_llm.tokenizer.decode([t]).startswith("{") for t in allowed)
+
+
+def test_errors_are_typed_and_say_what_to_do(qwen3_llm, monkeypatch):
+    with pytest.raises(InvalidGrammarError, match="exactly one"):
+        GuidedDecoding()
+    with pytest.raises(InvalidGrammarError, match="exactly one"):
+        GuidedDecoding(json_object=True, json_schema={})
+    with pytest.raises(InvalidSamplingParamsError, match="GuidedDecoding"):
+        SamplingParams(guided={"json_object": True})
+    bad = GuidedDecoding(json_schema={"type": "object", "properties": {"a": {"type": "nope"}}})
+    with pytest.raises(InvalidGrammarError, match="could not be compiled"):
+        qwen3_llm.engine.add_request([1, 2], SamplingParams(guided=bad))
+    monkeypatch.setitem(sys.modules, "xgrammar", None)
+    with pytest.raises(GrammarUnavailableError, match=r"langchain-braid\[grammar\]"):
+        GrammarRuntime(qwen3_llm.tokenizer, 448, [0])

@@ -1,0 +1,184 @@
+"""Tool calling and structured output on a random tiny checkpoint: grammar-constrained
+decoding makes even noise-driven sampling produce calls and objects that match their schemas."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel
+from typing_extensions import TypedDict
+
+from langchain_braid import ChatBraid
+from langchain_braid._tools import ToolCallStreamParser, ToolChoiceError, parse_tool_calls
+
+
+class Forecast(BaseModel):
+    """Forecast for a number of days."""
+
+    days: int
+    metric: bool
+    unit: Literal["celsius", "fahrenheit"]
+
+
+class Flags(TypedDict):
+    """Two switches."""
+
+    on: bool
+    level: int
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def toggle(enabled: bool) -> str:
+    """Toggle a switch."""
+    return "ok"
+
+
+DICT_TOOL = {"type": "function", "function": {
+    "name": "pick", "description": "Pick a colour.",
+    "parameters": {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}},
+                   "required": ["colour"]}}}
+
+
+@pytest.fixture
+def chat(tiny_model: str) -> ChatBraid:
+    return ChatBraid(model=tiny_model, device="cpu", temperature=0.7, max_tokens=96)
+
+
+def check_args(name: str, args: dict) -> None:
+    if name == "Forecast":
+        Forecast.model_validate(args)
+        assert type(args["days"]) is int and type(args["metric"]) is bool
+    elif name == "add":
+        assert set(args) == {"a", "b"} and all(type(v) is int for v in args.values())
+    elif name == "toggle":
+        assert set(args) == {"enabled"} and type(args["enabled"]) is bool
+    else:
+        assert name == "pick" and args["colour"] in ("red", "green")
+
+
+@pytest.mark.parametrize("choice", ["any", "required", "add", "Forecast", "pick", "toggle"])
+def test_forced_tool_choice_gives_calls_that_match_their_schema(chat, choice):
+    bound = chat.bind_tools([Forecast, add, toggle, DICT_TOOL], tool_choice=choice)
+    for seed in (1, 2):
+        msg = bound.invoke("What is the weather in Paris?", seed=seed, max_tokens=256)
+        assert msg.tool_calls and not msg.invalid_tool_calls
+        assert msg.response_metadata["finish_reason"] == "stop"
+        for call in msg.tool_calls:
+            assert choice in ("any", "required") or call["name"] == choice
+            check_args(call["name"], call["args"])
+            assert call["id"].startswith("call_")
+
+
+def test_tool_choice_none_never_calls(chat):
+    msg = chat.bind_tools([add], tool_choice="none").invoke("Add 2 and 3.", seed=3, max_tokens=24)
+    assert msg.tool_calls == [] and "<tool_call>" not in msg.content
+
+
+def test_bad_tool_choice_is_a_clear_error(chat):
+    with pytest.raises(ToolChoiceError, match="neither one of"):
+        chat.bind_tools([add], tool_choice="subtract")
+
+
+def test_streaming_yields_call_chunks_as_arguments_are_generated(chat):
+    bound = chat.bind_tools([Forecast], tool_choice="Forecast")
+    chunks = list(bound.stream("Forecast please", seed=5))
+    with_args = [c for c in chunks if c.tool_call_chunks and c.tool_call_chunks[0]["args"]]
+    assert len(with_args) >= 3  # arguments arrive over several tokens, not at the end
+    assert chunks[0].tool_call_chunks == [] or chunks[0].tool_call_chunks[0]["name"] == "Forecast"
+    full = chunks[0]
+    for c in chunks[1:]:
+        full = full + c
+    assert len(full.tool_calls) == 1 and full.tool_calls[0]["name"] == "Forecast"
+    check_args("Forecast", full.tool_calls[0]["args"])
+    assert full.tool_calls[0]["args"] == bound.invoke("Forecast please", seed=5).tool_calls[0]["args"]
+
+
+@pytest.mark.parametrize("schema", [Forecast, Flags, Forecast.model_json_schema()])
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_structured_output_validates(chat, schema, method):
+    structured = chat.with_structured_output(schema, method=method)
+    for seed in (1, 2):
+        out = structured.invoke("Describe the forecast.", seed=seed)
+        if schema is Forecast:
+            assert isinstance(out, Forecast)
+        elif schema is Flags:
+            assert set(out) == {"on", "level"} and type(out["on"]) is bool and type(out["level"]) is int
+        else:
+            Forecast.model_validate(out)
+
+
+def test_structured_output_include_raw_and_tracing_format(chat):
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Capture(BaseCallbackHandler):
+        options: list = []
+
+        def on_chat_model_start(self, *args, **kwargs):
+            self.options.append(kwargs.get("options"))
+
+    capture = Capture()
+    out = chat.with_structured_output(Forecast, include_raw=True).invoke(
+        "Forecast", seed=7, config={"callbacks": [capture]})
+    assert isinstance(out["parsed"], Forecast) and out["parsing_error"] is None
+    assert isinstance(out["raw"], AIMessage)
+    fmt = capture.options[0]["ls_structured_output_format"]
+    assert fmt["kwargs"] == {"method": "json_schema"} and fmt["schema"]["title"] == "Forecast"
+
+
+def test_json_mode_answers_with_an_object(chat):
+    raw = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke(
+        "JSON please", seed=2, max_tokens=12)["raw"]
+    assert raw.content.startswith("{")
+
+
+def test_agent_loop_runs_end_to_end_with_streaming(chat):
+    bound = chat.bind_tools([add])
+    messages = [HumanMessage("What is 2 plus 3?")]
+    call_msg = None
+    for chunk in chat.bind_tools([add], tool_choice="add").stream(messages, seed=11):
+        call_msg = chunk if call_msg is None else call_msg + chunk
+    (call,) = call_msg.tool_calls
+    result = add.invoke(call["args"])
+    assert result == call["args"]["a"] + call["args"]["b"]
+    messages += [call_msg, ToolMessage(str(result), tool_call_id=call["id"])]
+    answer = None
+    for chunk in bound.stream(messages, seed=12, max_tokens=16):
+        answer = chunk if answer is None else answer + chunk
+    assert answer.response_metadata["finish_reason"] in ("stop", "length")
+    assert answer.usage_metadata["input_token_details"]["cache_read"] > 0  # the call was reused
+    for c in answer.tool_calls:
+        check_args(c["name"], c["args"])
+
+
+def test_parse_text_that_is_not_a_valid_call_goes_to_invalid_tool_calls():
+    text = ('Sure.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+            '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call><tool_call>\n{"name": "add"')
+    content, calls, invalid = parse_tool_calls(text, ["add"])
+    assert content == "Sure."
+    assert [(c["name"], c["args"]) for c in calls] == [("add", {"a": 1, "b": 2})]
+    assert [i["name"] for i in invalid] == ["nope", None]
+    assert "no bound tool" in invalid[0]["error"] and "cut off" in invalid[1]["error"]
+
+
+def test_stream_parser_matches_the_whole_parse_for_any_split():
+    text = 'Hi <tool_call>\n{"name": "add", "arguments": {"a": {"x": 1}, "b": 2}}\n</tool_call> bye'
+    for step in (1, 2, 3, 7):
+        parser = ToolCallStreamParser(["add"])
+        content, args, names = "", "", []
+        for i in range(0, len(text), step):
+            c, chunks = parser.feed(text[i:i + step])
+            content += c
+            args += "".join(ch["args"] for ch in chunks)
+            names += [ch["name"] for ch in chunks if ch["name"]]
+        tail, more = parser.finish()
+        content += tail
+        assert names == ["add"] and args == '{"a": {"x": 1}, "b": 2}', step
+        assert content == "Hi bye" == parse_tool_calls(text, ["add"])[0]
