@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-gb", type=float, default=None, help="KV pool size (default: engine's choice)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -95,9 +96,10 @@ def main() -> None:
                     help="batch sizes for the torch.compile baseline (each compiles anew)")
     ap.add_argument("--attention-backend", default="auto")
     args = ap.parse_args()
+    kv = dict(kv_cache_memory=int(args.kv_gb * 2**30)) if args.kv_gb else {}
 
     path = build_model(args.shape, args.model)
-    llm = LLM(path, device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
+    llm = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
               enable_prefix_caching=False)
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

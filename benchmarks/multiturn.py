@@ -41,16 +41,18 @@ def main() -> None:
     ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-gb", type=float, default=None, help="KV pool size (default: engine's choice)")
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--system-tokens", type=int, default=2000)
     ap.add_argument("--question-tokens", type=int, default=64)
     ap.add_argument("--answer-tokens", type=int, default=32)
     args = ap.parse_args()
+    kv = dict(kv_cache_memory=int(args.kv_gb * 2**30)) if args.kv_gb else {}
 
     path = build_model(args.shape, args.model)
-    cached = LLM(path, device=args.device, dtype=args.dtype)
+    cached = LLM(path, device=args.device, dtype=args.dtype, **kv)
     device, dtype = cached.config.device, cached.config.dtype
-    plain = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False)
+    plain = LLM(path, device=args.device, dtype=args.dtype, **kv, enable_prefix_caching=False)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     vocab = len(cached.tokenizer)
     gen = torch.Generator().manual_seed(0)

@@ -14,8 +14,8 @@ if [ "$what" != bench ]; then
 fi
 if [ "$what" != tests ]; then
   timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --batch 1 8 32 128 --compiled-batches 1 2>&1 | grep -v Warning | tail -12 | tee "$OUT/decode.log"
+    --batch 1 8 32 128 --compiled-batches 1 --kv-gb 16 2>&1 | grep -v Warning | tail -12 | tee "$OUT/decode.log"
   timeout 240 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --system-tokens 8000 --turns 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
+    --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
 fi
 tar czf "$OUT/ficache.tgz" -C ~/.cache flashinfer 2>/dev/null; ls -la "$OUT"
