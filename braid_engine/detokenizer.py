@@ -17,6 +17,7 @@ class IncrementalDetokenizer:
         self.text = ""  # all settled output text
         self.emitted = 0  # chars of self.text already handed out
         self.stopped = False
+        self._prefix_text: str | None = None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
@@ -24,13 +25,16 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> None:
         """Append one generated token; sets ``stopped`` when a stop string completes."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        if self._prefix_text is None:  # unchanged until the offsets move: decode it once
+            self._prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        prefix = self._prefix_text
         full = self._decode(self.ids[self.prefix_offset:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return  # an incomplete multi-byte character: wait for the next token
         old_len = len(self.text)
         self.text += full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self._prefix_text = None
         if self.stop:
             longest = max(map(len, self.stop))
             window = max(0, old_len - longest + 1)
@@ -46,6 +50,7 @@ class IncrementalDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         self.text += self._decode(self.ids[self.prefix_offset:])[len(prefix):]
         self.prefix_offset = self.read_offset = len(self.ids)
+        self._prefix_text = None
 
     def take(self, final: bool) -> str:
         """Text not yet handed out, holding back a suffix that could start a stop string."""

@@ -89,12 +89,11 @@ class ModelRunner:
         samplers: list[Sequence] = []
         for seq, n in batch:
             start = seq.num_computed
-            tokens = seq.all_token_ids
-            ids.extend(tokens[start:start + n])
+            ids.extend(seq.token_range(start, start + n))
             pos = range(start, start + n)
             positions.extend(pos)
             slots.extend(seq.page_table[p // ps] * ps + p % ps for p in pos)
-            if start + n == len(tokens):
+            if start + n == len(seq):
                 last_rows.append(len(ids) - 1)
                 samplers.append(seq)
         dev = self.device

@@ -40,12 +40,15 @@ def test_graphs_give_the_eager_tokens(engines, batch):
 
 
 def test_graphs_and_prefix_cache_continue_a_conversation(engines):
+    """Both engines reuse their cache the same way, so only the graphs differ. (In bf16, KV
+    cached from decode steps and KV recomputed by a prefill round differently; exactness of
+    reuse itself is the fp32 CPU suite's job.)"""
     graphed, eager = engines
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompt = list(range(10, 60))
     for _ in range(3):
         out = graphed.generate([prompt], params)[0]
-        assert out.token_ids == eager.generate([prompt], SamplingParams(
-            temperature=0, max_tokens=16, ignore_eos=True, enable_prefix_caching=False))[0].token_ids
+        ref = eager.generate([prompt], params)[0]
+        assert (out.token_ids, out.num_cached_tokens) == (ref.token_ids, ref.num_cached_tokens)
         prompt = prompt + out.token_ids + [7, 8, 9]
     assert out.num_cached_tokens > 0
