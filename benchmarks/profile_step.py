@@ -44,6 +44,48 @@ def instrument(llm: LLM, phases: dict[str, float]) -> None:
     eng.step = timed("step (total)", eng.step)
 
 
+def _timeline(llm: LLM) -> list[tuple[str, float]]:
+    """Record when a request is added, each step starts and ends, and each output is put."""
+    events: list[tuple[str, float]] = []
+    eng = llm.engine
+
+    def mark(name, fn):
+        def wrapper(*args, **kwargs):
+            events.append((f"{name} begins", time.perf_counter()))
+            out = fn(*args, **kwargs)
+            events.append((f"{name} ends", time.perf_counter()))
+            return out
+        return wrapper
+
+    eng.add_request = mark("add_request", eng.add_request)
+    eng.step = mark("step", eng.step)
+    eng._emit = mark("emit", eng._emit)
+    return events
+
+
+def _kernel_table(path, args) -> None:
+    """GPU time per kernel over 20 eager batch-1 decode steps (graphs run the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=2 << 30, cuda_graphs=False)
+    prompt = list(range(3, 131))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    llm.generate([prompt], params)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], params)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    history = list(range(3, 3 + args.history))
+    llm.generate([history], SamplingParams(temperature=0, max_tokens=1))
+    turn = history + list(range(5000, 5065))
+    llm.generate([turn[:-3]], SamplingParams(temperature=0, max_tokens=1))  # same shapes, warm
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = llm.generate([turn], SamplingParams(temperature=0, max_tokens=1))[0]
+    print(f"kernels of one prefill of {len(turn) - out.num_cached_tokens} tokens after "
+          f"{out.num_cached_tokens} cached:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    llm.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
@@ -93,13 +135,32 @@ def main() -> None:
     llm.generate([history], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     out = llm.generate([history], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
     turn = history + out.token_ids + torch.randint(3, vocab, (64,), generator=gen).tolist()
+    timeline = _timeline(llm)
     phases.clear()
+    turn_prof = cProfile.Profile()
+    step = llm.engine.step
+
+    def profiled_turn_step() -> None:
+        turn_prof.enable()
+        try:
+            step()
+        finally:
+            turn_prof.disable()
+
+    llm.engine.step = profiled_turn_step
     t0 = time.perf_counter()
     first = next(iter(llm.stream(turn, SamplingParams(temperature=0, max_tokens=1))))
     ttft = time.perf_counter() - t0
+    while not llm.engine.idle:
+        time.sleep(0.001)
     print(f"one turn at {len(turn)} tokens ({first.num_cached_tokens} reused): first token {ttft * 1e3:.2f} ms")
-    for name, t in phases.items():
+    for name, t in dict(phases).items():
         print(f"  {name:<32} {t * 1e3:8.3f} ms")
+    for name, t in timeline:
+        print(f"  at {(t - t0) * 1e3:8.3f} ms: {name}")
+    pstats.Stats(turn_prof).sort_stats("tottime").print_stats(25)
+    if dev.type == "cuda":
+        _kernel_table(path, args)
     llm.shutdown()
 
 
