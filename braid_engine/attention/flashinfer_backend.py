@@ -54,6 +54,15 @@ def choose_groups(layout: BatchLayout, cascade: str) -> list[CascadeGroup]:
     return chosen
 
 
+def _split_pages(layout: BatchLayout) -> int | None:
+    """Split long KV for a prefill of few queries (a new turn after a long cached history):
+    unsplit, one CTA per head walks all 8k keys (116 µs a layer on an H100 for 3 queries)."""
+    longest = max(-(-kv // layout.page_size) for kv in layout.kv_lens)
+    if sum(layout.query_lens) > 512 or longest < 128:
+        return None
+    return max(16, longest // 16)
+
+
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
 
@@ -150,7 +159,7 @@ class FlashInferBackend(AttentionBackend):
             for q in layout.query_lens:
                 qo.append(qo[-1] + q)
             self._prefill.plan(torch.tensor(qo, dtype=torch.int32), *kv, head_dim_qk=self.head_dim,
-                               causal=True, **self._common())
+                               causal=True, fixed_split_size=_split_pages(layout), **self._common())
         self._rows = None
         if self.groups:
             self._plan_shared(layout)
