@@ -1,27 +1,204 @@
-"""The ``braid`` command: ``braid check MODEL`` prints the fused-kernel compatibility report."""
+"""The ``braid`` command: chat, generate, bench, check, info.
+
+MODEL is a local checkpoint directory, a hub id, or ``tiny`` (a tiny random checkpoint made on
+the spot: the machinery runs offline, the words are noise).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+import time
+from importlib import metadata
 
-from braid_engine.compat import check_checkpoint
-from braid_engine.loader import resolve_model_path
+from braid_engine.errors import BraidError
+
+
+def _model_path(model: str) -> str:
+    if model == "tiny":
+        from braid_engine.testing import make_tiny_checkpoint
+
+        return str(make_tiny_checkpoint(tempfile.mkdtemp(prefix="braid-tiny-"), arch="qwen3"))
+    return model
+
+
+def _llm(args: argparse.Namespace):
+    from braid_engine import LLM
+
+    return LLM(_model_path(args.model), device=args.device, dtype=args.dtype)
+
+
+def _params(args: argparse.Namespace):
+    from braid_engine import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                          seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    use_template = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
+    prompt = (llm.apply_chat_template([{"role": "user", "content": args.prompt}])
+              if use_template else args.prompt)
+    last = None
+    for delta in llm.stream(prompt, _params(args)):
+        print(delta.text, end="", flush=True)
+        last = delta
+    print(file=sys.stderr)
+    print(f"[finish: {last.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    start = len(messages)
+    interactive = sys.stdin.isatty()
+    print("Type a message; /reset starts over, /stats shows the cache, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line == "/reset":
+            del messages[start:]
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if line == "/stats":
+            print(llm.stats())
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = llm.apply_chat_template(messages)
+        t0 = time.perf_counter()
+        text, n_out, cached, first = "", 0, 0, None
+        for delta in llm.stream(ids, _params(args)):
+            first = first or time.perf_counter()
+            print(delta.text, end="", flush=True)
+            text += delta.text
+            n_out += len(delta.token_ids)
+            cached = delta.num_cached_tokens
+        elapsed = time.perf_counter() - (first or t0)
+        print(f"\n[{len(ids)} in, {cached} cached, {n_out} out; first token "
+              f"{((first or t0) - t0) * 1e3:.0f} ms; {n_out / elapsed if elapsed else 0:.1f} tokens/s]",
+              file=sys.stderr)
+        messages.append({"role": "assistant", "content": text})
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from braid_engine import SamplingParams
+
+    llm = _llm(args)
+    vocab = len(llm.tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    print(f"{llm.model_config.architecture} on {llm.config.device} ({llm.config.dtype}), "
+          f"{llm.config.attention_backend} attention")
+    print(f"{'batch':>5} {'prefill ms':>11} {'decode tok/s':>13}")
+    for batch in args.batch:
+        prompts = torch.randint(3, vocab, (batch, args.prompt_tokens), generator=gen).tolist()
+        one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, enable_prefix_caching=False)
+        many = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True,
+                              enable_prefix_caching=False)
+        llm.generate(prompts, many)  # warm-up
+        t0 = time.perf_counter()
+        llm.generate(prompts, one)
+        t1 = time.perf_counter()
+        llm.generate(prompts, many)
+        t2 = time.perf_counter()
+        decode = (t2 - t1) - (t1 - t0)
+        print(f"{batch:>5} {(t1 - t0) * 1e3:>11.1f} {batch * (args.new_tokens - 1) / decode:>13.1f}")
+    print("For comparisons with transformers on the same card, run benchmarks/decode.py.")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from braid_engine.compat import check_checkpoint
+    from braid_engine.loader import resolve_model_path
+
+    print(check_checkpoint(resolve_model_path(_model_path(args.model))).format())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    for dist in ("langchain-braid", "torch", "transformers", "safetensors", "langchain-core",
+                 "triton", "flashinfer-python", "xgrammar"):
+        print(f"{dist:<18} {version(dist)}")
+    cuda = torch.cuda.is_available()
+    print(f"{'device':<18} {torch.cuda.get_device_name(0) if cuda else 'CPU (no CUDA)'}")
+    try:
+        import flashinfer  # noqa: F401
+
+        flashinfer_ok = cuda
+    except ImportError:
+        flashinfer_ok = False
+    print(f"{'attention':<18} torch{', flashinfer' if flashinfer_ok else ''} "
+          f"(auto picks {'flashinfer' if flashinfer_ok else 'torch'})")
+    from braid_engine.kernels import fused_kernels_available
+
+    print(f"{'fused kernels':<18} {'available' if fused_kernels_available(torch.device('cuda' if cuda else 'cpu')) else 'off (need CUDA and triton)'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``braid`` command line; returns the exit status.
 
     Example:
-        >>> main(["check", "/tmp/tiny-qwen3"])
+        >>> main(["generate", "tiny", "Hello", "--max-tokens", "8"])
     """
-    parser = argparse.ArgumentParser(prog="braid")
+    parser = argparse.ArgumentParser(prog="braid", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="score a checkpoint's layers for the fused GPU kernels")
-    check.add_argument("model", help="a local checkpoint directory or a hub id")
+
+    def with_model(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("model", help="a local checkpoint directory, a hub id, or 'tiny'")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto")
+        return p
+
+    def sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
+        p.add_argument("--max-tokens", type=int, default=max_tokens)
+        p.add_argument("--temperature", type=float, default=0.7)
+        p.add_argument("--top-p", type=float, default=0.95)
+        p.add_argument("--seed", type=int, default=None)
+
+    chat = with_model("chat", "chat in the terminal (streaming, per-turn stats)")
+    chat.add_argument("--system", default="You are a helpful assistant.")
+    sampling(chat, 512)
+    gen = with_model("generate", "stream one answer to a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    sampling(gen, 256)
+    bench = with_model("bench", "prefill time and decode tokens/s of the engine")
+    bench.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    with_model("check", "score a checkpoint's layers for the fused GPU kernels")
+    sub.add_parser("info", help="versions, device and available backends")
     args = parser.parse_args(argv)
-    print(check_checkpoint(resolve_model_path(args.model)).format())
-    return 0
+    commands = {"chat": cmd_chat, "generate": cmd_generate, "bench": cmd_bench, "check": cmd_check,
+                "info": cmd_info}
+    try:
+        return commands[args.command](args)
+    except BraidError as e:
+        print(f"braid: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

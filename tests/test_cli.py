@@ -1,0 +1,45 @@
+"""The ``braid`` command, run in-process on a tiny checkpoint."""
+
+import io
+import re
+
+from braid_engine import LLM, SamplingParams
+from braid_engine.cli import main
+
+
+def test_generate_streams_the_greedy_answer(tiny_qwen3, capsys):
+    assert main(["generate", str(tiny_qwen3), "Hello there", "--max-tokens", "8", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    llm = LLM(tiny_qwen3, device="cpu")
+    ref = llm.chat([{"role": "user", "content": "Hello there"}],
+                   SamplingParams(temperature=0, max_tokens=8))[0]
+    assert out == ref.text
+    assert f"[finish: {ref.finish_reason}]" in err
+
+
+def test_chat_keeps_the_history_and_reports_the_cache(tiny_qwen3, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nagain\n/stats\n/reset\nnew\n"))
+    assert main(["chat", str(tiny_qwen3), "--max-tokens", "6", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    turns = [tuple(map(int, t)) for t in re.findall(r"\[(\d+) in, (\d+) cached, (\d+) out", err)]
+    assert len(turns) == 3
+    assert turns[0][1] == 0 and turns[1][1] > 0  # turn 2 reuses the system prompt and turn 1
+    assert turns[1][0] > turns[0][0] + turns[0][2]  # it carries the history
+    assert turns[2][0] < turns[1][0]  # /reset dropped the history
+    assert "'prefix_hits'" in out and "(new conversation)" in err
+
+
+def test_bench_check_and_info(tiny_qwen3, capsys):
+    assert main(["bench", str(tiny_qwen3), "--batch", "1", "2", "--new-tokens", "4"]) == 0
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", capsys.readouterr().out, flags=re.M)
+    assert [r[0] for r in rows] == ["1", "2"] and all(float(r[2]) > 0 for r in rows)
+    assert main(["check", str(tiny_qwen3)]) == 0
+    assert "unfused layers: none" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    info = capsys.readouterr().out
+    assert re.search(r"^torch\s+\d", info, flags=re.M) and "attention" in info
+
+
+def test_bad_model_is_a_clear_error_not_a_traceback(capsys):
+    assert main(["generate", "/nonexistent/model", "hi"]) == 2
+    assert "neither a local directory nor a hub id" in capsys.readouterr().err
