@@ -133,6 +133,7 @@ class ToolCallStreamParser:
         self.in_call = False
         self.header_done = False
         self.sent = 0  # characters of the current call's arguments already emitted
+        self.args_sent = ""  # those characters
         self.index = -1
         self.call_id = ""
         self.content_started = False
@@ -153,7 +154,7 @@ class ToolCallStreamParser:
                     break
                 content.append(self._content(self.buffer[:start].rstrip()))
                 self.buffer = self.buffer[start + len(OPEN_CALL):]
-                self.in_call, self.header_done, self.sent = True, False, 0
+                self.in_call, self.header_done, self.sent, self.args_sent = True, False, 0, ""
                 self.index += 1
                 self.call_id = _call_id()
                 continue
@@ -177,7 +178,7 @@ class ToolCallStreamParser:
                 if len(args) > self.sent:
                     chunks.append(ToolCallChunk(type="tool_call_chunk", name=None,
                                                 args=args[self.sent:], id=None, index=self.index))
-                    self.sent = len(args)
+                    self.sent, self.args_sent = len(args), args
                 if end < 0:
                     break
             self.buffer = self.buffer[end + len(CLOSE_CALL):].lstrip("\n")
@@ -185,12 +186,17 @@ class ToolCallStreamParser:
         return "".join(content), chunks
 
     def finish(self) -> tuple[str, list[ToolCallChunk]]:
-        """Flush at the end: held text is content; a cut-off call keeps what was sent."""
+        """Flush at the end: held text is content. A call cut off after its name gets a last
+        args chunk that no JSON repair can close, so the merged message lists it under
+        ``invalid_tool_calls`` (as ``parse_tool_calls`` does) instead of running the tool with
+        partial arguments."""
         rest, self.buffer = self.buffer, ""
         if self.in_call:
-            return "", ([] if self.header_done else [ToolCallChunk(
-                type="tool_call_chunk", name=None, args=rest.strip(), id=self.call_id,
-                index=self.index)])
+            if self.header_done:
+                return "", [ToolCallChunk(type="tool_call_chunk", name=None, id=None, index=self.index,
+                                          args=_unrepairable_suffix(self.args_sent))]
+            return "", [ToolCallChunk(type="tool_call_chunk", name=None, args=rest.strip(),
+                                      id=self.call_id, index=self.index)]
         return self._content(rest.rstrip()), []
 
     def _content(self, text: str) -> str:
@@ -214,3 +220,26 @@ def _args_so_far(body: str, *, closed: bool) -> str:
         body = body[:len(body) - _partial_suffix(body, CLOSE_CALL)]
     stripped = body.strip()
     return stripped[:-1] if stripped.endswith("}") else stripped
+
+
+def _unrepairable_suffix(args: str) -> str:
+    """Text that, appended to partial JSON ``args``, makes LangChain's partial-JSON repair fail:
+    close an open string, then a bracket that matches nothing open."""
+    in_string = escaped = False
+    stack: list[str] = []
+    for ch in args:
+        if in_string:
+            if ch == "\\" and not escaped:
+                escaped = True
+                continue
+            if ch == '"' and not escaped:
+                in_string = False
+            escaped = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]" and stack:
+            stack.pop()
+    suffix = ('n"' if escaped else '"') if in_string else ""
+    return suffix + ("}" if stack and stack[-1] == "]" else "]")

@@ -36,3 +36,12 @@ def test_chat_example_streams_turns_and_reuses_the_history():
     (in1, cached1, out1), (in2, cached2, _), _ = turns
     assert cached1 == 0 and cached2 == in1 + out1 - 1
     assert "'prefix_hits'" in out and "(new conversation)" in out
+
+
+def test_agent_streaming_calls_a_tool_and_reuses_the_thread():
+    out = run("agent_streaming.py")
+    assert re.search(r"\[call get_weather\] \{\"city\": \"(Paris|Oslo|Tokyo)\"\}", out)
+    assert re.search(r"\[get_weather → (sunny|snow|cloudy)", out)
+    calls = [tuple(map(int, t)) for t in re.findall(r"\[model: (\d+) in, (\d+) cached, (\d+) out\]", out)]
+    assert len(calls) >= 3 and calls[0][1] == 0
+    assert all(cached > 0 for _, cached, _ in calls[1:])

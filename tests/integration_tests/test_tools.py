@@ -182,3 +182,22 @@ def test_stream_parser_matches_the_whole_parse_for_any_split():
         content += tail
         assert names == ["add"] and args == '{"a": {"x": 1}, "b": 2}', step
         assert content == "Hi bye" == parse_tool_calls(text, ["add"])[0]
+
+
+def test_a_streamed_call_cut_off_is_invalid_not_run_with_partial_arguments():
+    from langchain_core.messages import AIMessageChunk
+
+    for cut in ('{"a": 1, "b', '{"a": 1, "b": "x\\\\', '{"a": [1, 2', '{"a": 1', ''):
+        parser = ToolCallStreamParser(["add"])
+        _, chunks = parser.feed('<tool_call>\n{"name": "add", "arguments": ' + cut)
+        _, tail = parser.finish()
+        merged = sum((AIMessageChunk(content="", tool_call_chunks=[c]) for c in chunks + tail),
+                     AIMessageChunk(content=""))
+        assert merged.tool_calls == [], cut
+        assert [c["name"] for c in merged.invalid_tool_calls] == ["add"], cut
+    parser = ToolCallStreamParser(["add"])  # a complete call stays valid
+    _, chunks = parser.feed('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
+    _, tail = parser.finish()
+    merged = sum((AIMessageChunk(content="", tool_call_chunks=[c]) for c in chunks + tail),
+                 AIMessageChunk(content=""))
+    assert [c["args"] for c in merged.tool_calls] == [{"a": 1, "b": 2}]
