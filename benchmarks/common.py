@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import tempfile
 import time
@@ -42,3 +43,19 @@ def sync(device: torch.device) -> None:
 def now(device: torch.device) -> float:
     sync(device)
     return time.perf_counter()
+
+
+def model_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark takes: which model, where, in what dtype."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="'tiny', or a local checkpoint directory / hub id")
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-gb", type=float, default=None, help="KV pool size (default: engine's choice)")
+    return ap
+
+
+def kv_kwargs(args: argparse.Namespace) -> dict:
+    """``LLM`` keyword arguments for ``--kv-gb`` (none: the engine sizes the pool)."""
+    return {"kv_cache_memory": int(args.kv_gb * 2**30)} if args.kv_gb else {}

@@ -12,12 +12,10 @@ fraction of the card's measured copy bandwidth.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
-from benchmarks.common import build_model, card, now
+from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
 from braid_engine import LLM, SamplingParams
 
 
@@ -83,12 +81,7 @@ def hf_compiled(model, prompts: torch.Tensor, new: int, device: torch.device) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--kv-gb", type=float, default=None, help="KV pool size (default: engine's choice)")
+    ap = model_arguments(__doc__)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -96,7 +89,7 @@ def main() -> None:
                     help="batch sizes for the torch.compile baseline (each compiles anew)")
     ap.add_argument("--attention-backend", default="auto")
     args = ap.parse_args()
-    kv = dict(kv_cache_memory=int(args.kv_gb * 2**30)) if args.kv_gb else {}
+    kv = kv_kwargs(args)
 
     path = build_model(args.shape, args.model)
     llm = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,

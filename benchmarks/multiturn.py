@@ -10,13 +10,12 @@ tokens; transformers (and the cache-off engine) re-encode everything.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import build_model, card, now
+from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
 from braid_engine import LLM, SamplingParams
 
 
@@ -36,18 +35,13 @@ def hf_ttft(model, prompt: list[int], device: torch.device) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="'tiny', or a local checkpoint directory / hub id")
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--kv-gb", type=float, default=None, help="KV pool size (default: engine's choice)")
+    ap = model_arguments(__doc__)
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--system-tokens", type=int, default=2000)
     ap.add_argument("--question-tokens", type=int, default=64)
     ap.add_argument("--answer-tokens", type=int, default=32)
     args = ap.parse_args()
-    kv = dict(kv_cache_memory=int(args.kv_gb * 2**30)) if args.kv_gb else {}
+    kv = kv_kwargs(args)
 
     path = build_model(args.shape, args.model)
     cached = LLM(path, device=args.device, dtype=args.dtype, **kv)

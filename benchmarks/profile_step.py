@@ -7,7 +7,6 @@ Python functions. A diagnostic for speed work, not a benchmark.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import pstats
 import time
@@ -16,7 +15,7 @@ from collections import defaultdict
 import torch
 
 import braid_engine.engine.engine as engine_module
-from benchmarks.common import build_model, card, sync
+from benchmarks.common import build_model, card, kv_kwargs, model_arguments, sync
 from braid_engine import LLM, SamplingParams
 
 
@@ -87,16 +86,12 @@ def _kernel_table(path, args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
+    ap = model_arguments(__doc__)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--history", type=int, default=8000)
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
-    llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=8 << 30)
+    llm = LLM(path, device=args.device, dtype=args.dtype, **(kv_kwargs(args) or {"kv_cache_memory": 8 << 30}))
     dev = llm.config.device
     print(f"card: {card(dev)}; attention {llm.config.attention_backend}; graphs {sorted(llm.engine.runner.graphs)}")
     vocab = len(llm.tokenizer)

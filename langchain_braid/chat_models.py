@@ -353,6 +353,17 @@ class ChatBraid(BaseChatModel):
         return ChatGenerationChunk(
             message=AIMessageChunk(content=answer, additional_kwargs=kwargs, **extra))
 
+    def _delta_chunk(self, engine: _Engine, prompt_ids: list[int], out_ids: list[int],
+                     parser: _AnswerParser, delta: RequestOutput) -> ChatGenerationChunk:
+        """The chunk of one engine delta (``out_ids`` collects the generated ids)."""
+        out_ids += delta.token_ids
+        reasoning, answer, calls = parser.feed(delta.text)
+        if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
+            return self._chunk(reasoning, answer, tool_call_chunks=calls)
+        tail_reasoning, tail_answer, tail_calls = parser.finish()
+        return self._last_chunk(engine, prompt_ids, out_ids, delta, reasoning + tail_reasoning,
+                                answer + tail_answer, calls + tail_calls)
+
     def _last_chunk(self, engine: _Engine, prompt_ids: list[int], out_ids: list[int],
                     delta: RequestOutput, reasoning: str, answer: str,
                     calls: list[Any]) -> ChatGenerationChunk:
@@ -398,14 +409,7 @@ class ChatBraid(BaseChatModel):
         out_ids: list[int] = []
         try:
             for delta in deltas:
-                out_ids += delta.token_ids
-                reasoning, answer, calls = parser.feed(delta.text)
-                if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
-                    yield self._chunk(reasoning, answer, tool_call_chunks=calls)
-                    continue
-                tail_reasoning, tail_answer, tail_calls = parser.finish()
-                yield self._last_chunk(engine, ids, out_ids, delta, reasoning + tail_reasoning,
-                                       answer + tail_answer, calls + tail_calls)
+                yield self._delta_chunk(engine, ids, out_ids, parser, delta)
         finally:
             deltas.close()  # a caller that stops early aborts the request
 
@@ -419,14 +423,7 @@ class ChatBraid(BaseChatModel):
         out_ids: list[int] = []
         try:
             async for delta in deltas:
-                out_ids += delta.token_ids
-                reasoning, answer, calls = parser.feed(delta.text)
-                if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
-                    yield self._chunk(reasoning, answer, tool_call_chunks=calls)
-                    continue
-                tail_reasoning, tail_answer, tail_calls = parser.finish()
-                yield self._last_chunk(engine, ids, out_ids, delta, reasoning + tail_reasoning,
-                                       answer + tail_answer, calls + tail_calls)
+                yield self._delta_chunk(engine, ids, out_ids, parser, delta)
         finally:
             await deltas.aclose()  # a caller that stops early aborts the request
 

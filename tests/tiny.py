@@ -17,3 +17,23 @@ def tiny_qwen3() -> str:
     root = Path(tempfile.mkdtemp(prefix="braid-chat-tests-"))
     atexit.register(shutil.rmtree, root, True)
     return str(make_tiny_checkpoint(root / "qwen3", arch="qwen3"))
+
+
+class BraidCapabilities:
+    """What ChatBraid declares to LangChain's standard suites (unit and integration alike)."""
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True

@@ -7,7 +7,7 @@ from langchain_core.messages import AIMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_braid import ChatBraid
-from tests.tiny import tiny_qwen3
+from tests.tiny import BraidCapabilities, tiny_qwen3
 
 # A random checkpoint writes valid calls and JSON (tests/integration_tests/test_tools.py checks
 # that), but these suites also need a trained model: argument values chosen from the prompt
@@ -25,7 +25,7 @@ _JUDGEMENT_TESTS = [
 _SYSTEM = "Retrieval augmented generation puts documents in the prompt. " * 4
 
 
-class TestChatBraidStandard(ChatModelIntegrationTests):
+class TestChatBraidStandard(BraidCapabilities, ChatModelIntegrationTests):
     @property
     def chat_model_class(self) -> type[ChatBraid]:
         return ChatBraid
@@ -34,21 +34,6 @@ class TestChatBraidStandard(ChatModelIntegrationTests):
     def chat_model_params(self) -> dict:
         return {"model": tiny_qwen3(), "device": "cpu", "max_tokens": 8}
 
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
     @property
     def supported_usage_metadata_details(self) -> dict:

@@ -8,10 +8,10 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_braid import ChatBraid
 from langchain_braid import chat_models as cm
-from tests.tiny import tiny_qwen3
+from tests.tiny import BraidCapabilities, tiny_qwen3
 
 
-class TestChatBraidUnit(ChatModelUnitTests):
+class TestChatBraidUnit(BraidCapabilities, ChatModelUnitTests):
     @property
     def chat_model_class(self) -> type[ChatBraid]:
         return ChatBraid
@@ -19,22 +19,6 @@ class TestChatBraidUnit(ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict:
         return {"model": tiny_qwen3(), "device": "cpu"}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
 
 def test_construction_loads_nothing(tiny_model: str) -> None:
