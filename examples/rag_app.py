@@ -4,8 +4,11 @@ An LCEL chain `retriever | prompt | ChatBraid | parser` answers many questions w
 `batch()`. Every prompt starts with the same system text and the same retrieved passages, so
 after the first question the engine reuses that prefix's KV: watch `cache_read`.
 
+The retriever is LangChain's `InMemoryVectorStore` over a local embedding model when one is
+given (`--embedding-model DIR`, any Hugging Face encoder, e.g. all-MiniLM-L6-v2), BM25 otherwise.
+
     python examples/rag_app.py --model tiny              # offline, tiny random model (words are noise)
-    python examples/rag_app.py --model Qwen/Qwen3-0.6B   # real answers
+    python examples/rag_app.py --model Qwen/Qwen3-0.6B --embedding-model ./all-MiniLM-L6-v2
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import time
 from collections import Counter
 from operator import itemgetter
 
+import torch
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableParallel
+from langchain_core.vectorstores import InMemoryVectorStore
 
 from braid_engine import ModelNotFoundError
 from braid_engine.testing import make_tiny_checkpoint
@@ -48,6 +54,29 @@ QUESTIONS = [
 ]
 SYSTEM = ("You are the help desk of a city transit company. Answer in one sentence, using only "
           "the context. If the context does not say, answer that you do not know.")
+
+
+class LocalEmbeddings(Embeddings):
+    """Mean-pooled, normalised hidden states of a local Hugging Face encoder."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+
+    @torch.inference_mode()
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        batch = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        return torch.nn.functional.normalize(pooled, dim=-1).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
 
 
 class BM25Retriever(BaseRetriever):
@@ -80,13 +109,23 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", help="'tiny', a local directory or a hub id")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--embedding-model", default=None,
+                    help="a local Hugging Face encoder directory ('tiny': the tiny model's own layers)")
     args = ap.parse_args()
     model = args.model
     if model == "tiny":
         model = str(make_tiny_checkpoint(tempfile.mkdtemp(prefix="braid-tiny-"), arch="qwen3"))
     chat = ChatBraid(model=model, device=args.device, temperature=0, max_tokens=args.max_tokens,
                      enable_thinking=False)
-    retriever = BM25Retriever(docs=[Document(p) for p in PASSAGES])
+    docs = [Document(p) for p in PASSAGES]
+    if args.embedding_model:
+        path = model if args.embedding_model == "tiny" else args.embedding_model
+        store = InMemoryVectorStore.from_documents(docs, LocalEmbeddings(path))
+        retriever = store.as_retriever(search_kwargs={"k": 4})
+        print(f"retriever: InMemoryVectorStore over {args.embedding_model} embeddings")
+    else:
+        retriever = BM25Retriever(docs=docs)
+        print("retriever: BM25 (pass --embedding-model DIR for vector search)")
     prompt = ChatPromptTemplate.from_messages([
         ("system", SYSTEM + "\n\nContext:\n{context}"), ("human", "{question}")])
     # the parser keeps the answer text and the usage that shows the shared prefix at work

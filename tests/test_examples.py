@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,8 +23,10 @@ def test_generate_example_reuses_the_first_turn():
     assert reused[0] == 0 and reused[1] > 0
 
 
-def test_rag_app_reads_the_shared_prefix_from_the_cache():
-    out = run("rag_app.py", "--max-tokens", "4")
+@pytest.mark.parametrize("retriever", [[], ["--embedding-model", "tiny"]])
+def test_rag_app_reads_the_shared_prefix_from_the_cache(retriever):
+    out = run("rag_app.py", "--max-tokens", "4", *retriever)
+    assert ("InMemoryVectorStore" in out) == bool(retriever)
     rows = re.findall(r"^.{52} +(\d+) +(\d+)  ", out, flags=re.M)
     assert len(rows) == 8
     assert int(rows[0][1]) == 0
