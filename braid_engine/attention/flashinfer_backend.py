@@ -88,6 +88,7 @@ class FlashInferBackend(AttentionBackend):
         self._is_decode = False
         self._rows: slice | torch.Tensor | None = None
         self._graph_decode: dict[int, object] = {}  # captured batch size → fixed-buffer wrapper
+        self._graph_prefill: dict[int, object] = {}  # captured token count → fixed-buffer wrapper
         self._active = None  # the graph wrapper of this step, when it replays a graph
 
     def _common(self) -> dict:
@@ -130,6 +131,39 @@ class FlashInferBackend(AttentionBackend):
         self.layout, self.groups, self._rows = layout, [], None
         self._is_decode, self._active = True, wrapper
         return True
+
+    def prepare_prefill_graph(self, tokens: int) -> None:
+        """A prefill wrapper for one sequence's chunk padded to ``tokens`` rows; the padding is a
+        second request whose keys all sit on the pad page."""
+        import flashinfer
+
+        dev = self.kv_cache.device
+        max_pages = self.kv_cache.shape[1] + -(-tokens // self.page_size)
+
+        def buf(n: int) -> torch.Tensor:
+            return torch.zeros(n, dtype=torch.int32, device=dev)
+
+        self._graph_prefill[tokens] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev), "HND", use_cuda_graph=True,
+            qo_indptr_buf=buf(3), paged_kv_indptr_buf=buf(3), paged_kv_indices_buf=buf(max_pages),
+            paged_kv_last_page_len_buf=buf(2))
+
+    def plan_prefill_graph(self, layout: BatchLayout, tokens: int, pad_page: int) -> None:
+        """Plan one sequence's ``query_lens[0]`` new tokens (< ``tokens``) for the prefill graph
+        of ``tokens`` rows; the remaining rows attend only the pad page."""
+        ps = self.page_size
+        (q,), (kv_len,), (table,) = layout.query_lens, layout.kv_lens, layout.page_tables
+        pad = tokens - q
+        pages, pad_pages = -(-kv_len // ps), -(-pad // ps)
+        wrapper = self._graph_prefill[tokens]
+        wrapper.plan(
+            torch.tensor([0, q, tokens], dtype=torch.int32),
+            torch.tensor([0, pages, pages + pad_pages], dtype=torch.int32),
+            torch.tensor(table[:pages] + [pad_page] * pad_pages, dtype=torch.int32),
+            torch.tensor([kv_len - (pages - 1) * ps, pad - (pad_pages - 1) * ps], dtype=torch.int32),
+            head_dim_qk=self.head_dim, causal=True, **self._common())
+        self.layout, self.groups, self._rows = layout, [], None
+        self._is_decode, self._active = False, wrapper
 
     def plan(self, layout: BatchLayout) -> None:
         self._active = None

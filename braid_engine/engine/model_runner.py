@@ -9,6 +9,8 @@ from braid_engine.engine.sequence import Sequence
 from braid_engine.models.layers import CausalLM
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# one sequence's new tokens (a new turn after a cached history) run in a graph of the next size
+PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
 
 
 class ModelRunner:
@@ -19,8 +21,10 @@ class ModelRunner:
         self.page_size = page_size
         self.device = device
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pad_page = -1
         self.graph_replays = 0
+        self.prefill_replays = 0
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
@@ -30,11 +34,12 @@ class ModelRunner:
         write their KV into ``pad_page``, a page the pool never hands out."""
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
         dev = self.device
-        n = sizes[-1]
+        n = max(sizes[-1], PREFILL_GRAPH_TOKENS[-1])
         self.pad_page = pad_page
         self.static_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.static_pos = torch.zeros(n, dtype=torch.long, device=dev)
         self.static_slots = torch.full((n,), pad_page * self.page_size, dtype=torch.long, device=dev)
+        self.static_last = torch.zeros(1, dtype=torch.long, device=dev)
         pool = None
         for bs in reversed(sizes):
             self.backend.prepare_graph(bs)
@@ -46,7 +51,20 @@ class ModelRunner:
                 logits = self._forward_static(bs)
             pool = graph.pool()
             self.graphs[bs] = (graph, logits)
+        for tokens in reversed(PREFILL_GRAPH_TOKENS):
+            self.backend.prepare_prefill_graph(tokens)
+            layout = BatchLayout([1], [1], [[pad_page]], self.page_size, self.static_slots[:tokens])
+            self.backend.plan_prefill_graph(layout, tokens, pad_page)
+            self._forward_prefill_static(tokens)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward_prefill_static(tokens)
+            self.prefill_graphs[tokens] = (graph, logits)
         torch.cuda.synchronize(dev)
+
+    def _forward_prefill_static(self, tokens: int) -> torch.Tensor:
+        hidden = self.model(self.static_ids[:tokens], self.static_pos[:tokens], self.backend)
+        return self.model.compute_logits(hidden.index_select(0, self.static_last))
 
     def _forward_static(self, bs: int) -> torch.Tensor:
         hidden = self.model(self.static_ids[:bs], self.static_pos[:bs], self.backend)
@@ -56,6 +74,27 @@ class ModelRunner:
         if not self.graphs or any(n != 1 for _, n in batch):
             return None
         return next((b for b in sorted(self.graphs) if b >= len(batch)), None)
+
+    def _replay_prefill(self, n: int, ids: list[int], positions: list[int],
+                        slots: list[int], layout: BatchLayout) -> torch.Tensor | None:
+        tokens = next((t for t in PREFILL_GRAPH_TOKENS if t > n), None)
+        if tokens is None:
+            return None
+        ps = self.page_size
+        graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables, ps,
+                                   self.static_slots[:tokens])
+        self.backend.plan_prefill_graph(graph_layout, tokens, self.pad_page)
+        pad = tokens - n
+        host = torch.tensor([ids + [0] * pad, positions + list(range(pad)),
+                             slots + [self.pad_page * ps + i % ps for i in range(pad)]], dtype=torch.long)
+        self.static_ids[:tokens].copy_(host[0], non_blocking=True)
+        self.static_pos[:tokens].copy_(host[1], non_blocking=True)
+        self.static_slots[:tokens].copy_(host[2], non_blocking=True)
+        self.static_last.fill_(n - 1)
+        graph, logits = self.prefill_graphs[tokens]
+        graph.replay()
+        self.prefill_replays += 1
+        return logits
 
     def _replay(self, bs: int, ids: list[int], positions: list[int], slots: list[int],
                 layout: BatchLayout) -> torch.Tensor | None:
@@ -107,6 +146,10 @@ class ModelRunner:
         bs = self._graph_size(batch) if len(samplers) == len(batch) else None
         if bs is not None:
             logits = self._replay(bs, ids, positions, slots, layout)
+            if logits is not None:
+                return logits, samplers
+        elif self.prefill_graphs and len(batch) == 1 and len(samplers) == 1 and batch[0][1] > 1:
+            logits = self._replay_prefill(batch[0][1], ids, positions, slots, layout)
             if logits is not None:
                 return logits, samplers
         layout.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)

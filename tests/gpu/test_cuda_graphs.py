@@ -27,6 +27,7 @@ def engines(tmp_path_factory):
 def test_graphs_give_the_eager_tokens(engines, batch):
     graphed, eager = engines
     assert sorted(graphed.engine.runner.graphs) == [1, 2, 4, 8, 16]
+    assert sorted(graphed.engine.runner.prefill_graphs) == [16, 32, 64, 128, 256]
     assert not eager.engine.runner.graphs
     gen = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
@@ -52,3 +53,19 @@ def test_graphs_and_prefix_cache_continue_a_conversation(engines):
         assert (out.token_ids, out.num_cached_tokens) == (ref.token_ids, ref.num_cached_tokens)
         prompt = prompt + out.token_ids + [7, 8, 9]
     assert out.num_cached_tokens > 0
+
+
+@pytest.mark.parametrize("new_tokens", [2, 15, 16, 17, 100, 255])
+def test_prefill_graphs_give_the_eager_first_token_after_a_cached_history(engines, new_tokens):
+    graphed, eager = engines
+    history = list(range(100, 400))
+    one = SamplingParams(temperature=0, max_tokens=1)
+    for llm in engines:
+        llm.generate([history], one)
+    prompt = history + [(7 * i) % 300 + 3 for i in range(new_tokens)]
+    before = graphed.engine.runner.prefill_replays
+    a = graphed.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    b = eager.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    assert graphed.engine.runner.prefill_replays - before == 1
+    assert a.num_cached_tokens == b.num_cached_tokens >= 288
+    assert a.token_ids == b.token_ids
