@@ -62,7 +62,7 @@ def test_prefill_graphs_give_the_eager_first_token_after_a_cached_history(engine
     one = SamplingParams(temperature=0, max_tokens=1)
     for llm in engines:
         llm.generate([history], one)
-    prompt = history + [(7 * i) % 300 + 3 for i in range(new_tokens)]
+    prompt = history + [(7 * i + new_tokens) % 300 + 3 for i in range(new_tokens)]  # no case extends another
     before = graphed.engine.runner.prefill_replays
     a = graphed.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     b = eager.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
