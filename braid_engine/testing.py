@@ -7,7 +7,6 @@ with a chat template shaped like the architecture's own.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -232,20 +231,6 @@ def make_tiny_checkpoint(
     model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)
     return path
-
-
-def tiny_messages(turns: int = 1) -> list[dict[str, str]]:
-    """A short system + user conversation for examples and tests."""
-    msgs = [{"role": "system", "content": "You are a helpful assistant."}]
-    for i in range(turns):
-        msgs.append({"role": "user", "content": f"Question {i}: what is {i} plus {i}?"})
-        if i < turns - 1:
-            msgs.append({"role": "assistant", "content": f"It is {2 * i}."})
-    return msgs
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2))
 
 
 def forward_logits(llm, token_ids: list[int], page_size: int = 4, seed: int = 0) -> torch.Tensor:

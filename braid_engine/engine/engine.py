@@ -323,7 +323,7 @@ class LLMEngine:
             node, m, _ = self.cache.match(token_ids)
             if m < len(token_ids):
                 raise KVCacheFullError("the prefix was evicted before it could be pinned; the pool is too small.")
-            pinned = self.cache.pinned_pages() | set(_path_pages(node))
+            pinned = self.cache.pinned_pages() | self.cache.path_pages(node)
             limit = int(self.config.max_pinned_fraction * self.pool.num_pages)
             if len(pinned) > limit:
                 raise KVCacheFullError(
@@ -385,10 +385,3 @@ class LLMEngine:
         with self._wake:
             return not (self._pending or self._streams) and not self.scheduler.has_work()
 
-
-def _path_pages(node: RadixNode) -> list[int]:
-    pages = []
-    while node is not None and node.parent is not None:
-        pages.extend(node.pages)
-        node = node.parent
-    return pages

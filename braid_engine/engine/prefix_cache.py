@@ -182,15 +182,16 @@ class RadixCache:
     def cached_pages(self) -> set[int]:
         return {p for n in self.nodes() for p in n.pages}
 
+    def path_pages(self, node: RadixNode) -> set[int]:
+        """The pages of ``node`` and of every node above it."""
+        pages: set[int] = set()
+        while node is not self.root:
+            pages.update(node.pages)
+            node = node.parent
+        return pages
+
     def pinned_pages(self) -> set[int]:
-        pinned: set[int] = set()
-        for n in self.nodes():
-            if n.pins:
-                m = n
-                while m is not self.root:
-                    pinned.update(m.pages)
-                    m = m.parent
-        return pinned
+        return set().union(*(self.path_pages(n) for n in self.nodes() if n.pins))
 
     def page_refs(self) -> dict[int, int]:
         """References the tree holds on each page (for consistency checks)."""
