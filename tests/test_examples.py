@@ -27,7 +27,7 @@ def test_generate_example_reuses_the_first_turn():
 def test_rag_app_reads_the_shared_prefix_from_the_cache(retriever):
     out = run("rag_app.py", "--max-tokens", "4", *retriever)
     assert ("InMemoryVectorStore" in out) == bool(retriever)
-    rows = re.findall(r"^.{52} +(\d+) +(\d+)  ", out, flags=re.M)
+    rows = re.findall(r"^.{52} +(\d+) +(\d+) +\d+\.\d\d  ", out, flags=re.M)
     assert len(rows) == 8
     assert int(rows[0][1]) == 0
     assert all(int(read) >= 0.8 * int(total) for total, read in rows[1:])
