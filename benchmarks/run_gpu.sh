@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One full run on the GPU machine: GPU tests, then the benchmarks with their transformers
+# A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|bench|all]
+# 'tests' takes ~7 min and 'bench' ~8 min on an H100: under a 10-minute limit, run them apart.
+# FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts); unpack it into .ficache
+# (`cat ficache.tgz.* | tar xz -C .ficache --strip-components=1`) and carry it next time.
 set -u
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -15,7 +18,11 @@ fi
 if [ "$what" != tests ]; then
   timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 8 32 128 --compiled-batches 1 --kv-gb 16 2>&1 | grep -v Warning | tail -12 | tee "$OUT/decode.log"
+  timeout 240 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+    2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
+  timeout 300 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
+    2>&1 | grep -v Warning | tail -8 | tee "$OUT/shared_prefix.log"
   timeout 240 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
 fi
-tar czf "$OUT/ficache.tgz" -C ~/.cache flashinfer 2>/dev/null; ls -la "$OUT"
+tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."; ls -la "$OUT"

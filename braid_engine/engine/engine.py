@@ -348,6 +348,7 @@ class LLMEngine:
                 "page_size": self.pool.page_size,
                 "pages_used": used,
                 "pages_free": self.pool.num_free,
+                "pages_peak": self.pool.peak_used,
                 "pages_cached": len(c.cached_pages()) if c else 0,
                 "pages_pinned": len(c.pinned_pages()) if c else 0,
                 "prefix_lookups": c.stats.lookups if c else 0,

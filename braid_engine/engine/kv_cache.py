@@ -31,6 +31,7 @@ class PagePool:
         self.page_size = page_size
         self.refs = [0] * num_pages
         self._free = list(range(num_pages - 1, -1, -1))
+        self.peak_used = 0  # most pages ever held at once
 
     @property
     def num_free(self) -> int:
@@ -43,6 +44,7 @@ class PagePool:
         pages = [self._free.pop() for _ in range(n)]
         for p in pages:
             self.refs[p] = 1
+        self.peak_used = max(self.peak_used, self.num_pages - len(self._free))
         return pages
 
     def incref(self, pages: list[int]) -> None:

@@ -1,0 +1,62 @@
+"""Prefill time (time to the first token of a fresh prompt) for long prompts: the engine vs
+transformers eager and transformers under `torch.compile`, same weights, same card, one run.
+
+    python -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --tokens 1024 4096 16384
+    python -m benchmarks.prefill --tokens 256 1024 --no-compiled          # tiny model, CPU smoke run
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
+from braid_engine import LLM, SamplingParams
+
+
+def median_seconds(fn, device: torch.device, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = now(device)
+        fn()
+        times.append(now(device) - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = model_arguments(__doc__)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-compiled", action="store_true", help="skip the torch.compile baseline")
+    args = ap.parse_args()
+    path = build_model(args.shape, args.model)
+    llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False, **kv_kwargs(args))
+    device, dtype = llm.config.device, llm.config.dtype
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    compiled = None if args.no_compiled else torch.compile(hf)
+    gen = torch.Generator().manual_seed(0)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}")
+    print(f"{'tokens':>7} {'braid ms':>9} {'hf eager ms':>12} {'hf compiled ms':>15} {'vs eager':>9} {'vs compiled':>12}")
+    for n in args.tokens:
+        if n >= llm.config.max_model_len:
+            print(f"{n:>7} skipped: max_model_len is {llm.config.max_model_len}")
+            continue
+        ids = torch.randint(3, len(llm.tokenizer), (n,), generator=gen).tolist()
+        x = torch.tensor([ids], device=device)
+        t_braid = median_seconds(lambda ids=ids: llm.generate([ids], one), device, args.repeat)
+        with torch.inference_mode():
+            t_hf = median_seconds(lambda x=x: hf(x, use_cache=False).logits[0, -1].argmax().item(), device, args.repeat)
+            t_comp = (median_seconds(lambda x=x: compiled(x, use_cache=False).logits[0, -1].argmax().item(),
+                                     device, args.repeat) if compiled is not None else None)
+        comp = f"{t_comp * 1e3:>15.2f}" if t_comp else f"{'-':>15}"
+        vs_comp = f"{t_comp / t_braid:>11.2f}x" if t_comp else f"{'-':>12}"
+        print(f"{n:>7} {t_braid * 1e3:>9.2f} {t_hf * 1e3:>12.2f} {comp} {t_hf / t_braid:>8.2f}x {vs_comp}")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Many requests sharing one long system prompt: throughput and KV memory, cascade on / off,
+against transformers eager `generate` (which stores the prefix once per request).
+
+    python -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16
+    python -m benchmarks.shared_prefix --requests 8 --prefix-tokens 256 --new-tokens 16   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
+from braid_engine import LLM, SamplingParams
+
+
+def main() -> None:
+    ap = model_arguments(__doc__)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prefix-tokens", type=int, default=4096)
+    ap.add_argument("--suffix-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    path = build_model(args.shape, args.model)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    hf_dtype = None
+    for cascade in ("auto", "never", "always"):
+        llm = LLM(path, device=args.device, dtype=args.dtype, cascade=cascade, **kv_kwargs(args))
+        device, hf_dtype = llm.config.device, llm.config.dtype
+        vocab = len(llm.tokenizer)
+        gen.manual_seed(0)
+        prefix = torch.randint(3, vocab, (args.prefix_tokens,), generator=gen).tolist()
+        prompts = [prefix + torch.randint(3, vocab, (args.suffix_tokens,), generator=gen).tolist()
+                   for _ in range(args.requests)]
+        params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=2))  # warm-up
+        llm.engine.clear_cache()
+        t0 = now(device)
+        outs = llm.generate(prompts, params)
+        seconds = now(device) - t0
+        s = llm.stats()
+        page_bytes = llm.engine.runner.backend.kv_cache[:, 0].numel() * llm.config.dtype.itemsize
+        rows.append((f"braid, cascade {cascade}", sum(len(o.token_ids) for o in outs) / seconds, seconds,
+                     s["pages_peak"] * page_bytes, s["cascade_steps"]))
+        llm.shutdown()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype).to(device).eval()
+    x = torch.tensor(prompts, device=device)
+    with torch.inference_mode():
+        hf.generate(x[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)
+        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+        t0 = now(device)
+        out = hf.generate(x, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+        seconds = now(device) - t0
+    cfg = hf.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.head_dim or 0) * hf_dtype.itemsize
+    hf_kv = args.requests * (args.prefix_tokens + args.suffix_tokens + args.new_tokens) * per_token
+    rows.append(("transformers eager", (out.shape[1] - x.shape[1]) * args.requests / seconds, seconds, hf_kv, 0))
+    print(f"card: {card(device)}; dtype {hf_dtype}; {args.requests} requests × ({args.prefix_tokens} shared + "
+          f"{args.suffix_tokens} own) tokens, {args.new_tokens} new each")
+    print(f"{'':<24} {'tokens/s':>10} {'seconds':>8} {'KV MB':>8} {'cascade steps':>14}")
+    for name, tps, sec, kv, steps in rows:
+        print(f"{name:<24} {tps:>10.1f} {sec:>8.2f} {kv / 1e6:>8.1f} {steps:>14}")
+    print(f"braid (auto) vs transformers: {rows[0][1] / rows[-1][1]:.2f}x tokens/s, "
+          f"{rows[-1][3] / rows[0][3]:.1f}x less KV")
+
+
+if __name__ == "__main__":
+    main()
