@@ -12,7 +12,7 @@ import tempfile
 import time
 from importlib import metadata
 
-from braid_engine.errors import BraidError
+from braid_engine.errors import BraidError, ModelNotFoundError
 
 
 def _model_path(model: str) -> str:
@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except BraidError as e:
         print(f"braid: {e}", file=sys.stderr)
+        if isinstance(e, ModelNotFoundError):
+            print("braid: without a network or a local copy, try MODEL=tiny (a tiny random checkpoint).",
+                  file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

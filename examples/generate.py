@@ -4,10 +4,11 @@ random checkpoint (the machinery is real, the words are noise); `--model Qwen/Qw
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 
-from braid_engine import LLM, SamplingParams
+from braid_engine import LLM, ModelNotFoundError, SamplingParams
 from braid_engine.testing import make_tiny_checkpoint
 
 
@@ -20,7 +21,10 @@ def main() -> None:
     model = args.model
     if model == "tiny":
         model = make_tiny_checkpoint(tempfile.mkdtemp(prefix="braid-tiny-"), arch="qwen3")
-    llm = LLM(model)
+    try:
+        llm = LLM(model)
+    except ModelNotFoundError as e:
+        sys.exit(f"{e}\nNo network and no local copy? Try --model tiny (a tiny random checkpoint).")
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     messages = [{"role": "user", "content": args.prompt}]
     for turn in range(2):

@@ -42,4 +42,5 @@ def test_bench_check_and_info(tiny_qwen3, capsys):
 
 def test_bad_model_is_a_clear_error_not_a_traceback(capsys):
     assert main(["generate", "/nonexistent/model", "hi"]) == 2
-    assert "neither a local directory nor a hub id" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "neither a local directory nor a hub id" in err and "MODEL=tiny" in err
