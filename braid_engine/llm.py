@@ -80,12 +80,15 @@ class LLM:
         if num_pages is None:
             budget = kv_cache_memory or self._default_kv_bytes(dev, gpu_memory_utilization, per_token, max_len)
             num_pages = max(1, budget // (per_token * page_size))
+        # one page of headroom: a request that reuses a prefix ending inside a page holds its own
+        # copy of that page while the cache keeps the original
         if max_model_len is None:
-            max_len = min(max_len, num_pages * page_size)
-        elif max_len > num_pages * page_size:
+            max_len = min(max_len, max(num_pages - 1, 1) * page_size)
+        elif max_len > (num_pages - 1) * page_size:
             raise ValueError(
-                f"max_model_len={max_len} needs {-(-max_len // page_size)} KV pages but the pool "
-                f"has {num_pages}; lower max_model_len or give the KV cache more memory."
+                f"max_model_len={max_len} needs {-(-max_len // page_size) + 1} KV pages (one spare for "
+                f"copy-on-write) but the pool has {num_pages}; lower max_model_len or give the KV "
+                "cache more memory."
             )
         backend_name = _choose_backend(attention_backend, dev, dt)
         # decode graphs need the fixed-buffer FlashInfer plans; the torch backend runs eagerly

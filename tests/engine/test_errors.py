@@ -122,6 +122,12 @@ def test_request_errors_leave_the_engine_serving(tiny_qwen3):
     assert llm.stats()["pages_used"] == 0
 
 
+def test_pool_too_small_for_max_model_len(tiny_qwen3):
+    with pytest.raises(ValueError, match="max_model_len=64 needs 17 KV pages.*the pool has 16"):
+        LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16, max_model_len=64)
+    assert LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16).config.max_model_len == 60
+
+
 def test_generation_stops_at_max_model_len(tiny_qwen3):
     llm = LLM(tiny_qwen3, device="cpu", max_model_len=32, page_size=4)
     out = llm.generate([[7] * 30], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]

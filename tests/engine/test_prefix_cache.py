@@ -160,7 +160,7 @@ def test_pinned_share_is_capped(tiny_qwen3):
 
 
 def test_preemption_under_pressure_keeps_outputs_exact(tiny_qwen3):
-    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16, max_model_len=64)
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=17, max_model_len=64)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = [[(5 * k + j) % 300 + 3 for j in range(20)] for k in range(4)]
     streams = [llm.engine.add_request(p, params) for p in prompts]
@@ -171,7 +171,7 @@ def test_preemption_under_pressure_keeps_outputs_exact(tiny_qwen3):
     _wait_idle(llm)
     _check_refs(llm)
     llm.engine.clear_cache()
-    assert llm.engine.pool.num_free == 16
+    assert llm.engine.pool.num_free == 17
     llm.shutdown()
 
 
@@ -206,7 +206,7 @@ def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_siz
     """A small pool (down to one max-length request) forces eviction and preemption."""
     num_pages = pool_tokens // page_size
     llm = LLM(tiny_qwen3, device="cpu", page_size=page_size, num_pages=num_pages,
-              max_model_len=num_pages * page_size, cascade="always")
+              max_model_len=(num_pages - 1) * page_size, cascade="always")
     prefixes = [[(7 * k + j) % 300 + 3 for j in range(8 + 6 * k)] for k in range(3)]
     history: list[list[int]] = []
     handles = []
@@ -280,4 +280,20 @@ def test_requests_arriving_together_compute_a_shared_prefix_once(tiny_qwen3):
     assert s["prefilled_tokens"] == 82 + 5 * 2
     # the prefix is stored once: 20 shared pages + each request's own pages
     assert s["pages_cached"] <= 20 + 6 * 2
+    llm.shutdown()
+
+
+def test_a_request_that_cannot_fit_beside_pins_fails_clearly_and_the_engine_keeps_serving(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16, max_model_len=60)
+    handle = llm.pin([(3 * j) % 300 + 3 for j in range(28)])  # 7 of 16 pages stay resident
+    big = [(5 * j) % 300 + 3 for j in range(56)]  # shares its first token with the pin
+    with pytest.raises(KVCacheFullError, match="release pins or enlarge the pool"):
+        llm.generate([big], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    small = llm.generate([[9, 8, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert len(small.token_ids) == 3
+    handle.release()
+    out = llm.generate([big], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))[0]
+    assert out.token_ids == _reference(tiny_qwen3, big, 2)
+    _wait_idle(llm)
+    _check_refs(llm)
     llm.shutdown()
