@@ -43,6 +43,23 @@ def instrument(llm: LLM, phases: dict[str, float]) -> None:
     eng.step = timed("step (total)", eng.step)
 
 
+def profile_steps(llm: LLM) -> tuple[cProfile.Profile, object]:
+    """Profile every engine step from now on; returns the profile and the unprofiled step.
+    cProfile sees only its own thread, so the profiling runs inside the loop thread's step."""
+    prof = cProfile.Profile()
+    step = llm.engine.step
+
+    def profiled_step() -> None:
+        prof.enable()
+        try:
+            step()
+        finally:
+            prof.disable()
+
+    llm.engine.step = profiled_step
+    return prof, step
+
+
 def _timeline(llm: LLM) -> list[tuple[str, float]]:
     """Record when a request is added, each step starts and ends, and each output is put."""
     events: list[tuple[str, float]] = []
@@ -106,17 +123,7 @@ def main() -> None:
           f"({args.steps / plain:.0f} tokens/s)")
 
     phases: dict[str, float] = defaultdict(float)
-    prof = cProfile.Profile()
-    step = llm.engine.step
-
-    def profiled_step() -> None:  # cProfile sees only its own thread: profile the loop thread
-        prof.enable()
-        try:
-            step()
-        finally:
-            prof.disable()
-
-    llm.engine.step = profiled_step
+    prof, step = profile_steps(llm)
     llm.generate([prompt], decode)
     llm.engine.step = step
     instrument(llm, phases)
@@ -132,17 +139,7 @@ def main() -> None:
     turn = history + out.token_ids + torch.randint(3, vocab, (64,), generator=gen).tolist()
     timeline = _timeline(llm)
     phases.clear()
-    turn_prof = cProfile.Profile()
-    step = llm.engine.step
-
-    def profiled_turn_step() -> None:
-        turn_prof.enable()
-        try:
-            step()
-        finally:
-            turn_prof.disable()
-
-    llm.engine.step = profiled_turn_step
+    turn_prof, _ = profile_steps(llm)
     t0 = time.perf_counter()
     first = next(iter(llm.stream(turn, SamplingParams(temperature=0, max_tokens=1))))
     ttft = time.perf_counter() - t0
