@@ -39,8 +39,10 @@ _ids = itertools.count()
 class RequestStream:
     """The outputs of one request: deltas as tokens are sampled, the last with a finish reason."""
 
-    def __init__(self, engine: LLMEngine, seq: Sequence, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(self, engine: LLMEngine, seq: Sequence, loop: asyncio.AbstractEventLoop | None,
+                 final_only: bool = False) -> None:
         self.engine = engine
+        self.final_only = final_only  # the caller wants only the result: no per-token deltas
         self.request_id = seq.request_id
         self.prompt_token_ids = seq.prompt_token_ids
         self._loop = loop
@@ -154,7 +156,10 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None,
-                    loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+                    loop: asyncio.AbstractEventLoop | None = None,
+                    final_only: bool = False) -> RequestStream:
+        """Queue a request; its stream yields deltas (or, with ``final_only``, just the last one,
+        carrying every token and all the text)."""
         if self._closed:
             raise EngineClosedError("the engine was shut down; create a new LLM.")
         if not isinstance(params, SamplingParams):
@@ -175,7 +180,7 @@ class LLMEngine:
                                          params.skip_special_tokens),
             max_len=max_len, generator=gen, matcher=matcher,
         )
-        stream = RequestStream(self, seq, loop)
+        stream = RequestStream(self, seq, loop, final_only)
         with self._wake:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use.")
@@ -280,6 +285,8 @@ class LLMEngine:
 
     def _emit(self, seq: Sequence, final: bool) -> None:
         stream = self._streams.get(seq.request_id)
+        if not final and (stream is None or stream.final_only):
+            return  # the final output carries everything not yet handed out
         new = seq.output_token_ids[seq.emitted_tokens:]
         seq.emitted_tokens = len(seq.output_token_ids)
         text = seq.detok.take(final)
