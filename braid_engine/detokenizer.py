@@ -43,6 +43,14 @@ class IncrementalDetokenizer:
                 self.text = self.text[: min(hits)]
                 self.stopped = True
 
+    def add_all(self, token_ids: list[int]) -> None:
+        """Append many tokens at once, decoding twice in all (no stop strings are checked)."""
+        prefix = self._decode(self.ids[self.prefix_offset:])
+        self.ids.extend(token_ids)
+        self.text += self._decode(self.ids[self.prefix_offset:])[len(prefix):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self._prefix_text = None
+
     def flush(self) -> None:
         """At the end: keep bytes that never completed a character (as U+FFFD, like decode)."""
         if self.stopped or self.read_offset == len(self.ids):

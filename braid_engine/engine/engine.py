@@ -180,6 +180,7 @@ class LLMEngine:
                                          params.skip_special_tokens),
             max_len=max_len, generator=gen, matcher=matcher,
         )
+        seq.text_deferred = final_only and not params.stop_strings
         stream = RequestStream(self, seq, loop, final_only)
         with self._wake:
             if request_id in self._streams:
@@ -271,9 +272,11 @@ class LLMEngine:
         if token in (p.stop_token_ids or ()) or (not p.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
         else:
-            seq.detok.add(token)
-            if seq.detok.stopped:
-                reason = "stop"
+            seq.text_tokens += 1
+            if not seq.text_deferred:
+                seq.detok.add(token)
+                if seq.detok.stopped:
+                    reason = "stop"
         if reason is None and seq.matcher is not None and seq.matcher.is_terminated():
             reason = "stop"  # the constraint is complete: nothing more may follow
         if reason is None and len(seq) >= seq.max_len:
@@ -297,6 +300,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
+        if seq.text_deferred:
+            seq.detok.add_all(seq.output_token_ids[:seq.text_tokens])
         seq.detok.flush()
         self._emit(seq, final=True)
         self._forget(seq)

@@ -55,6 +55,8 @@ class Sequence:
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_counter))
     emitted_tokens: int = 0
+    text_deferred: bool = False  # no stop strings and only the final output wanted: decode once, at the end
+    text_tokens: int = 0  # output tokens that belong in the text (a stop token id does not)
     matcher: Any = None  # the request's xgrammar matcher when its output is constrained
 
     @property
