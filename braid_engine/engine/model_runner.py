@@ -45,22 +45,28 @@ class ModelRunner:
             self.backend.prepare_graph(bs)
             layout = BatchLayout([], [], [], self.page_size, self.static_slots[:bs])
             self.backend.plan_graph(layout, bs, pad_page)
-            self._forward_static(bs)  # warm-up outside the graph (kernel selection, autotune)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward_static(bs)
-            pool = graph.pool()
-            self.graphs[bs] = (graph, logits)
+            self.graphs[bs] = self._capture(self._forward_static, bs, pool)
+            pool = self.graphs[bs][0].pool()
         for tokens in reversed(PREFILL_GRAPH_TOKENS):
             self.backend.prepare_prefill_graph(tokens)
             layout = BatchLayout([1], [1], [[pad_page]], self.page_size, self.static_slots[:tokens])
             self.backend.plan_prefill_graph(layout, tokens, pad_page)
-            self._forward_prefill_static(tokens)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward_prefill_static(tokens)
-            self.prefill_graphs[tokens] = (graph, logits)
+            self.prefill_graphs[tokens] = self._capture(self._forward_prefill_static, tokens, pool)
         torch.cuda.synchronize(dev)
+
+    @staticmethod
+    def _capture(forward, rows: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        forward(rows)  # warm-up outside the graph (kernel selection, autotune)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = forward(rows)
+        return graph, out
+
+    def _load_static(self, ids: list[int], positions: list[int], slots: list[int]) -> None:
+        """Copy a step's (padded) inputs into the graphs' static buffers."""
+        host = torch.tensor([ids, positions, slots], dtype=torch.long)
+        for buffer, row in zip((self.static_ids, self.static_pos, self.static_slots), host):
+            buffer[:len(ids)].copy_(row, non_blocking=True)
 
     def _forward_prefill_static(self, tokens: int) -> torch.Tensor:
         hidden = self.model(self.static_ids[:tokens], self.static_pos[:tokens], self.backend)
@@ -85,11 +91,8 @@ class ModelRunner:
                                    self.static_slots[:tokens])
         self.backend.plan_prefill_graph(graph_layout, tokens, self.pad_page)
         pad = tokens - n
-        host = torch.tensor([ids + [0] * pad, positions + list(range(pad)),
-                             slots + [self.pad_page * ps + i % ps for i in range(pad)]], dtype=torch.long)
-        self.static_ids[:tokens].copy_(host[0], non_blocking=True)
-        self.static_pos[:tokens].copy_(host[1], non_blocking=True)
-        self.static_slots[:tokens].copy_(host[2], non_blocking=True)
+        self._load_static(ids + [0] * pad, positions + list(range(pad)),
+                          slots + [self.pad_page * ps + i % ps for i in range(pad)])
         self.static_last.fill_(n - 1)
         graph, logits = self.prefill_graphs[tokens]
         graph.replay()
@@ -104,11 +107,8 @@ class ModelRunner:
         if not self.backend.plan_graph(graph_layout, bs, self.pad_page):
             return None
         pad = bs - n
-        host = torch.tensor([ids + [0] * pad, positions + [0] * pad,
-                             slots + [self.pad_page * self.page_size] * pad], dtype=torch.long)
-        self.static_ids[:bs].copy_(host[0], non_blocking=True)
-        self.static_pos[:bs].copy_(host[1], non_blocking=True)
-        self.static_slots[:bs].copy_(host[2], non_blocking=True)
+        self._load_static(ids + [0] * pad, positions + [0] * pad,
+                          slots + [self.pad_page * self.page_size] * pad)
         graph, logits = self.graphs[bs]
         graph.replay()
         self.graph_replays += 1
