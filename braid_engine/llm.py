@@ -13,13 +13,14 @@ from typing import Any
 import torch
 
 from braid_engine.attention.base import AttentionBackend
+from braid_engine.chat import render_chat
 from braid_engine.compat import check_model
 from braid_engine.config import EngineConfig, resolve_device, resolve_dtype
 from braid_engine.engine.engine import LLMEngine, PinHandle
 from braid_engine.engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from braid_engine.engine.model_runner import ModelRunner
 from braid_engine.engine.sequence import RequestOutput
-from braid_engine.errors import ChatTemplateError, InvalidRequestError
+from braid_engine.errors import InvalidRequestError
 from braid_engine.kernels import fused_kernels_available
 from braid_engine.loader import load_config, load_model, load_tokenizer, resolve_model_path
 from braid_engine.models.layers import CausalLM
@@ -153,16 +154,7 @@ class LLM:
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **template_kwargs: Any) -> list[int]:
         """Render ``messages`` with the checkpoint's own chat template → token ids."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ChatTemplateError(
-                f"the tokenizer of {self.model_path} has no chat template; use generate() with a "
-                "plain prompt, or set tokenizer.chat_template."
-            )
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs)
-        except Exception as e:
-            raise ChatTemplateError(f"the chat template could not render the messages: {e}") from e
+        text = render_chat(self.tokenizer, messages, add_generation_prompt, **template_kwargs)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # -- generation ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from braid_engine.chat import render_chat
 from braid_engine.errors import BraidError, ChatTemplateError
 
 #: ``response_metadata`` key under which ChatBraid stores the token ids it generated.
@@ -130,20 +131,6 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def _apply_template(tokenizer: Any, dicts: list[dict[str, Any]], add_generation_prompt: bool,
-                    template_kwargs: dict[str, Any]) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError(
-            "the checkpoint's tokenizer has no chat template, so ChatBraid cannot render "
-            "messages; use a chat (instruct) checkpoint or set tokenizer.chat_template.")
-    try:
-        return tokenizer.apply_chat_template(dicts, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt,
-                                             **template_kwargs)
-    except Exception as e:  # jinja raises many types; all mean "this template rejects these messages"
-        raise ChatTemplateError(f"the chat template could not render the messages: {e}") from e
-
-
 def render(tokenizer: Any, messages: Sequence[BaseMessage], *, add_generation_prompt: bool = True,
            template_kwargs: dict[str, Any] | None = None) -> RenderedPrompt:
     """Render ``messages`` with the template and mark where each carried answer can be spliced.
@@ -154,7 +141,7 @@ def render(tokenizer: Any, messages: Sequence[BaseMessage], *, add_generation_pr
     """
     kwargs = template_kwargs or {}
     dicts = [to_template_dict(m) for m in messages]
-    text = _apply_template(tokenizer, dicts, add_generation_prompt, kwargs)
+    text = render_chat(tokenizer, dicts, add_generation_prompt, **kwargs)
     prompt = RenderedPrompt(text)
     cursor = 0
     for i, message in enumerate(messages):
@@ -166,7 +153,7 @@ def render(tokenizer: Any, messages: Sequence[BaseMessage], *, add_generation_pr
             continue  # the answer was edited: its ids no longer spell the message
         # start looking after the messages before this one, so a user echoing it cannot match
         try:
-            before = _apply_template(tokenizer, dicts[:i], False, kwargs) if i else ""
+            before = render_chat(tokenizer, dicts[:i], False, **kwargs) if i else ""
         except ChatTemplateError:
             before = ""
         if text.startswith(before):
