@@ -54,6 +54,19 @@ def choose_groups(layout: BatchLayout, cascade: str) -> list[CascadeGroup]:
     return chosen
 
 
+def _paged_kv(tables: list[list[int]], kv_lens: list[int], page_size: int,
+              skip: list[int] | None = None) -> tuple[list[int], list[int], list[int]]:
+    """FlashInfer's paged-KV description of sequences: indptr, page indices, last-page lengths.
+    ``skip[i]`` leading pages of sequence i are left out (a cascade level attends them)."""
+    indptr, indices, last = [0], [], []
+    for i, (table, kv_len) in enumerate(zip(tables, kv_lens, strict=True)):
+        pages = -(-kv_len // page_size)
+        indices.extend(table[(skip[i] if skip else 0):pages])
+        indptr.append(len(indices))
+        last.append(kv_len - (pages - 1) * page_size)
+    return indptr, indices, last
+
+
 def _split_pages(layout: BatchLayout) -> int | None:
     """Split long KV for a prefill of few queries (a new turn after a long cached history):
     unsplit, one CTA per head walks all 8k keys (116 µs a layer on an H100 for 3 queries)."""
@@ -113,18 +126,9 @@ class FlashInferBackend(AttentionBackend):
         padding (one key on ``pad_page``). False when the step needs a cascade (run eagerly)."""
         if choose_groups(layout, self.cascade):
             return False
-        ps = self.page_size
-        n = len(layout.kv_lens)
-        indptr, indices, last = [0], [], []
-        for table, kv_len in zip(layout.page_tables, layout.kv_lens, strict=True):
-            pages = -(-kv_len // ps)
-            indices.extend(table[:pages])
-            indptr.append(len(indices))
-            last.append(kv_len - (pages - 1) * ps)
-        for _ in range(batch_size - n):
-            indices.append(pad_page)
-            indptr.append(len(indices))
-            last.append(1)
+        pad = batch_size - len(layout.kv_lens)
+        indptr, indices, last = _paged_kv(layout.page_tables + [[pad_page]] * pad,
+                                          layout.kv_lens + [1] * pad, self.page_size)
         wrapper = self._graph_decode[batch_size]
         wrapper.plan(torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32),
                      torch.tensor(last, dtype=torch.int32), head_dim=self.head_dim, **self._common())
@@ -151,16 +155,14 @@ class FlashInferBackend(AttentionBackend):
     def plan_prefill_graph(self, layout: BatchLayout, tokens: int, pad_page: int) -> None:
         """Plan one sequence's ``query_lens[0]`` new tokens (< ``tokens``) for the prefill graph
         of ``tokens`` rows; the remaining rows attend only the pad page."""
-        ps = self.page_size
         (q,), (kv_len,), (table,) = layout.query_lens, layout.kv_lens, layout.page_tables
         pad = tokens - q
-        pages, pad_pages = -(-kv_len // ps), -(-pad // ps)
+        indptr, indices, last = _paged_kv([table, [pad_page] * -(-pad // self.page_size)],
+                                          [kv_len, pad], self.page_size)
         wrapper = self._graph_prefill[tokens]
         wrapper.plan(
-            torch.tensor([0, q, tokens], dtype=torch.int32),
-            torch.tensor([0, pages, pages + pad_pages], dtype=torch.int32),
-            torch.tensor(table[:pages] + [pad_page] * pad_pages, dtype=torch.int32),
-            torch.tensor([kv_len - (pages - 1) * ps, pad - (pad_pages - 1) * ps], dtype=torch.int32),
+            torch.tensor([0, q, tokens], dtype=torch.int32), torch.tensor(indptr, dtype=torch.int32),
+            torch.tensor(indices, dtype=torch.int32), torch.tensor(last, dtype=torch.int32),
             head_dim_qk=self.head_dim, causal=True, **self._common())
         self.layout, self.groups, self._rows = layout, [], None
         self._is_decode, self._active = False, wrapper
@@ -177,12 +179,7 @@ class FlashInferBackend(AttentionBackend):
         for g in self.groups:
             for s in range(g.first, g.last):
                 skip[s] = len(g.shared_pages)
-        indptr, indices, last = [0], [], []
-        for table, kv_len, shared in zip(layout.page_tables, layout.kv_lens, skip, strict=True):
-            n = -(-kv_len // ps)
-            indices.extend(table[shared:n])
-            indptr.append(len(indices))
-            last.append(kv_len - (n - 1) * ps)
+        indptr, indices, last = _paged_kv(layout.page_tables, layout.kv_lens, ps, skip)
         kv = (torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32, device=dev),
               torch.tensor(last, dtype=torch.int32))
         self._is_decode = all(q == 1 for q in layout.query_lens)
