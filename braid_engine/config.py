@@ -133,3 +133,4 @@ class EngineConfig:
     max_pinned_fraction: float = 0.5
     attention_backend: str = "torch"
     cascade: str = "auto"
+    decode_burst: int = 8  # greedy decode steps run back to back between token reads; 1: every step

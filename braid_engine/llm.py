@@ -61,6 +61,7 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
         max_pinned_fraction: float = 0.5,
+        decode_burst: int = 8,
         trust_remote_code: bool = False,
     ) -> None:
         path = resolve_model_path(model)
@@ -100,7 +101,7 @@ class LLM:
             device=dev, dtype=dt, max_model_len=max_len, page_size=page_size, num_pages=num_pages,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_batched_tokens, 1),
             enable_prefix_caching=enable_prefix_caching, max_pinned_fraction=max_pinned_fraction,
-            attention_backend=backend_name, cascade=cascade,
+            attention_backend=backend_name, cascade=cascade, decode_burst=max(int(decode_burst), 1),
         )
         # one page beyond the pool takes the KV writes of graph padding rows
         kv_cache = allocate_kv_cache(cfg, num_pages + graphs, page_size, dt, dev)
@@ -249,6 +250,7 @@ def _enable_fused(model: CausalLM, mode: str, device: torch.device) -> set[int]:
         layers -= report.risky_layers
         final = report.level(-1) != "risk"
     model.set_fused(layers, final)
+    model.set_skinny(True)  # numerics of a GEMM (float32 sums), so not subject to the check
     logger.info("braid: fused Triton kernels in %d of %d layers", len(layers), n)
     return layers
 

@@ -136,6 +136,11 @@ class FlashInferBackend(AttentionBackend):
         self._is_decode, self._active = True, wrapper
         return True
 
+    def set_graph_fill(self, batch_size: int, last_page_lens: torch.Tensor) -> None:
+        """Advance a planned decode graph by one token a sequence without planning again: the
+        decode plan depends on page counts only, the last page's fill is read at run time."""
+        self._graph_decode[batch_size]._paged_kv_last_page_len_buf.copy_(last_page_lens)
+
     def prepare_prefill_graph(self, tokens: int) -> None:
         """A prefill wrapper for one sequence's chunk padded to ``tokens`` rows; the padding is a
         second request whose keys all sit on the pad page."""

@@ -135,6 +135,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._grammar: GrammarRuntime | None = None
         self.steps = 0
+        self.bursts = 0  # decode bursts: several greedy steps between token reads
 
     # -- requests ----------------------------------------------------------------------
     def validate_prompt(self, token_ids: list[int]) -> None:
@@ -246,6 +247,10 @@ class LLMEngine:
                     f"holds {self.pool.num_pages * self.pool.page_size} and nothing more can be "
                     "evicted (pinned prefixes stay); release pins or enlarge the pool."))
             return
+        burst = self._burst_steps(batch)
+        if burst > 1:
+            self._run_burst(batch, burst)
+            return
         self.steps += 1
         # masks depend only on tokens already accepted, so they are computed during the forward
         guided = [s for s, n in batch if s.matcher is not None and s.num_computed + n == len(s)]
@@ -255,13 +260,44 @@ class LLMEngine:
             rows = {id(s): i for i, s in enumerate(samplers)}
             self._grammar.apply(logits, masks.result(), [rows[id(s)] for s in guided])
         for seq, n in batch:
-            seq.num_computed += n
-            if (self.cache is not None and not seq.output_token_ids
-                    and seq.num_computed == len(seq.prompt_token_ids)):
-                self.scheduler.cache_sequence(seq)  # a shared prompt is reusable while it runs
+            self._computed(seq, n)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         for seq, token in zip(samplers, tokens):
             self._append(seq, token)
+
+    def _computed(self, seq: Sequence, n: int) -> None:
+        seq.num_computed += n
+        if (self.cache is not None and not seq.output_token_ids
+                and seq.num_computed == len(seq.prompt_token_ids)):
+            self.scheduler.cache_sequence(seq)  # a shared prompt is reusable while it runs
+
+    def _burst_steps(self, batch: list[tuple[Sequence, int]]) -> int:
+        """How many greedy decode steps may run back to back before the host reads tokens: all
+        sequences decode greedily without a grammar, nobody waits to join, no sequence can reach
+        its length limit sooner, and every sequence's positions stay in its current page. A
+        stop token ends a sequence inside a burst; the steps computed after it are dropped."""
+        limit = self.config.decode_burst
+        if limit <= 1 or self._pending or self._aborts or self.scheduler.waiting:
+            return 1
+        ps = self.config.page_size
+        for seq, n in batch:
+            if n != 1 or seq.num_computed + 1 != len(seq) or not seq.params.greedy or seq.matcher is not None:
+                return 1
+            limit = min(limit, seq.max_len - len(seq), ps - seq.num_computed % ps)
+        return limit
+
+    def _run_burst(self, batch: list[tuple[Sequence, int]], steps: int) -> None:
+        tokens, seqs = self.runner.decode_burst(batch, steps)
+        self.steps += steps
+        self.bursts += 1
+        for k, row in enumerate(tokens):
+            for seq, token in zip(seqs, row, strict=True):
+                if seq.is_finished:
+                    continue  # stopped earlier in the burst: the later tokens are dropped
+                if k:
+                    self.scheduler.decoded_tokens += 1
+                self._computed(seq, 1)
+                self._append(seq, token)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_token_ids.append(token)
@@ -375,6 +411,7 @@ class LLMEngine:
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
                 "steps": self.steps,
+                "decode_bursts": self.bursts,
                 "cascade_steps": self.runner.backend.cascade_steps,
             }
 

@@ -36,9 +36,11 @@ class ModelRunner:
         dev = self.device
         n = max(sizes[-1], PREFILL_GRAPH_TOKENS[-1])
         self.pad_page = pad_page
-        self.static_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.static_pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self.static_slots = torch.full((n,), pad_page * self.page_size, dtype=torch.long, device=dev)
+        # ids, positions and KV slots of the graphs' rows, one tensor so a burst step loads its
+        # positions and slots with one copy
+        self.static_in = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self.static_ids, self.static_pos, self.static_slots = self.static_in
+        self.static_slots.fill_(pad_page * self.page_size)
         self.static_last = torch.zeros(1, dtype=torch.long, device=dev)
         pool = None
         for bs in reversed(sizes):
@@ -64,9 +66,8 @@ class ModelRunner:
 
     def _load_static(self, ids: list[int], positions: list[int], slots: list[int]) -> None:
         """Copy a step's (padded) inputs into the graphs' static buffers."""
-        host = torch.tensor([ids, positions, slots], dtype=torch.long)
-        for buffer, row in zip((self.static_ids, self.static_pos, self.static_slots), host):
-            buffer[:len(ids)].copy_(row, non_blocking=True)
+        self.static_in[:, :len(ids)].copy_(torch.tensor([ids, positions, slots], dtype=torch.long),
+                                           non_blocking=True)
 
     def _forward_prefill_static(self, tokens: int) -> torch.Tensor:
         hidden = self.model(self.static_ids[:tokens], self.static_pos[:tokens], self.backend)
@@ -74,7 +75,10 @@ class ModelRunner:
 
     def _forward_static(self, bs: int) -> torch.Tensor:
         hidden = self.model(self.static_ids[:bs], self.static_pos[:bs], self.backend)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        # the greedy token becomes the next replay's input: a decode burst feeds itself on the GPU
+        self.static_ids[:bs].copy_(logits.argmax(-1))
+        return logits
 
     def _graph_size(self, batch: list[tuple[Sequence, int]]) -> int | None:
         if not self.graphs or any(n != 1 for _, n in batch):
@@ -113,6 +117,53 @@ class ModelRunner:
         graph.replay()
         self.graph_replays += 1
         return logits[:n]
+
+    @torch.inference_mode()
+    def decode_burst(self, batch: list[tuple[Sequence, int]], steps: int) -> tuple[list[list[int]], list[Sequence]]:
+        """Run ``steps`` greedy decode steps back to back, each step's argmax fed to the next on
+        the device, and read the tokens once at the end: ``tokens[k][i]`` is sequence i's token
+        from step k (sequences in the returned order). Every sequence decodes one token a step,
+        and its next ``steps`` positions lie in the page of its current one, so the attention
+        plan's page counts hold for the whole burst (only the last page's fill changes)."""
+        seqs = [seq for seq, _ in sorted(batch, key=lambda b: b[0].page_table)]
+        ps, dev = self.page_size, self.device
+        starts = [seq.num_computed for seq in seqs]
+        tables = [seq.page_table for seq in seqs]
+        first = [seq.token_range(c, c + 1)[0] for seq, c in zip(seqs, starts, strict=True)]
+
+        def layout(k: int, slot_mapping: torch.Tensor) -> BatchLayout:
+            return BatchLayout([1] * len(seqs), [c + k + 1 for c in starts], tables, ps, slot_mapping)
+
+        def slots(k: int) -> list[int]:
+            return [t[(c + k) // ps] * ps + (c + k) % ps for t, c in zip(tables, starts, strict=True)]
+
+        bs = self._graph_size(batch)
+        if bs is not None and self.backend.plan_graph(layout(0, self.static_slots[:bs]), bs, self.pad_page):
+            n, pad = len(seqs), bs - len(seqs)
+            pad_slot = self.pad_page * ps
+            rows = torch.tensor([[[c + k for c in starts] + [0] * pad, slots(k) + [pad_slot] * pad]
+                                 for k in range(steps)], dtype=torch.long).to(dev)
+            fills = torch.tensor([[(c + k) % ps + 1 for c in starts] + [1] * pad for k in range(steps)],
+                                 dtype=torch.int32).to(dev)
+            self._load_static(first + [0] * pad, rows[0, 0].tolist(), rows[0, 1].tolist())
+            graph, _ = self.graphs[bs]
+            out = torch.empty(steps, bs, dtype=torch.long, device=dev)
+            for k in range(steps):
+                if k:
+                    self.static_in[1:, :bs].copy_(rows[k])
+                    self.backend.set_graph_fill(bs, fills[k])
+                graph.replay()
+                out[k].copy_(self.static_ids[:bs])
+            self.graph_replays += steps
+            return out[:, :n].tolist(), seqs
+        ids = torch.tensor(first, dtype=torch.long, device=dev)
+        out = []
+        for k in range(steps):
+            self.backend.plan(layout(k, torch.tensor(slots(k), dtype=torch.long, device=dev)))
+            positions = torch.tensor([c + k for c in starts], dtype=torch.long, device=dev)
+            ids = self.model.compute_logits(self.model(ids, positions, self.backend)).argmax(-1)
+            out.append(ids)
+        return torch.stack(out).tolist(), seqs
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:

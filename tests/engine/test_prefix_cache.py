@@ -183,7 +183,7 @@ def _reference(path, prompt, max_tokens):
     key = (str(path), tuple(prompt), max_tokens)
     if key not in _PLAIN:
         if "llm" not in _PLAIN:
-            _PLAIN["llm"] = LLM(path, device="cpu", enable_prefix_caching=False)
+            _PLAIN["llm"] = LLM(path, device="cpu", enable_prefix_caching=False, decode_burst=1)
         _PLAIN[key] = _PLAIN["llm"].generate(
             [prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))[0].token_ids
     return _PLAIN[key]
@@ -201,12 +201,13 @@ op = st.one_of(
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(op, min_size=3, max_size=8), page_size=st.sampled_from([1, 3, 4]),
-       pool_tokens=st.integers(64, 128))
-def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_size, pool_tokens):
-    """A small pool (down to one max-length request) forces eviction and preemption."""
+       pool_tokens=st.integers(64, 128), burst=st.sampled_from([1, 3, 8]))
+def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_size, pool_tokens, burst):
+    """A small pool (down to one max-length request) forces eviction and preemption; decode
+    bursts run against a reference that reads every step's token."""
     num_pages = pool_tokens // page_size
     llm = LLM(tiny_qwen3, device="cpu", page_size=page_size, num_pages=num_pages,
-              max_model_len=(num_pages - 1) * page_size, cascade="always")
+              max_model_len=(num_pages - 1) * page_size, cascade="always", decode_burst=burst)
     prefixes = [[(7 * k + j) % 300 + 3 for j in range(8 + 6 * k)] for k in range(3)]
     history: list[list[int]] = []
     handles = []

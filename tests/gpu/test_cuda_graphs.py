@@ -69,3 +69,32 @@ def test_prefill_graphs_give_the_eager_first_token_after_a_cached_history(engine
     assert graphed.engine.runner.prefill_replays - before == 1
     assert a.num_cached_tokens == b.num_cached_tokens >= 288
     assert a.token_ids == b.token_ids
+
+
+def test_decode_bursts_replay_the_graph_with_the_tokens_of_single_steps(engines):
+    """A burst replays one plan for up to a page of steps, moving only the last page's fill and
+    feeding each argmax to the next step on the device; it must give the tokens of planning and
+    reading every step, also when a request stops inside a burst."""
+    graphed, _ = engines
+    stepwise = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                   max_num_seqs=16, cuda_graphs=True, decode_burst=1)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
+                   for n in torch.randint(5, 90, (6,), generator=gen)]
+        free = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, enable_prefix_caching=False)
+        ref = stepwise.generate(prompts, free)
+        bursts, replays = graphed.stats()["decode_bursts"], graphed.engine.runner.graph_replays
+        out = graphed.generate(prompts, free)
+        assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+        assert graphed.stats()["decode_bursts"] > bursts
+        assert graphed.engine.runner.graph_replays - replays >= 40
+        stops = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, enable_prefix_caching=False,
+                                stop_token_ids=[r.token_ids[5 + 6 * i]]) for i, r in enumerate(ref)]
+        a = [graphed.engine.add_request(p, s) for p, s in zip(prompts, stops, strict=True)]
+        b = [stepwise.engine.add_request(p, s) for p, s in zip(prompts, stops, strict=True)]
+        assert [s.result().token_ids for s in a] == [s.result().token_ids for s in b]
+        graphed.engine.clear_cache()
+        assert graphed.stats()["pages_used"] == 0
+    finally:
+        stepwise.shutdown()

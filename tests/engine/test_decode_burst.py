@@ -1,0 +1,98 @@
+"""Decode bursts: several greedy steps run back to back, each feeding its token to the next on
+the device, read by the host once. They must never change an output, a stop inside a burst
+must drop the steps after it, and the pages and prefix cache must end as without bursts."""
+
+import pytest
+
+from braid_engine import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def stepwise(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=1, enable_prefix_caching=False)
+    yield llm
+    llm.shutdown()
+
+
+def _prompts():
+    # lengths put the first decoded position at different offsets inside a page
+    return [[(11 * i + 5 * j) % 400 + 3 for j in range(n)] for i, n in enumerate((5, 16, 17, 30, 9))]
+
+
+def _run(llm, prompts, params):
+    streams = [llm.engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+    return [s.result() for s in streams]
+
+
+def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny_qwen3, stepwise):
+    prompts = _prompts()
+    free = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * len(prompts)
+    ref = _run(stepwise, prompts, free)
+    # each request stops on the token it emits at a different step, mostly mid-burst
+    stop = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                           stop_token_ids=[r.token_ids[3 + 4 * i]]) for i, r in enumerate(ref)]
+    ref_stop = _run(stepwise, prompts, stop)
+    assert any(len(r.token_ids) < 40 for r in ref_stop), "no request stopped early; pick other stops"
+    assert stepwise.stats()["decode_bursts"] == 0
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8)
+    try:
+        for params, expect in ((free, ref), (stop, ref_stop)):
+            outs = _run(llm, prompts, params)
+            assert [o.token_ids for o in outs] == [r.token_ids for r in expect]
+            assert [o.text for o in outs] == [r.text for r in expect]
+            assert [o.finish_reason for o in outs] == [r.finish_reason for r in expect]
+        stats = llm.stats()
+        assert stats["decode_bursts"] > 0
+        # every computed token was counted once: the dropped steps after a stop are not
+        assert stats["decoded_tokens"] == sum(len(o.token_ids) - 1 for o in ref + ref_stop)
+        # the retained answers are exact: continuing each conversation reuses them
+        follow = [p + r.token_ids[:-1] + [7, 8] for p, r in zip(prompts, ref_stop, strict=True)]
+        params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(follow)
+        before = llm.stats()["reused_tokens"]
+        assert [o.token_ids for o in _run(llm, follow, params)] == \
+            [o.token_ids for o in _run(stepwise, follow, params)]
+        assert llm.stats()["reused_tokens"] - before >= sum(len(f) - 2 for f in follow)
+        llm.engine.clear_cache()
+        assert llm.stats()["pages_used"] == 0
+        assert llm.engine.pool.num_free == llm.config.num_pages
+    finally:
+        llm.shutdown()
+
+
+def test_a_burst_never_crosses_a_page_or_the_length_limit(tiny_qwen3, stepwise):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8)
+    seen = []
+    decode_burst = llm.engine.runner.decode_burst
+
+    def spy(batch, steps):
+        for seq, _ in batch:
+            first, last = seq.num_computed, seq.num_computed + steps - 1
+            seen.append(steps)
+            assert first // 16 == last // 16, f"positions {first}..{last} cross a page"
+            assert len(seq) + steps - 1 <= seq.max_len
+        return decode_burst(batch, steps)
+
+    llm.engine.runner.decode_burst = spy
+    try:
+        prompt = [5, 6, 7, 8, 9, 10, 11]
+        params = SamplingParams(temperature=0, max_tokens=29, ignore_eos=True)
+        out = llm.generate([prompt], params)[0]
+        assert out.token_ids == stepwise.generate([prompt], params)[0].token_ids
+        assert len(out.token_ids) == 29
+        # 29 tokens from position 7: the prefill samples one, then a burst of 8 to the page's end,
+        # one single step (position 15), and bursts of 8, 8 and the last 3
+        assert seen == [8, 8, 8, 3], seen
+    finally:
+        llm.shutdown()
+
+
+def test_sampling_and_waiting_requests_take_single_steps(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8)
+    try:
+        llm.generate([[3, 4, 5]], SamplingParams(temperature=0.8, seed=1, max_tokens=20, ignore_eos=True))
+        assert llm.stats()["decode_bursts"] == 0
+        llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        assert llm.stats()["decode_bursts"] > 0
+    finally:
+        llm.shutdown()
