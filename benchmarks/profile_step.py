@@ -35,6 +35,7 @@ def instrument(llm: LLM, phases: dict[str, float]) -> None:
     eng = llm.engine
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     eng.runner.execute = timed("execute (plan + forward)", eng.runner.execute)
+    eng.runner.decode_burst = timed("decode burst (plan + steps)", eng.runner.decode_burst)
     eng.runner.backend.plan = timed("  plan (eager)", eng.runner.backend.plan)
     if hasattr(eng.runner.backend, "plan_graph"):
         eng.runner.backend.plan_graph = timed("  plan (graph)", eng.runner.backend.plan_graph)
@@ -128,7 +129,8 @@ def main() -> None:
     llm.engine.step = step
     instrument(llm, phases)
     llm.generate([prompt], decode)
-    print(f"batch-1 decode, per step (synchronised at each phase), {args.steps} steps:")
+    print(f"batch-1 decode, per token (synchronised at each phase), {args.steps} tokens, "
+          f"{llm.stats()['decode_bursts']} bursts so far:")
     for name, t in phases.items():
         print(f"  {name:<32} {t / args.steps * 1e3:8.3f} ms")
     pstats.Stats(prof).sort_stats("tottime").print_stats(22)

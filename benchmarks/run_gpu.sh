@@ -12,7 +12,8 @@ what=${1:-all}
 if [ -d .ficache ]; then mkdir -p ~/.cache && cp -r .ficache ~/.cache/flashinfer; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 if [ "$what" != bench ]; then
-  timeout 420 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/gpu 2>&1 | tail -40 > "$OUT/gpu_tests.log"
+  timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/kernels tests/gpu > "$OUT/gpu_tests.log" 2>&1
+  grep -E "rel err|relative error|divergence|gemv|FAILED|Error" "$OUT/gpu_tests.log" | head -60
   tail -5 "$OUT/gpu_tests.log"
 fi
 if [ "$what" != tests ]; then

@@ -203,8 +203,18 @@ class RadixCache:
 
 
 def _common_prefix(edge: list[int], tokens: list[int], pos: int) -> int:
+    """Length of the common prefix of ``edge`` and ``tokens[pos:]``. Histories run to many
+    thousand tokens, so slices are compared (in C) and halved, not walked token by token."""
     n = min(len(edge), len(tokens) - pos)
-    i = 0
-    while i < n and edge[i] == tokens[pos + i]:
-        i += 1
-    return i
+    if edge[:n] == tokens[pos:pos + n]:
+        return n
+    lo, hi = 0, n  # edge[:lo] matches; edge[:hi] does not
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        if edge[lo:mid] == tokens[pos + lo:pos + mid]:
+            lo = mid
+        else:
+            hi = mid
+    while edge[lo] == tokens[pos + lo]:
+        lo += 1
+    return lo
