@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|bench|all]
-# 'tests' takes ~7 min and 'bench' ~8 min on an H100: under a 10-minute limit, run them apart.
+#   bash benchmarks/run_gpu.sh [tests|decode|workloads|all]
+# 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, profile_step.py) and 'workloads'
+# (prefill.py, shared_prefix.py, multiturn.py) a few minutes each on an H100: under a 10-minute
+# limit per command, run them apart.
 # FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts); unpack it into .ficache
 # (`cat ficache.tgz.* | tar xz -C .ficache --strip-components=1`) and carry it next time.
 set -u
@@ -16,14 +18,19 @@ if [ "$what" != bench ]; then
   grep -E "rel err|relative error|divergence|gemv|FAILED|Error" "$OUT/gpu_tests.log" | head -60
   tail -5 "$OUT/gpu_tests.log"
 fi
-if [ "$what" != tests ]; then
+if [ "$what" = decode ] || [ "$what" = all ]; then
   timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 8 32 128 --compiled-batches 1 --kv-gb 16 2>&1 | grep -v Warning | tail -12 | tee "$OUT/decode.log"
-  timeout 240 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+  timeout 120 python3 -m benchmarks.kernels --tokens 1 32 2048 2>&1 | grep -v Warning | tee "$OUT/kernels.log"
+  timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+    > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token" "$OUT/profile_step.log" | head -40
+fi
+if [ "$what" = workloads ] || [ "$what" = all ]; then
+  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
-  timeout 300 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
-    2>&1 | grep -v Warning | tail -8 | tee "$OUT/shared_prefix.log"
-  timeout 240 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+  timeout 240 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
+    2>&1 | grep -v Warning | tail -9 | tee "$OUT/shared_prefix.log"
+  timeout 150 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
 fi
 tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."; ls -la "$OUT"
