@@ -165,7 +165,8 @@ class LLM:
         ids = self._normalize(prompts)
         for p in ids:
             self.engine.validate_prompt(p)
-        streams = [self.engine.add_request(p, params, final_only=True) for p in ids]
+        with self.engine.together():  # one batch, whatever the loop thread is doing
+            streams = [self.engine.add_request(p, params, final_only=True) for p in ids]
         return [s.result() for s in streams]
 
     def stream(self, prompt: PromptType, params: SamplingParams | None = None) -> Iterator[RequestOutput]:

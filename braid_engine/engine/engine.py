@@ -7,6 +7,7 @@ loop thread alone touches the scheduler, the page pool and the model, one step a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -191,6 +192,13 @@ class LLMEngine:
             self._ensure_thread()
             self._wake.notify()
         return stream
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Requests added inside this block join the batch in the same step: the loop thread
+        takes new requests only under this lock."""
+        with self._wake:
+            yield
 
     def grammar(self) -> GrammarRuntime:
         """The engine's grammar compiler and mask computer (created on first guided request)."""

@@ -20,7 +20,8 @@ def _prompts():
 
 
 def _run(llm, prompts, params):
-    streams = [llm.engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+    with llm.engine.together():
+        streams = [llm.engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
     return [s.result() for s in streams]
 
 
@@ -94,5 +95,14 @@ def test_sampling_and_waiting_requests_take_single_steps(tiny_qwen3):
         assert llm.stats()["decode_bursts"] == 0
         llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
         assert llm.stats()["decode_bursts"] > 0
+    finally:
+        llm.shutdown()
+
+
+def test_requests_of_one_generate_call_prefill_in_one_step(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=16)
+    try:
+        llm.generate(_prompts(), SamplingParams(temperature=0, max_tokens=1))
+        assert llm.stats()["steps"] == 1
     finally:
         llm.shutdown()

@@ -74,7 +74,8 @@ def test_prefill_graphs_give_the_eager_first_token_after_a_cached_history(engine
 def test_decode_bursts_replay_the_graph_with_the_tokens_of_single_steps(engines):
     """A burst replays one plan for up to a page of steps, moving only the last page's fill and
     feeding each argmax to the next step on the device; it must give the tokens of planning and
-    reading every step, also when a request stops inside a burst."""
+    reading every step, also when a request stops inside a burst. (Requests of one call join
+    one batch: in bf16 a prompt prefilled in another batch composition rounds differently.)"""
     graphed, _ = engines
     stepwise = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                    max_num_seqs=16, cuda_graphs=True, decode_burst=1)
@@ -91,8 +92,11 @@ def test_decode_bursts_replay_the_graph_with_the_tokens_of_single_steps(engines)
         assert graphed.engine.runner.graph_replays - replays >= 40
         stops = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, enable_prefix_caching=False,
                                 stop_token_ids=[r.token_ids[5 + 6 * i]]) for i, r in enumerate(ref)]
-        a = [graphed.engine.add_request(p, s) for p, s in zip(prompts, stops, strict=True)]
-        b = [stepwise.engine.add_request(p, s) for p, s in zip(prompts, stops, strict=True)]
+        # each engine takes the requests in one batch, so both compute the same kernels
+        with graphed.engine.together():
+            a = [graphed.engine.add_request(p, s) for p, s in zip(prompts, stops, strict=True)]
+        with stepwise.engine.together():
+            b = [stepwise.engine.add_request(p, s) for p, s in zip(prompts, stops, strict=True)]
         assert [s.result().token_ids for s in a] == [s.result().token_ids for s in b]
         graphed.engine.clear_cache()
         assert graphed.stats()["pages_used"] == 0
