@@ -140,14 +140,14 @@ class LLM:
             return self.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return list(prompt["prompt_token_ids"])
-        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, Sequence) and _all_ints(prompt):
             return list(prompt)
         raise InvalidRequestError(
             f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
 
     def _normalize(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
+            isinstance(prompts, Sequence) and prompts and _all_ints(prompts)
         ):
             return [self._to_ids(prompts)]
         return [self._to_ids(p) for p in prompts]
@@ -230,6 +230,11 @@ def _choose_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name == "flashinfer" and device.type != "cuda":
         raise ValueError("attention_backend='flashinfer' needs a CUDA device; use 'torch' on CPU.")
     return name
+
+
+def _all_ints(seq: Sequence) -> bool:
+    """Whether every item is an int; exact ints are checked in C (prompts can be long)."""
+    return set(map(type, seq)) <= {int} or all(isinstance(t, int) for t in seq)
 
 
 def _enable_fused(model: CausalLM, mode: str, device: torch.device) -> set[int]:

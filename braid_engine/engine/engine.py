@@ -143,7 +143,11 @@ class LLMEngine:
         if not token_ids:
             raise InvalidRequestError("the prompt is empty; pass at least one token.")
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        # prompts run to many thousand ids: check types and range in C, search only on failure
+        if set(map(type, token_ids)) <= {int} and 0 <= min(token_ids) and max(token_ids) < vocab:
+            bad = None
+        else:
+            bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(
                 f"token id {bad[0]!r} is outside the vocabulary (0 … {vocab - 1}); "
