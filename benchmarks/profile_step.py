@@ -100,6 +100,15 @@ def _kernel_table(path, args) -> None:
     print(f"kernels of one prefill of {len(turn) - out.num_cached_tokens} tokens after "
           f"{out.num_cached_tokens} cached:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    llm.engine.clear_cache()
+    for first in (30000, 40000):  # a warm-up prompt, then the profiled one; nothing cached
+        fresh = list(range(first, first + 4096))
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            llm.generate([fresh], SamplingParams(temperature=0, max_tokens=1))
+            wall = time.perf_counter() - t0
+    print(f"kernels of one fresh 4096-token prefill ({wall * 1e3:.2f} ms wall):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     llm.shutdown()
 
 

@@ -69,7 +69,8 @@ def _paged_kv(tables: list[list[int]], kv_lens: list[int], page_size: int,
 
 def _split_pages(layout: BatchLayout) -> int | None:
     """Split long KV for a prefill of few queries (a new turn after a long cached history):
-    unsplit, one CTA per head walks all 8k keys (116 µs a layer on an H100 for 3 queries)."""
+    unsplit, one CTA per head walks all 8k keys (116 µs a layer on an H100 for 3 queries, in
+    the fa3 kernel, which ignores a split size; these plans go to an fa2 wrapper)."""
     longest = max(-(-kv // layout.page_size) for kv in layout.kv_lens)
     if sum(layout.query_lens) > 512 or longest < 128:
         return None
@@ -95,6 +96,10 @@ class FlashInferBackend(AttentionBackend):
             return torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=kv_cache.device)
 
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND")
+        # few queries over long KV: split the keys over CTAs. FlashInfer's Hopper (fa3) prefill
+        # cannot split, so this one (and the prefill graphs, which serve the same case) use fa2
+        self._prefill_split = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND", backend="fa2")
+        self._eager_prefill = self._prefill
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "HND")
         self._shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND")
         self._merge = flashinfer.merge_state_in_place
@@ -155,7 +160,7 @@ class FlashInferBackend(AttentionBackend):
         self._graph_prefill[tokens] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev), "HND", use_cuda_graph=True,
             qo_indptr_buf=buf(3), paged_kv_indptr_buf=buf(3), paged_kv_indices_buf=buf(max_pages),
-            paged_kv_last_page_len_buf=buf(2))
+            paged_kv_last_page_len_buf=buf(2), backend="fa2")
 
     def plan_prefill_graph(self, layout: BatchLayout, tokens: int, pad_page: int) -> None:
         """Plan one sequence's ``query_lens[0]`` new tokens (< ``tokens``) for the prefill graph
@@ -194,8 +199,10 @@ class FlashInferBackend(AttentionBackend):
             qo = [0]
             for q in layout.query_lens:
                 qo.append(qo[-1] + q)
-            self._prefill.plan(torch.tensor(qo, dtype=torch.int32), *kv, head_dim_qk=self.head_dim,
-                               causal=True, fixed_split_size=_split_pages(layout), **self._common())
+            split = _split_pages(layout)
+            self._eager_prefill = self._prefill_split if split else self._prefill
+            self._eager_prefill.plan(torch.tensor(qo, dtype=torch.int32), *kv, head_dim_qk=self.head_dim,
+                                     causal=True, fixed_split_size=split, **self._common())
         self._rows = None
         if self.groups:
             self._plan_shared(layout)
@@ -224,7 +231,7 @@ class FlashInferBackend(AttentionBackend):
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]
-        wrapper = self._active or (self._decode if self._is_decode else self._prefill)
+        wrapper = self._active or (self._decode if self._is_decode else self._eager_prefill)
         if self._rows is None:
             return wrapper.run(q, cache)
         out, lse = wrapper.run(q, cache, return_lse=True)

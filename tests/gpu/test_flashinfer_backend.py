@@ -64,6 +64,17 @@ def test_prefill(hq, hkv, d):
 
 
 @pytest.mark.parametrize("hq,hkv,d", SHAPES)
+def test_few_queries_over_long_kv_split_the_keys(hq, hkv, d):
+    """A new turn after a long cached history: the keys are split over CTAs (fa2 wrapper)."""
+    seqs = [(3, 4100, None, 0), (65, 2500, None, 0)]
+    layout = _case(seqs, hq, hkv, d, 16)[0]
+    from braid_engine.attention.flashinfer_backend import _split_pages
+
+    assert _split_pages(layout) is not None
+    _compare(seqs, hq, hkv, d)
+
+
+@pytest.mark.parametrize("hq,hkv,d", SHAPES)
 def test_decode(hq, hkv, d):
     _compare([(1, kl, None, 0) for kl in (1, 15, 16, 17, 300, 1024)], hq, hkv, d)
 
