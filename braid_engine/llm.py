@@ -140,8 +140,8 @@ class LLM:
             return self.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return list(prompt["prompt_token_ids"])
-        if isinstance(prompt, Sequence) and _all_ints(prompt):
-            return list(prompt)
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and (not prompt or isinstance(prompt[0], int)):
+            return list(prompt)  # the engine checks every id (types and range) once
         raise InvalidRequestError(
             f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
 

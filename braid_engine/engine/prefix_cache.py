@@ -89,9 +89,13 @@ class RadixCache:
         return table
 
     # -- insert ------------------------------------------------------------------------
-    def insert(self, tokens: list[int], page_table: list[int]) -> RadixNode:
-        """Cache ``tokens`` whose KV lies in ``page_table``; returns the node ending at len(tokens)."""
+    def insert(self, tokens: list[int], page_table: list[int], start: RadixNode | None = None) -> RadixNode:
+        """Cache ``tokens`` whose KV lies in ``page_table``; returns the node ending at len(tokens).
+        ``start``, a node on the path of ``tokens`` (one this sequence matched or inserted and still
+        locks), skips walking the prefix it ends: a node keeps its end when split above it."""
         node, pos = self.root, 0
+        if start is not None and start.end <= len(tokens):
+            node, pos = start, start.end
         now = next(_clock)
         while pos < len(tokens):
             child = node.children.get(tokens[pos])

@@ -155,7 +155,7 @@ class Scheduler:
         """Insert the tokens whose KV ``seq`` has computed; move its lock to the new node."""
         if self.cache is None or not seq.params.enable_prefix_caching or seq.num_computed == 0:
             return
-        node = self.cache.insert(seq.all_token_ids[: seq.num_computed], seq.page_table)
+        node = self.cache.insert(seq.all_token_ids[: seq.num_computed], seq.page_table, seq.cache_node)
         self.cache.lock(node, 1)
         if seq.cache_node is not None:
             self.cache.lock(seq.cache_node, -1)

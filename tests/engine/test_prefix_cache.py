@@ -39,6 +39,26 @@ def test_match_insert_split_and_partial_pages():
     assert refs[ta[1]] == 2  # split straddles page 1: both halves name it
 
 
+def test_insert_from_a_node_on_the_path_builds_the_tree_a_walk_from_the_root_builds():
+    trees = []
+    for from_node in (False, True):
+        pool = PagePool(32, 4)
+        cache = RadixCache(pool)
+        a = list(range(10))
+        ta = _table(pool, 10)
+        cache.insert(a, ta)
+        node, m, _ = cache.match(a[:7] + [50])  # splits a's node at 7; ``node`` ends there
+        cache.insert(list(range(3)) + [60], _table(pool, 4))  # splits above ``node``
+        assert node.end == 7
+        b = a[:7] + [50, 51, 52, 53]
+        tb = ta[:1] + _table(pool, 8)[:2]
+        got = cache.insert(b, tb, node if from_node else None)
+        assert got.end == len(b) and cache.match(b)[2] == tb
+        trees.append((sorted((n.start, tuple(n.tokens), tuple(n.pages)) for n in cache.nodes()),
+                      cache.page_refs(), list(pool.refs)))
+    assert trees[0] == trees[1]
+
+
 def test_eviction_is_lru_and_respects_locks_and_pins():
     pool = PagePool(8, 2)
     cache = RadixCache(pool)
