@@ -67,14 +67,29 @@ def _paged_kv(tables: list[list[int]], kv_lens: list[int], page_size: int,
     return indptr, indices, last
 
 
-def _split_pages(layout: BatchLayout) -> int | None:
+# one sequence's prefill below this many tokens replays a prefill graph (model_runner's largest
+# PREFILL_GRAPH_TOKENS); eagerly it runs on the same fa2 kernels, so a graph never changes a result
+SHORT_PREFILL_TOKENS = 256
+# FlashInfer's fa2 prefill keeps a float32 partial output per (128-row query tile, key chunk)
+# for every query head in its workspace; a split must leave room for it
+_CTA_ROWS = 128
+
+
+def _split_pages(layout: BatchLayout, num_qo_heads: int, num_kv_heads: int, head_dim: int) -> int | None:
     """Split long KV for a prefill of few queries (a new turn after a long cached history):
     unsplit, one CTA per head walks all 8k keys (116 µs a layer on an H100 for 3 queries, in
-    the fa3 kernel, which ignores a split size; these plans go to an fa2 wrapper)."""
+    the fa3 kernel, which ignores a split size; these plans go to an fa2 wrapper). The chunk
+    is widened until the partial outputs fit in half the workspace; None: no split."""
     longest = max(-(-kv // layout.page_size) for kv in layout.kv_lens)
     if sum(layout.query_lens) > 512 or longest < 128:
         return None
-    return max(16, longest // 16)
+    group = num_qo_heads // num_kv_heads
+    tiles = sum(-(-q * group // _CTA_ROWS) for q in layout.query_lens)
+    per_unit = num_qo_heads * _CTA_ROWS * head_dim * 4
+    chunks = (_WORKSPACE_BYTES // 2) // (per_unit * tiles)
+    if chunks < 2:
+        return None
+    return max(16, longest // 16, -(-longest // chunks))
 
 
 class FlashInferBackend(AttentionBackend):
@@ -97,7 +112,8 @@ class FlashInferBackend(AttentionBackend):
 
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND")
         # few queries over long KV: split the keys over CTAs. FlashInfer's Hopper (fa3) prefill
-        # cannot split, so this one (and the prefill graphs, which serve the same case) use fa2
+        # cannot split, so this one (and the prefill graphs, which serve the same case) use fa2;
+        # so does one sequence's short prefill, as it would in a graph
         self._prefill_split = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND", backend="fa2")
         self._eager_prefill = self._prefill
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "HND")
@@ -199,8 +215,9 @@ class FlashInferBackend(AttentionBackend):
             qo = [0]
             for q in layout.query_lens:
                 qo.append(qo[-1] + q)
-            split = _split_pages(layout)
-            self._eager_prefill = self._prefill_split if split else self._prefill
+            split = _split_pages(layout, self.num_heads, self.num_kv_heads, self.head_dim)
+            short = len(layout.query_lens) == 1 and layout.query_lens[0] < SHORT_PREFILL_TOKENS
+            self._eager_prefill = self._prefill_split if split or short else self._prefill
             self._eager_prefill.plan(torch.tensor(qo, dtype=torch.int32), *kv, head_dim_qk=self.head_dim,
                                      causal=True, fixed_split_size=split, **self._common())
         self._rows = None

@@ -33,3 +33,41 @@ def test_choose_groups_overrides():
     big = _layout(32, 256)
     assert len(choose_groups(big, "auto")) == 1
     assert choose_groups(big, "never") == []
+
+
+def _prefill_layout(query_lens, kv_lens, page_size=16):
+    tables = [list(range(-(-kv // page_size))) for kv in kv_lens]
+    return BatchLayout(list(query_lens), list(kv_lens), tables, page_size, torch.empty(0))
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (32, 4, 128), (32, 8, 64)])
+@pytest.mark.parametrize("query_lens,kv_lens", [((3,), (8100,)), ((3, 65), (4100, 2500)),
+                                                ((200, 200, 100), (30000, 9000, 9000))])
+def test_a_split_prefill_fits_flashinfer_s_workspace(hq, hkv, d, query_lens, kv_lens):
+    """fa2 keeps a float32 partial output per (128-row query tile, key chunk) and query head:
+    the chunks chosen must keep that within the workspace (a 32-head model once overflowed it)."""
+    from braid_engine.attention.flashinfer_backend import _WORKSPACE_BYTES, _split_pages
+
+    layout = _prefill_layout(query_lens, kv_lens)
+    split = _split_pages(layout, hq, hkv, d)
+    pages = [-(-kv // 16) for kv in kv_lens]
+    if split is None:
+        return
+    assert split >= 16
+    units = sum(-(-q * (hq // hkv) // 128) * -(-p // split) for q, p in zip(query_lens, pages, strict=True))
+    assert units * hq * 128 * d * 4 <= _WORKSPACE_BYTES // 2
+    assert max(-(-p // split) for p in pages) >= 2  # a split that splits
+
+
+def test_short_history_or_many_queries_do_not_split():
+    from braid_engine.attention.flashinfer_backend import _split_pages
+
+    assert _split_pages(_prefill_layout((3,), (1000,)), 16, 8, 128) is None  # < 128 pages
+    assert _split_pages(_prefill_layout((600,), (9000,)), 16, 8, 128) is None  # > 512 queries
+
+
+def test_the_eager_short_prefill_bound_is_the_largest_prefill_graph():
+    from braid_engine.attention.flashinfer_backend import SHORT_PREFILL_TOKENS
+    from braid_engine.engine.model_runner import PREFILL_GRAPH_TOKENS
+
+    assert SHORT_PREFILL_TOKENS == PREFILL_GRAPH_TOKENS[-1]

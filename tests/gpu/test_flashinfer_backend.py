@@ -70,7 +70,7 @@ def test_few_queries_over_long_kv_split_the_keys(hq, hkv, d):
     layout = _case(seqs, hq, hkv, d, 16)[0]
     from braid_engine.attention.flashinfer_backend import _split_pages
 
-    assert _split_pages(layout) is not None
+    assert _split_pages(layout, hq, hkv, d) is not None
     _compare(seqs, hq, hkv, d)
 
 
