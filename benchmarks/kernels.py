@@ -2,8 +2,6 @@
 
     python benchmarks/kernels.py [--tokens 1 32 2048]
 
-At one token it also times the GEMV against cuBLAS on the four projections of a layer.
-
 Median of ``triton.testing.do_bench`` after warm-up; GB/s counts each kernel's compulsory
 bytes (inputs read once, outputs written once), so it says how close to the card's bandwidth
 each side runs.
@@ -17,7 +15,6 @@ import torch
 from triton.testing import do_bench
 
 from braid_engine.kernels.activation import silu_and_mul, silu_and_mul_ref
-from braid_engine.kernels.gemv import gemv
 from braid_engine.kernels.qk_norm_rope import qk_norm_rope_write_kv, qk_norm_rope_write_kv_ref
 from braid_engine.kernels.rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from braid_engine.models.layers import RotaryEmbedding
@@ -46,13 +43,6 @@ def cases(t: int):
     args = (qkv, pos, qw, kw, 1e-6, rope.cos, rope.sin, cache, slots, HQ, HKV)
     yield ("qk_norm_rope_write_kv", (lambda: qk_norm_rope_write_kv(*args)),
            (lambda: qk_norm_rope_write_kv_ref(*args)), 2 * qkv.nbytes)
-    if t == 1:  # the batch-1 projections: the GEMV against cuBLAS (F.linear)
-        for proj, (n, k) in {"qkv_proj": (4096, 1024), "o_proj": (1024, 2048), "gate_up_proj": (6144, 1024),
-                             "down_proj": (1024, 3072)}.items():
-            wt = torch.randn(n, k, device=dev, dtype=bf) * 0.02
-            xt = torch.randn(1, k, device=dev, dtype=bf)
-            yield (f"gemv {proj}", (lambda wt=wt, xt=xt: gemv(xt, wt)),
-                   (lambda wt=wt, xt=xt: torch.nn.functional.linear(xt, wt)), wt.nbytes)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ if [ -d .ficache ]; then mkdir -p ~/.cache && cp -r .ficache ~/.cache/flashinfer
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/kernels tests/gpu > "$OUT/gpu_tests.log" 2>&1
-  grep -E "rel err|relative error|divergence|gemv|FAILED|Error" "$OUT/gpu_tests.log" | head -60
+  grep -E "rel err|relative error|divergence|FAILED|Error" "$OUT/gpu_tests.log" | head -60
   tail -5 "$OUT/gpu_tests.log"
 fi
 if [ "$what" = decode ] || [ "$what" = all ]; then

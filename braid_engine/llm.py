@@ -256,7 +256,6 @@ def _enable_fused(model: CausalLM, mode: str, device: torch.device) -> set[int]:
         layers -= report.risky_layers
         final = report.level(-1) != "risk"
     model.set_fused(layers, final)
-    model.set_skinny(True)  # numerics of a GEMM (float32 sums), so not subject to the check
     logger.info("braid: fused Triton kernels in %d of %d layers", len(layers), n)
     return layers
 

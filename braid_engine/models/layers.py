@@ -87,21 +87,7 @@ def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that, with ``skinny`` on, sends one-row inputs (batch-1 decode) to the
-    Triton GEMV where it measured faster than cuBLAS for the shape."""
-
-    skinny = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.skinny and x.shape[0] == 1:
-            from braid_engine.kernels.gemv import linear
-
-            return linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
-class MergedLinear(Linear):
+class MergedLinear(nn.Linear):
     """One matmul for several projections that read the same input (q/k/v, gate/up).
 
     ``shards`` maps each checkpoint projection name to its rows in the merged weight.
@@ -127,7 +113,7 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, {"q_proj": q_size, "k_proj": kv_size,
                                                        "v_proj": kv_size}, cfg.attention_bias)
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = [rotary]  # shared, kept out of this module's parameters
@@ -167,7 +153,7 @@ class MLP(nn.Module):
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported; only 'silu' is.")
         n = cfg.intermediate_size
         self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": n, "up_proj": n}, cfg.mlp_bias)
-        self.down_proj = Linear(n, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(n, cfg.hidden_size, bias=cfg.mlp_bias)
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,12 +235,6 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             layer.set_fused(layers is None or i in layers)
         self.model.norm.fused = final_norm
-
-    def set_skinny(self, enabled: bool) -> None:
-        """Let the layers' projections use the one-row GEMV kernel (CUDA only)."""
-        for mod in self.model.layers.modules():
-            if isinstance(mod, Linear):
-                mod.skinny = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
