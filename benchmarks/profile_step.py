@@ -80,6 +80,26 @@ def _timeline(llm: LLM) -> list[tuple[str, float]]:
     return events
 
 
+def _first_token(llm: LLM, prompt: list[int], phases: dict[str, float],
+                 timeline: list[tuple[str, float]], label: str) -> None:
+    """Time to the first token of ``prompt``, its phases, its timeline and its Python profile."""
+    phases.clear()
+    timeline.clear()
+    prof, step = profile_steps(llm)
+    t0 = time.perf_counter()
+    first = next(iter(llm.stream(prompt, SamplingParams(temperature=0, max_tokens=1))))
+    ttft = time.perf_counter() - t0
+    while not llm.engine.idle:
+        time.sleep(0.001)
+    llm.engine.step = step
+    print(f"{label} at {len(prompt)} tokens ({first.num_cached_tokens} reused): first token {ttft * 1e3:.2f} ms")
+    for name, t in dict(phases).items():
+        print(f"  {name:<32} {t * 1e3:8.3f} ms")
+    for name, t in timeline:
+        print(f"  at {(t - t0) * 1e3:8.3f} ms: {name}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def _kernel_table(path, args) -> None:
     """GPU time per kernel over 20 eager batch-1 decode steps (graphs run the same kernels)."""
     from torch.profiler import ProfilerActivity, profile
@@ -149,19 +169,11 @@ def main() -> None:
     out = llm.generate([history], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
     turn = history + out.token_ids + torch.randint(3, vocab, (64,), generator=gen).tolist()
     timeline = _timeline(llm)
-    phases.clear()
-    turn_prof, _ = profile_steps(llm)
-    t0 = time.perf_counter()
-    first = next(iter(llm.stream(turn, SamplingParams(temperature=0, max_tokens=1))))
-    ttft = time.perf_counter() - t0
-    while not llm.engine.idle:
-        time.sleep(0.001)
-    print(f"one turn at {len(turn)} tokens ({first.num_cached_tokens} reused): first token {ttft * 1e3:.2f} ms")
-    for name, t in dict(phases).items():
-        print(f"  {name:<32} {t * 1e3:8.3f} ms")
-    for name, t in timeline:
-        print(f"  at {(t - t0) * 1e3:8.3f} ms: {name}")
-    pstats.Stats(turn_prof).sort_stats("tottime").print_stats(25)
+    _first_token(llm, turn, phases, timeline, "one turn")
+    fresh = torch.randint(3, vocab, (1024,), generator=gen).tolist()
+    llm.generate([torch.randint(3, vocab, (1024,), generator=gen).tolist()],
+                 SamplingParams(temperature=0, max_tokens=1))  # the same shapes, warm
+    _first_token(llm, fresh, phases, timeline, "one fresh prompt")
     if dev.type == "cuda":
         _kernel_table(path, args)
     llm.shutdown()
