@@ -64,6 +64,8 @@ class LLM:
         decode_burst: int = 8,
         trust_remote_code: bool = False,
     ) -> None:
+        if not isinstance(decode_burst, int) or isinstance(decode_burst, bool) or decode_burst < 1:
+            raise ValueError(f"decode_burst must be an int ≥ 1 (1 reads every step's token), got {decode_burst!r}.")
         path = resolve_model_path(model)
         self.model_path = path
         self.model_config = cfg = load_config(path)
@@ -101,7 +103,7 @@ class LLM:
             device=dev, dtype=dt, max_model_len=max_len, page_size=page_size, num_pages=num_pages,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_batched_tokens, 1),
             enable_prefix_caching=enable_prefix_caching, max_pinned_fraction=max_pinned_fraction,
-            attention_backend=backend_name, cascade=cascade, decode_burst=max(int(decode_burst), 1),
+            attention_backend=backend_name, cascade=cascade, decode_burst=decode_burst,
         )
         # one page beyond the pool takes the KV writes of graph padding rows
         kv_cache = allocate_kv_cache(cfg, num_pages + graphs, page_size, dt, dev)
@@ -146,7 +148,7 @@ class LLM:
             f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
 
     def _normalize(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, Sequence) and prompts and _all_ints(prompts)
         ):
             return [self._to_ids(prompts)]

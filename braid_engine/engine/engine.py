@@ -200,7 +200,7 @@ class LLMEngine:
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
         """Requests added inside this block join the batch in the same step: the loop thread
-        takes new requests only under this lock."""
+        takes new requests only under this lock. Wait for no result inside it (deadlock)."""
         with self._wake:
             yield
 
@@ -285,11 +285,12 @@ class LLMEngine:
 
     def _burst_steps(self, batch: list[tuple[Sequence, int]]) -> int:
         """How many greedy decode steps may run back to back before the host reads tokens: all
-        sequences decode greedily without a grammar, nobody waits to join, no sequence can reach
+        sequences decode greedily without a grammar, nobody who could join waits, no sequence can reach
         its length limit sooner, and every sequence's positions stay in its current page. A
         stop token ends a sequence inside a burst; the steps computed after it are dropped."""
         limit = self.config.decode_burst
-        if limit <= 1 or self._pending or self._aborts or self.scheduler.waiting:
+        admissible = self.scheduler.waiting and len(self.scheduler.running) < self.config.max_num_seqs
+        if limit <= 1 or self._pending or self._aborts or admissible:
             return 1
         ps = self.config.page_size
         for seq, n in batch:

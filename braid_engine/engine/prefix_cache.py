@@ -94,9 +94,13 @@ class RadixCache:
         ``start``, a node on the path of ``tokens`` (one this sequence matched or inserted and still
         locks), skips walking the prefix it ends: a node keeps its end when split above it."""
         node, pos = self.root, 0
+        now = next(_clock)
         if start is not None and start.end <= len(tokens):
             node, pos = start, start.end
-        now = next(_clock)
+            above = start
+            while above is not self.root:  # as a walk from the root would have touched them
+                above.last_access = now
+                above = above.parent
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
             if child is None:

@@ -71,3 +71,14 @@ def test_the_eager_short_prefill_bound_is_the_largest_prefill_graph():
     from braid_engine.engine.model_runner import PREFILL_GRAPH_TOKENS
 
     assert SHORT_PREFILL_TOKENS == PREFILL_GRAPH_TOKENS[-1]
+
+
+@pytest.mark.parametrize("hq,hkv,d,at_least_mb", [(16, 8, 128, 128), (16, 2, 128, 264), (32, 4, 64, 128)])
+def test_the_fa2_workspace_holds_a_split_over_every_sm(hq, hkv, d, at_least_mb):
+    """16 query heads over 2 KV heads (ERNIE-4.5-0.3B) need more than the default 128 MB on an
+    H100 (132 SMs): a float32 partial output per (CTA, 128-row tile) for every query head."""
+    from braid_engine.attention.flashinfer_backend import fa2_workspace_bytes
+
+    size = fa2_workspace_bytes(hq, hkv, d, num_sms=132)
+    assert size >= at_least_mb << 20
+    assert size >= hq * (2 * 132 // hkv) * 128 * d * 4  # what FlashInfer was seen to ask for

@@ -106,3 +106,34 @@ def test_requests_of_one_generate_call_prefill_in_one_step(tiny_qwen3):
         assert llm.stats()["steps"] == 1
     finally:
         llm.shutdown()
+
+
+def test_a_full_batch_keeps_bursting_while_others_wait(tiny_qwen3):
+    """Waiting requests stop bursts only when they could join; with max_num_seqs running they
+    cannot, and the running ones keep bursting."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8, max_num_seqs=2)
+    waiting_during_bursts = []
+    run_burst = llm.engine._run_burst
+
+    def spy(batch, steps):
+        waiting_during_bursts.append(len(llm.engine.scheduler.waiting))
+        return run_burst(batch, steps)
+
+    llm.engine._run_burst = spy
+    try:
+        outs = llm.generate(_prompts()[:3], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        assert 1 in waiting_during_bursts  # the third request waited while the first two burst
+        single = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=1, max_num_seqs=2)
+        try:
+            ref = single.generate(_prompts()[:3], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        finally:
+            single.shutdown()
+        assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
+def test_decode_burst_must_be_a_positive_int(tiny_qwen3, bad):
+    with pytest.raises(ValueError, match="decode_burst must be an int"):
+        LLM(tiny_qwen3, device="cpu", decode_burst=bad)

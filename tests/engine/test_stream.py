@@ -120,3 +120,13 @@ def test_many_threads_are_batched_together(qwen3_llm):
         together = list(pool.map(lambda p: qwen3_llm.generate(p, params)[0].token_ids, prompts))
     assert together == alone
     assert qwen3_llm.stats()["steps"] - steps0 < 8 * 20
+
+
+def test_prompt_forms_give_the_same_tokens(qwen3_llm):
+    """A string, a list of ids, and a {"prompt_token_ids": ...} dict, alone or in a list."""
+    ids = qwen3_llm.encode("Tell me a story")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = qwen3_llm.generate(ids, params)[0].token_ids
+    for prompt in ("Tell me a story", {"prompt_token_ids": ids}, [{"prompt_token_ids": ids}], [ids]):
+        outs = qwen3_llm.generate(prompt, params)
+        assert len(outs) == 1 and outs[0].prompt_token_ids == ids and outs[0].token_ids == want, prompt
