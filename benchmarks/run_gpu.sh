@@ -5,13 +5,14 @@
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, profile_step.py) and 'workloads'
 # (prefill.py, shared_prefix.py, multiturn.py) a few minutes each on an H100: under a 10-minute
 # limit per command, run them apart.
-# FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts); unpack it into .ficache
-# (`cat ficache.tgz.* | tar xz -C .ficache --strip-components=1`) and carry it next time.
+# FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts); put them in .fictgz/ (git-
+# ignored) and carry that next time: this script unpacks it before the first kernel is needed.
 set -u
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 what=${1:-all}
 if [ -d .ficache ]; then mkdir -p ~/.cache && cp -r .ficache ~/.cache/flashinfer; fi
+if ls .fictgz/ficache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .fictgz/ficache.tgz.* | tar xz -C ~/.cache; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/kernels tests/gpu > "$OUT/gpu_tests.log" 2>&1
@@ -26,11 +27,11 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token" "$OUT/profile_step.log" | head -40
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
-  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
-    2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
-  timeout 240 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
-    2>&1 | grep -v Warning | tail -9 | tee "$OUT/shared_prefix.log"
-  timeout 150 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+  timeout 200 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
+  timeout 220 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
+    2>&1 | grep -v Warning | tail -9 | tee "$OUT/shared_prefix.log"
+  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+    --compiled-tokens 4096 --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
 fi
 tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."; ls -la "$OUT"
