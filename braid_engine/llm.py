@@ -164,11 +164,7 @@ class LLM:
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
         """Generate for one prompt or many, batched together; outputs in prompt order."""
         params = params or SamplingParams()
-        ids = self._normalize(prompts)
-        for p in ids:
-            self.engine.validate_prompt(p)
-        with self.engine.together():  # one batch, whatever the loop thread is doing
-            streams = [self.engine.add_request(p, params, final_only=True) for p in ids]
+        streams = self.engine.add_requests(self._normalize(prompts), params, final_only=True)
         return [s.result() for s in streams]
 
     def stream(self, prompt: PromptType, params: SamplingParams | None = None) -> Iterator[RequestOutput]:

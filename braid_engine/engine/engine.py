@@ -197,6 +197,23 @@ class LLMEngine:
             self._wake.notify()
         return stream
 
+    def add_requests(self, prompts: list[list[int]], params: SamplingParams,
+                     final_only: bool = False) -> list[RequestStream]:
+        """Queue several requests as one batch: they join the same step, and if one is refused
+        (a bad prompt, say) none of them is queued."""
+        streams: list[RequestStream] = []
+        with self.together():
+            try:
+                for prompt in prompts:
+                    streams.append(self.add_request(prompt, params, final_only=final_only))
+            except BaseException:
+                added = {s.request_id for s in streams}
+                for rid in added:
+                    del self._streams[rid]
+                self._pending = [seq for seq in self._pending if seq.request_id not in added]
+                raise
+        return streams
+
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
         """Requests added inside this block join the batch in the same step: the loop thread

@@ -114,8 +114,12 @@ def test_request_errors_leave_the_engine_serving(tiny_qwen3):
         llm.generate([[]], GREEDY)
     with pytest.raises(InvalidRequestError, match="SamplingParams"):
         llm.generate("hi", {"temperature": 0})
+    # one bad prompt in a batch: none of the batch is queued
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        llm.generate([[5, 6, 7], [8, 9], [1, vocab]], GREEDY)
+    assert not llm.engine._pending and not llm.engine._streams
     # nothing was admitted, nothing leaked, and it still serves
-    assert llm.stats()["pages_used"] == 0
+    assert llm.stats()["pages_used"] == 0 and llm.stats()["steps"] == 0
     out = llm.generate("Hello", GREEDY)[0]
     assert len(out.token_ids) == 8
     llm.engine.clear_cache()
