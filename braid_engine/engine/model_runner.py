@@ -141,11 +141,11 @@ class ModelRunner:
         if bs is not None and self.backend.plan_graph(layout(0, self.static_slots[:bs]), bs, self.pad_page):
             n, pad = len(seqs), bs - len(seqs)
             pad_slot = self.pad_page * ps
-            rows = torch.tensor([[[c + k for c in starts] + [0] * pad, slots(k) + [pad_slot] * pad]
-                                 for k in range(steps)], dtype=torch.long).to(dev)
+            host = [[[c + k for c in starts] + [0] * pad, slots(k) + [pad_slot] * pad] for k in range(steps)]
+            rows = torch.tensor(host, dtype=torch.long).to(dev)
             fills = torch.tensor([[(c + k) % ps + 1 for c in starts] + [1] * pad for k in range(steps)],
                                  dtype=torch.int32).to(dev)
-            self._load_static(first + [0] * pad, rows[0, 0].tolist(), rows[0, 1].tolist())
+            self._load_static(first + [0] * pad, *host[0])
             graph, _ = self.graphs[bs]
             out = torch.empty(steps, bs, dtype=torch.long, device=dev)
             for k in range(steps):
