@@ -138,23 +138,23 @@ class ModelRunner:
             return [t[(c + k) // ps] * ps + (c + k) % ps for t, c in zip(tables, starts, strict=True)]
 
         bs = self._graph_size(batch)
-        if bs is not None and self.backend.plan_graph(layout(0, self.static_slots[:bs]), bs, self.pad_page):
+        # the first step plans and replays like a single decode step; the rest move its inputs
+        if bs is not None and self._replay(bs, first, starts, slots(0), layout(0, torch.empty(0))) is not None:
             n, pad = len(seqs), bs - len(seqs)
             pad_slot = self.pad_page * ps
-            host = [[[c + k for c in starts] + [0] * pad, slots(k) + [pad_slot] * pad] for k in range(steps)]
-            rows = torch.tensor(host, dtype=torch.long).to(dev)
-            fills = torch.tensor([[(c + k) % ps + 1 for c in starts] + [1] * pad for k in range(steps)],
+            rows = torch.tensor([[[c + k for c in starts] + [0] * pad, slots(k) + [pad_slot] * pad]
+                                 for k in range(1, steps)], dtype=torch.long).to(dev)
+            fills = torch.tensor([[(c + k) % ps + 1 for c in starts] + [1] * pad for k in range(1, steps)],
                                  dtype=torch.int32).to(dev)
-            self._load_static(first + [0] * pad, *host[0])
             graph, _ = self.graphs[bs]
             out = torch.empty(steps, bs, dtype=torch.long, device=dev)
-            for k in range(steps):
-                if k:
-                    self.static_in[1:, :bs].copy_(rows[k])
-                    self.backend.set_graph_fill(bs, fills[k])
+            out[0].copy_(self.static_ids[:bs])
+            for k in range(1, steps):
+                self.static_in[1:, :bs].copy_(rows[k - 1])
+                self.backend.set_graph_fill(bs, fills[k - 1])
                 graph.replay()
                 out[k].copy_(self.static_ids[:bs])
-            self.graph_replays += steps
+            self.graph_replays += steps - 1
             return out[:, :n].tolist(), seqs
         ids = torch.tensor(first, dtype=torch.long, device=dev)
         out = []
