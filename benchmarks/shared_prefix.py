@@ -18,6 +18,13 @@ from benchmarks.decode import hf_compiled
 from braid_engine import LLM, SamplingParams
 
 
+def _free_memory(device: torch.device) -> None:
+    """Return what the last run left to the allocator, so the next baseline has the card."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = model_arguments(__doc__)
     ap.add_argument("--requests", type=int, default=64)
@@ -49,14 +56,11 @@ def main() -> None:
                      s["pages_peak"] * page_bytes, s["cascade_steps"]))
         llm.shutdown()
         del llm
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free_memory(device)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype).to(device).eval()
     x = torch.tensor(prompts, device=device)
     with torch.inference_mode():
         hf.generate(x[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)
-        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
         t0 = now(device)
         out = hf.generate(x, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                           do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -66,9 +70,7 @@ def main() -> None:
     hf_kv = args.requests * (args.prefix_tokens + args.suffix_tokens + args.new_tokens) * per_token
     rows.append(("transformers eager", (out.shape[1] - x.shape[1]) * args.requests / seconds, seconds, hf_kv, 0))
     del out
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free_memory(device)
     prefill_s, decode_s = hf_compiled(hf, x, args.new_tokens, device)
     seconds = prefill_s + decode_s
     rows.append(("transformers compiled", args.new_tokens * args.requests / seconds, seconds, hf_kv, 0))
