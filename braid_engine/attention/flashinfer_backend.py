@@ -75,6 +75,16 @@ SHORT_PREFILL_TOKENS = 256
 _CTA_ROWS = 128
 
 
+def _partial_bytes(num_qo_heads: int, head_dim: int) -> int:
+    """Workspace bytes of one (query tile, key chunk) partial output: float32 for every query head."""
+    return num_qo_heads * _CTA_ROWS * head_dim * 4
+
+
+def _query_tiles(query_len: int, group: int) -> int:
+    """fa2 packs a KV head's query heads with its rows: CTA tiles of 128 packed rows."""
+    return -(-query_len * group // _CTA_ROWS)
+
+
 def _split_pages(layout: BatchLayout, num_qo_heads: int, num_kv_heads: int, head_dim: int) -> int | None:
     """Split long KV for a prefill of few queries (a new turn after a long cached history):
     unsplit, one CTA per head walks all 8k keys (116 µs a layer on an H100 for 3 queries, in
@@ -84,9 +94,8 @@ def _split_pages(layout: BatchLayout, num_qo_heads: int, num_kv_heads: int, head
     if sum(layout.query_lens) > 512 or longest < 128:
         return None
     group = num_qo_heads // num_kv_heads
-    tiles = sum(-(-q * group // _CTA_ROWS) for q in layout.query_lens)
-    per_unit = num_qo_heads * _CTA_ROWS * head_dim * 4
-    chunks = (_WORKSPACE_BYTES // 2) // (per_unit * tiles)
+    tiles = sum(_query_tiles(q, group) for q in layout.query_lens)
+    chunks = (_WORKSPACE_BYTES // 2) // (_partial_bytes(num_qo_heads, head_dim) * tiles)
     if chunks < 2:
         return None
     return max(16, longest // 16, -(-longest // chunks))
@@ -97,8 +106,8 @@ def fa2_workspace_bytes(num_qo_heads: int, num_kv_heads: int, head_dim: int, num
     always) fa2 splits the keys into up to a few CTAs per SM for each KV head and keeps a float32
     partial output per (CTA, 128-row query tile) for every query head: with 16 query heads
     over 2 KV heads (ERNIE-4.5-0.3B) that passes 128 MB on an H100."""
-    units = max(4 * num_sms // num_kv_heads, -(-SHORT_PREFILL_TOKENS * (num_qo_heads // num_kv_heads) // _CTA_ROWS) + 1)
-    return max(_WORKSPACE_BYTES, num_qo_heads * units * _CTA_ROWS * head_dim * 4 + (16 << 20))
+    units = max(4 * num_sms // num_kv_heads, _query_tiles(SHORT_PREFILL_TOKENS, num_qo_heads // num_kv_heads) + 1)
+    return max(_WORKSPACE_BYTES, units * _partial_bytes(num_qo_heads, head_dim) + (16 << 20))
 
 
 class FlashInferBackend(AttentionBackend):
