@@ -121,9 +121,13 @@ class Attention(nn.Module):
         self.fused = False
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        t = x.shape[0]
+        return self.o_proj(self.attend(positions, self.qkv_proj(x), ctx))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The attention between the projections: q/k norms, RoPE, the KV write and attention
+        over the cache; returns [tokens, heads * head_dim], o_proj's input."""
+        t = qkv.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv = self.qkv_proj(x)
         if self.fused and not self.interleaved_rope:
             from braid_engine.kernels.qk_norm_rope import qk_norm_rope_write_kv
 
@@ -134,7 +138,7 @@ class Attention(nn.Module):
                 self.k_norm.weight if has_norm else None, self.q_norm.eps if has_norm else 0.0,
                 rope.cos, rope.sin, ctx.kv_cache[self.layer], ctx.layout.slot_mapping,
                 self.num_heads, self.num_kv_heads)
-            return self.o_proj(ctx.attend(self.layer, q).reshape(t, q_size))
+            return ctx.attend(self.layer, q).reshape(t, q_size)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
@@ -142,8 +146,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary[0](positions, q, k)
-        o = ctx.attention(self.layer, q, k, v)
-        return self.o_proj(o.reshape(t, q_size))
+        return ctx.attention(self.layer, q, k, v).reshape(t, q_size)
 
 
 class MLP(nn.Module):
@@ -174,9 +177,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.fused = False
+
+    # fused layers run one-token steps through the one-row matmul kernels (kernels/gemv.py);
+    # benchmarks switch it off to measure what it saves
+    row_kernels = True
 
     def set_fused(self, enabled: bool) -> None:
         """Switch this layer's norms, attention prologue and activation to the Triton kernels."""
+        self.fused = enabled
         for mod in (self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm):
             mod.fused = enabled
 
@@ -184,12 +193,28 @@ class DecoderLayer(nn.Module):
                 ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the previous layer's MLP output (or the embeddings with ``residual`` None);
         returns this layer's MLP output and the residual stream before it is added."""
+        if self.fused and self.row_kernels and x.shape[0] == 1:
+            return self._forward_row(positions, x, residual, ctx)
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.self_attn(positions, h, ctx), residual)
         return self.mlp(h), residual
+
+    def _forward_row(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                     ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: each norm and the SiLU·mul run inside the matmul after them."""
+        from braid_engine.kernels.gemv import norm_matmul, row_matmul, silu_matmul
+
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, residual = norm_matmul(x, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight,
+                                    attn.qkv_proj.bias)
+        h = row_matmul(attn.attend(positions, qkv, ctx), attn.o_proj.weight, attn.o_proj.bias)
+        gate_up, residual = norm_matmul(h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight,
+                                        mlp.gate_up_proj.bias)
+        return silu_matmul(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
 
 class DecoderModel(nn.Module):

@@ -41,3 +41,39 @@ def test_torch_path_matches_transformers(tmp_path, device):
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(_logits(path, False, ids, device), ref, rtol=1e-4, atol=1e-4)
+
+
+def _stepwise_logits(path, ids: list[int], device: torch.device) -> torch.Tensor:
+    """Logits of every position computed one token a step against the growing cache: with
+    fused layers each step takes the one-row matmul path."""
+    cfg = load_config(path)
+    model = load_model(path, cfg, device, torch.float32, cfg.max_position_embeddings)
+    model.set_fused(None, True)
+    ps = 4
+    cache = allocate_kv_cache(cfg, 8, ps, torch.float32, device)
+    backend = TorchBackend(cache, cfg.num_attention_heads, cfg.head_dim)
+    table = [5, 2, 7, 0, 3, 1]
+    rows = []
+    for p, token in enumerate(ids):
+        slot = torch.tensor([table[p // ps] * ps + p % ps], device=device)
+        backend.plan(BatchLayout([1], [p + 1], [table], ps, slot))
+        with torch.inference_mode():
+            hidden = model(torch.tensor([token], device=device), torch.tensor([p], device=device), backend)
+            rows.append(model.compute_logits(hidden).cpu())
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_one_token_steps_through_row_kernels_match_torch_path(tmp_path, arch, device, monkeypatch):
+    from braid_engine.kernels import gemv
+
+    path = make_tiny_checkpoint(tmp_path / arch, arch=arch, k_norm_max=96.5 if arch == "qwen3" else None)
+    ids = [3, 17, 42, 8, 99, 5, 61, 23, 7, 11]
+    launches = []
+    launch = gemv._launch
+    monkeypatch.setattr(gemv, "_launch", lambda prologue, *a, **k: launches.append(prologue) or launch(prologue, *a, **k))
+    rows = _stepwise_logits(path, ids, device)
+    layers = load_config(path).num_hidden_layers
+    # four one-row matmuls a layer a step: norm → qkv, o_proj, norm → gate_up, SiLU·mul → down
+    assert launches == [gemv.NORM, gemv.PLAIN, gemv.NORM, gemv.SILU] * layers * len(ids)
+    torch.testing.assert_close(rows, _logits(path, False, ids, device), rtol=1e-4, atol=1e-4)

@@ -71,3 +71,80 @@ def test_qk_norm_rope_write_kv(device, dtype, norm):
     _close(caches[0], caches[1])
     assert caches[0][:, 1].abs().sum() > 0
 
+
+
+def _matmul_close(y: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """y is a @ wᵀ (+ b) summed in float32 and rounded once: within a few float32 units of the
+    scale of the terms, plus one rounding of the output dtype."""
+    exact = a.double() @ w.double().T + (b.double() if b is not None else 0)
+    scale = (a.double().abs() @ w.double().abs().T).max().item()
+    tol = scale * 4e-6 + torch.finfo(y.dtype).eps * exact.abs().max().item()
+    assert y.shape == exact.shape and y.dtype == a.dtype
+    assert (y.double() - exact).abs().max().item() <= tol
+
+
+# uneven N and K exercise the masks; small tiles make the plain and SiLU kernels loop over K
+CONFIGS = [None, {"BLOCK_N": 4, "BLOCK_K": 64, "num_warps": 2}]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,bias", [(40, 96, False), (33, 200, True)])
+def test_row_matmul(device, dtype, n, k, bias):
+    from braid_engine.kernels.gemv import row_matmul
+
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=g).to(device, dtype)
+    w = torch.randn(n, k, generator=g).to(device, dtype)
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    for config in CONFIGS:
+        _matmul_close(row_matmul(x, w, b, config=config), x, w, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,bias", [(40, 96, False), (33, 200, True)])
+def test_silu_matmul(device, dtype, n, k, bias):
+    """The SiLU·mul inside the matmul rounds as the standalone kernel's reference does."""
+    from braid_engine.kernels.gemv import silu_matmul
+
+    g = torch.Generator().manual_seed(n * k)
+    x = (torch.randn(1, 2 * k, generator=g) * 3).to(device, dtype)
+    w = torch.randn(n, k, generator=g).to(device, dtype)
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    for config in CONFIGS:
+        _matmul_close(silu_matmul(x, w, b, config=config), silu_and_mul_ref(x), w, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("n,k,bias", [(40, 96, False), (33, 64, True)])
+def test_norm_matmul(device, dtype, residual, n, k, bias):
+    """Residual add and RMSNorm inside the matmul: the new residual is the exact rounded sum,
+    the product is the reference norm's output times the weight."""
+    from braid_engine.kernels.gemv import norm_matmul
+
+    g = torch.Generator().manual_seed(n + 7 * k)
+    x = torch.randn(1, k, generator=g).to(device, dtype)
+    r = torch.randn(1, k, generator=g).to(device, dtype) if residual else None
+    nw = (torch.rand(k, generator=g) * 4).to(device, dtype)
+    w = torch.randn(n, k, generator=g).to(device, dtype)
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    y, h = norm_matmul(x, r, nw, 1e-6, w, b)
+    if residual:
+        normed, ref_h = add_rms_norm_ref(x, r, nw, 1e-6)
+        assert torch.equal(h, ref_h)
+    else:
+        normed = rms_norm_ref(x, nw, 1e-6)
+        assert h is x
+    _matmul_close(y, normed, w, b)
+
+
+def test_one_row_matmuls_refuse_other_shapes(device):
+    from braid_engine.kernels.gemv import norm_matmul, row_matmul, silu_matmul
+
+    w = torch.zeros(4, 8, device=device)
+    with pytest.raises(ValueError, match=r"\[1, 8\]"):
+        row_matmul(torch.zeros(2, 8, device=device), w)
+    with pytest.raises(ValueError, match=r"\[1, 16\]"):
+        silu_matmul(torch.zeros(1, 8, device=device), w)
+    with pytest.raises(ValueError, match=r"\[1, 8\]"):
+        norm_matmul(torch.zeros(1, 9, device=device), None, torch.ones(9, device=device), 1e-6, w)

@@ -1,0 +1,89 @@
+"""Batch-1 (and small-batch) decode attention under a CUDA graph: FlashInfer's decode kernel
+as the engine's graphs plan it (split-KV always, plus a merge pass) against its other plans —
+no split (planned without graph mode, then captured), and the tensor-core decode with the
+split disabled (GPU only).
+
+    python -m benchmarks.decode_attention [--batch 1 4] [--kv 128 256 1024 4096]
+
+Qwen3-0.6B attention (16 q / 8 kv heads, head dim 128, bf16, HND, page 16); each replay runs
+28 layers' attention over 28 distinct caches, as a decode step does. Prints µs a layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import flashinfer
+import torch
+
+HQ, HKV, D, PS, LAYERS = 16, 8, 128, 16, 28
+WS = 128 << 20
+
+
+def run_graph(fn, reps: int = 100) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return sorted(times)[2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--kv", type=int, nargs="+", default=[128, 256, 1024, 4096])
+    args = ap.parse_args()
+    dev, bf = "cuda", torch.bfloat16
+    print(f"card: {torch.cuda.get_device_name()}, flashinfer {flashinfer.__version__}")
+    print(f"{'batch':>5} {'kv':>6} {'graph plan (split+merge)':>25} {'no split':>9} {'tensor cores, no split':>23} "
+          f"{'tensor cores, split':>20}  (µs a layer)")
+    common = dict(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PS, pos_encoding_mode="NONE",
+                  q_data_type=bf, kv_data_type=bf)
+    for b in args.batch:
+        for kv in args.kv:
+            pages = -(-kv // PS)
+            caches = [torch.randn(b * pages + 1, 2, HKV, PS, D, device=dev, dtype=bf) for _ in range(LAYERS)]
+            q = torch.randn(b, HQ, D, device=dev, dtype=bf)
+            indptr = torch.arange(b + 1, dtype=torch.int32) * pages
+            indices = torch.randperm(b * pages, dtype=torch.int32)
+            last = torch.full((b,), kv - (pages - 1) * PS, dtype=torch.int32)
+
+            def wrapper(graph: bool, tc: bool, b: int = b, pages: int = pages):
+                bufs = {}
+                if graph:
+                    bufs = dict(paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=dev),
+                                paged_kv_indices_buffer=torch.zeros(b * pages, dtype=torch.int32, device=dev),
+                                paged_kv_last_page_len_buffer=torch.zeros(b, dtype=torch.int32, device=dev))
+                return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    torch.zeros(WS, dtype=torch.uint8, device=dev), "HND", use_cuda_graph=graph,
+                    use_tensor_cores=tc, **bufs)
+
+            results, outs = [], []
+            for graph, tc, extra in ((True, False, {}), (False, False, {}), (True, True, {"disable_split_kv": True}),
+                                     (True, True, {})):
+                w = wrapper(graph, tc)
+                w.plan(indptr, indices, last, **common, **extra)
+
+                def step(w=w, q=q, caches=caches):
+                    for c in caches:
+                        w.run(q, c)
+
+                results.append(run_graph(step) / LAYERS * 1e6)
+                outs.append(w.run(q, caches[0]).float())
+            err = max(((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:])
+            print(f"{b:>5} {kv:>6} {results[0]:>25.2f} {results[1]:>9.2f} {results[2]:>23.2f} {results[3]:>20.2f}"
+                  f"  (outputs agree to {err:.1e})")
+
+
+if __name__ == "__main__":
+    main()

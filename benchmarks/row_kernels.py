@@ -1,0 +1,109 @@
+"""The matmuls of a batch-1 decode step, 28 Qwen3-0.6B layers under one CUDA graph: cuBLAS
+with the standalone norm and SiLU·mul kernels, against the one-row matmul kernels with those
+folded in (``braid_engine/kernels/gemv.py``), at a few block sizes (GPU only).
+
+    python -m benchmarks.row_kernels
+
+Attention sits between the two halves of a layer in the engine and is the same on both sides,
+so it is left out. Weights are distinct per layer (0.88 GB in all), so every replay reads them
+from memory as a decode step does, not from L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from braid_engine.kernels import gemv
+from braid_engine.kernels.activation import silu_and_mul
+from braid_engine.kernels.rmsnorm import add_rms_norm
+
+HIDDEN, INTER, QKV, Q = 1024, 3072, 4096, 2048
+
+
+def layers(n: int):
+    dev, bf = "cuda", torch.bfloat16
+
+    def w(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, device=dev, dtype=bf) * 0.02
+
+    return [dict(n1=torch.rand(HIDDEN, device=dev, dtype=bf) + 0.5, n2=torch.rand(HIDDEN, device=dev, dtype=bf) + 0.5,
+                 qkv=w(QKV, HIDDEN), o=w(HIDDEN, Q), gu=w(2 * INTER, HIDDEN), down=w(HIDDEN, INTER))
+            for _ in range(n)]
+
+
+def cublas_step(ws, x, r, o_in):
+    for lw in ws:
+        h, r = add_rms_norm(x, r, lw["n1"], 1e-6)
+        F.linear(h, lw["qkv"])  # attention would read it and write o_in
+        h, r = add_rms_norm(F.linear(o_in, lw["o"]), r, lw["n2"], 1e-6)
+        x = F.linear(silu_and_mul(F.linear(h, lw["gu"])), lw["down"])
+    return x
+
+
+def row_step(ws, x, r, o_in, configs):
+    c_qkv, c_o, c_gu, c_down = configs
+    for lw in ws:
+        _, r = gemv.norm_matmul(x, r, lw["n1"], 1e-6, lw["qkv"], config=c_qkv)
+        h = gemv.row_matmul(o_in, lw["o"], config=c_o)
+        gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"], config=c_gu)
+        x = gemv.silu_matmul(gu, lw["down"], config=c_down)
+    return x
+
+
+def graph_time(fn, reps: int) -> float:
+    """Seconds a replay of ``fn`` captured in a CUDA graph takes (median of 5 runs of reps)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return sorted(times)[2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--reps", type=int, default=200)
+    args = ap.parse_args()
+    ws = layers(args.layers)
+    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    o_in = torch.randn(1, Q, device="cuda", dtype=torch.bfloat16)  # attention's output
+    weight_bytes = sum(t.nbytes for lw in ws for t in lw.values())
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.layers} layers, "
+          f"{weight_bytes / 1e9:.2f} GB of weights")
+    base = graph_time(lambda: cublas_step(ws, x, r, o_in), args.reps)
+    print(f"{'kernels':44s} {'µs/layer':>9s} {'TB/s':>6s} {'vs cuBLAS':>9s}")
+    print(f"{'cuBLAS + norm/SiLU kernels (8 a layer)':44s} {base / args.layers * 1e6:9.2f} "
+          f"{weight_bytes / base / 1e12:6.2f} {1:8.2f}x")
+    shapes = [(QKV, HIDDEN, gemv.NORM), (HIDDEN, Q, gemv.PLAIN), (2 * INTER, HIDDEN, gemv.NORM),
+              (HIDDEN, INTER, gemv.SILU)]
+    default = [gemv.default_config(n, k, p) for n, k, p in shapes]
+    variants = {"default": default}
+    for bn_scale in (0.5, 2):
+        for warps in (2, 4, 8):
+            variants[f"BLOCK_N ×{bn_scale}, {warps} warps"] = [
+                {**c, "BLOCK_N": max(1, int(c["BLOCK_N"] * bn_scale)), "num_warps": warps} for c in default]
+    for warps in (2, 8):
+        variants[f"{warps} warps"] = [{**c, "num_warps": warps} for c in default]
+    for name, configs in variants.items():
+        t = graph_time(lambda configs=configs: row_step(ws, x, r, o_in, configs), args.reps)
+        print(f"{'row kernels (4 a layer), ' + name:44s} {t / args.layers * 1e6:9.2f} "
+              f"{weight_bytes / t / 1e12:6.2f} {base / t:8.2f}x")
+    print("configs: " + "; ".join(f"{n}x{k}: {c}" for (n, k, _), c in zip(shapes, default, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

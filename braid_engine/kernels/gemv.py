@@ -1,0 +1,122 @@
+"""One-row matmuls for batch-1 decode, with the small operation before each folded in.
+
+At one token a step, each projection of a decode step is a pass over its weights (4–13 MB for
+Qwen3-0.6B) and the kernels around it — RMSNorm, residual add, SiLU·mul — are a few µs of
+launch and ramp each for a few KB of work. These kernels read the input row in every program
+(it is a few KB and sits in L2), compute the operation before the matmul there, and give each
+program a few whole weight rows, so a decoder layer runs four matmul kernels instead of eight
+kernels around them, and no split-K reduction pass:
+
+- :func:`norm_matmul`: (optional residual add →) RMSNorm → x Wᵀ; the input norms before
+  qkv_proj and gate_up_proj.
+- :func:`silu_matmul`: SiLU(gate)·up → x Wᵀ; down_proj.
+- :func:`row_matmul`: x Wᵀ; o_proj.
+
+Every elementwise step rounds to the model dtype where PyTorch's unfused code does (the same
+order as ``rmsnorm.py`` and ``activation.py``); products are summed in float32 and rounded once,
+as cuBLAS does, so only the order of the float32 sums differs from ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PLAIN, NORM, SILU = 0, 1, 2
+# elements of weight one program loads per step of its loop: enough bytes in flight per SM
+# to keep the memory system busy, few enough registers to stay resident
+_TILE = 8192
+
+
+@triton.jit
+def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, eps,
+                       PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    dtype = y_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    if PROLOGUE == 1:
+        # the whole row in one tile: its RMS is needed before any product
+        rk = tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptr + rk, mask=k_ok, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            if pid == 0:
+                tl.store(h_ptr + rk, x, mask=k_ok)
+        h = x.to(tl.float32)
+        h = h * tl.math.rsqrt(tl.sum(h * h, axis=0) / K + eps)
+        nw = tl.load(nw_ptr + rk, mask=k_ok, other=0.0)
+        a = (nw.to(tl.float32) * h.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            if PROLOGUE == 2:
+                # x holds (gate, up) of K each; torch rounds silu's result before the multiply
+                g = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+                u = tl.load(x_ptr + K + rk, mask=k_ok, other=0.0)
+                s = (g / (1.0 + tl.exp(-g))).to(dtype)
+                a = (s.to(tl.float32) * u.to(tl.float32)).to(dtype).to(tl.float32)
+            else:
+                a = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * a[None, :]
+        y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
+
+
+def default_config(n: int, k: int, prologue: int) -> dict:
+    """Block sizes for an [n, k] weight: the norm prologue needs the whole row in one tile."""
+    block_k = triton.next_power_of_2(k) if prologue == NORM else min(triton.next_power_of_2(k), 4096)
+    return {"BLOCK_N": max(1, _TILE // block_k), "BLOCK_K": block_k, "num_warps": 4}
+
+
+def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+            eps: float = 0.0, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n, k = weight.shape
+    width = 2 * k if prologue == SILU else k
+    x = x.contiguous()
+    if x.shape != (1, width) or not weight.is_contiguous():
+        raise ValueError(f"one-row matmul takes a contiguous [1, {width}] input and [N, K] weight; got "
+                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x) if residual is not None else None
+    cfg = dict(config or default_config(n, k, prologue))
+    warps = cfg.pop("num_warps")
+    _row_matmul_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+        weight, bias if bias is not None else weight, y, h if h is not None else y, n, k, eps,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        num_warps=warps, **cfg)
+    return y, h
+
+
+def row_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               config: dict | None = None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]ᵀ (+ bias) → [1, N]."""
+    return _launch(PLAIN, x, weight, bias, config=config)[0]
+
+
+def norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None,
+                config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) @ weightᵀ (+ bias), x + residual); without a residual the
+    second item is x itself, as the layer's first norm returns it."""
+    y, h = _launch(NORM, x, weight, bias, residual, norm_weight, eps, config)
+    return y, (h if h is not None else x)
+
+
+def silu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                config: dict | None = None) -> torch.Tensor:
+    """x [1, 2K] = (gate, up) → (silu(gate) · up) @ weight [N, K]ᵀ (+ bias) → [1, N]."""
+    return _launch(SILU, x, weight, bias, config=config)[0]
