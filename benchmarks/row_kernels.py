@@ -1,6 +1,7 @@
 """The matmuls of a batch-1 decode step, 28 Qwen3-0.6B layers under one CUDA graph: cuBLAS
 with the standalone norm and SiLU·mul kernels, against the one-row matmul kernels with those
-folded in (``braid_engine/kernels/gemv.py``), at a few block sizes (GPU only).
+folded in (``braid_engine/kernels/gemv.py``), at a few block sizes, with and without
+programmatic dependent launch (GPU only).
 
     python -m benchmarks.row_kernels
 
@@ -16,6 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from braid_engine import kernels
 from braid_engine.kernels import gemv
 from braid_engine.kernels.activation import silu_and_mul
 from braid_engine.kernels.rmsnorm import add_rms_norm
@@ -85,23 +87,24 @@ def main() -> None:
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.layers} layers, "
           f"{weight_bytes / 1e9:.2f} GB of weights")
     base = graph_time(lambda: cublas_step(ws, x, r, o_in), args.reps)
-    print(f"{'kernels':44s} {'µs/layer':>9s} {'TB/s':>6s} {'vs cuBLAS':>9s}")
-    print(f"{'cuBLAS + norm/SiLU kernels (8 a layer)':44s} {base / args.layers * 1e6:9.2f} "
+    print(f"{'kernels':52s} {'µs/layer':>9s} {'TB/s':>6s} {'vs cuBLAS':>9s}")
+    print(f"{'cuBLAS + norm/SiLU kernels (8 a layer)':52s} {base / args.layers * 1e6:9.2f} "
           f"{weight_bytes / base / 1e12:6.2f} {1:8.2f}x")
     shapes = [(QKV, HIDDEN, gemv.NORM), (HIDDEN, Q, gemv.PLAIN), (2 * INTER, HIDDEN, gemv.NORM),
               (HIDDEN, INTER, gemv.SILU)]
     default = [gemv.default_config(n, k, p) for n, k, p in shapes]
-    variants = {"default": default}
-    for bn_scale in (0.5, 2):
-        for warps in (2, 4, 8):
-            variants[f"BLOCK_N ×{bn_scale}, {warps} warps"] = [
-                {**c, "BLOCK_N": max(1, int(c["BLOCK_N"] * bn_scale)), "num_warps": warps} for c in default]
-    for warps in (2, 8):
-        variants[f"{warps} warps"] = [{**c, "num_warps": warps} for c in default]
-    for name, configs in variants.items():
+    variants = {"default": (default, None)}
+    variants["default, no PDL"] = (default, False)
+    for bn_scale, warps in ((0.5, 4), (2, 8), (1, 8), (0.5, 8)):
+        configs = [{**c, "BLOCK_N": max(1, int(c["BLOCK_N"] * bn_scale)), "num_warps": warps} for c in default]
+        for pdl in (None, False):
+            variants[f"BLOCK_N ×{bn_scale}, {warps} warps" + (", no PDL" if pdl is False else "")] = (configs, pdl)
+    for name, (configs, pdl) in variants.items():
+        kernels.PDL = pdl
         t = graph_time(lambda configs=configs: row_step(ws, x, r, o_in, configs), args.reps)
-        print(f"{'row kernels (4 a layer), ' + name:44s} {t / args.layers * 1e6:9.2f} "
+        print(f"{'row kernels (4 a layer), ' + name:52s} {t / args.layers * 1e6:9.2f} "
               f"{weight_bytes / t / 1e12:6.2f} {base / t:8.2f}x")
+    kernels.PDL = None
     print("configs: " + "; ".join(f"{n}x{k}: {c}" for (n, k, _), c in zip(shapes, default, strict=True)))
 
 

@@ -15,3 +15,16 @@ import torch
 def fused_kernels_available(device: torch.device) -> bool:
     """True where the Triton kernels can run compiled: a CUDA device with triton installed."""
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+# Programmatic dependent launch (Hopper and later): a kernel launched so may start while the one
+# before it finishes, and waits for it (griddepcontrol.wait) before reading its output. The
+# one-row matmuls and the attention prologue use it. None: wherever the card has it; the
+# row_kernels benchmark sets it to measure what it gives.
+PDL: bool | None = None
+
+
+def use_pdl(device: torch.device) -> bool:
+    if device.type != "cuda" or PDL is False:
+        return False
+    return PDL or torch.cuda.get_device_capability(device)[0] >= 9

@@ -5,7 +5,9 @@ Qwen3-0.6B) and the kernels around it — RMSNorm, residual add, SiLU·mul — a
 launch and ramp each for a few KB of work. These kernels read the input row in every program
 (it is a few KB and sits in L2), compute the operation before the matmul there, and give each
 program a few whole weight rows, so a decoder layer runs four matmul kernels instead of eight
-kernels around them, and no split-K reduction pass:
+kernels around them, and no split-K reduction pass. On Hopper each kernel is launched as a
+programmatic dependent of the one before: it reads its first weight tile while that one
+finishes, and waits for it only before reading the input row.
 
 - :func:`norm_matmul`: (optional residual add →) RMSNorm → x Wᵀ; the input norms before
   qkv_proj and gate_up_proj.
@@ -23,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from braid_engine.kernels import use_pdl
+
 PLAIN, NORM, SILU = 0, 1, 2
 # elements of weight one program loads per step of its loop: enough bytes in flight per SM
 # to keep the memory system busy, few enough registers to stay resident
@@ -30,17 +34,11 @@ _TILE = 8192
 
 
 @triton.jit
-def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, eps,
-                       PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    dtype = y_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+def _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.constexpr,
+              PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """The matmul's input for columns ``rk``, in float32, rounded as the unfused ops round."""
     if PROLOGUE == 1:
-        # the whole row in one tile: its RMS is needed before any product
-        rk = tl.arange(0, BLOCK_K)
-        k_ok = rk < K
+        # the whole row is in this tile: its RMS is needed before any product
         x = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(r_ptr + rk, mask=k_ok, other=0.0)
@@ -50,25 +48,44 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, e
         h = x.to(tl.float32)
         h = h * tl.math.rsqrt(tl.sum(h * h, axis=0) / K + eps)
         nw = tl.load(nw_ptr + rk, mask=k_ok, other=0.0)
-        a = (nw.to(tl.float32) * h.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        a = (nw.to(tl.float32) * h.to(dtype).to(tl.float32)).to(dtype)
+    elif PROLOGUE == 2:
+        # x holds (gate, up) of K each; torch rounds silu's result before the multiply
+        g = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + K + rk, mask=k_ok, other=0.0)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype)
+        a = (s.to(tl.float32) * u.to(tl.float32)).to(dtype)
     else:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            if PROLOGUE == 2:
-                # x holds (gate, up) of K each; torch rounds silu's result before the multiply
-                g = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-                u = tl.load(x_ptr + K + rk, mask=k_ok, other=0.0)
-                s = (g / (1.0 + tl.exp(-g))).to(dtype)
-                a = (s.to(tl.float32) * u.to(tl.float32)).to(dtype).to(tl.float32)
-            else:
-                a = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * a[None, :]
-        y = tl.sum(acc, axis=1)
+        a = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
+    return a.to(tl.float32)
+
+
+@triton.jit
+def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, eps,
+                       PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    dtype = y_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if USE_PDL:
+        # the next kernel may start loading its weights: it waits for this one's output
+        tl.extra.cuda.gdc_launch_dependents()
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    k_ok = rk < K
+    # the weights never depend on the previous kernel: the first tile is read before waiting
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
+    acc = w.to(tl.float32) * a[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # only where K exceeds one tile (never with the norm)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
+        acc += w.to(tl.float32) * a[None, :]
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
@@ -92,12 +109,17 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
     cfg = dict(config or default_config(n, k, prologue))
+    if prologue == NORM and cfg["BLOCK_K"] < k:
+        raise ValueError(f"the norm prologue needs the whole row in one tile: BLOCK_K ≥ {k}")
     warps = cfg.pop("num_warps")
+    pdl = use_pdl(x.device)
+    if pdl:
+        cfg["launch_pdl"] = True
     _row_matmul_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         weight, bias if bias is not None else weight, y, h if h is not None else y, n, k, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        num_warps=warps, **cfg)
+        USE_PDL=pdl, num_warps=warps, **cfg)
     return y, h
 
 

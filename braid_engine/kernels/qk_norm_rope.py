@@ -7,51 +7,63 @@ import torch
 import triton
 import triton.language as tl
 
+from braid_engine.kernels import use_pdl
+
 
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, table_stride,
                          q_out_ptr, cache_ptr, slot_ptr, s_page, s_kv, s_head, s_off, page_size, eps,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         APPLY_NORM: tl.constexpr):
+                         HEADS: tl.constexpr, APPLY_NORM: tl.constexpr, USE_PDL: tl.constexpr):
+    # program (t, j): token t's q and k heads j·HEADS … as the rows of one tile (the rotation's
+    # halves apart), and the v heads beside those k heads
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0)
-    h = tl.program_id(1)
     half: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, half)
+    hh = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    is_q = hh < NUM_HEADS
+    is_k = (hh >= NUM_HEADS) & (hh < NUM_HEADS + NUM_KV_HEADS)
+    rows = (is_q | is_k)[:, None]
     dtype = q_out_ptr.dtype.element_ty
     row = qkv_ptr + t * qkv_stride
-    x1 = tl.load(row + h * HEAD_DIM + d)
-    x2 = tl.load(row + h * HEAD_DIM + half + d)
+    offs = hh[:, None] * HEAD_DIM + d[None, :]
+    x1 = tl.load(row + offs, mask=rows, other=0.0)
+    x2 = tl.load(row + offs + half, mask=rows, other=0.0)
     if APPLY_NORM:
         f1 = x1.to(tl.float32)
         f2 = x2.to(tl.float32)
-        r = tl.math.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / HEAD_DIM + eps)
-        is_q = h < NUM_HEADS
-        w1 = tl.where(is_q, tl.load(qw_ptr + d), tl.load(kw_ptr + d)).to(tl.float32)
-        w2 = tl.where(is_q, tl.load(qw_ptr + half + d), tl.load(kw_ptr + half + d)).to(tl.float32)
+        r = tl.math.rsqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / HEAD_DIM + eps)[:, None]
+        q_head = is_q[:, None]
+        w1 = tl.where(q_head, tl.load(qw_ptr + d)[None, :], tl.load(kw_ptr + d)[None, :]).to(tl.float32)
+        w2 = tl.where(q_head, tl.load(qw_ptr + half + d)[None, :], tl.load(kw_ptr + half + d)[None, :]).to(tl.float32)
         # normalise in float32, round to the model dtype, then multiply by the weight, as torch does
         x1 = (w1 * (f1 * r).to(dtype).to(tl.float32)).to(dtype)
         x2 = (w2 * (f2 * r).to(dtype).to(tl.float32)).to(dtype)
     pos = tl.load(pos_ptr + t)
-    c = tl.load(cos_ptr + pos * table_stride + d).to(dtype).to(tl.float32)
-    s = tl.load(sin_ptr + pos * table_stride + d).to(dtype).to(tl.float32)
+    c = tl.load(cos_ptr + pos * table_stride + d).to(dtype).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * table_stride + d).to(dtype).to(tl.float32)[None, :]
     a1 = x1.to(tl.float32)
     a2 = x2.to(tl.float32)
     # x*cos + rotate_half(x)*sin with each product and the sum rounded to the model dtype
     o1 = ((a1 * c).to(dtype).to(tl.float32) + (-a2 * s).to(dtype).to(tl.float32)).to(dtype)
     o2 = ((a2 * c).to(dtype).to(tl.float32) + (a1 * s).to(dtype).to(tl.float32)).to(dtype)
-    if h < NUM_HEADS:
-        out = q_out_ptr + (t * NUM_HEADS + h) * HEAD_DIM
-        tl.store(out + d, o1)
-        tl.store(out + half + d, o2)
-    else:
-        kv_h = h - NUM_HEADS
-        slot = tl.load(slot_ptr + t)
-        dst = cache_ptr + (slot // page_size) * s_page + kv_h * s_head + (slot % page_size) * s_off
-        tl.store(dst + d, o1.to(cache_ptr.dtype.element_ty))
-        tl.store(dst + half + d, o2.to(cache_ptr.dtype.element_ty))
-        full = tl.arange(0, HEAD_DIM)
-        v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_h) * HEAD_DIM + full)
-        tl.store(dst + s_kv + full, v.to(cache_ptr.dtype.element_ty))
+    q_dst = q_out_ptr + t * NUM_HEADS * HEAD_DIM + offs
+    tl.store(q_dst, o1, mask=is_q[:, None])
+    tl.store(q_dst + half, o2, mask=is_q[:, None])
+    slot = tl.load(slot_ptr + t)
+    page = cache_ptr + (slot // page_size) * s_page + (slot % page_size) * s_off
+    kv_h = (hh - NUM_HEADS)[:, None]
+    k_dst = page + kv_h * s_head + d[None, :]
+    ct = cache_ptr.dtype.element_ty
+    k_rows = is_k[:, None]
+    tl.store(k_dst, o1.to(ct), mask=k_rows)
+    tl.store(k_dst + half, o2.to(ct), mask=k_rows)
+    full = tl.arange(0, HEAD_DIM)[None, :]
+    v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_h) * HEAD_DIM + full, mask=k_rows, other=0.0)
+    tl.store(page + s_kv + kv_h * s_head + full, v.to(ct), mask=k_rows)
 
 
 def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None,
@@ -71,12 +83,19 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, q_weight: 
     apply_norm = q_weight is not None
     qw = q_weight if apply_norm else qkv
     kw = k_weight if apply_norm else qkv
-    # no FMA contraction: torch rounds each RoPE product before the sum
-    _qk_norm_rope_kernel[(t, num_heads + num_kv_heads)](
+    # long prompts: one program a token; a few tokens: a few heads a program, so that the step's
+    # handful of tokens still spreads over several SMs
+    heads = triton.next_power_of_2(num_heads + num_kv_heads)
+    if t < 64:
+        heads = min(heads, 8)
+    pdl = use_pdl(qkv.device)
+    _qk_norm_rope_kernel[(t, triton.cdiv(num_heads + num_kv_heads, heads))](
         qkv, qkv.stride(0), positions, qw, kw, cos, sin, cos.stride(0), q, cache, slot_mapping,
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.shape[3], eps,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, APPLY_NORM=apply_norm,
-        num_warps=1, enable_fp_fusion=False)
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, HEADS=heads, APPLY_NORM=apply_norm,
+        # no FMA contraction: torch rounds each RoPE product before the sum
+        USE_PDL=pdl, num_warps=max(1, min(8, heads * d // 512)), enable_fp_fusion=False,
+        **({"launch_pdl": True} if pdl else {}))
     return q
 
 

@@ -7,7 +7,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from braid_engine import LLM, SamplingParams  # noqa: E402
-from braid_engine.testing import make_tiny_checkpoint  # noqa: E402
+from braid_engine.testing import forward_logits, make_tiny_checkpoint  # noqa: E402
+
+# a token may differ between two bf16 computations only where the top two logits are this close
+NEAR_TIE = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +44,27 @@ def test_graphs_give_the_eager_tokens(engines, batch):
 
 
 def test_graphs_and_prefix_cache_continue_a_conversation(engines):
-    """Both engines reuse their cache the same way, so only the graphs differ. (In bf16, KV
-    cached from decode steps and KV recomputed by a prefill round differently; exactness of
-    reuse itself is the fp32 CPU suite's job.)"""
+    """Both engines reuse their cache the same way, so only the graphs differ. In bf16 they may
+    still round apart: a graph's decode plan always splits the keys and merges the parts, an
+    eager plan does not split short sequences (~1 bf16 unit in some outputs). So the tokens must
+    agree up to a near-tie of the eager model's logits, and the turns up to it reuse the same
+    number of tokens. (Exactness of reuse itself is the fp32 CPU suite's job.)"""
     graphed, eager = engines
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompt = list(range(10, 60))
-    for _ in range(3):
+    for turn in range(3):
         out = graphed.generate([prompt], params)[0]
         ref = eager.generate([prompt], params)[0]
-        assert (out.token_ids, out.num_cached_tokens) == (ref.token_ids, ref.num_cached_tokens)
+        assert out.num_cached_tokens == ref.num_cached_tokens
+        same = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)) if a != b), None)
+        if same is not None:
+            top2 = forward_logits(eager, prompt + ref.token_ids[:same])[-1].topk(2).values
+            gap = (top2[0] - top2[1]).item()
+            print(f"turn {turn}: graphs and eager part at token {same} (eager top-2 gap there {gap:.4f})")
+            assert gap < NEAR_TIE, f"graphs and eager diverged at token {same} of turn {turn} without a near-tie"
+            break  # the caches now hold different answers
         prompt = prompt + out.token_ids + [7, 8, 9]
-    assert out.num_cached_tokens > 0
+    assert turn == 0 or out.num_cached_tokens > 0
 
 
 @pytest.mark.parametrize("new_tokens", [2, 15, 16, 17, 100, 255])

@@ -76,4 +76,8 @@ def test_one_token_steps_through_row_kernels_match_torch_path(tmp_path, arch, de
     layers = load_config(path).num_hidden_layers
     # four one-row matmuls a layer a step: norm → qkv, o_proj, norm → gate_up, SiLU·mul → down
     assert launches == [gemv.NORM, gemv.PLAIN, gemv.NORM, gemv.SILU] * layers * len(ids)
-    torch.testing.assert_close(rows, _logits(path, False, ids, device), rtol=1e-4, atol=1e-4)
+    ref = _logits(path, False, ids, device)
+    # float32 sums in another order; k_norm weights of 96.5 amplify that (2.7e-4 seen on an
+    # H100), a wrong rounding or a lost residual would move logits by whole units
+    torch.testing.assert_close(rows, ref, rtol=1e-3, atol=1e-3)
+    assert torch.equal(rows.argmax(-1), ref.argmax(-1))

@@ -53,15 +53,19 @@ def test_silu_and_mul(device, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False])
-def test_qk_norm_rope_write_kv(device, dtype, norm):
+# few tokens: 8 heads a program (6 + 3 heads: two programs, the second half empty); 70 tokens:
+# one program a token, every head in one tile
+@pytest.mark.parametrize("hq,hkv,t", [(4, 2, 7), (6, 3, 7), (6, 3, 70)])
+def test_qk_norm_rope_write_kv(device, dtype, norm, hq, hkv, t):
     g = torch.Generator().manual_seed(3)
-    hq, hkv, d, ps, pages, t = 4, 2, 32, 4, 6, 7
+    d, ps = 32, 4
+    pages = -(-t // ps) + 2
     qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(device, dtype)
     qw = (0.5 + torch.rand(d, generator=g)).to(device, dtype) if norm else None
     # k_norm weights as large as Qwen3-0.6B's (96.5) make any rounding slip visible
     kw = (torch.rand(d, generator=g) * 96.5).to(device, dtype) if norm else None
     rope = RotaryEmbedding(d, 1e6, 64, interleaved=False).to(device)
-    positions = torch.tensor([0, 1, 2, 9, 10, 33, 63], device=device)
+    positions = torch.randint(0, 64, (t,), generator=g).to(device)
     slots = torch.randperm(pages * ps, generator=g)[:t].to(device)
     caches = [torch.zeros(pages, 2, hkv, ps, d, dtype=dtype, device=device) for _ in range(2)]
     q = qk_norm_rope_write_kv(qkv, positions, qw, kw, 1e-6, rope.cos, rope.sin, caches[0], slots, hq, hkv)
@@ -70,7 +74,6 @@ def test_qk_norm_rope_write_kv(device, dtype, norm):
     _close(q, q_ref)
     _close(caches[0], caches[1])
     assert caches[0][:, 1].abs().sum() > 0
-
 
 
 def _matmul_close(y: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
