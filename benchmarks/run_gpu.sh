@@ -2,7 +2,7 @@
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|decode|workloads|all]
-# 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, profile_step.py) and 'workloads'
+# 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py) and 'workloads'
 # (prefill.py, shared_prefix.py, multiturn.py) a few minutes each on an H100: under a 10-minute
 # limit per command, run them apart.
 # FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts); put them in .fictgz/ (git-
@@ -23,6 +23,7 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
   timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 8 32 128 --compiled-batches 1 --kv-gb 16 2>&1 | grep -v Warning | tail -12 | tee "$OUT/decode.log"
   timeout 120 python3 -m benchmarks.kernels --tokens 1 32 2048 2>&1 | grep -v Warning | tee "$OUT/kernels.log"
+  timeout 100 python3 -m benchmarks.row_kernels 2>&1 | grep -v Warning | tee "$OUT/row_kernels.log"
   timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token" "$OUT/profile_step.log" | head -40
 fi
