@@ -93,18 +93,18 @@ def main() -> None:
     shapes = [(QKV, HIDDEN, gemv.NORM), (HIDDEN, Q, gemv.PLAIN), (2 * INTER, HIDDEN, gemv.NORM),
               (HIDDEN, INTER, gemv.SILU)]
     default = [gemv.default_config(n, k, p) for n, k, p in shapes]
-    variants = {"default": (default, None)}
+    variants = {"default": (default, True)}
     variants["default, no PDL"] = (default, False)
     for bn_scale, warps in ((0.5, 4), (2, 8), (1, 8), (0.5, 8)):
         configs = [{**c, "BLOCK_N": max(1, int(c["BLOCK_N"] * bn_scale)), "num_warps": warps} for c in default]
-        for pdl in (None, False):
+        for pdl in (True, False):
             variants[f"BLOCK_N ×{bn_scale}, {warps} warps" + (", no PDL" if pdl is False else "")] = (configs, pdl)
     for name, (configs, pdl) in variants.items():
         kernels.PDL = pdl
         t = graph_time(lambda configs=configs: row_step(ws, x, r, o_in, configs), args.reps)
         print(f"{'row kernels (4 a layer), ' + name:52s} {t / args.layers * 1e6:9.2f} "
               f"{weight_bytes / t / 1e12:6.2f} {base / t:8.2f}x")
-    kernels.PDL = None
+    kernels.PDL = True
     print("configs: " + "; ".join(f"{n}x{k}: {c}" for (n, k, _), c in zip(shapes, default, strict=True)))
 
 

@@ -7,6 +7,7 @@ by float32 reduction order.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -19,12 +20,16 @@ def fused_kernels_available(device: torch.device) -> bool:
 
 # Programmatic dependent launch (Hopper and later): a kernel launched so may start while the one
 # before it finishes, and waits for it (griddepcontrol.wait) before reading its output. The
-# one-row matmuls and the attention prologue use it. None: wherever the card has it; the
-# row_kernels benchmark sets it to measure what it gives.
-PDL: bool | None = None
+# one-row matmuls and the attention prologue use it wherever the card has it; the row_kernels
+# benchmark switches it off to measure what it gives.
+PDL = True
+
+
+@functools.cache
+def _has_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def use_pdl(device: torch.device) -> bool:
-    if device.type != "cuda" or PDL is False:
-        return False
-    return PDL or torch.cuda.get_device_capability(device)[0] >= 9
+    return PDL and device.type == "cuda" and _has_pdl(device.index if device.index is not None
+                                                       else torch.cuda.current_device())

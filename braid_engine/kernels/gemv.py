@@ -21,6 +21,8 @@ as cuBLAS does, so only the order of the float32 sums differs from ``F.linear``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -91,10 +93,14 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, e
     tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
 
 
+@functools.cache
 def default_config(n: int, k: int, prologue: int) -> dict:
-    """Block sizes for an [n, k] weight: the norm prologue needs the whole row in one tile."""
+    """Block sizes for an [n, k] weight: the norm prologue needs the whole row in one tile,
+    which past 2,048 columns takes 8 warps (4 spill registers at 4,096). Callers copy it."""
     block_k = triton.next_power_of_2(k) if prologue == NORM else min(triton.next_power_of_2(k), 4096)
-    return {"BLOCK_N": max(1, _TILE // block_k), "BLOCK_K": block_k, "num_warps": 4}
+    warps = 8 if prologue == NORM and block_k > 2048 else 4
+    return {"BLOCK_N": max(1, _TILE // block_k), "BLOCK_K": block_k, "num_warps": warps}
+
 
 
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -106,6 +112,10 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if x.shape != (1, width) or not weight.is_contiguous():
         raise ValueError(f"one-row matmul takes a contiguous [1, {width}] input and [N, K] weight; got "
                          f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if residual is not None:
+        residual = residual.contiguous()
+        if residual.shape != x.shape:
+            raise ValueError(f"the residual must match the input {tuple(x.shape)}, got {tuple(residual.shape)}")
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
     cfg = dict(config or default_config(n, k, prologue))

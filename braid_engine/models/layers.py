@@ -182,6 +182,7 @@ class DecoderLayer(nn.Module):
     # fused layers run one-token steps through the one-row matmul kernels (kernels/gemv.py);
     # benchmarks switch it off to measure what it saves
     row_kernels = True
+    MAX_ROW_WIDTH = 8192  # the norm prologue holds a whole hidden row in registers; wider: cuBLAS
 
     def set_fused(self, enabled: bool) -> None:
         """Switch this layer's norms, attention prologue and activation to the Triton kernels."""
@@ -193,7 +194,7 @@ class DecoderLayer(nn.Module):
                 ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the previous layer's MLP output (or the embeddings with ``residual`` None);
         returns this layer's MLP output and the residual stream before it is added."""
-        if self.fused and self.row_kernels and x.shape[0] == 1:
+        if self.fused and self.row_kernels and x.shape[0] == 1 and x.shape[1] <= self.MAX_ROW_WIDTH:
             return self._forward_row(positions, x, residual, ctx)
         if residual is None:
             h, residual = self.input_layernorm(x), x

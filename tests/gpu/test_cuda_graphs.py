@@ -56,12 +56,12 @@ def test_graphs_and_prefix_cache_continue_a_conversation(engines):
         out = graphed.generate([prompt], params)[0]
         ref = eager.generate([prompt], params)[0]
         assert out.num_cached_tokens == ref.num_cached_tokens
-        same = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)) if a != b), None)
-        if same is not None:
-            top2 = forward_logits(eager, prompt + ref.token_ids[:same])[-1].topk(2).values
+        part = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)) if a != b), None)
+        if part is not None:
+            top2 = forward_logits(eager, prompt + ref.token_ids[:part])[-1].topk(2).values
             gap = (top2[0] - top2[1]).item()
-            print(f"turn {turn}: graphs and eager part at token {same} (eager top-2 gap there {gap:.4f})")
-            assert gap < NEAR_TIE, f"graphs and eager diverged at token {same} of turn {turn} without a near-tie"
+            print(f"turn {turn}: graphs and eager part at token {part} (eager top-2 gap there {gap:.4f})")
+            assert gap < NEAR_TIE, f"graphs and eager diverged at token {part} of turn {turn} without a near-tie"
             break  # the caches now hold different answers
         prompt = prompt + out.token_ids + [7, 8, 9]
     assert turn == 0 or out.num_cached_tokens > 0

@@ -81,3 +81,16 @@ def test_one_token_steps_through_row_kernels_match_torch_path(tmp_path, arch, de
     # H100), a wrong rounding or a lost residual would move logits by whole units
     torch.testing.assert_close(rows, ref, rtol=1e-3, atol=1e-3)
     assert torch.equal(rows.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
+def test_dependent_launch_changes_no_bit(tmp_path, device, monkeypatch):
+    """PDL only lets a kernel start early; every kernel waits for its input, so the logits are
+    bit-identical with it on and off (a missing wait would read a half-written row)."""
+    from braid_engine import kernels
+
+    path = make_tiny_checkpoint(tmp_path / "q", k_norm_max=96.5)
+    ids = [3, 17, 42, 8, 99, 5, 61, 23, 7, 11]
+    on = _stepwise_logits(path, ids, device)
+    monkeypatch.setattr(kernels, "PDL", False)
+    assert torch.equal(_stepwise_logits(path, ids, device), on)
