@@ -36,6 +36,19 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     hf_dtype = None
+    header = False
+
+    def row(name: str, tps: float, sec: float, kv: float, steps: int) -> None:
+        """Print each result as it comes, so a run cut short still reports what it measured."""
+        nonlocal header
+        if not header:
+            print(f"card: {card(device)}; dtype {hf_dtype}; {args.requests} requests × ({args.prefix_tokens} "
+                  f"shared + {args.suffix_tokens} own) tokens, {args.new_tokens} new each")
+            print(f"{'':<24} {'tokens/s':>10} {'seconds':>8} {'KV MB':>8} {'cascade steps':>14}", flush=True)
+            header = True
+        rows.append((name, tps, sec, kv, steps))
+        print(f"{name:<24} {tps:>10.1f} {sec:>8.2f} {kv / 1e6:>8.1f} {steps:>14}", flush=True)
+
     for cascade in ("auto", "never", "always"):
         llm = LLM(path, device=args.device, dtype=args.dtype, cascade=cascade, **kv_kwargs(args))
         device, hf_dtype = llm.config.device, llm.config.dtype
@@ -52,8 +65,8 @@ def main() -> None:
         seconds = now(device) - t0
         s = llm.stats()
         page_bytes = llm.engine.runner.backend.kv_cache[:, 0].numel() * llm.config.dtype.itemsize
-        rows.append((f"braid, cascade {cascade}", sum(len(o.token_ids) for o in outs) / seconds, seconds,
-                     s["pages_peak"] * page_bytes, s["cascade_steps"]))
+        row(f"braid, cascade {cascade}", sum(len(o.token_ids) for o in outs) / seconds, seconds,
+            s["pages_peak"] * page_bytes, s["cascade_steps"])
         llm.shutdown()
         del llm
         _free_memory(device)
@@ -68,17 +81,12 @@ def main() -> None:
     cfg = hf.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.head_dim or 0) * hf_dtype.itemsize
     hf_kv = args.requests * (args.prefix_tokens + args.suffix_tokens + args.new_tokens) * per_token
-    rows.append(("transformers eager", (out.shape[1] - x.shape[1]) * args.requests / seconds, seconds, hf_kv, 0))
+    row("transformers eager", (out.shape[1] - x.shape[1]) * args.requests / seconds, seconds, hf_kv, 0)
     del out
     _free_memory(device)
     prefill_s, decode_s = hf_compiled(hf, x, args.new_tokens, device)
     seconds = prefill_s + decode_s
-    rows.append(("transformers compiled", args.new_tokens * args.requests / seconds, seconds, hf_kv, 0))
-    print(f"card: {card(device)}; dtype {hf_dtype}; {args.requests} requests × ({args.prefix_tokens} shared + "
-          f"{args.suffix_tokens} own) tokens, {args.new_tokens} new each")
-    print(f"{'':<24} {'tokens/s':>10} {'seconds':>8} {'KV MB':>8} {'cascade steps':>14}")
-    for name, tps, sec, kv, steps in rows:
-        print(f"{name:<24} {tps:>10.1f} {sec:>8.2f} {kv / 1e6:>8.1f} {steps:>14}")
+    row("transformers compiled", args.new_tokens * args.requests / seconds, seconds, hf_kv, 0)
     print(f"braid (auto) vs transformers eager: {rows[0][1] / rows[-2][1]:.2f}x tokens/s; vs compiled: "
           f"{rows[0][1] / rows[-1][1]:.2f}x tokens/s; {rows[-1][3] / rows[0][3]:.1f}x less KV")
 

@@ -110,7 +110,7 @@ class LLM:
         backend = _make_backend(backend_name, kv_cache, cfg.num_attention_heads, cfg.head_dim, cascade)
         runner = ModelRunner(torch_model, backend, page_size, dev)
         if graphs:
-            runner.capture_graphs(max_num_seqs, pad_page=num_pages)
+            runner.capture_graphs(max_num_seqs, pad_page=num_pages, max_seq_pages=-(-max_len // page_size))
         self.engine = LLMEngine(cfg, self.config, self.tokenizer, runner, self._eos_ids(path))
         logger.info("braid: %s on %s (%s), %s attention, %d KV pages of %d tokens",
                     cfg.architecture, dev, dt, backend_name, num_pages, page_size)

@@ -145,6 +145,7 @@ class FlashInferBackend(AttentionBackend):
         self._is_decode = False
         self._rows: slice | torch.Tensor | None = None
         self._graph_decode: dict[int, object] = {}  # captured batch size → fixed-buffer wrapper
+        self._graph_workspace: torch.Tensor | None = None
         self._graph_prefill: dict[int, object] = {}  # captured token count → fixed-buffer wrapper
         self._active = None  # the graph wrapper of this step, when it replays a graph
 
@@ -154,13 +155,18 @@ class FlashInferBackend(AttentionBackend):
                     pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=dt, kv_data_type=dt)
 
     # -- CUDA graphs: decode steps with fixed-size buffers, planned outside the graph --------
-    def prepare_graph(self, batch_size: int) -> None:
+    def prepare_graph(self, batch_size: int, max_seq_pages: int) -> None:
+        """A decode wrapper for ``batch_size`` sequences of up to ``max_seq_pages`` pages each.
+        Sequences that share a prefix list its pages each, so a step's page indices can far
+        outnumber the pool's pages (64 requests on one 4k-token prompt: 16k indices)."""
         import flashinfer
 
         dev = self.kv_cache.device
-        max_pages = self.kv_cache.shape[1] + batch_size
+        max_pages = batch_size * max(max_seq_pages, 1)
+        if self._graph_workspace is None:  # scratch of the split-KV parts: graphs replay one at a time
+            self._graph_workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
         self._graph_decode[batch_size] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev), "HND", use_cuda_graph=True,
+            self._graph_workspace, "HND", use_cuda_graph=True,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
             paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=dev),
             paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev))

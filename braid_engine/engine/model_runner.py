@@ -28,10 +28,11 @@ class ModelRunner:
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
-    def capture_graphs(self, max_batch: int, pad_page: int) -> None:
+    def capture_graphs(self, max_batch: int, pad_page: int, max_seq_pages: int) -> None:
         """Capture one decode graph per batch size up to ``max_batch``. Inputs live in static
         buffers; the attention plan is made outside the graph before each replay. Padding rows
-        write their KV into ``pad_page``, a page the pool never hands out."""
+        write their KV into ``pad_page``, a page the pool never hands out. A sequence's page
+        table has at most ``max_seq_pages`` entries."""
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
         dev = self.device
         n = max(sizes[-1], PREFILL_GRAPH_TOKENS[-1])
@@ -44,7 +45,7 @@ class ModelRunner:
         self.static_last = torch.zeros(1, dtype=torch.long, device=dev)
         pool = None
         for bs in reversed(sizes):
-            self.backend.prepare_graph(bs)
+            self.backend.prepare_graph(bs, max_seq_pages)
             layout = BatchLayout([], [], [], self.page_size, self.static_slots[:bs])
             self.backend.plan_graph(layout, bs, pad_page)
             self.graphs[bs] = self._capture(self._forward_static, bs, pool)

@@ -43,6 +43,18 @@ def test_graphs_give_the_eager_tokens(engines, batch):
     assert a == b
 
 
+def _agree_up_to_near_tie(eager, prompt: list[int], out: list[int], ref: list[int]) -> int | None:
+    """Index where two greedy continuations part (None if they do not); they may part only
+    where the eager model's top two logits are within NEAR_TIE."""
+    part = next((i for i, (a, b) in enumerate(zip(out, ref, strict=True)) if a != b), None)
+    if part is not None:
+        top2 = forward_logits(eager, prompt + ref[:part])[-1].topk(2).values
+        gap = (top2[0] - top2[1]).item()
+        print(f"graphs and eager part at token {part} (eager top-2 gap there {gap:.4f})")
+        assert gap < NEAR_TIE, f"graphs and eager diverged at token {part} without a near-tie"
+    return part
+
+
 def test_graphs_and_prefix_cache_continue_a_conversation(engines):
     """Both engines reuse their cache the same way, so only the graphs differ. In bf16 they may
     still round apart: a graph's decode plan always splits the keys and merges the parts, an
@@ -52,19 +64,40 @@ def test_graphs_and_prefix_cache_continue_a_conversation(engines):
     graphed, eager = engines
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompt = list(range(10, 60))
-    for turn in range(3):
+    for _ in range(3):
         out = graphed.generate([prompt], params)[0]
         ref = eager.generate([prompt], params)[0]
         assert out.num_cached_tokens == ref.num_cached_tokens
-        part = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)) if a != b), None)
-        if part is not None:
-            top2 = forward_logits(eager, prompt + ref.token_ids[:part])[-1].topk(2).values
-            gap = (top2[0] - top2[1]).item()
-            print(f"turn {turn}: graphs and eager part at token {part} (eager top-2 gap there {gap:.4f})")
-            assert gap < NEAR_TIE, f"graphs and eager diverged at token {part} of turn {turn} without a near-tie"
+        if _agree_up_to_near_tie(eager, prompt, out.token_ids, ref.token_ids) is not None:
             break  # the caches now hold different answers
         prompt = prompt + out.token_ids + [7, 8, 9]
-    assert turn == 0 or out.num_cached_tokens > 0
+    else:
+        assert out.num_cached_tokens > 0
+
+
+def test_graphs_plan_requests_that_share_a_long_prefix(engines):
+    """Sequences sharing a prefix each list its pages: a decode step's page indices outnumber
+    the pool's pages (here 8 × 39 against 80), which the graphs' index buffers must hold."""
+    path = engines[0].model_path
+    kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_num_seqs=16,
+              num_pages=80, cascade="never")
+    graphed, eager = LLM(path, cuda_graphs=True, **kw), LLM(path, cuda_graphs=False, **kw)
+    try:
+        prefix = [(7 * i) % 390 + 3 for i in range(600)]
+        prompts = [prefix + [100 + i] for i in range(8)]
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        for llm in (graphed, eager):
+            llm.generate([prefix], SamplingParams(temperature=0, max_tokens=1))  # cache the prefix
+        before = graphed.engine.runner.graph_replays
+        outs = graphed.generate(prompts, params)
+        refs = eager.generate(prompts, params)
+        assert graphed.engine.runner.graph_replays - before >= 7
+        for prompt, out, ref in zip(prompts, outs, refs, strict=True):
+            assert out.num_cached_tokens == ref.num_cached_tokens >= 592
+            _agree_up_to_near_tie(eager, prompt, out.token_ids, ref.token_ids)
+    finally:
+        graphed.shutdown()
+        eager.shutdown()
 
 
 @pytest.mark.parametrize("new_tokens", [2, 15, 16, 17, 100, 255])
