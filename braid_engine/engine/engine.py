@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import operator
 import queue
 import threading
+from array import array
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -115,6 +117,24 @@ class PinHandle:
         self.engine.release(self)
 
 
+def _in_range(token_id, vocab: int) -> bool:
+    try:
+        return 0 <= operator.index(token_id) < vocab
+    except TypeError:
+        return False
+
+
+def _ids_in_range(token_ids: list[int], vocab: int) -> bool:
+    """Whether every id is an integer in [0, vocab). Prompts run to many thousand ids, so they
+    go into a C array at once (it refuses floats, strings and ints past 64 bits; bools and
+    numpy integers are integers) and torch takes the range."""
+    try:
+        ids = torch.frombuffer(array("q", token_ids), dtype=torch.int64)
+    except (TypeError, OverflowError):
+        return False
+    return 0 <= int(ids.min()) and int(ids.max()) < vocab
+
+
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, tokenizer, runner: ModelRunner,
                  eos_token_ids: set[int]) -> None:
@@ -143,11 +163,10 @@ class LLMEngine:
         if not token_ids:
             raise InvalidRequestError("the prompt is empty; pass at least one token.")
         vocab = self.model_config.vocab_size
-        # prompts run to many thousand ids: check types and range in C, search only on failure
-        if set(map(type, token_ids)) <= {int} and 0 <= min(token_ids) and max(token_ids) < vocab:
-            bad = None
+        if not _ids_in_range(token_ids, vocab):
+            bad = [t for t in token_ids if not _in_range(t, vocab)]
         else:
-            bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            bad = None
         if bad:
             raise InvalidRequestError(
                 f"token id {bad[0]!r} is outside the vocabulary (0 … {vocab - 1}); "

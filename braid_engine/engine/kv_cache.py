@@ -48,13 +48,16 @@ class PagePool:
         return pages
 
     def incref(self, pages: list[int]) -> None:
+        refs = self.refs  # a long history's table is hundreds of pages, every turn
         for p in pages:
-            assert self.refs[p] > 0, f"page {p} is free and cannot gain a reference"
-            self.refs[p] += 1
+            assert refs[p] > 0, f"page {p} is free and cannot gain a reference"
+            refs[p] += 1
 
     def decref(self, pages: list[int]) -> None:
+        refs, free = self.refs, self._free
         for p in pages:
-            assert self.refs[p] > 0, f"page {p} released more often than referenced"
-            self.refs[p] -= 1
-            if self.refs[p] == 0:
-                self._free.append(p)
+            n = refs[p] - 1
+            assert n >= 0, f"page {p} released more often than referenced"
+            refs[p] = n
+            if n == 0:
+                free.append(p)

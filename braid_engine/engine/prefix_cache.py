@@ -84,8 +84,7 @@ class RadixCache:
         table = [-1] * (-(-length // ps))
         for node in path:
             first = node.start // ps
-            for i, page in enumerate(node.pages):
-                table[first + i] = page
+            table[first:first + len(node.pages)] = node.pages
         return table
 
     # -- insert ------------------------------------------------------------------------

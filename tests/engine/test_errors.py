@@ -110,6 +110,9 @@ def test_request_errors_leave_the_engine_serving(tiny_qwen3):
         llm.generate([[1, 2, vocab]], GREEDY)
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         llm.generate([[1, -4]], GREEDY)
+    for bad in (3.0, "7", 2**70, None):  # not integers, or past any int64
+        with pytest.raises(InvalidRequestError, match=f"token id {bad!r} is outside the vocabulary"):
+            llm.generate([[1, 2, bad, 3]], GREEDY)
     with pytest.raises(InvalidRequestError, match="empty"):
         llm.generate([[]], GREEDY)
     with pytest.raises(InvalidRequestError, match="SamplingParams"):
