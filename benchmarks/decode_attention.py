@@ -1,7 +1,8 @@
 """Batch-1 (and small-batch) decode attention under a CUDA graph: FlashInfer's decode kernel
 as the engine's graphs plan it (split-KV always, plus a merge pass) against its other plans —
-no split (planned without graph mode, then captured), and the tensor-core decode with the
-split disabled (GPU only).
+no split (planned without graph mode, then captured), the tensor-core decode with the
+split disabled — and our own split-KV Triton kernel (`braid_engine/kernels/decode_attention.py`)
+(GPU only).
 
     python -m benchmarks.decode_attention [--batch 1 4] [--kv 128 256 1024 4096]
 
@@ -15,6 +16,8 @@ import argparse
 
 import flashinfer
 import torch
+
+from braid_engine.kernels.decode_attention import DecodeAttention
 
 HQ, HKV, D, PS, LAYERS = 16, 8, 128, 16, 28
 WS = 128 << 20
@@ -46,7 +49,7 @@ def main() -> None:
     dev, bf = "cuda", torch.bfloat16
     print(f"card: {torch.cuda.get_device_name()}, flashinfer {flashinfer.__version__}")
     print(f"{'batch':>5} {'kv':>6} {'graph plan (split+merge)':>25} {'no split':>9} {'tensor cores, no split':>23} "
-          f"{'tensor cores, split':>20}  (µs a layer)")
+          f"{'tensor cores, split':>20} {'triton (ours)':>14}  (µs a layer)")
     common = dict(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PS, pos_encoding_mode="NONE",
                   q_data_type=bf, kv_data_type=bf)
     for b in args.batch:
@@ -80,9 +83,19 @@ def main() -> None:
 
                 results.append(run_graph(step) / LAYERS * 1e6)
                 outs.append(w.run(q, caches[0]).float())
+            ours = DecodeAttention(b, HQ, HKV, D, torch.device(dev))
+            table = indices.reshape(b, pages).to(dev)
+            lens = torch.full((b,), kv, dtype=torch.int32, device=dev)
+
+            def step_ours(q=q, caches=caches, table=table, lens=lens, ours=ours):
+                for c in caches:
+                    ours(q, c, table, lens, D ** -0.5)
+
+            results.append(run_graph(step_ours) / LAYERS * 1e6)
+            outs.append(ours(q, caches[0], table, lens, D ** -0.5).float())
             err = max(((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:])
             print(f"{b:>5} {kv:>6} {results[0]:>25.2f} {results[1]:>9.2f} {results[2]:>23.2f} {results[3]:>20.2f}"
-                  f"  (outputs agree to {err:.1e})")
+                  f" {results[4]:>14.2f}  (outputs agree to {err:.1e})")
 
 
 if __name__ == "__main__":

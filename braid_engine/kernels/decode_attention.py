@@ -1,0 +1,132 @@
+"""Decode attention for a few sequences over the paged KV cache, split over the keys.
+
+At batch 1 a decode step's attention reads 128–256 keys a layer (a few hundred KB), yet
+FlashInfer's graph-mode decode takes 7.5 µs plus 2.3 µs for merging its split parts
+(`benchmarks/decode_attention.py`). This kernel is the same computation with less around it:
+program (sequence, kv head, split) takes the GQA group's query heads against one stretch of
+the keys, page by page, with an online softmax in float32; a second, small kernel merges the
+stretches by their log-sum-exp in split order (deterministic). The number of stretches follows
+each sequence's length at run time (``BLOCK_T``-token tiles, at most ``splits`` stretches), so a
+CUDA graph captured once serves every length. On Hopper both kernels are launched as
+programmatic dependents (they wait for q and the cache before reading them).
+
+Not yet used by the engine: `benchmarks/decode_attention.py` compares it with FlashInfer's
+plans first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from braid_engine.kernels import use_pdl
+
+
+@triton.jit
+def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_ptr, scale,
+                  s_page, s_kv, s_head, s_off, table_stride, page_size,
+                  NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    kv_len = tl.load(lens_ptr + b)
+    tiles = tl.cdiv(kv_len, BLOCK_T)
+    per_split = tl.cdiv(tiles, SPLITS)
+    first = split * per_split * BLOCK_T
+    last = tl.minimum(first + per_split * BLOCK_T, kv_len)
+    if first < kv_len:
+        rows = tl.arange(0, ROWS)  # the group's query heads, padded to a tile tl.dot takes
+        d = tl.arange(0, HEAD_DIM)
+        t = tl.arange(0, BLOCK_T)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        q_rows = h * GROUP + rows
+        q = tl.load(q_ptr + (b * NUM_HEADS + q_rows)[:, None] * HEAD_DIM + d[None, :],
+                    mask=(rows < GROUP)[:, None], other=0.0)
+        m = tl.full((ROWS,), float("-inf"), tl.float32)
+        denom = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
+        for start in range(first, last, BLOCK_T):
+            pos = start + t
+            ok = pos < last
+            page = tl.load(table_ptr + b * table_stride + pos // page_size, mask=ok, other=0)
+            base = cache_ptr + page.to(tl.int64) * s_page + h * s_head + (pos % page_size) * s_off
+            k = tl.load(base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(base[:, None] + s_kv + d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m = m_new
+        part = (b * NUM_HEADS + q_rows) * SPLITS + split
+        keep = rows < GROUP
+        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / denom[:, None], mask=keep[:, None])
+        tl.store(part_lse_ptr + part, m + tl.log(denom), mask=keep)
+
+
+@triton.jit
+def _merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, NUM_HEADS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
+    # program (sequence, q head): the stretches' outputs weighted by their share of the softmax
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    kv_len = tl.load(lens_ptr + b)
+    tiles = tl.cdiv(kv_len, BLOCK_T)
+    per_split = tl.cdiv(tiles, SPLITS)
+    active = tl.cdiv(tiles, per_split)
+    sp = tl.arange(0, SPLITS)
+    ok = sp < active
+    base = (b * NUM_HEADS + hq) * SPLITS
+    lse = tl.load(part_lse_ptr + base + sp, mask=ok, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, axis=0))
+    w = w / tl.sum(w, axis=0)
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(part_o_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0)
+    tl.store(out_ptr + (b * NUM_HEADS + hq) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+class DecodeAttention:
+    """Decode attention of up to ``max_batch`` sequences; the partial results live in buffers
+    made once, so the launches can be captured in a CUDA graph."""
+
+    def __init__(self, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device, splits: int = 16, block_t: int = 64) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} kv heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.splits, self.block_t = triton.next_power_of_2(splits), block_t
+        self.part_o = torch.empty(max_batch * num_heads * self.splits, head_dim, dtype=torch.float32, device=device)
+        self.part_lse = torch.empty(max_batch * num_heads * self.splits, dtype=torch.float32, device=device)
+
+    def __call__(self, q: torch.Tensor, cache: torch.Tensor, page_table: torch.Tensor,
+                 kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [B, Hq, D]; cache [pages, 2, Hkv, page_size, D] (one layer); page_table [B, ≥ pages
+        of the longest] int32; kv_lens [B] int32 (every length ≥ 1) → out [B, Hq, D]."""
+        bsz = q.shape[0]
+        if q.shape[1:] != (self.num_heads, self.head_dim) or bsz * self.num_heads * self.splits > self.part_lse.numel():
+            raise ValueError(f"q must be [≤ max_batch, {self.num_heads}, {self.head_dim}], got {tuple(q.shape)}")
+        q = q.contiguous()
+        group = self.num_heads // self.num_kv_heads
+        out = torch.empty_like(q)
+        pdl = use_pdl(q.device)
+        extra = {"launch_pdl": True} if pdl else {}
+        _split_kernel[(bsz, self.num_kv_heads, self.splits)](
+            q, cache, page_table, kv_lens, self.part_o, self.part_lse, scale,
+            cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), page_table.stride(0), cache.shape[3],
+            NUM_HEADS=self.num_heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=self.head_dim, SPLITS=self.splits, BLOCK_T=self.block_t, USE_PDL=pdl, num_warps=4, **extra)
+        _merge_kernel[(bsz, self.num_heads)](
+            self.part_o, self.part_lse, kv_lens, out, NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim,
+            SPLITS=self.splits, BLOCK_T=self.block_t, USE_PDL=pdl, num_warps=2, **extra)
+        return out
