@@ -96,11 +96,10 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, e
 @functools.cache
 def default_config(n: int, k: int, prologue: int) -> dict:
     """Block sizes for an [n, k] weight: the norm prologue needs the whole row in one tile,
-    which past 2,048 columns takes 8 warps (4 spill registers at 4,096). Callers copy it."""
+    which past 2,048 columns takes 8 warps (with 4, registers spill at 4,096). Callers copy it."""
     block_k = triton.next_power_of_2(k) if prologue == NORM else min(triton.next_power_of_2(k), 4096)
     warps = 8 if prologue == NORM and block_k > 2048 else 4
     return {"BLOCK_N": max(1, _TILE // block_k), "BLOCK_K": block_k, "num_warps": warps}
-
 
 
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
