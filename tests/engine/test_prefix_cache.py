@@ -245,7 +245,14 @@ def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_siz
             elif kind == "continue" and history:
                 pr = history[a % len(history)] + [a + 10, a + 11, a + 12]
                 if len(pr) + b < 64:
-                    out = llm.generate([pr], SamplingParams(temperature=0, max_tokens=b, ignore_eos=True))[0]
+                    try:
+                        out = llm.generate([pr], SamplingParams(temperature=0, max_tokens=b, ignore_eos=True))[0]
+                    except KVCacheFullError:
+                        # pinned prefixes stay, and so does the partial page a branch point keeps
+                        # beside its child's copy: with pins held a long turn may not fit (the
+                        # engine says so and keeps serving; the leak checks below still run)
+                        assert llm.stats()["pages_pinned"] > 0
+                        continue
                     assert out.token_ids == _reference(tiny_qwen3, pr, b)
                     history.append(pr + out.token_ids)
             elif kind == "abandon":
