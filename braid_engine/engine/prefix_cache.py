@@ -106,6 +106,7 @@ class RadixCache:
                 ps = self.page_size
                 pages = page_table[pos // ps: (len(tokens) - 1) // ps + 1]
                 self.pool.incref(pages)
+                self._hand_over(node, pos, pages[0])
                 child = RadixNode(tokens=list(tokens[pos:]), start=pos, pages=pages, parent=node)
                 node.children[tokens[pos]] = child
                 child.last_access = now
@@ -116,6 +117,18 @@ class RadixCache:
             child.last_access = now
             node, pos = child, pos + k
         return node
+
+    def _hand_over(self, node: RadixNode, end: int, copy: int) -> None:
+        """A child starting at ``end`` inside a page of ``node`` brought its own copy of that
+        page (copy-on-write when its sequence was admitted): the copy holds ``node``'s tokens of
+        that page too, byte for byte, so ``node`` names the copy instead and the original is
+        freed once nothing else names it — otherwise every mid-page branch (each turn of a
+        conversation) would keep one page twice."""
+        if end % self.page_size == 0 or node is self.root or not node.pages or node.pages[-1] == copy:
+            return
+        self.pool.incref([copy])
+        self.pool.decref([node.pages[-1]])
+        node.pages[-1] = copy
 
     def _split(self, node: RadixNode, k: int) -> RadixNode:
         """Cut ``node`` after its first k tokens; returns the new upper node."""

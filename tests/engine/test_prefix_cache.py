@@ -36,7 +36,11 @@ def test_match_insert_split_and_partial_pages():
     assert cache.match(a)[2] == ta
     # the tree's references: every page it names, once per node that names it
     refs = cache.page_refs()
-    assert refs[ta[1]] == 2  # split straddles page 1: both halves name it
+    # the split straddled page 1 (both halves named it); b's branch brought its own copy of it,
+    # which the upper half named instead (same bytes for its tokens), so the original stays
+    # only for a's branch
+    assert refs[ta[1]] == 1 and refs[tb[1]] == 2
+    assert cache.match(a[:6] + [55])[2] == [ta[0], tb[1]]
 
 
 def test_insert_from_a_node_on_the_path_builds_the_tree_a_walk_from_the_root_builds():
@@ -128,6 +132,9 @@ def test_ten_turn_conversation_prefills_only_new_tokens(tiny_qwen3):
             assert out.num_cached_tokens >= prev_total - 1
         assert out.token_ids == plain.generate([ids], params)[0].token_ids
         prev_total = len(ids) + len(out.token_ids)
+        # the conversation is one path in the tree, each page named once: a turn that branched
+        # inside a page (the copy-on-write copy) handed that page over and freed the original
+        assert llm.stats()["pages_used"] == -(-(prev_total - 1) // page)
         ids = ids + out.token_ids + tok("<|im_end|>\n<|im_start|>user\nTurn "
                                         f"{turn + 1}: and then?<|im_end|>\n<|im_start|>assistant\n",
                                         add_special_tokens=False)["input_ids"]
