@@ -17,28 +17,11 @@ import argparse
 import flashinfer
 import torch
 
+from benchmarks.common import graph_time
 from braid_engine.kernels.decode_attention import DecodeAttention
 
 HQ, HKV, D, PS, LAYERS = 16, 8, 128, 16, 28
 WS = 128 << 20
-
-
-def run_graph(fn, reps: int = 100) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    return sorted(times)[2]
 
 
 def main() -> None:
@@ -81,7 +64,7 @@ def main() -> None:
                     for c in caches:
                         w.run(q, c)
 
-                results.append(run_graph(step) / LAYERS * 1e6)
+                results.append(graph_time(step) / LAYERS * 1e6)
                 outs.append(w.run(q, caches[0]).float())
             ours = DecodeAttention(b, HQ, HKV, D, torch.device(dev))
             table = indices.reshape(b, pages).to(dev)
@@ -91,7 +74,7 @@ def main() -> None:
                 for c in caches:
                     ours(q, c, table, lens, D ** -0.5)
 
-            results.append(run_graph(step_ours) / LAYERS * 1e6)
+            results.append(graph_time(step_ours) / LAYERS * 1e6)
             outs.append(ours(q, caches[0], table, lens, D ** -0.5).float())
             err = max(((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:])
             print(f"{b:>5} {kv:>6} {results[0]:>25.2f} {results[1]:>9.2f} {results[2]:>23.2f} {results[3]:>20.2f}"

@@ -17,6 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import graph_time
 from braid_engine import kernels
 from braid_engine.kernels import gemv
 from braid_engine.kernels.activation import silu_and_mul
@@ -53,25 +54,6 @@ def row_step(ws, x, r, o_in, configs):
         gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"], config=c_gu)
         x = gemv.silu_matmul(gu, lw["down"], config=c_down)
     return x
-
-
-def graph_time(fn, reps: int) -> float:
-    """Seconds a replay of ``fn`` captured in a CUDA graph takes (median of 5 runs of reps)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    return sorted(times)[2]
 
 
 def main() -> None:
