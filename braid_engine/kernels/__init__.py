@@ -33,3 +33,8 @@ def _has_pdl(index: int) -> bool:
 def use_pdl(device: torch.device) -> bool:
     return PDL and device.type == "cuda" and _has_pdl(device.index if device.index is not None
                                                        else torch.cuda.current_device())
+
+
+def pdl_args(device: torch.device) -> dict:
+    """A kernel's ``USE_PDL`` switch and, where it is on, the launch option that goes with it."""
+    return {"USE_PDL": True, "launch_pdl": True} if use_pdl(device) else {"USE_PDL": False}

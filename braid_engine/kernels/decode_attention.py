@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from braid_engine.kernels import use_pdl
+from braid_engine.kernels import pdl_args
 
 
 @triton.jit
@@ -119,14 +119,13 @@ class DecodeAttention:
         q = q.contiguous()
         group = self.num_heads // self.num_kv_heads
         out = torch.empty_like(q)
-        pdl = use_pdl(q.device)
-        extra = {"launch_pdl": True} if pdl else {}
+        pdl = pdl_args(q.device)
         _split_kernel[(bsz, self.num_kv_heads, self.splits)](
             q, cache, page_table, kv_lens, self.part_o, self.part_lse, scale,
             cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), page_table.stride(0), cache.shape[3],
             NUM_HEADS=self.num_heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=self.head_dim, SPLITS=self.splits, BLOCK_T=self.block_t, USE_PDL=pdl, num_warps=4, **extra)
+            HEAD_DIM=self.head_dim, SPLITS=self.splits, BLOCK_T=self.block_t, num_warps=4, **pdl)
         _merge_kernel[(bsz, self.num_heads)](
             self.part_o, self.part_lse, kv_lens, out, NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim,
-            SPLITS=self.splits, BLOCK_T=self.block_t, USE_PDL=pdl, num_warps=2, **extra)
+            SPLITS=self.splits, BLOCK_T=self.block_t, num_warps=2, **pdl)
         return out

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from braid_engine.kernels import use_pdl
+from braid_engine.kernels import pdl_args
 
 PLAIN, NORM, SILU = 0, 1, 2
 # elements of weight one program loads per step of its loop: enough bytes in flight per SM
@@ -121,14 +121,11 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if prologue == NORM and cfg["BLOCK_K"] < k:
         raise ValueError(f"the norm prologue needs the whole row in one tile: BLOCK_K ≥ {k}")
     warps = cfg.pop("num_warps")
-    pdl = use_pdl(x.device)
-    if pdl:
-        cfg["launch_pdl"] = True
     _row_matmul_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         weight, bias if bias is not None else weight, y, h if h is not None else y, n, k, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        USE_PDL=pdl, num_warps=warps, **cfg)
+        num_warps=warps, **cfg, **pdl_args(x.device))
     return y, h
 
 

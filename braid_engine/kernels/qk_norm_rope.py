@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from braid_engine.kernels import use_pdl
+from braid_engine.kernels import pdl_args
 
 
 @triton.jit
@@ -88,14 +88,12 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, q_weight: 
     heads = triton.next_power_of_2(num_heads + num_kv_heads)
     if t < 64:
         heads = min(heads, 8)
-    pdl = use_pdl(qkv.device)
     _qk_norm_rope_kernel[(t, triton.cdiv(num_heads + num_kv_heads, heads))](
         qkv, qkv.stride(0), positions, qw, kw, cos, sin, cos.stride(0), q, cache, slot_mapping,
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.shape[3], eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, HEADS=heads, APPLY_NORM=apply_norm,
         # no FMA contraction: torch rounds each RoPE product before the sum
-        USE_PDL=pdl, num_warps=max(1, min(8, heads * d // 512)), enable_fp_fusion=False,
-        **({"launch_pdl": True} if pdl else {}))
+        num_warps=max(1, min(8, heads * d // 512)), enable_fp_fusion=False, **pdl_args(qkv.device))
     return q
 
 
