@@ -93,11 +93,17 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--no-row-kernels", action="store_true",
                     help="one-token steps use cuBLAS and the standalone norm/SiLU kernels (to measure the row kernels)")
+    ap.add_argument("--no-small-decode", action="store_true",
+                    help="decode steps of ≤ 4 sequences use FlashInfer's decode, not our split-KV kernel")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
 
         DecoderLayer.row_kernels = False
+    if args.no_small_decode:
+        from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+        FlashInferBackend.small_decode_batch = 0
     kv = kv_kwargs(args)
 
     path = build_model(args.shape, args.model)
@@ -112,6 +118,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
           f"row kernels {'off' if args.no_row_kernels else 'on'}; "
+          f"small-batch decode kernel {'off' if args.no_small_decode else 'on'}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'batch':>5} {'braid tok/s':>12} {'hf eager':>10} {'hf compiled':>12} {'vs eager':>9} "
           f"{'vs compiled':>12} {'bandwidth':>10}")

@@ -4,7 +4,9 @@ no split (planned without graph mode, then captured), the tensor-core decode wit
 split disabled — and our own split-KV Triton kernel (`braid_engine/kernels/decode_attention.py`)
 (GPU only).
 
-    python -m benchmarks.decode_attention [--batch 1 4] [--kv 128 256 1024 4096]
+    python -m benchmarks.decode_attention [--batch 1 4] [--kv 128 256 1024 4096] [--sweep]
+
+``--sweep`` times only ours, over split counts, tile sizes, warps and pipeline stages.
 
 Qwen3-0.6B attention (16 q / 8 kv heads, head dim 128, bf16, HND, page 16); each replay runs
 28 layers' attention over 28 distinct caches, as a decode step does. Prints µs a layer.
@@ -28,8 +30,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--kv", type=int, nargs="+", default=[128, 256, 1024, 4096])
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     dev, bf = "cuda", torch.bfloat16
+    if args.sweep:
+        return sweep(args.batch, args.kv)
     print(f"card: {torch.cuda.get_device_name()}, flashinfer {flashinfer.__version__}")
     print(f"{'batch':>5} {'kv':>6} {'graph plan (split+merge)':>25} {'no split':>9} {'tensor cores, no split':>23} "
           f"{'tensor cores, split':>20} {'triton (ours)':>14}  (µs a layer)")
@@ -79,6 +84,38 @@ def main() -> None:
             err = max(((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:])
             print(f"{b:>5} {kv:>6} {results[0]:>25.2f} {results[1]:>9.2f} {results[2]:>23.2f} {results[3]:>20.2f}"
                   f" {results[4]:>14.2f}  (outputs agree to {err:.1e})")
+
+
+def sweep(batches: list[int], kvs: list[int]) -> None:
+    import itertools
+
+    dev, bf = "cuda", torch.bfloat16
+    configs = list(itertools.product((16, 32, 64), (32, 64, 128), (2, 4), (1, 2, 3)))
+    print(f"card: {torch.cuda.get_device_name()}; ours, µs a layer; config = splits/block_t/warps/stages")
+    best: dict[tuple, list[float]] = {c: [] for c in configs}
+    for b in batches:
+        for kv in kvs:
+            pages = -(-kv // PS)
+            caches = [torch.randn(b * pages + 1, 2, HKV, PS, D, device=dev, dtype=bf) for _ in range(LAYERS)]
+            q = torch.randn(b, HQ, D, device=dev, dtype=bf)
+            table = torch.randperm(b * pages, dtype=torch.int32).reshape(b, pages).to(dev)
+            lens = torch.full((b,), kv, dtype=torch.int32, device=dev)
+            row = []
+            for c in configs:
+                ours = DecodeAttention(b, HQ, HKV, D, torch.device(dev), splits=c[0], block_t=c[1],
+                                       num_warps=c[2], num_stages=c[3])
+
+                def step(q=q, caches=caches, table=table, lens=lens, ours=ours):
+                    for cache in caches:
+                        ours(q, cache, table, lens, D ** -0.5)
+
+                t = graph_time(step, reps=50) / LAYERS * 1e6
+                best[c].append(t)
+                row.append((t, c))
+            row.sort()
+            print(f"batch {b} kv {kv}: " + ", ".join(f"{'/'.join(map(str, c))} {t:.2f}" for t, c in row[:6]))
+    total = sorted((sum(v), c) for c, v in best.items())
+    print("best over all shapes (sum of µs): " + ", ".join(f"{'/'.join(map(str, c))} {t:.1f}" for t, c in total[:8]))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ def fa2_workspace_bytes(num_qo_heads: int, num_kv_heads: int, head_dim: int, num
 
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
+    # decode steps of up to this many sequences (no cascade) run our split-KV Triton kernel
+    # (braid_engine/kernels/decode_attention.py), which beats FlashInfer's decode plus merge
+    # there on an H100 (docs/benchmarks.md); 0 leaves every decode step to FlashInfer
+    small_decode_batch = 4
 
     def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int, cascade: str = "auto") -> None:
         super().__init__(kv_cache, num_heads, head_dim, cascade)
@@ -148,6 +152,9 @@ class FlashInferBackend(AttentionBackend):
         self._graph_workspace: torch.Tensor | None = None
         self._graph_prefill: dict[int, object] = {}  # captured token count → fixed-buffer wrapper
         self._active = None  # the graph wrapper of this step, when it replays a graph
+        self._small = None  # the split-KV Triton decode, made on first use
+        self._small_args: tuple[torch.Tensor, torch.Tensor] | None = None  # (page table, kv lens) of this step
+        self._graph_small: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # table, lens, base
 
     def _common(self) -> dict:
         dt = self.kv_cache.dtype
@@ -162,6 +169,12 @@ class FlashInferBackend(AttentionBackend):
         import flashinfer
 
         dev = self.kv_cache.device
+        if self._small_decode(batch_size):
+            self._graph_small[batch_size] = (
+                torch.zeros(batch_size, max(max_seq_pages, 1), dtype=torch.int32, device=dev),
+                torch.ones(batch_size, dtype=torch.int32, device=dev),
+                torch.zeros(batch_size, dtype=torch.int32, device=dev))
+            return
         max_pages = batch_size * max(max_seq_pages, 1)
         if self._graph_workspace is None:  # scratch of the split-KV parts: graphs replay one at a time
             self._graph_workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
@@ -177,19 +190,49 @@ class FlashInferBackend(AttentionBackend):
         if choose_groups(layout, self.cascade):
             return False
         pad = batch_size - len(layout.kv_lens)
+        self.layout, self.groups, self._rows = layout, [], None
+        if batch_size in self._graph_small:
+            table, lens, base = self._graph_small[batch_size]
+            host_table, host_lens = self._small_table(layout.page_tables + [[pad_page]] * pad,
+                                                      layout.kv_lens + [1] * pad)
+            table[:, :host_table.shape[1]].copy_(host_table)
+            lens.copy_(host_lens)
+            base.copy_(host_lens - (host_lens - 1) % self.page_size - 1)  # the keys before the last page
+            self._is_decode, self._active, self._small_args = True, None, (table, lens)
+            return True
         indptr, indices, last = _paged_kv(layout.page_tables + [[pad_page]] * pad,
                                           layout.kv_lens + [1] * pad, self.page_size)
         wrapper = self._graph_decode[batch_size]
         wrapper.plan(torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32),
                      torch.tensor(last, dtype=torch.int32), head_dim=self.head_dim, **self._common())
-        self.layout, self.groups, self._rows = layout, [], None
-        self._is_decode, self._active = True, wrapper
+        self._is_decode, self._active, self._small_args = True, wrapper, None
         return True
 
     def set_graph_fill(self, batch_size: int, last_page_lens: torch.Tensor) -> None:
         """Advance a planned decode graph by one token a sequence without planning again: the
         decode plan depends on page counts only, the last page's fill is read at run time."""
+        if batch_size in self._graph_small:
+            _, lens, base = self._graph_small[batch_size]
+            torch.add(base, last_page_lens, out=lens)
+            return
         self._graph_decode[batch_size]._paged_kv_last_page_len_buf.copy_(last_page_lens)
+
+    def _small_decode(self, batch_size: int) -> bool:
+        if batch_size > self.small_decode_batch:
+            return False
+        if self._small is None:
+            from braid_engine.kernels.decode_attention import DecodeAttention
+
+            self._small = DecodeAttention(self.small_decode_batch, self.num_heads, self.num_kv_heads,
+                                          self.head_dim, self.kv_cache.device)
+        return True
+
+    @staticmethod
+    def _small_table(tables: list[list[int]], kv_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host page table [sequences, most pages] (rows padded with page 0, never read) and kv lengths."""
+        width = max(len(t) for t in tables)
+        return (torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+                torch.tensor(kv_lens, dtype=torch.int32))
 
     def prepare_prefill_graph(self, tokens: int) -> None:
         """A prefill wrapper for one sequence's chunk padded to ``tokens`` rows; the padding is a
@@ -220,10 +263,10 @@ class FlashInferBackend(AttentionBackend):
             torch.tensor(indices, dtype=torch.int32), torch.tensor(last, dtype=torch.int32),
             head_dim_qk=self.head_dim, causal=True, **self._common())
         self.layout, self.groups, self._rows = layout, [], None
-        self._is_decode, self._active = False, wrapper
+        self._is_decode, self._active, self._small_args = False, wrapper, None
 
     def plan(self, layout: BatchLayout) -> None:
-        self._active = None
+        self._active, self._small_args = None, None
         if layout.page_size != self.page_size:
             raise ValueError(f"layout page size {layout.page_size} differs from the cache's {self.page_size}")
         self.layout = layout
@@ -238,7 +281,10 @@ class FlashInferBackend(AttentionBackend):
         kv = (torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32, device=dev),
               torch.tensor(last, dtype=torch.int32))
         self._is_decode = all(q == 1 for q in layout.query_lens)
-        if self._is_decode:
+        if self._is_decode and not self.groups and self._small_decode(len(layout.kv_lens)):
+            table, lens = self._small_table(layout.page_tables, layout.kv_lens)
+            self._small_args = (table.to(dev, non_blocking=True), lens.to(dev, non_blocking=True))
+        elif self._is_decode:
             self._decode.plan(*kv, head_dim=self.head_dim, **self._common())
         else:
             qo = [0]
@@ -277,6 +323,8 @@ class FlashInferBackend(AttentionBackend):
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]
+        if self._small_args is not None:
+            return self._small(q, cache, *self._small_args, self.scale)
         wrapper = self._active or (self._decode if self._is_decode else self._eager_prefill)
         if self._rows is None:
             return wrapper.run(q, cache)

@@ -10,8 +10,9 @@ each sequence's length at run time (``BLOCK_T``-token tiles, at most ``splits`` 
 CUDA graph captured once serves every length. On Hopper both kernels are launched as
 programmatic dependents (they wait for q and the cache before reading them).
 
-Not yet used by the engine: `benchmarks/decode_attention.py` compares it with FlashInfer's
-plans first.
+The FlashInfer backend runs it for decode steps of up to four sequences. Its defaults (64
+stretches at most, 32-key tiles, 2 warps, 2 pipeline stages) were the fastest summed over batch
+1 and 4 and 128–8k keys in `python -m benchmarks.decode_attention --sweep` on an H100.
 """
 
 from __future__ import annotations
@@ -101,11 +102,15 @@ class DecodeAttention:
     made once, so the launches can be captured in a CUDA graph."""
 
     def __init__(self, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, splits: int = 16, block_t: int = 64) -> None:
+                 device: torch.device, splits: int = 64, block_t: int = 32, num_warps: int = 2,
+                 num_stages: int = 2) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} kv heads")
+        if block_t < 16 or block_t & (block_t - 1):
+            raise ValueError(f"block_t must be a power of two ≥ 16 (a tl.dot operand), not {block_t}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.splits, self.block_t = triton.next_power_of_2(splits), block_t
+        self.num_warps, self.num_stages = num_warps, num_stages
         self.part_o = torch.empty(max_batch * num_heads * self.splits, head_dim, dtype=torch.float32, device=device)
         self.part_lse = torch.empty(max_batch * num_heads * self.splits, dtype=torch.float32, device=device)
 
@@ -124,7 +129,8 @@ class DecodeAttention:
             q, cache, page_table, kv_lens, self.part_o, self.part_lse, scale,
             cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), page_table.stride(0), cache.shape[3],
             NUM_HEADS=self.num_heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=self.head_dim, SPLITS=self.splits, BLOCK_T=self.block_t, num_warps=4, **pdl)
+            HEAD_DIM=self.head_dim, SPLITS=self.splits, BLOCK_T=self.block_t, num_warps=self.num_warps,
+            num_stages=self.num_stages, **pdl)
         _merge_kernel[(bsz, self.num_heads)](
             self.part_o, self.part_lse, kv_lens, out, NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim,
             SPLITS=self.splits, BLOCK_T=self.block_t, num_warps=2, **pdl)

@@ -116,18 +116,21 @@ def test_prefill_graphs_give_the_eager_first_token_after_a_cached_history(engine
     assert a.token_ids == b.token_ids
 
 
-def test_decode_bursts_replay_the_graph_with_the_tokens_of_single_steps(engines):
+@pytest.mark.parametrize("requests", [3, 6])
+def test_decode_bursts_replay_the_graph_with_the_tokens_of_single_steps(engines, requests):
     """A burst replays one plan for up to a page of steps, moving only the last page's fill and
     feeding each argmax to the next step on the device; it must give the tokens of planning and
     reading every step, also when a request stops inside a burst. (Requests of one call join
-    one batch: in bf16 a prompt prefilled in another batch composition rounds differently.)"""
+    one batch: in bf16 a prompt prefilled in another batch composition rounds differently.)
+    Three requests replay the graph of 4 (our split-KV decode kernel, kv lengths moved by
+    set_graph_fill), six the graph of 8 (FlashInfer's decode)."""
     graphed, _ = engines
     stepwise = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                    max_num_seqs=16, cuda_graphs=True, decode_burst=1)
     try:
         gen = torch.Generator().manual_seed(7)
         prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
-                   for n in torch.randint(5, 90, (6,), generator=gen)]
+                   for n in torch.randint(5, 90, (requests,), generator=gen)]
         free = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, enable_prefix_caching=False)
         ref = stepwise.generate(prompts, free)
         bursts, replays = graphed.stats()["decode_bursts"], graphed.engine.runner.graph_replays
@@ -135,7 +138,7 @@ def test_decode_bursts_replay_the_graph_with_the_tokens_of_single_steps(engines)
         assert [o.token_ids for o in out] == [r.token_ids for r in ref]
         assert graphed.stats()["decode_bursts"] > bursts
         assert graphed.engine.runner.graph_replays - replays >= 40
-        # one request stops mid-burst; the batch stays in the graph of 8 either way (a burst
+        # one request stops mid-burst; the batch stays in its graph either way (a burst
         # keeps its batch to its end, single steps shrink it: another graph rounds otherwise)
         stops = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, enable_prefix_caching=False,
                                 stop_token_ids=[r.token_ids[13]] if i == 2 else None) for i, r in enumerate(ref)]

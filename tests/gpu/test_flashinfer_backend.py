@@ -37,7 +37,7 @@ def _case(seqs, hq, hkv, d, ps, seed=0):
     return layout, cache, q, k, v
 
 
-def _compare(seqs, hq=16, hkv=8, d=128, ps=16, cascade="never", expect_groups=None):
+def _compare(seqs, hq=16, hkv=8, d=128, ps=16, cascade="never", expect_groups=None, small=None):
     layout, cache, q, k, v = _case(seqs, hq, hkv, d, ps)
     ref_cache, fi_cache = cache.clone(), cache.clone()
     ref = TorchBackend(ref_cache, hq, d, "never")
@@ -47,6 +47,8 @@ def _compare(seqs, hq=16, hkv=8, d=128, ps=16, cascade="never", expect_groups=No
     fi.plan(layout)
     if expect_groups is not None:
         assert len(fi.groups) == expect_groups
+    if small is not None:  # whether the step runs our split-KV decode kernel
+        assert (fi._small_args is not None) == small
     for _ in range(2):  # one plan serves repeated layers
         out = fi.attention(1, q, k, v)
     assert torch.equal(fi_cache, ref_cache)
@@ -77,6 +79,21 @@ def test_few_queries_over_long_kv_split_the_keys(hq, hkv, d):
 @pytest.mark.parametrize("hq,hkv,d", SHAPES)
 def test_decode(hq, hkv, d):
     _compare([(1, kl, None, 0) for kl in (1, 15, 16, 17, 300, 1024)], hq, hkv, d)
+
+
+@pytest.mark.parametrize("ps", [1, 16])
+@pytest.mark.parametrize("hq,hkv,d", SHAPES)
+def test_small_decode_runs_our_kernel(hq, hkv, d, ps):
+    """Up to four sequences decode with braid_engine.kernels.decode_attention; lengths of one
+    key, a page ± 1, and long enough for every split."""
+    _compare([(1, kl, None, 0) for kl in (1, 17, 300, 5000)], hq, hkv, d, ps, small=True)
+    _compare([(1, kl, None, 0) for kl in (16, 2049)], hq, hkv, d, ps, small=True)
+    _compare([(1, kl, None, 0) for kl in (1, 15, 16, 17, 300)], hq, hkv, d, ps, small=False)
+
+
+def test_small_decode_leaves_cascades_and_prefill_to_flashinfer():
+    _compare([(1, 64 + n, 0, 4) for n in (1, 5)], cascade="always", expect_groups=1, small=False)
+    _compare([(2, 40, None, 0), (1, 17, None, 0)], small=False)
 
 
 @pytest.mark.parametrize("ps", [1, 16])

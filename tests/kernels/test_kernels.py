@@ -161,14 +161,14 @@ def test_one_row_matmuls_refuse_other_shapes(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 2)])
 def test_decode_attention_matches_the_torch_reference(device, dtype, hq, hkv):
-    """Lengths of 1, a page ± 1, one tile ± 1 and many tiles (every split active), pages
+    """Lengths of 1, a page ± 1, one tile ± 1, a few tiles and many (every split active), pages
     shuffled; each sequence against the reference attention over its own keys."""
     from braid_engine.attention.torch_backend import attend
     from braid_engine.kernels.decode_attention import DecodeAttention
 
     g = torch.Generator().manual_seed(hq * 10 + hkv)
     d, ps = 32, 4
-    lens = [1, 3, 4, 5, 15, 16, 17, 70]
+    lens = [1, 3, 4, 5, 15, 16, 17, 70, 200]
     pages_each = [-(-n // ps) for n in lens]
     order = torch.randperm(sum(pages_each) + 3, generator=g)
     table = torch.zeros(len(lens), max(pages_each), dtype=torch.int32)
@@ -178,7 +178,7 @@ def test_decode_attention_matches_the_torch_reference(device, dtype, hq, hkv):
         at += n
     cache = torch.randn(sum(pages_each) + 3, 2, hkv, ps, d, generator=g).to(device, dtype)
     q = torch.randn(len(lens), hq, d, generator=g).to(device, dtype)
-    op = DecodeAttention(len(lens), hq, hkv, d, torch.device(device), splits=4, block_t=4)
+    op = DecodeAttention(len(lens), hq, hkv, d, torch.device(device), splits=4, block_t=16)
     out = op(q, cache, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), d ** -0.5)
     for i, n in enumerate(lens):
         pos = torch.arange(n)
