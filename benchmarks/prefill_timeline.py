@@ -63,6 +63,42 @@ class Marks:
             print(f"  {name:<28} {host:8.3f} {gpu:8.3f} {gpu - host:16.3f}")
 
 
+def direct(runner, n: int, vocab: int) -> None:
+    """The model's forward over n fresh tokens called from this (main) thread while the engine's
+    loop thread sleeps: host time to issue it, and time until the GPU is done."""
+    import threading
+
+    from braid_engine.attention.base import BatchLayout
+
+    dev, ps = runner.device, runner.page_size
+    table = list(range(-(-n // ps)))
+    slots = torch.arange(n, device=dev) % ps + torch.tensor(table, device=dev).repeat_interleave(ps)[:n] * ps
+    ids = torch.randint(3, vocab, (n,), device=dev)
+    pos = torch.arange(n, device=dev)
+    issue, total = [], []
+    with torch.inference_mode():
+        for _ in range(6):
+            runner.backend.plan(BatchLayout([n], [n], [table], ps, slots))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runner.model(ids, pos, runner.backend)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            issue.append(t1 - t0)
+            total.append(time.perf_counter() - t0)
+    x = torch.zeros(16, device=dev)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        x.add_(1)
+    launch = (time.perf_counter() - t0) / 1000
+    torch.cuda.synchronize()
+    print(f"{n} tokens, forward from the main thread (a tiny torch op launches in {launch * 1e6:.1f} µs)"
+          f": issue {statistics.median(issue) * 1e3:.2f} ms, "
+          f"done {statistics.median(total) * 1e3:.2f} ms; threads: "
+          + ", ".join(t.name for t in threading.enumerate()))
+
+
 def main() -> None:
     ap = model_arguments(__doc__)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
@@ -124,6 +160,7 @@ def main() -> None:
         llm.generate([prompt(n)], one)
         marked = time.perf_counter() - t0
         marks.on = False
+        direct(runner, n, vocab)
         print(f"{n} tokens: generate median {statistics.median(walls) * 1e3:.2f} ms "
               f"({', '.join(f'{w * 1e3:.1f}' for w in walls)}); with marks {marked * 1e3:.2f} ms")
         marks.report()
