@@ -339,14 +339,38 @@ class LLMEngine:
         tokens, seqs = self.runner.decode_burst(batch, steps)
         self.steps += steps
         self.bursts += 1
-        for k, row in enumerate(tokens):
-            for seq, token in zip(seqs, row, strict=True):
+        for seq, column in zip(seqs, zip(*tokens, strict=True), strict=True):
+            if seq.text_deferred and seq.matcher is None and seq.output_token_ids:
+                self._append_quiet(seq, column)
+                continue
+            for k, token in enumerate(column):
                 if seq.is_finished:
-                    continue  # stopped earlier in the burst: the later tokens are dropped
+                    break  # stopped earlier in the burst: the later tokens are dropped
                 if k:
                     self.scheduler.decoded_tokens += 1
                 self._computed(seq, 1)
                 self._append(seq, token)
+
+    def _append_quiet(self, seq: Sequence, column: tuple[int, ...]) -> None:
+        """A burst's tokens for a sequence whose caller wants only the final output (no text
+        until the end, no grammar): what ``_computed`` + ``_append`` do token by token, in bulk —
+        up to the first stop token or the length limit, whichever comes first."""
+        p = seq.params
+        stops = set(p.stop_token_ids or ())
+        if not p.ignore_eos:
+            stops.update(self.eos_token_ids)
+        cut, reason = len(column), None
+        if not stops.isdisjoint(column):
+            cut, reason = next(j for j, t in enumerate(column) if t in stops) + 1, "stop"
+        room = seq.max_len - len(seq)  # the token at index room - 1 reaches the limit
+        if room <= cut and not (reason == "stop" and room == cut):
+            cut, reason = room, "length"
+        seq.output_token_ids.extend(column[:cut])
+        seq.num_computed += cut
+        seq.text_tokens += cut - (reason == "stop")
+        self.scheduler.decoded_tokens += cut - 1
+        if reason is not None:
+            self._finish(seq, reason)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_token_ids.append(token)

@@ -19,13 +19,16 @@ def _prompts():
     return [[(11 * i + 5 * j) % 400 + 3 for j in range(n)] for i, n in enumerate((5, 16, 17, 30, 9))]
 
 
-def _run(llm, prompts, params):
+def _run(llm, prompts, params, final_only=False):
     with llm.engine.together():
-        streams = [llm.engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+        streams = [llm.engine.add_request(p, q, final_only=final_only) for p, q in zip(prompts, params, strict=True)]
     return [s.result() for s in streams]
 
 
-def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny_qwen3, stepwise):
+@pytest.mark.parametrize("final_only", [False, True])
+def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny_qwen3, stepwise, final_only):
+    """Streams take a burst's tokens one by one; callers that want only the result (generate)
+    take each sequence's column in bulk — both must end exactly as single steps do."""
     prompts = _prompts()
     free = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * len(prompts)
     ref = _run(stepwise, prompts, free)
@@ -34,19 +37,31 @@ def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny
                            stop_token_ids=[r.token_ids[3 + 4 * i]]) for i, r in enumerate(ref)]
     ref_stop = _run(stepwise, prompts, stop)
     assert any(len(r.token_ids) < 40 for r in ref_stop), "no request stopped early; pick other stops"
+    # a length limit before the stop token; one on the stop token itself (the stop wins); stops
+    # well inside the limit
+    firsts = [next(j for j in range(6, 40) if r.token_ids[j] not in r.token_ids[:j]) for r in ref]
+    tight = [SamplingParams(temperature=0, max_tokens=j + (0, 1, 5, 5, 5)[i], ignore_eos=True,
+                            stop_token_ids=[ref[i].token_ids[j]]) for i, j in enumerate(firsts)]
+    ref_tight = _run(stepwise, prompts, tight)
+    assert [r.finish_reason for r in ref_tight] == ["length"] + ["stop"] * 4
+    assert [len(r.token_ids) for r in ref_tight] == [firsts[0]] + [j + 1 for j in firsts[1:]]
     assert stepwise.stats()["decode_bursts"] == 0
 
     llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8)
+    quiet = llm.engine._append_quiet
+    bulk = []
+    llm.engine._append_quiet = lambda seq, column: (bulk.append(len(column)), quiet(seq, column))
     try:
-        for params, expect in ((free, ref), (stop, ref_stop)):
-            outs = _run(llm, prompts, params)
+        for params, expect in ((free, ref), (stop, ref_stop), (tight, ref_tight)):
+            outs = _run(llm, prompts, params, final_only)
             assert [o.token_ids for o in outs] == [r.token_ids for r in expect]
             assert [o.text for o in outs] == [r.text for r in expect]
             assert [o.finish_reason for o in outs] == [r.finish_reason for r in expect]
         stats = llm.stats()
         assert stats["decode_bursts"] > 0
+        assert bool(bulk) == final_only
         # every computed token was counted once: the dropped steps after a stop are not
-        assert stats["decoded_tokens"] == sum(len(o.token_ids) - 1 for o in ref + ref_stop)
+        assert stats["decoded_tokens"] == sum(len(o.token_ids) - 1 for o in ref + ref_stop + ref_tight)
         # the retained answers are exact: continuing each conversation reuses them
         follow = [p + r.token_ids[:-1] + [7, 8] for p, r in zip(prompts, ref_stop, strict=True)]
         params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(follow)
@@ -137,3 +152,24 @@ def test_a_full_batch_keeps_bursting_while_others_wait(tiny_qwen3):
 def test_decode_burst_must_be_a_positive_int(tiny_qwen3, bad):
     with pytest.raises(ValueError, match="decode_burst must be an int"):
         LLM(tiny_qwen3, device="cpu", decode_burst=bad)
+
+
+def test_a_stop_token_on_the_length_limit_inside_a_burst_is_a_stop(tiny_qwen3, stepwise):
+    """generate() takes a burst's tokens in bulk; where the stop token is also the last allowed
+    token, the result must say "stop", as single steps do (stop tokens are checked first)."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8, enable_prefix_caching=False)
+    try:
+        prompt = [5, 6, 7, 8, 9, 10, 11]  # output 0 from the prefill, 1-8 a burst, 9 alone, 10-17 a burst
+        free = stepwise.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
+        j = next(j for j in range(11, 17) if free.token_ids[j] not in free.token_ids[:j])
+        bursts = llm.stats()["decode_bursts"]
+        for limit, reason in ((j + 1, "stop"), (j, "length")):
+            params = SamplingParams(temperature=0, max_tokens=limit, ignore_eos=True,
+                                    stop_token_ids=[free.token_ids[j]])
+            out = llm.generate([prompt], params)[0]
+            ref = stepwise.generate([prompt], params)[0]
+            assert (out.finish_reason, out.token_ids, out.text) == (reason, free.token_ids[:limit], ref.text)
+            assert ref.finish_reason == reason
+        assert llm.stats()["decode_bursts"] - bursts >= 3  # the stop-and-limit token ends a burst of ≥ 2
+    finally:
+        llm.shutdown()
