@@ -2,6 +2,7 @@
 transformers eager and transformers under `torch.compile`, same weights, same card, one run.
 
     python -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --tokens 1024 4096 16384
+    python -m benchmarks.prefill ... --prefill-graph-tokens 8192   # long prompts from CUDA graphs, in pieces
     python -m benchmarks.prefill --tokens 256 1024 --compiled-tokens      # tiny model, CPU smoke run
 """
 
@@ -32,15 +33,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--compiled-tokens", type=int, nargs="*", default=[1024, 4096],
                     help="prompt lengths for the torch.compile baseline (each length compiles anew)")
+    ap.add_argument("--prefill-graph-tokens", type=int, default=256,
+                    help="largest prefill CUDA graph (LLM(prefill_graph_tokens=...)); longer prompts run eagerly")
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
-    llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False, **kv_kwargs(args))
+    llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
+              prefill_graph_tokens=args.prefill_graph_tokens, **kv_kwargs(args))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     compiled = torch.compile(hf)
     gen = torch.Generator().manual_seed(0)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}")
+    print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
+          f"prefill graphs up to {args.prefill_graph_tokens} rows")
     print(f"{'tokens':>7} {'braid ms':>9} {'hf eager ms':>12} {'hf compiled ms':>15} {'vs eager':>9} {'vs compiled':>12}")
     for n in args.tokens:
         if n >= llm.config.max_model_len:

@@ -32,6 +32,8 @@ if [ "$what" = workloads ] || [ "$what" = all ]; then
     --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
   timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --compiled-tokens 4096 --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
+  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+    --prefill-graph-tokens 8192 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_graphs.log"
 fi
 if [ "$what" = shared ] || [ "$what" = all ]; then
   # its transformers baselines (eager, then compiled at batch 64) take minutes: a stage of its own

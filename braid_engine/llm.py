@@ -18,7 +18,7 @@ from braid_engine.compat import check_model
 from braid_engine.config import EngineConfig, resolve_device, resolve_dtype
 from braid_engine.engine.engine import LLMEngine, PinHandle
 from braid_engine.engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
-from braid_engine.engine.model_runner import ModelRunner
+from braid_engine.engine.model_runner import ModelRunner, prefill_graph_sizes
 from braid_engine.engine.sequence import RequestOutput
 from braid_engine.errors import InvalidRequestError
 from braid_engine.kernels import fused_kernels_available
@@ -62,10 +62,12 @@ class LLM:
         max_num_batched_tokens: int = 8192,
         max_pinned_fraction: float = 0.5,
         decode_burst: int = 8,
+        prefill_graph_tokens: int = 256,
         trust_remote_code: bool = False,
     ) -> None:
         if not isinstance(decode_burst, int) or isinstance(decode_burst, bool) or decode_burst < 1:
             raise ValueError(f"decode_burst must be an int ≥ 1 (1 reads every step's token), got {decode_burst!r}.")
+        prefill_graph_sizes(prefill_graph_tokens)  # a clear error before anything loads
         path = resolve_model_path(model)
         self.model_path = path
         self.model_config = cfg = load_config(path)
@@ -110,7 +112,8 @@ class LLM:
         backend = _make_backend(backend_name, kv_cache, cfg.num_attention_heads, cfg.head_dim, cascade)
         runner = ModelRunner(torch_model, backend, page_size, dev)
         if graphs:
-            runner.capture_graphs(max_num_seqs, pad_page=num_pages, max_seq_pages=-(-max_len // page_size))
+            runner.capture_graphs(max_num_seqs, pad_page=num_pages, max_seq_pages=-(-max_len // page_size),
+                                  prefill_tokens=prefill_graph_tokens)
         self.engine = LLMEngine(cfg, self.config, self.tokenizer, runner, self._eos_ids(path))
         logger.info("braid: %s on %s (%s), %s attention, %d KV pages of %d tokens",
                     cfg.architecture, dev, dt, backend_name, num_pages, page_size)

@@ -101,12 +101,15 @@ def _split_pages(layout: BatchLayout, num_qo_heads: int, num_kv_heads: int, head
     return max(16, longest // 16, -(-longest // chunks))
 
 
-def fa2_workspace_bytes(num_qo_heads: int, num_kv_heads: int, head_dim: int, num_sms: int) -> int:
+def fa2_workspace_bytes(num_qo_heads: int, num_kv_heads: int, head_dim: int, num_sms: int,
+                        graph_rows: int = SHORT_PREFILL_TOKENS) -> int:
     """Float workspace for the fa2 prefill wrappers. Left to choose (and in CUDA-graph mode,
     always) fa2 splits the keys into up to a few CTAs per SM for each KV head and keeps a float32
     partial output per (CTA, 128-row query tile) for every query head: with 16 query heads
-    over 2 KV heads (ERNIE-4.5-0.3B) that passes 128 MB on an H100."""
-    units = max(4 * num_sms // num_kv_heads, _query_tiles(SHORT_PREFILL_TOKENS, num_qo_heads // num_kv_heads) + 1)
+    over 2 KV heads (ERNIE-4.5-0.3B) that passes 128 MB on an H100. A prefill graph of
+    ``graph_rows`` rows keeps one per query tile of its rows at least (plus the padding
+    request's)."""
+    units = max(4 * num_sms // num_kv_heads, _query_tiles(graph_rows, num_qo_heads // num_kv_heads) + 2)
     return max(_WORKSPACE_BYTES, units * _partial_bytes(num_qo_heads, head_dim) + (16 << 20))
 
 
@@ -137,7 +140,7 @@ class FlashInferBackend(AttentionBackend):
         # cannot split, so this one (and the prefill graphs, which serve the same case) use fa2;
         # so does one sequence's short prefill, as it would in a graph
         # one scratch buffer serves every fa2 wrapper: they run one at a time on one stream
-        sms = torch.cuda.get_device_properties(kv_cache.device).multi_processor_count
+        sms = self._sms = torch.cuda.get_device_properties(kv_cache.device).multi_processor_count
         self._fa2_workspace = torch.zeros(fa2_workspace_bytes(num_heads, self.num_kv_heads, head_dim, sms),
                                           dtype=torch.uint8, device=kv_cache.device)
         self._prefill_split = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._fa2_workspace, "HND",
@@ -241,6 +244,13 @@ class FlashInferBackend(AttentionBackend):
 
         dev = self.kv_cache.device
         max_pages = self.kv_cache.shape[1] + -(-tokens // self.page_size)
+        need = fa2_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, self._sms, tokens)
+        if need > self._fa2_workspace.numel():
+            # a long prefill graph: a larger scratch for it and the fa2 wrappers made after it (the
+            # runner prepares the largest first, so all of them; an earlier one keeps its own)
+            self._fa2_workspace = torch.zeros(need, dtype=torch.uint8, device=dev)
+            self._prefill_split = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._fa2_workspace, "HND",
+                                                                                backend="fa2")
 
         def buf(n: int) -> torch.Tensor:
             return torch.zeros(n, dtype=torch.int32, device=dev)

@@ -11,6 +11,36 @@ from braid_engine.models.layers import CausalLM
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # one sequence's new tokens (a new turn after a cached history) run in a graph of the next size
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
+# larger prefill graphs, captured when LLM(prefill_graph_tokens=...) asks for them
+LONG_PREFILL_GRAPH_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
+
+
+def prefill_graph_sizes(largest: int) -> tuple[int, ...]:
+    """The prefill graphs' row counts, up to ``largest`` (one of the ladder's sizes)."""
+    ladder = PREFILL_GRAPH_TOKENS + LONG_PREFILL_GRAPH_TOKENS
+    if isinstance(largest, bool) or not isinstance(largest, int) or largest not in ladder:
+        raise ValueError(f"prefill_graph_tokens must be one of {ladder}, not {largest!r}.")
+    return tuple(t for t in ladder if t <= largest)
+
+
+def prefill_pieces(n: int, sizes: tuple[int, ...]) -> list[int] | None:
+    """How one sequence's ``n`` new tokens are taken through prefill graphs of ``sizes`` rows (a
+    graph takes at most rows - 1 tokens: one row is always padding): the token counts of the
+    pieces, in order, or None when ``n`` is not below the largest graph (the step runs eagerly).
+    A piece is padded up to the next graph; where that would pad a graph of more than
+    ``PREFILL_GRAPH_TOKENS[-1]`` rows by over a quarter, the largest graph that the remaining
+    tokens fill is taken first."""
+    if n >= sizes[-1]:
+        return None
+    pieces = []
+    while True:
+        fit = next(t for t in sizes if t > n)
+        if fit <= PREFILL_GRAPH_TOKENS[-1] or 4 * (fit - n) <= fit:
+            pieces.append(n)
+            return pieces
+        filled = max(t for t in sizes if t - 1 <= n)
+        pieces.append(filled - 1)
+        n -= filled - 1
 
 
 class ModelRunner:
@@ -22,20 +52,24 @@ class ModelRunner:
         self.device = device
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_sizes: tuple[int, ...] = ()
         self.pad_page = -1
         self.graph_replays = 0
         self.prefill_replays = 0
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
-    def capture_graphs(self, max_batch: int, pad_page: int, max_seq_pages: int) -> None:
-        """Capture one decode graph per batch size up to ``max_batch``. Inputs live in static
-        buffers; the attention plan is made outside the graph before each replay. Padding rows
-        write their KV into ``pad_page``, a page the pool never hands out. A sequence's page
-        table has at most ``max_seq_pages`` entries."""
+    def capture_graphs(self, max_batch: int, pad_page: int, max_seq_pages: int,
+                       prefill_tokens: int = PREFILL_GRAPH_TOKENS[-1]) -> None:
+        """Capture one decode graph per batch size up to ``max_batch``, and prefill graphs of
+        16 … ``prefill_tokens`` rows. Inputs live in static buffers; the attention plan is made
+        outside the graph before each replay. Padding rows write their KV into ``pad_page``, a
+        page the pool never hands out. A sequence's page table has at most ``max_seq_pages``
+        entries."""
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
+        self.prefill_sizes = prefill_graph_sizes(prefill_tokens)
         dev = self.device
-        n = max(sizes[-1], PREFILL_GRAPH_TOKENS[-1])
+        n = max(sizes[-1], self.prefill_sizes[-1])
         self.pad_page = pad_page
         # ids, positions and KV slots of the graphs' rows, one tensor so a burst step loads its
         # positions and slots with one copy
@@ -50,7 +84,7 @@ class ModelRunner:
             self.backend.plan_graph(layout, bs, pad_page)
             self.graphs[bs] = self._capture(self._forward_static, bs, pool)
             pool = self.graphs[bs][0].pool()
-        for tokens in reversed(PREFILL_GRAPH_TOKENS):
+        for tokens in reversed(self.prefill_sizes):
             self.backend.prepare_prefill_graph(tokens)
             layout = BatchLayout([1], [1], [[pad_page]], self.page_size, self.static_slots[:tokens])
             self.backend.plan_prefill_graph(layout, tokens, pad_page)
@@ -86,11 +120,32 @@ class ModelRunner:
             return None
         return next((b for b in sorted(self.graphs) if b >= len(batch)), None)
 
-    def _replay_prefill(self, n: int, ids: list[int], positions: list[int],
-                        slots: list[int], layout: BatchLayout) -> torch.Tensor | None:
-        tokens = next((t for t in PREFILL_GRAPH_TOKENS if t > n), None)
-        if tokens is None:
+    def _replay_prefill_pieces(self, n: int, ids: list[int], positions: list[int],
+                               slots: list[int], layout: BatchLayout) -> torch.Tensor | None:
+        """One sequence's ``n`` new tokens through the prefill graphs, piece by piece (each piece
+        attends the keys of the pieces before it in the cache); the last piece's logits, or None
+        when the step is too long for the graphs."""
+        pieces = prefill_pieces(n, self.prefill_sizes)
+        if pieces is None:
             return None
+        (kv_len,), (table,) = layout.kv_lens, layout.page_tables
+        done = kv_len - n  # keys already in the cache
+        at, graph = 0, None
+        for m in pieces:
+            if graph == next(t for t in self.prefill_sizes if t > m):
+                # planning a graph's wrapper again refills host buffers whose copies to the
+                # device may still be queued behind its last replay
+                torch.cuda.current_stream(self.device).synchronize()
+            graph = next(t for t in self.prefill_sizes if t > m)
+            done += m
+            piece = BatchLayout([m], [done], [table], self.page_size, layout.slot_mapping)
+            logits = self._replay_prefill(m, ids[at:at + m], positions[at:at + m], slots[at:at + m], piece)
+            at += m
+        return logits
+
+    def _replay_prefill(self, n: int, ids: list[int], positions: list[int],
+                        slots: list[int], layout: BatchLayout) -> torch.Tensor:
+        tokens = next(t for t in self.prefill_sizes if t > n)
         ps = self.page_size
         graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables, ps,
                                    self.static_slots[:tokens])
@@ -201,7 +256,7 @@ class ModelRunner:
             if logits is not None:
                 return logits, samplers
         elif self.prefill_graphs and len(batch) == 1 and len(samplers) == 1 and batch[0][1] > 1:
-            logits = self._replay_prefill(batch[0][1], ids, positions, slots, layout)
+            logits = self._replay_prefill_pieces(batch[0][1], ids, positions, slots, layout)
             if logits is not None:
                 return logits, samplers
         layout.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)

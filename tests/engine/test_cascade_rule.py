@@ -82,3 +82,16 @@ def test_the_fa2_workspace_holds_a_split_over_every_sm(hq, hkv, d, at_least_mb):
     size = fa2_workspace_bytes(hq, hkv, d, num_sms=132)
     assert size >= at_least_mb << 20
     assert size >= hq * (2 * 132 // hkv) * 128 * d * 4  # what FlashInfer was seen to ask for
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (16, 2, 128)])
+@pytest.mark.parametrize("rows", [256, 4096, 16384])
+def test_the_fa2_workspace_holds_a_prefill_graph(hq, hkv, d, rows):
+    """In graph mode fa2 always splits and pads its CTA count to the query tiles of the graph's
+    rows (query heads packed per KV head, 128 packed rows a tile, one more for the padding
+    request): a float32 partial output per CTA for every query head, and its log-sum-exps."""
+    from braid_engine.attention.flashinfer_backend import fa2_workspace_bytes
+
+    tiles = -(-rows * (hq // hkv) // 128) + 1
+    padded = max(2 * 132 // hkv, tiles)
+    assert fa2_workspace_bytes(hq, hkv, d, num_sms=132, graph_rows=rows) >= hq * padded * 128 * (d + 1) * 4

@@ -100,6 +100,39 @@ def test_graphs_plan_requests_that_share_a_long_prefix(engines):
         eager.shutdown()
 
 
+@pytest.fixture(scope="module")
+def long_graphs(engines):
+    llm = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+              max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=2048)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("cached,new", [(0, 300), (0, 1024), (0, 1535), (0, 2000), (300, 700), (300, 1500)])
+def test_long_prefills_replay_graphs_in_pieces(engines, long_graphs, cached, new):
+    """With prefill graphs up to 2,048 rows a long prompt is taken in graph-sized pieces, each
+    attending the keys of the pieces before it (and of a cached history). Eagerly the same
+    prompt is one fa3 pass, so bf16 may round apart: the tokens must agree up to a near-tie."""
+    from braid_engine.engine.model_runner import prefill_pieces
+
+    eager, graphed = engines[1], long_graphs
+    assert graphed.engine.runner.prefill_sizes[-1] == 2048
+    g = torch.Generator().manual_seed(7 * cached + new)
+    history = torch.randint(3, 400, (cached,), generator=g).tolist()
+    for llm in (graphed, eager) if cached else ():
+        llm.generate([history], SamplingParams(temperature=0, max_tokens=1))
+    prompt = history + torch.randint(3, 400, (new,), generator=g).tolist()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    before = graphed.engine.runner.prefill_replays
+    a = graphed.generate([prompt], params)[0]
+    b = eager.generate([prompt], params)[0]
+    assert a.num_cached_tokens == b.num_cached_tokens
+    assert a.num_cached_tokens >= cached - 16
+    pieces = prefill_pieces(len(prompt) - a.num_cached_tokens, graphed.engine.runner.prefill_sizes)
+    assert graphed.engine.runner.prefill_replays - before == len(pieces)
+    _agree_up_to_near_tie(eager, prompt, a.token_ids, b.token_ids)
+
+
 @pytest.mark.parametrize("new_tokens", [2, 15, 16, 17, 100, 255])
 def test_prefill_graphs_give_the_eager_first_token_after_a_cached_history(engines, new_tokens):
     graphed, eager = engines

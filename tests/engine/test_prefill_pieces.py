@@ -1,0 +1,50 @@
+"""How one sequence's prefill is cut into pieces for the prefill CUDA graphs (host-side rule;
+the graphs themselves are tested on the GPU in tests/gpu/test_cuda_graphs.py)."""
+
+import pytest
+
+from braid_engine.engine.model_runner import prefill_graph_sizes, prefill_pieces
+
+SHORT = prefill_graph_sizes(256)
+LONG = prefill_graph_sizes(8192)
+
+
+def test_sizes():
+    assert SHORT == (16, 32, 64, 128, 256)
+    assert LONG == SHORT + (512, 1024, 2048, 4096, 8192)
+    for bad in (100, 0, 255.0, True, "256", 32768):
+        with pytest.raises(ValueError, match="prefill_graph_tokens must be one of"):
+            prefill_graph_sizes(bad)
+
+
+def test_short_graphs_take_one_piece_below_the_largest_and_none_from_it():
+    assert [prefill_pieces(n, SHORT) for n in (2, 15, 16, 100, 255)] == [[2], [15], [16], [100], [255]]
+    assert prefill_pieces(256, SHORT) is None and prefill_pieces(5000, SHORT) is None
+
+
+@pytest.mark.parametrize("n", [2, 255, 256, 300, 383, 511, 512, 700, 1024, 1535, 3000, 4096, 5000, 8000, 8191])
+def test_long_pieces_cover_the_tokens_and_pad_little(n):
+    pieces = prefill_pieces(n, LONG)
+    assert sum(pieces) == n and all(p > 0 for p in pieces)
+    graphs = [next(t for t in LONG if t > p) for p in pieces]
+    # every piece but the last fills its graph (one padding row); the last pads at most a
+    # quarter of a graph above 256 rows
+    assert all(g - p == 1 for g, p in zip(graphs[:-1], pieces[:-1], strict=True))
+    assert graphs[-1] <= 256 or 4 * (graphs[-1] - pieces[-1]) <= graphs[-1]
+    assert len(pieces) <= 4
+
+
+def test_examples():
+    assert prefill_pieces(1024, LONG) == [1023, 1]  # not one 2,048-row graph half empty
+    assert prefill_pieces(4096, LONG) == [4095, 1]
+    assert prefill_pieces(3000, LONG) == [2047, 953]
+    assert prefill_pieces(8000, LONG) == [8000]
+    assert prefill_pieces(383, LONG) == [255, 128]  # the same 256-row graph twice
+    assert prefill_pieces(8192, LONG) is None
+
+
+def test_llm_refuses_a_prefill_graph_size_off_the_ladder(tiny_qwen3):
+    from braid_engine import LLM
+
+    with pytest.raises(ValueError, match="prefill_graph_tokens must be one of"):
+        LLM(tiny_qwen3, device="cpu", prefill_graph_tokens=1000)
