@@ -5,14 +5,17 @@
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py) and 'workloads'
 # (prefill.py, multiturn.py) a few minutes each on an H100, 'shared' (shared_prefix.py) up to 9:
 # under a 10-minute limit per command, run them apart.
-# FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts); put them in .fictgz/ (git-
-# ignored) and carry that next time: this script unpacks it before the first kernel is needed.
+# FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts), Triton's as tritoncache.tgz.*;
+# put them in .fictgz/ (git-ignored) and carry that next time: this script unpacks them before
+# the first kernel is needed. (The machine goes back after ~30 s idle: a fresh one rebuilds both.)
 set -u
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 what=${1:-all}
 if [ -d .ficache ]; then mkdir -p ~/.cache && cp -r .ficache ~/.cache/flashinfer; fi
 if ls .fictgz/ficache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .fictgz/ficache.tgz.* | tar xz -C ~/.cache; fi
+# Triton's compiled kernels likewise (a fresh machine otherwise compiles every kernel variant again)
+if ls .fictgz/tritoncache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.triton && cat .fictgz/tritoncache.tgz.* | tar xz -C ~/.triton; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/kernels tests/gpu > "$OUT/gpu_tests.log" 2>&1
@@ -40,4 +43,5 @@ if [ "$what" = shared ] || [ "$what" = all ]; then
   timeout 540 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
     2>&1 | grep -v Warning | tail -9 | tee "$OUT/shared_prefix.log"
 fi
-tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."; ls -la "$OUT"
+tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."
+tar czf - -C ~/.triton cache 2>/dev/null | split -b 15M - "$OUT/tritoncache.tgz."; ls -la "$OUT"
