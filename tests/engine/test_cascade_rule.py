@@ -95,3 +95,18 @@ def test_the_fa2_workspace_holds_a_prefill_graph(hq, hkv, d, rows):
     tiles = -(-rows * (hq // hkv) // 128) + 1
     padded = max(2 * 132 // hkv, tiles)
     assert fa2_workspace_bytes(hq, hkv, d, num_sms=132, graph_rows=rows) >= hq * padded * 128 * (d + 1) * 4
+
+
+def test_paged_kv_lists_each_sequences_pages_and_last_page_fill():
+    import torch
+
+    from braid_engine.attention.flashinfer_backend import _paged_kv
+
+    tables = [[7, 3, 9, 4], [5, 6], [8, 1, 2]]
+    indptr, indices, last = _paged_kv(tables, [33, 16, 17], 16)
+    assert indptr == [0, 3, 4, 6]
+    assert indices.dtype == torch.int32 and indices.tolist() == [7, 3, 9, 5, 8, 1]
+    assert last == [1, 16, 1]
+    indptr, indices, last = _paged_kv(tables, [33, 16, 17], 16, skip=[1, 0, 1])  # a cascade level holds those
+    assert (indptr, indices.tolist(), last) == ([0, 2, 3, 4], [3, 9, 5, 1], [1, 16, 1])
+    assert _paged_kv([[1]], [1], 16, skip=[1])[1].tolist() == []
