@@ -339,22 +339,34 @@ class LLMEngine:
         tokens, seqs = self.runner.decode_burst(batch, steps)
         self.steps += steps
         self.bursts += 1
-        for seq, column in zip(seqs, zip(*tokens, strict=True), strict=True):
+        # sequences whose caller wants only the result take their column in bulk; streamed ones
+        # token by token. Finishes still happen step by step in batch order, as single steps
+        # would do them (the prefix cache's insertion order and eviction ties depend on it).
+        finishing: dict[int, list[tuple[int, Sequence, str]]] = {}
+        streamed = []
+        for i, (seq, column) in enumerate(zip(seqs, zip(*tokens, strict=True), strict=True)):
             if seq.text_deferred and seq.matcher is None and seq.output_token_ids:
-                self._append_quiet(seq, column)
-                continue
-            for k, token in enumerate(column):
-                if seq.is_finished:
-                    break  # stopped earlier in the burst: the later tokens are dropped
+                end = self._append_quiet(seq, column)
+                if end is not None:
+                    finishing.setdefault(end[0], []).append((i, seq, end[1]))
+            else:
+                streamed.append((i, seq, column))
+        for k in range(steps):
+            events = finishing.get(k, []) + [(i, seq, col[k]) for i, seq, col in streamed if not seq.is_finished]
+            for _, seq, what in sorted(events, key=operator.itemgetter(0)):
+                if isinstance(what, str):
+                    self._finish(seq, what)
+                    continue
                 if k:
                     self.scheduler.decoded_tokens += 1
                 self._computed(seq, 1)
-                self._append(seq, token)
+                self._append(seq, what)
 
-    def _append_quiet(self, seq: Sequence, column: tuple[int, ...]) -> None:
+    def _append_quiet(self, seq: Sequence, column: tuple[int, ...]) -> tuple[int, str] | None:
         """A burst's tokens for a sequence whose caller wants only the final output (no text
         until the end, no grammar): what ``_computed`` + ``_append`` do token by token, in bulk —
-        up to the first stop token or the length limit, whichever comes first."""
+        up to the first stop token or the length limit, whichever comes first. Returns the step
+        and reason of the finish the caller must then make, or None."""
         p = seq.params
         stops = set(p.stop_token_ids or ())
         if not p.ignore_eos:
@@ -369,8 +381,7 @@ class LLMEngine:
         seq.num_computed += cut
         seq.text_tokens += cut - (reason == "stop")
         self.scheduler.decoded_tokens += cut - 1
-        if reason is not None:
-            self._finish(seq, reason)
+        return None if reason is None else (cut - 1, reason)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_token_ids.append(token)

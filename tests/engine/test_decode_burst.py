@@ -50,7 +50,7 @@ def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny
     llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8)
     quiet = llm.engine._append_quiet
     bulk = []
-    llm.engine._append_quiet = lambda seq, column: (bulk.append(len(column)), quiet(seq, column))
+    llm.engine._append_quiet = lambda seq, column: bulk.append(len(column)) or quiet(seq, column)
     try:
         for params, expect in ((free, ref), (stop, ref_stop), (tight, ref_tight)):
             outs = _run(llm, prompts, params, final_only)
@@ -171,5 +171,35 @@ def test_a_stop_token_on_the_length_limit_inside_a_burst_is_a_stop(tiny_qwen3, s
             assert (out.finish_reason, out.token_ids, out.text) == (reason, free.token_ids[:limit], ref.text)
             assert ref.finish_reason == reason
         assert llm.stats()["decode_bursts"] - bursts >= 3  # the stop-and-limit token ends a burst of ≥ 2
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("final_only", [False, True])
+def test_requests_finish_in_the_order_single_steps_finish_them(tiny_qwen3, stepwise, final_only):
+    """The prefix cache takes a finished answer when it finishes; inside a burst the finishes
+    must come step by step in batch order, as single steps make them, also when results are
+    taken in bulk."""
+    prompts = _prompts()
+    free = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)] * len(prompts)
+    ref = _run(stepwise, prompts, free)
+    # stops at steps 6, 3, 6, 2 and 5 of one burst (tokens 9-16 after the prefill's first)
+    stop = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                           stop_token_ids=[r.token_ids[j]]) for r, j in zip(ref, (14, 11, 14, 10, 13), strict=True)]
+    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8, enable_prefix_caching=False)
+    orders = []
+    try:
+        for engine in (stepwise, llm):
+            order = []
+            finish = engine.engine._finish
+            engine.engine._finish = lambda seq, reason, order=order, finish=finish: (
+                order.append(prompts.index(seq.prompt_token_ids)), finish(seq, reason))
+            try:
+                outs = _run(engine, prompts, stop, final_only)
+            finally:
+                engine.engine._finish = finish
+            orders.append((order, [o.token_ids for o in outs]))
+        assert orders[0] == orders[1]
+        assert len(set(len(o) for o in orders[0][1])) > 2  # the requests stopped at different steps
     finally:
         llm.shutdown()
