@@ -113,7 +113,7 @@ class LLM:
         runner = ModelRunner(torch_model, backend, page_size, dev)
         if graphs:
             runner.capture_graphs(max_num_seqs, pad_page=num_pages, max_seq_pages=-(-max_len // page_size),
-                                  prefill_tokens=prefill_graph_tokens)
+                                  prefill_tokens=prefill_graph_tokens, max_step_tokens=max_num_batched_tokens)
         self.engine = LLMEngine(cfg, self.config, self.tokenizer, runner, self._eos_ids(path))
         logger.info("braid: %s on %s (%s), %s attention, %d KV pages of %d tokens",
                     cfg.architecture, dev, dt, backend_name, num_pages, page_size)

@@ -289,17 +289,19 @@ class FlashInferBackend(AttentionBackend):
         self.groups = choose_groups(layout, self.cascade)
         dev = self.kv_cache.device
         ps = layout.page_size
+        self._is_decode = all(q == 1 for q in layout.query_lens)
+        self._rows = None
+        if self._is_decode and not self.groups and self._small_decode(len(layout.kv_lens)):
+            table, lens = self._small_table(layout.page_tables, layout.kv_lens)
+            self._small_args = (table.to(dev, non_blocking=True), lens.to(dev, non_blocking=True))
+            return
         skip = [0] * len(layout.kv_lens)
         for g in self.groups:
             for s in range(g.first, g.last):
                 skip[s] = len(g.shared_pages)
         indptr, indices, last = _paged_kv(layout.page_tables, layout.kv_lens, ps, skip)
         kv = (torch.tensor(indptr, dtype=torch.int32), indices.to(dev), torch.tensor(last, dtype=torch.int32))
-        self._is_decode = all(q == 1 for q in layout.query_lens)
-        if self._is_decode and not self.groups and self._small_decode(len(layout.kv_lens)):
-            table, lens = self._small_table(layout.page_tables, layout.kv_lens)
-            self._small_args = (table.to(dev, non_blocking=True), lens.to(dev, non_blocking=True))
-        elif self._is_decode:
+        if self._is_decode:
             self._decode.plan(*kv, head_dim=self.head_dim, **self._common())
         else:
             qo = [0]

@@ -26,12 +26,14 @@ def _rows_tensor(*rows: list[int]) -> torch.Tensor:
     return torch.frombuffer(flat, dtype=torch.long).view(len(rows), -1)
 
 
-def prefill_graph_sizes(largest: int) -> tuple[int, ...]:
-    """The prefill graphs' row counts, up to ``largest`` (one of the ladder's sizes)."""
+def prefill_graph_sizes(largest: int, max_step_tokens: int | None = None) -> tuple[int, ...]:
+    """The prefill graphs' row counts, up to ``largest`` (one of the ladder's sizes) and, past
+    the short ones, up to the first that holds ``max_step_tokens`` (a step never has more)."""
     ladder = PREFILL_GRAPH_TOKENS + LONG_PREFILL_GRAPH_TOKENS
     if isinstance(largest, bool) or not isinstance(largest, int) or largest not in ladder:
         raise ValueError(f"prefill_graph_tokens must be one of {ladder}, not {largest!r}.")
-    return tuple(t for t in ladder if t <= largest)
+    cap = max(PREFILL_GRAPH_TOKENS[-1], max_step_tokens or largest)
+    return tuple(t for t in ladder if t <= largest and (t <= cap or t // 2 < cap))
 
 
 def prefill_pieces(n: int, sizes: tuple[int, ...]) -> list[int] | None:
@@ -71,14 +73,14 @@ class ModelRunner:
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
     def capture_graphs(self, max_batch: int, pad_page: int, max_seq_pages: int,
-                       prefill_tokens: int = PREFILL_GRAPH_TOKENS[-1]) -> None:
+                       prefill_tokens: int = PREFILL_GRAPH_TOKENS[-1], max_step_tokens: int | None = None) -> None:
         """Capture one decode graph per batch size up to ``max_batch``, and prefill graphs of
-        16 … ``prefill_tokens`` rows. Inputs live in static buffers; the attention plan is made
-        outside the graph before each replay. Padding rows write their KV into ``pad_page``, a
-        page the pool never hands out. A sequence's page table has at most ``max_seq_pages``
-        entries."""
+        16 … ``prefill_tokens`` rows — none larger than a step of ``max_step_tokens`` tokens
+        can use. Inputs live in static buffers; the attention plan is made outside the graph
+        before each replay. Padding rows write their KV into ``pad_page``, a page the pool never
+        hands out. A sequence's page table has at most ``max_seq_pages`` entries."""
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
-        self.prefill_sizes = prefill_graph_sizes(prefill_tokens)
+        self.prefill_sizes = prefill_graph_sizes(prefill_tokens, max_step_tokens)
         dev = self.device
         n = max(sizes[-1], self.prefill_sizes[-1])
         self.pad_page = pad_page

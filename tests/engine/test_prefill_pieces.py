@@ -1,6 +1,8 @@
 """How one sequence's prefill is cut into pieces for the prefill CUDA graphs (host-side rule;
 the graphs themselves are tested on the GPU in tests/gpu/test_cuda_graphs.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from braid_engine.engine.model_runner import prefill_graph_sizes, prefill_pieces
@@ -48,3 +50,43 @@ def test_llm_refuses_a_prefill_graph_size_off_the_ladder(tiny_qwen3):
 
     with pytest.raises(ValueError, match="prefill_graph_tokens must be one of"):
         LLM(tiny_qwen3, device="cpu", prefill_graph_tokens=1000)
+
+
+def test_no_graph_larger_than_a_step_can_use():
+    assert prefill_graph_sizes(16384, max_step_tokens=8192) == LONG
+    assert prefill_graph_sizes(16384, max_step_tokens=5000)[-1] == 8192
+    assert prefill_graph_sizes(4096, max_step_tokens=100) == SHORT
+    assert prefill_graph_sizes(256, max_step_tokens=100) == SHORT
+
+
+@pytest.mark.parametrize("n,pieces,synced", [(383, [255, 128], [1]), (3000, [2047, 953], []), (100, [100], [])])
+def test_each_piece_attends_the_keys_before_it(monkeypatch, n, pieces, synced):
+    """The runner's pieces: their own slices of ids, positions and slots, kv lengths that count
+    the cached history and every earlier piece, and a wait before a graph is planned again for
+    the next piece (its last plan's copies may still be queued)."""
+    import torch
+
+    from braid_engine.attention.base import BatchLayout
+    from braid_engine.engine.model_runner import ModelRunner
+
+    calls, syncs = [], []
+
+    def replay(m, ids, positions, slots, layout):
+        calls.append((m, ids, positions, slots, layout.query_lens, layout.kv_lens, layout.page_tables))
+        return f"logits of piece {len(calls)}"
+
+    fake = SimpleNamespace(prefill_sizes=LONG, page_size=16, device=torch.device("cpu"), _replay_prefill=replay)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(len(calls))))
+    cached = 100
+    ids, positions = list(range(1000, 1000 + n)), list(range(cached, cached + n))
+    slots = [p + 7 for p in positions]
+    table = list(range(-(-(cached + n) // 16)))
+    layout = BatchLayout([n], [cached + n], [table], 16, torch.empty(0))
+    assert ModelRunner._replay_prefill_pieces(fake, n, ids, positions, slots, layout) == f"logits of piece {len(pieces)}"
+    assert [c[0] for c in calls] == pieces
+    starts = [sum(pieces[:i]) for i in range(len(pieces) + 1)]
+    for c, a, b in zip(calls, starts, starts[1:], strict=False):
+        assert c[1:4] == (ids[a:b], positions[a:b], slots[a:b])
+        assert (c[4], c[5], c[6]) == ([b - a], [cached + b], [table])
+    assert syncs == synced

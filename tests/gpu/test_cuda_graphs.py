@@ -108,11 +108,13 @@ def long_graphs(engines):
     llm.shutdown()
 
 
-@pytest.mark.parametrize("cached,new", [(0, 300), (0, 1024), (0, 1535), (0, 2000), (300, 700), (300, 1500)])
+@pytest.mark.parametrize("cached,new", [(0, 300), (0, 383), (0, 1024), (0, 1535), (0, 2000), (300, 383),
+                                        (300, 700), (300, 1500)])
 def test_long_prefills_replay_graphs_in_pieces(engines, long_graphs, cached, new):
     """With prefill graphs up to 2,048 rows a long prompt is taken in graph-sized pieces, each
-    attending the keys of the pieces before it (and of a cached history). Eagerly the same
-    prompt is one fa3 pass, so bf16 may round apart: the tokens must agree up to a near-tie."""
+    attending the keys of the pieces before it (and of a cached history); 383 new tokens replay
+    the 256-row graph twice (255 + 128). Eagerly the same prompt is one fa3 pass, so bf16 may
+    round apart: the tokens must agree up to a near-tie."""
     from braid_engine.engine.model_runner import prefill_pieces
 
     eager, graphed = engines[1], long_graphs

@@ -158,17 +158,14 @@ def test_one_row_matmuls_refuse_other_shapes(device):
         norm_matmul(torch.zeros(1, 9, device=device), None, torch.ones(9, device=device), 1e-6, w)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 2)])
-def test_decode_attention_matches_the_torch_reference(device, dtype, hq, hkv):
-    """Lengths of 1, a page ± 1, one tile ± 1, a few tiles and many (every split active), pages
-    shuffled; each sequence against the reference attention over its own keys."""
+def _decode_attention_case(device, dtype, hq, hkv, ps, lens, **kwargs):
+    """Each sequence of ``lens`` keys (pages shuffled) against the reference attention over its
+    own keys."""
     from braid_engine.attention.torch_backend import attend
     from braid_engine.kernels.decode_attention import DecodeAttention
 
-    g = torch.Generator().manual_seed(hq * 10 + hkv)
-    d, ps = 32, 4
-    lens = [1, 3, 4, 5, 15, 16, 17, 70, 200]
+    g = torch.Generator().manual_seed(hq * 10 + hkv + ps)
+    d = 32
     pages_each = [-(-n // ps) for n in lens]
     order = torch.randperm(sum(pages_each) + 3, generator=g)
     table = torch.zeros(len(lens), max(pages_each), dtype=torch.int32)
@@ -178,7 +175,7 @@ def test_decode_attention_matches_the_torch_reference(device, dtype, hq, hkv):
         at += n
     cache = torch.randn(sum(pages_each) + 3, 2, hkv, ps, d, generator=g).to(device, dtype)
     q = torch.randn(len(lens), hq, d, generator=g).to(device, dtype)
-    op = DecodeAttention(len(lens), hq, hkv, d, torch.device(device), splits=4, block_t=16)
+    op = DecodeAttention(len(lens), hq, hkv, d, torch.device(device), **kwargs)
     out = op(q, cache, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), d ** -0.5)
     for i, n in enumerate(lens):
         pos = torch.arange(n)
@@ -188,3 +185,18 @@ def test_decode_attention_matches_the_torch_reference(device, dtype, hq, hkv):
         ref, _ = attend(q[i:i + 1], k, v, d ** -0.5)
         tol = 1e-5 if dtype == torch.float32 else 4e-3
         torch.testing.assert_close(out[i:i + 1].float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 2)])
+def test_decode_attention_matches_the_torch_reference(device, dtype, hq, hkv):
+    """Lengths of 1, a page ± 1, one tile ± 1, a few tiles and many (every split active), pages
+    of 4 keys shuffled, 4 splits of 16-key tiles at most."""
+    _decode_attention_case(device, dtype, hq, hkv, 4, [1, 3, 4, 5, 15, 16, 17, 70, 200], splits=4, block_t=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_with_its_defaults_and_pages_larger_than_a_tile(device, dtype):
+    """The engine's settings (64 splits at most, 32-key tiles) on 64-key pages: a tile ± 1, a
+    page ± 1, and 2,049 keys (65 tiles over 64 splits: the last split's stretch is short)."""
+    _decode_attention_case(device, dtype, 4, 2, 64, [1, 31, 32, 33, 63, 64, 65, 2049])
