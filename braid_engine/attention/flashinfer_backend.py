@@ -227,7 +227,8 @@ class FlashInferBackend(AttentionBackend):
         self._graph_decode[batch_size]._paged_kv_last_page_len_buf.copy_(last_page_lens)
 
     def _small_decode(self, batch_size: int) -> bool:
-        if batch_size > self.small_decode_batch:
+        d = self.head_dim
+        if batch_size > self.small_decode_batch or d < 16 or d & (d - 1):  # the kernel tiles whole heads
             return False
         if self._small is None:
             from braid_engine.kernels.decode_attention import DecodeAttention

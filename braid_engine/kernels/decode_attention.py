@@ -106,6 +106,8 @@ class DecodeAttention:
                  num_stages: int = 2) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} kv heads")
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise ValueError(f"head_dim must be a power of two ≥ 16 for this kernel, not {head_dim}")
         if block_t < 16 or block_t & (block_t - 1):
             raise ValueError(f"block_t must be a power of two ≥ 16 (a tl.dot operand), not {block_t}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

@@ -200,3 +200,14 @@ def test_decode_attention_with_its_defaults_and_pages_larger_than_a_tile(device,
     """The engine's settings (64 splits at most, 32-key tiles) on 64-key pages: a tile ± 1, a
     page ± 1, and 2,049 keys (65 tiles over 64 splits: the last split's stretch is short)."""
     _decode_attention_case(device, dtype, 4, 2, 64, [1, 31, 32, 33, 63, 64, 65, 2049])
+
+
+def test_decode_attention_refuses_shapes_it_cannot_tile(device):
+    from braid_engine.kernels.decode_attention import DecodeAttention
+
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        DecodeAttention(1, 4, 2, 96, torch.device(device))
+    with pytest.raises(ValueError, match="block_t must be a power of two"):
+        DecodeAttention(1, 4, 2, 64, torch.device(device), block_t=8)
+    with pytest.raises(ValueError, match="do not group"):
+        DecodeAttention(1, 6, 4, 64, torch.device(device))
