@@ -45,6 +45,37 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device copy (read + write)."""
+    x = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t0 = now(device)
+    for _ in range(10):
+        y.copy_(x)
+    return 2 * x.numel() * 10 / (now(device) - t0)
+
+
+def weight_and_kv_bytes(model) -> tuple[int, int]:
+    """A transformers model's weight bytes (tied weights once) and KV bytes per token."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+    return weights, kv
+
+
+def forward_flops(model, new: int, cached: int = 0) -> float:
+    """FLOPs of a forward over ``new`` tokens after ``cached`` ones whose KV is kept, logits for
+    the last token only: the matmuls (2 a weight a token), causal attention (QKᵀ and PV: each new
+    token i attends cached + i keys), one row of lm_head."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    attn = 4 * new * (cached + (new + 1) / 2) * head_dim * cfg.num_attention_heads * cfg.num_hidden_layers
+    return 2 * new * body + attn + 2 * cfg.hidden_size * cfg.vocab_size
+
+
 def model_arguments(description: str) -> argparse.ArgumentParser:
     """A parser with the options every benchmark takes: which model, where, in what dtype."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,19 +15,16 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
-from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
+from benchmarks.common import (
+    build_model,
+    card,
+    copy_bandwidth,
+    kv_kwargs,
+    model_arguments,
+    now,
+    weight_and_kv_bytes,
+)
 from braid_engine import LLM, SamplingParams
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second of a large device copy (read + write)."""
-    x = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    t0 = now(device)
-    for _ in range(10):
-        y.copy_(x)
-    return 2 * x.numel() * 10 / (now(device) - t0)
 
 
 def engine_decode(llm: LLM, prompts: list[list[int]], new: int, device: torch.device) -> float:
@@ -111,9 +108,7 @@ def main() -> None:
               enable_prefix_caching=False)
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    cfg = llm.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+    weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
     bw = copy_bandwidth(device)
     gen = torch.Generator().manual_seed(0)
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "

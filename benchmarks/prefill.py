@@ -13,7 +13,16 @@ import statistics
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
+from benchmarks.common import (
+    build_model,
+    card,
+    copy_bandwidth,
+    forward_flops,
+    kv_kwargs,
+    model_arguments,
+    now,
+    weight_and_kv_bytes,
+)
 from braid_engine import LLM, SamplingParams
 
 
@@ -44,9 +53,12 @@ def main() -> None:
     compiled = torch.compile(hf)
     gen = torch.Generator().manual_seed(0)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    weights, kv_per_token = weight_and_kv_bytes(hf)
+    bw = copy_bandwidth(device)
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
-          f"prefill graphs up to {args.prefill_graph_tokens} rows")
-    print(f"{'tokens':>7} {'braid ms':>9} {'hf eager ms':>12} {'hf compiled ms':>15} {'vs eager':>9} {'vs compiled':>12}")
+          f"prefill graphs up to {args.prefill_graph_tokens} rows; copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"{'tokens':>7} {'braid ms':>9} {'hf eager ms':>12} {'hf compiled ms':>15} {'vs eager':>9} {'vs compiled':>12}"
+          f" {'braid TFLOP/s':>14} {'bandwidth':>10}")
     for n in args.tokens:
         if n >= llm.config.max_model_len:
             print(f"{n:>7} skipped: max_model_len is {llm.config.max_model_len}")
@@ -63,7 +75,10 @@ def main() -> None:
                 device, args.repeat) if n in args.compiled_tokens else None)
         comp = f"{t_comp * 1e3:>15.2f}" if t_comp else f"{'-':>15}"
         vs_comp = f"{t_comp / t_braid:>11.2f}x" if t_comp else f"{'-':>12}"
-        print(f"{n:>7} {t_braid * 1e3:>9.2f} {t_hf * 1e3:>12.2f} {comp} {t_hf / t_braid:>8.2f}x {vs_comp}")
+        # bandwidth: the weights read once and the prompt's KV written, over the time, against the copy
+        frac = (weights + n * kv_per_token) / t_braid / bw
+        print(f"{n:>7} {t_braid * 1e3:>9.2f} {t_hf * 1e3:>12.2f} {comp} {t_hf / t_braid:>8.2f}x {vs_comp}"
+              f" {forward_flops(hf, n) / t_braid / 1e12:>14.1f} {frac:>9.0%}")
     llm.shutdown()
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|decode|workloads|shared|all]
-# 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py) and 'workloads'
-# (prefill.py, multiturn.py) a few minutes each on an H100, 'shared' (shared_prefix.py) up to 9:
-# under a 10-minute limit per command, run them apart.
+#   bash benchmarks/run_gpu.sh [tests|decode|workloads|prefill|shared|all]
+# 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
+# 'workloads' (multiturn.py) and 'prefill' (prefill.py, default and long prefill graphs) a few
+# minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
+# command, run them apart.
 # FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts), Triton's as tritoncache.tgz.*;
 # put them in .fictgz/ (git-ignored) and carry that next time: this script unpacks them before
 # the first kernel is needed. (The machine goes back after ~30 s idle: a fresh one rebuilds both.)
@@ -31,11 +32,14 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token" "$OUT/profile_step.log" | head -40
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
-  timeout 200 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+  # transformers keeping its KV across turns, compiled with CUDA graphs: two shapes compile first
+  timeout 500 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
-  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+fi
+if [ "$what" = prefill ] || [ "$what" = all ]; then
+  timeout 250 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --compiled-tokens 4096 --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
-  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+  timeout 250 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --prefill-graph-tokens 8192 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_graphs.log"
 fi
 if [ "$what" = shared ] || [ "$what" = all ]; then
