@@ -1,6 +1,8 @@
 """Many requests sharing one long system prompt: throughput and KV memory, cascade on / off,
 against transformers — eager `generate`, and a `StaticCache` with the decode step under
-`torch.compile` — both of which store the prefix once per request.
+`torch.compile` — both of which store the prefix once per request. "Bandwidth": the bytes the
+decode steps must read at the least (the weights and every request's KV, the shared prefix
+once, each step) over the whole run's time, against the measured copy bandwidth.
 
     python -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16
     python -m benchmarks.shared_prefix --requests 8 --prefix-tokens 256 --new-tokens 16   # CPU smoke run
@@ -13,9 +15,10 @@ import gc
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
+from benchmarks.common import build_model, card, copy_bandwidth, kv_kwargs, model_arguments, now
 from benchmarks.decode import hf_compiled
 from braid_engine import LLM, SamplingParams
+from braid_engine.engine.kv_cache import kv_bytes_per_token
 
 
 def _free_memory(device: torch.device) -> None:
@@ -37,17 +40,24 @@ def main() -> None:
     rows = []
     hf_dtype = None
     header = False
+    floor_bytes = bw = 0.0
 
     def row(name: str, tps: float, sec: float, kv: float, steps: int) -> None:
         """Print each result as it comes, so a run cut short still reports what it measured."""
-        nonlocal header
+        nonlocal header, floor_bytes, bw
         if not header:
+            bw = copy_bandwidth(device)
+            own = args.suffix_tokens + args.new_tokens / 2
+            floor_bytes = args.new_tokens * (weights + (args.prefix_tokens + args.requests * own) * per_token)
             print(f"card: {card(device)}; dtype {hf_dtype}; {args.requests} requests × ({args.prefix_tokens} "
-                  f"shared + {args.suffix_tokens} own) tokens, {args.new_tokens} new each")
-            print(f"{'':<24} {'tokens/s':>10} {'seconds':>8} {'KV MB':>8} {'cascade steps':>14}", flush=True)
+                  f"shared + {args.suffix_tokens} own) tokens, {args.new_tokens} new each; copy bandwidth "
+                  f"{bw / 1e12:.2f} TB/s")
+            print(f"{'':<24} {'tokens/s':>10} {'seconds':>8} {'KV MB':>8} {'cascade steps':>14} {'bandwidth':>10}",
+                  flush=True)
             header = True
         rows.append((name, tps, sec, kv, steps))
-        print(f"{name:<24} {tps:>10.1f} {sec:>8.2f} {kv / 1e6:>8.1f} {steps:>14}", flush=True)
+        print(f"{name:<24} {tps:>10.1f} {sec:>8.2f} {kv / 1e6:>8.1f} {steps:>14} {floor_bytes / sec / bw:>9.0%}",
+              flush=True)
 
     for cascade in ("auto", "never", "always"):
         llm = LLM(path, device=args.device, dtype=args.dtype, cascade=cascade, **kv_kwargs(args))
@@ -65,6 +75,8 @@ def main() -> None:
         seconds = now(device) - t0
         s = llm.stats()
         page_bytes = llm.engine.runner.backend.kv_cache[:, 0].numel() * llm.config.dtype.itemsize
+        weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+        per_token = kv_bytes_per_token(llm.model_config, llm.config.dtype)
         row(f"braid, cascade {cascade}", sum(len(o.token_ids) for o in outs) / seconds, seconds,
             s["pages_peak"] * page_bytes, s["cascade_steps"])
         llm.shutdown()
