@@ -53,6 +53,7 @@ class KeptCache:
 
     def __init__(self, model, device: torch.device, max_len: int, compiled: bool) -> None:
         self.device, self.seen = device, 0
+        self.name = "hf kept+compiled ms" if compiled else "hf kept ms"
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
 
         def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ def main() -> None:
 
     print(f"card: {card(device)}; dtype {dtype}; model {args.shape if args.model == 'tiny' else args.model}; "
           f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    kept_names = ["hf kept ms", "hf kept+compiled ms"][:len(kept)]
+    kept_names = [k.name for k in kept]
     print(f"{'turn':>4} {'history':>8} {'reused':>7} {'cache on ms':>12} {'cache off ms':>13} "
           f"{'transformers ms':>16} " + " ".join(f"{n:>20}" for n in kept_names)
           + f" {'hf / on':>8} {'best hf kept / on':>18} {'bandwidth':>10}")
