@@ -221,10 +221,8 @@ class LLM:
         gc.unfreeze()  # the engine's reference cycles (model, KV cache) may be collected again
 
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
-            gc.unfreeze()
+        if getattr(self, "engine", None) is not None:
+            self.shutdown()
 
 
 def _choose_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:

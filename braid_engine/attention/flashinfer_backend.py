@@ -313,7 +313,6 @@ class FlashInferBackend(AttentionBackend):
             self._eager_prefill = self._prefill_split if split or short else self._prefill
             self._eager_prefill.plan(torch.tensor(qo, dtype=torch.int32), *kv, head_dim_qk=self.head_dim,
                                      causal=True, fixed_split_size=split, **self._common())
-        self._rows = None
         if self.groups:
             self._plan_shared(layout)
 

@@ -142,13 +142,14 @@ class ModelRunner:
             return None
         (kv_len,), (table,) = layout.kv_lens, layout.page_tables
         done = kv_len - n  # keys already in the cache
-        at, graph = 0, None
+        at, last_graph = 0, None
         for m in pieces:
-            if graph == next(t for t in self.prefill_sizes if t > m):
+            graph = next(t for t in self.prefill_sizes if t > m)
+            if graph == last_graph:
                 # planning a graph's wrapper again refills host buffers whose copies to the
                 # device may still be queued behind its last replay
                 torch.cuda.current_stream(self.device).synchronize()
-            graph = next(t for t in self.prefill_sizes if t > m)
+            last_graph = graph
             done += m
             piece = BatchLayout([m], [done], [table], self.page_size, layout.slot_mapping)
             logits = self._replay_prefill(m, ids[at:at + m], positions[at:at + m], slots[at:at + m], piece)
