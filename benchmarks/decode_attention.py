@@ -26,6 +26,26 @@ HQ, HKV, D, PS, LAYERS = 16, 8, 128, 16, 28
 WS = 128 << 20
 
 
+def _case(b: int, kv: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """b sequences of kv keys each: 28 layers' caches, q, the shuffled page indices [b, pages]
+    (int32, host) and the kv lengths (device)."""
+    dev, bf = "cuda", torch.bfloat16
+    pages = -(-kv // PS)
+    caches = [torch.randn(b * pages + 1, 2, HKV, PS, D, device=dev, dtype=bf) for _ in range(LAYERS)]
+    q = torch.randn(b, HQ, D, device=dev, dtype=bf)
+    table = torch.randperm(b * pages, dtype=torch.int32).reshape(b, pages)
+    return caches, q, table, torch.full((b,), kv, dtype=torch.int32, device=dev)
+
+
+def _time_ours(op: DecodeAttention, q, caches, table, lens, reps: int = 100) -> float:
+    """µs a layer of our kernel under a CUDA graph over the 28 layers' caches."""
+    def step() -> None:
+        for cache in caches:
+            op(q, cache, table, lens, D ** -0.5)
+
+    return graph_time(step, reps=reps) / LAYERS * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -42,11 +62,10 @@ def main() -> None:
                   q_data_type=bf, kv_data_type=bf)
     for b in args.batch:
         for kv in args.kv:
-            pages = -(-kv // PS)
-            caches = [torch.randn(b * pages + 1, 2, HKV, PS, D, device=dev, dtype=bf) for _ in range(LAYERS)]
-            q = torch.randn(b, HQ, D, device=dev, dtype=bf)
+            caches, q, host_table, lens = _case(b, kv)
+            pages = host_table.shape[1]
             indptr = torch.arange(b + 1, dtype=torch.int32) * pages
-            indices = torch.randperm(b * pages, dtype=torch.int32)
+            indices = host_table.reshape(-1)
             last = torch.full((b,), kv - (pages - 1) * PS, dtype=torch.int32)
 
             def wrapper(graph: bool, tc: bool, b: int = b, pages: int = pages):
@@ -71,15 +90,8 @@ def main() -> None:
 
                 results.append(graph_time(step) / LAYERS * 1e6)
                 outs.append(w.run(q, caches[0]).float())
-            ours = DecodeAttention(b, HQ, HKV, D, torch.device(dev))
-            table = indices.reshape(b, pages).to(dev)
-            lens = torch.full((b,), kv, dtype=torch.int32, device=dev)
-
-            def step_ours(q=q, caches=caches, table=table, lens=lens, ours=ours):
-                for c in caches:
-                    ours(q, c, table, lens, D ** -0.5)
-
-            results.append(graph_time(step_ours) / LAYERS * 1e6)
+            ours, table = DecodeAttention(b, HQ, HKV, D, torch.device(dev)), host_table.to(dev)
+            results.append(_time_ours(ours, q, caches, table, lens))
             outs.append(ours(q, caches[0], table, lens, D ** -0.5).float())
             err = max(((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:])
             print(f"{b:>5} {kv:>6} {results[0]:>25.2f} {results[1]:>9.2f} {results[2]:>23.2f} {results[3]:>20.2f}"
@@ -89,27 +101,19 @@ def main() -> None:
 def sweep(batches: list[int], kvs: list[int]) -> None:
     import itertools
 
-    dev, bf = "cuda", torch.bfloat16
+    dev = "cuda"
     configs = list(itertools.product((16, 32, 64), (32, 64, 128), (2, 4), (1, 2, 3)))
     print(f"card: {torch.cuda.get_device_name()}; ours, µs a layer; config = splits/block_t/warps/stages")
     best: dict[tuple, list[float]] = {c: [] for c in configs}
     for b in batches:
         for kv in kvs:
-            pages = -(-kv // PS)
-            caches = [torch.randn(b * pages + 1, 2, HKV, PS, D, device=dev, dtype=bf) for _ in range(LAYERS)]
-            q = torch.randn(b, HQ, D, device=dev, dtype=bf)
-            table = torch.randperm(b * pages, dtype=torch.int32).reshape(b, pages).to(dev)
-            lens = torch.full((b,), kv, dtype=torch.int32, device=dev)
+            caches, q, table, lens = _case(b, kv)
+            table = table.to(dev)
             row = []
             for c in configs:
                 ours = DecodeAttention(b, HQ, HKV, D, torch.device(dev), splits=c[0], block_t=c[1],
                                        num_warps=c[2], num_stages=c[3])
-
-                def step(q=q, caches=caches, table=table, lens=lens, ours=ours):
-                    for cache in caches:
-                        ours(q, cache, table, lens, D ** -0.5)
-
-                t = graph_time(step, reps=50) / LAYERS * 1e6
+                t = _time_ours(ours, q, caches, table, lens, reps=50)
                 best[c].append(t)
                 row.append((t, c))
             row.sort()
