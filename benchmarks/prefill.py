@@ -2,13 +2,14 @@
 transformers eager and transformers under `torch.compile`, same weights, same card, one run.
 
     python -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --tokens 1024 4096 16384
-    python -m benchmarks.prefill ... --prefill-graph-tokens 8192   # long prompts from CUDA graphs, in pieces
+    python -m benchmarks.prefill ... --prefill-graph-tokens 256   # prompts past 256 tokens eagerly
     python -m benchmarks.prefill --tokens 256 1024 --compiled-tokens      # tiny model, CPU smoke run
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -42,12 +43,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--compiled-tokens", type=int, nargs="*", default=[1024, 4096],
                     help="prompt lengths for the torch.compile baseline (each length compiles anew)")
-    ap.add_argument("--prefill-graph-tokens", type=int, default=256,
+    ap.add_argument("--prefill-graph-tokens", type=int, default=8192,
                     help="largest prefill CUDA graph (LLM(prefill_graph_tokens=...)); longer prompts run eagerly")
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
+    t0 = time.perf_counter()
     llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
               prefill_graph_tokens=args.prefill_graph_tokens, **kv_kwargs(args))
+    start_s = time.perf_counter() - t0
+    graph_mb = torch.cuda.memory_allocated() / 1e6 if llm.config.device.type == "cuda" else 0.0
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     compiled = torch.compile(hf)
@@ -56,7 +60,8 @@ def main() -> None:
     weights, kv_per_token = weight_and_kv_bytes(hf)
     bw = copy_bandwidth(device)
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
-          f"prefill graphs up to {args.prefill_graph_tokens} rows; copy bandwidth {bw / 1e12:.2f} TB/s")
+          f"prefill graphs up to {args.prefill_graph_tokens} rows; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"engine start {start_s:.1f} s, {graph_mb:.0f} MB allocated after it")
     print(f"{'tokens':>7} {'braid ms':>9} {'hf eager ms':>12} {'hf compiled ms':>15} {'vs eager':>9} {'vs compiled':>12}"
           f" {'braid TFLOP/s':>14} {'bandwidth':>10}")
     for n in args.tokens:

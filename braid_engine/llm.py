@@ -72,7 +72,7 @@ class LLM:
         max_num_batched_tokens: int = 8192,
         max_pinned_fraction: float = 0.5,
         decode_burst: int = 8,
-        prefill_graph_tokens: int = 256,
+        prefill_graph_tokens: int = 8192,
         trust_remote_code: bool = False,
     ) -> None:
         if not isinstance(decode_burst, int) or isinstance(decode_burst, bool) or decode_burst < 1:

@@ -35,6 +35,16 @@ def test_choose_groups_overrides():
     assert choose_groups(big, "never") == []
 
 
+def test_auto_leaves_a_step_a_decode_graph_can_run_to_the_graph():
+    """A cascade runs eagerly; from a graph, 64 requests on a 4k prompt decoded 2.7× faster
+    without it (H100). Only ``always`` still gives up the graph for it."""
+    big = _layout(64, 256)
+    assert len(choose_groups(big, "auto")) == 1  # an eager step (no graph that large) still cascades
+    assert choose_groups(big, "auto", graphed=True) == []
+    assert len(choose_groups(big, "always", graphed=True)) == 1
+    assert choose_groups(big, "never", graphed=True) == []
+
+
 def _prefill_layout(query_lens, kv_lens, page_size=16):
     tables = [list(range(-(-kv // page_size))) for kv in kv_lens]
     return BatchLayout(list(query_lens), list(kv_lens), tables, page_size, torch.empty(0))

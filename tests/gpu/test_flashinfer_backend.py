@@ -47,6 +47,7 @@ def _compare(seqs, hq=16, hkv=8, d=128, ps=16, cascade="never", expect_groups=No
     fi.plan(layout)
     if expect_groups is not None:
         assert len(fi.groups) == expect_groups
+    assert fi.cascade_steps == int(bool(fi.groups))  # what llm.stats() reports
     if small is not None:  # whether the step runs our split-KV decode kernel
         assert (fi._small_args is not None) == small
     for _ in range(2):  # one plan serves repeated layers
