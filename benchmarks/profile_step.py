@@ -101,16 +101,20 @@ def _first_token(llm: LLM, prompt: list[int], phases: dict[str, float],
 
 
 def _kernel_table(path, args) -> None:
-    """GPU time per kernel over 20 eager batch-1 decode steps (graphs run the same kernels)."""
+    """GPU time per kernel over 20 eager decode steps at each of ``--kernel-batch`` (graphs run
+    the same kernels, but for batches of ≤ 4, which decode with our split-KV kernel there)."""
     from torch.profiler import ProfilerActivity, profile
 
     llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=2 << 30, cuda_graphs=False)
-    prompt = list(range(3, 131))
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    llm.generate([prompt], params)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        llm.generate([prompt], params)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    for batch in args.kernel_batch:
+        prompts = [list(range(3 + i, 131 + i)) for i in range(batch)]  # 128 tokens each, all different
+        llm.generate(prompts, params)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompts, params)
+        print(f"kernels of 20 decode steps at batch {batch} (128-token prompts), eager:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        llm.engine.clear_cache()
     history = list(range(3, 3 + args.history))
     llm.generate([history], SamplingParams(temperature=0, max_tokens=1))
     turn = history + list(range(5000, 5065))
@@ -136,6 +140,8 @@ def main() -> None:
     ap = model_arguments(__doc__)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--history", type=int, default=8000)
+    ap.add_argument("--kernel-batch", type=int, nargs="+", default=[1, 32],
+                    help="decode batch sizes of the GPU kernel tables")
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
     llm = LLM(path, device=args.device, dtype=args.dtype, **(kv_kwargs(args) or {"kv_cache_memory": 8 << 30}))
