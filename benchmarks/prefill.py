@@ -3,6 +3,7 @@ transformers eager and transformers under `torch.compile`, same weights, same ca
 
     python -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --tokens 1024 4096 16384
     python -m benchmarks.prefill ... --prefill-graph-tokens 256   # prompts past 256 tokens eagerly
+    python -m benchmarks.prefill ... --fa3-graph-rows 512         # graphs of 512+ rows on fa3, not fa2
     python -m benchmarks.prefill --tokens 256 1024 --compiled-tokens      # tiny model, CPU smoke run
 """
 
@@ -45,7 +46,14 @@ def main() -> None:
                     help="prompt lengths for the torch.compile baseline (each length compiles anew)")
     ap.add_argument("--prefill-graph-tokens", type=int, default=8192,
                     help="largest prefill CUDA graph (LLM(prefill_graph_tokens=...)); longer prompts run eagerly")
+    ap.add_argument("--fa3-graph-rows", type=int, default=None,
+                    help="prefill graphs of at least this many rows on FlashInfer's default backend (fa3 on "
+                         "Hopper) instead of fa2 (FlashInferBackend.fa3_prefill_graph_rows)")
     args = ap.parse_args()
+    if args.fa3_graph_rows is not None:
+        from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+        FlashInferBackend.fa3_prefill_graph_rows = args.fa3_graph_rows
     path = build_model(args.shape, args.model)
     t0 = time.perf_counter()
     llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
@@ -60,7 +68,8 @@ def main() -> None:
     weights, kv_per_token = weight_and_kv_bytes(hf)
     bw = copy_bandwidth(device)
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
-          f"prefill graphs up to {args.prefill_graph_tokens} rows; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"prefill graphs up to {args.prefill_graph_tokens} rows"
+          f"{f' (fa3 from {args.fa3_graph_rows} rows)' if args.fa3_graph_rows else ''}; copy bandwidth {bw / 1e12:.2f} TB/s; "
           f"engine start {start_s:.1f} s, {graph_mb:.0f} MB allocated after it")
     print(f"{'tokens':>7} {'braid ms':>9} {'hf eager ms':>12} {'hf compiled ms':>15} {'vs eager':>9} {'vs compiled':>12}"
           f" {'braid TFLOP/s':>14} {'bandwidth':>10}")

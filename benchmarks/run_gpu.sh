@@ -3,7 +3,7 @@
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|decode|workloads|prefill|shared|all]
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
-# 'workloads' (multiturn.py) and 'prefill' (prefill.py with prefill graphs of up to 8192 and 256 rows) a few
+# 'workloads' (multiturn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
 # command, run them apart.
 # FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts), Triton's as tritoncache.tgz.*;
@@ -37,9 +37,14 @@ if [ "$what" = workloads ] || [ "$what" = all ]; then
     --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
 fi
 if [ "$what" = prefill ] || [ "$what" = all ]; then
-  timeout 250 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+  # one layer's prefill attention each way the engine can run it, then whole prompts: graphs up
+  # to 8,192 rows on fa2 (the default), the long ones on fa3, and graphs up to 256 rows only
+  timeout 90 python3 -m benchmarks.prefill_attention 2>&1 | grep -v Warning | tee "$OUT/prefill_attention.log"
+  timeout 200 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --compiled-tokens 4096 --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
-  timeout 250 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+    --fa3-graph-rows 512 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_fa3.log"
+  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --prefill-graph-tokens 256 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_256.log"
 fi
 if [ "$what" = shared ] || [ "$what" = all ]; then

@@ -129,6 +129,13 @@ class FlashInferBackend(AttentionBackend):
     # (braid_engine/kernels/decode_attention.py), which beats FlashInfer's decode plus merge
     # there on an H100 (docs/benchmarks.md); 0 leaves every decode step to FlashInfer
     small_decode_batch = 4
+    # prefill graphs of at least this many rows run FlashInfer's default prefill backend (fa3 on
+    # Hopper, as an eager long prefill does) instead of fa2, which in graph mode always takes its
+    # split-KV path; the short graphs stay on fa2, whose split a new turn's few queries over a
+    # long history need. None: every graph on fa2. A 4k prompt through the graphs spent ~20 ms
+    # on the GPU where the eager fa3 forward took 11.9 (H100); off until an H100 run of
+    # benchmarks/prefill_attention.py and prefill.py --fa3-graph-rows says it pays
+    fa3_prefill_graph_rows: int | None = None
 
     def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int, cascade: str = "auto") -> None:
         super().__init__(kv_cache, num_heads, head_dim, cascade)
@@ -266,10 +273,11 @@ class FlashInferBackend(AttentionBackend):
         def buf(n: int) -> torch.Tensor:
             return torch.zeros(n, dtype=torch.int32, device=dev)
 
+        rows = self.fa3_prefill_graph_rows
         self._graph_prefill[tokens] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self._fa2_workspace, "HND", use_cuda_graph=True,
             qo_indptr_buf=buf(3), paged_kv_indptr_buf=buf(3), paged_kv_indices_buf=buf(max_pages),
-            paged_kv_last_page_len_buf=buf(2), backend="fa2")
+            paged_kv_last_page_len_buf=buf(2), backend="auto" if rows is not None and tokens >= rows else "fa2")
 
     def plan_prefill_graph(self, layout: BatchLayout, tokens: int, pad_page: int) -> None:
         """Plan one sequence's ``query_lens[0]`` new tokens (< ``tokens``) for the prefill graph

@@ -100,10 +100,21 @@ def test_graphs_plan_requests_that_share_a_long_prefix(engines):
         eager.shutdown()
 
 
-@pytest.fixture(scope="module")
-def long_graphs(engines):
-    llm = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
-              max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=2048)
+@pytest.fixture(scope="module", params=[None, 512], ids=["fa2", "fa3-from-512"])
+def long_graphs(engines, request):
+    """Prefill graphs up to 2,048 rows, all on fa2 or (FlashInferBackend.fa3_prefill_graph_rows)
+    those of 512 rows and more on FlashInfer's default backend."""
+    from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+    FlashInferBackend.fa3_prefill_graph_rows = request.param
+    try:
+        llm = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                  max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=2048)
+    finally:
+        FlashInferBackend.fa3_prefill_graph_rows = None
+    backends = {t: w._backend for t, w in llm.engine.runner.backend._graph_prefill.items()}
+    assert (backends[2048] != "fa2") == (request.param is not None and torch.cuda.get_device_capability()[0] == 9)
+    assert backends[256] == "fa2"
     yield llm
     llm.shutdown()
 
