@@ -89,6 +89,88 @@ def test_dropped_think_block_ends_reuse_after_the_role_header(tok) -> None:
     assert [s[2] for s in in_tool_loop.spans] == [ids]  # after the last query it is kept verbatim
 
 
+def _conversation(tok, turns: int, system: str) -> list:
+    """A chat whose every answer carries the ids it was generated as (spelt byte by byte, which
+    no fresh tokenization produces), as ChatBraid's answers do."""
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    messages = [SystemMessage(system)]
+    for t in range(turns):
+        messages.append(HumanMessage(f"question {t}: how many {t * 7 % 13} apples?"))
+        answer = f"{t} apples"
+        ids = [tok.convert_tokens_to_ids(c) for c in answer.replace(" ", "Ġ")] + [end]
+        messages.append(AIMessage(answer, response_metadata={TOKEN_IDS_KEY: ids}))
+    return messages
+
+
+def _unremembered(tok, messages) -> tuple[str, list[int]]:
+    """render() with nothing remembered: what every turn computed before the memo."""
+    import langchain_braid._messages as m
+
+    saved, m._MEMOS = m._MEMOS, m.weakref.WeakKeyDictionary()
+    try:
+        m._Memo.limit = 0
+        prompt = render(tok, messages)
+        return prompt.text, prompt.token_ids(tok)
+    finally:
+        m._Memo.limit, m._MEMOS = 8 << 20, saved
+
+
+def test_remembered_pieces_give_the_same_prompt_ids(tok) -> None:
+    system = "You answer questions about apples. " * 40
+    for turns in range(1, 7):
+        messages = _conversation(tok, turns, system) + [HumanMessage("and now?")]
+        prompt = render(tok, messages)
+        ids = prompt.token_ids(tok)
+        assert (prompt.text, ids) == _unremembered(tok, messages)
+        assert len(prompt.spans) == turns  # every carried answer spliced
+        assert tok.decode(ids, skip_special_tokens=False) == prompt.text
+
+
+def test_a_later_turn_tokenises_and_renders_only_what_is_new(tok, monkeypatch) -> None:
+    """A long system prompt and earlier questions come back every turn: the next turn encodes
+    only the text after the last answer and renders the template twice (the whole prompt, and
+    the messages before its newest answer), not once per answer."""
+    import langchain_braid._messages as m
+
+    system = "You answer questions about apples, pears and plums, briefly and kindly. " * 60
+    messages = _conversation(tok, 6, system)
+    render(tok, messages + [HumanMessage("first")]).token_ids(tok)  # the turn before
+    encoded, renders = [], []
+    calls = tok.__class__.__call__
+
+    def counting_call(self, text, *args, **kwargs):
+        encoded.append(text)
+        return calls(self, text, *args, **kwargs)
+
+    render_chat = m.render_chat
+    monkeypatch.setattr(tok.__class__, "__call__", counting_call)
+    monkeypatch.setattr(m, "render_chat", lambda *a, **k: renders.append(1) or render_chat(*a, **k))
+    question = "what about the pears I asked of before?"
+    messages = messages + [HumanMessage("first"), AIMessage(
+        "6 apples", response_metadata={TOKEN_IDS_KEY: _conversation(tok, 7, system)[-1]
+                                       .response_metadata[TOKEN_IDS_KEY]}), HumanMessage(question)]
+    render(tok, messages).token_ids(tok)
+    assert sum(map(len, encoded)) < len(question) + 100 < len(system)
+    assert len(renders) == 2
+
+
+def test_the_memo_forgets_the_least_recently_used_past_its_limit(monkeypatch) -> None:
+    from langchain_braid._messages import _Memo
+
+    monkeypatch.setattr(_Memo, "limit", 30)
+    memo = _Memo()
+    assert memo.get("a" * 8, lambda: (1, 2)) == (1, 2)  # 10
+    assert memo.get("b" * 8, lambda: (3, 4)) == (3, 4)  # 20
+    assert memo.get("a" * 8, lambda: (9, 9)) == (1, 2)  # remembered; now the most recent
+    memo.get("c" * 8, lambda: (5, 6))  # 30
+    memo.get("d" * 8, lambda: (7, 8))  # 40 > 30: "b…" goes, the least recently used
+    assert list(memo._items) == ["a" * 8, "c" * 8, "d" * 8]
+    assert memo.get("a" * 8, lambda: "recomputed") == (1, 2)
+    assert memo.get("b" * 8, lambda: "recomputed") == "recomputed"
+    assert memo._size <= 30
+    assert memo.get("x" * 40, lambda: (0,)) == (0,) and "x" * 40 not in memo._items  # too large to keep
+
+
 @pytest.mark.parametrize("text, opened, expected", [
     ("<think>\nhmm\n</think>\n\nHi", False, ("hmm", "Hi")),
     ("  plain answer\n", False, ("", "  plain answer\n")),
