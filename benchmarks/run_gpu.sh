@@ -3,7 +3,7 @@
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|decode|workloads|prefill|shared|all]
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
-# 'workloads' (multiturn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
+# 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
 # command, run them apart.
 # FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts), Triton's as tritoncache.tgz.*;
@@ -35,6 +35,9 @@ if [ "$what" = workloads ] || [ "$what" = all ]; then
   # transformers keeping its KV across turns, compiled with CUDA graphs: two shapes compile first
   timeout 500 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
+  # the same kind of conversation through ChatBraid: the host's prompt preparation and the first chunk
+  timeout 120 python3 -m benchmarks.chat_turn --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+    2>&1 | grep -v Warning | tail -9 | tee "$OUT/chat_turn.log"
 fi
 if [ "$what" = prefill ] || [ "$what" = all ]; then
   # one layer's prefill attention each way the engine can run it, then whole prompts: graphs up
