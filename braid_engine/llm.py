@@ -120,6 +120,7 @@ class LLM:
         # one page beyond the pool takes the KV writes of graph padding rows
         kv_cache = allocate_kv_cache(cfg, num_pages + graphs, page_size, dt, dev)
         backend = _make_backend(backend_name, kv_cache, cfg.num_attention_heads, cfg.head_dim, cascade)
+        backend.warm_up()
         runner = ModelRunner(torch_model, backend, page_size, dev)
         if graphs:
             runner.capture_graphs(max_num_seqs, pad_page=num_pages, max_seq_pages=-(-max_len // page_size),

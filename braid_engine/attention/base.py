@@ -82,6 +82,11 @@ class AttentionBackend(ABC):
     def plan(self, layout: BatchLayout) -> None:
         """Prepare everything the step's layers share (indices, masks, cascade levels)."""
 
+    def warm_up(self) -> None:
+        """Build or load, before the first request, whatever kernels a step may need; nothing
+        here: the torch backend compiles nothing."""
+        return None
+
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attend q [tokens, heads, dim] over ``kv_cache[layer]``, which already holds this

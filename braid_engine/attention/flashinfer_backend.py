@@ -176,6 +176,33 @@ class FlashInferBackend(AttentionBackend):
         self._small_args: tuple[torch.Tensor, torch.Tensor] | None = None  # (page table, kv lens) of this step
         self._graph_small: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # table, lens, base
 
+    def warm_up(self) -> None:
+        """Plan and run each eager wrapper once on a made-up step, so FlashInfer builds (or loads
+        from its disk cache) every kernel an eager step may call before the first request: built
+        on first use, the fa3 prefill took 68-90 s inside a long prompt's first step and the
+        cascade's kernels 12 s inside a batch's (H100). Attends only (nothing is written), over
+        pages no request holds yet. The graphs' kernels are built when they are captured."""
+        ps, pages = self.page_size, self.kv_cache.shape[1]
+        long_prefill = SHORT_PREFILL_TOKENS + ps  # fa3 (a short one goes to fa2)
+        cases = [BatchLayout([ps], [ps], [[0]], ps, torch.empty(0)),  # one short prefill: fa2
+                 BatchLayout([1] * 5, [ps + 1] * 5, [[0, 1]] * 5, ps, torch.empty(0))]  # decode past the small kernel
+        if pages * ps >= long_prefill:
+            cases.append(BatchLayout([long_prefill], [long_prefill], [list(range(long_prefill // ps))], ps,
+                                     torch.empty(0)))
+        saved = self.cascade, self.cascade_steps
+        if self.cascade != "never":  # two sequences on one shared page: a cascade level and its merge
+            cases.append(BatchLayout([1, 1], [ps + 1] * 2, [[0, 1], [0, 2]], ps, torch.empty(0)))
+        try:
+            for layout in cases:
+                self.cascade = "always" if layout.page_tables == [[0, 1], [0, 2]] else saved[0]
+                self.plan(layout)
+                q = torch.zeros(sum(layout.query_lens), self.num_heads, self.head_dim,
+                                dtype=self.kv_cache.dtype, device=self.kv_cache.device)
+                self.attend(0, q)
+            torch.cuda.synchronize(self.kv_cache.device)
+        finally:
+            self.cascade, self.cascade_steps = saved
+
     def _common(self) -> dict:
         dt = self.kv_cache.dtype
         return dict(num_qo_heads=self.num_heads, num_kv_heads=self.num_kv_heads, page_size=self.page_size,
