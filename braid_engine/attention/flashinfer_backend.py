@@ -183,6 +183,8 @@ class FlashInferBackend(AttentionBackend):
         cascade's kernels 12 s inside a batch's (H100). Attends only (nothing is written), over
         pages no request holds yet. The graphs' kernels are built when they are captured."""
         ps, pages = self.page_size, self.kv_cache.shape[1]
+        if pages < 3:  # too small a pool for the made-up steps; its first steps build them
+            return
         long_prefill = SHORT_PREFILL_TOKENS + ps  # fa3 (a short one goes to fa2)
         cases = [BatchLayout([ps], [ps], [[0]], ps, torch.empty(0)),  # one short prefill: fa2
                  BatchLayout([1] * 5, [ps + 1] * 5, [[0, 1]] * 5, ps, torch.empty(0))]  # decode past the small kernel

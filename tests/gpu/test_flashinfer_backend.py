@@ -151,3 +151,19 @@ def test_a_long_prefill_graph_grows_the_fa2_scratch_and_attends_like_the_referen
     out = fi.attend(1, padded)[:new]
     err = (out.float() - expected.float()).norm() / expected.float().norm()
     assert err < 1e-2, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("cascade", ["auto", "never"])
+def test_warm_up_builds_every_eager_kernel_and_leaves_no_trace(cascade):
+    """At engine start, each eager wrapper is planned and run once (the kernels FlashInfer would
+    otherwise build inside a request's step); nothing is written and no step is counted."""
+    cache = torch.randn(LAYERS, 40, 2, 8, 16, 128, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
+    before = cache.clone()
+    fi = FlashInferBackend(cache, 16, 128, cascade)
+    fi.warm_up()
+    for wrapper in (fi._prefill, fi._prefill_split, fi._decode):
+        assert wrapper._cached_module is not None
+    assert (fi._shared._cached_module is not None) == (cascade != "never")
+    assert torch.equal(cache, before)
+    assert (fi.cascade, fi.cascade_steps) == (cascade, 0)
+    _compare([(1, 64 + n, 0, 4) for n in range(40)], cascade="always", expect_groups=1)  # serves after it
