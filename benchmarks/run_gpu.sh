@@ -32,8 +32,8 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token" "$OUT/profile_step.log" | head -40
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
-  # transformers keeping its KV across turns, compiled with CUDA graphs: two shapes compile first
-  timeout 500 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+  # transformers keeping its KV across turns, compiled with CUDA graphs (in a child process)
+  timeout 420 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
   # the same kind of conversation through ChatBraid: the host's prompt preparation and the first chunk
   timeout 120 python3 -m benchmarks.chat_turn --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
