@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import cProfile
 import pstats
+import statistics
 import time
 from collections import defaultdict
 
@@ -100,6 +101,45 @@ def _first_token(llm: LLM, prompt: list[int], phases: dict[str, float],
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
+def _gpu_idle_between_bursts(llm: LLM, batches: list[int], vocab: int) -> None:
+    """How much of a decode run the GPU sits idle between bursts, waiting for the host to read
+    the last burst's tokens, check stops, schedule and plan the next: CUDA events at each burst's
+    start and end (after its tokens are read), so a gap between one burst's end and the next
+    one's start is GPU time with nothing queued. What overlapping bursts could win."""
+    runner = llm.engine.runner
+    burst = runner.decode_burst
+    spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def timed(batch, steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = burst(batch, steps)
+        end.record()
+        spans.append((start, end))
+        return out
+
+    gen = torch.Generator().manual_seed(1)
+    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    for b in batches:
+        prompts = [torch.randint(3, vocab, (128,), generator=gen).tolist() for _ in range(b)]
+        llm.generate(prompts, params)  # warm
+        spans.clear()
+        runner.decode_burst = timed
+        try:
+            llm.generate(prompts, params)
+        finally:
+            runner.decode_burst = burst
+        torch.cuda.synchronize()
+        if len(spans) < 2:
+            print(f"batch {b}: {len(spans)} bursts, nothing to compare")
+            continue
+        total = spans[0][0].elapsed_time(spans[-1][1])
+        gaps = [end.elapsed_time(nxt) for (_, end), (nxt, _) in zip(spans[:-1], spans[1:])]
+        print(f"batch {b}: {len(spans)} bursts over {total:.1f} ms; GPU idle between bursts "
+              f"{sum(gaps) / total:.1%} (mean gap {sum(gaps) / len(gaps) * 1e3:.0f} µs, "
+              f"a burst {statistics.mean(s.elapsed_time(e) for s, e in spans) * 1e3:.0f} µs)")
+
+
 def _kernel_table(path, args) -> None:
     """GPU time per kernel over 20 eager decode steps at each of ``--kernel-batch`` (graphs run
     the same kernels, but for batches of ≤ 4, which decode with our split-KV kernel there)."""
@@ -181,6 +221,7 @@ def main() -> None:
                  SamplingParams(temperature=0, max_tokens=1))  # the same shapes, warm
     _first_token(llm, fresh, phases, timeline, "one fresh prompt")
     if dev.type == "cuda":
+        _gpu_idle_between_bursts(llm, sorted({*args.kernel_batch, 8, 128}), vocab)
         _kernel_table(path, args)
     llm.shutdown()
 

@@ -29,7 +29,7 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
   timeout 120 python3 -m benchmarks.kernels --tokens 1 32 2048 2>&1 | grep -v Warning | tee "$OUT/kernels.log"
   timeout 100 python3 -m benchmarks.row_kernels 2>&1 | grep -v Warning | tee "$OUT/row_kernels.log"
   timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token" "$OUT/profile_step.log" | head -40
+    > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle" "$OUT/profile_step.log" | head -44
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
   # transformers keeping its KV across turns, compiled with CUDA graphs (in a child process)
