@@ -76,9 +76,12 @@ _MEMOS_LOCK = threading.Lock()
 
 def _memo(tokenizer: Any) -> _Memo:
     with _MEMOS_LOCK:
-        memo = _MEMOS.get(tokenizer)
-        if memo is None:
-            memo = _MEMOS[tokenizer] = _Memo()
+        try:
+            memo = _MEMOS.get(tokenizer)
+            if memo is None:
+                memo = _MEMOS[tokenizer] = _Memo()
+        except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: nothing kept
+            memo = _Memo()
         return memo
 
 
