@@ -198,15 +198,22 @@ def main() -> None:
 
     # each kept-cache column: its name and the seconds of each turn
     kept_cols = [("hf kept ms", kept_times)]
+    print(f"card: {card(device)}; dtype {dtype}; model {args.shape if args.model == 'tiny' else args.model}; "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    _table(rows, kept_cols)  # before the child: a run cut short still reports the rest
     if not args.no_compiled:
         spec = dict(path=str(path), device=str(device), dtype=str(dtype).removeprefix("torch."),
                     max_len=max_len, warm=warm_turns, prompts=prompts)
         times = compiled_in_child(spec, args.compiled_timeout)
         if times:
             kept_cols.append(("hf kept+compiled ms", times))
+            print("with the compiled kept-cache baseline:")
+            _table(rows, kept_cols)
+    cached.shutdown()
+    plain.shutdown()
 
-    print(f"card: {card(device)}; dtype {dtype}; model {args.shape if args.model == 'tiny' else args.model}; "
-          f"copy bandwidth {bw / 1e12:.2f} TB/s")
+
+def _table(rows: list[tuple], kept_cols: list[tuple[str, list[float]]]) -> None:
     print(f"{'turn':>4} {'history':>8} {'reused':>7} {'cache on ms':>12} {'cache off ms':>13} "
           f"{'transformers ms':>16} " + " ".join(f"{name:>20}" for name, _ in kept_cols)
           + f" {'hf / on':>8} {'best hf kept / on':>18} {'bandwidth':>10}")
@@ -221,8 +228,6 @@ def main() -> None:
           f"{statistics.median(r[5] for r in later) * 1e3:.2f} ms, "
           + ", ".join(f"{name[:-3]} {statistics.median(times[1:] or times) * 1e3:.2f} ms"
                       for name, times in kept_cols))
-    cached.shutdown()
-    plain.shutdown()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import cProfile
 import pstats
-import statistics
 import time
 from collections import defaultdict
 
@@ -102,21 +101,19 @@ def _first_token(llm: LLM, prompt: list[int], phases: dict[str, float],
 
 
 def _gpu_idle_between_bursts(llm: LLM, batches: list[int], vocab: int) -> None:
-    """How much of a decode run the GPU sits idle between bursts, waiting for the host to read
-    the last burst's tokens, check stops, schedule and plan the next: CUDA events at each burst's
-    start and end (after its tokens are read), so a gap between one burst's end and the next
-    one's start is GPU time with nothing queued. What overlapping bursts could win."""
-    runner = llm.engine.runner
-    burst = runner.decode_burst
+    """How much of a decode run's GPU timeline lies outside graph replays, the GPU waiting for
+    the host to read the last burst's tokens, check stops, schedule and plan the next: a CUDA
+    event before and after every replay (the one before is reached when the GPU gets there, so
+    back-to-back replays each measure their own work). What overlapping bursts could win."""
+    replay = torch.cuda.CUDAGraph.replay
     spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def timed(batch, steps):
+    def timed(graph) -> None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = burst(batch, steps)
+        replay(graph)
         end.record()
         spans.append((start, end))
-        return out
 
     gen = torch.Generator().manual_seed(1)
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
@@ -124,25 +121,26 @@ def _gpu_idle_between_bursts(llm: LLM, batches: list[int], vocab: int) -> None:
         prompts = [torch.randint(3, vocab, (128,), generator=gen).tolist() for _ in range(b)]
         llm.generate(prompts, params)  # warm
         spans.clear()
-        runner.decode_burst = timed
+        bursts = llm.stats()["decode_bursts"]
+        torch.cuda.CUDAGraph.replay = timed
         try:
             llm.generate(prompts, params)
         finally:
-            runner.decode_burst = burst
+            torch.cuda.CUDAGraph.replay = replay
         torch.cuda.synchronize()
-        if len(spans) < 2:
-            print(f"batch {b}: {len(spans)} bursts, nothing to compare")
+        if not spans:
+            print(f"batch {b}: no graph replays")
             continue
         total = spans[0][0].elapsed_time(spans[-1][1])
-        gaps = [end.elapsed_time(nxt) for (_, end), (nxt, _) in zip(spans[:-1], spans[1:])]
-        print(f"batch {b}: {len(spans)} bursts over {total:.1f} ms; GPU idle between bursts "
-              f"{sum(gaps) / total:.1%} (mean gap {sum(gaps) / len(gaps) * 1e3:.0f} µs, "
-              f"a burst {statistics.mean(s.elapsed_time(e) for s, e in spans) * 1e3:.0f} µs)")
+        busy = sum(s.elapsed_time(e) for s, e in spans)
+        print(f"batch {b}: {len(spans)} replays in {llm.stats()['decode_bursts'] - bursts} bursts over "
+              f"{total:.1f} ms; GPU idle outside replays {1 - busy / total:.1%} "
+              f"({(total - busy) / len(spans) * 1e3:.0f} µs a replay)")
 
 
 def _kernel_table(path, args) -> None:
-    """GPU time per kernel over 20 eager decode steps at each of ``--kernel-batch`` (graphs run
-    the same kernels, but for batches of ≤ 4, which decode with our split-KV kernel there)."""
+    """GPU time per kernel over 20 eager decode steps at each of ``--kernel-batch`` (the graphs
+    run the same kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=2 << 30, cuda_graphs=False)

@@ -5,7 +5,7 @@
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
-# command, run them apart.
+# command, run them apart (each stage's timeouts add up to under 600 s).
 # FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts), Triton's as tritoncache.tgz.*;
 # put them in .fictgz/ (git-ignored) and carry that next time: this script unpacks them before
 # the first kernel is needed. (The machine goes back after ~30 s idle: a fresh one rebuilds both.)
@@ -19,40 +19,42 @@ if ls .fictgz/ficache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .fict
 if ls .fictgz/tritoncache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.triton && cat .fictgz/tritoncache.tgz.* | tar xz -C ~/.triton; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 480 python3 -m pytest -q -s -p no:cacheprovider tests/kernels tests/gpu > "$OUT/gpu_tests.log" 2>&1
+  timeout 530 python3 -m pytest -q -s -p no:cacheprovider tests/kernels tests/gpu > "$OUT/gpu_tests.log" 2>&1
   grep -E "rel err|relative error|divergence|FAILED|Error" "$OUT/gpu_tests.log" | head -60
   tail -5 "$OUT/gpu_tests.log"
 fi
 if [ "$what" = decode ] || [ "$what" = all ]; then
-  timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+  timeout 250 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 8 32 128 --compiled-batches 1 --kv-gb 16 2>&1 | grep -v Warning | tail -12 | tee "$OUT/decode.log"
-  timeout 120 python3 -m benchmarks.kernels --tokens 1 32 2048 2>&1 | grep -v Warning | tee "$OUT/kernels.log"
-  timeout 100 python3 -m benchmarks.row_kernels 2>&1 | grep -v Warning | tee "$OUT/row_kernels.log"
+  timeout 90 python3 -m benchmarks.kernels --tokens 1 32 2048 2>&1 | grep -v Warning | tee "$OUT/kernels.log"
+  timeout 70 python3 -m benchmarks.row_kernels 2>&1 | grep -v Warning | tee "$OUT/row_kernels.log"
   timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle" "$OUT/profile_step.log" | head -44
+    > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle|no graph" "$OUT/profile_step.log" | head -44
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
   # transformers keeping its KV across turns, compiled with CUDA graphs (in a child process)
   timeout 420 python3 -m benchmarks.multiturn --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --system-tokens 8000 --turns 8 --kv-gb 8 2>&1 | grep -v Warning | tail -14 | tee "$OUT/multiturn.log"
+    --system-tokens 8000 --turns 8 --kv-gb 8 --compiled-timeout 200 2>&1 | grep -v Warning | tail -26 \
+    | tee "$OUT/multiturn.log"
   # the same kind of conversation through ChatBraid: the host's prompt preparation and the first chunk
   timeout 120 python3 -m benchmarks.chat_turn --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     2>&1 | grep -v Warning | tail -9 | tee "$OUT/chat_turn.log"
 fi
 if [ "$what" = prefill ] || [ "$what" = all ]; then
-  # one layer's prefill attention each way the engine can run it, then whole prompts: graphs up
-  # to 8,192 rows on fa2 (the default), the long ones on fa3, and graphs up to 256 rows only
-  timeout 90 python3 -m benchmarks.prefill_attention 2>&1 | grep -v Warning | tee "$OUT/prefill_attention.log"
-  timeout 200 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+  # whole prompts: graphs up to 8,192 rows on fa2 (the default), the long ones on fa3, graphs up
+  # to 256 rows only; then one layer's prefill attention each way the engine can run it (its
+  # kernels built by then)
+  timeout 180 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --compiled-tokens 4096 --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
-  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+  timeout 130 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --fa3-graph-rows 512 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_fa3.log"
-  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+  timeout 130 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --prefill-graph-tokens 256 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_256.log"
+  timeout 110 python3 -m benchmarks.prefill_attention 2>&1 | grep -v Warning | tee "$OUT/prefill_attention.log"
 fi
 if [ "$what" = shared ] || [ "$what" = all ]; then
   # its transformers baselines (eager, then compiled at batch 64) take minutes: a stage of its own
-  timeout 540 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
+  timeout 530 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
     2>&1 | grep -v Warning | tail -9 | tee "$OUT/shared_prefix.log"
 fi
 tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."

@@ -19,7 +19,9 @@ def engines(tmp_path_factory):
                                 hidden_size=256, intermediate_size=512, num_attention_heads=8,
                                 num_key_value_heads=4, head_dim=64)
     kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_num_seqs=16)
-    graphed = LLM(path, cuda_graphs=True, **kw)
+    # prefill graphs up to 256 rows (the default is 8,192): longer prompts and histories here
+    # are prefilled eagerly in both engines; long_graphs below takes them through graphs
+    graphed = LLM(path, cuda_graphs=True, prefill_graph_tokens=256, **kw)
     eager = LLM(path, cuda_graphs=False, **kw)
     yield graphed, eager
     graphed.shutdown()
