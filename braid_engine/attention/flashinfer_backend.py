@@ -183,20 +183,25 @@ class FlashInferBackend(AttentionBackend):
         cascade's kernels 12 s inside a batch's (H100). Attends only (nothing is written), over
         pages no request holds yet. The graphs' kernels are built when they are captured."""
         ps, pages = self.page_size, self.kv_cache.shape[1]
-        if pages < 3:  # too small a pool for the made-up steps; its first steps build them
+        no_slots = torch.empty(0)
+
+        def one(tokens: int, queries: int) -> BatchLayout:  # one sequence on pages 0, 1, …
+            return BatchLayout([queries], [tokens], [list(range(-(-tokens // ps)))], ps, no_slots)
+
+        short, long = 16, SHORT_PREFILL_TOKENS + 16  # prefills for fa2 and (past the short bound) fa3
+        if pages < max(3, -(-short // ps)):  # too small a pool to stage them; its first steps build them
             return
-        long_prefill = SHORT_PREFILL_TOKENS + ps  # fa3 (a short one goes to fa2)
-        cases = [BatchLayout([ps], [ps], [[0]], ps, torch.empty(0)),  # one short prefill: fa2
-                 BatchLayout([1] * 5, [ps + 1] * 5, [[0, 1]] * 5, ps, torch.empty(0))]  # decode past the small kernel
-        if pages * ps >= long_prefill:
-            cases.append(BatchLayout([long_prefill], [long_prefill], [list(range(long_prefill // ps))], ps,
-                                     torch.empty(0)))
-        saved = self.cascade, self.cascade_steps
+        decode = self.small_decode_batch + 1  # past our small-batch kernel: FlashInfer's decode
+        cases = [(one(short, short), None), (one(ps + 1, 1), None),  # the small-batch kernel
+                 (BatchLayout([1] * decode, [ps + 1] * decode, [[0, 1]] * decode, ps, no_slots), None)]
+        if pages * ps >= long:
+            cases.append((one(long, long), None))
         if self.cascade != "never":  # two sequences on one shared page: a cascade level and its merge
-            cases.append(BatchLayout([1, 1], [ps + 1] * 2, [[0, 1], [0, 2]], ps, torch.empty(0)))
+            cases.append((BatchLayout([1, 1], [ps + 1] * 2, [[0, 1], [0, 2]], ps, no_slots), "always"))
+        saved = self.cascade, self.cascade_steps
         try:
-            for layout in cases:
-                self.cascade = "always" if layout.page_tables == [[0, 1], [0, 2]] else saved[0]
+            for layout, cascade in cases:
+                self.cascade = cascade or saved[0]
                 self.plan(layout)
                 q = torch.zeros(sum(layout.query_lens), self.num_heads, self.head_dim,
                                 dtype=self.kv_cache.dtype, device=self.kv_cache.device)
@@ -204,6 +209,7 @@ class FlashInferBackend(AttentionBackend):
             torch.cuda.synchronize(self.kv_cache.device)
         finally:
             self.cascade, self.cascade_steps = saved
+            self.layout, self.groups, self._rows, self._active, self._small_args = None, [], None, None, None
 
     def _common(self) -> dict:
         dt = self.kv_cache.dtype
@@ -291,8 +297,10 @@ class FlashInferBackend(AttentionBackend):
 
         dev = self.kv_cache.device
         max_pages = self.kv_cache.shape[1] + -(-tokens // self.page_size)
+        rows = self.fa3_prefill_graph_rows
+        fa3 = rows is not None and tokens >= rows  # FlashInfer's default backend: no split, no partials
         need = fa2_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, self._sms, tokens)
-        if need > self._fa2_workspace.numel():
+        if need > self._fa2_workspace.numel() and not fa3:
             # a long prefill graph: a larger scratch for it and the fa2 wrappers made after it (the
             # runner prepares the largest first, so all of them; an earlier one keeps its own)
             self._fa2_workspace = torch.zeros(need, dtype=torch.uint8, device=dev)
@@ -302,11 +310,10 @@ class FlashInferBackend(AttentionBackend):
         def buf(n: int) -> torch.Tensor:
             return torch.zeros(n, dtype=torch.int32, device=dev)
 
-        rows = self.fa3_prefill_graph_rows
         self._graph_prefill[tokens] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             self._fa2_workspace, "HND", use_cuda_graph=True,
             qo_indptr_buf=buf(3), paged_kv_indptr_buf=buf(3), paged_kv_indices_buf=buf(max_pages),
-            paged_kv_last_page_len_buf=buf(2), backend="auto" if rows is not None and tokens >= rows else "fa2")
+            paged_kv_last_page_len_buf=buf(2), backend="auto" if fa3 else "fa2")
 
     def plan_prefill_graph(self, layout: BatchLayout, tokens: int, pad_page: int) -> None:
         """Plan one sequence's ``query_lens[0]`` new tokens (< ``tokens``) for the prefill graph

@@ -164,5 +164,6 @@ def test_warm_up_builds_every_eager_kernel_and_leaves_no_trace(cascade):
     for wrapper in (fi._prefill, fi._prefill_split, fi._decode):
         assert wrapper._cached_module is not None
     assert (fi._shared._cached_module is not None) == (cascade != "never")
+    assert fi._small is not None  # our small-batch decode kernel ran too
     assert torch.equal(cache, before)
-    assert (fi.cascade, fi.cascade_steps) == (cascade, 0)
+    assert (fi.cascade, fi.cascade_steps, fi.layout, fi._rows, fi._active) == (cascade, 0, None, None, None)
