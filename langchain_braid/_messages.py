@@ -7,6 +7,7 @@ import hashlib
 import json
 import threading
 import weakref
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -179,21 +180,21 @@ class RenderedPrompt:
         return ids
 
 
-def _encode(tokenizer: Any, text: str) -> tuple[int, ...]:
-    """The ids of a piece of the prompt's text, remembered: the pieces before the last answer
-    come back unchanged every turn."""
+def _encode(tokenizer: Any, text: str) -> array:
+    """The ids of a piece of the prompt's text, remembered (4 bytes an id): the pieces before
+    the last answer come back unchanged every turn."""
     if not text:
-        return ()
+        return array("i")
     return _memo(tokenizer).get(
-        "e" + text, lambda: tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        "e" + text, lambda: array("i", tokenizer(text, add_special_tokens=False)["input_ids"]))
 
 
-def _prefix_keys(dicts: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[str] | None:
-    """A key for each leading run of messages (with the template's arguments): a digest chained
-    message by message, so a long history costs one pass, not one per prefix. None when JSON
-    cannot spell an argument (nothing is remembered then)."""
+def _prefix_keys(template: Any, dicts: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[str] | None:
+    """A key for each leading run of messages (with the template and its arguments): a digest
+    chained message by message, so a long history costs one pass, not one per prefix. None when
+    JSON cannot spell an argument (nothing is remembered then)."""
     try:
-        digest = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode())
+        digest = hashlib.sha256(json.dumps([template, kwargs], sort_keys=True).encode())
         keys = [f"r{digest.hexdigest()}"]
         for d in dicts:
             digest.update(b"\0" + json.dumps(d, sort_keys=True).encode())
@@ -225,7 +226,7 @@ def render(tokenizer: Any, messages: Sequence[BaseMessage], *, add_generation_pr
     prompt = RenderedPrompt(text)
     cursor = 0
     carried = [(i, ids) for i, ids in enumerate(map(carried_token_ids, messages)) if ids is not None]
-    keys = _prefix_keys(dicts, kwargs) if carried else None
+    keys = _prefix_keys(getattr(tokenizer, "chat_template", None), dicts, kwargs) if carried else None
     for i, ids in carried:
         piece = tokenizer.decode(ids, skip_special_tokens=False)
         if not piece or dicts[i]["content"] not in piece:

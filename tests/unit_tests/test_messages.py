@@ -171,6 +171,17 @@ def test_the_memo_forgets_the_least_recently_used_past_its_limit(monkeypatch) ->
     assert memo.get("x" * 40, lambda: (0,)) == (0,) and "x" * 40 not in memo._items  # too large to keep
 
 
+def test_prefix_keys_follow_the_template_its_arguments_and_each_message() -> None:
+    from langchain_braid._messages import _prefix_keys
+
+    dicts = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    keys = _prefix_keys("T", dicts, {})
+    assert len(set(keys)) == 3 and keys[:2] == _prefix_keys("T", dicts[:1], {})  # chained
+    assert _prefix_keys("T2", dicts, {})[1] != keys[1]  # a user who swaps the template
+    assert _prefix_keys("T", dicts, {"enable_thinking": False})[1] != keys[1]
+    assert _prefix_keys("T", dicts, {"f": object()}) is None  # not JSON: nothing remembered
+
+
 @pytest.mark.parametrize("text, opened, expected", [
     ("<think>\nhmm\n</think>\n\nHi", False, ("hmm", "Hi")),
     ("  plain answer\n", False, ("", "  plain answer\n")),
