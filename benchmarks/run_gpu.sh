@@ -54,8 +54,11 @@ if [ "$what" = prefill ] || [ "$what" = all ]; then
 fi
 if [ "$what" = shared ] || [ "$what" = all ]; then
   # its transformers baselines (eager, then compiled at batch 64) take minutes: a stage of its own
-  timeout 530 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
+  timeout 420 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
     2>&1 | grep -v Warning | tail -9 | tee "$OUT/shared_prefix.log"
+  # the engine's rows again with cascade twins of the decode graphs (a cascaded step keeps its graph)
+  timeout 120 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
+    --cascade-graphs 32 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/shared_prefix_twins.log"
 fi
 tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."
 tar czf - -C ~/.triton cache 2>/dev/null | split -b 15M - "$OUT/tritoncache.tgz."; ls -la "$OUT"

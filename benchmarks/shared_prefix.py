@@ -5,6 +5,7 @@ decode steps must read at the least (the weights and every request's KV, the sha
 once, each step) over the whole run's time, against the measured copy bandwidth.
 
     python -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16
+    python -m benchmarks.shared_prefix ... --cascade-graphs 32 --skip-transformers   # cascades kept in graphs
     python -m benchmarks.shared_prefix --requests 8 --prefix-tokens 256 --new-tokens 16   # CPU smoke run
 """
 
@@ -34,7 +35,15 @@ def main() -> None:
     ap.add_argument("--prefix-tokens", type=int, default=4096)
     ap.add_argument("--suffix-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--cascade-graphs", type=int, default=None, metavar="BATCH",
+                    help="decode graphs of at least BATCH get a cascade twin "
+                         "(FlashInferBackend.cascade_graph_batch): cascaded steps keep their graph")
+    ap.add_argument("--skip-transformers", action="store_true", help="the engine's rows only")
     args = ap.parse_args()
+    if args.cascade_graphs is not None:
+        from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+        FlashInferBackend.cascade_graph_batch = args.cascade_graphs
     path = build_model(args.shape, args.model)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -52,11 +61,11 @@ def main() -> None:
             print(f"card: {card(device)}; dtype {hf_dtype}; {args.requests} requests × ({args.prefix_tokens} "
                   f"shared + {args.suffix_tokens} own) tokens, {args.new_tokens} new each; copy bandwidth "
                   f"{bw / 1e12:.2f} TB/s")
-            print(f"{'':<24} {'tokens/s':>10} {'seconds':>8} {'KV MB':>8} {'cascade steps':>14} {'bandwidth':>10}",
+            print(f"{'':<34} {'tokens/s':>10} {'seconds':>8} {'KV MB':>8} {'cascade steps':>14} {'bandwidth':>10}",
                   flush=True)
             header = True
         rows.append((name, tps, sec, kv, steps))
-        print(f"{name:<24} {tps:>10.1f} {sec:>8.2f} {kv / 1e6:>8.1f} {steps:>14} {floor_bytes / sec / bw:>9.0%}",
+        print(f"{name:<34} {tps:>10.1f} {sec:>8.2f} {kv / 1e6:>8.1f} {steps:>14} {floor_bytes / sec / bw:>9.0%}",
               flush=True)
 
     for cascade in ("auto", "never", "always"):
@@ -80,11 +89,14 @@ def main() -> None:
         page_bytes = llm.engine.runner.backend.kv_cache[:, 0].numel() * llm.config.dtype.itemsize
         weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
         per_token = kv_bytes_per_token(llm.model_config, llm.config.dtype)
-        row(f"braid, cascade {cascade}", sum(len(o.token_ids) for o in outs) / seconds, seconds,
+        twins = f", twins from {args.cascade_graphs}" if args.cascade_graphs is not None else ""
+        row(f"braid, cascade {cascade}{twins}", sum(len(o.token_ids) for o in outs) / seconds, seconds,
             s["pages_peak"] * page_bytes, s["cascade_steps"])
         llm.shutdown()
         del llm
         _free_memory(device)
+    if args.skip_transformers:
+        return
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=hf_dtype).to(device).eval()
     x = torch.tensor(prompts, device=device)
     with torch.inference_mode():

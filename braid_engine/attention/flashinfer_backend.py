@@ -136,6 +136,13 @@ class FlashInferBackend(AttentionBackend):
     # on the GPU where the eager fa3 forward took 11.9 (H100); off until an H100 run of
     # benchmarks/prefill_attention.py and prefill.py --fa3-graph-rows says it pays
     fa3_prefill_graph_rows: int | None = None
+    # decode graphs of at least this batch size get a cascade twin: one shared-prefix group's
+    # prefix attended once for the group inside the graph (a non-causal fa2 prefill over every
+    # row, merged by log-sum-exp into the group's rows only), so a step the cost rule cascades
+    # keeps its graph. None: a cascaded step runs eagerly, and under "auto" graph-able decode
+    # steps never cascade (64 requests on one 4k prompt: eager cascade 2,334 tokens/s, plain
+    # graphs 6,256, H100). Off until an H100 run of shared_prefix.py --cascade-graphs says
+    cascade_graph_batch: int | None = None
 
     def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int, cascade: str = "auto") -> None:
         super().__init__(kv_cache, num_heads, head_dim, cascade)
@@ -175,6 +182,9 @@ class FlashInferBackend(AttentionBackend):
         self._small = None  # the split-KV Triton decode, made on first use
         self._small_args: tuple[torch.Tensor, torch.Tensor] | None = None  # (page table, kv lens) of this step
         self._graph_small: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # table, lens, base
+        # captured batch size → its cascade twin's (decode wrapper, shared-prefix wrapper, group-row mask)
+        self._graph_cascade: dict[int, tuple[object, object, torch.Tensor]] = {}
+        self._cascade_level: tuple[object, torch.Tensor] | None = None  # this step's (shared wrapper, mask)
 
     def warm_up(self) -> None:
         """Plan and run each eager wrapper once on a made-up step, so FlashInfer builds (or loads
@@ -210,6 +220,7 @@ class FlashInferBackend(AttentionBackend):
         finally:
             self.cascade, self.cascade_steps = saved
             self.layout, self.groups, self._rows, self._active, self._small_args = None, [], None, None, None
+            self._cascade_level = None
 
     def _common(self) -> dict:
         dt = self.kv_cache.dtype
@@ -217,10 +228,11 @@ class FlashInferBackend(AttentionBackend):
                     pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=dt, kv_data_type=dt)
 
     # -- CUDA graphs: decode steps with fixed-size buffers, planned outside the graph --------
-    def prepare_graph(self, batch_size: int, max_seq_pages: int) -> None:
+    def prepare_graph(self, batch_size: int, max_seq_pages: int) -> bool:
         """A decode wrapper for ``batch_size`` sequences of up to ``max_seq_pages`` pages each.
         Sequences that share a prefix list its pages each, so a step's page indices can far
-        outnumber the pool's pages (64 requests on one 4k-token prompt: 16k indices)."""
+        outnumber the pool's pages (64 requests on one 4k-token prompt: 16k indices). True when
+        the size also gets a cascade twin (``cascade_graph_batch``), to capture after it."""
         import flashinfer
 
         dev = self.kv_cache.device
@@ -229,23 +241,51 @@ class FlashInferBackend(AttentionBackend):
                 torch.zeros(batch_size, max(max_seq_pages, 1), dtype=torch.int32, device=dev),
                 torch.ones(batch_size, dtype=torch.int32, device=dev),
                 torch.zeros(batch_size, dtype=torch.int32, device=dev))
-            return
-        max_pages = batch_size * max(max_seq_pages, 1)
+            return False
         if self._graph_workspace is None:  # scratch of the split-KV parts: graphs replay one at a time
             self._graph_workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
-        self._graph_decode[batch_size] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._graph_workspace, "HND", use_cuda_graph=True,
-            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
-            paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=dev),
-            paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev))
 
-    def plan_graph(self, layout: BatchLayout, batch_size: int, pad_page: int) -> bool:
-        """Plan a decode step for the graph of ``batch_size``; sequences past the layout's are
-        padding (one key on ``pad_page``). False when the step needs a cascade (run eagerly)."""
-        if choose_groups(layout, self.cascade, graphed=True):
+        def decode_wrapper() -> object:
+            return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self._graph_workspace, "HND", use_cuda_graph=True,
+                paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(batch_size * max(max_seq_pages, 1), dtype=torch.int32,
+                                                    device=dev),
+                paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=dev))
+
+        self._graph_decode[batch_size] = decode_wrapper()
+        twin = self.cascade_graph_batch
+        if self.cascade == "never" or twin is None or batch_size < max(twin, 2):
             return False
+        # the twin: its own decode wrapper (the group's rows leave the prefix out) and a one-request
+        # fa2 prefill of every row over the prefix (fa2 splits the keys over CTAs; the fa3 kernel
+        # would run one CTA a KV head for a batch of queries this small)
+        shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._fa2_workspace, "HND", use_cuda_graph=True,
+            qo_indptr_buf=torch.zeros(2, dtype=torch.int32, device=dev),
+            paged_kv_indptr_buf=torch.zeros(2, dtype=torch.int32, device=dev),
+            paged_kv_indices_buf=torch.zeros(max(max_seq_pages, 1), dtype=torch.int32, device=dev),
+            paged_kv_last_page_len_buf=torch.zeros(1, dtype=torch.int32, device=dev), backend="fa2")
+        self._graph_cascade[batch_size] = (decode_wrapper(), shared,
+                                           torch.zeros(batch_size, dtype=torch.bool, device=dev))
+        return True
+
+    def plan_graph(self, layout: BatchLayout, batch_size: int, pad_page: int) -> str | None:
+        """Plan a decode step for a graph of ``batch_size``; sequences past the layout's are
+        padding (one key on ``pad_page``). Which of the size's graphs to replay: "plain", or
+        "cascade" (its twin) when a shared prefix is worth attending once; None when the step
+        needs a cascade that no twin can run (it runs eagerly)."""
+        twin = batch_size in self._graph_cascade
+        groups = choose_groups(layout, self.cascade, graphed=not twin)
+        if groups and not twin:
+            return None
+        if groups:
+            # the twin serves one group: the one that saves the most; the others attend plainly
+            group = max(groups, key=lambda g: (g.last - g.first) * len(g.shared_pages))
+            self._plan_cascade_graph(layout, batch_size, pad_page, group)
+            return "cascade"
         pad = batch_size - len(layout.kv_lens)
-        self.layout, self.groups, self._rows = layout, [], None
+        self.layout, self.groups, self._rows, self._cascade_level = layout, [], None, None
         if batch_size in self._graph_small:
             table, lens, base = self._graph_small[batch_size]
             host_table, host_lens = self._small_table(layout.page_tables + [[pad_page]] * pad,
@@ -254,23 +294,55 @@ class FlashInferBackend(AttentionBackend):
             lens.copy_(host_lens)
             base.copy_(host_lens - (host_lens - 1) % self.page_size - 1)  # the keys before the last page
             self._is_decode, self._active, self._small_args = True, None, (table, lens)
-            return True
+            return "plain"
         indptr, indices, last = _paged_kv(layout.page_tables + [[pad_page]] * pad,
                                           layout.kv_lens + [1] * pad, self.page_size)
         wrapper = self._graph_decode[batch_size]
         wrapper.plan(torch.tensor(indptr, dtype=torch.int32), indices,
                      torch.tensor(last, dtype=torch.int32), head_dim=self.head_dim, **self._common())
         self._is_decode, self._active, self._small_args = True, wrapper, None
-        return True
+        return "plain"
+
+    def plan_cascade_capture(self, layout: BatchLayout, batch_size: int, pad_page: int) -> None:
+        """Plan the cascade twin of ``batch_size`` for its capture: every row on the pad page,
+        the prefix one key on it, no row merged. ``layout`` holds no sequence, only the static
+        slot mapping the captured KV writes will read (as for the plain graph)."""
+        self._plan_cascade_graph(layout, batch_size, pad_page, CascadeGroup(0, 0, [pad_page]), prefix_len=1)
+
+    def _plan_cascade_graph(self, layout: BatchLayout, batch_size: int, pad_page: int, group: CascadeGroup,
+                            prefix_len: int | None = None) -> None:
+        decode, shared, mask = self._graph_cascade[batch_size]
+        ps, n = self.page_size, len(layout.kv_lens)
+        pad = batch_size - n
+        skip = [len(group.shared_pages) if group.first <= i < group.last else 0 for i in range(n)] + [0] * pad
+        indptr, indices, last = _paged_kv(layout.page_tables + [[pad_page]] * pad, layout.kv_lens + [1] * pad,
+                                          ps, skip)
+        decode.plan(torch.tensor(indptr, dtype=torch.int32), indices, torch.tensor(last, dtype=torch.int32),
+                    head_dim=self.head_dim, **self._common())
+        pages = group.shared_pages
+        prefix = len(pages) * ps if prefix_len is None else prefix_len  # shared pages are full
+        shared.plan(torch.tensor([0, batch_size], dtype=torch.int32),
+                    torch.tensor([0, len(pages)], dtype=torch.int32),
+                    torch.frombuffer(array("i", pages), dtype=torch.int32),
+                    torch.tensor([prefix - (len(pages) - 1) * ps], dtype=torch.int32),
+                    head_dim_qk=self.head_dim, causal=False, **self._common())
+        rows = torch.zeros(batch_size, dtype=torch.bool)
+        rows[group.first:group.last] = True
+        mask.copy_(rows)
+        self.layout, self.groups, self._rows = layout, [group] if prefix_len is None else [], None
+        self.cascade_steps += prefix_len is None
+        self._is_decode, self._active, self._small_args = True, decode, None
+        self._cascade_level = (shared, mask)
 
     def set_graph_fill(self, batch_size: int, last_page_lens: torch.Tensor) -> None:
         """Advance a planned decode graph by one token a sequence without planning again: the
-        decode plan depends on page counts only, the last page's fill is read at run time."""
+        decode plan depends on page counts only, the last page's fill is read at run time (a
+        cascade twin's prefix pages are full and do not move)."""
         if batch_size in self._graph_small:
             _, lens, base = self._graph_small[batch_size]
             torch.add(base, last_page_lens, out=lens)
             return
-        self._graph_decode[batch_size]._paged_kv_last_page_len_buf.copy_(last_page_lens)
+        self._active._paged_kv_last_page_len_buf.copy_(last_page_lens)
 
     def _small_decode(self, batch_size: int) -> bool:
         d = self.head_dim
@@ -327,11 +399,11 @@ class FlashInferBackend(AttentionBackend):
             torch.tensor([0, q, tokens], dtype=torch.int32), torch.tensor(indptr, dtype=torch.int32),
             indices, torch.tensor(last, dtype=torch.int32),
             head_dim_qk=self.head_dim, causal=True, **self._common())
-        self.layout, self.groups, self._rows = layout, [], None
+        self.layout, self.groups, self._rows, self._cascade_level = layout, [], None, None
         self._is_decode, self._active, self._small_args = False, wrapper, None
 
     def plan(self, layout: BatchLayout) -> None:
-        self._active, self._small_args = None, None
+        self._active, self._small_args, self._cascade_level = None, None, None
         if layout.page_size != self.page_size:
             raise ValueError(f"layout page size {layout.page_size} differs from the cache's {self.page_size}")
         self.layout = layout
@@ -392,6 +464,12 @@ class FlashInferBackend(AttentionBackend):
         if self._small_args is not None:
             return self._small(q, cache, *self._small_args, self.scale)
         wrapper = self._active or (self._decode if self._is_decode else self._eager_prefill)
+        if self._cascade_level is not None:  # a cascade twin's graph: merge the prefix into the group's rows
+            shared, mask = self._cascade_level
+            out, lse = wrapper.run(q, cache, return_lse=True)
+            o_shared, lse_shared = shared.run(q, cache, return_lse=True)
+            self._merge(out, lse, o_shared, lse_shared, mask)
+            return out
         if self._rows is None:
             return wrapper.run(q, cache)
         out, lse = wrapper.run(q, cache, return_lse=True)

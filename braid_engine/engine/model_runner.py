@@ -64,6 +64,9 @@ class ModelRunner:
         self.page_size = page_size
         self.device = device
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # batch size → its decode graph with a cascade level (FlashInferBackend.cascade_graph_batch)
+        self.cascade_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._replayed: torch.cuda.CUDAGraph | None = None  # the graph the last decode replay ran
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_sizes: tuple[int, ...] = ()
         self.pad_page = -1
@@ -92,11 +95,14 @@ class ModelRunner:
         self.static_last = torch.zeros(1, dtype=torch.long, device=dev)
         pool = None
         for bs in reversed(sizes):
-            self.backend.prepare_graph(bs, max_seq_pages)
+            twin = self.backend.prepare_graph(bs, max_seq_pages)
             layout = BatchLayout([], [], [], self.page_size, self.static_slots[:bs])
             self.backend.plan_graph(layout, bs, pad_page)
             self.graphs[bs] = self._capture(self._forward_static, bs, pool)
             pool = self.graphs[bs][0].pool()
+            if twin:
+                self.backend.plan_cascade_capture(layout, bs, pad_page)
+                self.cascade_graphs[bs] = self._capture(self._forward_static, bs, pool)
         for tokens in reversed(self.prefill_sizes):
             self.backend.prepare_prefill_graph(tokens)
             layout = BatchLayout([1], [1], [[pad_page]], self.page_size, self.static_slots[:tokens])
@@ -177,13 +183,15 @@ class ModelRunner:
         n = len(ids)
         graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables,
                                    self.page_size, self.static_slots[:bs])
-        if not self.backend.plan_graph(graph_layout, bs, self.pad_page):
+        kind = self.backend.plan_graph(graph_layout, bs, self.pad_page)
+        if kind is None:
             return None
         pad = bs - n
         self._load_static(ids + [0] * pad, positions + [0] * pad,
                           slots + [self.pad_page * self.page_size] * pad)
-        graph, logits = self.graphs[bs]
+        graph, logits = (self.cascade_graphs if kind == "cascade" else self.graphs)[bs]
         graph.replay()
+        self._replayed = graph
         self.graph_replays += 1
         return logits[:n]
 
@@ -215,7 +223,7 @@ class ModelRunner:
                                  for k in range(1, steps)], dtype=torch.long).to(dev)
             fills = torch.tensor([[(c + k) % ps + 1 for c in starts] + [1] * pad for k in range(1, steps)],
                                  dtype=torch.int32).to(dev)
-            graph, _ = self.graphs[bs]
+            graph = self._replayed  # the plain graph of bs or its cascade twin, as the first step planned
             out = torch.empty(steps, bs, dtype=torch.long, device=dev)
             out[0].copy_(self.static_ids[:bs])
             for k in range(1, steps):

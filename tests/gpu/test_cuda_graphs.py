@@ -200,3 +200,32 @@ def test_decode_bursts_replay_the_graph_with_the_tokens_of_single_steps(engines,
         assert graphed.stats()["pages_used"] == 0
     finally:
         stepwise.shutdown()
+
+
+def test_cascade_twins_keep_a_shared_prefix_in_the_decode_graphs(engines, monkeypatch):
+    """With cascade twins (FlashInferBackend.cascade_graph_batch), requests sharing a cached
+    prefix decode from graphs with the prefix attended once, and give the eager tokens."""
+    from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+    monkeypatch.setattr(FlashInferBackend, "cascade_graph_batch", 8)
+    graphed = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                  max_num_seqs=16, cuda_graphs=True, cascade="always", prefill_graph_tokens=256)
+    eager = engines[1]
+    try:
+        runner, backend = graphed.engine.runner, graphed.engine.runner.backend
+        assert sorted(runner.cascade_graphs) == [8, 16]
+        prefix = [(5 * i) % 390 + 3 for i in range(300)]
+        for llm in (graphed, eager):
+            llm.generate([prefix], SamplingParams(temperature=0, max_tokens=1))  # the prefix, cached
+        prompts = [prefix + [(11 * i + 7 * j) % 390 + 3 for j in range(5 + i)] for i in range(10)]
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        replays, cascaded = runner.graph_replays, backend.cascade_steps
+        a = graphed.generate(prompts, params)
+        b = eager.generate(prompts, params)
+        assert runner.graph_replays - replays >= 15 - 1  # decode from graphs (the first token is the prefill's)
+        assert backend.cascade_steps - cascaded >= 1
+        for prompt, x, y in zip(prompts, a, b, strict=True):
+            assert x.num_cached_tokens >= 288
+            _agree_up_to_near_tie(eager, prompt, x.token_ids, y.token_ids)
+    finally:
+        graphed.shutdown()

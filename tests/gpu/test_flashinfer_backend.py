@@ -167,3 +167,48 @@ def test_warm_up_builds_every_eager_kernel_and_leaves_no_trace(cascade):
     assert fi._small is not None  # our small-batch decode kernel ran too
     assert torch.equal(cache, before)
     assert (fi.cascade, fi.cascade_steps, fi.layout, fi._rows, fi._active) == (cascade, 0, None, None, None)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (32, 4, 64)])
+@pytest.mark.parametrize("cascade", ["always", "never"])
+def test_a_cascade_twin_graph_matches_the_reference(hq, hkv, d, cascade, monkeypatch):
+    """Decode graphs of 8 get a cascade twin (cascade_graph_batch): six sequences sharing 16
+    pages, one alone and one padding row, captured on the capture plan and replayed on the
+    step's; under "never" the same step replays the plain graph."""
+    monkeypatch.setattr(FlashInferBackend, "cascade_graph_batch", 8)
+    bs, ps = 8, 16
+    seqs = [(1, 300 + 7 * n, 0, 16) for n in range(6)] + [(1, 50, None, 0)]
+    layout, cache, q, k, v = _case(seqs, hq, hkv, d, ps)
+    ref = TorchBackend(cache.clone(), hq, d, "never")
+    ref.plan(layout)
+    expected = ref.attention(1, q, k, v)
+    pad_page = cache.shape[1]
+    fi_cache = torch.cat([cache, torch.zeros_like(cache[:, :1])], dim=1)  # the pad page past the pool
+    fi = FlashInferBackend(fi_cache, hq, d, cascade)
+    assert fi.prepare_graph(bs, max_seq_pages=64) == (cascade != "never")
+    fi.write_kv(1, k, v, layout.slot_mapping)
+    static_q = torch.zeros(bs, hq, d, device=DEV, dtype=torch.bfloat16)
+    graphs = {}
+    for kind in ("plain", "cascade") if cascade != "never" else ("plain",):
+        if kind == "plain":
+            fi.plan_graph(BatchLayout([], [], [], ps, torch.empty(0)), bs, pad_page)
+        else:
+            fi.plan_cascade_capture(BatchLayout([], [], [], ps, torch.empty(0)), bs, pad_page)
+        fi.attend(1, static_q)  # warm-up outside the graph
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fi.attend(1, static_q)
+        graphs[kind] = (g, out)
+    kind = fi.plan_graph(layout, bs, pad_page)
+    assert kind == ("cascade" if cascade != "never" else "plain")
+    assert fi.cascade_steps == (kind == "cascade")
+    if kind == "cascade":
+        assert [(g.first, g.last, len(g.shared_pages)) for g in fi.groups] == [(0, 6, 16)]
+    static_q[:7].copy_(q)
+    g, out = graphs[kind]
+    g.replay()
+    torch.cuda.synchronize()
+    got = out[:7].float()
+    err = (got - expected.float()).norm() / expected.float().norm()
+    assert err < 1e-2, f"relative error {err:.2e}"
+    assert (got - expected.float()).abs().max() < 3e-2
