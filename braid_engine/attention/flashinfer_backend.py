@@ -255,7 +255,9 @@ class FlashInferBackend(AttentionBackend):
 
         self._graph_decode[batch_size] = decode_wrapper()
         twin = self.cascade_graph_batch
-        if self.cascade == "never" or twin is None or batch_size < max(twin, 2):
+        # under "auto" the cost rule cascades groups of CASCADE_MIN_GROUP and more only
+        least = max(twin or 0, 2, CASCADE_MIN_GROUP if self.cascade == "auto" else 0)
+        if self.cascade == "never" or twin is None or batch_size < least:
             return False
         # the twin: its own decode wrapper (the group's rows leave the prefix out) and a one-request
         # fa2 prefill of every row over the prefix (fa2 splits the keys over CTAs; the fa3 kernel
@@ -362,6 +364,24 @@ class FlashInferBackend(AttentionBackend):
         return (torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
                 torch.tensor(kv_lens, dtype=torch.int32))
 
+    def _fa3_graph(self, tokens: int) -> bool:
+        rows = self.fa3_prefill_graph_rows
+        return rows is not None and tokens >= rows
+
+    def reserve_prefill_graph_workspace(self, tokens: int) -> None:
+        """Grow the fa2 scratch (and the eager fa2 wrapper on it) to what a prefill graph of
+        ``tokens`` rows needs, if it is on fa2. The runner asks for its largest graph before
+        capturing anything, so every fa2 wrapper binds the final scratch."""
+        while tokens > 0 and self._fa3_graph(tokens):
+            tokens //= 2  # the largest fa2 graph below the fa3 ones
+        need = fa2_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, self._sms, tokens)
+        if tokens and need > self._fa2_workspace.numel():
+            import flashinfer
+
+            self._fa2_workspace = torch.zeros(need, dtype=torch.uint8, device=self.kv_cache.device)
+            self._prefill_split = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._fa2_workspace, "HND",
+                                                                                backend="fa2")
+
     def prepare_prefill_graph(self, tokens: int) -> None:
         """A prefill wrapper for one sequence's chunk padded to ``tokens`` rows; the padding is a
         second request whose keys all sit on the pad page."""
@@ -369,15 +389,9 @@ class FlashInferBackend(AttentionBackend):
 
         dev = self.kv_cache.device
         max_pages = self.kv_cache.shape[1] + -(-tokens // self.page_size)
-        rows = self.fa3_prefill_graph_rows
-        fa3 = rows is not None and tokens >= rows  # FlashInfer's default backend: no split, no partials
-        need = fa2_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, self._sms, tokens)
-        if need > self._fa2_workspace.numel() and not fa3:
-            # a long prefill graph: a larger scratch for it and the fa2 wrappers made after it (the
-            # runner prepares the largest first, so all of them; an earlier one keeps its own)
-            self._fa2_workspace = torch.zeros(need, dtype=torch.uint8, device=dev)
-            self._prefill_split = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._fa2_workspace, "HND",
-                                                                                backend="fa2")
+        fa3 = self._fa3_graph(tokens)  # FlashInfer's default backend: no split, no partials
+        if not fa3:
+            self.reserve_prefill_graph_workspace(tokens)
 
         def buf(n: int) -> torch.Tensor:
             return torch.zeros(n, dtype=torch.int32, device=dev)

@@ -67,6 +67,7 @@ class ModelRunner:
         # batch size → its decode graph with a cascade level (FlashInferBackend.cascade_graph_batch)
         self.cascade_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._replayed: torch.cuda.CUDAGraph | None = None  # the graph the last decode replay ran
+        self.cascade_replays = 0  # decode steps replayed from a cascade twin
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_sizes: tuple[int, ...] = ()
         self.pad_page = -1
@@ -84,6 +85,8 @@ class ModelRunner:
         hands out. A sequence's page table has at most ``max_seq_pages`` entries."""
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
         self.prefill_sizes = prefill_graph_sizes(prefill_tokens, max_step_tokens)
+        # the fa2 scratch at the size the largest prefill graph needs, before anything binds it
+        self.backend.reserve_prefill_graph_workspace(self.prefill_sizes[-1])
         dev = self.device
         n = max(sizes[-1], self.prefill_sizes[-1])
         self.pad_page = pad_page
@@ -192,6 +195,7 @@ class ModelRunner:
         graph, logits = (self.cascade_graphs if kind == "cascade" else self.graphs)[bs]
         graph.replay()
         self._replayed = graph
+        self.cascade_replays += kind == "cascade"
         self.graph_replays += 1
         return logits[:n]
 
@@ -232,6 +236,9 @@ class ModelRunner:
                 graph.replay()
                 out[k].copy_(self.static_ids[:bs])
             self.graph_replays += steps - 1
+            if bs in self.cascade_graphs and graph is self.cascade_graphs[bs][0]:
+                self.cascade_replays += steps - 1
+                self.backend.cascade_steps += steps - 1  # planned once, cascaded every step
             return out[:, :n].tolist(), seqs
         ids = torch.tensor(first, dtype=torch.long, device=dev)
         out = []

@@ -204,6 +204,7 @@ def test_a_cascade_twin_graph_matches_the_reference(hq, hkv, d, cascade, monkeyp
     assert fi.cascade_steps == (kind == "cascade")
     if kind == "cascade":
         assert [(g.first, g.last, len(g.shared_pages)) for g in fi.groups] == [(0, 6, 16)]
+        assert fi._active is fi._graph_cascade[bs][0]
     static_q[:7].copy_(q)
     g, out = graphs[kind]
     g.replay()
