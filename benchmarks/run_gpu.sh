@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|decode|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|workloads|prefill|shared|all]
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
@@ -18,10 +18,19 @@ if ls .fictgz/ficache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .fict
 # Triton's compiled kernels likewise (a fresh machine otherwise compiles every kernel variant again)
 if ls .fictgz/tritoncache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.triton && cat .fictgz/tritoncache.tgz.* | tar xz -C ~/.triton; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 530 python3 -m pytest -q -s -p no:cacheprovider tests/kernels tests/gpu > "$OUT/gpu_tests.log" 2>&1
+# 'tests' runs them all; 'tests-kernels' (kernels, FlashInfer backend) and 'tests-engine' (graphs,
+# bf16 engine against transformers) split them, should the whole outgrow one command
+case "$what" in
+  tests|all) tests="tests/kernels tests/gpu" ;;
+  tests-kernels) tests="tests/kernels tests/gpu/test_kernels_qwen3_shapes.py tests/gpu/test_flashinfer_backend.py" ;;
+  tests-engine) tests="tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16.py" ;;
+  *) tests="" ;;
+esac
+if [ -n "$tests" ]; then
+  # shellcheck disable=SC2086
+  timeout 530 python3 -m pytest -q -s -p no:cacheprovider --durations=15 $tests > "$OUT/gpu_tests.log" 2>&1
   grep -E "rel err|relative error|divergence|FAILED|Error" "$OUT/gpu_tests.log" | head -60
-  tail -5 "$OUT/gpu_tests.log"
+  tail -22 "$OUT/gpu_tests.log"
 fi
 if [ "$what" = decode ] || [ "$what" = all ]; then
   timeout 250 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
