@@ -223,10 +223,12 @@ class ModelRunner:
         if bs is not None and self._replay(bs, first, starts, slots(0), layout(0, torch.empty(0))) is not None:
             n, pad = len(seqs), bs - len(seqs)
             pad_slot = self.pad_page * ps
+            # non-blocking: a blocking copy would wait here for the first replay to finish and
+            # leave the GPU idle while the host launches the rest
             rows = torch.tensor([[[c + k for c in starts] + [0] * pad, slots(k) + [pad_slot] * pad]
-                                 for k in range(1, steps)], dtype=torch.long).to(dev)
+                                 for k in range(1, steps)], dtype=torch.long).to(dev, non_blocking=True)
             fills = torch.tensor([[(c + k) % ps + 1 for c in starts] + [1] * pad for k in range(1, steps)],
-                                 dtype=torch.int32).to(dev)
+                                 dtype=torch.int32).to(dev, non_blocking=True)
             graph = self._replayed  # the plain graph of bs or its cascade twin, as the first step planned
             out = torch.empty(steps, bs, dtype=torch.long, device=dev)
             out[0].copy_(self.static_ids[:bs])
