@@ -40,19 +40,21 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.cfg.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
+        in_batch: set[int] = set()  # ids of the sequences already in it: a victim is never one
         preemptions_before = self.num_preemptions
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
             n = min(len(seq) - seq.num_computed, budget)
             while not self._reserve(seq, seq.num_computed + n):
-                victims = [s for s in self.running if s is not seq and all(s is not b for b, _ in batch)]
+                victims = [s for s in self.running if s is not seq and id(s) not in in_batch]
                 victim = max(victims or [seq], key=lambda s: s.arrival)
                 self.preempt(victim)
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING:
                 batch.append((seq, n))
+                in_batch.add(id(seq))
                 budget -= n
         preempted = self.num_preemptions > preemptions_before
         deferred: list[Sequence] = []
