@@ -436,6 +436,9 @@ class FlashInferBackend(AttentionBackend):
             for s in range(g.first, g.last):
                 skip[s] = len(g.shared_pages)
         indptr, indices, last = _paged_kv(layout.page_tables, layout.kv_lens, ps, skip)
+        # a blocking copy on purpose: the wrapper's plan rewrites its pinned host buffer, whose copy
+        # to the device for the previous step may still be queued (an eager burst plans step after
+        # step without reading a token); waiting here lets that copy land first
         kv = (torch.tensor(indptr, dtype=torch.int32), indices.to(dev), torch.tensor(last, dtype=torch.int32))
         if self._is_decode:
             self._decode.plan(*kv, head_dim=self.head_dim, **self._common())
