@@ -219,8 +219,16 @@ class FlashInferBackend(AttentionBackend):
             torch.cuda.synchronize(self.kv_cache.device)
         finally:
             self.cascade, self.cascade_steps = saved
-            self.layout, self.groups, self._rows, self._active, self._small_args = None, [], None, None, None
-            self._cascade_level = None
+            self._set_step(None, False)
+
+    def _set_step(self, layout: BatchLayout | None, is_decode: bool, active: object = None,
+                  groups: list[CascadeGroup] | None = None, small_args: tuple | None = None,
+                  cascade_level: tuple | None = None) -> None:
+        """Everything ``attend`` reads about the planned step, set in one place, so no plan
+        leaves another's state behind. ``_rows`` (an eager cascade's rows) is set after it."""
+        self.layout, self.groups, self._rows = layout, groups or [], None
+        self._is_decode, self._active, self._small_args, self._cascade_level = (
+            is_decode, active, small_args, cascade_level)
 
     def _common(self) -> dict:
         dt = self.kv_cache.dtype
@@ -287,7 +295,6 @@ class FlashInferBackend(AttentionBackend):
             self._plan_cascade_graph(layout, batch_size, pad_page, group)
             return "cascade"
         pad = batch_size - len(layout.kv_lens)
-        self.layout, self.groups, self._rows, self._cascade_level = layout, [], None, None
         if batch_size in self._graph_small:
             table, lens, base = self._graph_small[batch_size]
             host_table, host_lens = self._small_table(layout.page_tables + [[pad_page]] * pad,
@@ -295,14 +302,14 @@ class FlashInferBackend(AttentionBackend):
             table[:, :host_table.shape[1]].copy_(host_table)
             lens.copy_(host_lens)
             base.copy_(host_lens - (host_lens - 1) % self.page_size - 1)  # the keys before the last page
-            self._is_decode, self._active, self._small_args = True, None, (table, lens)
+            self._set_step(layout, True, small_args=(table, lens))
             return "plain"
         indptr, indices, last = _paged_kv(layout.page_tables + [[pad_page]] * pad,
                                           layout.kv_lens + [1] * pad, self.page_size)
         wrapper = self._graph_decode[batch_size]
         wrapper.plan(torch.tensor(indptr, dtype=torch.int32), indices,
                      torch.tensor(last, dtype=torch.int32), head_dim=self.head_dim, **self._common())
-        self._is_decode, self._active, self._small_args = True, wrapper, None
+        self._set_step(layout, True, wrapper)
         return "plain"
 
     def plan_cascade_capture(self, layout: BatchLayout, batch_size: int, pad_page: int) -> None:
@@ -321,20 +328,16 @@ class FlashInferBackend(AttentionBackend):
                                           ps, skip)
         decode.plan(torch.tensor(indptr, dtype=torch.int32), indices, torch.tensor(last, dtype=torch.int32),
                     head_dim=self.head_dim, **self._common())
-        pages = group.shared_pages
-        prefix = len(pages) * ps if prefix_len is None else prefix_len  # shared pages are full
-        shared.plan(torch.tensor([0, batch_size], dtype=torch.int32),
-                    torch.tensor([0, len(pages)], dtype=torch.int32),
-                    torch.frombuffer(array("i", pages), dtype=torch.int32),
-                    torch.tensor([prefix - (len(pages) - 1) * ps], dtype=torch.int32),
+        prefix = len(group.shared_pages) * ps if prefix_len is None else prefix_len  # shared pages are full
+        indptr, indices, last = _paged_kv([group.shared_pages], [prefix], ps)
+        shared.plan(torch.tensor([0, batch_size], dtype=torch.int32), torch.tensor(indptr, dtype=torch.int32),
+                    indices, torch.tensor(last, dtype=torch.int32),
                     head_dim_qk=self.head_dim, causal=False, **self._common())
         rows = torch.zeros(batch_size, dtype=torch.bool)
         rows[group.first:group.last] = True
         mask.copy_(rows)
-        self.layout, self.groups, self._rows = layout, [group] if prefix_len is None else [], None
         self.cascade_steps += prefix_len is None
-        self._is_decode, self._active, self._small_args = True, decode, None
-        self._cascade_level = (shared, mask)
+        self._set_step(layout, True, decode, [group] if prefix_len is None else None, cascade_level=(shared, mask))
 
     def set_graph_fill(self, batch_size: int, last_page_lens: torch.Tensor) -> None:
         """Advance a planned decode graph by one token a sequence without planning again: the
@@ -413,20 +416,15 @@ class FlashInferBackend(AttentionBackend):
             torch.tensor([0, q, tokens], dtype=torch.int32), torch.tensor(indptr, dtype=torch.int32),
             indices, torch.tensor(last, dtype=torch.int32),
             head_dim_qk=self.head_dim, causal=True, **self._common())
-        self.layout, self.groups, self._rows, self._cascade_level = layout, [], None, None
-        self._is_decode, self._active, self._small_args = False, wrapper, None
+        self._set_step(layout, False, wrapper)
 
     def plan(self, layout: BatchLayout) -> None:
-        self._active, self._small_args, self._cascade_level = None, None, None
         if layout.page_size != self.page_size:
             raise ValueError(f"layout page size {layout.page_size} differs from the cache's {self.page_size}")
-        self.layout = layout
-        self.groups = choose_groups(layout, self.cascade)
+        self._set_step(layout, all(q == 1 for q in layout.query_lens), groups=choose_groups(layout, self.cascade))
         self.cascade_steps += bool(self.groups)
         dev = self.kv_cache.device
         ps = layout.page_size
-        self._is_decode = all(q == 1 for q in layout.query_lens)
-        self._rows = None
         if self._is_decode and not self.groups and self._small_decode(len(layout.kv_lens)):
             table, lens = self._small_table(layout.page_tables, layout.kv_lens)
             self._small_args = (table.to(dev, non_blocking=True), lens.to(dev, non_blocking=True))
