@@ -29,6 +29,7 @@ from benchmarks.common import card
 from braid_engine.attention.base import BatchLayout
 from braid_engine.attention.flashinfer_backend import (
     _WORKSPACE_BYTES,
+    _paged_kv,
     _split_pages,
     fa2_workspace_bytes,
 )
@@ -47,9 +48,8 @@ def _graph_plan(q: int, kv: int, table: list[int], pad_page: int, rows: int) -> 
     padded to a graph of ``rows`` rows: the padding is a second request of rows - q rows over as
     many keys, all on the pad page (``plan_prefill_graph``)."""
     pad = rows - q
-    pages, pad_pages = -(-kv // PS), -(-pad // PS)
-    return (_i32([0, q, rows]), _i32([0, pages, pages + pad_pages]), _i32(table[:pages] + [pad_page] * pad_pages),
-            _i32([kv - (pages - 1) * PS, pad - (pad_pages - 1) * PS]))
+    indptr, indices, last = _paged_kv([table, [pad_page] * -(-pad // PS)], [kv, pad], PS)
+    return _i32([0, q, rows]), _i32(indptr), indices, _i32(last)
 
 
 def _plan_note(w) -> str:
@@ -78,7 +78,8 @@ def _variants(flashinfer, q: int, kv: int, rows: int | None, sms: int, common: d
     table = torch.randperm(pages).tolist()
     q_all = torch.randn(rows or q, HQ, D, device=dev, dtype=bf)  # a graph's static input
     qs = q_all[:q]
-    eager_kv = (_i32([0, pages]), _i32(table), _i32([kv - (pages - 1) * PS]))
+    indptr, indices, last = _paged_kv([table], [kv], PS)
+    eager_kv = (_i32(indptr), indices, _i32(last))
 
     def space(n: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.uint8, device=dev)

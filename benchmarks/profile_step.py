@@ -100,7 +100,7 @@ def _first_token(llm: LLM, prompt: list[int], phases: dict[str, float],
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
-def _gpu_idle_between_bursts(llm: LLM, batches: list[int], vocab: int) -> None:
+def _gpu_idle_outside_replays(llm: LLM, batches: list[int], vocab: int) -> None:
     """How much of a decode run's GPU timeline lies outside graph replays, the GPU waiting for
     the host to read the last burst's tokens, check stops, schedule and plan the next: a CUDA
     event before and after every replay (the one before is reached when the GPU gets there, so
@@ -219,7 +219,7 @@ def main() -> None:
                  SamplingParams(temperature=0, max_tokens=1))  # the same shapes, warm
     _first_token(llm, fresh, phases, timeline, "one fresh prompt")
     if dev.type == "cuda":
-        _gpu_idle_between_bursts(llm, sorted({*args.kernel_batch, 8, 128}), vocab)
+        _gpu_idle_outside_replays(llm, sorted({*args.kernel_batch, 8, 128}), vocab)
         _kernel_table(path, args)
     llm.shutdown()
 
