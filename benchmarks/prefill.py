@@ -48,12 +48,13 @@ def main() -> None:
                     help="largest prefill CUDA graph (LLM(prefill_graph_tokens=...)); longer prompts run eagerly")
     ap.add_argument("--fa3-graph-rows", type=int, default=None,
                     help="prefill graphs of at least this many rows on FlashInfer's default backend (fa3 on "
-                         "Hopper) instead of fa2 (FlashInferBackend.fa3_prefill_graph_rows)")
+                         "Hopper) instead of fa2 (FlashInferBackend.fa3_prefill_graph_rows, default 512); "
+                         "0: every graph on fa2")
     args = ap.parse_args()
     if args.fa3_graph_rows is not None:
         from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
-        FlashInferBackend.fa3_prefill_graph_rows = args.fa3_graph_rows
+        FlashInferBackend.fa3_prefill_graph_rows = args.fa3_graph_rows or None
     path = build_model(args.shape, args.model)
     t0 = time.perf_counter()
     llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False,

@@ -50,13 +50,13 @@ if [ "$what" = workloads ] || [ "$what" = all ]; then
     2>&1 | grep -v Warning | tail -9 | tee "$OUT/chat_turn.log"
 fi
 if [ "$what" = prefill ] || [ "$what" = all ]; then
-  # whole prompts: graphs up to 8,192 rows on fa2 (the default), the long ones on fa3, graphs up
-  # to 256 rows only; then one layer's prefill attention each way the engine can run it (its
+  # whole prompts: graphs up to 8,192 rows, those from 512 rows on fa3 (the default), all on fa2,
+  # graphs up to 256 rows only; then one layer's prefill attention each way the engine can run it (its
   # kernels built by then)
   timeout 180 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --compiled-tokens 4096 --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
   timeout 130 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
-    --fa3-graph-rows 512 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_fa3.log"
+    --fa3-graph-rows 0 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_fa2.log"
   timeout 130 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --prefill-graph-tokens 256 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_256.log"
   timeout 110 python3 -m benchmarks.prefill_attention 2>&1 | grep -v Warning | tee "$OUT/prefill_attention.log"
@@ -65,9 +65,9 @@ if [ "$what" = shared ] || [ "$what" = all ]; then
   # its transformers baselines (eager, then compiled at batch 64) take minutes: a stage of its own
   timeout 420 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
     2>&1 | grep -v Warning | tail -9 | tee "$OUT/shared_prefix.log"
-  # the engine's rows again with cascade twins of the decode graphs (a cascaded step keeps its graph)
+  # the engine's rows again without cascade twins of the decode graphs (a cascaded step runs eagerly)
   timeout 120 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
-    --cascade-graphs 32 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/shared_prefix_twins.log"
+    --cascade-graphs 0 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/shared_prefix_no_twins.log"
 fi
 tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."
 tar czf - -C ~/.triton cache 2>/dev/null | split -b 15M - "$OUT/tritoncache.tgz."; ls -la "$OUT"

@@ -37,13 +37,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--cascade-graphs", type=int, default=None, metavar="BATCH",
                     help="decode graphs of at least BATCH get a cascade twin "
-                         "(FlashInferBackend.cascade_graph_batch): cascaded steps keep their graph")
+                         "(FlashInferBackend.cascade_graph_batch, default 32): cascaded steps keep their "
+                         "graph; 0: no twins (a cascaded step runs eagerly)")
     ap.add_argument("--skip-transformers", action="store_true", help="the engine's rows only")
     args = ap.parse_args()
     if args.cascade_graphs is not None:
         from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
-        FlashInferBackend.cascade_graph_batch = args.cascade_graphs
+        FlashInferBackend.cascade_graph_batch = args.cascade_graphs or None
     path = build_model(args.shape, args.model)
     gen = torch.Generator().manual_seed(0)
     rows = []

@@ -132,17 +132,16 @@ class FlashInferBackend(AttentionBackend):
     # prefill graphs of at least this many rows run FlashInfer's default prefill backend (fa3 on
     # Hopper, as an eager long prefill does) instead of fa2, which in graph mode always takes its
     # split-KV path; the short graphs stay on fa2, whose split a new turn's few queries over a
-    # long history need. None: every graph on fa2. A 4k prompt through the graphs spent ~20 ms
-    # on the GPU where the eager fa3 forward took 11.9 (H100); off until an H100 run of
-    # benchmarks/prefill_attention.py and prefill.py --fa3-graph-rows says it pays
-    fa3_prefill_graph_rows: int | None = None
+    # long history need. None: every graph on fa2. H100, prefill.py: 1k 8.44 -> 6.29 ms, 4k
+    # 21.83 -> 16.47 ms, 16k 96.0 / 99.5 (docs/benchmarks.md)
+    fa3_prefill_graph_rows: int | None = 512
     # decode graphs of at least this batch size get a cascade twin: one shared-prefix group's
     # prefix attended once for the group inside the graph (a non-causal fa2 prefill over every
     # row, merged by log-sum-exp into the group's rows only), so a step the cost rule cascades
     # keeps its graph. None: a cascaded step runs eagerly, and under "auto" graph-able decode
-    # steps never cascade (64 requests on one 4k prompt: eager cascade 2,334 tokens/s, plain
-    # graphs 6,256, H100). Off until an H100 run of shared_prefix.py --cascade-graphs says
-    cascade_graph_batch: int | None = None
+    # steps never cascade. H100, shared_prefix.py (64 requests on one 4k prompt): twins 15,495
+    # tokens/s, plain graphs 6,465, eager cascade 2,498 (docs/benchmarks.md)
+    cascade_graph_batch: int | None = 32
 
     def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int, cascade: str = "auto") -> None:
         super().__init__(kv_cache, num_heads, head_dim, cascade)
@@ -371,10 +370,13 @@ class FlashInferBackend(AttentionBackend):
         rows = self.fa3_prefill_graph_rows
         return rows is not None and tokens >= rows
 
+    @torch.inference_mode(False)
     def reserve_prefill_graph_workspace(self, tokens: int) -> None:
         """Grow the fa2 scratch (and the eager fa2 wrapper on it) to what a prefill graph of
         ``tokens`` rows needs, if it is on fa2. The runner asks for its largest graph before
-        capturing anything, so every fa2 wrapper binds the final scratch."""
+        capturing anything, so every fa2 wrapper binds the final scratch. Its buffers are made
+        as ordinary tensors even when capture runs under inference mode: the eager wrapper
+        plans outside it too (an inference tensor refuses in-place writes there)."""
         while tokens > 0 and self._fa3_graph(tokens):
             tokens //= 2  # the largest fa2 graph below the fa3 ones
         need = fa2_workspace_bytes(self.num_heads, self.num_kv_heads, self.head_dim, self._sms, tokens)

@@ -128,11 +128,14 @@ def test_cost_rule_cascades_a_large_group():
     _compare([(1, 4096 + 20 + n, 0, 256) for n in range(32)], cascade="auto", expect_groups=1)
 
 
-def test_a_long_prefill_graph_grows_the_fa2_scratch_and_attends_like_the_reference():
-    """A 8,192-row prefill graph with 16 query heads over 2 KV heads (ERNIE-4.5-0.3B) needs
-    more fa2 scratch than the default (graph-mode fa2 always splits); planned for 4,000 new
-    tokens after 300 cached, its wrapper attends like the torch reference."""
+def test_a_long_prefill_graph_grows_the_fa2_scratch_and_attends_like_the_reference(monkeypatch):
+    """A 8,192-row prefill graph on fa2 (all graphs on fa2: fa3_prefill_graph_rows None) with
+    16 query heads over 2 KV heads (ERNIE-4.5-0.3B) needs more fa2 scratch than the default
+    (graph-mode fa2 always splits); planned for 4,000 new tokens after 300 cached, its wrapper
+    attends like the torch reference."""
     from braid_engine.attention.flashinfer_backend import fa2_workspace_bytes
+
+    monkeypatch.setattr(FlashInferBackend, "fa3_prefill_graph_rows", None)
 
     hq, hkv, d, rows, new = 16, 2, 128, 8192, 4000
     layout, cache, q, k, v = _case([(new, new + 300, None, 0)], hq, hkv, d, 16)
@@ -213,3 +216,55 @@ def test_a_cascade_twin_graph_matches_the_reference(hq, hkv, d, cascade, monkeyp
     err = (got - expected.float()).norm() / expected.float().norm()
     assert err < 1e-2, f"relative error {err:.2e}"
     assert (got - expected.float()).abs().max() < 3e-2
+
+
+@pytest.mark.parametrize("fa3_rows", [None, 512], ids=["fa2", "fa3-from-512"])
+@pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (8, 4, 64)])
+def test_prefill_graph_replays_are_as_exact_as_the_eager_prefill(hq, hkv, d, fa3_rows, monkeypatch):
+    """Prefill graphs captured on the runner's capture plan (one query, the rest padding) and
+    replayed on real pieces, many rows padded or none: each replay as close to an fp32
+    reference as the eager FlashInfer prefill of the same piece (bf16 rounding apart, nothing
+    more), whatever the padding rows hold."""
+    monkeypatch.setattr(FlashInferBackend, "fa3_prefill_graph_rows", fa3_rows)
+    ps, rows_all = 16, (128, 512, 1024)
+    cases = [(1024, 600, 0), (1024, 1000, 0), (1024, 513, 300), (512, 511, 0), (512, 300, 212),
+             (128, 88, 512), (128, 1, 900)]
+    pages = max(-(-(new + cached) // ps) for _, new, cached in cases) + 8
+    cache = torch.zeros(LAYERS, pages + 1, 2, hkv, ps, d, device=DEV, dtype=torch.bfloat16)
+    pad_page = pages
+    fi = FlashInferBackend(cache, hq, d, "never")
+    fi.reserve_prefill_graph_workspace(rows_all[-1])
+    static_q = torch.zeros(rows_all[-1], hq, d, device=DEV, dtype=torch.bfloat16)
+    graphs = {}
+    for rows in reversed(rows_all):  # as the runner captures them
+        fi.prepare_prefill_graph(rows)
+        fi.plan_prefill_graph(BatchLayout([1], [1], [[pad_page]], ps, torch.empty(0)), rows, pad_page)
+        fi.attend(1, static_q[:rows])
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fi.attend(1, static_q[:rows])
+        graphs[rows] = (g, out)
+    gen = torch.Generator().manual_seed(3)
+    for rows, new, cached in cases:
+        kl = new + cached
+        table = torch.randperm(pages, generator=gen)[:-(-kl // ps)].tolist()
+        slots = torch.tensor([table[p // ps] * ps + p % ps for p in range(cached, kl)], device=DEV)
+        layout = BatchLayout([new], [kl], [table], ps, slots)
+        cache[1, :pages].copy_(torch.randn(pages, 2, hkv, ps, d, generator=gen))
+        q = torch.randn(new, hq, d, generator=gen).to(DEV, torch.bfloat16)
+        ref = TorchBackend(cache.float(), hq, d, "never")
+        ref.plan(layout)
+        expected = ref.attend(1, q.float())
+        fi.plan(layout)
+        eager = fi.attend(1, q).float()
+        fi.plan_prefill_graph(layout, rows, pad_page)
+        static_q.normal_()  # padding rows hold garbage, as in the engine
+        static_q[:new].copy_(q)
+        g, out = graphs[rows]
+        g.replay()
+        torch.cuda.synchronize()
+        got = out[:new].float()
+        e_eager = ((eager - expected).norm() / expected.norm()).item()
+        e_graph = ((got - expected).norm() / expected.norm()).item()
+        print(f"rows {rows} new {new} cached {cached}: rel err eager {e_eager:.2e}, graph {e_graph:.2e}")
+        assert e_graph < 1.25 * e_eager + 2e-4, (rows, new, cached, e_eager, e_graph)
