@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import weakref
 from array import array
@@ -52,6 +53,7 @@ class _Memo:
         self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
+        self.splitter: re.Pattern[str] | None | bool = False  # False: not yet worked out
 
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
         with self._lock:
@@ -83,6 +85,7 @@ def _memo(tokenizer: Any) -> _Memo:
                 memo = _MEMOS[tokenizer] = _Memo()
         except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: nothing kept
             memo = _Memo()
+            memo.splitter = None  # nor worth cutting the text for
         return memo
 
 
@@ -180,13 +183,52 @@ class RenderedPrompt:
         return ids
 
 
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _special_splitter(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern that cuts a prompt's text just before each special token (``<|im_start|>``,
+    ``</s>``, ...) where cutting leaves its ids unchanged. A fast tokenizer takes the special
+    tokens out of the text before anything else, so the text between them is encoded apart
+    either way; a token that swallows the whitespace before it (``lstrip``) or that the
+    normaliser sees would not be, nor one whose probe below disagrees. None: no such token."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None)
+    if not isinstance(decoder, dict):
+        return None
+    cut = []
+    for added in decoder.values():
+        token = getattr(added, "content", None)
+        if (not token or not getattr(added, "special", False) or getattr(added, "lstrip", True)
+                or getattr(added, "normalized", True)):
+            continue
+        left, right = "a b,\n ", f"{token}x\n y"
+        try:
+            if _ids(tokenizer, left + right) == _ids(tokenizer, left) + _ids(tokenizer, right):
+                cut.append(token)
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot take the probe: no cut there
+            continue
+    if not cut:
+        return None
+    return re.compile("(?=" + "|".join(re.escape(t) for t in sorted(cut, key=len, reverse=True)) + ")")
+
+
 def _encode(tokenizer: Any, text: str) -> array:
-    """The ids of a piece of the prompt's text, remembered (4 bytes an id): the pieces before
-    the last answer come back unchanged every turn."""
+    """The ids of a piece of the prompt's text, remembered (4 bytes an id) message by message:
+    the text is cut before each special token (each message's header), so a system prompt or an
+    earlier question is found again every turn even where the text around it changes (an
+    answer the template re-renders, the growing text before the generation prompt)."""
     if not text:
         return array("i")
-    return _memo(tokenizer).get(
-        "e" + text, lambda: array("i", tokenizer(text, add_special_tokens=False)["input_ids"]))
+    memo = _memo(tokenizer)
+    if memo.splitter is False:
+        memo.splitter = _special_splitter(tokenizer)
+    pieces = memo.splitter.split(text) if memo.splitter is not None else [text]
+    out = array("i")
+    for piece in pieces:
+        if piece:
+            out.extend(memo.get("e" + piece, lambda piece=piece: array("i", _ids(tokenizer, piece))))
+    return out
 
 
 def _prefix_keys(template: Any, dicts: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[str] | None:

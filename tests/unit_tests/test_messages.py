@@ -206,3 +206,68 @@ def test_streamed_reasoning_equals_whole(pieces: list[str], cuts: list[int]) -> 
         reasoning, answer = reasoning + r, answer + s
     r, s = parser.finish()
     assert (reasoning + r, answer + s) == split_reasoning(text)
+
+
+@pytest.fixture(scope="module")
+def llama_tok():
+    return build_tokenizer("llama")
+
+
+_PIECES = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "</s>", "<think>", "\n", " ", "  ",
+           "user", "system\n", "Hello", " world", "apples,", "ünï", "\t", "x"]
+
+
+@pytest.mark.parametrize("which", ["tok", "llama_tok"])
+@given(st.lists(st.sampled_from(_PIECES), max_size=24))
+def test_cutting_before_special_tokens_keeps_the_ids(request, which, pieces: list[str]) -> None:
+    """The prompt's text is encoded in pieces cut before each special token: always the ids of
+    encoding it whole."""
+    import langchain_braid._messages as m
+
+    tokenizer = request.getfixturevalue(which)
+    text = "".join(pieces)
+    assert list(m._encode(tokenizer, text)) == _encode(tokenizer, text)
+
+
+def test_a_token_that_takes_the_space_before_it_is_not_cut_before() -> None:
+    from tokenizers import AddedToken
+
+    import langchain_braid._messages as m
+
+    tokenizer = build_tokenizer("qwen3")
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken("<sep>", lstrip=True, special=True)]})
+    splitter = m._special_splitter(tokenizer)
+    assert splitter.split("a <|im_start|>b") == ["a ", "<|im_start|>b"]
+    assert splitter.split("a <sep>b") == ["a <sep>b"]
+    text = "x  <sep>y <|im_end|> z"
+    assert list(m._encode(tokenizer, text)) == _encode(tokenizer, text)
+
+
+def test_a_turn_after_answers_that_are_not_spliced_still_encodes_only_what_is_new(tok, monkeypatch) -> None:
+    """Answers the template re-renders (their reasoning dropped) cannot be spliced, so the text
+    around them is tokenised afresh, but not the system prompt and earlier questions: each
+    message's text is remembered on its own."""
+    system = "You answer questions about apples, pears and plums, briefly and kindly. " * 60
+    messages = [SystemMessage(system)]
+    for t in range(4):
+        generated = f"<think>\nturn {t}\n</think>\n\n{t} apples<|im_end|>"
+        messages += [HumanMessage(f"question {t}?"), AIMessage(
+            f"{t} apples", additional_kwargs={"reasoning_content": f"turn {t}"},
+            response_metadata={TOKEN_IDS_KEY: _encode(tok, generated)})]
+    first = render(tok, messages + [HumanMessage("first")])
+    assert first.spans == []
+    assert first.token_ids(tok) == _encode(tok, first.text)
+    encoded = []
+    calls = tok.__class__.__call__
+
+    def counting_call(self, text, *args, **kwargs):
+        encoded.append(text)
+        return calls(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tok.__class__, "__call__", counting_call)
+    question = "and the pears?"
+    later = render(tok, messages + [HumanMessage("first"), AIMessage("5 apples"), HumanMessage(question)])
+    ids = later.token_ids(tok)
+    assert sum(map(len, encoded)) < 200 < len(system)
+    monkeypatch.undo()
+    assert ids == _encode(tok, later.text)
