@@ -4,15 +4,14 @@ CUDA-graph mode as the engine's prefill graphs plan it — split-KV (what graph 
 and with ``disable_split_kv=True`` —, and the default backend in CUDA-graph mode
 (``FlashInferBackend.fa3_prefill_graph_rows``).
 
-    python -m benchmarks.prefill_attention [--cases 1023 4095 8191 3:8192]
+    python -m benchmarks.prefill_attention [--cases 1024 4096 8192 3:8192]
 
 A case ``n`` is n query rows over n keys, ``q:kv`` q rows over kv keys (the queries are the last
 q keys' positions), causal. Qwen3-0.6B attention: 16 q / 8 kv heads, head dim 128, bf16, HND
-pages of 16, shuffled. A graph variant runs the next prefill graph above q rows (model_runner's
-sizes), its other rows a second request on a pad page, planned at capture as ``capture_graphs``
+pages of 16, shuffled. A graph variant runs the smallest prefill graph of at least q rows (model_runner's
+sizes), its other rows (if any) a second request on a pad page, planned at capture as ``capture_graphs``
 plans it and before the replay as ``plan_prefill_graph`` does. The default cases are the
-engine's pieces: a 4096-token prompt is 4095 rows in the 4096-row graph, then 1 (1024 rows
-would take a 2048-row graph, half padding, which the engine never runs).
+engine's pieces: a 4096-token prompt fills the 4096-row graph, 4097 tokens would be 4096 + 1.
 
 Prints the median µs of ``triton.testing.do_bench`` (L2 flushed before each call), TFLOP/s of the
 causal work (padding rows not counted), the largest |difference| from the default backend's
@@ -133,7 +132,7 @@ def _variants(flashinfer, q: int, kv: int, rows: int | None, sms: int, common: d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", nargs="+", default=["1023", "4095", "8191", "3:8192"])
+    ap.add_argument("--cases", nargs="+", default=["1024", "4096", "8192", "3:8192"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("prefill_attention: no CUDA device; skipped (FlashInfer's kernels are GPU only)")
@@ -155,7 +154,7 @@ def main() -> None:
         q, kv = (int(x) for x in case.split(":")) if ":" in case else (int(case), int(case))
         if not 0 < q <= kv:
             raise SystemExit(f"case {case}: need 0 < query rows <= keys")
-        rows = next((t for t in GRAPH_SIZES if t > q), None)  # the engine's graph for q rows
+        rows = next((t for t in GRAPH_SIZES if t >= q), None)  # the engine's graph for q rows
         ref = None
         for name, w, fn in _variants(flashinfer, q, kv, rows, sms, common):
             o = fn().float()

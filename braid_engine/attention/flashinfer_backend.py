@@ -71,13 +71,13 @@ def _paged_kv(tables: list[list[int]], kv_lens: list[int], page_size: int,
         pages = -(-kv_len // page_size)
         indices.extend(table[(skip[i] if skip else 0):pages])
         indptr.append(len(indices))
-        last.append(kv_len - (pages - 1) * page_size)
+        last.append(kv_len - (pages - 1) * page_size if pages else 0)  # an empty request: no keys
     if not indices:
         return indptr, torch.empty(0, dtype=torch.int32), last
     return indptr, torch.frombuffer(array("i", indices), dtype=torch.int32), last
 
 
-# one sequence's prefill below this many tokens replays a prefill graph (model_runner's largest
+# one sequence's prefill of up to this many tokens replays a prefill graph (model_runner's largest
 # PREFILL_GRAPH_TOKENS); eagerly it runs on the same fa2 kernels, so a graph never changes a result
 SHORT_PREFILL_TOKENS = 256
 # FlashInfer's fa2 prefill keeps a float32 partial output per (128-row query tile, key chunk)
@@ -407,8 +407,9 @@ class FlashInferBackend(AttentionBackend):
             paged_kv_last_page_len_buf=buf(2), backend="auto" if fa3 else "fa2")
 
     def plan_prefill_graph(self, layout: BatchLayout, tokens: int, pad_page: int) -> None:
-        """Plan one sequence's ``query_lens[0]`` new tokens (< ``tokens``) for the prefill graph
-        of ``tokens`` rows; the remaining rows attend only the pad page."""
+        """Plan one sequence's ``query_lens[0]`` new tokens (up to ``tokens``) for the prefill
+        graph of ``tokens`` rows; the remaining rows, a second request, attend only the pad page
+        (none: the second request is empty, which FlashInfer plans as no work)."""
         (q,), (kv_len,), (table,) = layout.query_lens, layout.kv_lens, layout.page_tables
         pad = tokens - q
         indptr, indices, last = _paged_kv([table, [pad_page] * -(-pad // self.page_size)],
@@ -447,7 +448,7 @@ class FlashInferBackend(AttentionBackend):
             for q in layout.query_lens:
                 qo.append(qo[-1] + q)
             split = _split_pages(layout, self.num_heads, self.num_kv_heads, self.head_dim)
-            short = len(layout.query_lens) == 1 and layout.query_lens[0] < SHORT_PREFILL_TOKENS
+            short = len(layout.query_lens) == 1 and layout.query_lens[0] <= SHORT_PREFILL_TOKENS
             self._eager_prefill = self._prefill_split if split or short else self._prefill
             self._eager_prefill.plan(torch.tensor(qo, dtype=torch.int32), *kv, head_dim_qk=self.head_dim,
                                      causal=True, fixed_split_size=split, **self._common())

@@ -37,23 +37,25 @@ def prefill_graph_sizes(largest: int, max_step_tokens: int | None = None) -> tup
 
 
 def prefill_pieces(n: int, sizes: tuple[int, ...]) -> list[int] | None:
-    """How one sequence's ``n`` new tokens are taken through prefill graphs of ``sizes`` rows (a
-    graph takes at most rows - 1 tokens: one row is always padding): the token counts of the
-    pieces, in order, or None when ``n`` is not below the largest graph (the step runs eagerly).
-    A piece is padded up to the next graph; where that would pad a graph of more than
+    """How one sequence's ``n`` new tokens are taken through prefill graphs of ``sizes`` rows
+    (the rows a piece leaves empty are padding, attending only the pad page): the token counts
+    of the pieces, in order, or None when ``n`` is above the largest graph (the step runs
+    eagerly). A piece is padded up to the next graph; where that would pad a graph of more than
     ``PREFILL_GRAPH_TOKENS[-1]`` rows by over a quarter, the largest graph that the remaining
-    tokens fill is taken first."""
-    if n >= sizes[-1]:
+    tokens fill is taken first. A graph filled to its last row has no padding at all (a 4k
+    prompt is one replay of the 4,096-row graph, not 4,095 rows and a second graph for one
+    token, whose weight pass cost about a decode step)."""
+    if n > sizes[-1]:
         return None
     pieces = []
     while True:
-        fit = next(t for t in sizes if t > n)
+        fit = next(t for t in sizes if t >= n)
         if fit <= PREFILL_GRAPH_TOKENS[-1] or 4 * (fit - n) <= fit:
             pieces.append(n)
             return pieces
-        filled = max(t for t in sizes if t - 1 <= n)
-        pieces.append(filled - 1)
-        n -= filled - 1
+        filled = max(t for t in sizes if t <= n)
+        pieces.append(filled)
+        n -= filled
 
 
 class ModelRunner:
@@ -153,7 +155,7 @@ class ModelRunner:
         done = kv_len - n  # keys already in the cache
         at, last_graph = 0, None
         for m in pieces:
-            graph = next(t for t in self.prefill_sizes if t > m)
+            graph = next(t for t in self.prefill_sizes if t >= m)
             if graph == last_graph:
                 # planning a graph's wrapper again refills host buffers whose copies to the
                 # device may still be queued behind its last replay
@@ -167,7 +169,7 @@ class ModelRunner:
 
     def _replay_prefill(self, n: int, ids: list[int], positions: list[int],
                         slots: list[int], layout: BatchLayout) -> torch.Tensor:
-        tokens = next(t for t in self.prefill_sizes if t > n)
+        tokens = next(t for t in self.prefill_sizes if t >= n)
         ps = self.page_size
         graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables, ps,
                                    self.static_slots[:tokens])

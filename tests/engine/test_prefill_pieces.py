@@ -20,29 +20,31 @@ def test_sizes():
 
 
 def test_short_graphs_take_one_piece_below_the_largest_and_none_from_it():
-    assert [prefill_pieces(n, SHORT) for n in (2, 15, 16, 100, 255)] == [[2], [15], [16], [100], [255]]
-    assert prefill_pieces(256, SHORT) is None and prefill_pieces(5000, SHORT) is None
+    assert [prefill_pieces(n, SHORT) for n in (2, 15, 16, 100, 256)] == [[2], [15], [16], [100], [256]]
+    assert prefill_pieces(257, SHORT) is None and prefill_pieces(5000, SHORT) is None
 
 
-@pytest.mark.parametrize("n", [2, 255, 256, 300, 383, 511, 512, 700, 1024, 1535, 3000, 4096, 5000, 8000, 8191])
+@pytest.mark.parametrize("n", [2, 255, 256, 300, 383, 511, 512, 700, 1024, 1535, 3000, 4096, 5000, 8000, 8192])
 def test_long_pieces_cover_the_tokens_and_pad_little(n):
     pieces = prefill_pieces(n, LONG)
     assert sum(pieces) == n and all(p > 0 for p in pieces)
-    graphs = [next(t for t in LONG if t > p) for p in pieces]
-    # every piece but the last fills its graph (one padding row); the last pads at most a
-    # quarter of a graph above 256 rows
-    assert all(g - p == 1 for g, p in zip(graphs[:-1], pieces[:-1], strict=True))
+    graphs = [next(t for t in LONG if t >= p) for p in pieces]
+    # every piece but the last fills its graph; the last pads at most a quarter of a graph
+    # above 256 rows
+    assert all(g == p for g, p in zip(graphs[:-1], pieces[:-1], strict=True))
     assert graphs[-1] <= 256 or 4 * (graphs[-1] - pieces[-1]) <= graphs[-1]
     assert len(pieces) <= 4
 
 
 def test_examples():
-    assert prefill_pieces(1024, LONG) == [1023, 1]  # not one 2,048-row graph half empty
-    assert prefill_pieces(4096, LONG) == [4095, 1]
-    assert prefill_pieces(3000, LONG) == [2047, 953]
+    assert prefill_pieces(1024, LONG) == [1024]  # the 1,024-row graph, no padding
+    assert prefill_pieces(4096, LONG) == [4096]
+    assert prefill_pieces(1025, LONG) == [1024, 1]  # not one 2,048-row graph half empty
+    assert prefill_pieces(3000, LONG) == [2048, 952]
     assert prefill_pieces(8000, LONG) == [8000]
-    assert prefill_pieces(383, LONG) == [255, 128]  # the same 256-row graph twice
-    assert prefill_pieces(8192, LONG) is None
+    assert prefill_pieces(383, LONG) == [256, 127]
+    assert prefill_pieces(640, LONG) == [512, 128]
+    assert prefill_pieces(8192, LONG) == [8192] and prefill_pieces(8193, LONG) is None
 
 
 def test_llm_refuses_a_prefill_graph_size_off_the_ladder(tiny_qwen3):
@@ -59,8 +61,13 @@ def test_no_graph_larger_than_a_step_can_use():
     assert prefill_graph_sizes(256, max_step_tokens=100) == SHORT
 
 
-@pytest.mark.parametrize("n,pieces,synced", [(383, [255, 128], [1]), (3000, [2047, 953], []), (100, [100], [])])
-def test_each_piece_attends_the_keys_before_it(monkeypatch, n, pieces, synced):
+# a ladder with a gap (no 512) takes 600 tokens as 256 + 256 + 88: the same graph twice in a row
+GAPPED = SHORT + (1024,)
+
+
+@pytest.mark.parametrize("n,sizes,pieces,synced", [(383, LONG, [256, 127], []), (3000, LONG, [2048, 952], []),
+                                                   (100, LONG, [100], []), (600, GAPPED, [256, 256, 88], [1])])
+def test_each_piece_attends_the_keys_before_it(monkeypatch, n, sizes, pieces, synced):
     """The runner's pieces: their own slices of ids, positions and slots, kv lengths that count
     the cached history and every earlier piece, and a wait before a graph is planned again for
     the next piece (its last plan's copies may still be queued)."""
@@ -75,7 +82,7 @@ def test_each_piece_attends_the_keys_before_it(monkeypatch, n, pieces, synced):
         calls.append((m, ids, positions, slots, layout.query_lens, layout.kv_lens, layout.page_tables))
         return f"logits of piece {len(calls)}"
 
-    fake = SimpleNamespace(prefill_sizes=LONG, page_size=16, device=torch.device("cpu"), _replay_prefill=replay)
+    fake = SimpleNamespace(prefill_sizes=sizes, page_size=16, device=torch.device("cpu"), _replay_prefill=replay)
     monkeypatch.setattr(torch.cuda, "current_stream",
                         lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(len(calls))))
     cached = 100

@@ -126,12 +126,12 @@ def long_graphs(engines, request):
     llm.shutdown()
 
 
-@pytest.mark.parametrize("cached,new", [(0, 300), (0, 383), (0, 1024), (0, 1535), (0, 2000), (300, 383),
-                                        (300, 700), (300, 1500)])
+@pytest.mark.parametrize("cached,new", [(0, 300), (0, 383), (0, 1024), (0, 1535), (0, 2000), (0, 2048),
+                                        (300, 383), (300, 700), (300, 1500)])
 def test_long_prefills_replay_graphs_in_pieces(engines, long_graphs, cached, new):
     """With prefill graphs up to 2,048 rows a long prompt is taken in graph-sized pieces, each
-    attending the keys of the pieces before it (and of a cached history); 383 new tokens replay
-    the 256-row graph twice (255 + 128). Eagerly the same prompt is one fa3 pass, so bf16 may
+    attending the keys of the pieces before it (and of a cached history); 383 new tokens are
+    256 + 127 rows, 1,024 or 2,048 fill their graph with no padding. Eagerly the same prompt is one fa3 pass, so bf16 may
     round apart: the tokens must agree up to a near-tie."""
     from braid_engine.engine.model_runner import prefill_pieces
 
@@ -153,7 +153,7 @@ def test_long_prefills_replay_graphs_in_pieces(engines, long_graphs, cached, new
     _agree_up_to_near_tie(eager, prompt, a.token_ids, b.token_ids)
 
 
-@pytest.mark.parametrize("new_tokens", [2, 15, 16, 17, 100, 255])
+@pytest.mark.parametrize("new_tokens", [2, 15, 16, 17, 100, 255, 256])
 def test_prefill_graphs_give_the_eager_first_token_after_a_cached_history(engines, new_tokens):
     graphed, eager = engines
     history = list(range(100, 400))

@@ -222,13 +222,13 @@ def test_a_cascade_twin_graph_matches_the_reference(hq, hkv, d, cascade, monkeyp
 @pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (8, 4, 64)])
 def test_prefill_graph_replays_are_as_exact_as_the_eager_prefill(hq, hkv, d, fa3_rows, monkeypatch):
     """Prefill graphs captured on the runner's capture plan (one query, the rest padding) and
-    replayed on real pieces, many rows padded or none: each replay as close to an fp32
+    replayed on real pieces, many rows padded, one or none (an empty padding request): each replay as close to an fp32
     reference as the eager FlashInfer prefill of the same piece (bf16 rounding apart, nothing
     more), whatever the padding rows hold."""
     monkeypatch.setattr(FlashInferBackend, "fa3_prefill_graph_rows", fa3_rows)
     ps, rows_all = 16, (128, 512, 1024)
     cases = [(1024, 600, 0), (1024, 1000, 0), (1024, 513, 300), (512, 511, 0), (512, 300, 212),
-             (128, 88, 512), (128, 1, 900)]
+             (128, 88, 512), (128, 1, 900), (1024, 1024, 0), (512, 512, 300), (128, 128, 900)]
     pages = max(-(-(new + cached) // ps) for _, new, cached in cases) + 8
     cache = torch.zeros(LAYERS, pages + 1, 2, hkv, ps, d, device=DEV, dtype=torch.bfloat16)
     pad_page = pages
