@@ -32,6 +32,9 @@ NEAR_TIE = 0.1
 CONFIGS = {
     "flashinfer+fused(auto)": dict(attention_backend="flashinfer", fused_kernels="auto"),
     "flashinfer+fused(force)": dict(attention_backend="flashinfer", fused_kernels="force"),
+    # which part moves the logits from transformers bf16: the kernels (bitwise the torch path's in
+    # fp16 on the CPU) or the attention
+    "flashinfer+unfused": dict(attention_backend="flashinfer", fused_kernels="off"),
     "torch+unfused": dict(attention_backend="torch", fused_kernels="off"),
 }
 
@@ -64,10 +67,10 @@ def checkpoint(raw_checkpoint, tmp_path_factory):
     return path
 
 
-def _hf(path, dtype):
+def _hf(path, dtype, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).cuda().eval()
 
 
 def _free(*objs):
@@ -95,6 +98,16 @@ def truth(checkpoint, hf):
         hf_err = max(((hf(torch.tensor([ids], device="cuda")).logits[0].float() - t).norm()
                       / t.norm()).item() for ids, t in zip(_prompts(), logits, strict=True))
     print(f"conditioned model: transformers bf16 vs fp32 relative error {hf_err:.2e}")
+    # two correct bf16 attentions of transformers itself, for the brief's 1e-2: SDPA (the
+    # default, above) against its eager softmax(QK^T)V on the same weights
+    eager = _hf(checkpoint, torch.bfloat16, attn_implementation="eager")
+    with torch.inference_mode():
+        apart = max(((eager(torch.tensor([ids], device="cuda")).logits[0].float()
+                      - hf(torch.tensor([ids], device="cuda")).logits[0].float()).norm()
+                     / hf(torch.tensor([ids], device="cuda")).logits[0].float().norm()).item()
+                    for ids in _prompts())
+    _free(eager)
+    print(f"conditioned model: transformers bf16, eager attention vs SDPA, relative error {apart:.2e}")
     return logits, hf_err
 
 
