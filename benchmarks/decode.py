@@ -92,6 +92,8 @@ def main() -> None:
                     help="one-token steps use cuBLAS and the standalone norm/SiLU kernels (to measure the row kernels)")
     ap.add_argument("--no-small-decode", action="store_true",
                     help="decode steps of ≤ 4 sequences use FlashInfer's decode, not our split-KV kernel")
+    ap.add_argument("--decode-burst", type=int, default=None,
+                    help="greedy steps between token reads (LLM(decode_burst=...); engine default 8, cut at page ends)")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
@@ -104,8 +106,9 @@ def main() -> None:
     kv = kv_kwargs(args)
 
     path = build_model(args.shape, args.model)
+    burst = {} if args.decode_burst is None else {"decode_burst": args.decode_burst}
     llm = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, **burst)
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
@@ -114,6 +117,7 @@ def main() -> None:
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
           f"row kernels {'off' if args.no_row_kernels else 'on'}; "
           f"small-batch decode kernel {'off' if args.no_small_decode else 'on'}; "
+          f"decode bursts of up to {llm.config.decode_burst}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'batch':>5} {'braid tok/s':>12} {'hf eager':>10} {'hf compiled':>12} {'vs eager':>9} "
           f"{'vs compiled':>12} {'bandwidth':>10}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|bursts|workloads|prefill|shared|all]
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
@@ -39,6 +39,15 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
   timeout 70 python3 -m benchmarks.row_kernels 2>&1 | grep -v Warning | tee "$OUT/row_kernels.log"
   timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle|no graph" "$OUT/profile_step.log" | head -44
+fi
+if [ "$what" = bursts ]; then
+  # the GPU idles between decode bursts (profile_step: 8.6 % at batch 1, 13 % at 32): bursts of up
+  # to 16 steps (a page) against the default 8, same card, one process each, no compiled baseline
+  for b in 8 16; do
+    timeout 200 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+      --batch 1 8 32 --compiled-batches --kv-gb 16 --decode-burst $b 2>&1 | grep -v Warning | tail -5 \
+      | tee "$OUT/decode_burst$b.log"
+  done
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
   # transformers keeping its KV across turns, compiled with CUDA graphs (in a child process)
