@@ -2,6 +2,7 @@
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|bursts|workloads|prefill|shared|all]
+# ('bursts': decode.py with bursts of 8 and 16 steps, and interleave.py)
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
@@ -41,6 +42,9 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle|no graph" "$OUT/profile_step.log" | head -44
 fi
 if [ "$what" = bursts ]; then
+  # streams decoding while an 8k prompt arrives (their longest wait, the prompt's first token)
+  timeout 150 python3 -m benchmarks.interleave --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
+    2>&1 | grep -v Warning | tail -6 | tee "$OUT/interleave.log"
   # the GPU idles between decode bursts (profile_step: 8.6 % at batch 1, 13 % at 32): bursts of up
   # to 16 steps (a page) against the default 8, same card, one process each, no compiled baseline
   for b in 8 16; do
