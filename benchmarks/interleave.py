@@ -80,10 +80,15 @@ def main() -> None:
     ap.add_argument("--warm-tokens", type=int, default=64, help="tokens each stream has before the long prompt")
     ap.add_argument("--long-tokens", type=int, default=None, help="default: 8,192 on CUDA, 1,024 elsewhere")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="the engine's step budget")
+    ap.add_argument("--chunk-while-decoding", type=int, default=None,
+                    help="LLM(prefill_chunk_while_decoding=...): the prompt's tokens a step while the streams "
+                         "decode, in a forward of its own")
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
     extra = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
+    if args.chunk_while_decoding is not None:
+        extra["prefill_chunk_while_decoding"] = args.chunk_while_decoding
     llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False, **kv_kwargs(args), **extra)
     device = llm.config.device
     n_long = args.long_tokens or (8192 if device.type == "cuda" else 1024)
@@ -119,13 +124,14 @@ def main() -> None:
 
     print(f"card: {card(device)}; dtype {llm.config.dtype}; {args.streams} streams of {args.prompt_tokens}-token "
           f"prompts, a {n_long}-token prompt after {args.warm_tokens} tokens each; step budget "
-          f"{llm.config.max_num_batched_tokens} tokens; decode bursts of up to {llm.config.decode_burst}")
+          f"{llm.config.max_num_batched_tokens} tokens; decode bursts of up to {llm.config.decode_burst}; "
+          f"prompt chunks while decoding: {llm.config.prefill_chunk_while_decoding or 'the budget, mixed'}")
     print(f"{'':<44}{'longest wait ms':>16}{'streams tok/s':>15}")
     print(f"{'streams before the long prompt':<44}{gap_before * 1e3:>16.2f}{tps_before:>15.1f}")
     print(f"{'streams while it is prefilled':<44}{gap_during * 1e3:>16.2f}{tps_during:>15.1f}")
     busy = t_first - t_arrive
     print(f"long prompt: first token {busy * 1e3:.2f} ms with the streams running, {idle * 1e3:.2f} ms on the "
-          f"idle engine ({busy / idle:.2f}x)")
+          f"idle engine ({busy / idle:.2f}x); steps split into separate forwards: {llm.stats()['split_steps']}")
     if not args.skip_transformers:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=llm.config.dtype).to(device).eval()
         remaining = args.stream_tokens - args.warm_tokens

@@ -42,14 +42,17 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle|no graph" "$OUT/profile_step.log" | head -44
 fi
 if [ "$what" = bursts ]; then
-  # streams decoding while an 8k prompt arrives (their longest wait, the prompt's first token)
-  timeout 150 python3 -m benchmarks.interleave --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
+  # streams decoding while an 8k prompt arrives (their longest wait, the prompt's first token):
+  # mixed eager steps (the default), then the prompt in 2,048-token chunks in forwards of their own
+  timeout 130 python3 -m benchmarks.interleave --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
     2>&1 | grep -v Warning | tail -6 | tee "$OUT/interleave.log"
+  timeout 130 python3 -m benchmarks.interleave --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
+    --chunk-while-decoding 2048 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/interleave_2048.log"
   # the GPU idles between decode bursts (profile_step: 8.6 % at batch 1, 13 % at 32): bursts of up
   # to 16 steps (a page) against the default 8, same card, one process each, no compiled baseline
   for b in 8 16; do
-    timeout 200 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-      --batch 1 8 32 --compiled-batches --kv-gb 16 --decode-burst $b 2>&1 | grep -v Warning | tail -5 \
+    timeout 150 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+      --batch 1 32 --compiled-batches --kv-gb 16 --decode-burst $b 2>&1 | grep -v Warning | tail -5 \
       | tee "$OUT/decode_burst$b.log"
   done
 fi

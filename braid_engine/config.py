@@ -134,3 +134,7 @@ class EngineConfig:
     attention_backend: str = "torch"
     cascade: str = "auto"
     decode_burst: int = 8  # greedy decode steps run back to back between token reads; 1: every step
+    # while sequences decode, a prompt is prefilled at most this many tokens a step, in a forward
+    # of its own after theirs (its prefill graphs, their decode graph) instead of one mixed
+    # eager forward; None: prefills take the step budget and share the decodes' forward
+    prefill_chunk_while_decoding: int | None = None

@@ -73,11 +73,16 @@ class LLM:
         max_pinned_fraction: float = 0.5,
         decode_burst: int = 8,
         prefill_graph_tokens: int = 8192,
+        prefill_chunk_while_decoding: int | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         if not isinstance(decode_burst, int) or isinstance(decode_burst, bool) or decode_burst < 1:
             raise ValueError(f"decode_burst must be an int ≥ 1 (1 reads every step's token), got {decode_burst!r}.")
         prefill_graph_sizes(prefill_graph_tokens)  # a clear error before anything loads
+        chunk = prefill_chunk_while_decoding
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ValueError(f"prefill_chunk_while_decoding must be None or an int ≥ 1 (prompt tokens a step "
+                             f"while others decode), got {chunk!r}.")
         path = resolve_model_path(model)
         self.model_path = path
         self.model_config = cfg = load_config(path)
@@ -116,6 +121,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_batched_tokens, 1),
             enable_prefix_caching=enable_prefix_caching, max_pinned_fraction=max_pinned_fraction,
             attention_backend=backend_name, cascade=cascade, decode_burst=decode_burst,
+            prefill_chunk_while_decoding=chunk,
         )
         # one page beyond the pool takes the KV writes of graph padding rows
         kv_cache = allocate_kv_cache(cfg, num_pages + graphs, page_size, dt, dev)

@@ -142,6 +142,8 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = runner
+        runner.graph_prefill_chunks = config.prefill_chunk_while_decoding is not None
+        self.split_steps = 0  # steps whose decodes and prompt chunks ran as separate forwards
         self.eos_token_ids = eos_token_ids
         self.pool = PagePool(config.num_pages, config.page_size)
         self.cache = RadixCache(self.pool) if config.enable_prefix_caching else None
@@ -303,7 +305,7 @@ class LLMEngine:
         # masks depend only on tokens already accepted, so they are computed during the forward
         guided = [s for s, n in batch if s.matcher is not None and s.num_computed + n == len(s)]
         masks = self._grammar.fill_async([s.matcher for s in guided]) if guided else None
-        logits, samplers = self.runner.execute(batch)
+        logits, samplers = self._execute(batch)
         if masks is not None:
             rows = {id(s): i for i, s in enumerate(samplers)}
             self._grammar.apply(logits, masks.result(), [rows[id(s)] for s in guided])
@@ -312,6 +314,21 @@ class LLMEngine:
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         for seq, token in zip(samplers, tokens):
             self._append(seq, token)
+
+    def _execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """The runner's forward over the batch; with ``prefill_chunk_while_decoding`` set, a step
+        that mixes decodes with prompt chunks runs the decodes in one forward (their graph) and
+        each chunk in its own (its prefill graphs), instead of one eager forward over all of
+        them. Logits and sequences come back in the order one forward gives them."""
+        decodes = [(s, n) for s, n in batch if n == 1]
+        if self.config.prefill_chunk_while_decoding is None or not decodes or len(decodes) == len(batch):
+            return self.runner.execute(batch)
+        self.split_steps += 1
+        parts = [self.runner.execute(decodes)] + [self.runner.execute([b]) for b in batch if b[1] > 1]
+        samplers = [s for _, part in parts for s in part]
+        logits = torch.cat([lg for lg, _ in parts])
+        order = sorted(range(len(samplers)), key=lambda i: samplers[i].page_table)  # as execute sorts
+        return logits[order], [samplers[i] for i in order]
 
     def _computed(self, seq: Sequence, n: int) -> None:
         seq.num_computed += n
@@ -496,6 +513,7 @@ class LLMEngine:
                 "waiting": len(self.scheduler.waiting),
                 "steps": self.steps,
                 "decode_bursts": self.bursts,
+                "split_steps": self.split_steps,
                 "cascade_steps": self.runner.backend.cascade_steps,
             }
 

@@ -75,6 +75,10 @@ class ModelRunner:
         self.pad_page = -1
         self.graph_replays = 0
         self.prefill_replays = 0
+        # a prompt chunk that does not end its prompt (no token to sample) also goes through the
+        # prefill graphs, its logits unused: set when prompts are chunked to interleave with
+        # decodes (EngineConfig.prefill_chunk_while_decoding)
+        self.graph_prefill_chunks = False
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
@@ -287,10 +291,11 @@ class ModelRunner:
             logits = self._replay(bs, ids, positions, slots, layout)
             if logits is not None:
                 return logits, samplers
-        elif self.prefill_graphs and len(batch) == 1 and len(samplers) == 1 and batch[0][1] > 1:
+        elif (self.prefill_graphs and len(batch) == 1 and batch[0][1] > 1
+              and (len(samplers) == 1 or self.graph_prefill_chunks)):
             logits = self._replay_prefill_pieces(batch[0][1], ids, positions, slots, layout)
             if logits is not None:
-                return logits, samplers
+                return logits[:len(samplers)], samplers
         step_ids, step_positions, layout.slot_mapping = _rows_tensor(ids, positions, slots).to(dev)
         self.backend.plan(layout)
         hidden = self.model(step_ids, step_positions, self.backend)

@@ -39,13 +39,18 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.cfg.max_num_batched_tokens
+        # while sequences decode, prompts advance by at most this many tokens a step
+        chunk = self.cfg.prefill_chunk_while_decoding
+        if chunk is not None and not any(s.output_token_ids and s.num_computed + 1 == len(s)
+                                         for s in self.running if s.status is Status.RUNNING):
+            chunk = None
         batch: list[tuple[Sequence, int]] = []
         in_batch: set[int] = set()  # ids of the sequences already in it: a victim is never one
         preemptions_before = self.num_preemptions
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
-            n = min(len(seq) - seq.num_computed, budget)
+            n = self._chunk(seq, budget, chunk)
             while not self._reserve(seq, seq.num_computed + n):
                 victims = [s for s in self.running if s is not seq and id(s) not in in_batch]
                 victim = max(victims or [seq], key=lambda s: s.arrival)
@@ -66,7 +71,7 @@ class Scheduler:
                 seq.num_computed = 0
                 deferred.append(seq)
                 continue
-            n = min(len(seq) - seq.num_computed, budget)
+            n = self._chunk(seq, budget, chunk)
             if not self._reserve(seq, seq.num_computed + n):
                 self.release(seq)  # a waiting request holds no pages, so waiters never deadlock
                 seq.num_computed = 0
@@ -88,6 +93,13 @@ class Scheduler:
             else:
                 self.prefilled_tokens += n
         return batch
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int, cap: int | None) -> int:
+        """The tokens ``seq`` computes this step: what it has left, within the budget and, for a
+        prompt while others decode, ``cap``."""
+        n = min(len(seq) - seq.num_computed, budget)
+        return n if cap is None or n == 1 else min(n, cap)
 
     def _prefix_in_flight(self, seq: Sequence) -> bool:
         """Whether a running request is still prefilling a prompt that shares at least a page
