@@ -191,8 +191,9 @@ def _special_splitter(tokenizer: Any) -> re.Pattern[str] | None:
     """A pattern that cuts a prompt's text just before each special token (``<|im_start|>``,
     ``</s>``, ...) where cutting leaves its ids unchanged. A fast tokenizer takes the special
     tokens out of the text before anything else, so the text between them is encoded apart
-    either way; a token that swallows the whitespace before it (``lstrip``) or that the
-    normaliser sees would not be, nor one whose probe below disagrees. None: no such token."""
+    either way; a token that swallows the whitespace before it (``lstrip``), that matches only
+    as a whole word (``single_word``: a cut would make a word boundary) or that the normaliser
+    sees would not be, nor one whose probe below disagrees. None: no such token."""
     decoder = getattr(tokenizer, "added_tokens_decoder", None)
     if not isinstance(decoder, dict):
         return None
@@ -200,7 +201,7 @@ def _special_splitter(tokenizer: Any) -> re.Pattern[str] | None:
     for added in decoder.values():
         token = getattr(added, "content", None)
         if (not token or not getattr(added, "special", False) or getattr(added, "lstrip", True)
-                or getattr(added, "normalized", True)):
+                or getattr(added, "normalized", True) or getattr(added, "single_word", True)):
             continue
         left, right = "a b,\n ", f"{token}x\n y"
         try:

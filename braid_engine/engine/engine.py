@@ -320,11 +320,16 @@ class LLMEngine:
         that mixes decodes with prompt chunks runs the decodes in one forward (their graph) and
         each chunk in its own (its prefill graphs), instead of one eager forward over all of
         them. Logits and sequences come back in the order one forward gives them."""
-        decodes = [(s, n) for s, n in batch if n == 1]
+        decodes = [(s, n) for s, n in batch if n == 1 and s.output_token_ids]
         if self.config.prefill_chunk_while_decoding is None or not decodes or len(decodes) == len(batch):
             return self.runner.execute(batch)
         self.split_steps += 1
-        parts = [self.runner.execute(decodes)] + [self.runner.execute([b]) for b in batch if b[1] > 1]
+        parts = []
+        for part in [decodes] + [[b] for b in batch if not (b[1] == 1 and b[0].output_token_ids)]:
+            logits, samplers = self.runner.execute(part)
+            # a graph's logits are a view of its output buffer, which the next replay of that
+            # graph (another prompt's chunk of the same size) overwrites
+            parts.append((logits.clone(), samplers))
         samplers = [s for _, part in parts for s in part]
         logits = torch.cat([lg for lg, _ in parts])
         order = sorted(range(len(samplers)), key=lambda i: samplers[i].page_table)  # as execute sorts

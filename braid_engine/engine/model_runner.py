@@ -79,6 +79,7 @@ class ModelRunner:
         # prefill graphs, its logits unused: set when prompts are chunked to interleave with
         # decodes (EngineConfig.prefill_chunk_while_decoding)
         self.graph_prefill_chunks = False
+        self._last_prefill_graph: int | None = None  # rows of the prefill graph planned last
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
@@ -157,14 +158,16 @@ class ModelRunner:
             return None
         (kv_len,), (table,) = layout.kv_lens, layout.page_tables
         done = kv_len - n  # keys already in the cache
-        at, last_graph = 0, None
+        at = 0
         for m in pieces:
             graph = next(t for t in self.prefill_sizes if t >= m)
-            if graph == last_graph:
+            if graph == self._last_prefill_graph:
                 # planning a graph's wrapper again refills host buffers whose copies to the
-                # device may still be queued behind its last replay
+                # device may still be queued behind its last replay (a piece before this one,
+                # or another prompt's chunk, or this prompt's previous chunk with no token read
+                # since); when the stream has drained this wait costs nothing
                 torch.cuda.current_stream(self.device).synchronize()
-            last_graph = graph
+            self._last_prefill_graph = graph
             done += m
             piece = BatchLayout([m], [done], [table], self.page_size, layout.slot_mapping)
             logits = self._replay_prefill(m, ids[at:at + m], positions[at:at + m], slots[at:at + m], piece)

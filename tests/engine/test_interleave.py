@@ -40,3 +40,45 @@ def test_prompt_chunks_interleave_with_decodes_and_change_no_token(tiny_qwen3):
 def test_a_bad_chunk_is_refused(tiny_qwen3, bad):
     with pytest.raises(ValueError, match="prefill_chunk_while_decoding must be None or an int"):
         LLM(str(tiny_qwen3), device="cpu", dtype="float32", prefill_chunk_while_decoding=bad)
+
+
+def test_two_prompts_ending_in_one_step_keep_their_own_logits(tiny_qwen3, monkeypatch):
+    """On the GPU a prefill graph's logits are a view of its output buffer, which the next replay
+    of that graph overwrites: two prompts whose last chunks take the same graph in one step must
+    each sample from their own. Modelled on the CPU with one output tensor per graph size."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from braid_engine.attention.base import BatchLayout
+
+    syncs = []  # the wait before a graph is planned again (no stream on the CPU)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(1)))
+    prompts = [[(7 * i + 3 * k) % 300 + 3 for i in range(10 + k)] for k in range(3)]
+    prompts += [[(11 * i) % 300 + 3 for i in range(84)], [(13 * i) % 300 + 5 for i in range(55)]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for chunk in (None, 16):
+        llm = LLM(str(tiny_qwen3), device="cpu", dtype="float32", max_num_batched_tokens=64,
+                  enable_prefix_caching=False, prefill_chunk_while_decoding=chunk)
+        r, buffers, replays = llm.engine.runner, {}, []
+        if chunk is not None:
+            r.prefill_sizes, r.prefill_graphs = (16, 32, 64), dict.fromkeys((16, 32, 64))
+
+            def replay(n, ids, positions, slots, layout, r=r, buffers=buffers, replays=replays):
+                rows = next(t for t in r.prefill_sizes if t >= n)
+                r.backend.plan(BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables, r.page_size,
+                                           torch.tensor(slots)))
+                logits = r.model.compute_logits(r.model(torch.tensor(ids), torch.tensor(positions), r.backend)[-1:])
+                replays.append(rows)
+                return buffers.setdefault(rows, torch.empty_like(logits)).copy_(logits)
+
+            r._replay_prefill = replay
+        try:
+            outs[chunk] = [o.token_ids for o in llm.generate(prompts, params)]
+        finally:
+            llm.shutdown()
+        if chunk is not None:
+            assert replays.count(16) >= 2 and llm.stats()["split_steps"] > 0 and syncs
+    assert outs[16] == outs[None]

@@ -82,7 +82,7 @@ def test_each_piece_attends_the_keys_before_it(monkeypatch, n, sizes, pieces, sy
         calls.append((m, ids, positions, slots, layout.query_lens, layout.kv_lens, layout.page_tables))
         return f"logits of piece {len(calls)}"
 
-    fake = SimpleNamespace(prefill_sizes=sizes, page_size=16, device=torch.device("cpu"), _replay_prefill=replay)
+    fake = SimpleNamespace(prefill_sizes=sizes, _last_prefill_graph=None, page_size=16, device=torch.device("cpu"), _replay_prefill=replay)
     monkeypatch.setattr(torch.cuda, "current_stream",
                         lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(len(calls))))
     cached = 100
@@ -97,3 +97,24 @@ def test_each_piece_attends_the_keys_before_it(monkeypatch, n, sizes, pieces, sy
         assert c[1:4] == (ids[a:b], positions[a:b], slots[a:b])
         assert (c[4], c[5], c[6]) == ([b - a], [cached + b], [table])
     assert syncs == synced
+
+
+def test_a_graph_planned_again_after_another_call_waits_for_the_stream(monkeypatch):
+    """The wait before re-planning a graph holds across calls: the next chunk of a prompt (or
+    another prompt's chunk in the same step) may plan the graph the last call replayed while
+    that replay's copies are still queued."""
+    import torch
+
+    from braid_engine.attention.base import BatchLayout
+    from braid_engine.engine.model_runner import ModelRunner
+
+    syncs = []
+    fake = SimpleNamespace(prefill_sizes=LONG, _last_prefill_graph=None, page_size=16, device=torch.device("cpu"),
+                           _replay_prefill=lambda *a: "logits")
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(1)))
+    for n in (16, 16, 100, 16):
+        layout = BatchLayout([n], [n], [[0] * 8], 16, torch.empty(0))
+        ModelRunner._replay_prefill_pieces(fake, n, list(range(n)), list(range(n)), list(range(n)), layout)
+    assert len(syncs) == 1  # only the second 16 follows a replay of its own graph
+    assert fake._last_prefill_graph == 16

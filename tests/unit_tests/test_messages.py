@@ -229,6 +229,21 @@ def test_cutting_before_special_tokens_keeps_the_ids(request, which, pieces: lis
     assert list(m._encode(tokenizer, text)) == _encode(tokenizer, text)
 
 
+def test_a_whole_word_token_is_not_cut_before() -> None:
+    """A ``single_word`` special token after a word character is no token when the whole text
+    is encoded; cut before, it would start a piece and match."""
+    from tokenizers import AddedToken
+
+    import langchain_braid._messages as m
+
+    tokenizer = build_tokenizer("qwen3")
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        AddedToken("<t>", single_word=True, special=True, normalized=False)]})
+    assert m._special_splitter(tokenizer).split("ab<t> c<|im_end|>") == ["ab<t> c", "<|im_end|>"]
+    for text in ("ab<t>", "ab<t> c", "a <t> b<|im_start|>x<t>"):
+        assert list(m._encode(tokenizer, text)) == _encode(tokenizer, text)
+
+
 def test_a_token_that_takes_the_space_before_it_is_not_cut_before() -> None:
     from tokenizers import AddedToken
 
