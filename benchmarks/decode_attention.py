@@ -57,7 +57,7 @@ def main() -> None:
         return sweep(args.batch, args.kv)
     print(f"card: {torch.cuda.get_device_name()}, flashinfer {flashinfer.__version__}")
     print(f"{'batch':>5} {'kv':>6} {'graph plan (split+merge)':>25} {'no split':>9} {'tensor cores, no split':>23} "
-          f"{'tensor cores, split':>20} {'triton (ours)':>14}  (µs a layer)")
+          f"{'tensor cores, split':>20} {'triton (ours)':>14} {'ours, merged in split':>22}  (µs a layer)")
     common = dict(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PS, pos_encoding_mode="NONE",
                   q_data_type=bf, kv_data_type=bf)
     for b in args.batch:
@@ -90,12 +90,14 @@ def main() -> None:
 
                 results.append(graph_time(step) / LAYERS * 1e6)
                 outs.append(w.run(q, caches[0]).float())
-            ours, table = DecodeAttention(b, HQ, HKV, D, torch.device(dev)), host_table.to(dev)
-            results.append(_time_ours(ours, q, caches, table, lens))
-            outs.append(ours(q, caches[0], table, lens, D ** -0.5).float())
+            table = host_table.to(dev)
+            for merge_in_split in (False, True):
+                ours = DecodeAttention(b, HQ, HKV, D, torch.device(dev), merge_in_split=merge_in_split)
+                results.append(_time_ours(ours, q, caches, table, lens))
+                outs.append(ours(q, caches[0], table, lens, D ** -0.5).float())
             err = max(((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:])
             print(f"{b:>5} {kv:>6} {results[0]:>25.2f} {results[1]:>9.2f} {results[2]:>23.2f} {results[3]:>20.2f}"
-                  f" {results[4]:>14.2f}  (outputs agree to {err:.1e})")
+                  f" {results[4]:>14.2f} {results[5]:>22.2f}  (outputs agree to {err:.1e})")
 
 
 def sweep(batches: list[int], kvs: list[int]) -> None:

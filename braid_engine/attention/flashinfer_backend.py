@@ -129,6 +129,10 @@ class FlashInferBackend(AttentionBackend):
     # (braid_engine/kernels/decode_attention.py), which beats FlashInfer's decode plus merge
     # there on an H100 (docs/benchmarks.md); 0 leaves every decode step to FlashInfer
     small_decode_batch = 4
+    # our kernel's merge done by the last stretch of each (sequence, kv head) instead of a second
+    # kernel: a launch less a layer; off until benchmarks/decode_attention.py and decode.py
+    # --merge-in-split have measured it on the GPU
+    small_decode_merge_in_split = False
     # prefill graphs of at least this many rows run FlashInfer's default prefill backend (fa3 on
     # Hopper, as an eager long prefill does) instead of fa2, which in graph mode always takes its
     # split-KV path; the short graphs stay on fa2, whose split a new turn's few queries over a
@@ -356,7 +360,8 @@ class FlashInferBackend(AttentionBackend):
             from braid_engine.kernels.decode_attention import DecodeAttention
 
             self._small = DecodeAttention(self.small_decode_batch, self.num_heads, self.num_kv_heads,
-                                          self.head_dim, self.kv_cache.device)
+                                          self.head_dim, self.kv_cache.device,
+                                          merge_in_split=self.small_decode_merge_in_split)
         return True
 
     @staticmethod

@@ -5,7 +5,9 @@ FlashInfer's graph-mode decode takes 7.5 µs plus 2.3 µs for merging its split 
 (`benchmarks/decode_attention.py`). This kernel is the same computation with less around it:
 program (sequence, kv head, split) takes the GQA group's query heads against one stretch of
 the keys, page by page, with an online softmax in float32; a second, small kernel merges the
-stretches by their log-sum-exp in split order (deterministic). The number of stretches follows
+stretches by their log-sum-exp in split order (deterministic) — or, with ``merge_in_split``
+(opt-in until measured on the GPU), the last stretch of each (sequence, kv head) to finish
+merges them itself, a launch less a layer. The number of stretches follows
 each sequence's length at run time (``BLOCK_T``-token tiles, at most ``splits`` stretches), so a
 CUDA graph captured once serves every length. On Hopper both kernels are launched as
 programmatic dependents (they wait for q and the cache before reading them).
@@ -25,10 +27,28 @@ from braid_engine.kernels import pdl_args
 
 
 @triton.jit
+def _merge_head(part_o_ptr, part_lse_ptr, out_ptr, b, hq, active, NUM_HEADS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    # query head hq of sequence b: its ``active`` stretches' outputs weighted by their share of
+    # the softmax, in split order (read past L1: other programs wrote them)
+    sp = tl.arange(0, SPLITS)
+    ok = sp < active
+    base = (b * NUM_HEADS + hq) * SPLITS
+    lse = tl.load(part_lse_ptr + base + sp, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    w = tl.exp(lse - tl.max(lse, axis=0))
+    w = w / tl.sum(w, axis=0)
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(part_o_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0,
+                cache_modifier=".cg")
+    out = tl.sum(o * w[:, None], axis=0)
+    tl.store(out_ptr + (b * NUM_HEADS + hq) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_ptr, scale,
-                  s_page, s_kv, s_head, s_off, table_stride, page_size,
+                  s_page, s_kv, s_head, s_off, table_stride, page_size, count_ptr, out_ptr,
                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
+                  SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, MERGE: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -70,6 +90,17 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_pt
         keep = rows < GROUP
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / denom[:, None], mask=keep[:, None])
         tl.store(part_lse_ptr + part, m + tl.log(denom), mask=keep)
+        if MERGE:
+            # the last of the (sequence, kv head)'s stretches to finish merges the group's heads,
+            # saving the merge kernel's launch; every thread's stores come before the count
+            tl.debug_barrier()
+            counter = count_ptr + b * tl.num_programs(1) + h
+            active = tl.cdiv(tiles, per_split)
+            if tl.atomic_add(counter, 1, sem="acq_rel") == active - 1:
+                for g in tl.static_range(GROUP):
+                    _merge_head(part_o_ptr, part_lse_ptr, out_ptr, b, h * GROUP + g, active, NUM_HEADS,
+                                HEAD_DIM, SPLITS)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (a graph's next replay)
 
 
 @triton.jit
@@ -84,17 +115,7 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, NUM_HEADS: tl.con
     kv_len = tl.load(lens_ptr + b)
     tiles = tl.cdiv(kv_len, BLOCK_T)
     per_split = tl.cdiv(tiles, SPLITS)
-    active = tl.cdiv(tiles, per_split)
-    sp = tl.arange(0, SPLITS)
-    ok = sp < active
-    base = (b * NUM_HEADS + hq) * SPLITS
-    lse = tl.load(part_lse_ptr + base + sp, mask=ok, other=float("-inf"))
-    w = tl.exp(lse - tl.max(lse, axis=0))
-    w = w / tl.sum(w, axis=0)
-    d = tl.arange(0, HEAD_DIM)
-    o = tl.load(part_o_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0)
-    tl.store(out_ptr + (b * NUM_HEADS + hq) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+    _merge_head(part_o_ptr, part_lse_ptr, out_ptr, b, hq, tl.cdiv(tiles, per_split), NUM_HEADS, HEAD_DIM, SPLITS)
 
 
 class DecodeAttention:
@@ -103,7 +124,7 @@ class DecodeAttention:
 
     def __init__(self, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device, splits: int = 64, block_t: int = 32, num_warps: int = 2,
-                 num_stages: int = 2) -> None:
+                 num_stages: int = 2, merge_in_split: bool = False) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} kv heads")
         if head_dim < 16 or head_dim & (head_dim - 1):
@@ -115,6 +136,10 @@ class DecodeAttention:
         self.num_warps, self.num_stages = num_warps, num_stages
         self.part_o = torch.empty(max_batch * num_heads * self.splits, head_dim, dtype=torch.float32, device=device)
         self.part_lse = torch.empty(max_batch * num_heads * self.splits, dtype=torch.float32, device=device)
+        # merge_in_split: no merge kernel; the last stretch of each (sequence, kv head) to finish
+        # merges, found by counting finished stretches here (each merge puts its count back to 0)
+        self.merge_in_split = merge_in_split
+        self.counts = torch.zeros(max_batch * num_kv_heads, dtype=torch.int32, device=device)
 
     def __call__(self, q: torch.Tensor, cache: torch.Tensor, page_table: torch.Tensor,
                  kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -130,9 +155,11 @@ class DecodeAttention:
         _split_kernel[(bsz, self.num_kv_heads, self.splits)](
             q, cache, page_table, kv_lens, self.part_o, self.part_lse, scale,
             cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), page_table.stride(0), cache.shape[3],
-            NUM_HEADS=self.num_heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=self.head_dim, SPLITS=self.splits, BLOCK_T=self.block_t, num_warps=self.num_warps,
-            num_stages=self.num_stages, **pdl)
+            self.counts, out, NUM_HEADS=self.num_heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
+            HEAD_DIM=self.head_dim, SPLITS=self.splits, BLOCK_T=self.block_t, MERGE=self.merge_in_split,
+            num_warps=self.num_warps, num_stages=self.num_stages, **pdl)
+        if self.merge_in_split:
+            return out
         _merge_kernel[(bsz, self.num_heads)](
             self.part_o, self.part_lse, kv_lens, out, NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim,
             SPLITS=self.splits, BLOCK_T=self.block_t, num_warps=2, **pdl)

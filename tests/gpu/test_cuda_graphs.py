@@ -234,3 +234,28 @@ def test_cascade_twins_keep_a_shared_prefix_in_the_decode_graphs(engines, monkey
             _agree_up_to_near_tie(eager, prompt, x.token_ids, y.token_ids)
     finally:
         graphed.shutdown()
+
+
+def test_small_decode_merged_in_its_last_stretch_gives_the_eager_tokens(engines, monkeypatch):
+    """FlashInferBackend.small_decode_merge_in_split: batches of up to 4 decode from graphs whose
+    attention merges in the split kernel's last stretch (a count in global memory, reset by the
+    merging stretch every replay); the eager engine runs the two-kernel version of the same sums."""
+    from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+    monkeypatch.setattr(FlashInferBackend, "small_decode_merge_in_split", True)
+    graphed = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                  max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256)
+    try:
+        assert graphed.engine.runner.backend._small is None or graphed.engine.runner.backend._small.merge_in_split
+        gen = torch.Generator().manual_seed(11)
+        for batch in (1, 3, 4):
+            prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
+                       for n in torch.randint(5, 300, (batch,), generator=gen)]
+            params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+            a = [o.token_ids for o in graphed.generate(prompts, params)]
+            b = [o.token_ids for o in engines[1].generate(prompts, params)]
+            assert a == b
+        small = graphed.engine.runner.backend._small
+        assert small.merge_in_split and not small.counts.any()
+    finally:
+        graphed.shutdown()

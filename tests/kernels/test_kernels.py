@@ -202,6 +202,27 @@ def test_decode_attention_with_its_defaults_and_pages_larger_than_a_tile(device,
     _decode_attention_case(device, dtype, 4, 2, 64, [1, 31, 32, 33, 63, 64, 65, 2049])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_merged_by_its_last_stretch(device, dtype):
+    """merge_in_split: the last stretch of each (sequence, kv head) merges, no merge kernel;
+    the same output as the two kernels, bit for bit, call after call (the counts go back to 0)."""
+    from braid_engine.kernels import decode_attention as da
+
+    _decode_attention_case(device, dtype, 4, 2, 4, [1, 3, 5, 17, 70, 200], splits=4, block_t=16,
+                           merge_in_split=True)
+    g = torch.Generator().manual_seed(5)
+    lens = torch.tensor([1, 40, 200, 33], dtype=torch.int32, device=device)
+    cache = torch.randn(60, 2, 2, 16, 32, generator=g).to(device, dtype)  # pages of 16: 13 hold 200 keys
+    table = torch.randperm(60, generator=g)[:52].view(4, 13).to(torch.int32).to(device)
+    q = torch.randn(4, 4, 32, generator=g).to(device, dtype)
+    two = da.DecodeAttention(4, 4, 2, 32, torch.device(device), splits=8, block_t=16)
+    one = da.DecodeAttention(4, 4, 2, 32, torch.device(device), splits=8, block_t=16, merge_in_split=True)
+    want = two(q, cache, table, lens, 0.2)
+    for _ in range(2):
+        assert torch.equal(one(q, cache, table, lens, 0.2), want)
+        assert not one.counts.any()
+
+
 def test_decode_attention_refuses_shapes_it_cannot_tile(device):
     from braid_engine.kernels.decode_attention import DecodeAttention
 
