@@ -92,7 +92,11 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_pt
         tl.store(part_lse_ptr + part, m + tl.log(denom), mask=keep)
         if MERGE:
             # the last of the (sequence, kv head)'s stretches to finish merges the group's heads,
-            # saving the merge kernel's launch; every thread's stores come before the count
+            # saving the merge kernel's launch; every thread's stores come before the count (a
+            # barrier, then one thread's gpu-scope release; the merger's acquire is broadcast by
+            # a barrier before its loads). The count returns to 0 only if every program of a
+            # launch sees the same kv length (written before the launch, never by a kernel that
+            # may overlap it) and one stream at a time uses this object's counts
             tl.debug_barrier()
             counter = count_ptr + b * tl.num_programs(1) + h
             active = tl.cdiv(tiles, per_split)
@@ -100,7 +104,8 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_pt
                 for g in tl.static_range(GROUP):
                     _merge_head(part_o_ptr, part_lse_ptr, out_ptr, b, h * GROUP + g, active, NUM_HEADS,
                                 HEAD_DIM, SPLITS)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch (a graph's next replay)
+                # ready for the next launch: the kernel's end publishes it, no ordering needed here
+                tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 @triton.jit
