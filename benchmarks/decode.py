@@ -95,6 +95,9 @@ def main() -> None:
     ap.add_argument("--merge-in-split", action="store_true",
                     help="our small-batch decode kernel merges in its last stretch, no merge kernel "
                          "(FlashInferBackend.small_decode_merge_in_split)")
+    ap.add_argument("--prologue", action="store_true",
+                    help="our small-batch decode kernel also norms, rotates and writes the new k/v "
+                         "(FlashInferBackend.small_decode_prologue)")
     ap.add_argument("--decode-burst", type=int, default=None,
                     help="greedy steps between token reads (LLM(decode_burst=...); engine default 8, cut at page ends)")
     args = ap.parse_args()
@@ -102,12 +105,13 @@ def main() -> None:
         from braid_engine.models.layers import DecoderLayer
 
         DecoderLayer.row_kernels = False
-    if args.no_small_decode or args.merge_in_split:
+    if args.no_small_decode or args.merge_in_split or args.prologue:
         from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
         if args.no_small_decode:
             FlashInferBackend.small_decode_batch = 0
         FlashInferBackend.small_decode_merge_in_split = args.merge_in_split
+        FlashInferBackend.small_decode_prologue = args.prologue
     kv = kv_kwargs(args)
 
     path = build_model(args.shape, args.model)
@@ -122,7 +126,8 @@ def main() -> None:
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
           f"row kernels {'off' if args.no_row_kernels else 'on'}; "
           f"small-batch decode kernel {'off' if args.no_small_decode else 'on'}"
-          f"{', merged in its last stretch' if args.merge_in_split else ''}; "
+          f"{', merged in its last stretch' if args.merge_in_split else ''}"
+          f"{', with the attention prologue' if args.prologue else ''}; "
           f"decode bursts of up to {llm.config.decode_burst}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'batch':>5} {'braid tok/s':>12} {'hf eager':>10} {'hf compiled':>12} {'vs eager':>9} "

@@ -2,7 +2,7 @@
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|workloads|prefill|shared|all]
-# ('small': the small-batch decode kernel's merge two ways; 'bursts': decode.py with bursts of 8 and 16
+# ('small': the small-batch decode kernel with its merge and prologue folded in or not; 'bursts': decode.py with bursts of 8 and 16
 # steps, and interleave.py)
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
@@ -43,12 +43,13 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle|no graph" "$OUT/profile_step.log" | head -44
 fi
 if [ "$what" = small ]; then
-  # our small-batch decode kernel with its merge in the split kernel's last stretch (one launch a
-  # layer less) against the two-kernel form: one layer, then whole decode steps at batch 1 and 4
+  # our small-batch decode kernel with its merge in the split kernel's last stretch and/or the
+  # attention prologue inside it (a launch a layer less each) against the separate kernels: one
+  # layer, then whole decode steps at batch 1 and 4
   timeout 90 python3 -m benchmarks.decode_attention --batch 1 4 --kv 128 256 1024 4096 2>&1 | grep -v Warning \
     | tee "$OUT/decode_attention.log"
-  for m in "" "--merge-in-split"; do
-    timeout 150 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+  for m in "" "--merge-in-split" "--prologue" "--merge-in-split --prologue"; do
+    timeout 100 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
       --batch 1 4 --compiled-batches --kv-gb 8 $m 2>&1 | grep -v Warning | tail -4 | tee -a "$OUT/decode_small.log"
   done
 fi

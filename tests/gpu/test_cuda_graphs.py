@@ -259,3 +259,32 @@ def test_small_decode_merged_in_its_last_stretch_gives_the_eager_tokens(engines,
         assert small.merge_in_split and not small.counts.any()
     finally:
         graphed.shutdown()
+
+
+@pytest.mark.parametrize("merge_in_split", [False, True])
+def test_small_decode_with_its_prologue_gives_the_tokens_of_the_separate_kernels(engines, monkeypatch,
+                                                                                merge_in_split):
+    """FlashInferBackend.small_decode_prologue: decode steps of up to 4 sequences norm, rotate and
+    write the new k/v inside the attention kernel, graphed and eager alike; against the fixture's
+    eager engine (prologue kernel, then attention) the tokens agree up to a near-tie."""
+    from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+    monkeypatch.setattr(FlashInferBackend, "small_decode_prologue", True)
+    monkeypatch.setattr(FlashInferBackend, "small_decode_merge_in_split", merge_in_split)
+    kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_num_seqs=16)
+    graphed = LLM(engines[0].model_path, cuda_graphs=True, prefill_graph_tokens=256, **kw)
+    eager = LLM(engines[0].model_path, cuda_graphs=False, **kw)
+    try:
+        gen = torch.Generator().manual_seed(12)
+        for batch in (1, 2, 4):
+            prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
+                       for n in torch.randint(5, 300, (batch,), generator=gen)]
+            params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+            a = [o.token_ids for o in graphed.generate(prompts, params)]
+            assert a == [o.token_ids for o in eager.generate(prompts, params)]
+            for prompt, x, y in zip(prompts, a, engines[1].generate(prompts, params), strict=True):
+                _agree_up_to_near_tie(engines[1], prompt, x, y.token_ids)
+        assert graphed.engine.runner.backend._small is not None
+    finally:
+        graphed.shutdown()
+        eager.shutdown()

@@ -223,6 +223,49 @@ def test_decode_attention_merged_by_its_last_stretch(device, dtype):
         assert not one.counts.any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("merge_in_split", [False, True])
+def test_decode_attention_with_its_prologue_is_the_prologue_then_the_kernel(device, dtype, norm, merge_in_split):
+    """with_prologue: q/k norms, RoPE and the new token's k/v write inside the split kernel give
+    the output and the cache of qk_norm_rope_write_kv followed by the kernel (k_norm weights up
+    to 96.5, as Qwen3-0.6B's; lengths that put the new token in the first, a middle and the last
+    stretch, and alone in one)."""
+    from braid_engine.kernels.decode_attention import DecodeAttention
+    from braid_engine.kernels.qk_norm_rope import qk_norm_rope_write_kv
+
+    g = torch.Generator().manual_seed(7)
+    hq, hkv, d, ps = 4, 2, 32, 4
+    lens = [1, 17, 40, 200]
+    pages_each = [-(-n // ps) for n in lens]
+    order = torch.randperm(sum(pages_each) + 3, generator=g)
+    table = torch.zeros(len(lens), max(pages_each), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(pages_each):
+        table[i, :n] = order[at:at + n]
+        at += n
+    cache = torch.randn(sum(pages_each) + 3, 2, hkv, ps, d, generator=g).to(device, dtype)
+    qkv = torch.randn(len(lens), (hq + 2 * hkv) * d, generator=g).to(device, dtype)
+    positions = torch.tensor([n - 1 for n in lens], device=device)
+    slots = torch.tensor([int(table[i, (n - 1) // ps]) * ps + (n - 1) % ps for i, n in enumerate(lens)], device=device)
+    qw = (torch.rand(d, generator=g) + 0.5).to(device, dtype) if norm else None
+    kw = (torch.rand(d, generator=g) * 96.5).to(device, dtype) if norm else None
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(256).float(), inv)
+    cos, sin = torch.cat((freqs, freqs), -1).cos().to(device), torch.cat((freqs, freqs), -1).sin().to(device)
+    table, kv_lens = table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+    op = DecodeAttention(len(lens), hq, hkv, d, torch.device(device), splits=4, block_t=16,
+                         merge_in_split=merge_in_split)
+    two = cache.clone()
+    q = qk_norm_rope_write_kv(qkv, positions, qw, kw, 1e-6, cos, sin, two, slots, hq, hkv)
+    want = op(q, two, table, kv_lens, d ** -0.5)
+    one = cache.clone()
+    got = op.with_prologue(qkv, positions, qw, kw, 1e-6, cos, sin, one, slots, table, kv_lens, d ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(one.float(), two.float(), rtol=tol, atol=tol)  # the new k and v, nothing else
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
 def test_decode_attention_refuses_shapes_it_cannot_tile(device):
     from braid_engine.kernels.decode_attention import DecodeAttention
 
