@@ -59,7 +59,11 @@ def _norm_rope(row_ptr, heads, mask, w_ptr, pos, cos_ptr, sin_ptr, rope_stride, 
     xp = tl.load(row_ptr + heads[:, None] * HEAD_DIM + partner[None, :], mask=mask, other=0.0)
     if APPLY_NORM:
         f = x.to(tl.float32)
-        r = tl.math.rsqrt(tl.sum(f * f, axis=1) / HEAD_DIM + eps)[:, None]
+        # the sum of squares over the two halves apart and then added, as qk_norm_rope.py adds them
+        lo = tl.arange(0, half)
+        f1 = tl.load(row_ptr + heads[:, None] * HEAD_DIM + lo[None, :], mask=mask, other=0.0).to(tl.float32)
+        f2 = tl.load(row_ptr + heads[:, None] * HEAD_DIM + half + lo[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.math.rsqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / HEAD_DIM + eps)[:, None]
         x = (tl.load(w_ptr + d).to(tl.float32)[None, :] * (f * r).to(dtype).to(tl.float32)).to(dtype)
         xp = (tl.load(w_ptr + partner).to(tl.float32)[None, :] * (xp.to(tl.float32) * r).to(dtype)
               .to(tl.float32)).to(dtype)
@@ -99,12 +103,12 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_pt
             # group's q heads, and the stretch holding the new token writes its k and v
             dtype = out_ptr.dtype.element_ty
             row = q_ptr + b * qkv_stride
-            pos = tl.load(pos_ptr + b)
-            q = _norm_rope(row, q_rows, (rows < GROUP)[:, None], qw_ptr, pos, cos_ptr, sin_ptr, rope_stride, eps,
+            tok = tl.load(pos_ptr + b)  # not ``pos``: the key loop below names its tile so
+            q = _norm_rope(row, q_rows, (rows < GROUP)[:, None], qw_ptr, tok, cos_ptr, sin_ptr, rope_stride, eps,
                            dtype, HEAD_DIM, APPLY_NORM)
             if (first <= kv_len - 1) & (kv_len - 1 < last):
                 one = (rows == 0)[:, None]
-                k_new = _norm_rope(row, NUM_HEADS + h + rows * 0, one, kw_ptr, pos, cos_ptr, sin_ptr, rope_stride,
+                k_new = _norm_rope(row, NUM_HEADS + h + rows * 0, one, kw_ptr, tok, cos_ptr, sin_ptr, rope_stride,
                                    eps, dtype, HEAD_DIM, APPLY_NORM)
                 slot = tl.load(slot_ptr + b)
                 dst = (cache_ptr + (slot // page_size).to(tl.int64) * s_page + h * s_head
