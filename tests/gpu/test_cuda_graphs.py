@@ -236,6 +236,12 @@ def test_cascade_twins_keep_a_shared_prefix_in_the_decode_graphs(engines, monkey
         graphed.shutdown()
 
 
+def _random_prompts(gen: torch.Generator, batch: int) -> list[list[int]]:
+    """``batch`` prompts of 5-299 random ids: some prefilled through graphs, some eagerly."""
+    lengths = torch.randint(5, 300, (batch,), generator=gen)
+    return [torch.randint(3, 400, (int(n),), generator=gen).tolist() for n in lengths]
+
+
 def test_small_decode_merged_in_its_last_stretch_gives_the_eager_tokens(engines, monkeypatch):
     """FlashInferBackend.small_decode_merge_in_split: batches of up to 4 decode from graphs whose
     attention merges in the split kernel's last stretch (a count in global memory, reset by the
@@ -249,8 +255,7 @@ def test_small_decode_merged_in_its_last_stretch_gives_the_eager_tokens(engines,
         assert graphed.engine.runner.backend._small is None or graphed.engine.runner.backend._small.merge_in_split
         gen = torch.Generator().manual_seed(11)
         for batch in (1, 3, 4):
-            prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
-                       for n in torch.randint(5, 300, (batch,), generator=gen)]
+            prompts = _random_prompts(gen, batch)
             params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
             a = [o.token_ids for o in graphed.generate(prompts, params)]
             b = [o.token_ids for o in engines[1].generate(prompts, params)]
@@ -277,8 +282,7 @@ def test_small_decode_with_its_prologue_gives_the_tokens_of_the_separate_kernels
     try:
         gen = torch.Generator().manual_seed(12)
         for batch in (1, 2, 4):
-            prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
-                       for n in torch.randint(5, 300, (batch,), generator=gen)]
+            prompts = _random_prompts(gen, batch)
             params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
             a = [o.token_ids for o in graphed.generate(prompts, params)]
             assert a == [o.token_ids for o in eager.generate(prompts, params)]

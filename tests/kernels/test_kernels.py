@@ -158,6 +158,19 @@ def test_one_row_matmuls_refuse_other_shapes(device):
         norm_matmul(torch.zeros(1, 9, device=device), None, torch.ones(9, device=device), 1e-6, w)
 
 
+def _paged_cache(g, lens, hkv, ps, d, device, dtype):
+    """A page table [sequences, most pages] (int32, host) giving each sequence of ``lens`` keys
+    its own shuffled pages, and a random one-layer cache of them (three pages spare)."""
+    pages_each = [-(-n // ps) for n in lens]
+    order = torch.randperm(sum(pages_each) + 3, generator=g)
+    table = torch.zeros(len(lens), max(pages_each), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(pages_each):
+        table[i, :n] = order[at:at + n]
+        at += n
+    return table, torch.randn(sum(pages_each) + 3, 2, hkv, ps, d, generator=g).to(device, dtype)
+
+
 def _decode_attention_case(device, dtype, hq, hkv, ps, lens, **kwargs):
     """Each sequence of ``lens`` keys (pages shuffled) against the reference attention over its
     own keys."""
@@ -166,14 +179,7 @@ def _decode_attention_case(device, dtype, hq, hkv, ps, lens, **kwargs):
 
     g = torch.Generator().manual_seed(hq * 10 + hkv + ps)
     d = 32
-    pages_each = [-(-n // ps) for n in lens]
-    order = torch.randperm(sum(pages_each) + 3, generator=g)
-    table = torch.zeros(len(lens), max(pages_each), dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(pages_each):
-        table[i, :n] = order[at:at + n]
-        at += n
-    cache = torch.randn(sum(pages_each) + 3, 2, hkv, ps, d, generator=g).to(device, dtype)
+    table, cache = _paged_cache(g, lens, hkv, ps, d, device, dtype)
     q = torch.randn(len(lens), hq, d, generator=g).to(device, dtype)
     op = DecodeAttention(len(lens), hq, hkv, d, torch.device(device), **kwargs)
     out = op(q, cache, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), d ** -0.5)
@@ -237,14 +243,7 @@ def test_decode_attention_with_its_prologue_is_the_prologue_then_the_kernel(devi
     g = torch.Generator().manual_seed(7)
     hq, hkv, d, ps = 4, 2, 32, 4
     lens = [1, 17, 40, 200]
-    pages_each = [-(-n // ps) for n in lens]
-    order = torch.randperm(sum(pages_each) + 3, generator=g)
-    table = torch.zeros(len(lens), max(pages_each), dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(pages_each):
-        table[i, :n] = order[at:at + n]
-        at += n
-    cache = torch.randn(sum(pages_each) + 3, 2, hkv, ps, d, generator=g).to(device, dtype)
+    table, cache = _paged_cache(g, lens, hkv, ps, d, device, dtype)
     qkv = torch.randn(len(lens), (hq + 2 * hkv) * d, generator=g).to(device, dtype)
     positions = torch.tensor([n - 1 for n in lens], device=device)
     slots = torch.tensor([int(table[i, (n - 1) // ps]) * ps + (n - 1) % ps for i, n in enumerate(lens)], device=device)
