@@ -1,7 +1,8 @@
 """Kernels compiled for an H100 (sm_90) on this machine, through Triton's whole pipeline to a
 cubin: the interpreter the other kernel tests run under skips the compiler's type checks (a name
-reused for a scalar and a tile compiles nowhere but the interpreter), so a kernel or variant
-not yet run on the GPU is compiled here, in a process of its own without the interpreter."""
+reused for a scalar and a tile compiles nowhere but the interpreter), so every kernel, in each
+form the engine launches, is compiled here, in a process of its own without the interpreter:
+a GPU-only compile error shows on the CPU machine before any GPU run."""
 
 import os
 import subprocess
@@ -23,12 +24,12 @@ TYPES = {"table_ptr": "*i32", "lens_ptr": "*i32", "part_o_ptr": "*fp32", "part_l
          "count_ptr": "*i32", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
          "scale": "fp32", "eps": "fp32"}
 
-def compile_(fn, consts, **options):
+def compile_(fn, consts, num_warps=2, **options):
     # every other pointer bf16, every other scalar int32
     sig = {n: "constexpr" if n in consts else TYPES.get(n, "*bf16" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=2, num_stages=2, **options))
+                       options=dict(num_warps=num_warps, num_stages=2, **options))
     assert k.asm["cubin"]
 
 # Qwen3-0.6B: 16 query heads over 8 kv heads of 128, the engine's 64 stretches of 32 keys
@@ -38,14 +39,32 @@ for merge, prologue in itertools.product((False, True), repeat=2):
     print("split kernel, merge", merge, "prologue", prologue, "ok", flush=True)
 compile_(_merge_kernel, dict(NUM_HEADS=16, HEAD_DIM=128, SPLITS=64, BLOCK_T=32, USE_PDL=True))
 print("merge kernel ok")
+
+# the other kernels at Qwen3-0.6B's widths, in each form the engine launches
+from braid_engine.kernels.activation import _silu_and_mul_kernel
+from braid_engine.kernels.gemv import _row_matmul_kernel
+from braid_engine.kernels.qk_norm_rope import _qk_norm_rope_kernel
+from braid_engine.kernels.rmsnorm import _rms_norm_kernel
+
+TYPES.update({"slot_ptr": "*i64", "pos_ptr": "*i64"})
+for residual in (False, True):
+    compile_(_rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=1024), num_warps=4)
+compile_(_silu_and_mul_kernel, dict(BLOCK=1024), num_warps=4)
+for prologue, residual in ((0, False), (1, False), (1, True), (2, False)):
+    compile_(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=False, BLOCK_N=8,
+                                      BLOCK_K=1024, USE_PDL=True), num_warps=4)
+for heads, norm in ((8, True), (32, True), (32, False)):
+    compile_(_qk_norm_rope_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HEADS=heads, APPLY_NORM=norm,
+                                        USE_PDL=True), num_warps=4, enable_fp_fusion=False)
+print("other kernels ok")
 '''
 
 
-def test_the_decode_attention_kernels_compile_for_sm90():
+def test_the_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=root, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count(" ok") == 5, run.stdout
+    assert run.stdout.count(" ok") == 6, run.stdout
