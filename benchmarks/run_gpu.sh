@@ -46,7 +46,7 @@ if [ "$what" = small ]; then
   # our small-batch decode kernel with its merge in the split kernel's last stretch and/or the
   # attention prologue inside it (a launch a layer less each) against the separate kernels: one
   # layer, then whole decode steps at batch 1 and 4
-  timeout 90 python3 -m benchmarks.decode_attention --batch 1 4 --kv 128 256 1024 4096 2>&1 | grep -v Warning \
+  timeout 150 python3 -m benchmarks.decode_attention --batch 1 4 --kv 128 1024 4096 2>&1 | grep -v Warning \
     | tee "$OUT/decode_attention.log"
   for m in "" "--merge-in-split" "--prologue" "--merge-in-split --prologue"; do
     timeout 100 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
