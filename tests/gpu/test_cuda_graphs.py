@@ -292,3 +292,25 @@ def test_small_decode_with_its_prologue_gives_the_tokens_of_the_separate_kernels
     finally:
         graphed.shutdown()
         eager.shutdown()
+
+
+def test_prompt_chunks_interleaved_with_decodes_replay_the_prefill_graphs(engines):
+    """prefill_chunk_while_decoding: while three requests decode, a 600-token prompt advances 64
+    tokens a step through the prefill graphs (chunks that sample nothing included) in a forward
+    of its own; every request's tokens agree with the eager engine's up to a near-tie."""
+    graphed = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                  max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256, max_num_batched_tokens=256,
+                  enable_prefix_caching=False, prefill_chunk_while_decoding=64)
+    try:
+        prompts = [[(7 * i + 3 * k) % 390 + 3 for i in range(10 + k)] for k in range(3)]
+        prompts.append([(11 * i) % 390 + 3 for i in range(600)])
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        before = graphed.engine.runner.prefill_replays
+        outs = graphed.generate(prompts, params)
+        refs = engines[1].generate(prompts, params)
+        assert graphed.stats()["split_steps"] >= 5
+        assert graphed.engine.runner.prefill_replays - before >= 5  # the 64-token chunks, through graphs
+        for prompt, out, ref in zip(prompts, outs, refs, strict=True):
+            _agree_up_to_near_tie(engines[1], prompt, out.token_ids, ref.token_ids)
+    finally:
+        graphed.shutdown()
