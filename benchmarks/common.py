@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from braid_engine import SamplingParams
 from braid_engine.testing import make_tiny_checkpoint
 
 # Qwen3-0.6B's shapes with random weights (speed does not depend on the values)
@@ -45,6 +46,13 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def engine_ttft(llm, prompt: list[int], device: torch.device) -> tuple[float, int]:
+    """Seconds to the first token, and prompt tokens reused from the cache."""
+    t0 = now(device)
+    first = next(iter(llm.stream(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))))
+    return now(device) - t0, first.num_cached_tokens
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a large device copy (read + write)."""
     x = torch.empty(256 << 20, dtype=torch.uint8, device=device)
@@ -56,12 +64,16 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.numel() * 10 / (now(device) - t0)
 
 
+def head_dim_of(cfg) -> int:
+    """A transformers config's head dimension (its ``head_dim``, or hidden size over heads)."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def weight_and_kv_bytes(model) -> tuple[int, int]:
     """A transformers model's weight bytes (tied weights once) and KV bytes per token."""
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim_of(cfg) * model.dtype.itemsize
     return weights, kv
 
 
@@ -70,7 +82,7 @@ def forward_flops(model, new: int, cached: int = 0) -> float:
     the last token only: the matmuls (2 a weight a token), causal attention (QKᵀ and PV: each new
     token i attends cached + i keys), one row of lm_head."""
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     attn = 4 * new * (cached + (new + 1) / 2) * head_dim * cfg.num_attention_heads * cfg.num_hidden_layers
     return 2 * new * body + attn + 2 * cfg.hidden_size * cfg.vocab_size

@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
+from benchmarks.common import build_model, card, engine_ttft, kv_kwargs, model_arguments, now
 from braid_engine import LLM, SamplingParams
 
 
@@ -34,12 +34,6 @@ def _stream(llm: LLM, prompt: list[int], tokens: int, stamps: list[tuple[float, 
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for out in llm.stream(prompt, params):
         stamps.append((time.perf_counter(), len(out.token_ids)))
-
-
-def _idle_ttft(llm: LLM, prompt: list[int], device: torch.device) -> float:
-    t0 = now(device)
-    next(iter(llm.stream(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))))
-    return now(device) - t0
 
 
 def _window(stamps: list[list[tuple[float, int]]], start: float, end: float) -> tuple[float, float]:
@@ -99,8 +93,8 @@ def main() -> None:
 
     # warm-up at the timed shapes (graphs, kernels), then the long prompt alone on the idle engine
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    _idle_ttft(llm, long, device)
-    idle = statistics.median(_idle_ttft(llm, long, device) for _ in range(3))
+    engine_ttft(llm, long, device)
+    idle = statistics.median(engine_ttft(llm, long, device)[0] for _ in range(3))
 
     stamps: list[list[tuple[float, int]]] = [[] for _ in prompts]
     threads = [threading.Thread(target=_stream, args=(llm, p, args.stream_tokens, s), daemon=True)

@@ -33,19 +33,14 @@ from benchmarks.common import (
     build_model,
     card,
     copy_bandwidth,
+    engine_ttft,
+    head_dim_of,
     kv_kwargs,
     model_arguments,
     now,
     weight_and_kv_bytes,
 )
 from braid_engine import LLM, SamplingParams
-
-
-def engine_ttft(llm: LLM, prompt: list[int], device: torch.device) -> tuple[float, int]:
-    """Seconds to the first token, and prompt tokens reused from the cache."""
-    t0 = now(device)
-    first = next(iter(llm.stream(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))))
-    return now(device) - t0, first.num_cached_tokens
 
 
 @torch.inference_mode()
@@ -67,9 +62,8 @@ class KeptCache:
         # are not marked static, so inductor takes every cache write for a mutated input and
         # skips CUDA graphs (keys, values and length of each layer: 84 on Qwen3-0.6B)
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         with torch.inference_mode():
-            self.cache.early_initialization(1, cfg.num_key_value_heads, head_dim, model.dtype, device)
+            self.cache.early_initialization(1, cfg.num_key_value_heads, head_dim_of(cfg), model.dtype, device)
 
         def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             out = model(ids, past_key_values=self.cache, cache_position=pos, use_cache=True, logits_to_keep=1)

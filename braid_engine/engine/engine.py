@@ -320,12 +320,14 @@ class LLMEngine:
         that mixes decodes with prompt chunks runs the decodes in one forward (their graph) and
         each chunk in its own (its prefill graphs), instead of one eager forward over all of
         them. Logits and sequences come back in the order one forward gives them."""
-        decodes = [(s, n) for s, n in batch if n == 1 and s.output_token_ids]
-        if self.config.prefill_chunk_while_decoding is None or not decodes or len(decodes) == len(batch):
+        decodes, chunks = [], []
+        for s, n in batch:
+            (decodes if n == 1 and s.output_token_ids else chunks).append((s, n))
+        if self.config.prefill_chunk_while_decoding is None or not decodes or not chunks:
             return self.runner.execute(batch)
         self.split_steps += 1
         parts = []
-        for part in [decodes] + [[b] for b in batch if not (b[1] == 1 and b[0].output_token_ids)]:
+        for part in [decodes] + [[c] for c in chunks]:
             logits, samplers = self.runner.execute(part)
             # a graph's logits are a view of its output buffer, which the next replay of that
             # graph (another prompt's chunk of the same size) overwrites

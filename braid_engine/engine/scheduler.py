@@ -41,8 +41,7 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         # while sequences decode, prompts advance by at most this many tokens a step
         chunk = self.cfg.prefill_chunk_while_decoding
-        if chunk is not None and not any(s.output_token_ids and s.num_computed + 1 == len(s)
-                                         for s in self.running if s.status is Status.RUNNING):
+        if chunk is not None and not any(s.is_decoding for s in self.running if s.status is Status.RUNNING):
             chunk = None
         batch: list[tuple[Sequence, int]] = []
         in_batch: set[int] = set()  # ids of the sequences already in it: a victim is never one
@@ -88,7 +87,7 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(deferred))
         for seq, n in batch:
-            if n == 1 and seq.output_token_ids and seq.num_computed + 1 == len(seq):
+            if n == 1 and seq.is_decoding:
                 self.decoded_tokens += 1
             else:
                 self.prefilled_tokens += n

@@ -76,5 +76,10 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def is_decoding(self) -> bool:
+        """It has generated tokens and only its newest token's KV is still to compute."""
+        return bool(self.output_token_ids) and self.num_computed + 1 == len(self)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
