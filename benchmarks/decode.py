@@ -92,12 +92,6 @@ def main() -> None:
                     help="one-token steps use cuBLAS and the standalone norm/SiLU kernels (to measure the row kernels)")
     ap.add_argument("--no-small-decode", action="store_true",
                     help="decode steps of ≤ 4 sequences use FlashInfer's decode, not our split-KV kernel")
-    ap.add_argument("--merge-in-split", action="store_true",
-                    help="our small-batch decode kernel merges in its last stretch, no merge kernel "
-                         "(FlashInferBackend.small_decode_merge_in_split)")
-    ap.add_argument("--prologue", action="store_true",
-                    help="our small-batch decode kernel also norms, rotates and writes the new k/v "
-                         "(FlashInferBackend.small_decode_prologue)")
     ap.add_argument("--decode-burst", type=int, default=None,
                     help="greedy steps between token reads (LLM(decode_burst=...); engine default 8, cut at page ends)")
     args = ap.parse_args()
@@ -105,13 +99,10 @@ def main() -> None:
         from braid_engine.models.layers import DecoderLayer
 
         DecoderLayer.row_kernels = False
-    if args.no_small_decode or args.merge_in_split or args.prologue:
+    if args.no_small_decode:
         from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
-        if args.no_small_decode:
-            FlashInferBackend.small_decode_batch = 0
-        FlashInferBackend.small_decode_merge_in_split = args.merge_in_split
-        FlashInferBackend.small_decode_prologue = args.prologue
+        FlashInferBackend.small_decode_batch = 0
     kv = kv_kwargs(args)
 
     path = build_model(args.shape, args.model)
@@ -125,9 +116,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
           f"row kernels {'off' if args.no_row_kernels else 'on'}; "
-          f"small-batch decode kernel {'off' if args.no_small_decode else 'on'}"
-          f"{', merged in its last stretch' if args.merge_in_split else ''}"
-          f"{', with the attention prologue' if args.prologue else ''}; "
+          f"small-batch decode kernel {'off' if args.no_small_decode else 'on'}; "
           f"decode bursts of up to {llm.config.decode_burst}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'batch':>5} {'braid tok/s':>12} {'hf eager':>10} {'hf compiled':>12} {'vs eager':>9} "

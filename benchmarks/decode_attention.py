@@ -23,7 +23,6 @@ from benchmarks.common import graph_time
 from braid_engine.kernels.decode_attention import DecodeAttention
 
 HQ, HKV, D, PS, LAYERS = 16, 8, 128, 16, 28
-DEV = "cuda"
 WS = 128 << 20
 
 
@@ -36,33 +35,6 @@ def _case(b: int, kv: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tens
     q = torch.randn(b, HQ, D, device=dev, dtype=bf)
     table = torch.randperm(b * pages, dtype=torch.int32).reshape(b, pages)
     return caches, q, table, torch.full((b,), kv, dtype=torch.int32, device=dev)
-
-
-def _time_prologue(b: int, caches, table, lens, fused: bool, merge_in_split: bool) -> float:
-    """µs a layer of the attention prologue (Qwen3's q/k norms, RoPE, the new k/v write) and our
-    kernel: two kernels, or (``fused``) the kernel taking the prologue in."""
-    from braid_engine.kernels.qk_norm_rope import qk_norm_rope_write_kv
-
-    dev, bf = DEV, torch.bfloat16
-    qkv = torch.randn(b, (HQ + 2 * HKV) * D, device=dev, dtype=bf)
-    qw, kw = torch.rand(D, device=dev, dtype=bf) + 0.5, torch.rand(D, device=dev, dtype=bf) * 96.5
-    freqs = torch.outer(torch.arange(8192.0), 1e6 ** (-torch.arange(0, D, 2).float() / D))
-    cos, sin = (f.to(dev) for f in (torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()))
-    pos = (lens - 1).long()
-    host = table.cpu()
-    slots = torch.tensor([int(host[i, (int(n) - 1) // PS]) * PS + (int(n) - 1) % PS for i, n in enumerate(lens.tolist())],
-                         device=dev)
-    op = DecodeAttention(b, HQ, HKV, D, torch.device(dev), merge_in_split=merge_in_split)
-
-    def step() -> None:
-        for cache in caches:
-            if fused:
-                op.with_prologue(qkv, pos, qw, kw, 1e-6, cos, sin, cache, slots, table, lens, D ** -0.5)
-            else:
-                q = qk_norm_rope_write_kv(qkv, pos, qw, kw, 1e-6, cos, sin, cache, slots, HQ, HKV)
-                op(q, cache, table, lens, D ** -0.5)
-
-    return graph_time(step) / LAYERS * 1e6
 
 
 def _time_ours(op: DecodeAttention, q, caches, table, lens, reps: int = 100) -> float:
@@ -85,7 +57,7 @@ def main() -> None:
         return sweep(args.batch, args.kv)
     print(f"card: {torch.cuda.get_device_name()}, flashinfer {flashinfer.__version__}")
     print(f"{'batch':>5} {'kv':>6} {'graph plan (split+merge)':>25} {'no split':>9} {'tensor cores, no split':>23} "
-          f"{'tensor cores, split':>20} {'triton (ours)':>14} {'ours, merged in split':>22}  (µs a layer)")
+          f"{'tensor cores, split':>20} {'triton (ours)':>14}  (µs a layer)")
     common = dict(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PS, pos_encoding_mode="NONE",
                   q_data_type=bf, kv_data_type=bf)
     for b in args.batch:
@@ -118,18 +90,12 @@ def main() -> None:
 
                 results.append(graph_time(step) / LAYERS * 1e6)
                 outs.append(w.run(q, caches[0]).float())
-            table = host_table.to(dev)
-            for merge_in_split in (False, True):
-                ours = DecodeAttention(b, HQ, HKV, D, torch.device(dev), merge_in_split=merge_in_split)
-                results.append(_time_ours(ours, q, caches, table, lens))
-                outs.append(ours(q, caches[0], table, lens, D ** -0.5).float())
+            ours, table = DecodeAttention(b, HQ, HKV, D, torch.device(dev)), host_table.to(dev)
+            results.append(_time_ours(ours, q, caches, table, lens))
+            outs.append(ours(q, caches[0], table, lens, D ** -0.5).float())
             err = max(((o - outs[0]).norm() / outs[0].norm()).item() for o in outs[1:])
             print(f"{b:>5} {kv:>6} {results[0]:>25.2f} {results[1]:>9.2f} {results[2]:>23.2f} {results[3]:>20.2f}"
-                  f" {results[4]:>14.2f} {results[5]:>22.2f}  (outputs agree to {err:.1e})")
-            with_prologue = [_time_prologue(b, caches, table, lens, fused, merge)
-                             for fused, merge in ((False, False), (True, False), (True, True))]
-            print(f"{'':>12} with the attention prologue: two kernels + merge {with_prologue[0]:.2f}, prologue "
-                  f"inside {with_prologue[1]:.2f}, prologue and merge inside {with_prologue[2]:.2f} µs a layer")
+                  f" {results[4]:>14.2f}  (outputs agree to {err:.1e})")
 
 
 def sweep(batches: list[int], kvs: list[int]) -> None:

@@ -76,13 +76,13 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="the engine's step budget")
     ap.add_argument("--chunk-while-decoding", type=int, default=None,
                     help="LLM(prefill_chunk_while_decoding=...): the prompt's tokens a step while the streams "
-                         "decode, in a forward of its own")
+                         "decode, in a forward of its own; 0: none (one mixed forward); default: the engine's")
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
     extra = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
     if args.chunk_while_decoding is not None:
-        extra["prefill_chunk_while_decoding"] = args.chunk_while_decoding
+        extra["prefill_chunk_while_decoding"] = args.chunk_while_decoding or None
     llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False, **kv_kwargs(args), **extra)
     device = llm.config.device
     n_long = args.long_tokens or (8192 if device.type == "cuda" else 1024)

@@ -2,8 +2,8 @@
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|workloads|prefill|shared|all]
-# ('small': the small-batch decode kernel with its merge and prologue folded in or not; 'bursts': decode.py with bursts of 8 and 16
-# steps, and interleave.py)
+# ('small': one layer's decode attention, FlashInfer's forms and ours; 'bursts': interleave.py, and decode.py with bursts
+# of 8 and 16 steps)
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
@@ -43,23 +43,18 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle|no graph" "$OUT/profile_step.log" | head -44
 fi
 if [ "$what" = small ]; then
-  # our small-batch decode kernel with its merge in the split kernel's last stretch and/or the
-  # attention prologue inside it (a launch a layer less each) against the separate kernels: one
-  # layer, then whole decode steps at batch 1 and 4
+  # one layer's decode attention at batch 1 and 4: FlashInfer's forms against our split-KV kernel
   timeout 150 python3 -m benchmarks.decode_attention --batch 1 4 --kv 128 1024 4096 2>&1 | grep -v Warning \
     | tee "$OUT/decode_attention.log"
-  for m in "" "--merge-in-split" "--prologue" "--merge-in-split --prologue"; do
-    timeout 100 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-      --batch 1 4 --compiled-batches --kv-gb 8 $m 2>&1 | grep -v Warning | tail -4 | tee -a "$OUT/decode_small.log"
-  done
 fi
 if [ "$what" = bursts ]; then
   # streams decoding while an 8k prompt arrives (their longest wait, the prompt's first token):
-  # mixed eager steps (the default), then the prompt in 2,048-token chunks in forwards of their own
+  # the prompt in 2,048-token chunks in forwards of their own (the default with graphs), then
+  # mixed eager steps
   timeout 130 python3 -m benchmarks.interleave --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
     2>&1 | grep -v Warning | tail -6 | tee "$OUT/interleave.log"
   timeout 130 python3 -m benchmarks.interleave --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
-    --chunk-while-decoding 2048 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/interleave_2048.log"
+    --chunk-while-decoding 0 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/interleave_mixed.log"
   # the GPU idles between decode bursts (profile_step: 8.6 % at batch 1, 13 % at 32): bursts of up
   # to 16 steps (a page) against the default 8, same card, one process each, no compiled baseline
   for b in 8 16; do

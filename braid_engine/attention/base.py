@@ -92,14 +92,6 @@ class AttentionBackend(ABC):
         """Attend q [tokens, heads, dim] over ``kv_cache[layer]``, which already holds this
         step's k/v (a fused kernel may have written them)."""
 
-    def attend_qkv(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None,
-                   k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> torch.Tensor | None:
-        """The attention prologue (q/k norms, rotate-half RoPE, the k/v write) and attention in
-        one, from the QKV projection [tokens, (Hq + 2·Hkv)·D], where the planned step has a
-        kernel for it; None where it has not (the caller runs the prologue, then ``attend``)."""
-        return None
-
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k/v into ``kv_cache[layer]``, then attend. q: [tokens, heads, dim]."""
         self.write_kv(layer, k, v, self.layout.slot_mapping)

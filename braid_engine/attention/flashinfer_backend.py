@@ -129,13 +129,6 @@ class FlashInferBackend(AttentionBackend):
     # (braid_engine/kernels/decode_attention.py), which beats FlashInfer's decode plus merge
     # there on an H100 (docs/benchmarks.md); 0 leaves every decode step to FlashInfer
     small_decode_batch = 4
-    # our kernel's merge done by the last stretch of each (sequence, kv head) instead of a second
-    # kernel: a launch less a layer; off until benchmarks/decode_attention.py and decode.py
-    # --merge-in-split have measured it on the GPU
-    small_decode_merge_in_split = False
-    # and the attention prologue (q/k norms, RoPE, the new token's k/v write) inside its split
-    # kernel (attend_qkv): a launch less a layer; off until measured like the merge
-    small_decode_prologue = False
     # prefill graphs of at least this many rows run FlashInfer's default prefill backend (fa3 on
     # Hopper, as an eager long prefill does) instead of fa2, which in graph mode always takes its
     # split-KV path; the short graphs stay on fa2, whose split a new turn's few queries over a
@@ -363,8 +356,7 @@ class FlashInferBackend(AttentionBackend):
             from braid_engine.kernels.decode_attention import DecodeAttention
 
             self._small = DecodeAttention(self.small_decode_batch, self.num_heads, self.num_kv_heads,
-                                          self.head_dim, self.kv_cache.device,
-                                          merge_in_split=self.small_decode_merge_in_split)
+                                          self.head_dim, self.kv_cache.device)
         return True
 
     @staticmethod
@@ -484,14 +476,6 @@ class FlashInferBackend(AttentionBackend):
             self._rows = slice(ranges[0][0], ranges[-1][1])
         else:
             self._rows = torch.cat([torch.arange(a, b, device=dev) for a, b in ranges])
-
-    def attend_qkv(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None,
-                   k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> torch.Tensor | None:
-        if self._small_args is None or not self.small_decode_prologue:
-            return None
-        return self._small.with_prologue(qkv, positions, q_weight, k_weight, eps, cos, sin, self.kv_cache[layer],
-                                         slot_mapping, *self._small_args, self.scale)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         cache = self.kv_cache[layer]

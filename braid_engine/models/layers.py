@@ -24,11 +24,6 @@ class AttentionContext(Protocol):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         ...
 
-    def attend_qkv(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None,
-                   k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> torch.Tensor | None:
-        ...
-
 
 class RMSNorm(nn.Module):
     """RMSNorm; given ``residual`` it first adds it and returns (normed, x + residual)."""
@@ -138,13 +133,11 @@ class Attention(nn.Module):
 
             has_norm = self.q_norm is not None
             rope = self.rotary[0]
-            qw, kw = (self.q_norm.weight, self.k_norm.weight) if has_norm else (None, None)
-            eps = self.q_norm.eps if has_norm else 0.0
-            out = ctx.attend_qkv(self.layer, qkv, positions, qw, kw, eps, rope.cos, rope.sin, ctx.layout.slot_mapping)
-            if out is not None:  # the backend's decode kernel took the prologue in
-                return out.reshape(t, q_size)
-            q = qk_norm_rope_write_kv(qkv, positions, qw, kw, eps, rope.cos, rope.sin, ctx.kv_cache[self.layer],
-                                      ctx.layout.slot_mapping, self.num_heads, self.num_kv_heads)
+            q = qk_norm_rope_write_kv(
+                qkv, positions, self.q_norm.weight if has_norm else None,
+                self.k_norm.weight if has_norm else None, self.q_norm.eps if has_norm else 0.0,
+                rope.cos, rope.sin, ctx.kv_cache[self.layer], ctx.layout.slot_mapping,
+                self.num_heads, self.num_kv_heads)
             return ctx.attend(self.layer, q).reshape(t, q_size)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)

@@ -36,10 +36,21 @@ def test_prompt_chunks_interleave_with_decodes_and_change_no_token(tiny_qwen3):
     assert sum(long_chunks) == 300 - (64 - sum(10 + k for k in range(3)))
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "16"])
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "16", "Auto"])
 def test_a_bad_chunk_is_refused(tiny_qwen3, bad):
-    with pytest.raises(ValueError, match="prefill_chunk_while_decoding must be None or an int"):
+    with pytest.raises(ValueError, match="prefill_chunk_while_decoding must be 'auto', None or an int"):
         LLM(str(tiny_qwen3), device="cpu", dtype="float32", prefill_chunk_while_decoding=bad)
+
+
+def test_auto_chunks_only_with_cuda_graphs(tiny_qwen3):
+    """'auto' (the default) splits steps only where graphs run them; without graphs (the CPU)
+    one mixed forward reads the weights once for decodes and prompt alike."""
+    llm = LLM(str(tiny_qwen3), device="cpu", dtype="float32")
+    try:
+        assert llm.config.prefill_chunk_while_decoding is None
+        assert llm.engine.runner.graph_prefill_chunks is False
+    finally:
+        llm.shutdown()
 
 
 def test_two_prompts_ending_in_one_step_keep_their_own_logits(tiny_qwen3, monkeypatch):

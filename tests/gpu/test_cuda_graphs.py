@@ -236,64 +236,6 @@ def test_cascade_twins_keep_a_shared_prefix_in_the_decode_graphs(engines, monkey
         graphed.shutdown()
 
 
-def _random_prompts(gen: torch.Generator, batch: int) -> list[list[int]]:
-    """``batch`` prompts of 5-299 random ids: some prefilled through graphs, some eagerly."""
-    lengths = torch.randint(5, 300, (batch,), generator=gen)
-    return [torch.randint(3, 400, (int(n),), generator=gen).tolist() for n in lengths]
-
-
-def test_small_decode_merged_in_its_last_stretch_gives_the_eager_tokens(engines, monkeypatch):
-    """FlashInferBackend.small_decode_merge_in_split: batches of up to 4 decode from graphs whose
-    attention merges in the split kernel's last stretch (a count in global memory, reset by the
-    merging stretch every replay); the eager engine runs the two-kernel version of the same sums."""
-    from braid_engine.attention.flashinfer_backend import FlashInferBackend
-
-    monkeypatch.setattr(FlashInferBackend, "small_decode_merge_in_split", True)
-    graphed = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
-                  max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256)
-    try:
-        assert graphed.engine.runner.backend._small is None or graphed.engine.runner.backend._small.merge_in_split
-        gen = torch.Generator().manual_seed(11)
-        for batch in (1, 3, 4):
-            prompts = _random_prompts(gen, batch)
-            params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-            a = [o.token_ids for o in graphed.generate(prompts, params)]
-            b = [o.token_ids for o in engines[1].generate(prompts, params)]
-            assert a == b
-        small = graphed.engine.runner.backend._small
-        assert small.merge_in_split and not small.counts.any()
-    finally:
-        graphed.shutdown()
-
-
-@pytest.mark.parametrize("merge_in_split", [False, True])
-def test_small_decode_with_its_prologue_gives_the_tokens_of_the_separate_kernels(engines, monkeypatch,
-                                                                                merge_in_split):
-    """FlashInferBackend.small_decode_prologue: decode steps of up to 4 sequences norm, rotate and
-    write the new k/v inside the attention kernel, graphed and eager alike; against the fixture's
-    eager engine (prologue kernel, then attention) the tokens agree up to a near-tie."""
-    from braid_engine.attention.flashinfer_backend import FlashInferBackend
-
-    monkeypatch.setattr(FlashInferBackend, "small_decode_prologue", True)
-    monkeypatch.setattr(FlashInferBackend, "small_decode_merge_in_split", merge_in_split)
-    kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_num_seqs=16)
-    graphed = LLM(engines[0].model_path, cuda_graphs=True, prefill_graph_tokens=256, **kw)
-    eager = LLM(engines[0].model_path, cuda_graphs=False, **kw)
-    try:
-        gen = torch.Generator().manual_seed(12)
-        for batch in (1, 2, 4):
-            prompts = _random_prompts(gen, batch)
-            params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-            a = [o.token_ids for o in graphed.generate(prompts, params)]
-            assert a == [o.token_ids for o in eager.generate(prompts, params)]
-            for prompt, x, y in zip(prompts, a, engines[1].generate(prompts, params), strict=True):
-                _agree_up_to_near_tie(engines[1], prompt, x, y.token_ids)
-        assert graphed.engine.runner.backend._small is not None
-    finally:
-        graphed.shutdown()
-        eager.shutdown()
-
-
 def test_prompt_chunks_interleaved_with_decodes_replay_the_prefill_graphs(engines):
     """prefill_chunk_while_decoding: while three requests decode, a 600-token prompt advances 64
     tokens a step through the prefill graphs (chunks that sample nothing included) in a forward
@@ -312,5 +254,29 @@ def test_prompt_chunks_interleaved_with_decodes_replay_the_prefill_graphs(engine
         assert graphed.engine.runner.prefill_replays - before >= 5  # the 64-token chunks, through graphs
         for prompt, out, ref in zip(prompts, outs, refs, strict=True):
             _agree_up_to_near_tie(engines[1], prompt, out.token_ids, ref.token_ids)
+    finally:
+        graphed.shutdown()
+
+
+def test_graphed_engines_chunk_prompts_while_decoding_by_default(engines):
+    """prefill_chunk_while_decoding="auto" (the default) is 2,048 tokens where graphs run and the
+    decodes' graph is kept: a step with a prompt chunk and decodes runs as separate forwards."""
+    from braid_engine.llm import AUTO_PREFILL_CHUNK_WHILE_DECODING
+
+    graphed = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                  max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256, enable_prefix_caching=False)
+    try:
+        assert graphed.config.prefill_chunk_while_decoding == AUTO_PREFILL_CHUNK_WHILE_DECODING == 2048
+        assert graphed.engine.runner.graph_prefill_chunks
+        streams = [graphed.stream([(5 * i + k) % 390 + 3 for i in range(12)],
+                                  SamplingParams(temperature=0, max_tokens=512, ignore_eos=True)) for k in range(2)]
+        firsts = [len(next(s).token_ids) for s in streams]  # both decoding (512 tokens each: still at it)
+        long = [(11 * i) % 390 + 3 for i in range(300)]
+        out = graphed.generate([long], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+        for s, first in zip(streams, firsts, strict=True):
+            assert first + sum(len(d.token_ids) for d in s) == 512
+        assert graphed.stats()["split_steps"] >= 1
+        ref = engines[1].generate([long], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+        _agree_up_to_near_tie(engines[1], long, out.token_ids, ref.token_ids)
     finally:
         graphed.shutdown()

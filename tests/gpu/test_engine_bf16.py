@@ -6,9 +6,11 @@ softmax is a hard argmax that any bf16 rounding can flip, so transformers bf16 i
 from transformers fp32 on that model. A trained model's q_norm keeps logits small; the
 ``conditioned`` checkpoint does the same by scaling q_norm by 1/48, keeping k_norm at 96.5.
 On both, the engine in bf16 must be no further from transformers fp32 than transformers bf16
-is (the brief's 1e-2 against transformers bf16 is printed, not asserted: two correct bf16
-computations already differ by about that much), and greedy continuations must agree with
-transformers bf16 up to a near-tie.
+is, and greedy continuations must agree with transformers bf16 up to a near-tie. Against
+transformers bf16 (SDPA attention) the brief asks 1e-2: the engine's torch path, the same
+operations, must meet it; its FlashInfer paths must be no further from transformers' SDPA than
+transformers' own eager attention is (two correct bf16 attentions: 1.9e-2 apart on an H200,
+2026-11-27, where FlashInfer was 1.6-1.75e-2 away).
 """
 
 import gc
@@ -108,7 +110,7 @@ def truth(checkpoint, hf):
                     for ids in _prompts())
     _free(eager)
     print(f"conditioned model: transformers bf16, eager attention vs SDPA, relative error {apart:.2e}")
-    return logits, hf_err
+    return logits, hf_err, apart
 
 
 def _first_divergence(ours: list[int], ref: list[int], hf, prompt: list[int]) -> tuple[int, float]:
@@ -155,7 +157,7 @@ def test_engine_matches_transformers(checkpoint, hf, truth, name):
         print(f"{name}: fused layers {len(llm.fused_layers)}; logits rel err vs transformers bf16 "
               f"{', '.join(f'{e:.2e}' for e in to_bf16)}; vs fp32 {', '.join(f'{e:.2e}' for e in to_fp32)}")
         assert max(to_fp32) <= 1.25 * truth[1]
-        assert max(to_bf16) <= 2.5e-2
+        assert max(to_bf16) <= (1e-2 if CONFIGS[name].get("attention_backend") == "torch" else truth[2])
 
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
         for ids, out in zip(prompts, outs, strict=True):

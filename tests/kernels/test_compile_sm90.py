@@ -14,15 +14,14 @@ import pytest
 pytest.importorskip("triton")
 
 _COMPILE = r'''
-import itertools, sys
+import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from braid_engine.kernels.decode_attention import _merge_kernel, _split_kernel
 
 TYPES = {"table_ptr": "*i32", "lens_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
-         "count_ptr": "*i32", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
-         "scale": "fp32", "eps": "fp32"}
+         "cos_ptr": "*fp32", "sin_ptr": "*fp32", "scale": "fp32", "eps": "fp32"}
 
 def compile_(fn, consts, num_warps=2, **options):
     # every other pointer bf16, every other scalar int32
@@ -33,10 +32,8 @@ def compile_(fn, consts, num_warps=2, **options):
     assert k.asm["cubin"]
 
 # Qwen3-0.6B: 16 query heads over 8 kv heads of 128, the engine's 64 stretches of 32 keys
-for merge, prologue in itertools.product((False, True), repeat=2):
-    compile_(_split_kernel, dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, SPLITS=64, BLOCK_T=32, MERGE=merge,
-                                 PROLOGUE=prologue, APPLY_NORM=True, USE_PDL=True), enable_fp_fusion=not prologue)
-    print("split kernel, merge", merge, "prologue", prologue, "ok", flush=True)
+compile_(_split_kernel, dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, SPLITS=64, BLOCK_T=32, USE_PDL=True))
+print("split kernel ok", flush=True)
 compile_(_merge_kernel, dict(NUM_HEADS=16, HEAD_DIM=128, SPLITS=64, BLOCK_T=32, USE_PDL=True))
 print("merge kernel ok")
 
@@ -67,4 +64,4 @@ def test_the_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=root, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count(" ok") == 6, run.stdout
+    assert run.stdout.count(" ok") == 3, run.stdout

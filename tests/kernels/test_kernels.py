@@ -158,19 +158,6 @@ def test_one_row_matmuls_refuse_other_shapes(device):
         norm_matmul(torch.zeros(1, 9, device=device), None, torch.ones(9, device=device), 1e-6, w)
 
 
-def _paged_cache(g, lens, hkv, ps, d, device, dtype):
-    """A page table [sequences, most pages] (int32, host) giving each sequence of ``lens`` keys
-    its own shuffled pages, and a random one-layer cache of them (three pages spare)."""
-    pages_each = [-(-n // ps) for n in lens]
-    order = torch.randperm(sum(pages_each) + 3, generator=g)
-    table = torch.zeros(len(lens), max(pages_each), dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(pages_each):
-        table[i, :n] = order[at:at + n]
-        at += n
-    return table, torch.randn(sum(pages_each) + 3, 2, hkv, ps, d, generator=g).to(device, dtype)
-
-
 def _decode_attention_case(device, dtype, hq, hkv, ps, lens, **kwargs):
     """Each sequence of ``lens`` keys (pages shuffled) against the reference attention over its
     own keys."""
@@ -179,7 +166,14 @@ def _decode_attention_case(device, dtype, hq, hkv, ps, lens, **kwargs):
 
     g = torch.Generator().manual_seed(hq * 10 + hkv + ps)
     d = 32
-    table, cache = _paged_cache(g, lens, hkv, ps, d, device, dtype)
+    pages_each = [-(-n // ps) for n in lens]
+    order = torch.randperm(sum(pages_each) + 3, generator=g)
+    table = torch.zeros(len(lens), max(pages_each), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(pages_each):
+        table[i, :n] = order[at:at + n]
+        at += n
+    cache = torch.randn(sum(pages_each) + 3, 2, hkv, ps, d, generator=g).to(device, dtype)
     q = torch.randn(len(lens), hq, d, generator=g).to(device, dtype)
     op = DecodeAttention(len(lens), hq, hkv, d, torch.device(device), **kwargs)
     out = op(q, cache, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device), d ** -0.5)
@@ -206,63 +200,6 @@ def test_decode_attention_with_its_defaults_and_pages_larger_than_a_tile(device,
     """The engine's settings (64 splits at most, 32-key tiles) on 64-key pages: a tile ± 1, a
     page ± 1, and 2,049 keys (65 tiles over 64 splits: the last split's stretch is short)."""
     _decode_attention_case(device, dtype, 4, 2, 64, [1, 31, 32, 33, 63, 64, 65, 2049])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_attention_merged_by_its_last_stretch(device, dtype):
-    """merge_in_split: the last stretch of each (sequence, kv head) merges, no merge kernel;
-    the same output as the two kernels, bit for bit, call after call (the counts go back to 0)."""
-    from braid_engine.kernels import decode_attention as da
-
-    _decode_attention_case(device, dtype, 4, 2, 4, [1, 3, 5, 17, 70, 200], splits=4, block_t=16,
-                           merge_in_split=True)
-    g = torch.Generator().manual_seed(5)
-    lens = torch.tensor([1, 40, 200, 33], dtype=torch.int32, device=device)
-    cache = torch.randn(60, 2, 2, 16, 32, generator=g).to(device, dtype)  # pages of 16: 13 hold 200 keys
-    table = torch.randperm(60, generator=g)[:52].view(4, 13).to(torch.int32).to(device)
-    q = torch.randn(4, 4, 32, generator=g).to(device, dtype)
-    two = da.DecodeAttention(4, 4, 2, 32, torch.device(device), splits=8, block_t=16)
-    one = da.DecodeAttention(4, 4, 2, 32, torch.device(device), splits=8, block_t=16, merge_in_split=True)
-    want = two(q, cache, table, lens, 0.2)
-    for _ in range(2):
-        assert torch.equal(one(q, cache, table, lens, 0.2), want)
-        assert not one.counts.any()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("merge_in_split", [False, True])
-def test_decode_attention_with_its_prologue_is_the_prologue_then_the_kernel(device, dtype, norm, merge_in_split):
-    """with_prologue: q/k norms, RoPE and the new token's k/v write inside the split kernel give
-    the output and the cache of qk_norm_rope_write_kv followed by the kernel (k_norm weights up
-    to 96.5, as Qwen3-0.6B's; lengths that put the new token in the first, a middle and the last
-    stretch, and alone in one)."""
-    from braid_engine.kernels.decode_attention import DecodeAttention
-    from braid_engine.kernels.qk_norm_rope import qk_norm_rope_write_kv
-
-    g = torch.Generator().manual_seed(7)
-    hq, hkv, d, ps = 4, 2, 32, 4
-    lens = [1, 17, 40, 200]
-    table, cache = _paged_cache(g, lens, hkv, ps, d, device, dtype)
-    qkv = torch.randn(len(lens), (hq + 2 * hkv) * d, generator=g).to(device, dtype)
-    positions = torch.tensor([n - 1 for n in lens], device=device)
-    slots = torch.tensor([int(table[i, (n - 1) // ps]) * ps + (n - 1) % ps for i, n in enumerate(lens)], device=device)
-    qw = (torch.rand(d, generator=g) + 0.5).to(device, dtype) if norm else None
-    kw = (torch.rand(d, generator=g) * 96.5).to(device, dtype) if norm else None
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-    freqs = torch.outer(torch.arange(256).float(), inv)
-    cos, sin = torch.cat((freqs, freqs), -1).cos().to(device), torch.cat((freqs, freqs), -1).sin().to(device)
-    table, kv_lens = table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
-    op = DecodeAttention(len(lens), hq, hkv, d, torch.device(device), splits=4, block_t=16,
-                         merge_in_split=merge_in_split)
-    two = cache.clone()
-    q = qk_norm_rope_write_kv(qkv, positions, qw, kw, 1e-6, cos, sin, two, slots, hq, hkv)
-    want = op(q, two, table, kv_lens, d ** -0.5)
-    one = cache.clone()
-    got = op.with_prologue(qkv, positions, qw, kw, 1e-6, cos, sin, one, slots, table, kv_lens, d ** -0.5)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(one.float(), two.float(), rtol=tol, atol=tol)  # the new k and v, nothing else
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 def test_decode_attention_refuses_shapes_it_cannot_tile(device):
