@@ -258,25 +258,39 @@ def test_prompt_chunks_interleaved_with_decodes_replay_the_prefill_graphs(engine
         graphed.shutdown()
 
 
-def test_graphed_engines_chunk_prompts_while_decoding_by_default(engines):
-    """prefill_chunk_while_decoding="auto" (the default) is 2,048 tokens where graphs run and the
-    decodes' graph is kept: a step with a prompt chunk and decodes runs as separate forwards."""
+def test_graphed_engines_chunk_prompts_while_decoding_by_default(engines, monkeypatch):
+    """prefill_chunk_while_decoding="auto" (the default) is 2,048 tokens where graphs run: a prompt
+    that arrives while two requests decode is prefilled in a forward of its own, through the
+    same prefill graphs as on the idle engine, so the logits of its first token are the idle
+    engine's, bit for bit."""
+    from braid_engine.engine import engine as engine_module
     from braid_engine.llm import AUTO_PREFILL_CHUNK_WHILE_DECODING
 
     graphed = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                   max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256, enable_prefix_caching=False)
+    long = [(11 * i) % 390 + 3 for i in range(200)]  # one piece: the 256-row graph
+    first_logits = []  # the long prompt's first-token logits, each time it is sampled
+    sample = engine_module.sample
+
+    def spy(logits, params, generators):
+        first_logits.extend(logits[i].clone() for i, p in enumerate(params) if p is once)
+        return sample(logits, params, generators)
+
+    monkeypatch.setattr(engine_module, "sample", spy)
+    once = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     try:
         assert graphed.config.prefill_chunk_while_decoding == AUTO_PREFILL_CHUNK_WHILE_DECODING == 2048
-        assert graphed.engine.runner.graph_prefill_chunks
+        idle = graphed.generate([long], once)[0].token_ids
         streams = [graphed.stream([(5 * i + k) % 390 + 3 for i in range(12)],
                                   SamplingParams(temperature=0, max_tokens=512, ignore_eos=True)) for k in range(2)]
         firsts = [len(next(s).token_ids) for s in streams]  # both decoding (512 tokens each: still at it)
-        long = [(11 * i) % 390 + 3 for i in range(300)]
-        out = graphed.generate([long], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+        replays = graphed.engine.runner.prefill_replays
+        busy = graphed.generate([long], once)[0].token_ids
         for s, first in zip(streams, firsts, strict=True):
             assert first + sum(len(d.token_ids) for d in s) == 512
         assert graphed.stats()["split_steps"] >= 1
-        ref = engines[1].generate([long], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
-        _agree_up_to_near_tie(engines[1], long, out.token_ids, ref.token_ids)
+        assert graphed.engine.runner.prefill_replays - replays >= 1  # through the graph
+        assert len(first_logits) == 2 and busy == idle
+        assert torch.equal(first_logits[0], first_logits[1])
     finally:
         graphed.shutdown()
