@@ -94,6 +94,8 @@ def main() -> None:
                     help="decode steps of ≤ 4 sequences use FlashInfer's decode, not our split-KV kernel")
     ap.add_argument("--decode-burst", type=int, default=None,
                     help="greedy steps between token reads (LLM(decode_burst=...); engine default 8, cut at page ends)")
+    ap.add_argument("--pipeline-bursts", action="store_true",
+                    help="launch each burst before reading the last one's tokens (EngineConfig.pipeline_bursts)")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
@@ -109,6 +111,7 @@ def main() -> None:
     burst = {} if args.decode_burst is None else {"decode_burst": args.decode_burst}
     llm = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
               enable_prefix_caching=False, **burst)
+    llm.engine.config.pipeline_bursts = args.pipeline_bursts
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
@@ -117,7 +120,7 @@ def main() -> None:
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
           f"row kernels {'off' if args.no_row_kernels else 'on'}; "
           f"small-batch decode kernel {'off' if args.no_small_decode else 'on'}; "
-          f"decode bursts of up to {llm.config.decode_burst}; "
+          f"decode bursts of up to {llm.config.decode_burst}{', pipelined' if llm.engine.config.pipeline_bursts else ''}; "
           f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'batch':>5} {'braid tok/s':>12} {'hf eager':>10} {'hf compiled':>12} {'vs eager':>9} "
           f"{'vs compiled':>12} {'bandwidth':>10}")

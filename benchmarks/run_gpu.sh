@@ -2,8 +2,8 @@
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|workloads|prefill|shared|all]
-# ('small': one layer's decode attention, FlashInfer's forms and ours; 'bursts': interleave.py, and decode.py with bursts
-# of 8 and 16 steps)
+# ('small': one layer's decode attention, FlashInfer's forms and ours; 'bursts': interleave.py, and decode.py with
+# pipelined bursts or not)
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
@@ -55,12 +55,13 @@ if [ "$what" = bursts ]; then
     2>&1 | grep -v Warning | tail -6 | tee "$OUT/interleave.log"
   timeout 130 python3 -m benchmarks.interleave --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
     --chunk-while-decoding 0 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/interleave_mixed.log"
-  # the GPU idles between decode bursts (profile_step: 8.6 % at batch 1, 13 % at 32): bursts of up
-  # to 16 steps (a page) against the default 8, same card, one process each, no compiled baseline
-  for b in 8 16; do
+  # the GPU idles between decode bursts while the host reads the last one's tokens (profile_step:
+  # 8.6 % at batch 1, 13 % at 32): each burst launched before that read, against the default,
+  # same card, one process each, no compiled baseline
+  for m in "" "--pipeline-bursts"; do
     timeout 150 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-      --batch 1 32 --compiled-batches --kv-gb 16 --decode-burst $b 2>&1 | grep -v Warning | tail -5 \
-      | tee "$OUT/decode_burst$b.log"
+      --batch 1 32 --compiled-batches --kv-gb 16 $m 2>&1 | grep -v Warning | tail -5 \
+      | tee -a "$OUT/decode_pipeline.log"
   done
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then

@@ -134,6 +134,9 @@ class EngineConfig:
     attention_backend: str = "torch"
     cascade: str = "auto"
     decode_burst: int = 8  # greedy decode steps run back to back between token reads; 1: every step
+    # launch the next burst for the same sequences before reading the last one's tokens, so the
+    # GPU does not idle while the host takes them (a sequence that stops drops its share)
+    pipeline_bursts: bool = False
     # while sequences decode, a prompt is prefilled at most this many tokens a step, in a forward
     # of its own after theirs (its prefill graphs, their decode graph) instead of one mixed
     # eager forward; None: prefills take the step budget and share the decodes' forward

@@ -22,7 +22,7 @@ import torch
 from braid_engine.config import EngineConfig, ModelConfig
 from braid_engine.detokenizer import IncrementalDetokenizer
 from braid_engine.engine.kv_cache import PagePool
-from braid_engine.engine.model_runner import ModelRunner
+from braid_engine.engine.model_runner import Burst, ModelRunner
 from braid_engine.engine.prefix_cache import RadixCache, RadixNode
 from braid_engine.engine.scheduler import Scheduler
 from braid_engine.engine.sequence import RequestOutput, Sequence
@@ -159,6 +159,7 @@ class LLMEngine:
         self._grammar: GrammarRuntime | None = None
         self.steps = 0
         self.bursts = 0  # decode bursts: several greedy steps between token reads
+        self.pipelined_bursts = 0  # bursts launched before the host read the one before them
 
     # -- requests ----------------------------------------------------------------------
     def validate_prompt(self, token_ids: list[int]) -> None:
@@ -360,7 +361,53 @@ class LLMEngine:
         return limit
 
     def _run_burst(self, batch: list[tuple[Sequence, int]], steps: int) -> None:
-        tokens, seqs = self.runner.decode_burst(batch, steps)
+        burst = self.runner.launch_burst(batch, steps)
+        scheduled = True  # the scheduler counted the first step's tokens of this burst
+        while True:
+            follow = self._follow(burst)
+            self._take_burst(burst, scheduled)
+            if follow is None:
+                return
+            scheduled = False
+            if any(seq.is_finished for seq in follow.seqs):
+                # the batch has changed: what follow computed for the finished is dropped, and the
+                # next step is scheduled afresh
+                self._take_burst(follow, scheduled)
+                return
+            burst = follow
+
+    def _follow(self, burst: Burst) -> Burst | None:
+        """With ``pipeline_bursts``, the burst that follows ``burst`` for the same sequences,
+        launched before the host reads ``burst``'s tokens (so the GPU has the next burst queued
+        while the host takes them), as if none of them stopped; None where the rules of
+        ``_burst_steps`` would not run one after ``burst`` or a page cannot be reserved. A
+        sequence that stops in ``burst`` has its share of the follow-up dropped."""
+        if not self.config.pipeline_bursts:
+            return None
+        admissible = self.scheduler.waiting and len(self.scheduler.running) < self.config.max_num_seqs
+        if self._pending or self._aborts or admissible:
+            return None
+        limit, ps = self.config.decode_burst, self.config.page_size
+        for seq in burst.seqs:
+            computed = seq.num_computed + burst.steps
+            limit = min(limit, seq.max_len - len(seq) - burst.steps, ps - computed % ps)
+        if limit < 1:
+            return None
+        for seq in burst.seqs:
+            if not self.scheduler._reserve(seq, seq.num_computed + burst.steps + limit):
+                return None  # the pool is short: the next step is scheduled as usual
+        batch = [(seq, 1) for seq in burst.seqs]
+        if [s for s, _ in sorted(batch, key=lambda b: b[0].page_table)] != burst.seqs:
+            return None  # a new page moved a sequence among those sharing a prefix
+        self.pipelined_bursts += 1
+        return self.runner.launch_burst(batch, limit, after=burst)
+
+    def _take_burst(self, burst: Burst, scheduled: bool) -> None:
+        """Read a burst's tokens and emit them. ``scheduled``: the scheduler counted its first
+        step (a burst that follows another was never scheduled). Sequences already finished
+        are skipped: their tokens here were computed past their end."""
+        steps = burst.steps
+        tokens = burst.tokens()
         self.steps += steps
         self.bursts += 1
         # sequences whose caller wants only the result take their column in bulk; streamed ones
@@ -368,9 +415,11 @@ class LLMEngine:
         # would do them (the prefix cache's insertion order and eviction ties depend on it).
         finishing: dict[int, list[tuple[int, Sequence, str]]] = {}
         streamed = []
-        for i, (seq, column) in enumerate(zip(seqs, zip(*tokens, strict=True), strict=True)):
+        for i, (seq, column) in enumerate(zip(burst.seqs, zip(*tokens, strict=True), strict=True)):
+            if seq.is_finished:
+                continue
             if seq.text_deferred and seq.matcher is None and seq.output_token_ids:
-                end = self._append_quiet(seq, column)
+                end = self._append_quiet(seq, column, scheduled)
                 if end is not None:
                     finishing.setdefault(end[0], []).append((i, seq, end[1]))
             else:
@@ -381,12 +430,12 @@ class LLMEngine:
                 if isinstance(what, str):
                     self._finish(seq, what)
                     continue
-                if k:
+                if k or not scheduled:
                     self.scheduler.decoded_tokens += 1
                 self._computed(seq, 1)
                 self._append(seq, what)
 
-    def _append_quiet(self, seq: Sequence, column: tuple[int, ...]) -> tuple[int, str] | None:
+    def _append_quiet(self, seq: Sequence, column: tuple[int, ...], scheduled: bool = True) -> tuple[int, str] | None:
         """A burst's tokens for a sequence whose caller wants only the final output (no text
         until the end, no grammar): what ``_computed`` + ``_append`` do token by token, in bulk —
         up to the first stop token or the length limit, whichever comes first. Returns the step
@@ -404,7 +453,7 @@ class LLMEngine:
         seq.output_token_ids.extend(column[:cut])
         seq.num_computed += cut
         seq.text_tokens += cut - (reason == "stop")
-        self.scheduler.decoded_tokens += cut - 1
+        self.scheduler.decoded_tokens += cut - scheduled
         return None if reason is None else (cut - 1, reason)
 
     def _append(self, seq: Sequence, token: int) -> None:
@@ -520,6 +569,7 @@ class LLMEngine:
                 "waiting": len(self.scheduler.waiting),
                 "steps": self.steps,
                 "decode_bursts": self.bursts,
+                "pipelined_bursts": self.pipelined_bursts,
                 "split_steps": self.split_steps,
                 "cascade_steps": self.runner.backend.cascade_steps,
             }

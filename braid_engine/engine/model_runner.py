@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from array import array
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +57,20 @@ def prefill_pieces(n: int, sizes: tuple[int, ...]) -> list[int] | None:
         filled = max(t for t in sizes if t <= n)
         pieces.append(filled)
         n -= filled
+
+
+@dataclass
+class Burst:
+    """Greedy decode steps queued on the device, their tokens not yet read."""
+
+    out: torch.Tensor  # [steps, rows] argmax of each step (graph rows past the sequences are padding)
+    seqs: list[Sequence]  # in row order
+    steps: int
+    first_done: torch.cuda.Event | None  # recorded after the first step (graphs only)
+
+    def tokens(self) -> list[list[int]]:
+        """``tokens[k][i]``: sequence i's token from step k (waits for the device)."""
+        return self.out[:, :len(self.seqs)].tolist()
 
 
 class ModelRunner:
@@ -190,17 +205,22 @@ class ModelRunner:
         self.prefill_replays += 1
         return logits
 
-    def _replay(self, bs: int, ids: list[int], positions: list[int], slots: list[int],
+    def _replay(self, bs: int, ids: list[int] | None, positions: list[int], slots: list[int],
                 layout: BatchLayout) -> torch.Tensor | None:
-        n = len(ids)
+        n = len(positions)
         graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables,
                                    self.page_size, self.static_slots[:bs])
         kind = self.backend.plan_graph(graph_layout, bs, self.pad_page)
         if kind is None:
             return None
         pad = bs - n
-        self._load_static(ids + [0] * pad, positions + [0] * pad,
-                          slots + [self.pad_page * self.page_size] * pad)
+        if ids is None:  # the inputs are the last replay's argmax, already in place
+            self.static_in[1:, :bs].copy_(_rows_tensor(positions + [0] * pad,
+                                                      slots + [self.pad_page * self.page_size] * pad),
+                                          non_blocking=True)
+        else:
+            self._load_static(ids + [0] * pad, positions + [0] * pad,
+                              slots + [self.pad_page * self.page_size] * pad)
         graph, logits = (self.cascade_graphs if kind == "cascade" else self.graphs)[bs]
         graph.replay()
         self._replayed = graph
@@ -208,18 +228,30 @@ class ModelRunner:
         self.graph_replays += 1
         return logits[:n]
 
-    @torch.inference_mode()
     def decode_burst(self, batch: list[tuple[Sequence, int]], steps: int) -> tuple[list[list[int]], list[Sequence]]:
         """Run ``steps`` greedy decode steps back to back, each step's argmax fed to the next on
         the device, and read the tokens once at the end: ``tokens[k][i]`` is sequence i's token
         from step k (sequences in the returned order). Every sequence decodes one token a step,
         and its next ``steps`` positions lie in the page of its current one, so the attention
         plan's page counts hold for the whole burst (only the last page's fill changes)."""
+        burst = self.launch_burst(batch, steps)
+        return burst.tokens(), burst.seqs
+
+    @torch.inference_mode()
+    def launch_burst(self, batch: list[tuple[Sequence, int]], steps: int, after: Burst | None = None) -> Burst:
+        """``decode_burst`` without reading its tokens: the burst is queued on the device (on the
+        GPU the host goes on at once). ``after``: a burst still in flight that this one follows —
+        the same sequences, each ``after.steps`` tokens further on (their pages reserved), its
+        first input the argmax of ``after``'s last step, on the device. The host reads nothing
+        in between, so the GPU need not wait for the host's work on ``after``'s tokens."""
         seqs = [seq for seq, _ in sorted(batch, key=lambda b: b[0].page_table)]
+        if after is not None and [id(s) for s in seqs] != [id(s) for s in after.seqs]:
+            raise ValueError("a burst can follow only a burst of the same sequences in the same order")
+        offset = 0 if after is None else after.steps
         ps, dev = self.page_size, self.device
-        starts = [seq.num_computed for seq in seqs]
+        starts = [seq.num_computed + offset for seq in seqs]
         tables = [seq.page_table for seq in seqs]
-        first = [seq.token_range(c, c + 1)[0] for seq, c in zip(seqs, starts, strict=True)]
+        first = None if after is not None else [seq.token_range(c, c + 1)[0] for seq, c in zip(seqs, starts, strict=True)]
 
         def layout(k: int, slot_mapping: torch.Tensor) -> BatchLayout:
             return BatchLayout([1] * len(seqs), [c + k + 1 for c in starts], tables, ps, slot_mapping)
@@ -228,9 +260,16 @@ class ModelRunner:
             return [t[(c + k) // ps] * ps + (c + k) % ps for t, c in zip(tables, starts, strict=True)]
 
         bs = self._graph_size(batch)
+        if after is not None and after.first_done is not None:
+            # planning refills host buffers whose copies to the device were queued before the
+            # first replay of ``after``: once that replay is done they have been taken (the GPU
+            # still has the rest of ``after`` to run meanwhile)
+            after.first_done.synchronize()
         # the first step plans and replays like a single decode step; the rest move its inputs
         if bs is not None and self._replay(bs, first, starts, slots(0), layout(0, torch.empty(0))) is not None:
-            n, pad = len(seqs), bs - len(seqs)
+            first_done = torch.cuda.Event()
+            first_done.record()
+            pad = bs - len(seqs)
             pad_slot = self.pad_page * ps
             # non-blocking: a blocking copy would wait here for the first replay to finish and
             # leave the GPU idle while the host launches the rest
@@ -250,15 +289,16 @@ class ModelRunner:
             if bs in self.cascade_graphs and graph is self.cascade_graphs[bs][0]:
                 self.cascade_replays += steps - 1
                 self.backend.cascade_steps += steps - 1  # planned once, cascaded every step
-            return out[:, :n].tolist(), seqs
-        ids = torch.tensor(first, dtype=torch.long, device=dev)
+            return Burst(out, seqs, steps, first_done)
+        # (a graph's padding rows come after the sequences')
+        ids = torch.tensor(first, dtype=torch.long, device=dev) if after is None else after.out[-1, :len(seqs)]
         out = []
         for k in range(steps):
             self.backend.plan(layout(k, torch.tensor(slots(k), dtype=torch.long, device=dev)))
             positions = torch.tensor([c + k for c in starts], dtype=torch.long, device=dev)
             ids = self.model.compute_logits(self.model(ids, positions, self.backend)).argmax(-1)
             out.append(ids)
-        return torch.stack(out).tolist(), seqs
+        return Burst(torch.stack(out), seqs, steps, None)
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:

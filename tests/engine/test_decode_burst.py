@@ -1,6 +1,8 @@
 """Decode bursts: several greedy steps run back to back, each feeding its token to the next on
 the device, read by the host once. They must never change an output, a stop inside a burst
-must drop the steps after it, and the pages and prefix cache must end as without bursts."""
+must drop the steps after it, and the pages and prefix cache must end as without bursts.
+Likewise with ``pipeline_bursts``, where the next burst is launched before the host reads the
+last one's tokens and a sequence that stopped in the last one drops its share of the next."""
 
 import pytest
 
@@ -19,14 +21,22 @@ def _prompts():
     return [[(11 * i + 5 * j) % 400 + 3 for j in range(n)] for i, n in enumerate((5, 16, 17, 30, 9))]
 
 
+def _bursting(path, pipeline=False, **kw):
+    llm = LLM(path, device="cpu", page_size=16, decode_burst=8, **kw)
+    llm.engine.config.pipeline_bursts = pipeline
+    return llm
+
+
 def _run(llm, prompts, params, final_only=False):
     with llm.engine.together():
         streams = [llm.engine.add_request(p, q, final_only=final_only) for p, q in zip(prompts, params, strict=True)]
     return [s.result() for s in streams]
 
 
+@pytest.mark.parametrize("pipeline", [False, True])
 @pytest.mark.parametrize("final_only", [False, True])
-def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny_qwen3, stepwise, final_only):
+def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny_qwen3, stepwise, final_only,
+                                                                            pipeline):
     """Streams take a burst's tokens one by one; callers that want only the result (generate)
     take each sequence's column in bulk — both must end exactly as single steps do."""
     prompts = _prompts()
@@ -47,10 +57,10 @@ def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny
     assert [len(r.token_ids) for r in ref_tight] == [firsts[0]] + [j + 1 for j in firsts[1:]]
     assert stepwise.stats()["decode_bursts"] == 0
 
-    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8)
+    llm = _bursting(tiny_qwen3, pipeline)
     quiet = llm.engine._append_quiet
     bulk = []
-    llm.engine._append_quiet = lambda seq, column: bulk.append(len(column)) or quiet(seq, column)
+    llm.engine._append_quiet = lambda seq, column, *a: bulk.append(len(column)) or quiet(seq, column, *a)
     try:
         for params, expect in ((free, ref), (stop, ref_stop), (tight, ref_tight)):
             outs = _run(llm, prompts, params, final_only)
@@ -59,6 +69,7 @@ def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny
             assert [o.finish_reason for o in outs] == [r.finish_reason for r in expect]
         stats = llm.stats()
         assert stats["decode_bursts"] > 0
+        assert (stats["pipelined_bursts"] > 0) == pipeline
         assert bool(bulk) == final_only
         # every computed token was counted once: the dropped steps after a stop are not
         assert stats["decoded_tokens"] == sum(len(o.token_ids) - 1 for o in ref + ref_stop + ref_tight)
@@ -76,20 +87,23 @@ def test_bursts_match_single_steps_and_a_stop_inside_a_burst_drops_the_rest(tiny
         llm.shutdown()
 
 
-def test_a_burst_never_crosses_a_page_or_the_length_limit(tiny_qwen3, stepwise):
-    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8)
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_a_burst_never_crosses_a_page_or_the_length_limit(tiny_qwen3, stepwise, pipeline):
+    llm = _bursting(tiny_qwen3, pipeline)
     seen = []
-    decode_burst = llm.engine.runner.decode_burst
+    launch_burst = llm.engine.runner.launch_burst
 
-    def spy(batch, steps):
+    def spy(batch, steps, after=None):
+        ahead = 0 if after is None else after.steps  # a follow-up starts where ``after`` will end
         for seq, _ in batch:
-            first, last = seq.num_computed, seq.num_computed + steps - 1
+            first, last = seq.num_computed + ahead, seq.num_computed + ahead + steps - 1
             seen.append(steps)
             assert first // 16 == last // 16, f"positions {first}..{last} cross a page"
-            assert len(seq) + steps - 1 <= seq.max_len
-        return decode_burst(batch, steps)
+            assert len(seq) + ahead + steps - 1 <= seq.max_len
+            assert len(seq.page_table) > last // 16  # its page reserved
+        return launch_burst(batch, steps, after)
 
-    llm.engine.runner.decode_burst = spy
+    llm.engine.runner.launch_burst = spy
     try:
         prompt = [5, 6, 7, 8, 9, 10, 11]
         params = SamplingParams(temperature=0, max_tokens=29, ignore_eos=True)
@@ -97,8 +111,10 @@ def test_a_burst_never_crosses_a_page_or_the_length_limit(tiny_qwen3, stepwise):
         assert out.token_ids == stepwise.generate([prompt], params)[0].token_ids
         assert len(out.token_ids) == 29
         # 29 tokens from position 7: the prefill samples one, then a burst of 8 to the page's end,
-        # one single step (position 15), and bursts of 8, 8 and the last 3
-        assert seen == [8, 8, 8, 3], seen
+        # one single step (position 15; pipelined, a burst of 1 after the first), and bursts of
+        # 8, 8 and the last 3
+        assert seen == ([8, 1, 8, 8, 3] if pipeline else [8, 8, 8, 3]), seen
+        assert llm.stats()["pipelined_bursts"] == (4 if pipeline else 0)
     finally:
         llm.shutdown()
 
@@ -175,8 +191,9 @@ def test_a_stop_token_on_the_length_limit_inside_a_burst_is_a_stop(tiny_qwen3, s
         llm.shutdown()
 
 
+@pytest.mark.parametrize("pipeline", [False, True])
 @pytest.mark.parametrize("final_only", [False, True])
-def test_requests_finish_in_the_order_single_steps_finish_them(tiny_qwen3, stepwise, final_only):
+def test_requests_finish_in_the_order_single_steps_finish_them(tiny_qwen3, stepwise, final_only, pipeline):
     """The prefix cache takes a finished answer when it finishes; inside a burst the finishes
     must come step by step in batch order, as single steps make them, also when results are
     taken in bulk."""
@@ -186,7 +203,7 @@ def test_requests_finish_in_the_order_single_steps_finish_them(tiny_qwen3, stepw
     # stops at steps 6, 3, 6, 2 and 5 of one burst (tokens 9-16 after the prefill's first)
     stop = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
                            stop_token_ids=[r.token_ids[j]]) for r, j in zip(ref, (14, 11, 14, 10, 13), strict=True)]
-    llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8, enable_prefix_caching=False)
+    llm = _bursting(tiny_qwen3, pipeline, enable_prefix_caching=False)
     orders = []
     try:
         for engine in (stepwise, llm):
@@ -201,5 +218,34 @@ def test_requests_finish_in_the_order_single_steps_finish_them(tiny_qwen3, stepw
             orders.append((order, [o.token_ids for o in outs]))
         assert orders[0] == orders[1]
         assert len(set(len(o) for o in orders[0][1])) > 2  # the requests stopped at different steps
+    finally:
+        llm.shutdown()
+
+
+def test_pipelined_bursts_in_a_pool_too_small_for_every_follow_up(tiny_qwen3, stepwise):
+    """A follow-up burst reserves its sequences' next pages before it launches; where the pool is
+    short it is not launched (and nothing is preempted for it): the step is scheduled as usual.
+    Same tokens, and every page back at the end."""
+    llm = _bursting(tiny_qwen3, True, num_pages=14, enable_prefix_caching=False)
+    refused = []
+    follow = llm.engine._follow
+    reserve = llm.engine.scheduler._reserve
+
+    def spy(burst):
+        llm.engine.scheduler._reserve = lambda seq, n: reserve(seq, n) or refused.append(n) or False
+        try:
+            return follow(burst)
+        finally:
+            llm.engine.scheduler._reserve = reserve
+
+    llm.engine._follow = spy
+    try:
+        prompts = _prompts()
+        params = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)] * len(prompts)
+        out = _run(llm, prompts, params)
+        assert [o.token_ids for o in out] == [r.token_ids for r in _run(stepwise, prompts, params)]
+        stats = llm.stats()
+        assert refused and stats["pipelined_bursts"] > 0
+        assert stats["pages_used"] == 0 and llm.engine.pool.num_free == llm.config.num_pages
     finally:
         llm.shutdown()

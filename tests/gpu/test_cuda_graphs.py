@@ -294,3 +294,40 @@ def test_graphed_engines_chunk_prompts_while_decoding_by_default(engines, monkey
         assert torch.equal(first_logits[0], first_logits[1])
     finally:
         graphed.shutdown()
+
+
+@pytest.mark.parametrize("requests", [1, 3, 6])
+def test_pipelined_bursts_give_the_tokens_of_bursts_read_in_turn(engines, requests):
+    """EngineConfig.pipeline_bursts: the next burst is launched from the last one's argmax on
+    the device, its plan made while that one runs (after its first replay), before the host
+    reads its tokens. Same graphs, same tokens as bursts read one at a time; with six requests
+    one stops mid-burst, its share of the next burst is dropped, and the rest keep the graph of 8
+    either way."""
+    graphed, _ = engines
+    kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_num_seqs=16, cuda_graphs=True,
+              prefill_graph_tokens=256)
+    pipelined = LLM(graphed.model_path, **kw)
+    pipelined.engine.config.pipeline_bursts = True
+    try:
+        gen = torch.Generator().manual_seed(requests)
+        prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
+                   for n in torch.randint(5, 90, (requests,), generator=gen)]
+        free = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, enable_prefix_caching=False)
+        ref = graphed.generate(prompts, free)
+        out = pipelined.generate(prompts, free)
+        assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+        assert pipelined.stats()["pipelined_bursts"] >= 3
+        if requests == 6:
+            stops = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, enable_prefix_caching=False,
+                                    stop_token_ids=[r.token_ids[13]] if i == 2 else None)
+                     for i, r in enumerate(ref)]
+            results = []
+            for llm in (graphed, pipelined):
+                with llm.engine.together():
+                    streams = [llm.engine.add_request(p, s) for p, s in zip(prompts, stops, strict=True)]
+                results.append([s.result().token_ids for s in streams])
+            assert results[0] == results[1]
+            assert len(results[1][2]) < 60
+        assert pipelined.stats()["pages_used"] == 0
+    finally:
+        pipelined.shutdown()
