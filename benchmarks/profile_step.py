@@ -35,7 +35,7 @@ def instrument(llm: LLM, phases: dict[str, float]) -> None:
     eng = llm.engine
     eng.scheduler.schedule = timed("schedule", eng.scheduler.schedule)
     eng.runner.execute = timed("execute (plan + forward)", eng.runner.execute)
-    eng.runner.decode_burst = timed("decode burst (plan + steps)", eng.runner.decode_burst)
+    eng.runner.launch_burst = timed("decode burst (plan + steps)", eng.runner.launch_burst)
     eng.runner.backend.plan = timed("  plan (eager)", eng.runner.backend.plan)
     if hasattr(eng.runner.backend, "plan_graph"):
         eng.runner.backend.plan_graph = timed("  plan (graph)", eng.runner.backend.plan_graph)
@@ -180,11 +180,15 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=8000)
     ap.add_argument("--kernel-batch", type=int, nargs="+", default=[1, 32],
                     help="decode batch sizes of the GPU kernel tables")
+    ap.add_argument("--pipeline-bursts", action="store_true",
+                    help="launch each burst before reading the last one's tokens (EngineConfig.pipeline_bursts)")
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
     llm = LLM(path, device=args.device, dtype=args.dtype, **(kv_kwargs(args) or {"kv_cache_memory": 8 << 30}))
+    llm.engine.config.pipeline_bursts = args.pipeline_bursts
     dev = llm.config.device
-    print(f"card: {card(dev)}; attention {llm.config.attention_backend}; graphs {sorted(llm.engine.runner.graphs)}")
+    print(f"card: {card(dev)}; attention {llm.config.attention_backend}; graphs {sorted(llm.engine.runner.graphs)}"
+          f"{'; bursts pipelined' if args.pipeline_bursts else ''}")
     vocab = len(llm.tokenizer)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (128,), generator=gen).tolist()

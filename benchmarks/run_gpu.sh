@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|workloads|prefill|shared|all]
-# ('small': one layer's decode attention, FlashInfer's forms and ours; 'bursts': interleave.py, and decode.py with
-# pipelined bursts or not)
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|workloads|prefill|shared|all]
+# ('small': one layer's decode attention, FlashInfer's forms and ours; 'bursts': interleave.py, streams while a long
+# prompt arrives; 'pipeline': decode.py with pipelined bursts or not, and profile_step's idle share pipelined)
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
@@ -55,14 +55,19 @@ if [ "$what" = bursts ]; then
     2>&1 | grep -v Warning | tail -6 | tee "$OUT/interleave.log"
   timeout 130 python3 -m benchmarks.interleave --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
     --chunk-while-decoding 0 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/interleave_mixed.log"
+fi
+if [ "$what" = pipeline ]; then
   # the GPU idles between decode bursts while the host reads the last one's tokens (profile_step:
   # 8.6 % at batch 1, 13 % at 32): each burst launched before that read, against the default,
-  # same card, one process each, no compiled baseline
+  # same card, one process each, no compiled baseline; then the idle share when pipelined
   for m in "" "--pipeline-bursts"; do
     timeout 150 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
       --batch 1 32 --compiled-batches --kv-gb 16 $m 2>&1 | grep -v Warning | tail -5 \
       | tee -a "$OUT/decode_pipeline.log"
   done
+  timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+    --pipeline-bursts > "$OUT/profile_step_pipelined.log" 2>&1
+  grep -E "tokens/s|GPU idle|no graph" "$OUT/profile_step_pipelined.log" | head -12
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
   # transformers keeping its KV across turns, compiled with CUDA graphs (in a child process)
