@@ -35,6 +35,10 @@ from braid_engine.errors import (
 from braid_engine.grammar import GrammarRuntime
 from braid_engine.sampling import SamplingParams, sample
 
+# with EngineConfig.pipeline_bursts: follow-up bursts launched in one step at most; the GPU then
+# waits for the host once every PIPELINE_CHAIN + 1 bursts
+PIPELINE_CHAIN = 8
+
 logger = logging.getLogger("braid_engine")
 _ids = itertools.count()
 
@@ -363,8 +367,10 @@ class LLMEngine:
     def _run_burst(self, batch: list[tuple[Sequence, int]], steps: int) -> None:
         burst = self.runner.launch_burst(batch, steps)
         scheduled = True  # the scheduler counted the first step's tokens of this burst
-        while True:
-            follow = self._follow(burst)
+        # a chain of follow-ups runs inside one step, holding the engine's state lock (stats,
+        # cache control and shutdown wait for it): a few bursts, then the step ends
+        for chained in range(PIPELINE_CHAIN + 1):
+            follow = self._follow(burst) if chained < PIPELINE_CHAIN else None
             self._take_burst(burst, scheduled)
             if follow is None:
                 return
@@ -382,7 +388,7 @@ class LLMEngine:
         while the host takes them), as if none of them stopped; None where the rules of
         ``_burst_steps`` would not run one after ``burst`` or a page cannot be reserved. A
         sequence that stops in ``burst`` has its share of the follow-up dropped."""
-        if not self.config.pipeline_bursts:
+        if not self.config.pipeline_bursts or self._closed:
             return None
         admissible = self.scheduler.waiting and len(self.scheduler.running) < self.config.max_num_seqs
         if self._pending or self._aborts or admissible:

@@ -261,14 +261,19 @@ class ModelRunner:
 
         bs = self._graph_size(batch)
         if after is not None and after.first_done is not None:
-            # planning refills host buffers whose copies to the device were queued before the
-            # first replay of ``after``: once that replay is done they have been taken (the GPU
-            # still has the rest of ``after`` to run meanwhile)
+            # planning refills pinned host buffers whose copies to the device were queued before
+            # the first replay of ``after``: once that replay is done they have been taken. (The
+            # plans of today also copy page indices from pageable memory, which waits for the
+            # stream to drain, i.e. for all of ``after``: what overlaps the GPU's work is the
+            # host taking ``after``'s tokens, not this plan.)
             after.first_done.synchronize()
+        elif after is not None and bs is not None:
+            # an eager burst's last argmax is not in the graphs' input buffer
+            self.static_ids[:len(seqs)].copy_(after.out[-1, :len(seqs)])
         # the first step plans and replays like a single decode step; the rest move its inputs
         if bs is not None and self._replay(bs, first, starts, slots(0), layout(0, torch.empty(0))) is not None:
             first_done = torch.cuda.Event()
-            first_done.record()
+            first_done.record(torch.cuda.current_stream(dev))
             pad = bs - len(seqs)
             pad_slot = self.pad_page * ps
             # non-blocking: a blocking copy would wait here for the first replay to finish and

@@ -249,3 +249,30 @@ def test_pipelined_bursts_in_a_pool_too_small_for_every_follow_up(tiny_qwen3, st
         assert stats["pages_used"] == 0 and llm.engine.pool.num_free == llm.config.num_pages
     finally:
         llm.shutdown()
+
+
+def test_a_pipelined_chain_ends_after_a_few_bursts(tiny_qwen3, stepwise):
+    """One step chains at most PIPELINE_CHAIN follow-ups: the engine's state lock (stats, cache
+    control, shutdown) is given up every few bursts, even for one long greedy request."""
+    from braid_engine.engine.engine import PIPELINE_CHAIN
+
+    llm = _bursting(tiny_qwen3, True, enable_prefix_caching=False)
+    chains = []
+    run_burst, take = llm.engine._run_burst, llm.engine._take_burst
+
+    def counted_run(batch, steps):
+        chains.append(0)
+        return run_burst(batch, steps)
+
+    def counted_take(burst, scheduled):
+        chains[-1] += 1
+        return take(burst, scheduled)
+
+    llm.engine._run_burst, llm.engine._take_burst = counted_run, counted_take
+    try:
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        prompt = [5, 6, 7, 8, 9, 10, 11]
+        assert llm.generate([prompt], params)[0].token_ids == stepwise.generate([prompt], params)[0].token_ids
+        assert max(chains) == PIPELINE_CHAIN + 1 and len(chains) >= 2, chains
+    finally:
+        llm.shutdown()
