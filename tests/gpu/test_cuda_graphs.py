@@ -232,6 +232,20 @@ def test_cascade_twins_keep_a_shared_prefix_in_the_decode_graphs(engines, monkey
         for prompt, x, y in zip(prompts, a, b, strict=True):
             assert x.num_cached_tokens >= 288
             _agree_up_to_near_tie(eager, prompt, x.token_ids, y.token_ids)
+        # pipelined bursts (EngineConfig.pipeline_bursts) planning the twin for each follow-up,
+        # from the same cache state: the same tokens
+        piped = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                    max_num_seqs=16, cuda_graphs=True, cascade="always", prefill_graph_tokens=256)
+        try:
+            piped.engine.config.pipeline_bursts = True
+            piped.generate([prefix], SamplingParams(temperature=0, max_tokens=1))
+            twins = piped.engine.runner.cascade_replays
+            c = piped.generate(prompts, params)
+            assert [x.token_ids for x in c] == [x.token_ids for x in a]
+            assert piped.stats()["pipelined_bursts"] >= 1
+            assert piped.engine.runner.cascade_replays - twins >= 15 - 1
+        finally:
+            piped.shutdown()
     finally:
         graphed.shutdown()
 
