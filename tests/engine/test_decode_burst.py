@@ -276,3 +276,30 @@ def test_a_pipelined_chain_ends_after_a_few_bursts(tiny_qwen3, stepwise):
         assert max(chains) == PIPELINE_CHAIN + 1 and len(chains) >= 2, chains
     finally:
         llm.shutdown()
+
+
+def test_streams_closed_mid_chain_give_back_every_page(tiny_qwen3):
+    """Closing a stream aborts its request; with pipelined bursts the abort stops the chain, the
+    request's tokens computed ahead are dropped, and the others go on with theirs."""
+    llm = _bursting(tiny_qwen3, True, enable_prefix_caching=False)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+        prompts = _prompts()[:3]
+        ref = [o.token_ids for o in llm.generate(prompts, params)]
+        streams = [llm.stream(p, params) for p in prompts]
+        got = [[], [], []]
+        for k, s in enumerate(streams):
+            got[k] += next(s).token_ids
+        while len(got[1]) < 20:
+            got[1] += next(streams[1]).token_ids
+        streams[1].close()  # abort mid-generation
+        for k in (0, 2):
+            for delta in streams[k]:
+                got[k] += delta.token_ids
+        assert got[0] == ref[0] and got[2] == ref[2]
+        assert got[1] == ref[1][:len(got[1])]
+        stats = llm.stats()
+        assert stats["pipelined_bursts"] > 0 and stats["running"] == 0
+        assert stats["pages_used"] == 0 and llm.engine.pool.num_free == llm.config.num_pages
+    finally:
+        llm.shutdown()
