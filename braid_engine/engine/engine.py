@@ -353,15 +353,25 @@ class LLMEngine:
         sequences decode greedily without a grammar, nobody who could join waits, no sequence can reach
         its length limit sooner, and every sequence's positions stay in its current page. A
         stop token ends a sequence inside a burst; the steps computed after it are dropped."""
-        limit = self.config.decode_burst
-        admissible = self.scheduler.waiting and len(self.scheduler.running) < self.config.max_num_seqs
-        if limit <= 1 or self._pending or self._aborts or admissible:
+        if self.config.decode_burst <= 1 or not self._nobody_joins():
             return 1
-        ps = self.config.page_size
         for seq, n in batch:
             if n != 1 or seq.num_computed + 1 != len(seq) or not seq.params.greedy or seq.matcher is not None:
                 return 1
-            limit = min(limit, seq.max_len - len(seq), ps - seq.num_computed % ps)
+        return self._burst_room([seq for seq, _ in batch])
+
+    def _nobody_joins(self) -> bool:
+        """No request arrives, is aborted, or waits with room to join: the batch may decode
+        several steps without the host scheduling in between."""
+        admissible = self.scheduler.waiting and len(self.scheduler.running) < self.config.max_num_seqs
+        return not (self._pending or self._aborts or admissible)
+
+    def _burst_room(self, seqs: list[Sequence], ahead: int = 0) -> int:
+        """Steps a burst may take with each sequence ``ahead`` tokens further on than now: at most
+        ``decode_burst``, none past a sequence's length limit or out of its current page."""
+        limit, ps = self.config.decode_burst, self.config.page_size
+        for seq in seqs:
+            limit = min(limit, seq.max_len - len(seq) - ahead, ps - (seq.num_computed + ahead) % ps)
         return limit
 
     def _run_burst(self, batch: list[tuple[Sequence, int]], steps: int) -> None:
@@ -388,15 +398,9 @@ class LLMEngine:
         while the host takes them), as if none of them stopped; None where the rules of
         ``_burst_steps`` would not run one after ``burst`` or a page cannot be reserved. A
         sequence that stops in ``burst`` has its share of the follow-up dropped."""
-        if not self.config.pipeline_bursts or self._closed:
+        if not self.config.pipeline_bursts or self._closed or not self._nobody_joins():
             return None
-        admissible = self.scheduler.waiting and len(self.scheduler.running) < self.config.max_num_seqs
-        if self._pending or self._aborts or admissible:
-            return None
-        limit, ps = self.config.decode_burst, self.config.page_size
-        for seq in burst.seqs:
-            computed = seq.num_computed + burst.steps
-            limit = min(limit, seq.max_len - len(seq) - burst.steps, ps - computed % ps)
+        limit = self._burst_room(burst.seqs, burst.steps)
         if limit < 1:
             return None
         for seq in burst.seqs:
@@ -441,7 +445,7 @@ class LLMEngine:
                 self._computed(seq, 1)
                 self._append(seq, what)
 
-    def _append_quiet(self, seq: Sequence, column: tuple[int, ...], scheduled: bool = True) -> tuple[int, str] | None:
+    def _append_quiet(self, seq: Sequence, column: tuple[int, ...], scheduled: bool) -> tuple[int, str] | None:
         """A burst's tokens for a sequence whose caller wants only the final output (no text
         until the end, no grammar): what ``_computed`` + ``_append`` do token by token, in bulk —
         up to the first stop token or the length limit, whichever comes first. Returns the step

@@ -143,9 +143,11 @@ class ModelRunner:
             out = forward(rows)
         return graph, out
 
-    def _load_static(self, ids: list[int], positions: list[int], slots: list[int]) -> None:
-        """Copy a step's (padded) inputs into the graphs' static buffers."""
-        self.static_in[:, :len(ids)].copy_(_rows_tensor(ids, positions, slots), non_blocking=True)
+    def _load_static(self, ids: list[int] | None, positions: list[int], slots: list[int]) -> None:
+        """Copy a step's (padded) inputs into the graphs' static buffers; ``ids`` None keeps the
+        ids there (the last replay's argmax)."""
+        rows = (positions, slots) if ids is None else (ids, positions, slots)
+        self.static_in[3 - len(rows):, :len(positions)].copy_(_rows_tensor(*rows), non_blocking=True)
 
     def _forward_prefill_static(self, tokens: int) -> torch.Tensor:
         hidden = self.model(self.static_ids[:tokens], self.static_pos[:tokens], self.backend)
@@ -214,13 +216,8 @@ class ModelRunner:
         if kind is None:
             return None
         pad = bs - n
-        if ids is None:  # the inputs are the last replay's argmax, already in place
-            self.static_in[1:, :bs].copy_(_rows_tensor(positions + [0] * pad,
-                                                      slots + [self.pad_page * self.page_size] * pad),
-                                          non_blocking=True)
-        else:
-            self._load_static(ids + [0] * pad, positions + [0] * pad,
-                              slots + [self.pad_page * self.page_size] * pad)
+        self._load_static(None if ids is None else ids + [0] * pad, positions + [0] * pad,
+                          slots + [self.pad_page * self.page_size] * pad)
         graph, logits = (self.cascade_graphs if kind == "cascade" else self.graphs)[bs]
         graph.replay()
         self._replayed = graph
