@@ -99,6 +99,16 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def add_pipeline_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--no-pipeline-bursts", action="store_true",
+                    help="read each decode burst's tokens before launching the next (LLM(pipeline_bursts=False); "
+                         "the default pipelines them where CUDA graphs run)")
+
+
+def pipeline_setting(args: argparse.Namespace) -> bool | str:
+    return False if args.no_pipeline_bursts else "auto"
+
+
 def kv_kwargs(args: argparse.Namespace) -> dict:
     """``LLM`` keyword arguments for ``--kv-gb`` (none: the engine sizes the pool)."""
     return {"kv_cache_memory": int(args.kv_gb * 2**30)} if args.kv_gb else {}

@@ -12,16 +12,20 @@ fraction of the card's measured copy bandwidth.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
 from benchmarks.common import (
+    add_pipeline_argument,
     build_model,
     card,
     copy_bandwidth,
     kv_kwargs,
     model_arguments,
     now,
+    pipeline_setting,
     weight_and_kv_bytes,
 )
 from braid_engine import LLM, SamplingParams
@@ -94,8 +98,10 @@ def main() -> None:
                     help="decode steps of ≤ 4 sequences use FlashInfer's decode, not our split-KV kernel")
     ap.add_argument("--decode-burst", type=int, default=None,
                     help="greedy steps between token reads (LLM(decode_burst=...); engine default 8, cut at page ends)")
-    ap.add_argument("--pipeline-bursts", action="store_true",
-                    help="launch each burst before reading the last one's tokens (EngineConfig.pipeline_bursts)")
+    add_pipeline_argument(ap)
+    ap.add_argument("--compare-pipelining", action="store_true",
+                    help="after each row, the engine with bursts pipelined and not, in turn, in this process "
+                         "(tokens/s of each, and whether their greedy tokens are the same)")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
@@ -110,8 +116,7 @@ def main() -> None:
     path = build_model(args.shape, args.model)
     burst = {} if args.decode_burst is None else {"decode_burst": args.decode_burst}
     llm = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
-              enable_prefix_caching=False, **burst)
-    llm.engine.config.pipeline_bursts = args.pipeline_bursts
+              enable_prefix_caching=False, pipeline_bursts=pipeline_setting(args), **burst)
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
@@ -139,7 +144,30 @@ def main() -> None:
         vs_comp = f"{t_comp / t_braid:>11.2f}x" if t_comp else f"{'-':>12}"
         print(f"{b:>5} {tps:>12.1f} {b * steps / t_eager:>10.1f} {comp} {t_eager / t_braid:>8.2f}x "
               f"{vs_comp} {frac:>9.0%}")
+        if args.compare_pipelining:
+            compare_pipelining(llm, ids.tolist(), args.new_tokens, device)
     llm.shutdown()
+
+
+def compare_pipelining(llm: LLM, prompts: list[list[int]], new: int, device: torch.device) -> None:
+    """The engine's decode with bursts pipelined and not, three times each in turn (median
+    tokens/s), and whether both give the same greedy tokens."""
+    config = llm.engine.config
+    was = config.pipeline_bursts
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, enable_prefix_caching=False)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    tokens = {}
+    for _ in range(3):
+        for mode in (False, True):
+            config.pipeline_bursts = mode
+            rates[mode].append(len(prompts) * (new - 1) / engine_decode(llm, prompts, new, device))
+            tokens[mode] = [o.token_ids for o in llm.generate(prompts, params)]
+    config.pipeline_bursts = was
+    plain, piped = (statistics.median(rates[m]) for m in (False, True))
+    print(f"      pipelined {piped:.1f} tok/s vs {plain:.1f} ({piped / plain:.3f}x; runs "
+          f"{', '.join(f'{r:.0f}' for r in rates[True])} vs {', '.join(f'{r:.0f}' for r in rates[False])}); "
+          f"greedy tokens {'the same' if tokens[False] == tokens[True] else 'DIFFER'}; "
+          f"pipelined bursts so far {llm.stats().get('pipelined_bursts', '?')}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,15 @@ from collections import defaultdict
 import torch
 
 import braid_engine.engine.engine as engine_module
-from benchmarks.common import build_model, card, kv_kwargs, model_arguments, sync
+from benchmarks.common import (
+    add_pipeline_argument,
+    build_model,
+    card,
+    kv_kwargs,
+    model_arguments,
+    pipeline_setting,
+    sync,
+)
 from braid_engine import LLM, SamplingParams
 
 
@@ -180,15 +188,14 @@ def main() -> None:
     ap.add_argument("--history", type=int, default=8000)
     ap.add_argument("--kernel-batch", type=int, nargs="+", default=[1, 32],
                     help="decode batch sizes of the GPU kernel tables")
-    ap.add_argument("--pipeline-bursts", action="store_true",
-                    help="launch each burst before reading the last one's tokens (EngineConfig.pipeline_bursts)")
+    add_pipeline_argument(ap)
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
-    llm = LLM(path, device=args.device, dtype=args.dtype, **(kv_kwargs(args) or {"kv_cache_memory": 8 << 30}))
-    llm.engine.config.pipeline_bursts = args.pipeline_bursts
+    llm = LLM(path, device=args.device, dtype=args.dtype, pipeline_bursts=pipeline_setting(args),
+              **(kv_kwargs(args) or {"kv_cache_memory": 8 << 30}))
     dev = llm.config.device
     print(f"card: {card(dev)}; attention {llm.config.attention_backend}; graphs {sorted(llm.engine.runner.graphs)}"
-          f"{'; bursts pipelined' if args.pipeline_bursts else ''}")
+          f"{'; bursts pipelined' if llm.engine.config.pipeline_bursts else ''}")
     vocab = len(llm.tokenizer)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab, (128,), generator=gen).tolist()

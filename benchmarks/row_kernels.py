@@ -81,12 +81,6 @@ def main() -> None:
         configs = [{**c, "BLOCK_N": max(1, int(c["BLOCK_N"] * bn_scale)), "num_warps": warps} for c in default]
         for pdl in (True, False):
             variants[f"BLOCK_N ×{bn_scale}, {warps} warps" + (", no PDL" if pdl is False else "")] = (configs, pdl)
-    # o_proj (K 2,048) and down_proj (K 3,072, a 4,096-wide tile a quarter masked) in K tiles of
-    # 1,024 looped over, as many rows a program as the norm matmuls take
-    for bn in (8, 16):
-        looped = [default[0], {"BLOCK_N": bn, "BLOCK_K": 1024, "num_warps": 4}, default[2],
-                  {"BLOCK_N": bn, "BLOCK_K": 1024, "num_warps": 4}]
-        variants[f"o and down in K tiles of 1,024, BLOCK_N {bn}"] = (looped, True)
     for name, (configs, pdl) in variants.items():
         kernels.PDL = pdl
         t = graph_time(lambda configs=configs: row_step(ws, x, r, o_in, configs), args.reps)

@@ -3,7 +3,7 @@
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours; 'bursts': interleave.py, streams while a long
-# prompt arrives; 'pipeline': decode.py with pipelined bursts or not, and profile_step's idle share pipelined)
+# prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way)
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
@@ -57,17 +57,17 @@ if [ "$what" = bursts ]; then
     --chunk-while-decoding 0 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/interleave_mixed.log"
 fi
 if [ "$what" = pipeline ]; then
-  # the GPU idles between decode bursts while the host reads the last one's tokens (profile_step:
-  # 8.6 % at batch 1, 13 % at 32): each burst launched before that read, against the default,
-  # same card, one process each, no compiled baseline; then the idle share when pipelined
-  for m in "" "--pipeline-bursts"; do
-    timeout 150 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-      --batch 1 32 --compiled-batches --kv-gb 16 $m 2>&1 | grep -v Warning | tail -5 \
-      | tee -a "$OUT/decode_pipeline.log"
+  # bursts pipelined (the default with graphs: the next launched before the last one's tokens are
+  # read) against read in turn, alternating in one process, with their greedy tokens compared;
+  # then profile_step's GPU idle share each way
+  timeout 200 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+    --batch 1 32 --compiled-batches --kv-gb 16 --compare-pipelining 2>&1 | grep -v Warning \
+    | grep -E "^card|^ +[0-9]+ |pipelined" | tee "$OUT/decode_pipeline.log"
+  for m in "" "--no-pipeline-bursts"; do
+    timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+      $m > "$OUT/profile_step$m.log" 2>&1
+    grep -E "tokens/s|GPU idle|no graph" "$OUT/profile_step$m.log" | head -12
   done
-  timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --pipeline-bursts > "$OUT/profile_step_pipelined.log" 2>&1
-  grep -E "tokens/s|GPU idle|no graph" "$OUT/profile_step_pipelined.log" | head -12
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
   # transformers keeping its KV across turns, compiled with CUDA graphs (in a child process)

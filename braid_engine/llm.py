@@ -76,8 +76,11 @@ class LLM:
         decode_burst: int = 8,
         prefill_graph_tokens: int = 8192,
         prefill_chunk_while_decoding: int | str | None = "auto",
+        pipeline_bursts: bool | str = "auto",
         trust_remote_code: bool = False,
     ) -> None:
+        if pipeline_bursts != "auto" and not isinstance(pipeline_bursts, bool):
+            raise ValueError(f"pipeline_bursts must be 'auto', True or False, got {pipeline_bursts!r}.")
         if not isinstance(decode_burst, int) or isinstance(decode_burst, bool) or decode_burst < 1:
             raise ValueError(f"decode_burst must be an int ≥ 1 (1 reads every step's token), got {decode_burst!r}.")
         prefill_graph_sizes(prefill_graph_tokens)  # a clear error before anything loads
@@ -123,12 +126,17 @@ class LLM:
             # (an H200: streams' longest wait 31 -> 14 ms during an 8k prompt, its first token no later);
             # without them one mixed forward reads the weights once for both
             chunk = AUTO_PREFILL_CHUNK_WHILE_DECODING if graphs else None
+        if pipeline_bursts == "auto":
+            # with graphs the host queues the next burst and reads the last one's tokens while the
+            # GPU runs it (an H200: batch 1 1,260 -> 1,306 tokens/s, batch 32 17,340 -> 18,123); on
+            # the CPU the host is the device, so there is nothing to overlap
+            pipeline_bursts = graphs
         self.config = EngineConfig(
             device=dev, dtype=dt, max_model_len=max_len, page_size=page_size, num_pages=num_pages,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_batched_tokens, 1),
             enable_prefix_caching=enable_prefix_caching, max_pinned_fraction=max_pinned_fraction,
             attention_backend=backend_name, cascade=cascade, decode_burst=decode_burst,
-            prefill_chunk_while_decoding=chunk,
+            pipeline_bursts=pipeline_bursts, prefill_chunk_while_decoding=chunk,
         )
         # one page beyond the pool takes the KV writes of graph padding rows
         kv_cache = allocate_kv_cache(cfg, num_pages + graphs, page_size, dt, dev)

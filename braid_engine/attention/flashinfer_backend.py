@@ -298,15 +298,20 @@ class FlashInferBackend(AttentionBackend):
             table, lens, base = self._graph_small[batch_size]
             host_table, host_lens = self._small_table(layout.page_tables + [[pad_page]] * pad,
                                                       layout.kv_lens + [1] * pad)
-            table[:, :host_table.shape[1]].copy_(host_table)
-            lens.copy_(host_lens)
-            base.copy_(host_lens - (host_lens - 1) % self.page_size - 1)  # the keys before the last page
+            # non-blocking: a blocking copy waits for the whole stream, i.e. for any burst still
+            # queued (a pipelined follow-up is planned while its predecessor runs). From pageable
+            # memory the driver stages the bytes before returning, so the host tensors may go
+            table[:, :host_table.shape[1]].copy_(host_table, non_blocking=True)
+            lens.copy_(host_lens, non_blocking=True)
+            base.copy_(host_lens - (host_lens - 1) % self.page_size - 1, non_blocking=True)  # keys before the last page
             self._set_step(layout, True, small_args=(table, lens))
             return "plain"
         indptr, indices, last = _paged_kv(layout.page_tables + [[pad_page]] * pad,
                                           layout.kv_lens + [1] * pad, self.page_size)
         wrapper = self._graph_decode[batch_size]
-        wrapper.plan(torch.tensor(indptr, dtype=torch.int32), indices,
+        # FlashInfer copies host page indices into its buffer blocking (see above); on the device
+        # already, they are copied in stream order
+        wrapper.plan(torch.tensor(indptr, dtype=torch.int32), indices.to(self.kv_cache.device, non_blocking=True),
                      torch.tensor(last, dtype=torch.int32), head_dim=self.head_dim, **self._common())
         self._set_step(layout, True, wrapper)
         return "plain"

@@ -67,10 +67,18 @@ class Burst:
     seqs: list[Sequence]  # in row order
     steps: int
     first_done: torch.cuda.Event | None  # recorded after the first step (graphs only)
+    # on a GPU: ``out`` copied to pinned host memory when the burst ends, and the event after
+    # that copy. A blocking read of ``out`` would also wait for whatever was queued after the
+    # burst (a pipelined follow-up): this waits for the burst alone
+    host: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None
 
     def tokens(self) -> list[list[int]]:
         """``tokens[k][i]``: sequence i's token from step k (waits for the device)."""
-        return self.out[:, :len(self.seqs)].tolist()
+        if self.done is None:
+            return self.out[:, :len(self.seqs)].tolist()
+        self.done.synchronize()
+        return self.host[:, :len(self.seqs)].tolist()
 
 
 class ModelRunner:
@@ -258,11 +266,11 @@ class ModelRunner:
 
         bs = self._graph_size(batch)
         if after is not None and after.first_done is not None:
-            # planning refills pinned host buffers whose copies to the device were queued before
-            # the first replay of ``after``: once that replay is done they have been taken. (The
-            # plans of today also copy page indices from pageable memory, which waits for the
-            # stream to drain, i.e. for all of ``after``: what overlaps the GPU's work is the
-            # host taking ``after``'s tokens, not this plan.)
+            # planning refills pinned host buffers (FlashInfer's plan information) whose copies to
+            # the device were queued before the first replay of ``after``: once that replay is
+            # done they have been taken. The rest of the plan and the replays queue behind
+            # ``after`` without waiting for it (FlashInferBackend.plan_graph copies nothing
+            # blocking), so the host takes ``after``'s tokens while the GPU runs this burst
             after.first_done.synchronize()
         elif after is not None and bs is not None:
             # an eager burst's last argmax is not in the graphs' input buffer
@@ -291,7 +299,7 @@ class ModelRunner:
             if bs in self.cascade_graphs and graph is self.cascade_graphs[bs][0]:
                 self.cascade_replays += steps - 1
                 self.backend.cascade_steps += steps - 1  # planned once, cascaded every step
-            return Burst(out, seqs, steps, first_done)
+            return Burst(out, seqs, steps, first_done, *self._to_host(out))
         # (a graph's padding rows come after the sequences')
         ids = torch.tensor(first, dtype=torch.long, device=dev) if after is None else after.out[-1, :len(seqs)]
         out = []
@@ -300,7 +308,19 @@ class ModelRunner:
             positions = torch.tensor([c + k for c in starts], dtype=torch.long, device=dev)
             ids = self.model.compute_logits(self.model(ids, positions, self.backend)).argmax(-1)
             out.append(ids)
-        return Burst(torch.stack(out), seqs, steps, None)
+        out = torch.stack(out)
+        return Burst(out, seqs, steps, None, *self._to_host(out))
+
+    def _to_host(self, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
+        """A burst's tokens on their way to the host: a pinned copy queued behind the burst and
+        the event that marks it done (None, None off the GPU: the host reads ``out`` itself)."""
+        if out.device.type != "cuda":
+            return None, None
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(out.device))
+        return host, done
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:

@@ -22,9 +22,25 @@ def _prompts():
 
 
 def _bursting(path, pipeline=False, **kw):
-    llm = LLM(path, device="cpu", page_size=16, decode_burst=8, **kw)
-    llm.engine.config.pipeline_bursts = pipeline
-    return llm
+    return LLM(path, device="cpu", page_size=16, decode_burst=8, pipeline_bursts=pipeline, **kw)
+
+
+def test_bursts_pipeline_only_with_cuda_graphs_by_default(tiny_qwen3):
+    """'auto' (the default) pipelines where CUDA graphs queue the bursts on a GPU; on the CPU the
+    host computes each burst itself, so there is nothing to overlap."""
+    llm = LLM(tiny_qwen3, device="cpu")
+    try:
+        assert llm.engine.config.pipeline_bursts is False
+        llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        assert llm.stats()["pipelined_bursts"] == 0 and llm.stats()["decode_bursts"] >= 1
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("bad", [None, 1, "on", "Auto"])
+def test_a_bad_pipeline_setting_is_refused(tiny_qwen3, bad):
+    with pytest.raises(ValueError, match="pipeline_bursts must be 'auto', True or False"):
+        LLM(tiny_qwen3, device="cpu", pipeline_bursts=bad)
 
 
 def _run(llm, prompts, params, final_only=False):

@@ -214,7 +214,8 @@ def test_cascade_twins_keep_a_shared_prefix_in_the_decode_graphs(engines, monkey
 
     monkeypatch.setattr(FlashInferBackend, "cascade_graph_batch", 8)
     graphed = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
-                  max_num_seqs=16, cuda_graphs=True, cascade="always", prefill_graph_tokens=256)
+                  max_num_seqs=16, cuda_graphs=True, cascade="always", prefill_graph_tokens=256,
+                  pipeline_bursts=False)
     eager = engines[1]
     try:
         runner, backend = graphed.engine.runner, graphed.engine.runner.backend
@@ -232,12 +233,12 @@ def test_cascade_twins_keep_a_shared_prefix_in_the_decode_graphs(engines, monkey
         for prompt, x, y in zip(prompts, a, b, strict=True):
             assert x.num_cached_tokens >= 288
             _agree_up_to_near_tie(eager, prompt, x.token_ids, y.token_ids)
-        # pipelined bursts (EngineConfig.pipeline_bursts) planning the twin for each follow-up,
-        # from the same cache state: the same tokens
+        # pipelined bursts (the default with graphs) planning the twin for each follow-up, from
+        # the same cache state: the same tokens
         piped = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                     max_num_seqs=16, cuda_graphs=True, cascade="always", prefill_graph_tokens=256)
         try:
-            piped.engine.config.pipeline_bursts = True
+            assert piped.engine.config.pipeline_bursts is True
             piped.generate([prefix], SamplingParams(temperature=0, max_tokens=1))
             twins = piped.engine.runner.cascade_replays
             c = piped.generate(prompts, params)
@@ -312,36 +313,38 @@ def test_graphed_engines_chunk_prompts_while_decoding_by_default(engines, monkey
 
 @pytest.mark.parametrize("requests", [1, 3, 6])
 def test_pipelined_bursts_give_the_tokens_of_bursts_read_in_turn(engines, requests):
-    """EngineConfig.pipeline_bursts: the next burst is launched from the last one's argmax on
-    the device, its plan made while that one runs (after its first replay), before the host
-    reads its tokens. Same graphs, same tokens as bursts read one at a time; with six requests
-    one stops mid-burst, its share of the next burst is dropped, and the rest keep the graph of 8
-    either way."""
-    graphed, _ = engines
-    kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_num_seqs=16, cuda_graphs=True,
-              prefill_graph_tokens=256)
-    pipelined = LLM(graphed.model_path, **kw)
-    pipelined.engine.config.pipeline_bursts = True
+    """pipeline_bursts ("auto": on with graphs): the next burst is launched from the last one's
+    argmax on the device, its plan made while that one runs (after its first replay, copying
+    nothing blocking), before the host reads its tokens (from a pinned copy made when that burst
+    ends). Same graphs, same tokens as bursts read one at a time; with six requests one stops
+    mid-burst, its share of the next burst is dropped, and the rest keep the graph of 8 either
+    way."""
+    plain = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256, pipeline_bursts=False)
+    pipelined = engines[0]  # the default; plain reads every burst before launching the next
+    assert pipelined.engine.config.pipeline_bursts is True and plain.engine.config.pipeline_bursts is False
+    before, pages = pipelined.stats()["pipelined_bursts"], pipelined.stats()["pages_used"]
     try:
         gen = torch.Generator().manual_seed(requests)
         prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
                    for n in torch.randint(5, 90, (requests,), generator=gen)]
         free = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, enable_prefix_caching=False)
-        ref = graphed.generate(prompts, free)
+        ref = plain.generate(prompts, free)
         out = pipelined.generate(prompts, free)
         assert [o.token_ids for o in out] == [r.token_ids for r in ref]
-        assert pipelined.stats()["pipelined_bursts"] >= 3
+        assert pipelined.stats()["pipelined_bursts"] - before >= 3
         if requests == 6:
             stops = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, enable_prefix_caching=False,
                                     stop_token_ids=[r.token_ids[13]] if i == 2 else None)
                      for i, r in enumerate(ref)]
             results = []
-            for llm in (graphed, pipelined):
+            for llm in (plain, pipelined):
                 with llm.engine.together():
                     streams = [llm.engine.add_request(p, s) for p, s in zip(prompts, stops, strict=True)]
                 results.append([s.result().token_ids for s in streams])
             assert results[0] == results[1]
             assert len(results[1][2]) < 60
-        assert pipelined.stats()["pages_used"] == 0
+        assert plain.stats()["pages_used"] == 0 and pipelined.stats()["pages_used"] == pages
+        assert plain.stats()["pipelined_bursts"] == 0
     finally:
-        pipelined.shutdown()
+        plain.shutdown()
