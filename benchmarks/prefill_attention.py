@@ -2,7 +2,9 @@
 backend eagerly (fa3 on Hopper: the engine's ``_prefill``), its fa2 backend eagerly, and fa2 in
 CUDA-graph mode as the engine's prefill graphs plan it — split-KV (what graph mode does unasked)
 and with ``disable_split_kv=True`` —, and the default backend in CUDA-graph mode
-(``FlashInferBackend.fa3_prefill_graph_rows``).
+(``FlashInferBackend.fa3_prefill_graph_rows``). For a fresh prompt (rows = keys) also FlashInfer's
+ragged-KV prefill and torch's SDPA over contiguous keys, as the layer has them before the cache
+write: what a prefill that skipped the paged read could gain.
 
     python -m benchmarks.prefill_attention [--cases 1024 4096 8192 3:8192]
 
@@ -97,6 +99,25 @@ def _variants(flashinfer, q: int, kv: int, rows: int | None, sms: int, common: d
     b.plan(_i32([0, q]), *eager_kv, fixed_split_size=split, **common)
     out = [(f"a eager, default backend ({a._backend})", a, lambda: a.run(qs, cache)),
            (f"b eager, fa2 ({f'split {split} pages' if split else 'own split'})", b, lambda: b.run(qs, cache))]
+    if q == kv:
+        # a fresh prompt's keys are also at hand contiguous (the layer's own k and v before the
+        # cache write): (f) FlashInfer's ragged-KV prefill over them, default backend (TMA loads
+        # on Hopper, where the paged kernel gathers page by page), and (g) torch's SDPA on them
+        pos = torch.arange(kv, device=dev)
+        rows_of = torch.tensor(table, device=dev)[pos // PS]
+        k = cache[rows_of, 0, :, pos % PS].contiguous()  # [kv, HKV, D]
+        v = cache[rows_of, 1, :, pos % PS].contiguous()
+        f = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(space(_WORKSPACE_BYTES), "NHD")
+        f.plan(_i32([0, q]), _i32([0, kv]), HQ, HKV, D, causal=True, pos_encoding_mode="NONE",
+               sm_scale=D ** -0.5, q_data_type=bf, kv_data_type=bf)
+        out.append((f"f eager, ragged KV ({f._backend})", f, lambda: f.run(qs, k, v)))
+        qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (qs, k, v))
+
+        def sdpa() -> torch.Tensor:
+            o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+            return o[0].transpose(0, 1)
+
+        out.append(("g eager, torch SDPA, contiguous", None, sdpa))
     if rows is None:
         return out
     # (c), (d) fa2 in graph mode: captured on the capture plan (one row over one key on the pad

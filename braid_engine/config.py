@@ -135,7 +135,8 @@ class EngineConfig:
     cascade: str = "auto"
     decode_burst: int = 8  # greedy decode steps run back to back between token reads; 1: every step
     # launch the next burst for the same sequences before reading the last one's tokens, so the
-    # GPU does not idle while the host takes them (a sequence that stops drops its share)
+    # GPU does not idle while the host takes them (a sequence that stops drops its share);
+    # LLM(pipeline_bursts="auto") turns it on where CUDA graphs run
     pipeline_bursts: bool = False
     # while sequences decode, a prompt is prefilled at most this many tokens a step, in a forward
     # of its own after theirs (its prefill graphs, their decode graph) instead of one mixed
