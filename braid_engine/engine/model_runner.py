@@ -27,6 +27,25 @@ def _rows_tensor(*rows: list[int]) -> torch.Tensor:
     return torch.frombuffer(flat, dtype=torch.long).view(len(rows), -1)
 
 
+# a sequence's new tokens from this many on get their positions and KV slots from tensor ops
+# (~30 µs) instead of a Python loop (~0.2 µs a token: 0.8 ms for 4,096 on a 2-core CPU)
+LONG_ROWS = 128
+
+
+def _sequence_rows(seq: Sequence, n: int, page_size: int) -> torch.Tensor:
+    """Token ids, positions and KV slots of ``seq``'s next ``n`` tokens, as one int64 host tensor
+    [3, n] (what ``_rows_tensor`` makes of the three lists)."""
+    start = seq.num_computed
+    first, last = start // page_size, (start + n - 1) // page_size
+    pages = torch.tensor(seq.page_table[first:last + 1], dtype=torch.long)
+    # every slot of those pages in order, then the n from the start's offset on (an index
+    # gather over the positions took 0.33 ms for 4,096, this 0.02)
+    every = (pages[:, None] * page_size + torch.arange(page_size)).view(-1)
+    offset = start - first * page_size
+    ids = torch.frombuffer(array("q", seq.token_range(start, start + n)), dtype=torch.long)
+    return torch.stack((ids, torch.arange(start, start + n), every[offset:offset + n]))
+
+
 def prefill_graph_sizes(largest: int, max_step_tokens: int | None = None) -> tuple[int, ...]:
     """The prefill graphs' row counts, up to ``largest`` (one of the ladder's sizes) and, past
     the short ones, up to the first that holds ``max_step_tokens`` (a step never has more)."""
@@ -136,6 +155,9 @@ class ModelRunner:
             if twin:
                 self.backend.plan_cascade_capture(layout, bs, pad_page)
                 self.cascade_graphs[bs] = self._capture(self._forward_static, bs, pool)
+        pad_rows = torch.arange(self.prefill_sizes[-1], device=dev)
+        self._prefill_pad = torch.stack((torch.zeros_like(pad_rows), pad_rows,
+                                         pad_page * self.page_size + pad_rows % self.page_size))
         for tokens in reversed(self.prefill_sizes):
             self.backend.prepare_prefill_graph(tokens)
             layout = BatchLayout([1], [1], [[pad_page]], self.page_size, self.static_slots[:tokens])
@@ -173,8 +195,7 @@ class ModelRunner:
             return None
         return next((b for b in sorted(self.graphs) if b >= len(batch)), None)
 
-    def _replay_prefill_pieces(self, n: int, ids: list[int], positions: list[int],
-                               slots: list[int], layout: BatchLayout) -> torch.Tensor | None:
+    def _replay_prefill_pieces(self, n: int, rows: torch.Tensor, layout: BatchLayout) -> torch.Tensor | None:
         """One sequence's ``n`` new tokens through the prefill graphs, piece by piece (each piece
         attends the keys of the pieces before it in the cache); the last piece's logits, or None
         when the step is too long for the graphs."""
@@ -195,20 +216,19 @@ class ModelRunner:
             self._last_prefill_graph = graph
             done += m
             piece = BatchLayout([m], [done], [table], self.page_size, layout.slot_mapping)
-            logits = self._replay_prefill(m, ids[at:at + m], positions[at:at + m], slots[at:at + m], piece)
+            logits = self._replay_prefill(m, rows[:, at:at + m], piece)
             at += m
         return logits
 
-    def _replay_prefill(self, n: int, ids: list[int], positions: list[int],
-                        slots: list[int], layout: BatchLayout) -> torch.Tensor:
+    def _replay_prefill(self, n: int, rows: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        """``rows``: the piece's token ids, positions and KV slots, [3, n] on the host."""
         tokens = next(t for t in self.prefill_sizes if t >= n)
-        ps = self.page_size
-        graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables, ps,
+        graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables, self.page_size,
                                    self.static_slots[:tokens])
         self.backend.plan_prefill_graph(graph_layout, tokens, self.pad_page)
-        pad = tokens - n
-        self._load_static(ids + [0] * pad, positions + list(range(pad)),
-                          slots + [self.pad_page * ps + i % ps for i in range(pad)])
+        self.static_in[:, :n].copy_(rows, non_blocking=True)
+        # padding rows: token 0 at positions 0, 1, … writing their KV into the pad page
+        self.static_in[:, n:tokens].copy_(self._prefill_pad[:, :tokens - n])
         self.static_last.fill_(n - 1)
         graph, logits = self.prefill_graphs[tokens]
         graph.replay()
@@ -334,14 +354,16 @@ class ModelRunner:
         slots: list[int] = []
         last_rows: list[int] = []
         samplers: list[Sequence] = []
+        long = len(batch) == 1 and batch[0][1] >= LONG_ROWS
         for seq, n in batch:
             start = seq.num_computed
-            ids.extend(seq.token_range(start, start + n))
-            pos = range(start, start + n)
-            positions.extend(pos)
-            slots.extend(seq.page_table[p // ps] * ps + p % ps for p in pos)
+            if not long:
+                ids.extend(seq.token_range(start, start + n))
+                pos = range(start, start + n)
+                positions.extend(pos)
+                slots.extend(seq.page_table[p // ps] * ps + p % ps for p in pos)
             if start + n == len(seq):
-                last_rows.append(len(ids) - 1)
+                last_rows.append(n - 1 if long else len(ids) - 1)
                 samplers.append(seq)
         dev = self.device
         layout = BatchLayout(
@@ -356,12 +378,17 @@ class ModelRunner:
             logits = self._replay(bs, ids, positions, slots, layout)
             if logits is not None:
                 return logits, samplers
-        elif (self.prefill_graphs and len(batch) == 1 and batch[0][1] > 1
-              and (len(samplers) == 1 or self.graph_prefill_chunks)):
-            logits = self._replay_prefill_pieces(batch[0][1], ids, positions, slots, layout)
+        rows = _sequence_rows(batch[0][0], batch[0][1], ps) if long else None
+        if (bs is None and self.prefill_graphs and len(batch) == 1 and batch[0][1] > 1
+                and (len(samplers) == 1 or self.graph_prefill_chunks)):
+            if rows is None:
+                rows = _rows_tensor(ids, positions, slots)
+            logits = self._replay_prefill_pieces(batch[0][1], rows, layout)
             if logits is not None:
                 return logits[:len(samplers)], samplers
-        step_ids, step_positions, layout.slot_mapping = _rows_tensor(ids, positions, slots).to(dev)
+        if rows is None:
+            rows = _rows_tensor(ids, positions, slots)
+        step_ids, step_positions, layout.slot_mapping = rows.to(dev)
         self.backend.plan(layout)
         hidden = self.model(step_ids, step_positions, self.backend)
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=dev)])

@@ -4,6 +4,7 @@ the graphs themselves are tested on the GPU in tests/gpu/test_cuda_graphs.py).""
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from braid_engine.engine.model_runner import prefill_graph_sizes, prefill_pieces
 
@@ -71,15 +72,13 @@ def test_each_piece_attends_the_keys_before_it(monkeypatch, n, sizes, pieces, sy
     """The runner's pieces: their own slices of ids, positions and slots, kv lengths that count
     the cached history and every earlier piece, and a wait before a graph is planned again for
     the next piece (its last plan's copies may still be queued)."""
-    import torch
-
     from braid_engine.attention.base import BatchLayout
     from braid_engine.engine.model_runner import ModelRunner
 
     calls, syncs = [], []
 
-    def replay(m, ids, positions, slots, layout):
-        calls.append((m, ids, positions, slots, layout.query_lens, layout.kv_lens, layout.page_tables))
+    def replay(m, rows, layout):
+        calls.append((m, *(r.tolist() for r in rows), layout.query_lens, layout.kv_lens, layout.page_tables))
         return f"logits of piece {len(calls)}"
 
     fake = SimpleNamespace(prefill_sizes=sizes, _last_prefill_graph=None, page_size=16, device=torch.device("cpu"), _replay_prefill=replay)
@@ -90,7 +89,8 @@ def test_each_piece_attends_the_keys_before_it(monkeypatch, n, sizes, pieces, sy
     slots = [p + 7 for p in positions]
     table = list(range(-(-(cached + n) // 16)))
     layout = BatchLayout([n], [cached + n], [table], 16, torch.empty(0))
-    assert ModelRunner._replay_prefill_pieces(fake, n, ids, positions, slots, layout) == f"logits of piece {len(pieces)}"
+    rows = torch.tensor([ids, positions, slots])
+    assert ModelRunner._replay_prefill_pieces(fake, n, rows, layout) == f"logits of piece {len(pieces)}"
     assert [c[0] for c in calls] == pieces
     starts = [sum(pieces[:i]) for i in range(len(pieces) + 1)]
     for c, a, b in zip(calls, starts, starts[1:], strict=False):
@@ -103,8 +103,6 @@ def test_a_graph_planned_again_after_another_call_waits_for_the_stream(monkeypat
     """The wait before re-planning a graph holds across calls: the next chunk of a prompt (or
     another prompt's chunk in the same step) may plan the graph the last call replayed while
     that replay's copies are still queued."""
-    import torch
-
     from braid_engine.attention.base import BatchLayout
     from braid_engine.engine.model_runner import ModelRunner
 
@@ -115,6 +113,32 @@ def test_a_graph_planned_again_after_another_call_waits_for_the_stream(monkeypat
                         lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(1)))
     for n in (16, 16, 100, 16):
         layout = BatchLayout([n], [n], [[0] * 8], 16, torch.empty(0))
-        ModelRunner._replay_prefill_pieces(fake, n, list(range(n)), list(range(n)), list(range(n)), layout)
+        ModelRunner._replay_prefill_pieces(fake, n, torch.arange(n).expand(3, n), layout)
     assert len(syncs) == 1  # only the second 16 follows a replay of its own graph
     assert fake._last_prefill_graph == 16
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_long_step_builds_the_rows_of_the_python_loop(seed):
+    """A sequence's ``LONG_ROWS``+ new tokens get their ids, positions and KV slots from tensor
+    ops: the same rows as the loop over positions that shorter steps run, from any start inside
+    a page, over prompt and output tokens alike."""
+    import random
+
+    from braid_engine.engine.model_runner import LONG_ROWS, _rows_tensor, _sequence_rows
+
+    rng = random.Random(seed)
+    ps = rng.choice([1, 4, 16])
+    prompt = [rng.randrange(3, 400) for _ in range(rng.randrange(1, 700))]
+    output = [rng.randrange(3, 400) for _ in range(rng.randrange(0, 300))]
+    start = rng.randrange(0, len(prompt) + len(output) - 1)
+    n = max(1, min(rng.randrange(LONG_ROWS, 900), len(prompt) + len(output) - start))
+    pages = -(-(start + n) // ps)
+    table = rng.sample(range(5 * pages), pages)  # shuffled, not contiguous
+    seq = SimpleNamespace(num_computed=start, page_table=table, prompt_token_ids=prompt, output_token_ids=output)
+    seq.token_range = lambda a, b: (prompt + output)[a:b]
+    pos = range(start, start + n)
+    loop = _rows_tensor((prompt + output)[start:start + n], list(pos), [table[p // ps] * ps + p % ps for p in pos])
+    rows = _sequence_rows(seq, n, ps)
+    assert rows.dtype == loop.dtype and rows.shape == (3, n)
+    assert torch.equal(rows, loop)
