@@ -348,3 +348,26 @@ def test_pipelined_bursts_give_the_tokens_of_bursts_read_in_turn(engines, reques
         assert plain.stats()["pipelined_bursts"] == 0
     finally:
         plain.shutdown()
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_planning_a_decode_graph_does_not_wait_for_the_gpu(engines, batch):
+    """Pipelined bursts plan the next burst while the last one runs: a graph's decode plan (the
+    small-batch kernel's table at batch 1, FlashInfer's page indices at 8) must queue its copies
+    behind the GPU's work, not wait for it. The GPU is kept busy with a spin kernel; the plan
+    returns while it still spins."""
+    from braid_engine.attention.base import BatchLayout
+
+    runner = engines[0].engine.runner
+    backend, ps = runner.backend, runner.page_size
+    layout = BatchLayout([1] * batch, [40 + i for i in range(batch)], [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(batch)],
+                         ps, torch.empty(0))
+    stream = torch.cuda.current_stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 31)  # about a second of spinning on the GPU
+    spun = torch.cuda.Event()
+    spun.record(stream)
+    assert backend.plan_graph(layout, batch, runner.pad_page) == "plain"
+    planned_while_busy = not spun.query()
+    torch.cuda.synchronize()
+    assert planned_while_busy
