@@ -27,8 +27,8 @@ def _rows_tensor(*rows: list[int]) -> torch.Tensor:
     return torch.frombuffer(flat, dtype=torch.long).view(len(rows), -1)
 
 
-# a sequence's new tokens from this many on get their positions and KV slots from tensor ops
-# (~30 µs) instead of a Python loop (~0.2 µs a token: 0.8 ms for 4,096 on a 2-core CPU)
+# a sequence's new tokens from this many on get their rows from tensor ops instead of a Python
+# loop over positions (4,096 tokens on a 2-core CPU: 0.14 ms against 1.1; even at 128)
 LONG_ROWS = 128
 
 
