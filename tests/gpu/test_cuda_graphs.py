@@ -371,3 +371,21 @@ def test_planning_a_decode_graph_does_not_wait_for_the_gpu(engines, batch):
     planned_while_busy = not spun.query()
     torch.cuda.synchronize()
     assert planned_while_busy
+
+
+def test_a_bursts_tokens_are_read_without_waiting_for_work_queued_after_it(engines):
+    """A pipelined follow-up is queued behind a burst before the host reads that burst's tokens:
+    the read must wait for the burst alone. Here a spin kernel stands for the follow-up."""
+    from braid_engine.engine.model_runner import Burst
+
+    runner = engines[0].engine.runner
+    out = torch.arange(24, device="cuda").view(3, 8) * 7  # 3 steps of a graph of 8 rows
+    burst = Burst(out, [object()] * 5, 3, None, *runner._to_host(out))
+    torch.cuda._sleep(1 << 31)  # about a second of spinning, queued after the burst
+    spun = torch.cuda.Event()
+    spun.record(torch.cuda.current_stream())
+    tokens = burst.tokens()
+    read_while_busy = not spun.query()
+    torch.cuda.synchronize()
+    assert tokens == [[7 * (8 * k + i) for i in range(5)] for k in range(3)]
+    assert read_while_busy
