@@ -253,22 +253,17 @@ class ModelRunner:
         self.graph_replays += 1
         return logits[:n]
 
-    def decode_burst(self, batch: list[tuple[Sequence, int]], steps: int) -> tuple[list[list[int]], list[Sequence]]:
-        """Run ``steps`` greedy decode steps back to back, each step's argmax fed to the next on
-        the device, and read the tokens once at the end: ``tokens[k][i]`` is sequence i's token
-        from step k (sequences in the returned order). Every sequence decodes one token a step,
-        and its next ``steps`` positions lie in the page of its current one, so the attention
-        plan's page counts hold for the whole burst (only the last page's fill changes)."""
-        burst = self.launch_burst(batch, steps)
-        return burst.tokens(), burst.seqs
-
     @torch.inference_mode()
     def launch_burst(self, batch: list[tuple[Sequence, int]], steps: int, after: Burst | None = None) -> Burst:
-        """``decode_burst`` without reading its tokens: the burst is queued on the device (on the
-        GPU the host goes on at once). ``after``: a burst still in flight that this one follows —
-        the same sequences, each ``after.steps`` tokens further on (their pages reserved), its
-        first input the argmax of ``after``'s last step, on the device. The host reads nothing
-        in between, so the GPU need not wait for the host's work on ``after``'s tokens."""
+        """Queue ``steps`` greedy decode steps back to back, each step's argmax fed to the next on
+        the device; ``Burst.tokens()`` reads them once at the end (on the GPU the host goes on at
+        once). Every sequence decodes one token a step, and its next ``steps`` positions lie in
+        the page of its current one, so the attention plan's page counts hold for the whole
+        burst (only the last page's fill changes). ``after``: a burst still in flight that this
+        one follows — the same sequences, each ``after.steps`` tokens further on (their pages
+        reserved), its first input the argmax of ``after``'s last step, on the device. The host
+        reads nothing in between, so the GPU need not wait for the host's work on ``after``'s
+        tokens."""
         seqs = [seq for seq, _ in sorted(batch, key=lambda b: b[0].page_table)]
         if after is not None and [id(s) for s in seqs] != [id(s) for s in after.seqs]:
             raise ValueError("a burst can follow only a burst of the same sequences in the same order")
@@ -378,16 +373,12 @@ class ModelRunner:
             logits = self._replay(bs, ids, positions, slots, layout)
             if logits is not None:
                 return logits, samplers
-        rows = _sequence_rows(batch[0][0], batch[0][1], ps) if long else None
+        rows = _sequence_rows(batch[0][0], batch[0][1], ps) if long else _rows_tensor(ids, positions, slots)
         if (bs is None and self.prefill_graphs and len(batch) == 1 and batch[0][1] > 1
                 and (len(samplers) == 1 or self.graph_prefill_chunks)):
-            if rows is None:
-                rows = _rows_tensor(ids, positions, slots)
             logits = self._replay_prefill_pieces(batch[0][1], rows, layout)
             if logits is not None:
                 return logits[:len(samplers)], samplers
-        if rows is None:
-            rows = _rows_tensor(ids, positions, slots)
         step_ids, step_positions, layout.slot_mapping = rows.to(dev)
         self.backend.plan(layout)
         hidden = self.model(step_ids, step_positions, self.backend)
