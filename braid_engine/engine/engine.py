@@ -327,7 +327,7 @@ class LLMEngine:
         them. Logits and sequences come back in the order one forward gives them."""
         decodes, chunks = [], []
         for s, n in batch:
-            (decodes if n == 1 and s.output_token_ids else chunks).append((s, n))
+            (decodes if n == 1 and s.is_decoding else chunks).append((s, n))
         if self.config.prefill_chunk_while_decoding is None or not decodes or not chunks:
             return self.runner.execute(batch)
         self.split_steps += 1
