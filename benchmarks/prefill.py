@@ -4,6 +4,7 @@ transformers eager and transformers under `torch.compile`, same weights, same ca
     python -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --tokens 1024 4096 16384
     python -m benchmarks.prefill ... --prefill-graph-tokens 256   # prompts past 256 tokens eagerly
     python -m benchmarks.prefill ... --fa3-graph-rows 512         # graphs of 512+ rows on fa3, not fa2
+    python -m benchmarks.prefill ... --paged-fresh                 # fresh prompts read their keys from the pages
     python -m benchmarks.prefill --tokens 256 1024 --compiled-tokens      # tiny model, CPU smoke run
 """
 
@@ -50,11 +51,16 @@ def main() -> None:
                     help="prefill graphs of at least this many rows on FlashInfer's default backend (fa3 on "
                          "Hopper) instead of fa2 (FlashInferBackend.fa3_prefill_graph_rows, default 512); "
                          "0: every graph on fa2")
+    ap.add_argument("--paged-fresh", action="store_true",
+                    help="a fresh prompt attends its keys through the paged KV cache, as any other step "
+                         "(FlashInferBackend.ragged_fresh_prefill off), not its own k/v")
     args = ap.parse_args()
-    if args.fa3_graph_rows is not None:
-        from braid_engine.attention.flashinfer_backend import FlashInferBackend
+    from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
+    if args.fa3_graph_rows is not None:
         FlashInferBackend.fa3_prefill_graph_rows = args.fa3_graph_rows or None
+    if args.paged_fresh:
+        FlashInferBackend.ragged_fresh_prefill = False
     path = build_model(args.shape, args.model)
     t0 = time.perf_counter()
     llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
@@ -70,7 +76,8 @@ def main() -> None:
     bw = copy_bandwidth(device)
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
           f"prefill graphs up to {args.prefill_graph_tokens} rows"
-          f"{f' (fa3 from {args.fa3_graph_rows} rows)' if args.fa3_graph_rows else ''}; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"{f' (fa3 from {args.fa3_graph_rows} rows)' if args.fa3_graph_rows else ''}; fresh prompts "
+          f"{'paged' if args.paged_fresh else 'on their own k/v'}; copy bandwidth {bw / 1e12:.2f} TB/s; "
           f"engine start {start_s:.1f} s, {graph_mb:.0f} MB allocated after it")
     print(f"{'tokens':>7} {'braid ms':>9} {'hf eager ms':>12} {'hf compiled ms':>15} {'vs eager':>9} {'vs compiled':>12}"
           f" {'braid TFLOP/s':>14} {'bandwidth':>10}")

@@ -77,6 +77,9 @@ class AttentionBackend(ABC):
         self.groups: list[CascadeGroup] = []
         self.cascade_steps = 0  # steps planned with at least one cascade level
         self.layout: BatchLayout | None = None
+        # this step attends the k/v each layer hands ``attend`` (a fresh prompt's own keys, laid
+        # out contiguously), not the cache's copy of them
+        self.own_kv = False
 
     @abstractmethod
     def plan(self, layout: BatchLayout) -> None:
@@ -88,14 +91,16 @@ class AttentionBackend(ABC):
         return None
 
     @abstractmethod
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None = None,
+               v: torch.Tensor | None = None) -> torch.Tensor:
         """Attend q [tokens, heads, dim] over ``kv_cache[layer]``, which already holds this
-        step's k/v (a fused kernel may have written them)."""
+        step's k/v (a fused kernel may have written them). When ``own_kv`` is set the step's
+        keys are all its own: the caller passes them as k, v [tokens, kv_heads, dim] too."""
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k/v into ``kv_cache[layer]``, then attend. q: [tokens, heads, dim]."""
         self.write_kv(layer, k, v, self.layout.slot_mapping)
-        return self.attend(layer, q)
+        return self.attend(layer, q, k, v) if self.own_kv else self.attend(layer, q)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         write_kv_cache(self.kv_cache[layer], k, v, slot_mapping)

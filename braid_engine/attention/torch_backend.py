@@ -84,7 +84,8 @@ class TorchBackend(AttentionBackend):
             q_end = self.seqs[g.last - 1][0] + self.seqs[g.last - 1][1]
             self.group_pages.append((q_start, q_end, pages))
 
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None = None,
+               v: torch.Tensor | None = None) -> torch.Tensor:
         cache = self.kv_cache[layer]
         out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)

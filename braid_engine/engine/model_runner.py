@@ -113,6 +113,9 @@ class ModelRunner:
         self._replayed: torch.cuda.CUDAGraph | None = None  # the graph the last decode replay ran
         self.cascade_replays = 0  # decode steps replayed from a cascade twin
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # rows → the twin of that prefill graph for a prompt's first chunk, which attends its
+        # own k/v (FlashInferBackend.fresh_prefill_graph)
+        self.fresh_prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_sizes: tuple[int, ...] = ()
         self.pad_page = -1
         self.graph_replays = 0
@@ -121,7 +124,7 @@ class ModelRunner:
         # prefill graphs, its logits unused: set when prompts are chunked to interleave with
         # decodes (EngineConfig.prefill_chunk_while_decoding)
         self.graph_prefill_chunks = False
-        self._last_prefill_graph: int | None = None  # rows of the prefill graph planned last
+        self._last_prefill_graph: tuple[int, bool] | None = None  # (rows, fresh) of the prefill graph planned last
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
@@ -163,6 +166,10 @@ class ModelRunner:
             layout = BatchLayout([1], [1], [[pad_page]], self.page_size, self.static_slots[:tokens])
             self.backend.plan_prefill_graph(layout, tokens, pad_page)
             self.prefill_graphs[tokens] = self._capture(self._forward_prefill_static, tokens, pool)
+            if self.backend.fresh_prefill_graph(tokens):
+                self.backend.prepare_prefill_graph(tokens, fresh=True)
+                self.backend.plan_prefill_graph(layout, tokens, pad_page, fresh=True)
+                self.fresh_prefill_graphs[tokens] = self._capture(self._forward_prefill_static, tokens, pool)
         torch.cuda.synchronize(dev)
 
     @staticmethod
@@ -206,7 +213,8 @@ class ModelRunner:
         done = kv_len - n  # keys already in the cache
         at = 0
         for m in pieces:
-            graph = next(t for t in self.prefill_sizes if t >= m)
+            rows_m = next(t for t in self.prefill_sizes if t >= m)
+            graph = (rows_m, done == 0 and rows_m in self.fresh_prefill_graphs)  # a fresh prompt's first piece
             if graph == self._last_prefill_graph:
                 # planning a graph's wrapper again refills host buffers whose copies to the
                 # device may still be queued behind its last replay (a piece before this one,
@@ -216,21 +224,22 @@ class ModelRunner:
             self._last_prefill_graph = graph
             done += m
             piece = BatchLayout([m], [done], [table], self.page_size, layout.slot_mapping)
-            logits = self._replay_prefill(m, rows[:, at:at + m], piece)
+            logits = self._replay_prefill(m, rows[:, at:at + m], piece, graph[1])
             at += m
         return logits
 
-    def _replay_prefill(self, n: int, rows: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-        """``rows``: the piece's token ids, positions and KV slots, [3, n] on the host."""
+    def _replay_prefill(self, n: int, rows: torch.Tensor, layout: BatchLayout, fresh: bool) -> torch.Tensor:
+        """``rows``: the piece's token ids, positions and KV slots, [3, n] on the host; ``fresh``:
+        replay the graph's twin that attends the piece's own keys (it has no others)."""
         tokens = next(t for t in self.prefill_sizes if t >= n)
         graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables, self.page_size,
                                    self.static_slots[:tokens])
-        self.backend.plan_prefill_graph(graph_layout, tokens, self.pad_page)
+        self.backend.plan_prefill_graph(graph_layout, tokens, self.pad_page, fresh=fresh)
         self.static_in[:, :n].copy_(rows, non_blocking=True)
         # padding rows: token 0 at positions 0, 1, … writing their KV into the pad page
         self.static_in[:, n:tokens].copy_(self._prefill_pad[:, :tokens - n])
         self.static_last.fill_(n - 1)
-        graph, logits = self.prefill_graphs[tokens]
+        graph, logits = (self.fresh_prefill_graphs if fresh else self.prefill_graphs)[tokens]
         graph.replay()
         self.prefill_replays += 1
         return logits

@@ -1,5 +1,7 @@
 """Qwen3's attention prologue in one pass: per-head q/k RMSNorm, rotate-half RoPE, and the write
-of k and v into the paged KV cache. Returns q; k and v never leave the kernel."""
+of k and v into the paged KV cache. Returns q; k and v never leave the kernel, except that a fresh
+prompt's step may ask for the normed, rotated k back in its own qkv rows (``k_in_place``), where
+an attention over the step's own keys reads it beside v."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from braid_engine.kernels import pdl_args
 def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, table_stride,
                          q_out_ptr, cache_ptr, slot_ptr, s_page, s_kv, s_head, s_off, page_size, eps,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         HEADS: tl.constexpr, APPLY_NORM: tl.constexpr, USE_PDL: tl.constexpr):
+                         HEADS: tl.constexpr, APPLY_NORM: tl.constexpr, K_IN_PLACE: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     # program (t, j): token t's q and k heads j·HEADS … as the rows of one tile (the rotation's
     # halves apart), and the v heads beside those k heads
     if USE_PDL:
@@ -61,6 +64,9 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
     k_rows = is_k[:, None]
     tl.store(k_dst, o1.to(ct), mask=k_rows)
     tl.store(k_dst + half, o2.to(ct), mask=k_rows)
+    if K_IN_PLACE:  # only this program reads these k heads, and it has read them
+        tl.store(row + offs, o1, mask=k_rows)
+        tl.store(row + offs + half, o2, mask=k_rows)
     full = tl.arange(0, HEAD_DIM)[None, :]
     v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_h) * HEAD_DIM + full, mask=k_rows, other=0.0)
     tl.store(page + s_kv + kv_h * s_head + full, v.to(ct), mask=k_rows)
@@ -69,15 +75,18 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
 def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None,
                           k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                           cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int,
-                          num_kv_heads: int) -> torch.Tensor:
+                          num_kv_heads: int, k_in_place: bool = False) -> torch.Tensor:
     """qkv [tokens, (Hq + 2·Hkv)·D] → q [tokens, Hq, D] normed and rotated; k (normed, rotated)
-    and v written into ``cache`` ([pages, 2, Hkv, page_size, D]) at ``slot_mapping``.
+    and v written into ``cache`` ([pages, 2, Hkv, page_size, D]) at ``slot_mapping``. With
+    ``k_in_place`` the rotated k also replaces qkv's k columns (qkv must then be row-major).
 
     Without weights (``q_weight is None``) the norm is skipped: plain rotate-half RoPE.
     """
     t = qkv.shape[0]
     d = cache.shape[-1]
     if qkv.stride(-1) != 1:
+        if k_in_place:
+            raise ValueError("k_in_place needs qkv with unit stride along its last axis")
         qkv = qkv.contiguous()
     q = torch.empty((t, num_heads, d), dtype=qkv.dtype, device=qkv.device)
     apply_norm = q_weight is not None
@@ -92,6 +101,7 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, q_weight: 
         qkv, qkv.stride(0), positions, qw, kw, cos, sin, cos.stride(0), q, cache, slot_mapping,
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.shape[3], eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, HEADS=heads, APPLY_NORM=apply_norm,
+        K_IN_PLACE=k_in_place,
         # no FMA contraction: torch rounds each RoPE product before the sum
         num_warps=max(1, min(8, heads * d // 512)), enable_fp_fusion=False, **pdl_args(qkv.device))
     return q

@@ -17,11 +17,13 @@ class AttentionContext(Protocol):
 
     kv_cache: torch.Tensor
     layout: BatchLayout | None
+    own_kv: bool  # attend wants the step's own k, v (all its keys are new)
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ...
 
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None = None,
+               v: torch.Tensor | None = None) -> torch.Tensor:
         ...
 
 
@@ -133,12 +135,16 @@ class Attention(nn.Module):
 
             has_norm = self.q_norm is not None
             rope = self.rotary[0]
+            own = ctx.own_kv  # the rotated k comes back in qkv's k columns, beside v
             q = qk_norm_rope_write_kv(
                 qkv, positions, self.q_norm.weight if has_norm else None,
                 self.k_norm.weight if has_norm else None, self.q_norm.eps if has_norm else 0.0,
                 rope.cos, rope.sin, ctx.kv_cache[self.layer], ctx.layout.slot_mapping,
-                self.num_heads, self.num_kv_heads)
-            return ctx.attend(self.layer, q).reshape(t, q_size)
+                self.num_heads, self.num_kv_heads, k_in_place=own)
+            if not own:
+                return ctx.attend(self.layer, q).reshape(t, q_size)
+            k, v = qkv[:, q_size:].unflatten(1, (2 * self.num_kv_heads, self.head_dim)).chunk(2, dim=1)
+            return ctx.attend(self.layer, q, k, v).reshape(t, q_size)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)

@@ -77,11 +77,13 @@ def test_each_piece_attends_the_keys_before_it(monkeypatch, n, sizes, pieces, sy
 
     calls, syncs = [], []
 
-    def replay(m, rows, layout):
+    def replay(m, rows, layout, fresh):
+        assert not fresh  # the prompt has 100 cached tokens before these
         calls.append((m, *(r.tolist() for r in rows), layout.query_lens, layout.kv_lens, layout.page_tables))
         return f"logits of piece {len(calls)}"
 
-    fake = SimpleNamespace(prefill_sizes=sizes, _last_prefill_graph=None, page_size=16, device=torch.device("cpu"), _replay_prefill=replay)
+    fake = SimpleNamespace(prefill_sizes=sizes, _last_prefill_graph=None, page_size=16, device=torch.device("cpu"),
+                           _replay_prefill=replay, fresh_prefill_graphs=dict.fromkeys(sizes))
     monkeypatch.setattr(torch.cuda, "current_stream",
                         lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(len(calls))))
     cached = 100
@@ -108,14 +110,36 @@ def test_a_graph_planned_again_after_another_call_waits_for_the_stream(monkeypat
 
     syncs = []
     fake = SimpleNamespace(prefill_sizes=LONG, _last_prefill_graph=None, page_size=16, device=torch.device("cpu"),
-                           _replay_prefill=lambda *a: "logits")
+                           _replay_prefill=lambda *a: "logits", fresh_prefill_graphs={})
     monkeypatch.setattr(torch.cuda, "current_stream",
                         lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(1)))
     for n in (16, 16, 100, 16):
         layout = BatchLayout([n], [n], [[0] * 8], 16, torch.empty(0))
         ModelRunner._replay_prefill_pieces(fake, n, torch.arange(n).expand(3, n), layout)
     assert len(syncs) == 1  # only the second 16 follows a replay of its own graph
-    assert fake._last_prefill_graph == 16
+    assert fake._last_prefill_graph == (16, False)
+
+
+@pytest.mark.parametrize("twins, fresh", [((256, 1024), [True, False, False]), ((1024,), [False, False, False])])
+def test_only_a_fresh_prompts_first_piece_replays_the_fresh_twin(monkeypatch, twins, fresh):
+    """A prompt with nothing cached: its first piece has no keys but its own and replays the
+    graph's fresh twin (which attends the piece's own k/v) where that size has one; the pieces
+    after it attend the first one's keys in the cache and replay the plain graphs. A wait comes
+    only before the same graph, twin or not, is planned again."""
+    from braid_engine.attention.base import BatchLayout
+    from braid_engine.engine.model_runner import ModelRunner
+
+    calls, syncs = [], []
+    fake = SimpleNamespace(prefill_sizes=GAPPED, _last_prefill_graph=None, page_size=16,
+                           device=torch.device("cpu"), fresh_prefill_graphs=dict.fromkeys(twins),
+                           _replay_prefill=lambda m, rows, layout, f: calls.append((m, layout.kv_lens, f)))
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(len(calls))))
+    n = 600  # pieces of 256, 256 and 88 (the 128-row graph)
+    ModelRunner._replay_prefill_pieces(fake, n, torch.arange(n).expand(3, n),
+                                       BatchLayout([n], [n], [list(range(38))], 16, torch.empty(0)))
+    assert calls == [(256, [256], fresh[0]), (256, [512], fresh[1]), (88, [600], fresh[2])]
+    assert syncs == ([] if fresh[0] else [1])  # the second 256 follows the twin, a graph of its own
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -125,7 +125,8 @@ def _first_divergence(ours: list[int], ref: list[int], hf, prompt: list[int]) ->
 
 def _prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, QWEN3_0_6B["vocab_size"], (n,), generator=g).tolist() for n in (7, 31, 64, 150)]
+    return [torch.randint(0, QWEN3_0_6B["vocab_size"], (n,), generator=g).tolist()
+            for n in (7, 31, 64, 150, 600)]  # 600: a fresh prompt past the short bound attends its own k/v
 
 
 def _engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:

@@ -164,12 +164,13 @@ def test_warm_up_builds_every_eager_kernel_and_leaves_no_trace(cascade):
     before = cache.clone()
     fi = FlashInferBackend(cache, 16, 128, cascade)
     fi.warm_up()
-    for wrapper in (fi._prefill, fi._prefill_split, fi._decode):
+    for wrapper in (fi._prefill, fi._prefill_split, fi._decode, fi._ragged):
         assert wrapper._cached_module is not None
     assert (fi._shared._cached_module is not None) == (cascade != "never")
     assert fi._small is not None  # our small-batch decode kernel ran too
     assert torch.equal(cache, before)
-    assert (fi.cascade, fi.cascade_steps, fi.layout, fi._rows, fi._active) == (cascade, 0, None, None, None)
+    assert (fi.cascade, fi.cascade_steps, fi.layout, fi._rows, fi._active, fi.own_kv) == (
+        cascade, 0, None, None, None, False)
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (32, 4, 64)])
@@ -268,3 +269,85 @@ def test_prefill_graph_replays_are_as_exact_as_the_eager_prefill(hq, hkv, d, fa3
         e_graph = ((got - expected).norm() / expected.norm()).item()
         print(f"rows {rows} new {new} cached {cached}: rel err eager {e_eager:.2e}, graph {e_graph:.2e}")
         assert e_graph < 1.25 * e_eager + 2e-4, (rows, new, cached, e_eager, e_graph)
+
+
+# Qwen3-0.6B's heads only: each head dim builds FlashInfer's ragged kernels anew (a minute on a
+# fresh machine); a 64-wide model (TinyLlama) builds its own at engine start (warm_up)
+@pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128)])
+def test_fresh_prompts_attend_their_own_keys_like_the_reference(hq, hkv, d):
+    """A step whose sequences are all fresh (no key before their queries) and past the short
+    bound attends its own k/v, handed over as the strided views of a qkv row that the fused
+    prologue leaves them in; eagerly and in a fa3 prefill graph's fresh twin (padding rows
+    attending their own garbage keys), each as close to an fp32 reference as the paged prefill
+    of the same step. A step with any cached key, or a short one, stays on the paged path."""
+    ps, rows_all = 16, (512, 1024)
+    cases = [(1024, [600]), (1024, [1024]), (512, [511]), (512, [300]), (None, [300, 400, 2])]
+    pages = 200
+    cache = torch.zeros(LAYERS, pages + 1, 2, hkv, ps, d, device=DEV, dtype=torch.bfloat16)
+    pad_page = pages
+    fi = FlashInferBackend(cache, hq, d, "never")
+    assert [fi.fresh_prefill_graph(r) for r in (256, 512, 8192)] == [False, True, True]
+    fi.reserve_prefill_graph_workspace(rows_all[-1])
+    width = (hq + 2 * hkv) * d
+    static = torch.zeros(rows_all[-1], width, device=DEV, dtype=torch.bfloat16)  # the step's qkv rows
+
+    def views(qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = qkv[:, :hq * d].unflatten(1, (hq, d))
+        k, v = qkv[:, hq * d:].unflatten(1, (2 * hkv, d)).chunk(2, dim=1)
+        return q, k, v
+
+    graphs = {}
+    capture = BatchLayout([1], [1], [[pad_page]], ps, torch.empty(0))
+    for rows in reversed(rows_all):
+        fi.prepare_prefill_graph(rows)
+        fi.prepare_prefill_graph(rows, fresh=True)
+        fi.plan_prefill_graph(capture, rows, pad_page, fresh=True)
+        assert fi.own_kv
+        fi.attend(1, *views(static[:rows]))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fi.attend(1, *views(static[:rows]))
+        graphs[rows] = (g, out)
+    with pytest.raises(ValueError, match="only its own keys"):
+        fi.plan_prefill_graph(BatchLayout([5], [9], [[0]], ps, torch.empty(0)), 512, pad_page, fresh=True)
+    gen = torch.Generator().manual_seed(4)
+    for rows, news in cases:
+        free = torch.randperm(pages, generator=gen).tolist()
+        tables = [[free.pop() for _ in range(-(-n // ps))] for n in news]
+        slots = torch.tensor([t[p // ps] * ps + p % ps for t, n in zip(tables, news, strict=True)
+                              for p in range(n)], device=DEV)
+        layout = BatchLayout(news, news, tables, ps, slots)
+        qkv = torch.randn(sum(news), width, generator=gen).to(DEV, torch.bfloat16)
+        q, k, v = views(qkv)
+        ref = TorchBackend(cache.float(), hq, d, "never")
+        ref.plan(layout)
+        expected = ref.attention(1, q.float(), k.float(), v.float())
+        fi.ragged_fresh_prefill = False  # the paged prefill of the same step
+        fi.plan(layout)
+        assert not fi.own_kv
+        paged = fi.attention(1, q, k, v).float()
+        fi.ragged_fresh_prefill = True
+        fi.plan(layout)
+        assert fi.own_kv
+        eager = fi.attention(1, q, k, v).float()
+        e_paged = ((paged - expected).norm() / expected.norm()).item()
+        e_eager = ((eager - expected).norm() / expected.norm()).item()
+        msg = f"{news}: rel err paged {e_paged:.2e}, own k/v eager {e_eager:.2e}"
+        assert e_eager < 1.25 * e_paged + 2e-4, msg
+        if rows is not None:
+            (n,) = news
+            fi.plan_prefill_graph(layout, rows, pad_page, fresh=True)
+            static.normal_()  # padding rows hold garbage, as in the engine
+            static[:n].copy_(qkv)
+            g, out = graphs[rows]
+            g.replay()
+            torch.cuda.synchronize()
+            e_graph = ((out[:n].float() - expected).norm() / expected.norm()).item()
+            msg += f", own k/v graph {e_graph:.2e}"
+            assert e_graph < 1.25 * e_paged + 2e-4, msg
+        print(msg)
+    for seqs in ([(300, 300), (5, 40)], [(200, 200)], [(600, 700)]):  # a cached key, or short: paged
+        layout = BatchLayout([a for a, _ in seqs], [b for _, b in seqs], [list(range(-(-b // ps))) for _, b in seqs],
+                             ps, torch.empty(0))
+        fi.plan(layout)
+        assert not fi.own_kv

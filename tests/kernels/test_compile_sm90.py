@@ -50,9 +50,9 @@ compile_(_silu_and_mul_kernel, dict(BLOCK=1024), num_warps=4)
 for prologue, residual in ((0, False), (1, False), (1, True), (2, False)):
     compile_(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=False, BLOCK_N=8,
                                       BLOCK_K=1024, USE_PDL=True), num_warps=4)
-for heads, norm in ((8, True), (32, True), (32, False)):
+for heads, norm, in_place in ((8, True, False), (32, True, False), (32, False, False), (32, True, True)):
     compile_(_qk_norm_rope_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HEADS=heads, APPLY_NORM=norm,
-                                        USE_PDL=True), num_warps=4, enable_fp_fusion=False)
+                                        K_IN_PLACE=in_place, USE_PDL=True), num_warps=4, enable_fp_fusion=False)
 print("other kernels ok")
 '''
 

@@ -76,6 +76,38 @@ def test_qk_norm_rope_write_kv(device, dtype, norm, hq, hkv, t):
     assert caches[0][:, 1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [7, 70])
+def test_qk_norm_rope_can_hand_back_the_rotated_k_in_place(device, dtype, t):
+    """A fresh prompt's attention reads k from the step's own qkv rows: with k_in_place the
+    kernel overwrites qkv's k columns with exactly the k it stores in the cache, and leaves the
+    q and v columns as they were."""
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, d, ps = 6, 3, 32, 4
+    pages = -(-t // ps)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(device, dtype)
+    before = qkv.clone()
+    qw = (0.5 + torch.rand(d, generator=g)).to(device, dtype)
+    kw = (torch.rand(d, generator=g) * 96.5).to(device, dtype)
+    rope = RotaryEmbedding(d, 1e6, 128, interleaved=False).to(device)
+    positions = torch.arange(t, device=device)
+    slots = torch.randperm(pages * ps, generator=g)[:t].to(device)
+    caches = [torch.zeros(pages, 2, hkv, ps, d, dtype=dtype, device=device) for _ in range(2)]
+    q = qk_norm_rope_write_kv(qkv, positions, qw, kw, 1e-6, rope.cos, rope.sin, caches[0], slots, hq, hkv,
+                              k_in_place=True)
+    q_plain = qk_norm_rope_write_kv(before.clone(), positions, qw, kw, 1e-6, rope.cos, rope.sin, caches[1],
+                                    slots, hq, hkv)
+    assert torch.equal(q, q_plain) and torch.equal(caches[0], caches[1])
+    qs, ks = hq * d, hkv * d
+    k_cached = caches[0][slots // ps, 0, :, slots % ps]  # [t, hkv, d]
+    assert torch.equal(qkv[:, qs:qs + ks].reshape(t, hkv, d), k_cached)
+    assert not torch.equal(qkv[:, qs:qs + ks], before[:, qs:qs + ks])
+    assert torch.equal(qkv[:, :qs], before[:, :qs]) and torch.equal(qkv[:, qs + ks:], before[:, qs + ks:])
+    with pytest.raises(ValueError, match="unit stride"):
+        qk_norm_rope_write_kv(before.T.contiguous().T, positions, qw, kw, 1e-6, rope.cos, rope.sin, caches[0],
+                              slots, hq, hkv, k_in_place=True)
+
+
 def _matmul_close(y: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
     """y is a @ wᵀ (+ b) summed in float32 and rounded once: within a few float32 units of the
     scale of the terms, plus one rounding of the output dtype; and in a 16-bit dtype, equal to
