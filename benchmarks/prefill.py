@@ -5,6 +5,7 @@ transformers eager and transformers under `torch.compile`, same weights, same ca
     python -m benchmarks.prefill ... --prefill-graph-tokens 256   # prompts past 256 tokens eagerly
     python -m benchmarks.prefill ... --fa3-graph-rows 512         # graphs of 512+ rows on fa3, not fa2
     python -m benchmarks.prefill ... --paged-fresh                 # fresh prompts read their keys from the pages
+    python -m benchmarks.prefill ... --compare-fresh               # both ways, alternating in one process
     python -m benchmarks.prefill --tokens 256 1024 --compiled-tokens      # tiny model, CPU smoke run
 """
 
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--paged-fresh", action="store_true",
                     help="a fresh prompt attends its keys through the paged KV cache, as any other step "
                          "(FlashInferBackend.ragged_fresh_prefill off), not its own k/v")
+    ap.add_argument("--compare-fresh", action="store_true",
+                    help="time the engine with fresh prompts on their own k/v and paged, alternating "
+                         "--repeat times each in this process (no transformers rows)")
     args = ap.parse_args()
     from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
@@ -72,6 +76,10 @@ def main() -> None:
     compiled = torch.compile(hf)
     gen = torch.Generator().manual_seed(0)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    if args.compare_fresh:
+        compare_fresh(llm, args.tokens, args.repeat, gen, one)
+        llm.shutdown()
+        return
     weights, kv_per_token = weight_and_kv_bytes(hf)
     bw = copy_bandwidth(device)
     print(f"card: {card(device)}; dtype {dtype}; attention {llm.config.attention_backend}; "
@@ -102,6 +110,39 @@ def main() -> None:
         print(f"{n:>7} {t_braid * 1e3:>9.2f} {t_hf * 1e3:>12.2f} {comp} {t_hf / t_braid:>8.2f}x {vs_comp}"
               f" {forward_flops(hf, n) / t_braid / 1e12:>14.1f} {frac:>9.0%}")
     llm.shutdown()
+
+
+def compare_fresh(llm: LLM, lengths: list[int], repeat: int, gen: torch.Generator, one: SamplingParams) -> None:
+    """Each prompt length timed with fresh prompts attending their own k/v (the default) and
+    through the pages, alternating, in one process; the first token must agree."""
+    runner = llm.engine.runner
+    backend, twins = runner.backend, runner.fresh_prefill_graphs
+    device = llm.config.device
+
+    def fresh(on: bool) -> None:  # the eager plan asks the backend; the graphs' twins are the runner's
+        backend.ragged_fresh_prefill = on
+        runner.fresh_prefill_graphs = twins if on else {}
+
+    print(f"card: {card(device)}; dtype {llm.config.dtype}; fresh prompts on their own k/v vs paged, "
+          f"alternating, {repeat} runs each (twin graphs: {sorted(twins)})")
+    for n in lengths:
+        ids = torch.randint(3, len(llm.tokenizer), (n,), generator=gen).tolist()
+        times: dict[bool, list[float]] = {True: [], False: []}
+        first: dict[bool, int] = {}
+        for on in (True, False):  # warm-up, each way
+            fresh(on)
+            first[on] = llm.generate([ids], one)[0].token_ids[0]
+        for _ in range(repeat):
+            for on in (True, False):
+                fresh(on)
+                t0 = now(device)
+                llm.generate([ids], one)
+                times[on].append(now(device) - t0)
+        own, paged = (statistics.median(times[on]) * 1e3 for on in (True, False))
+        print(f"{n:>7} tokens: own k/v {own:.2f} ms vs paged {paged:.2f} ms ({paged / own:.3f}x; runs "
+              f"{', '.join(f'{t * 1e3:.2f}' for t in times[True])} vs {', '.join(f'{t * 1e3:.2f}' for t in times[False])})"
+              f"; first token {'the same' if first[True] == first[False] else 'DIFFERENT'}")
+    fresh(True)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,13 @@ if not torch.cuda.is_available():
 from braid_engine import LLM, SamplingParams  # noqa: E402
 from braid_engine.testing import forward_logits, make_tiny_checkpoint  # noqa: E402
 
-# a token may differ between two bf16 computations only where the top two logits are this close
-NEAR_TIE = 0.1
+# a token may differ between two bf16 computations only where the top two logits are this close.
+# This model's logits (std ~5, up to ~20) move by up to 0.59 (mean 0.09) between bf16 and fp32
+# (CPU, torch path, a 308-token prompt's last 20 positions): two bf16 engines that round apart
+# (graphs' split-KV plans and cascade twins against eager plans) can flip a top two 0.3 apart,
+# as the cascade-twin test below did at token 11 once fresh prompts attended their own k/v
+# (which changes the prefix's roundings in both engines alike; through the pages: no flip)
+NEAR_TIE = 0.5
 
 
 @pytest.fixture(scope="module")

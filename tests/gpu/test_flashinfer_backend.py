@@ -234,6 +234,7 @@ def test_prefill_graph_replays_are_as_exact_as_the_eager_prefill(hq, hkv, d, fa3
     cache = torch.zeros(LAYERS, pages + 1, 2, hkv, ps, d, device=DEV, dtype=torch.bfloat16)
     pad_page = pages
     fi = FlashInferBackend(cache, hq, d, "never")
+    fi.ragged_fresh_prefill = False  # fresh pieces too through the pages (their own keys: the test below)
     fi.reserve_prefill_graph_workspace(rows_all[-1])
     static_q = torch.zeros(rows_all[-1], hq, d, device=DEV, dtype=torch.bfloat16)
     graphs = {}
