@@ -80,6 +80,9 @@ def _paged_kv(tables: list[list[int]], kv_lens: list[int], page_size: int,
 # one sequence's prefill of up to this many tokens replays a prefill graph (model_runner's largest
 # PREFILL_GRAPH_TOKENS); eagerly it runs on the same fa2 kernels, so a graph never changes a result
 SHORT_PREFILL_TOKENS = 256
+# head dims whose fresh prompts may attend their own k/v (FlashInferBackend.ragged_fresh_prefill):
+# 128 checked on an H200, 2026-11-27; 64 (TinyLlama) written into the test, not yet run
+RAGGED_HEAD_DIMS = (128,)
 # FlashInfer's fa2 prefill keeps a float32 partial output per (128-row query tile, key chunk)
 # for every query head in its workspace; a split must leave room for it
 _CTA_ROWS = 128
@@ -146,7 +149,9 @@ class FlashInferBackend(AttentionBackend):
     # short bound, eagerly or in a fa3 prefill graph, attends its own k/v as they leave the q/k
     # prologue, contiguous, through FlashInfer's ragged-KV prefill instead of gathering them page
     # by page from the cache. H200, prefill_attention.py, one layer: 4k 174.3 -> 141.9 µs, 1k
-    # 28.8 -> 22.0 (docs/benchmarks.md). False: the paged prefill for every step
+    # 28.8 -> 22.0 (docs/benchmarks.md). False: the paged prefill for every step. Only for head
+    # dims in RAGGED_HEAD_DIMS: those whose ragged kernels a GPU run has checked against the
+    # reference (test_fresh_prompts_attend_their_own_keys_like_the_reference); others stay paged
     ragged_fresh_prefill = True
 
     def __init__(self, kv_cache: torch.Tensor, num_heads: int, head_dim: int, cascade: str = "auto") -> None:
@@ -388,7 +393,10 @@ class FlashInferBackend(AttentionBackend):
     def fresh_prefill_graph(self, tokens: int) -> bool:
         """Whether the prefill graph of ``tokens`` rows has a twin for fresh prompts, which
         attends the step's own k/v (ragged_fresh_prefill, on the graphs that run fa3)."""
-        return self.ragged_fresh_prefill and self._fa3_graph(tokens)
+        return self._ragged() and self._fa3_graph(tokens)
+
+    def _ragged(self) -> bool:
+        return self.ragged_fresh_prefill and self.head_dim in RAGGED_HEAD_DIMS
 
     @torch.inference_mode(False)
     def reserve_prefill_graph_workspace(self, tokens: int) -> None:
@@ -469,7 +477,7 @@ class FlashInferBackend(AttentionBackend):
         self.cascade_steps += bool(self.groups)
         dev = self.kv_cache.device
         ps = layout.page_size
-        if (self.ragged_fresh_prefill and not self._is_decode and layout.query_lens == layout.kv_lens
+        if (self._ragged() and not self._is_decode and layout.query_lens == layout.kv_lens
                 and sum(layout.query_lens) > SHORT_PREFILL_TOKENS):
             # fresh prompts only (no group: a cascade level needs keys before the queries)
             qo = [0]

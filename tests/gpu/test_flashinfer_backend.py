@@ -273,12 +273,15 @@ def test_prefill_graph_replays_are_as_exact_as_the_eager_prefill(hq, hkv, d, fa3
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(16, 8, 128), (8, 4, 64)])
-def test_fresh_prompts_attend_their_own_keys_like_the_reference(hq, hkv, d):
+def test_fresh_prompts_attend_their_own_keys_like_the_reference(hq, hkv, d, monkeypatch):
     """A step whose sequences are all fresh (no key before their queries) and past the short
     bound attends its own k/v, handed over as the strided views of a qkv row that the fused
     prologue leaves them in; eagerly and in a fa3 prefill graph's fresh twin (padding rows
     attending their own garbage keys), each as close to an fp32 reference as the paged prefill
     of the same step. A step with any cached key, or a short one, stays on the paged path."""
+    import braid_engine.attention.flashinfer_backend as fb
+
+    monkeypatch.setattr(fb, "RAGGED_HEAD_DIMS", (d,))  # the head dims this test passes go into the default
     ps, rows_all = 16, (512, 1024)
     cases = [(1024, [600]), (1024, [1024]), (512, [511]), (512, [300]), (None, [300, 400, 2])]
     pages = 200
