@@ -94,3 +94,23 @@ def test_dependent_launch_changes_no_bit(tmp_path, device, monkeypatch):
     on = _stepwise_logits(path, ids, device)
     monkeypatch.setattr(kernels, "PDL", False)
     assert torch.equal(_stepwise_logits(path, ids, device), on)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_fresh_prompt_on_its_own_keys_gives_the_paged_logits(tmp_path, fused, device, monkeypatch):
+    """A fresh prompt's step attends the k/v its layers hand over (the fused prologue's rotated
+    k written back into qkv, or the unfused path's tensors) instead of reading them back from
+    the pages: the same logits, bit for bit, and no page gathered."""
+    from braid_engine.attention import torch_backend
+
+    path = make_tiny_checkpoint(tmp_path / "q", k_norm_max=96.5)
+    ids = [3, 17, 42, 8, 99, 5, 61, 23, 7, 11, 4, 250, 31]
+    gathers = []
+    gather = torch_backend._gather
+    monkeypatch.setattr(torch_backend, "_gather", lambda *a: gathers.append(1) or gather(*a))
+    own = _logits(path, fused, ids, device)
+    assert not gathers
+    monkeypatch.setattr(TorchBackend, "own_kv_fresh", False)
+    paged = _logits(path, fused, ids, device)
+    assert gathers  # one per layer
+    assert torch.equal(own, paged)
