@@ -79,14 +79,14 @@ if [ "$what" = workloads ] || [ "$what" = all ]; then
     2>&1 | grep -v Warning | tail -9 | tee "$OUT/chat_turn.log"
 fi
 if [ "$what" = prefill ] || [ "$what" = all ]; then
-  # whole prompts: graphs up to 8,192 rows, those from 512 rows on fa3 (the default), fresh prompts
-  # through the pages instead of on their own k/v, all graphs on fa2 (--prefill-graph-tokens 256:
-  # long prompts eagerly); then one layer's prefill attention each way the engine can run it (its
-  # kernels built by then)
+  # whole prompts: graphs up to 8,192 rows, those from 512 rows on fa3 (the default); fresh prompts
+  # on their own k/v against through the pages, alternating in one process; all graphs on fa2
+  # (--prefill-graph-tokens 256: long prompts eagerly); then one layer's prefill attention each way
+  # the engine can run it (its kernels built by then)
   timeout 180 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --compiled-tokens 4096 --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill.log"
   timeout 130 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
-    --paged-fresh --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_paged_fresh.log"
+    --compare-fresh --tokens 1024 4096 16384 --repeat 5 2>&1 | grep -v Warning | tail -4 | tee "$OUT/prefill_compare_fresh.log"
   timeout 130 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --fa3-graph-rows 0 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_fa2.log"
   timeout 110 python3 -m benchmarks.prefill_attention 2>&1 | grep -v Warning | tee "$OUT/prefill_attention.log"
