@@ -169,9 +169,10 @@ class FlashInferBackend(AttentionBackend):
         def workspace() -> torch.Tensor:
             return torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=kv_cache.device)
 
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "HND")
+        prefill_space = workspace()
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(prefill_space, "HND")
         # a fresh prompt's prefill over its own k/v; a step runs one or the other: one scratch
-        self._ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self._prefill._float_workspace_buffer, "NHD")
+        self._ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(prefill_space, "NHD")
         # few queries over long KV: split the keys over CTAs. FlashInfer's Hopper (fa3) prefill
         # cannot split, so this one (and the prefill graphs, which serve the same case) use fa2;
         # so does one sequence's short prefill, as it would in a graph
