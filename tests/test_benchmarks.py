@@ -14,3 +14,31 @@ def test_plot_parses_a_recorded_decode_log():
     assert [r[0] for r in rows] == [1, 8, 32, 128]
     assert rows[0] == (1, 504.3, 15.9, 421.3)
     assert [r[3] for r in rows[1:]] == [None, None, None]
+
+
+def test_the_graph_timeline_charges_each_kernel_up_to_the_next_start():
+    """graph_timeline.analyse on a made-up timeline of 3 steps of a 2-layer model: each kernel's
+    share runs from its start to the next kernel's start (overlaps and gaps included), the
+    shares of a step add up to the step, a matmul that runs several times a layer is told apart
+    by its place in the layer, and the idle time between steps is what lies after the last
+    kernel's end."""
+    import pytest
+
+    from benchmarks.graph_timeline import analyse
+
+    # one step: norm, mm, attn, mm per layer, then the head; starts/ends in µs from the step's start
+    step = [("norm", 0, 2), ("mm", 1, 6), ("attn", 6, 9), ("mm", 10, 13),
+            ("norm", 13, 15), ("mm", 14, 19), ("attn", 19, 22), ("mm", 23, 26), ("head", 26, 40)]
+    events = [(n, a + 45 * s, b + 45 * s) for s in range(3) for n, a, b in step]
+    rows, step_us, idle = analyse(list(reversed(events)), 3, 2)
+    assert step_us == 45 and idle == 5
+    by = {r.label: r for r in rows}
+    assert set(by) == {"norm", "mm [0]", "mm [1]", "attn", "head"}
+    assert (by["mm [0]"].per_step, by["mm [0]"].share_us, by["mm [0]"].duration_us) == (2, 5 + 5, 5)
+    assert (by["mm [1]"].share_us, by["head"].share_us, by["norm"].share_us) == (3 + 3, 19, 1 + 1)
+    assert sum(r.share_us for r in rows) == step_us
+    assert rows[0].label == "head"
+    with pytest.raises(ValueError, match="same kernels"):
+        analyse(events[:-1] + [("other", 116, 120)], 3, 2)
+    with pytest.raises(ValueError, match="do not split"):
+        analyse(events[:-1], 3, 2)

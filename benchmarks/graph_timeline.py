@@ -1,0 +1,139 @@
+"""Where a decode step's time goes inside its CUDA graph: every kernel of the replays, in order.
+
+The engine's decode graphs run ~7 kernels a decoder layer; at batch 1 a step takes ~2.5× the
+time its weights take to stream. A profile of eager steps (profile_step.py) gives each kernel's own
+duration, but on Hopper the kernels are programmatic dependents of the one before (they start,
+load their weights and wait), so durations overlap and do not add up to the step. This reads the
+kernels that graph replays run (CUPTI records them one by one) and charges each kernel the time
+from its start to the next kernel's start: those shares add up to the step exactly, and a kernel
+whose share exceeds its weights' streaming time is where the step waits. The graph is replayed
+back to back on the plan of a real step, so nothing but the graph launches lies between steps.
+
+    python -m benchmarks.graph_timeline --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 8 32
+
+Kernels that occur a multiple of the layer count per step are told apart by their place in the
+layer (``_row_matmul_kernel [0]`` … ``[3]``: qkv, o_proj, gate_up, down at batch 1).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.common import build_model, card, kv_kwargs, model_arguments
+from braid_engine import LLM, SamplingParams
+
+
+@dataclass
+class Row:
+    label: str
+    per_step: int  # occurrences in one step
+    duration_us: float  # median of the kernel's own duration
+    share_us: float  # median time from its start to the next kernel's start, summed over a step
+
+
+def analyse(events: list[tuple[str, float, float]], steps: int, layers: int) -> tuple[list[Row], float, float]:
+    """``events``: (kernel name, start µs, end µs) of ``steps`` replays of one graph, any order.
+    Returns the rows (largest share first), the median step (first kernel to the next step's
+    first kernel) and the median time between a step's last kernel's end and the next step's
+    first kernel's start (the GPU idle between replays). Raises ValueError when the kernels do
+    not split into ``steps`` identical sequences."""
+    events = sorted(events, key=lambda e: e[1])
+    if steps < 2 or len(events) % steps:
+        raise ValueError(f"{len(events)} kernels do not split into {steps} steps (need 2 or more)")
+    n = len(events) // steps
+    chunks = [events[i * n:(i + 1) * n] for i in range(steps)]
+    names = [e[0] for e in chunks[0]]
+    if any([e[0] for e in c] != names for c in chunks):
+        raise ValueError("the steps do not run the same kernels in the same order")
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        i = seen.get(name, 0)
+        seen[name] = i + 1
+        c = counts[name]
+        per_layer = c // layers if c % layers == 0 else 0
+        labels.append(f"{name} [{i % per_layer}]" if per_layer > 1 else name)
+    durations: dict[str, list[float]] = {}
+    shares: dict[str, list[float]] = {}
+    step_times, idle = [], []
+    for s in range(steps - 1):  # the last step has no next start to measure to
+        chunk, nxt = chunks[s], chunks[s + 1][0]
+        step_times.append(nxt[1] - chunk[0][1])
+        idle.append(max(0.0, nxt[1] - max(e[2] for e in chunk)))
+        per_label: dict[str, float] = {}
+        for k, (label, e) in enumerate(zip(labels, chunk, strict=True)):
+            following = chunk[k + 1][1] if k + 1 < n else nxt[1]
+            per_label[label] = per_label.get(label, 0.0) + (following - e[1])
+            durations.setdefault(label, []).append(e[2] - e[1])
+        for label, t in per_label.items():
+            shares.setdefault(label, []).append(t)
+    rows = [Row(label, labels.count(label), statistics.median(durations[label]), statistics.median(shares[label]))
+            for label in dict.fromkeys(labels)]
+    rows.sort(key=lambda r: -r.share_us)
+    return rows, statistics.median(step_times), statistics.median(idle)
+
+
+def _replay_events(llm: LLM, batch: int, vocab: int, replays: int) -> list[tuple[str, float, float]]:
+    """The kernels of ``replays`` back-to-back replays of the decode graph for ``batch``, on the
+    plan of the last step of a greedy generate at that batch (the same pages, so the same work;
+    each replay rewrites the KV of the step's slots, hence the cache is cleared after)."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(3, vocab, (128,), generator=gen).tolist() for _ in range(batch)]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    runner = llm.engine.runner
+    graph = runner.graphs[next(b for b in sorted(runner.graphs) if b >= batch)][0]
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"\nbatch {batch}: a replay takes {start.elapsed_time(end) * 1e3 / replays:.1f} µs without the profiler")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    llm.engine.clear_cache()
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == DeviceType.CUDA]
+
+
+def main() -> None:
+    ap = model_arguments(__doc__)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args()
+    path = build_model(args.shape, args.model)
+    llm = LLM(path, device=args.device, dtype=args.dtype, pipeline_bursts=False,
+              **(kv_kwargs(args) or {"kv_cache_memory": 4 << 30}))
+    dev = llm.config.device
+    if dev.type != "cuda" or not llm.engine.runner.graphs:
+        raise SystemExit("graph_timeline needs CUDA graphs (a CUDA device)")
+    layers = llm.model_config.num_hidden_layers
+    print(f"card: {card(dev)}; dtype {llm.config.dtype}; {layers} layers; decode graphs replayed back to back")
+    for batch in args.batch:
+        events = _replay_events(llm, batch, len(llm.tokenizer), args.replays)
+        rows, step, idle = analyse(events, args.replays, layers)
+        per_step = sum(r.per_step for r in rows)
+        print(f"  profiled: {args.replays} replays back to back, {per_step} kernels a step; step {step:.1f} µs "
+              f"({1e6 / step * batch:,.0f} tokens/s), GPU idle between replays {idle:.1f} µs")
+        print(f"  {'kernel':<52} {'a step':>6} {'own µs':>8} {'share µs':>9} {'of step':>8}")
+        for r in rows[:args.top]:
+            print(f"  {r.label[:52]:<52} {r.per_step:>6} {r.duration_us:>8.2f} {r.share_us:>9.1f} "
+                  f"{r.share_us / step:>7.1%}")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
