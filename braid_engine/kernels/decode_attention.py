@@ -25,6 +25,19 @@ from braid_engine.kernels import pdl_args
 
 
 @triton.jit
+def _attend_tile(q, k, v, ok, m, denom, acc, scale):
+    """One tile of keys folded into the running softmax of the group's query rows."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    denom = denom * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, denom, acc
+
+
+@triton.jit
 def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_ptr, scale,
                   s_page, s_kv, s_head, s_off, table_stride, page_size,
                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -43,29 +56,36 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_pt
         rows = tl.arange(0, ROWS)  # the group's query heads, padded to a tile tl.dot takes
         d = tl.arange(0, HEAD_DIM)
         t = tl.arange(0, BLOCK_T)
+        # the first tile's keys and values are read before waiting for the kernel before, which
+        # writes only the step's own token (the last position): earlier positions were written by
+        # earlier forwards. With one tile a split (short contexts) that is all of the split's keys
+        pos = first + t
+        ok = pos < last
+        page = tl.load(table_ptr + b * table_stride + pos // page_size, mask=ok, other=0)
+        base = cache_ptr + page.to(tl.int64) * s_page + h * s_head + (pos % page_size) * s_off
+        old = (ok & (pos < kv_len - 1))[:, None]
+        k = tl.load(base[:, None] + d[None, :], mask=old, other=0.0)
+        v = tl.load(base[:, None] + s_kv + d[None, :], mask=old, other=0.0)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
+        new = (ok & (pos == kv_len - 1))[:, None]
+        k = tl.where(new, tl.load(base[:, None] + d[None, :], mask=new, other=0.0), k)
+        v = tl.where(new, tl.load(base[:, None] + s_kv + d[None, :], mask=new, other=0.0), v)
         q_rows = h * GROUP + rows
         q = tl.load(q_ptr + (b * NUM_HEADS + q_rows)[:, None] * HEAD_DIM + d[None, :],
                     mask=(rows < GROUP)[:, None], other=0.0)
         m = tl.full((ROWS,), float("-inf"), tl.float32)
         denom = tl.zeros((ROWS,), tl.float32)
         acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
-        for start in range(first, last, BLOCK_T):
+        m, denom, acc = _attend_tile(q, k, v, ok, m, denom, acc, scale)
+        for start in range(first + BLOCK_T, last, BLOCK_T):
             pos = start + t
             ok = pos < last
             page = tl.load(table_ptr + b * table_stride + pos // page_size, mask=ok, other=0)
             base = cache_ptr + page.to(tl.int64) * s_page + h * s_head + (pos % page_size) * s_off
             k = tl.load(base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(base[:, None] + s_kv + d[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            denom = denom * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            m = m_new
+            m, denom, acc = _attend_tile(q, k, v, ok, m, denom, acc, scale)
         part = (b * NUM_HEADS + q_rows) * SPLITS + split
         keep = rows < GROUP
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / denom[:, None], mask=keep[:, None])

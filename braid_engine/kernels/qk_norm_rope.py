@@ -22,7 +22,6 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
     # halves apart), and the v heads beside those k heads
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0)
     half: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, half)
@@ -31,6 +30,19 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
     is_k = (hh >= NUM_HEADS) & (hh < NUM_HEADS + NUM_KV_HEADS)
     rows = (is_q | is_k)[:, None]
     dtype = q_out_ptr.dtype.element_ty
+    # what no kernel of the forward writes (the step's positions and slots, copied in before its
+    # first kernel; the rotation tables; the norm weights) is read before waiting for the kernel
+    # before, so a programmatic dependent launch takes those loads off the chain of waits
+    pos = tl.load(pos_ptr + t)
+    slot = tl.load(slot_ptr + t)
+    c = tl.load(cos_ptr + pos * table_stride + d).to(dtype).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * table_stride + d).to(dtype).to(tl.float32)[None, :]
+    if APPLY_NORM:
+        q_head = is_q[:, None]
+        w1 = tl.where(q_head, tl.load(qw_ptr + d)[None, :], tl.load(kw_ptr + d)[None, :]).to(tl.float32)
+        w2 = tl.where(q_head, tl.load(qw_ptr + half + d)[None, :], tl.load(kw_ptr + half + d)[None, :]).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     row = qkv_ptr + t * qkv_stride
     offs = hh[:, None] * HEAD_DIM + d[None, :]
     x1 = tl.load(row + offs, mask=rows, other=0.0)
@@ -39,15 +51,9 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
         f1 = x1.to(tl.float32)
         f2 = x2.to(tl.float32)
         r = tl.math.rsqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / HEAD_DIM + eps)[:, None]
-        q_head = is_q[:, None]
-        w1 = tl.where(q_head, tl.load(qw_ptr + d)[None, :], tl.load(kw_ptr + d)[None, :]).to(tl.float32)
-        w2 = tl.where(q_head, tl.load(qw_ptr + half + d)[None, :], tl.load(kw_ptr + half + d)[None, :]).to(tl.float32)
         # normalise in float32, round to the model dtype, then multiply by the weight, as torch does
         x1 = (w1 * (f1 * r).to(dtype).to(tl.float32)).to(dtype)
         x2 = (w2 * (f2 * r).to(dtype).to(tl.float32)).to(dtype)
-    pos = tl.load(pos_ptr + t)
-    c = tl.load(cos_ptr + pos * table_stride + d).to(dtype).to(tl.float32)[None, :]
-    s = tl.load(sin_ptr + pos * table_stride + d).to(dtype).to(tl.float32)[None, :]
     a1 = x1.to(tl.float32)
     a2 = x2.to(tl.float32)
     # x*cos + rotate_half(x)*sin with each product and the sum rounded to the model dtype
@@ -56,7 +62,6 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
     q_dst = q_out_ptr + t * NUM_HEADS * HEAD_DIM + offs
     tl.store(q_dst, o1, mask=is_q[:, None])
     tl.store(q_dst + half, o2, mask=is_q[:, None])
-    slot = tl.load(slot_ptr + t)
     page = cache_ptr + (slot // page_size) * s_page + (slot % page_size) * s_off
     kv_h = (hh - NUM_HEADS)[:, None]
     k_dst = page + kv_h * s_head + d[None, :]
