@@ -100,8 +100,9 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, NUM_HEADS: tl.con
     hq = tl.program_id(1)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    kv_len = tl.load(lens_ptr + b)  # the plan's, not the split kernel's: read before the wait
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    kv_len = tl.load(lens_ptr + b)
     tiles = tl.cdiv(kv_len, BLOCK_T)
     per_split = tl.cdiv(tiles, SPLITS)
     active = tl.cdiv(tiles, per_split)
