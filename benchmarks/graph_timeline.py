@@ -1,4 +1,5 @@
-"""Where a decode step's time goes inside its CUDA graph: every kernel of the replays, in order.
+"""Where a decode step's (or a fresh prompt's) time goes inside its CUDA graph: every kernel of
+the replays, in order.
 
 The engine's decode graphs run ~7 kernels a decoder layer; at batch 1 a step takes ~2.5× the
 time its weights take to stream. A profile of eager steps (profile_step.py) gives each kernel's own
@@ -10,6 +11,11 @@ whose share exceeds its weights' streaming time is where the step waits. The gra
 back to back on the plan of a real step, so nothing but the graph launches lies between steps.
 
     python -m benchmarks.graph_timeline --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 8 32
+    python -m benchmarks.graph_timeline ... --batch --prefill 1024 4096
+
+With ``--prefill`` a fresh prompt of each length (one prefill graph, no cache) is timed through
+``generate`` and as its graph replays alone: the difference is what lies outside the graph (the
+host's step, the copies, the sampling and the hand-offs between threads).
 
 Kernels that occur a multiple of the layer count per step are told apart by their place in the
 layer (``_row_matmul_kernel [0]`` … ``[3]``: qkv, o_proj, gate_up, down at batch 1).
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import build_model, card, kv_kwargs, model_arguments
+from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
 from braid_engine import LLM, SamplingParams
 
 
@@ -79,17 +85,10 @@ def analyse(events: list[tuple[str, float, float]], steps: int, layers: int) -> 
     return rows, statistics.median(step_times), statistics.median(idle)
 
 
-def _replay_events(llm: LLM, batch: int, vocab: int, replays: int) -> list[tuple[str, float, float]]:
-    """The kernels of ``replays`` back-to-back replays of the decode graph for ``batch``, on the
-    plan of the last step of a greedy generate at that batch (the same pages, so the same work;
-    each replay rewrites the KV of the step's slots, hence the cache is cleared after)."""
+def _replays(graph: torch.cuda.CUDAGraph, replays: int) -> tuple[float, list[tuple[str, float, float]]]:
+    """µs a replay of ``graph`` takes back to back, and the kernels of ``replays`` replays."""
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
-    gen = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(3, vocab, (128,), generator=gen).tolist() for _ in range(batch)]
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    runner = llm.engine.runner
-    graph = runner.graphs[next(b for b in sorted(runner.graphs) if b >= batch)][0]
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -98,40 +97,80 @@ def _replay_events(llm: LLM, batch: int, vocab: int, replays: int) -> list[tuple
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    print(f"\nbatch {batch}: a replay takes {start.elapsed_time(end) * 1e3 / replays:.1f} µs without the profiler")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    llm.engine.clear_cache()
-    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-            if e.device_type == DeviceType.CUDA]
+    return start.elapsed_time(end) * 1e3 / replays, [(e.name, e.time_range.start, e.time_range.end)
+                                                     for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+
+def _decode_graph(llm: LLM, batch: int, vocab: int) -> torch.cuda.CUDAGraph:
+    """The decode graph for ``batch``, left planned for the last step of a greedy generate at
+    that batch (the same pages, so the same work; a replay rewrites the KV of the step's slots,
+    so the caller clears the cache after)."""
+    gen = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(3, vocab, (128,), generator=gen).tolist() for _ in range(batch)]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    runner = llm.engine.runner
+    return runner.graphs[next(b for b in sorted(runner.graphs) if b >= batch)][0]
+
+
+def _prefill_graph(llm: LLM, n: int, vocab: int) -> tuple[torch.cuda.CUDAGraph, float]:
+    """The prefill graph a fresh ``n``-token prompt replays, left planned for it (a replay
+    recomputes the same KV into the same slots), and the median ms of ``generate`` on it."""
+    from braid_engine.engine.model_runner import prefill_pieces
+
+    runner = llm.engine.runner
+    if prefill_pieces(n, runner.prefill_sizes) != [n] or n not in runner.prefill_sizes:
+        raise SystemExit(f"--prefill {n}: give a prefill graph's size ({', '.join(map(str, runner.prefill_sizes))})")
+    ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    dev = llm.config.device
+    times = []
+    for _ in range(6):
+        t0 = now(dev)
+        llm.generate([ids], one)
+        times.append(now(dev) - t0)
+    graphs = runner.fresh_prefill_graphs if n in runner.fresh_prefill_graphs else runner.prefill_graphs
+    return graphs[n][0], statistics.median(times[1:]) * 1e3
+
+
+def _print(rows: list[Row], step: float, idle: float, top: int, what: str) -> None:
+    per_step = sum(r.per_step for r in rows)
+    print(f"  profiled: {per_step} kernels {what}; {step:.1f} µs from one's first kernel to the next's, "
+          f"GPU idle between replays {idle:.1f} µs")
+    print(f"  {'kernel':<52} {'count':>6} {'own µs':>8} {'share µs':>9} {'of it':>7}")
+    for r in rows[:top]:
+        print(f"  {r.label[:52]:<52} {r.per_step:>6} {r.duration_us:>8.2f} {r.share_us:>9.1f} {r.share_us / step:>7.1%}")
 
 
 def main() -> None:
     ap = model_arguments(__doc__)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--batch", type=int, nargs="*", default=[1])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[], help="fresh prompt lengths (prefill graph sizes)")
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--top", type=int, default=14)
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
-    llm = LLM(path, device=args.device, dtype=args.dtype, pipeline_bursts=False,
+    llm = LLM(path, device=args.device, dtype=args.dtype, pipeline_bursts=False, enable_prefix_caching=False,
               **(kv_kwargs(args) or {"kv_cache_memory": 4 << 30}))
     dev = llm.config.device
     if dev.type != "cuda" or not llm.engine.runner.graphs:
         raise SystemExit("graph_timeline needs CUDA graphs (a CUDA device)")
-    layers = llm.model_config.num_hidden_layers
-    print(f"card: {card(dev)}; dtype {llm.config.dtype}; {layers} layers; decode graphs replayed back to back")
+    layers, vocab = llm.model_config.num_hidden_layers, len(llm.tokenizer)
+    print(f"card: {card(dev)}; dtype {llm.config.dtype}; {layers} layers; graphs replayed back to back")
     for batch in args.batch:
-        events = _replay_events(llm, batch, len(llm.tokenizer), args.replays)
-        rows, step, idle = analyse(events, args.replays, layers)
-        per_step = sum(r.per_step for r in rows)
-        print(f"  profiled: {args.replays} replays back to back, {per_step} kernels a step; step {step:.1f} µs "
-              f"({1e6 / step * batch:,.0f} tokens/s), GPU idle between replays {idle:.1f} µs")
-        print(f"  {'kernel':<52} {'a step':>6} {'own µs':>8} {'share µs':>9} {'of step':>8}")
-        for r in rows[:args.top]:
-            print(f"  {r.label[:52]:<52} {r.per_step:>6} {r.duration_us:>8.2f} {r.share_us:>9.1f} "
-                  f"{r.share_us / step:>7.1%}")
+        us, events = _replays(_decode_graph(llm, batch, vocab), args.replays)
+        llm.engine.clear_cache()
+        print(f"\nbatch {batch} decode: a replay takes {us:.1f} µs without the profiler ({1e6 / us * batch:,.0f} tokens/s)")
+        _print(*analyse(events, args.replays, layers), args.top, "a step")
+    for n in args.prefill:
+        graph, ms = _prefill_graph(llm, n, vocab)
+        us, events = _replays(graph, max(3, args.replays // 10))
+        print(f"\nfresh {n}-token prompt: generate {ms:.2f} ms; its graph alone {us / 1e3:.2f} ms; "
+              f"outside the graph {ms - us / 1e3:.2f} ms")
+        _print(*analyse(events, max(3, args.replays // 10), layers), args.top, "a prompt")
     llm.shutdown()
 
 

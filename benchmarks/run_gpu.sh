@@ -3,7 +3,7 @@
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
 #   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
-# of a decode step in its graph; 'bursts': interleave.py, streams while a long
+# of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way)
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
@@ -47,9 +47,10 @@ if [ "$what" = small ]; then
   # one layer's decode attention at batch 1 and 4: FlashInfer's forms against our split-KV kernel
   timeout 150 python3 -m benchmarks.decode_attention --batch 1 4 --kv 128 1024 4096 2>&1 | grep -v Warning \
     | tee "$OUT/decode_attention.log"
-  # each kernel's share of a decode step inside its graph (replays back to back)
-  timeout 150 python3 -m benchmarks.graph_timeline --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --batch 1 8 32 --kv-gb 4 2>&1 | grep -v Warning | tee "$OUT/graph_timeline.log"
+  # each kernel's share of a decode step, and of a fresh 1k/4k prompt, inside its graph (replays
+  # back to back), and what lies outside the prompt's graph
+  timeout 180 python3 -m benchmarks.graph_timeline --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+    --batch 1 8 32 --prefill 1024 4096 --kv-gb 4 2>&1 | grep -v Warning | tee "$OUT/graph_timeline.log"
 fi
 if [ "$what" = bursts ]; then
   # streams decoding while an 8k prompt arrives (their longest wait, the prompt's first token):
