@@ -136,7 +136,12 @@ def _prefill_graph(llm: LLM, n: int, vocab: int) -> tuple[torch.cuda.CUDAGraph, 
     return graphs[n][0], statistics.median(times[1:]) * 1e3
 
 
-def _print(rows: list[Row], step: float, idle: float, top: int, what: str) -> None:
+def _print(events: list[tuple[str, float, float]], replays: int, layers: int, top: int, what: str) -> None:
+    try:
+        rows, step, idle = analyse(events, replays, layers)
+    except ValueError as e:  # e.g. the profiler dropped or added a record
+        print(f"  the profile does not split into {replays} replays ({e}); {len(events)} kernels recorded")
+        return
     per_step = sum(r.per_step for r in rows)
     print(f"  profiled: {per_step} kernels {what}; {step:.1f} µs from one's first kernel to the next's, "
           f"GPU idle between replays {idle:.1f} µs")
@@ -164,13 +169,13 @@ def main() -> None:
         us, events = _replays(_decode_graph(llm, batch, vocab), args.replays)
         llm.engine.clear_cache()
         print(f"\nbatch {batch} decode: a replay takes {us:.1f} µs without the profiler ({1e6 / us * batch:,.0f} tokens/s)")
-        _print(*analyse(events, args.replays, layers), args.top, "a step")
+        _print(events, args.replays, layers, args.top, "a step")
     for n in args.prefill:
         graph, ms = _prefill_graph(llm, n, vocab)
         us, events = _replays(graph, max(3, args.replays // 10))
         print(f"\nfresh {n}-token prompt: generate {ms:.2f} ms; its graph alone {us / 1e3:.2f} ms; "
               f"outside the graph {ms - us / 1e3:.2f} ms")
-        _print(*analyse(events, max(3, args.replays // 10), layers), args.top, "a prompt")
+        _print(events, max(3, args.replays // 10), layers, args.top, "a prompt")
     llm.shutdown()
 
 
