@@ -102,6 +102,9 @@ def main() -> None:
     ap.add_argument("--compare-pipelining", action="store_true",
                     help="after each row, the engine with bursts pipelined and not, in turn, in this process "
                          "(tokens/s of each, and whether their greedy tokens are the same)")
+    ap.add_argument("--compare-read-ahead", action="store_true",
+                    help="after each row, the engine against a second one whose graphs were captured with "
+                         "braid_engine.kernels.READ_AHEAD off, in turn, in this process (needs room for two KV pools)")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
@@ -117,6 +120,16 @@ def main() -> None:
     burst = {} if args.decode_burst is None else {"decode_burst": args.decode_burst}
     llm = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
               enable_prefix_caching=False, pipeline_bursts=pipeline_setting(args), **burst)
+    waiting = None
+    if args.compare_read_ahead:
+        from braid_engine import kernels
+
+        kernels.READ_AHEAD = False  # captured into this engine's graphs (its eager steps read the switch as it is)
+        try:
+            waiting = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
+                          enable_prefix_caching=False, pipeline_bursts=pipeline_setting(args), **burst)
+        finally:
+            kernels.READ_AHEAD = True
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
@@ -146,28 +159,61 @@ def main() -> None:
               f"{vs_comp} {frac:>9.0%}")
         if args.compare_pipelining:
             compare_pipelining(llm, ids.tolist(), args.new_tokens, device)
+        if waiting is not None:
+            compare_engines(llm, waiting, ids.tolist(), args.new_tokens, device, "reading ahead", "waiting first")
     llm.shutdown()
+    if waiting is not None:
+        waiting.shutdown()
+
+
+def alternate(ways: dict[str, object], prompts: list[list[int]], new: int,
+              device: torch.device) -> tuple[dict[str, float], dict[str, list[float]], bool]:
+    """Each way's decode three times, the ways in turn: ``ways`` maps a name to a function that
+    sets that way up and returns the engine to run. Median tokens/s per way, every run's, and
+    whether all ways gave the same greedy tokens."""
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, enable_prefix_caching=False)
+    rates: dict[str, list[float]] = {name: [] for name in ways}
+    tokens = {}
+    for _ in range(3):
+        for name, way in ways.items():
+            llm = way()
+            rates[name].append(len(prompts) * (new - 1) / engine_decode(llm, prompts, new, device))
+            tokens[name] = [o.token_ids for o in llm.generate(prompts, params)]
+    same = all(t == next(iter(tokens.values())) for t in tokens.values())
+    return {n: statistics.median(r) for n, r in rates.items()}, rates, same
+
+
+def _runs(rates: list[float]) -> str:
+    return ", ".join(f"{r:.0f}" for r in rates)
 
 
 def compare_pipelining(llm: LLM, prompts: list[list[int]], new: int, device: torch.device) -> None:
-    """The engine's decode with bursts pipelined and not, three times each in turn (median
-    tokens/s), and whether both give the same greedy tokens."""
+    """The engine's decode with bursts pipelined and not, in turn, and whether both give the
+    same greedy tokens."""
     config = llm.engine.config
     was = config.pipeline_bursts
-    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, enable_prefix_caching=False)
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    tokens = {}
-    for _ in range(3):
-        for mode in (False, True):
-            config.pipeline_bursts = mode
-            rates[mode].append(len(prompts) * (new - 1) / engine_decode(llm, prompts, new, device))
-            tokens[mode] = [o.token_ids for o in llm.generate(prompts, params)]
-    config.pipeline_bursts = was
-    plain, piped = (statistics.median(rates[m]) for m in (False, True))
-    print(f"      pipelined {piped:.1f} tok/s vs {plain:.1f} ({piped / plain:.3f}x; runs "
-          f"{', '.join(f'{r:.0f}' for r in rates[True])} vs {', '.join(f'{r:.0f}' for r in rates[False])}); "
-          f"greedy tokens {'the same' if tokens[False] == tokens[True] else 'DIFFER'}; "
+
+    def mode(on: bool):
+        def way() -> LLM:
+            config.pipeline_bursts = on
+            return llm
+        return way
+
+    try:
+        med, rates, same = alternate({"plain": mode(False), "piped": mode(True)}, prompts, new, device)
+    finally:
+        config.pipeline_bursts = was
+    print(f"      pipelined {med['piped']:.1f} tok/s vs {med['plain']:.1f} ({med['piped'] / med['plain']:.3f}x; runs "
+          f"{_runs(rates['piped'])} vs {_runs(rates['plain'])}); greedy tokens {'the same' if same else 'DIFFER'}; "
           f"pipelined bursts so far {llm.stats().get('pipelined_bursts', '?')}")
+
+
+def compare_engines(a: LLM, b: LLM, prompts: list[list[int]], new: int, device: torch.device,
+                    name_a: str, name_b: str) -> None:
+    """Two engines' decode in turn, and whether both give the same greedy tokens."""
+    med, rates, same = alternate({name_b: lambda: b, name_a: lambda: a}, prompts, new, device)
+    print(f"      {name_a} {med[name_a]:.1f} tok/s vs {name_b} {med[name_b]:.1f} ({med[name_a] / med[name_b]:.3f}x; "
+          f"runs {_runs(rates[name_a])} vs {_runs(rates[name_b])}); greedy tokens {'the same' if same else 'DIFFER'}")
 
 
 if __name__ == "__main__":

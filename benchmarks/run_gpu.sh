@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|readahead|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
-# prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way)
+# prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
+# 'readahead': decode.py at batch 1 and 4 with the kernels reading ahead of their wait and not)
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
@@ -73,6 +74,13 @@ if [ "$what" = pipeline ]; then
       $m > "$OUT/profile_step$m.log" 2>&1
     grep -E "tokens/s|GPU idle|no graph" "$OUT/profile_step$m.log" | head -12
   done
+fi
+if [ "$what" = readahead ]; then
+  # the batch-1/8 decode kernels reading ahead of their programmatic-dependent wait against
+  # waiting first (braid_engine.kernels.READ_AHEAD), two engines in turn in one process
+  timeout 250 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+    --batch 1 4 --compiled-batches --kv-gb 8 --compare-read-ahead 2>&1 | grep -v Warning \
+    | grep -E "^card|^ +[0-9]+ |reading ahead" | tee "$OUT/decode_read_ahead.log"
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
   # transformers keeping its KV across turns, compiled with CUDA graphs (in a child process)

@@ -38,3 +38,10 @@ def use_pdl(device: torch.device) -> bool:
 def pdl_args(device: torch.device) -> dict:
     """A kernel's ``USE_PDL`` switch and, where it is on, the launch option that goes with it."""
     return {"USE_PDL": True, "launch_pdl": True} if use_pdl(device) else {"USE_PDL": False}
+
+
+# Under programmatic dependent launch, the q/k-norm+RoPE and split-KV attention kernels read what
+# no kernel of the forward writes (positions, slots, rotation rows, norm weights; the keys before
+# the step's own token) before they wait for the kernel before. Off: they wait first, as before
+# session 9 (decode.py --compare-read-ahead measures the difference).
+READ_AHEAD = True

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from braid_engine import kernels
 from braid_engine.kernels import pdl_args
 
 
@@ -41,12 +42,14 @@ def _attend_tile(q, k, v, ok, m, denom, acc, scale):
 def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_ptr, scale,
                   s_page, s_kv, s_head, s_off, table_stride, page_size,
                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
+                  SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, READ_AHEAD: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+        if not READ_AHEAD:
+            tl.extra.cuda.gdc_wait()
     kv_len = tl.load(lens_ptr + b)
     tiles = tl.cdiv(kv_len, BLOCK_T)
     per_split = tl.cdiv(tiles, SPLITS)
@@ -66,7 +69,7 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_pt
         old = (ok & (pos < kv_len - 1))[:, None]
         k = tl.load(base[:, None] + d[None, :], mask=old, other=0.0)
         v = tl.load(base[:, None] + s_kv + d[None, :], mask=old, other=0.0)
-        if USE_PDL:
+        if USE_PDL and READ_AHEAD:
             tl.extra.cuda.gdc_wait()
         new = (ok & (pos == kv_len - 1))[:, None]
         k = tl.where(new, tl.load(base[:, None] + d[None, :], mask=new, other=0.0), k)
@@ -152,8 +155,8 @@ class DecodeAttention:
             q, cache, page_table, kv_lens, self.part_o, self.part_lse, scale,
             cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), page_table.stride(0), cache.shape[3],
             NUM_HEADS=self.num_heads, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
-            HEAD_DIM=self.head_dim, SPLITS=self.splits, BLOCK_T=self.block_t, num_warps=self.num_warps,
-            num_stages=self.num_stages, **pdl)
+            HEAD_DIM=self.head_dim, SPLITS=self.splits, BLOCK_T=self.block_t, READ_AHEAD=kernels.READ_AHEAD,
+            num_warps=self.num_warps, num_stages=self.num_stages, **pdl)
         _merge_kernel[(bsz, self.num_heads)](
             self.part_o, self.part_lse, kv_lens, out, NUM_HEADS=self.num_heads, HEAD_DIM=self.head_dim,
             SPLITS=self.splits, BLOCK_T=self.block_t, num_warps=2, **pdl)

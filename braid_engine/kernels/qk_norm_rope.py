@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from braid_engine import kernels
 from braid_engine.kernels import pdl_args
 
 
@@ -17,11 +18,13 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
                          q_out_ptr, cache_ptr, slot_ptr, s_page, s_kv, s_head, s_off, page_size, eps,
                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEADS: tl.constexpr, APPLY_NORM: tl.constexpr, K_IN_PLACE: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                         READ_AHEAD: tl.constexpr, USE_PDL: tl.constexpr):
     # program (t, j): token t's q and k heads j·HEADS … as the rows of one tile (the rotation's
     # halves apart), and the v heads beside those k heads
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+        if not READ_AHEAD:
+            tl.extra.cuda.gdc_wait()
     t = tl.program_id(0)
     half: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, half)
@@ -41,7 +44,7 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
         q_head = is_q[:, None]
         w1 = tl.where(q_head, tl.load(qw_ptr + d)[None, :], tl.load(kw_ptr + d)[None, :]).to(tl.float32)
         w2 = tl.where(q_head, tl.load(qw_ptr + half + d)[None, :], tl.load(kw_ptr + half + d)[None, :]).to(tl.float32)
-    if USE_PDL:
+    if USE_PDL and READ_AHEAD:
         tl.extra.cuda.gdc_wait()
     row = qkv_ptr + t * qkv_stride
     offs = hh[:, None] * HEAD_DIM + d[None, :]
@@ -106,7 +109,7 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, q_weight: 
         qkv, qkv.stride(0), positions, qw, kw, cos, sin, cos.stride(0), q, cache, slot_mapping,
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), cache.shape[3], eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=d, HEADS=heads, APPLY_NORM=apply_norm,
-        K_IN_PLACE=k_in_place,
+        K_IN_PLACE=k_in_place, READ_AHEAD=kernels.READ_AHEAD,
         # no FMA contraction: torch rounds each RoPE product before the sum
         num_warps=max(1, min(8, heads * d // 512)), enable_fp_fusion=False, **pdl_args(qkv.device))
     return q

@@ -32,7 +32,9 @@ def compile_(fn, consts, num_warps=2, **options):
     assert k.asm["cubin"]
 
 # Qwen3-0.6B: 16 query heads over 8 kv heads of 128, the engine's 64 stretches of 32 keys
-compile_(_split_kernel, dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, SPLITS=64, BLOCK_T=32, USE_PDL=True))
+for ahead in (True, False):
+    compile_(_split_kernel, dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, SPLITS=64, BLOCK_T=32,
+                                 READ_AHEAD=ahead, USE_PDL=True))
 print("split kernel ok", flush=True)
 compile_(_merge_kernel, dict(NUM_HEADS=16, HEAD_DIM=128, SPLITS=64, BLOCK_T=32, USE_PDL=True))
 print("merge kernel ok")
@@ -50,9 +52,11 @@ compile_(_silu_and_mul_kernel, dict(BLOCK=1024), num_warps=4)
 for prologue, residual in ((0, False), (1, False), (1, True), (2, False)):
     compile_(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=False, BLOCK_N=8,
                                       BLOCK_K=1024, USE_PDL=True), num_warps=4)
-for heads, norm, in_place in ((8, True, False), (32, True, False), (32, False, False), (32, True, True)):
+for heads, norm, in_place, ahead in ((8, True, False, True), (32, True, False, True), (32, False, False, True),
+                                    (32, True, True, True), (8, True, False, False)):
     compile_(_qk_norm_rope_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HEADS=heads, APPLY_NORM=norm,
-                                        K_IN_PLACE=in_place, USE_PDL=True), num_warps=4, enable_fp_fusion=False)
+                                        K_IN_PLACE=in_place, READ_AHEAD=ahead, USE_PDL=True),
+             num_warps=4, enable_fp_fusion=False)
 print("other kernels ok")
 '''
 
