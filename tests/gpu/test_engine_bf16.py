@@ -160,8 +160,16 @@ def test_engine_matches_transformers(checkpoint, hf, truth, name):
         assert max(to_fp32) <= 1.25 * truth[1]
         assert max(to_bf16) <= (1e-2 if CONFIGS[name].get("attention_backend") == "torch" else truth[2])
 
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
-        for ids, out in zip(prompts, outs, strict=True):
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        outs = llm.generate(prompts, params)
+        # the longest prompt once more alone: its first piece replays a prefill graph (the fresh
+        # twin, attending its own k/v, where the backend has them)
+        runner = llm.engine.runner
+        replays = runner.prefill_replays
+        outs.append(llm.generate([prompts[-1]], params)[0])
+        if runner.prefill_graphs:
+            assert runner.prefill_replays > replays
+        for ids, out in zip(prompts + prompts[-1:], outs, strict=True):
             with torch.inference_mode():
                 ref = hf.generate(torch.tensor([ids], device="cuda"), do_sample=False,
                                   max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)[0, len(ids):].tolist()
