@@ -162,11 +162,13 @@ def test_engine_matches_transformers(checkpoint, hf, truth, name):
 
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
         outs = llm.generate(prompts, params)
-        # the longest prompt once more alone: its first piece replays a prefill graph (the fresh
-        # twin, attending its own k/v, where the backend has them)
+        # the longest prompt once more alone, past the cache: its first piece replays a prefill
+        # graph (the fresh twin, attending its own k/v, where the backend has them)
         runner = llm.engine.runner
         replays = runner.prefill_replays
-        outs.append(llm.generate([prompts[-1]], params)[0])
+        uncached = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, enable_prefix_caching=False)
+        outs.append(llm.generate([prompts[-1]], uncached)[0])
+        assert outs[-1].num_cached_tokens == 0
         if runner.prefill_graphs:
             assert runner.prefill_replays > replays
         for ids, out in zip(prompts + prompts[-1:], outs, strict=True):
