@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,28 @@ _CPU_KV_BYTES = 1 << 30  # default KV pool on CPU: at most 1 GiB
 AUTO_PREFILL_CHUNK_WHILE_DECODING = 2048
 
 
+# engines not yet shut down: stopped at interpreter exit, before anything is torn down
+_LIVE_ENGINES: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
+
+
+def _shut_down_live_engines() -> None:
+    """A script may end without ``shutdown()`` while its engine's thread is still inside a step
+    (finishing the last request after its stream has ended). Left running into the interpreter's
+    teardown, such a thread can be inside a torch call when native thread pools are destroyed;
+    the example chat script once aborted so in a CI run ("terminate called without an active
+    exception"). Each engine's thread is stopped and joined here first; a step in flight ends
+    before its thread does."""
+    for engine in list(_LIVE_ENGINES):
+        engine.shutdown()
+
+
 @functools.cache
-def _unfreeze_at_exit() -> None:
-    """Hand frozen objects back to the collector when the interpreter ends, so they are torn
-    down as usual (extension modules report objects still alive at exit as leaks)."""
+def _exit_hooks() -> None:
+    """Registered once: at exit, engines are shut down first, then frozen objects go back to
+    the collector so they are torn down as usual (extension modules report objects still alive
+    at exit as leaks). atexit runs the last registered first."""
     atexit.register(gc.unfreeze)
+    atexit.register(_shut_down_live_engines)
 
 
 class LLM:
@@ -152,7 +170,8 @@ class LLM:
         # pause that would land inside some request's step
         gc.collect()
         gc.freeze()
-        _unfreeze_at_exit()
+        _LIVE_ENGINES.add(self.engine)
+        _exit_hooks()
         logger.info("braid: %s on %s (%s), %s attention, %d KV pages of %d tokens",
                     cfg.architecture, dev, dt, backend_name, num_pages, page_size)
 

@@ -30,3 +30,25 @@ def test_a_shut_down_engine_is_collected(tiny_qwen3):
     del llm
     gc.collect()
     assert model() is None and cache() is None
+
+
+def test_a_script_that_never_shuts_down_ends_with_its_engine_stopped(tiny_qwen3):
+    """An engine left running when its script ends is shut down (its thread stopped and joined)
+    before the interpreter tears anything down, and the process exits cleanly. The check runs
+    as the last exit hook (registered before any engine exists)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, threading\n"
+        "atexit.register(lambda: print('engine threads at exit:', "
+        "[t.name for t in threading.enumerate() if t.name == 'braid-engine']))\n"
+        "from braid_engine import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_qwen3)!r}, device='cpu')\n"
+        "out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))\n"
+        "print('tokens', len(out[0].token_ids))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "tokens 3" in done.stdout
+    assert "engine threads at exit: []" in done.stdout, done.stdout
