@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now
+from benchmarks.common import build_model, card, kv_kwargs, model_arguments, now, replay_time
 from braid_engine import LLM, SamplingParams
 
 
@@ -86,23 +86,19 @@ def analyse(events: list[tuple[str, float, float]], steps: int, layers: int) -> 
 
 
 def _replays(graph: torch.cuda.CUDAGraph, replays: int) -> tuple[float, list[tuple[str, float, float]]]:
-    """µs a replay of ``graph`` takes back to back, and the kernels of ``replays`` replays."""
+    """µs a replay of ``graph`` takes back to back (median of 5 runs), and the kernels of
+    ``replays`` replays."""
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
     for _ in range(3):
         graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
+    seconds = replay_time(graph, replays)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays, [(e.name, e.time_range.start, e.time_range.end)
-                                                     for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return seconds * 1e6, [(e.name, e.time_range.start, e.time_range.end)
+                           for e in prof.events() if e.device_type == DeviceType.CUDA]
 
 
 def _decode_graph(llm: LLM, batch: int, vocab: int) -> torch.cuda.CUDAGraph:
