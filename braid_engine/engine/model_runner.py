@@ -224,14 +224,16 @@ class ModelRunner:
             self._last_prefill_graph = graph
             done += m
             piece = BatchLayout([m], [done], [table], self.page_size, layout.slot_mapping)
-            logits = self._replay_prefill(m, rows[:, at:at + m], piece, graph[1])
+            logits = self._replay_prefill(m, rows[:, at:at + m], piece, graph)
             at += m
         return logits
 
-    def _replay_prefill(self, n: int, rows: torch.Tensor, layout: BatchLayout, fresh: bool) -> torch.Tensor:
-        """``rows``: the piece's token ids, positions and KV slots, [3, n] on the host; ``fresh``:
-        replay the graph's twin that attends the piece's own keys (it has no others)."""
-        tokens = next(t for t in self.prefill_sizes if t >= n)
+    def _replay_prefill(self, n: int, rows: torch.Tensor, layout: BatchLayout,
+                        graph: tuple[int, bool]) -> torch.Tensor:
+        """``rows``: the piece's token ids, positions and KV slots, [3, n] on the host; ``graph``:
+        the rows of the graph to replay (at least n) and whether its twin that attends the
+        piece's own keys (it has no others)."""
+        tokens, fresh = graph
         graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables, self.page_size,
                                    self.static_slots[:tokens])
         self.backend.plan_prefill_graph(graph_layout, tokens, self.pad_page, fresh=fresh)
@@ -239,8 +241,8 @@ class ModelRunner:
         # padding rows: token 0 at positions 0, 1, … writing their KV into the pad page
         self.static_in[:, n:tokens].copy_(self._prefill_pad[:, :tokens - n])
         self.static_last.fill_(n - 1)
-        graph, logits = (self.fresh_prefill_graphs if fresh else self.prefill_graphs)[tokens]
-        graph.replay()
+        replayed, logits = (self.fresh_prefill_graphs if fresh else self.prefill_graphs)[tokens]
+        replayed.replay()
         self.prefill_replays += 1
         return logits
 

@@ -77,8 +77,9 @@ def test_two_prompts_ending_in_one_step_keep_their_own_logits(tiny_qwen3, monkey
         if chunk is not None:
             r.prefill_sizes, r.prefill_graphs = (16, 32, 64), dict.fromkeys((16, 32, 64))
 
-            def replay(n, piece, layout, fresh, r=r, buffers=buffers, replays=replays):
+            def replay(n, piece, layout, graph, r=r, buffers=buffers, replays=replays):
                 rows = next(t for t in r.prefill_sizes if t >= n)
+                assert graph == (rows, False)  # the smallest graph that holds the piece (no twins on the CPU)
                 ids, positions, slots = piece
                 r.backend.plan(BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables, r.page_size, slots))
                 logits = r.model.compute_logits(r.model(ids, positions, r.backend)[-1:])

@@ -77,8 +77,8 @@ def test_each_piece_attends_the_keys_before_it(monkeypatch, n, sizes, pieces, sy
 
     calls, syncs = [], []
 
-    def replay(m, rows, layout, fresh):
-        assert not fresh  # the prompt has 100 cached tokens before these
+    def replay(m, rows, layout, graph):
+        assert graph == (next(t for t in sizes if t >= m), False)  # 100 cached tokens before these
         calls.append((m, *(r.tolist() for r in rows), layout.query_lens, layout.kv_lens, layout.page_tables))
         return f"logits of piece {len(calls)}"
 
@@ -132,7 +132,7 @@ def test_only_a_fresh_prompts_first_piece_replays_the_fresh_twin(monkeypatch, tw
     calls, syncs = [], []
     fake = SimpleNamespace(prefill_sizes=GAPPED, _last_prefill_graph=None, page_size=16,
                            device=torch.device("cpu"), fresh_prefill_graphs=dict.fromkeys(twins),
-                           _replay_prefill=lambda m, rows, layout, f: calls.append((m, layout.kv_lens, f)))
+                           _replay_prefill=lambda m, rows, layout, g: calls.append((m, layout.kv_lens, g[1])))
     monkeypatch.setattr(torch.cuda, "current_stream",
                         lambda device=None: SimpleNamespace(synchronize=lambda: syncs.append(len(calls))))
     n = 600  # pieces of 256, 256 and 88 (the 128-row graph)
