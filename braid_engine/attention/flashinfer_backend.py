@@ -13,6 +13,7 @@ level, while here only the sequences of a group that pays its way share a level.
 from __future__ import annotations
 
 from array import array
+from itertools import accumulate
 
 import torch
 
@@ -58,6 +59,11 @@ def choose_groups(layout: BatchLayout, cascade: str, graphed: bool = False) -> l
         if cascade_pays(g.last - g.first, shared, unique):
             chosen.append(g)
     return chosen
+
+
+def _starts(lens: list[int]) -> list[int]:
+    """Where each request's rows start, and the end: the indptr of ``lens``."""
+    return list(accumulate(lens, initial=0))
 
 
 def _paged_kv(tables: list[list[int]], kv_lens: list[int], page_size: int,
@@ -451,10 +457,8 @@ class FlashInferBackend(AttentionBackend):
         if fresh:
             if kv_len != q:
                 raise ValueError(f"a fresh prefill attends only its own keys: {q} new tokens, {kv_len} keys")
-            indptr = torch.tensor([0, q, tokens], dtype=torch.int32)
             wrapper = self._graph_ragged[tokens]
-            wrapper.plan(indptr, indptr, self.num_heads, self.num_kv_heads, self.head_dim, causal=True,
-                         **self._ragged_common())
+            self._plan_ragged(wrapper, [0, q, tokens])
             self._set_step(layout, False, wrapper, own_kv=True)
             return
         pad = tokens - q
@@ -467,9 +471,12 @@ class FlashInferBackend(AttentionBackend):
             head_dim_qk=self.head_dim, causal=True, **self._common())
         self._set_step(layout, False, wrapper)
 
-    def _ragged_common(self) -> dict:
-        dt = self.kv_cache.dtype
-        return dict(pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=dt, kv_data_type=dt)
+    def _plan_ragged(self, wrapper, indptr: list[int]) -> None:
+        """Plan a ragged-KV prefill whose requests each attend their own keys, causally:
+        queries and keys share ``indptr``."""
+        dt, ptr = self.kv_cache.dtype, torch.tensor(indptr, dtype=torch.int32)
+        wrapper.plan(ptr, ptr, self.num_heads, self.num_kv_heads, self.head_dim, causal=True,
+                     pos_encoding_mode="NONE", sm_scale=self.scale, q_data_type=dt, kv_data_type=dt)
 
     def plan(self, layout: BatchLayout) -> None:
         if layout.page_size != self.page_size:
@@ -481,15 +488,10 @@ class FlashInferBackend(AttentionBackend):
         if (self._ragged() and not self._is_decode and layout.query_lens == layout.kv_lens
                 and sum(layout.query_lens) > SHORT_PREFILL_TOKENS):
             # fresh prompts only (no group: a cascade level needs keys before the queries)
-            qo = [0]
-            for q in layout.query_lens:
-                qo.append(qo[-1] + q)
-            indptr = torch.tensor(qo, dtype=torch.int32)
             # the plan rewrites the wrapper's pinned host buffer, whose copy for an earlier fresh
             # step may still be queued (a chunk that samples nothing is not read): let it land
             torch.cuda.current_stream(dev).synchronize()
-            self._ragged.plan(indptr, indptr, self.num_heads, self.num_kv_heads, self.head_dim, causal=True,
-                              **self._ragged_common())
+            self._plan_ragged(self._ragged, _starts(layout.query_lens))
             self._set_step(layout, False, own_kv=True)
             self._eager_prefill = self._ragged
             return
@@ -509,22 +511,18 @@ class FlashInferBackend(AttentionBackend):
         if self._is_decode:
             self._decode.plan(*kv, head_dim=self.head_dim, **self._common())
         else:
-            qo = [0]
-            for q in layout.query_lens:
-                qo.append(qo[-1] + q)
             split = _split_pages(layout, self.num_heads, self.num_kv_heads, self.head_dim)
             short = len(layout.query_lens) == 1 and layout.query_lens[0] <= SHORT_PREFILL_TOKENS
             self._eager_prefill = self._prefill_split if split or short else self._prefill
-            self._eager_prefill.plan(torch.tensor(qo, dtype=torch.int32), *kv, head_dim_qk=self.head_dim,
+            self._eager_prefill.plan(torch.tensor(_starts(layout.query_lens), dtype=torch.int32), *kv,
+                                     head_dim_qk=self.head_dim,
                                      causal=True, fixed_split_size=split, **self._common())
         if self.groups:
             self._plan_shared(layout)
 
     def _plan_shared(self, layout: BatchLayout) -> None:
         dev = self.kv_cache.device
-        starts = [0]
-        for q in layout.query_lens:
-            starts.append(starts[-1] + q)
+        starts = _starts(layout.query_lens)
         qo, indptr, indices, last, ranges = [0], [0], [], [], []
         for g in self.groups:
             ranges.append((starts[g.first], starts[g.last]))
