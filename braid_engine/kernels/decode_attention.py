@@ -39,6 +39,24 @@ def _attend_tile(q, k, v, ok, m, denom, acc, scale):
 
 
 @triton.jit
+def _tile(cache_ptr, table_ptr, b, h, start, last, t, s_page, s_head, s_off, table_stride, page_size):
+    """Positions ``start + t`` of sequence b: which are in the stretch (before ``last``), and
+    where kv head h's key row of each sits in the paged cache (its value row is ``s_kv`` on)."""
+    pos = start + t
+    ok = pos < last
+    page = tl.load(table_ptr + b * table_stride + pos // page_size, mask=ok, other=0)
+    return pos, ok, cache_ptr + page.to(tl.int64) * s_page + h * s_head + (pos % page_size) * s_off
+
+
+@triton.jit
+def _kv(base, d, s_kv, rows):
+    """The key and value rows at ``base`` where ``rows`` [T, 1] holds, zeros elsewhere."""
+    k = tl.load(base[:, None] + d[None, :], mask=rows, other=0.0)
+    v = tl.load(base[:, None] + s_kv + d[None, :], mask=rows, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_ptr, scale,
                   s_page, s_kv, s_head, s_off, table_stride, page_size,
                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -62,18 +80,14 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_pt
         # the first tile's keys and values are read before waiting for the kernel before, which
         # writes only the step's own token (the last position): earlier positions were written by
         # earlier forwards. With one tile a split (short contexts) that is all of the split's keys
-        pos = first + t
-        ok = pos < last
-        page = tl.load(table_ptr + b * table_stride + pos // page_size, mask=ok, other=0)
-        base = cache_ptr + page.to(tl.int64) * s_page + h * s_head + (pos % page_size) * s_off
-        old = (ok & (pos < kv_len - 1))[:, None]
-        k = tl.load(base[:, None] + d[None, :], mask=old, other=0.0)
-        v = tl.load(base[:, None] + s_kv + d[None, :], mask=old, other=0.0)
+        pos, ok, base = _tile(cache_ptr, table_ptr, b, h, first, last, t, s_page, s_head, s_off, table_stride,
+                              page_size)
+        k, v = _kv(base, d, s_kv, (ok & (pos < kv_len - 1))[:, None])
         if USE_PDL and READ_AHEAD:
             tl.extra.cuda.gdc_wait()
         new = (ok & (pos == kv_len - 1))[:, None]
-        k = tl.where(new, tl.load(base[:, None] + d[None, :], mask=new, other=0.0), k)
-        v = tl.where(new, tl.load(base[:, None] + s_kv + d[None, :], mask=new, other=0.0), v)
+        k_new, v_new = _kv(base, d, s_kv, new)
+        k, v = tl.where(new, k_new, k), tl.where(new, v_new, v)
         q_rows = h * GROUP + rows
         q = tl.load(q_ptr + (b * NUM_HEADS + q_rows)[:, None] * HEAD_DIM + d[None, :],
                     mask=(rows < GROUP)[:, None], other=0.0)
@@ -82,12 +96,9 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_pt
         acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
         m, denom, acc = _attend_tile(q, k, v, ok, m, denom, acc, scale)
         for start in range(first + BLOCK_T, last, BLOCK_T):
-            pos = start + t
-            ok = pos < last
-            page = tl.load(table_ptr + b * table_stride + pos // page_size, mask=ok, other=0)
-            base = cache_ptr + page.to(tl.int64) * s_page + h * s_head + (pos % page_size) * s_off
-            k = tl.load(base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(base[:, None] + s_kv + d[None, :], mask=ok[:, None], other=0.0)
+            pos, ok, base = _tile(cache_ptr, table_ptr, b, h, start, last, t, s_page, s_head, s_off, table_stride,
+                                  page_size)
+            k, v = _kv(base, d, s_kv, ok[:, None])
             m, denom, acc = _attend_tile(q, k, v, ok, m, denom, acc, scale)
         part = (b * NUM_HEADS + q_rows) * SPLITS + split
         keep = rows < GROUP
