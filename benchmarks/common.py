@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -136,3 +139,21 @@ def replay_time(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / reps)
     return sorted(times)[2]
+
+
+def alternate(ways: dict[str, Callable[[], Any]], measure: Callable[[Any], tuple[float, Any]], rounds: int,
+              warm: bool = False) -> tuple[dict[str, float], dict[str, list[float]], bool]:
+    """Each way measured ``rounds`` times, the ways in turn (drift on the machine falls on all of
+    them alike): ``ways`` maps a name to a function that sets that way up and returns what
+    ``measure`` takes; ``measure`` returns a number and an output. ``warm``: one round first
+    that is not recorded. The median number of each way, every run's numbers, and whether the
+    ways' last outputs are all the same."""
+    values: dict[str, list[float]] = {name: [] for name in ways}
+    outputs: dict[str, Any] = {}
+    for r in range(rounds + warm):
+        for name, way in ways.items():
+            value, outputs[name] = measure(way())
+            if r >= warm:
+                values[name].append(value)
+    same = all(o == next(iter(outputs.values())) for o in outputs.values())
+    return {n: statistics.median(v) for n, v in values.items()}, values, same

@@ -12,13 +12,12 @@ fraction of the card's measured copy bandwidth.
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
 from benchmarks.common import (
     add_pipeline_argument,
+    alternate,
     build_model,
     card,
     copy_bandwidth,
@@ -166,21 +165,14 @@ def main() -> None:
         waiting.shutdown()
 
 
-def alternate(ways: dict[str, object], prompts: list[list[int]], new: int,
-              device: torch.device) -> tuple[dict[str, float], dict[str, list[float]], bool]:
-    """Each way's decode three times, the ways in turn: ``ways`` maps a name to a function that
-    sets that way up and returns the engine to run. Median tokens/s per way, every run's, and
-    whether all ways gave the same greedy tokens."""
+def _decode_rate(prompts: list[list[int]], new: int, device: torch.device):
+    """``measure`` for ``alternate``: an engine's decode tokens/s and its greedy tokens."""
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, enable_prefix_caching=False)
-    rates: dict[str, list[float]] = {name: [] for name in ways}
-    tokens = {}
-    for _ in range(3):
-        for name, way in ways.items():
-            llm = way()
-            rates[name].append(len(prompts) * (new - 1) / engine_decode(llm, prompts, new, device))
-            tokens[name] = [o.token_ids for o in llm.generate(prompts, params)]
-    same = all(t == next(iter(tokens.values())) for t in tokens.values())
-    return {n: statistics.median(r) for n, r in rates.items()}, rates, same
+
+    def measure(llm: LLM) -> tuple[float, list[list[int]]]:
+        rate = len(prompts) * (new - 1) / engine_decode(llm, prompts, new, device)
+        return rate, [o.token_ids for o in llm.generate(prompts, params)]
+    return measure
 
 
 def _runs(rates: list[float]) -> str:
@@ -188,8 +180,8 @@ def _runs(rates: list[float]) -> str:
 
 
 def compare_pipelining(llm: LLM, prompts: list[list[int]], new: int, device: torch.device) -> None:
-    """The engine's decode with bursts pipelined and not, in turn, and whether both give the
-    same greedy tokens."""
+    """The engine's decode with bursts pipelined and not, three times each in turn (median
+    tokens/s), and whether both give the same greedy tokens."""
     config = llm.engine.config
     was = config.pipeline_bursts
 
@@ -200,7 +192,7 @@ def compare_pipelining(llm: LLM, prompts: list[list[int]], new: int, device: tor
         return way
 
     try:
-        med, rates, same = alternate({"plain": mode(False), "piped": mode(True)}, prompts, new, device)
+        med, rates, same = alternate({"plain": mode(False), "piped": mode(True)}, _decode_rate(prompts, new, device), 3)
     finally:
         config.pipeline_bursts = was
     print(f"      pipelined {med['piped']:.1f} tok/s vs {med['plain']:.1f} ({med['piped'] / med['plain']:.3f}x; runs "
@@ -210,8 +202,9 @@ def compare_pipelining(llm: LLM, prompts: list[list[int]], new: int, device: tor
 
 def compare_engines(a: LLM, b: LLM, prompts: list[list[int]], new: int, device: torch.device,
                     name_a: str, name_b: str) -> None:
-    """Two engines' decode in turn, and whether both give the same greedy tokens."""
-    med, rates, same = alternate({name_b: lambda: b, name_a: lambda: a}, prompts, new, device)
+    """Two engines' decode, three times each in turn (median tokens/s), and whether both give
+    the same greedy tokens."""
+    med, rates, same = alternate({name_b: lambda: b, name_a: lambda: a}, _decode_rate(prompts, new, device), 3)
     print(f"      {name_a} {med[name_a]:.1f} tok/s vs {name_b} {med[name_b]:.1f} ({med[name_a] / med[name_b]:.3f}x; "
           f"runs {_runs(rates[name_a])} vs {_runs(rates[name_b])}); greedy tokens {'the same' if same else 'DIFFER'}")
 

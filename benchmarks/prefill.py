@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from benchmarks.common import (
+    alternate,
     build_model,
     card,
     copy_bandwidth,
@@ -127,21 +128,18 @@ def compare_fresh(llm: LLM, lengths: list[int], repeat: int, gen: torch.Generato
           f"alternating, {repeat} runs each (twin graphs: {sorted(twins)})")
     for n in lengths:
         ids = torch.randint(3, len(llm.tokenizer), (n,), generator=gen).tolist()
-        times: dict[bool, list[float]] = {True: [], False: []}
-        first: dict[bool, int] = {}
-        for on in (True, False):  # warm-up, each way
-            fresh(on)
-            first[on] = llm.generate([ids], one)[0].token_ids[0]
-        for _ in range(repeat):
-            for on in (True, False):
-                fresh(on)
-                t0 = now(device)
-                llm.generate([ids], one)
-                times[on].append(now(device) - t0)
-        own, paged = (statistics.median(times[on]) * 1e3 for on in (True, False))
+
+        def measure(_, ids=ids) -> tuple[float, int]:
+            t0 = now(device)
+            out = llm.generate([ids], one)[0]
+            return now(device) - t0, out.token_ids[0]
+
+        med, times, same = alternate({"own": lambda: fresh(True), "paged": lambda: fresh(False)}, measure, repeat,
+                                     warm=True)
+        own, paged = med["own"] * 1e3, med["paged"] * 1e3
         print(f"{n:>7} tokens: own k/v {own:.2f} ms vs paged {paged:.2f} ms ({paged / own:.3f}x; runs "
-              f"{', '.join(f'{t * 1e3:.2f}' for t in times[True])} vs {', '.join(f'{t * 1e3:.2f}' for t in times[False])})"
-              f"; first token {'the same' if first[True] == first[False] else 'DIFFERENT'}")
+              f"{', '.join(f'{t * 1e3:.2f}' for t in times['own'])} vs {', '.join(f'{t * 1e3:.2f}' for t in times['paged'])})"
+              f"; first token {'the same' if same else 'DIFFERENT'}")
     fresh(True)
 
 
