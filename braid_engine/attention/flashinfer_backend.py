@@ -178,7 +178,7 @@ class FlashInferBackend(AttentionBackend):
         prefill_space = workspace()
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(prefill_space, "HND")
         # a fresh prompt's prefill over its own k/v; a step runs one or the other: one scratch
-        self._ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(prefill_space, "NHD")
+        self._ragged_wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(prefill_space, "NHD")
         # few queries over long KV: split the keys over CTAs. FlashInfer's Hopper (fa3) prefill
         # cannot split, so this one (and the prefill graphs, which serve the same case) use fa2;
         # so does one sequence's short prefill, as it would in a graph
@@ -400,9 +400,9 @@ class FlashInferBackend(AttentionBackend):
     def fresh_prefill_graph(self, tokens: int) -> bool:
         """Whether the prefill graph of ``tokens`` rows has a twin for fresh prompts, which
         attends the step's own k/v (ragged_fresh_prefill, on the graphs that run fa3)."""
-        return self._ragged() and self._fa3_graph(tokens)
+        return self._ragged_ok() and self._fa3_graph(tokens)
 
-    def _ragged(self) -> bool:
+    def _ragged_ok(self) -> bool:
         return self.ragged_fresh_prefill and self.head_dim in RAGGED_HEAD_DIMS
 
     @torch.inference_mode(False)
@@ -485,15 +485,15 @@ class FlashInferBackend(AttentionBackend):
         self.cascade_steps += bool(self.groups)
         dev = self.kv_cache.device
         ps = layout.page_size
-        if (self._ragged() and not self._is_decode and layout.query_lens == layout.kv_lens
+        if (self._ragged_ok() and not self._is_decode and layout.query_lens == layout.kv_lens
                 and sum(layout.query_lens) > SHORT_PREFILL_TOKENS):
             # fresh prompts only (no group: a cascade level needs keys before the queries)
             # the plan rewrites the wrapper's pinned host buffer, whose copy for an earlier fresh
             # step may still be queued (a chunk that samples nothing is not read): let it land
             torch.cuda.current_stream(dev).synchronize()
-            self._plan_ragged(self._ragged, _starts(layout.query_lens))
+            self._plan_ragged(self._ragged_wrapper, _starts(layout.query_lens))
             self._set_step(layout, False, own_kv=True)
-            self._eager_prefill = self._ragged
+            self._eager_prefill = self._ragged_wrapper
             return
         if self._is_decode and not self.groups and self._small_decode(len(layout.kv_lens)):
             table, lens = self._small_table(layout.page_tables, layout.kv_lens)

@@ -164,7 +164,7 @@ def test_warm_up_builds_every_eager_kernel_and_leaves_no_trace(cascade):
     before = cache.clone()
     fi = FlashInferBackend(cache, 16, 128, cascade)
     fi.warm_up()
-    for wrapper in (fi._prefill, fi._prefill_split, fi._decode, fi._ragged):
+    for wrapper in (fi._prefill, fi._prefill_split, fi._decode, fi._ragged_wrapper):
         assert wrapper._cached_module is not None
     assert (fi._shared._cached_module is not None) == (cascade != "never")
     assert fi._small is not None  # our small-batch decode kernel ran too
