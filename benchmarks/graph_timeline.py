@@ -15,7 +15,9 @@ back to back on the plan of a real step, so nothing but the graph launches lies 
 
 With ``--prefill`` a fresh prompt of each length (one prefill graph, no cache) is timed through
 ``generate`` and as its graph replays alone: the difference is what lies outside the graph (the
-host's step, the copies, the sampling and the hand-offs between threads).
+host's step, the copies, the sampling and the hand-offs between threads). ``--host-profile N``
+then runs a fresh N-token prompt's steps in this thread under cProfile (the engine's loop thread
+kept out) and prints where the host's time goes.
 
 Kernels that occur a multiple of the layer count per step are told apart by their place in the
 layer (``_row_matmul_kernel [0]`` … ``[3]``: qkv, o_proj, gate_up, down at batch 1).
@@ -132,6 +134,44 @@ def _prefill_graph(llm: LLM, n: int, vocab: int) -> tuple[torch.cuda.CUDAGraph, 
     return graphs[n][0], statistics.median(times[1:]) * 1e3
 
 
+def _host_profile(llm: LLM, n: int, vocab: int, top: int) -> None:
+    """A fresh ``n``-token prompt stepped in this thread under cProfile: the step's wall time
+    (against generate's, the rest is the hand-off between threads) and the functions that take it."""
+    import cProfile
+    import pstats
+
+    eng, dev = llm.engine, llm.config.device
+    ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    prof = cProfile.Profile()
+    walls = []
+    for r in range(4):
+        with eng.together():  # the loop thread takes no request while this lock is held
+            stream = eng.add_request(ids, one, final_only=True)
+            pending, eng._pending = eng._pending, []
+            with eng._state:
+                for seq in pending:
+                    eng._seqs[seq.request_id] = seq
+                    eng.scheduler.add(seq)
+                t0 = now(dev)
+                if r == 3:
+                    prof.enable()
+                while eng.scheduler.has_work():
+                    eng.step()
+                if r == 3:
+                    prof.disable()
+                walls.append(now(dev) - t0)
+        stream.result()
+    table = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, own s, cumulative s, callers)
+    print(f"\nfresh {n}-token prompt stepped in this thread: {statistics.median(walls[1:]) * 1e3:.2f} ms "
+          f"(runs {', '.join(f'{w * 1e3:.2f}' for w in walls[1:])}); the last under cProfile, µs:")
+    for key, order in (("cumulative", 3), ("own", 2)):
+        print(f"  by {key} time: {'calls':>6} {'own':>8} {'cumul.':>8}")
+        for (file, line, name), st in sorted(table.items(), key=lambda kv: -kv[1][order])[:top]:
+            where = f"{file.rsplit('/', 2)[-1] if '/' in file else file}:{line}({name})"
+            print(f"    {where[:60]:<60} {st[1]:>6} {st[2] * 1e6:>8.0f} {st[3] * 1e6:>8.0f}")
+
+
 def _print(events: list[tuple[str, float, float]], replays: int, layers: int, top: int, what: str) -> None:
     try:
         rows, step, idle = analyse(events, replays, layers)
@@ -152,12 +192,18 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, nargs="*", default=[], help="fresh prompt lengths (prefill graph sizes)")
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--host-profile", type=int, nargs="*", default=[], metavar="N",
+                    help="fresh N-token prompts stepped in this thread under cProfile")
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
     llm = LLM(path, device=args.device, dtype=args.dtype, pipeline_bursts=False, enable_prefix_caching=False,
               **(kv_kwargs(args) or {"kv_cache_memory": 4 << 30}))
     dev = llm.config.device
     if dev.type != "cuda" or not llm.engine.runner.graphs:
+        if args.host_profile and not args.batch and not args.prefill:  # the host profile runs anywhere
+            for n in args.host_profile:
+                _host_profile(llm, n, len(llm.tokenizer), 2 * args.top)
+            return
         raise SystemExit("graph_timeline needs CUDA graphs (a CUDA device)")
     layers, vocab = llm.model_config.num_hidden_layers, len(llm.tokenizer)
     print(f"card: {card(dev)}; dtype {llm.config.dtype}; {layers} layers; graphs replayed back to back")
@@ -172,6 +218,8 @@ def main() -> None:
         print(f"\nfresh {n}-token prompt: generate {ms:.2f} ms; its graph alone {us / 1e3:.2f} ms; "
               f"outside the graph {ms - us / 1e3:.2f} ms")
         _print(events, max(3, args.replays // 10), layers, args.top, "a prompt")
+    for n in args.host_profile:
+        _host_profile(llm, n, vocab, 2 * args.top)
     llm.shutdown()
 
 
