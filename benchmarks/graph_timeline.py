@@ -26,6 +26,7 @@ layer (``_row_matmul_kernel [0]`` … ``[3]``: qkv, o_proj, gate_up, down at bat
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -162,9 +163,30 @@ def _host_profile(llm: LLM, n: int, vocab: int, top: int) -> None:
                     prof.disable()
                 walls.append(now(dev) - t0)
         stream.result()
+    # the same prompt through generate, the loop thread's steps timed from inside it
+    spans: list[float] = []
+    step = eng.step
+
+    def timed_step() -> None:
+        t = time.perf_counter()
+        step()
+        spans.append(time.perf_counter() - t)
+
+    eng.step = timed_step
+    totals = []
+    try:
+        for _ in range(4):
+            spans.clear()
+            t0 = now(dev)
+            llm.generate([ids], one)
+            totals.append((now(dev) - t0, sum(spans)))
+    finally:
+        del eng.step
+    gen, in_steps = (statistics.median(x for x, _ in totals[1:]), statistics.median(y for _, y in totals[1:]))
     table = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, own s, cumulative s, callers)
     print(f"\nfresh {n}-token prompt stepped in this thread: {statistics.median(walls[1:]) * 1e3:.2f} ms "
-          f"(runs {', '.join(f'{w * 1e3:.2f}' for w in walls[1:])}); the last under cProfile, µs:")
+          f"(runs {', '.join(f'{w * 1e3:.2f}' for w in walls[1:])}); through generate {gen * 1e3:.2f} ms, of which "
+          f"the loop thread's steps {in_steps * 1e3:.2f}; the in-thread step under cProfile, µs:")
     for key, order in (("cumulative", 3), ("own", 2)):
         print(f"  by {key} time: {'calls':>6} {'own':>8} {'cumul.':>8}")
         for (file, line, name), st in sorted(table.items(), key=lambda kv: -kv[1][order])[:top]:

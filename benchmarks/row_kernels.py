@@ -1,7 +1,7 @@
 """The matmuls of a batch-1 decode step, 28 Qwen3-0.6B layers under one CUDA graph: cuBLAS
 with the standalone norm and SiLU·mul kernels, against the one-row matmul kernels with those
 folded in (``braid_engine/kernels/gemv.py``), at a few block sizes, with and without
-programmatic dependent launch, asking L2 for 0–2 matmuls' weights ahead (GPU only).
+programmatic dependent launch (GPU only).
 
     python -m benchmarks.row_kernels
 
@@ -48,13 +48,11 @@ def cublas_step(ws, x, r, o_in):
 
 def row_step(ws, x, r, o_in, configs):
     c_qkv, c_o, c_gu, c_down = configs
-    order = [lw[name] for lw in ws for name in ("qkv", "o", "gu", "down")]  # as the step reads them
-    for i, lw in enumerate(ws):
-        after = order[4 * i + 1:4 * i + 7]  # each matmul is handed the weights after its own
-        _, r = gemv.norm_matmul(x, r, lw["n1"], 1e-6, lw["qkv"], config=c_qkv, ahead=after[0:])
-        h = gemv.row_matmul(o_in, lw["o"], config=c_o, ahead=after[1:])
-        gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"], config=c_gu, ahead=after[2:])
-        x = gemv.silu_matmul(gu, lw["down"], config=c_down, ahead=after[3:])
+    for lw in ws:
+        _, r = gemv.norm_matmul(x, r, lw["n1"], 1e-6, lw["qkv"], config=c_qkv)
+        h = gemv.row_matmul(o_in, lw["o"], config=c_o)
+        gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"], config=c_gu)
+        x = gemv.silu_matmul(gu, lw["down"], config=c_down)
     return x
 
 
@@ -77,21 +75,18 @@ def main() -> None:
     shapes = [(QKV, HIDDEN, gemv.NORM), (HIDDEN, Q, gemv.PLAIN), (2 * INTER, HIDDEN, gemv.NORM),
               (HIDDEN, INTER, gemv.SILU)]
     default = [gemv.default_config(n, k, p) for n, k, p in shapes]
-    depth = kernels.PREFETCH
-    variants = {f"default (L2 prefetch {depth} ahead)": (default, True, depth)}
-    for d in range(3):
-        if d != depth:
-            variants[f"default, L2 prefetch {d} ahead" if d else "default, no L2 prefetch"] = (default, True, d)
-    variants["default, no PDL"] = (default, False, depth)
-    for bn_scale, warps in ((0.5, 4), (2, 8), (1, 8)):
+    variants = {"default": (default, True)}
+    variants["default, no PDL"] = (default, False)
+    for bn_scale, warps in ((0.5, 4), (2, 8), (1, 8), (0.5, 8)):
         configs = [{**c, "BLOCK_N": max(1, int(c["BLOCK_N"] * bn_scale)), "num_warps": warps} for c in default]
-        variants[f"BLOCK_N ×{bn_scale}, {warps} warps"] = (configs, True, depth)
-    for name, (configs, pdl, d) in variants.items():
-        kernels.PDL, kernels.PREFETCH = pdl, d
+        for pdl in (True, False):
+            variants[f"BLOCK_N ×{bn_scale}, {warps} warps" + (", no PDL" if pdl is False else "")] = (configs, pdl)
+    for name, (configs, pdl) in variants.items():
+        kernels.PDL = pdl
         t = graph_time(lambda configs=configs: row_step(ws, x, r, o_in, configs), args.reps)
         print(f"{'row kernels (4 a layer), ' + name:52s} {t / args.layers * 1e6:9.2f} "
               f"{weight_bytes / t / 1e12:6.2f} {base / t:8.2f}x")
-    kernels.PDL, kernels.PREFETCH = True, depth
+    kernels.PDL = True
     print("configs: " + "; ".join(f"{n}x{k}: {c}" for (n, k, _), c in zip(shapes, default, strict=True)))
 
 

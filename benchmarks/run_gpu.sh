@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|readahead|prefetch|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|readahead|host|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
 # 'readahead': decode.py at batch 1 and 4 with the kernels reading ahead of their wait and not;
-# 'prefetch': the one-row matmuls asking L2 for weights ahead, at depths 0-2, and a prompt's host profile)
+# 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step)
 # 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
@@ -83,17 +83,12 @@ if [ "$what" = readahead ]; then
     --batch 1 4 --compiled-batches --kv-gb 8 --compare-read-ahead 2>&1 | grep -v Warning \
     | grep -E "^card|^ +[0-9]+ |reading ahead" | tee "$OUT/decode_read_ahead.log"
 fi
-if [ "$what" = prefetch ]; then
-  # the one-row matmuls asking L2 for the next matmuls' weights (braid_engine.kernels.PREFETCH):
-  # the matmuls alone at each depth, the engine at batch 1 against engines captured at depths 0
-  # and 1, each kernel's share of the step with it; then where a fresh prompt's host time goes
-  timeout 80 python3 -m benchmarks.row_kernels 2>&1 | grep -v Warning | tee "$OUT/row_kernels.log"
-  timeout 200 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --batch 1 --compiled-batches --kv-gb 4 --compare-prefetch 0 1 2>&1 | grep -v Warning \
-    | grep -E "^card|^ +[0-9]+ |ahead" | tee "$OUT/decode_prefetch.log"
+if [ "$what" = host ]; then
+  # what lies outside a fresh prompt's prefill graph: generate against the graph alone, then the
+  # prompt stepped in the calling thread under cProfile (the host's part of the step)
   timeout 150 python3 -m benchmarks.graph_timeline --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --batch 1 --prefill 4096 --host-profile 4096 1024 --kv-gb 4 2>&1 | grep -v Warning > "$OUT/graph_timeline.log"
-  head -40 "$OUT/graph_timeline.log"; grep -A12 "stepped in this thread" "$OUT/graph_timeline.log"
+    --batch --prefill 1024 4096 --host-profile 4096 1024 --kv-gb 4 2>&1 | grep -v Warning > "$OUT/graph_timeline.log"
+  grep -E "^fresh|^card" "$OUT/graph_timeline.log"; grep -A16 "stepped in this thread" "$OUT/graph_timeline.log"
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
   # transformers keeping its KV across turns, compiled with CUDA graphs (in a child process)

@@ -30,19 +30,9 @@ def _has_pdl(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def _hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and _has_pdl(device.index if device.index is not None
-                                              else torch.cuda.current_device())
-
-
 def use_pdl(device: torch.device) -> bool:
-    return PDL and _hopper(device)
-
-
-def prefetch_depth(device: torch.device) -> int:
-    """How many matmuls ahead the one-row matmuls ask L2 for weights on this device (PREFETCH;
-    0 where the card has no bulk prefetch, which came with Hopper as PDL did)."""
-    return PREFETCH if _hopper(device) else 0
+    return PDL and device.type == "cuda" and _has_pdl(device.index if device.index is not None
+                                                       else torch.cuda.current_device())
 
 
 def pdl_args(device: torch.device) -> dict:
@@ -55,10 +45,3 @@ def pdl_args(device: torch.device) -> dict:
 # the step's own token) before they wait for the kernel before. Off: they wait first, as before
 # session 9 (decode.py --compare-read-ahead measures the difference).
 READ_AHEAD = True
-
-# At batch 1 a decode step streams each weight once, but a one-row matmul keeps the memory system
-# busy only while its own programs run: not across its ramp and tail, the PDL handover, or the
-# attention kernels between qkv_proj and o_proj. With PREFETCH = n, each one-row matmul first asks
-# L2 for the weights of the n matmuls after it (sm90's bulk prefetch, a hint that never changes a
-# result), so their bytes stream in behind its own; 0 switches it off (decode.py --compare-prefetch).
-PREFETCH = 2

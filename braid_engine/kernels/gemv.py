@@ -27,29 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from braid_engine.kernels import pdl_args, prefetch_depth
+from braid_engine.kernels import pdl_args
 
 PLAIN, NORM, SILU = 0, 1, 2
 # elements of weight one program loads per step of its loop: enough bytes in flight per SM
 # to keep the memory system busy, few enough registers to stay resident
 _TILE = 8192
-
-
-# bytes one lane's bulk prefetch asks for, at least: a program's share of a weight is cut into
-# pieces of this size or larger, so a small share is one request, not a request per thread
-_PREFETCH_PIECE = tl.constexpr(4096)
-
-
-@triton.jit
-def _prefetch_l2(address, nbytes, part, parts, LANES: tl.constexpr):
-    """Ask L2 for program ``part`` of ``parts``'s share of the ``nbytes`` at ``address`` (an
-    int64, 16-byte aligned): one bulk prefetch per lane that has a piece (sm90)."""
-    per = tl.cdiv(tl.cdiv(nbytes, parts * LANES), _PREFETCH_PIECE) * _PREFETCH_PIECE
-    off = (part * LANES + tl.arange(0, LANES)).to(tl.int64) * per
-    size = (tl.minimum(tl.maximum(nbytes - off, 0), per) // 16 * 16).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [address + off, size], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -81,10 +64,8 @@ def _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.cons
 
 @triton.jit
 def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, eps,
-                       ahead1, ahead1_bytes, ahead2, ahead2_bytes,
                        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr,
-                       LANES: tl.constexpr, USE_PDL: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     dtype = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if USE_PDL:
@@ -96,11 +77,6 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, e
     k_ok = rk < K
     # the weights never depend on the previous kernel: the first tile is read before waiting
     w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    # the next matmuls' weights (AHEAD of them, at int64 addresses) are asked of L2 behind it
-    if AHEAD >= 1:
-        _prefetch_l2(ahead1, ahead1_bytes, pid, tl.num_programs(0), LANES)
-    if AHEAD >= 2:
-        _prefetch_l2(ahead2, ahead2_bytes, pid, tl.num_programs(0), LANES)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
@@ -128,8 +104,7 @@ def default_config(n: int, k: int, prologue: int) -> dict:
 
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-            eps: float = 0.0, config: dict | None = None,
-            ahead: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+            eps: float = 0.0, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, k = weight.shape
     width = 2 * k if prologue == SILU else k
     x = x.contiguous()
@@ -146,34 +121,30 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if prologue == NORM and cfg["BLOCK_K"] < k:
         raise ValueError(f"the norm prologue needs the whole row in one tile: BLOCK_K ≥ {k}")
     warps = cfg.pop("num_warps")
-    regions = [(t.data_ptr(), t.nbytes) for t in ahead[:prefetch_depth(x.device)] if t.data_ptr() % 16 == 0]
-    pf = [v for r in regions + [(0, 0)] * (2 - len(regions)) for v in r]
     _row_matmul_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-        weight, bias if bias is not None else weight, y, h if h is not None else y, n, k, eps, *pf,
+        weight, bias if bias is not None else weight, y, h if h is not None else y, n, k, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        AHEAD=len(regions), LANES=32 * warps, num_warps=warps, **cfg, **pdl_args(x.device))
+        num_warps=warps, **cfg, **pdl_args(x.device))
     return y, h
 
 
 def row_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               config: dict | None = None, ahead: list[torch.Tensor] = ()) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]ᵀ (+ bias) → [1, N]. ``ahead``: the weights of the matmuls that
-    follow, in order; the kernel asks L2 for the first ``kernels.PREFETCH`` of them (Hopper)."""
-    return _launch(PLAIN, x, weight, bias, config=config, ahead=ahead)[0]
+               config: dict | None = None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]ᵀ (+ bias) → [1, N]."""
+    return _launch(PLAIN, x, weight, bias, config=config)[0]
 
 
 def norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                 weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: dict | None = None, ahead: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) @ weightᵀ (+ bias), x + residual); without a residual the
-    second item is x itself, as the layer's first norm returns it. ``ahead`` as for row_matmul."""
-    y, h = _launch(NORM, x, weight, bias, residual, norm_weight, eps, config, ahead)
+    second item is x itself, as the layer's first norm returns it."""
+    y, h = _launch(NORM, x, weight, bias, residual, norm_weight, eps, config)
     return y, (h if h is not None else x)
 
 
 def silu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: dict | None = None, ahead: list[torch.Tensor] = ()) -> torch.Tensor:
-    """x [1, 2K] = (gate, up) → (silu(gate) · up) @ weight [N, K]ᵀ (+ bias) → [1, N]. ``ahead``
-    as for row_matmul."""
-    return _launch(SILU, x, weight, bias, config=config, ahead=ahead)[0]
+                config: dict | None = None) -> torch.Tensor:
+    """x [1, 2K] = (gate, up) → (silu(gate) · up) @ weight [N, K]ᵀ (+ bias) → [1, N]."""
+    return _launch(SILU, x, weight, bias, config=config)[0]

@@ -197,12 +197,11 @@ class DecoderLayer(nn.Module):
             mod.fused = enabled
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                ctx: AttentionContext, ahead: list[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the previous layer's MLP output (or the embeddings with ``residual`` None);
-        returns this layer's MLP output and the residual stream before it is added. ``ahead``:
-        the next layer's matmul weights, which one-token steps may ask L2 for early."""
+        returns this layer's MLP output and the residual stream before it is added."""
         if self.fused and self.row_kernels and x.shape[0] == 1 and x.shape[1] <= self.MAX_ROW_WIDTH:
-            return self._forward_row(positions, x, residual, ctx, ahead)
+            return self._forward_row(positions, x, residual, ctx)
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
@@ -210,25 +209,19 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(self.self_attn(positions, h, ctx), residual)
         return self.mlp(h), residual
 
-    def matmul_weights(self) -> list[torch.Tensor]:
-        """The weights of the layer's four matmuls, in the order a one-token step reads them."""
-        attn, mlp = self.self_attn, self.mlp
-        return [attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight]
-
     def _forward_row(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                     ctx: AttentionContext, ahead: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token: each norm and the SiLU·mul run inside the matmul after them; each matmul
-        is handed the weights after its own (it asks L2 for the first few of them)."""
+                     ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: each norm and the SiLU·mul run inside the matmul after them."""
         from braid_engine.kernels.gemv import norm_matmul, row_matmul, silu_matmul
 
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        w = self.matmul_weights() + list(ahead)
-        qkv, residual = norm_matmul(x, residual, norm1.weight, norm1.eps, w[0], attn.qkv_proj.bias, ahead=w[1:])
-        h = row_matmul(attn.attend(positions, qkv, ctx), w[1], attn.o_proj.bias, ahead=w[2:])
-        gate_up, residual = norm_matmul(h, residual, norm2.weight, norm2.eps, w[2], mlp.gate_up_proj.bias,
-                                        ahead=w[3:])
-        return silu_matmul(gate_up, w[3], mlp.down_proj.bias, ahead=w[4:]), residual
+        qkv, residual = norm_matmul(x, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight,
+                                    attn.qkv_proj.bias)
+        h = row_matmul(attn.attend(positions, qkv, ctx), attn.o_proj.weight, attn.o_proj.bias)
+        gate_up, residual = norm_matmul(h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight,
+                                        mlp.gate_up_proj.bias)
+        return silu_matmul(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
 
 class DecoderModel(nn.Module):
@@ -246,10 +239,8 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         residual = None
-        layers = list(self.layers)
-        for layer, after in zip(layers, layers[1:] + [None]):
-            ahead = after.matmul_weights() if after is not None else []
-            x, residual = layer(positions, x, residual, ctx, ahead)
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, ctx)
         return self.norm(x, residual)[0]
 
 
