@@ -87,8 +87,8 @@ def _paged_kv(tables: list[list[int]], kv_lens: list[int], page_size: int,
 # PREFILL_GRAPH_TOKENS); eagerly it runs on the same fa2 kernels, so a graph never changes a result
 SHORT_PREFILL_TOKENS = 256
 # head dims whose fresh prompts may attend their own k/v (FlashInferBackend.ragged_fresh_prefill):
-# 128 checked on an H200, 2026-11-27; 64 (TinyLlama) written into the test, not yet run
-RAGGED_HEAD_DIMS = (128,)
+# 128 checked on an H200 and an H100, 64 (TinyLlama) on an H100, 2026-11-27
+RAGGED_HEAD_DIMS = (64, 128)
 # FlashInfer's fa2 prefill keeps a float32 partial output per (128-row query tile, key chunk)
 # for every query head in its workspace; a split must leave room for it
 _CTA_ROWS = 128
