@@ -77,10 +77,17 @@ def main() -> None:
     default = [gemv.default_config(n, k, p) for n, k, p in shapes]
     variants = {"default": (default, True)}
     variants["default, no PDL"] = (default, False)
-    for bn_scale, warps in ((0.5, 4), (2, 8), (1, 8), (0.5, 8)):
-        configs = [{**c, "BLOCK_N": max(1, int(c["BLOCK_N"] * bn_scale)), "num_warps": warps} for c in default]
-        for pdl in (True, False):
-            variants[f"BLOCK_N ×{bn_scale}, {warps} warps" + (", no PDL" if pdl is False else "")] = (configs, pdl)
+    def scaled(c: dict, bn_scale: float, warps: int) -> dict:
+        return {**c, "BLOCK_N": max(1, int(c["BLOCK_N"] * bn_scale)), "num_warps": warps}
+
+    for bn_scale, warps in ((0.5, 4), (2, 8), (1, 8)):
+        variants[f"BLOCK_N ×{bn_scale}, {warps} warps"] = ([scaled(c, bn_scale, warps) for c in default], True)
+    # one kernel of the four changed at a time: whether a kernel's programs fitting beside the
+    # one before (fewer registers, fewer programs) lets more of them read ahead of the wait
+    for i, kernel in enumerate(("qkv", "o_proj", "gate_up", "down")):
+        for bn_scale, warps in ((2, 4), (2, 8), (0.5, 4), (1, 2), (1, 8)):
+            configs = [scaled(c, bn_scale, warps) if j == i else c for j, c in enumerate(default)]
+            variants[f"{kernel} only: BLOCK_N ×{bn_scale}, {warps} warps"] = (configs, True)
     for name, (configs, pdl) in variants.items():
         kernels.PDL = pdl
         t = graph_time(lambda configs=configs: row_step(ws, x, r, o_in, configs), args.reps)
