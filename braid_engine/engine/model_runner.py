@@ -37,13 +37,13 @@ def _sequence_rows(seq: Sequence, n: int, page_size: int) -> torch.Tensor:
     [3, n] (what ``_rows_tensor`` makes of the three lists)."""
     start = seq.num_computed
     first, last = start // page_size, (start + n - 1) // page_size
-    pages = torch.tensor(seq.page_table[first:last + 1], dtype=torch.long)
+    # (through a C array: torch.tensor on a 4k prompt's 256 pages took 22 µs, this 5)
+    pages = torch.frombuffer(array("q", seq.page_table[first:last + 1]), dtype=torch.long)
     # every slot of those pages in order, then the n from the start's offset on (an index
     # gather over the positions took 0.33 ms for 4,096, this 0.02)
     every = (pages[:, None] * page_size + torch.arange(page_size)).view(-1)
     offset = start - first * page_size
-    ids = torch.frombuffer(array("q", seq.token_range(start, start + n)), dtype=torch.long)
-    return torch.stack((ids, torch.arange(start, start + n), every[offset:offset + n]))
+    return torch.stack((seq.token_tensor(start, start + n), torch.arange(start, start + n), every[offset:offset + n]))
 
 
 def prefill_graph_sizes(largest: int, max_step_tokens: int | None = None) -> tuple[int, ...]:

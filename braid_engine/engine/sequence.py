@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,10 @@ class Sequence:
     text_deferred: bool = False  # no stop strings and only the final output wanted: decode once, at the end
     text_tokens: int = 0  # output tokens that belong in the text (a stop token id does not)
     matcher: Any = None  # the request's xgrammar matcher when its output is constrained
+    # the prompt as an int64 host tensor, made once when the request was checked: a long step
+    # takes its ids from it instead of converting thousands of Python ints again in the loop
+    # thread (LLMEngine.validate_prompt)
+    prompt_ids: torch.Tensor | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -71,6 +76,17 @@ class Sequence:
         if end <= p:
             return self.prompt_token_ids[start:end]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    def token_tensor(self, start: int, end: int) -> torch.Tensor:
+        """``token_range(start, end)`` (not empty) as an int64 host tensor; the prompt's part is a
+        view of ``prompt_ids`` where there is one."""
+        p = len(self.prompt_token_ids)
+        if self.prompt_ids is None or start >= p:
+            return torch.frombuffer(array("q", self.token_range(start, end)), dtype=torch.long)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        tail = torch.frombuffer(array("q", self.output_token_ids[:end - p]), dtype=torch.long)
+        return torch.cat((self.prompt_ids[start:], tail))
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
