@@ -1,6 +1,7 @@
 """The page pool's bulk allocation and release hand out and take back the same pages, in the
 same order, with the same counts, as doing it page by page."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,3 +75,13 @@ def test_release_of_shared_pages_frees_only_the_last_references():
     pool.decref(a[:2])
     assert pool.num_free == 8 and pool._free[-2:] == [0, 1]
     assert pool.allocate(2) == [1, 0]  # the last freed come out first
+
+
+def test_a_free_page_gains_no_reference_and_none_is_released_twice():
+    pool = PagePool(8, 4)
+    a = pool.allocate(3)
+    with pytest.raises(AssertionError, match="page 3 is free"):
+        pool.incref([3])
+    pool.decref(a)
+    with pytest.raises(AssertionError, match="page 0 released more often"):
+        pool.decref(a)
