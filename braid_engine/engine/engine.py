@@ -12,8 +12,8 @@ import itertools
 import logging
 import operator
 import queue
+import struct
 import threading
-from array import array
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -25,7 +25,7 @@ from braid_engine.engine.kv_cache import PagePool
 from braid_engine.engine.model_runner import Burst, ModelRunner
 from braid_engine.engine.prefix_cache import RadixCache, RadixNode
 from braid_engine.engine.scheduler import Scheduler
-from braid_engine.engine.sequence import RequestOutput, Sequence
+from braid_engine.engine.sequence import RequestOutput, Sequence, int64_tensor
 from braid_engine.errors import (
     EngineClosedError,
     InvalidRequestError,
@@ -131,12 +131,12 @@ def _in_range(token_id, vocab: int) -> bool:
 
 def _id_tensor(token_ids: list[int], vocab: int) -> torch.Tensor | None:
     """The ids as an int64 host tensor if every one is an integer in [0, vocab), else None.
-    Prompts run to many thousand ids, so they go into a C array at once (it refuses floats,
-    strings and ints past 64 bits; bools and numpy integers are integers) and torch takes the
-    range; the tensor is kept for the request's steps (``Sequence.prompt_ids``)."""
+    Prompts run to many thousand ids, so they are packed at once (``int64_tensor`` refuses
+    floats, strings and ints past 64 bits; bools and numpy integers are integers) and torch
+    takes the range; the tensor is kept for the request's steps (``Sequence.prompt_ids``)."""
     try:
-        ids = torch.frombuffer(array("q", token_ids), dtype=torch.int64)
-    except (TypeError, OverflowError):
+        ids = int64_tensor(token_ids)
+    except struct.error:
         return None
     low, high = torch.aminmax(ids)
     return ids if 0 <= int(low) and int(high) < vocab else None
