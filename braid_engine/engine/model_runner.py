@@ -269,8 +269,11 @@ class ModelRunner:
                                    self.static_slots[:tokens])
         self.backend.plan_prefill_graph(graph_layout, tokens, self.pad_page, fresh=fresh)
         self.static_in[:, :n].copy_(rows, non_blocking=True)
-        # padding rows: token 0 at positions 0, 1, … writing their KV into the pad page
-        self.static_in[:, n:tokens].copy_(self._prefill_pad[:, :tokens - n])
+        # padding rows: token 0 at positions 0, 1, … writing their KV into the pad page (none
+        # where the piece fills its graph, as a 4k prompt does: the empty copy's two slices
+        # and call took 5 µs)
+        if n < tokens:
+            self.static_in[:, n:tokens].copy_(self._prefill_pad[:, :tokens - n])
         self.static_last.fill_(n - 1)
         replayed, logits = (self.fresh_prefill_graphs if fresh else self.prefill_graphs)[tokens]
         replayed.replay()
