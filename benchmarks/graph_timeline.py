@@ -163,30 +163,38 @@ def _host_profile(llm: LLM, n: int, vocab: int, top: int) -> None:
                     prof.disable()
                 walls.append(now(dev) - t0)
         stream.result()
-    # the same prompt through generate, the loop thread's steps timed from inside it
-    spans: list[float] = []
-    step = eng.step
+    # the same prompt through generate, the caller's add_requests and the loop thread's steps
+    # timed from inside them (the rest is the hand-offs between the threads and the output)
+    spans: dict[str, list[float]] = {"step": [], "add_requests": []}
 
-    def timed_step() -> None:
-        t = time.perf_counter()
-        step()
-        spans.append(time.perf_counter() - t)
+    def timed(name: str):
+        inner = getattr(eng, name)
 
-    eng.step = timed_step
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spans[name].append(time.perf_counter() - t)
+        return call
+
+    eng.step, eng.add_requests = timed("step"), timed("add_requests")
     totals = []
     try:
         for _ in range(4):
-            spans.clear()
+            for v in spans.values():
+                v.clear()
             t0 = now(dev)
             llm.generate([ids], one)
-            totals.append((now(dev) - t0, sum(spans)))
+            totals.append((now(dev) - t0, sum(spans["step"]), sum(spans["add_requests"])))
     finally:
-        del eng.step
-    gen, in_steps = (statistics.median(x for x, _ in totals[1:]), statistics.median(y for _, y in totals[1:]))
+        del eng.step, eng.add_requests
+    gen, in_steps, adding = (statistics.median(t[k] for t in totals[1:]) for k in range(3))
     table = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, own s, cumulative s, callers)
     print(f"\nfresh {n}-token prompt stepped in this thread: {statistics.median(walls[1:]) * 1e3:.2f} ms "
           f"(runs {', '.join(f'{w * 1e3:.2f}' for w in walls[1:])}); through generate {gen * 1e3:.2f} ms, of which "
-          f"the loop thread's steps {in_steps * 1e3:.2f}; the in-thread step under cProfile, µs:")
+          f"add_requests {adding * 1e3:.2f} and the loop thread's steps {in_steps * 1e3:.2f}; the in-thread step "
+          "under cProfile, µs:")
     for key, order in (("cumulative", 3), ("own", 2)):
         print(f"  by {key} time: {'calls':>6} {'own':>8} {'cumul.':>8}")
         for (file, line, name), st in sorted(table.items(), key=lambda kv: -kv[1][order])[:top]:

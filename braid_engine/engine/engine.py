@@ -12,8 +12,8 @@ import itertools
 import logging
 import operator
 import queue
+import struct
 import threading
-from array import array
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -25,7 +25,7 @@ from braid_engine.engine.kv_cache import PagePool
 from braid_engine.engine.model_runner import Burst, ModelRunner
 from braid_engine.engine.prefix_cache import RadixCache, RadixNode
 from braid_engine.engine.scheduler import Scheduler
-from braid_engine.engine.sequence import RequestOutput, Sequence
+from braid_engine.engine.sequence import RequestOutput, Sequence, int64_tensor
 from braid_engine.errors import (
     EngineClosedError,
     InvalidRequestError,
@@ -53,7 +53,8 @@ class RequestStream:
         self.request_id = seq.request_id
         self.prompt_token_ids = seq.prompt_token_ids
         self._loop = loop
-        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+        # (a SimpleQueue, not a Queue: made in 0.1 µs against 9, put and get in 0.2 against 1.6)
+        self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -128,15 +129,17 @@ def _in_range(token_id, vocab: int) -> bool:
         return False
 
 
-def _ids_in_range(token_ids: list[int], vocab: int) -> bool:
-    """Whether every id is an integer in [0, vocab). Prompts run to many thousand ids, so they
-    go into a C array at once (it refuses floats, strings and ints past 64 bits; bools and
-    numpy integers are integers) and torch takes the range."""
+def _id_tensor(token_ids: list[int], vocab: int) -> torch.Tensor | None:
+    """The ids as an int64 host tensor if every one is an integer in [0, vocab), else None.
+    Prompts run to many thousand ids, so they are packed at once (``int64_tensor`` refuses
+    floats, strings and ints past 64 bits; bools and numpy integers are integers) and torch
+    takes the range; the tensor is kept for the request's steps (``Sequence.prompt_ids``)."""
     try:
-        ids = torch.frombuffer(array("q", token_ids), dtype=torch.int64)
-    except (TypeError, OverflowError):
-        return False
-    return 0 <= int(ids.min()) and int(ids.max()) < vocab
+        ids = int64_tensor(token_ids)
+    except struct.error:
+        return None
+    low, high = torch.aminmax(ids)
+    return ids if 0 <= int(low) and int(high) < vocab else None
 
 
 class LLMEngine:
@@ -166,14 +169,13 @@ class LLMEngine:
         self.pipelined_bursts = 0  # bursts launched before the host read the one before them
 
     # -- requests ----------------------------------------------------------------------
-    def validate_prompt(self, token_ids: list[int]) -> None:
+    def validate_prompt(self, token_ids: list[int]) -> torch.Tensor:
+        """Raise if the prompt cannot run; else the ids as an int64 host tensor."""
         if not token_ids:
             raise InvalidRequestError("the prompt is empty; pass at least one token.")
         vocab = self.model_config.vocab_size
-        if not _ids_in_range(token_ids, vocab):
-            bad = [t for t in token_ids if not _in_range(t, vocab)]
-        else:
-            bad = None
+        ids = _id_tensor(token_ids, vocab)
+        bad = [t for t in token_ids if not _in_range(t, vocab)] if ids is None else None
         if bad:
             raise InvalidRequestError(
                 f"token id {bad[0]!r} is outside the vocabulary (0 … {vocab - 1}); "
@@ -185,6 +187,7 @@ class LLMEngine:
                 f"{self.config.max_model_len} (and one token must be left to generate); shorten "
                 "the prompt, or raise max_model_len if the model and KV pool allow it."
             )
+        return ids
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     request_id: str | None = None,
@@ -197,7 +200,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}.")
         prompt = list(prompt_token_ids)
-        self.validate_prompt(prompt)
+        prompt_ids = self.validate_prompt(prompt)
         request_id = request_id or f"req-{next(_ids)}"
         gen = None
         if params.seed is not None:
@@ -210,7 +213,7 @@ class LLMEngine:
             request_id=request_id, prompt_token_ids=prompt, params=params,
             detok=IncrementalDetokenizer(self.tokenizer, prompt, params.stop_strings,
                                          params.skip_special_tokens),
-            max_len=max_len, generator=gen, matcher=matcher,
+            max_len=max_len, generator=gen, matcher=matcher, prompt_ids=prompt_ids,
         )
         seq.text_deferred = final_only and not params.stop_strings
         stream = RequestStream(self, seq, loop, final_only)

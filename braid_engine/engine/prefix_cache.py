@@ -107,7 +107,7 @@ class RadixCache:
                 pages = page_table[pos // ps: (len(tokens) - 1) // ps + 1]
                 self.pool.incref(pages)
                 self._hand_over(node, pos, pages[0])
-                child = RadixNode(tokens=list(tokens[pos:]), start=pos, pages=pages, parent=node)
+                child = RadixNode(tokens=tokens[pos:], start=pos, pages=pages, parent=node)  # a new list
                 node.children[tokens[pos]] = child
                 child.last_access = now
                 return child

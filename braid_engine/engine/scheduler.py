@@ -105,12 +105,12 @@ class Scheduler:
         more with ``seq`` than the cache holds: admitting ``seq`` now would compute it twice."""
         if self.cache is None or not seq.params.enable_prefix_caching:
             return False
-        tokens = seq.all_token_ids
         want = seq.num_computed + self.pool.page_size
+        tokens = seq.token_range(0, want)
         for other in self.running:
             prompt = other.prompt_token_ids
             if (other.params.enable_prefix_caching and other.num_computed < len(prompt)
-                    and len(prompt) >= want and tokens[:want] == prompt[:want]):
+                    and len(prompt) >= want and tokens == prompt[:want]):
                 return True
         return False
 
@@ -123,8 +123,8 @@ class Scheduler:
     def _match_prefix(self, seq: Sequence) -> None:
         if self.cache is None or not seq.params.enable_prefix_caching:
             return
-        tokens = seq.all_token_ids
-        node, m, table = self.cache.match(tokens[:-1])
+        # (token_range: one copy of a long prompt where all_token_ids[:-1] made two)
+        node, m, table = self.cache.match(seq.token_range(0, len(seq) - 1))
         if m == 0:
             return
         ps = self.pool.page_size
@@ -136,7 +136,7 @@ class Scheduler:
                 fresh = self.pool.allocate(1)
             if fresh is None:  # no page to copy the partial one into: reuse only full pages
                 self.cache.lock(node, -1)
-                node, m, table = self.cache.match(tokens[: m - m % ps])
+                node, m, table = self.cache.match(seq.token_range(0, m - m % ps))
                 if m == 0:
                     return
                 self.cache.lock(node, 1)
@@ -168,7 +168,7 @@ class Scheduler:
         """Insert the tokens whose KV ``seq`` has computed; move its lock to the new node."""
         if self.cache is None or not seq.params.enable_prefix_caching or seq.num_computed == 0:
             return
-        node = self.cache.insert(seq.all_token_ids[: seq.num_computed], seq.page_table, seq.cache_node)
+        node = self.cache.insert(seq.token_range(0, seq.num_computed), seq.page_table, seq.cache_node)
         self.cache.lock(node, 1)
         if seq.cache_node is not None:
             self.cache.lock(seq.cache_node, -1)

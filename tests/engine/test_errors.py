@@ -129,6 +129,19 @@ def test_request_errors_leave_the_engine_serving(tiny_qwen3):
     assert llm.stats()["pages_used"] == 0
 
 
+def test_a_checked_prompt_keeps_its_ids_as_a_tensor(tiny_qwen3):
+    """validate_prompt packs the ids it checks into the int64 tensor the request's steps read:
+    bools and numpy integers are integers there, as in the list."""
+    import numpy as np
+
+    llm = LLM(tiny_qwen3, device="cpu", max_model_len=64, page_size=4)
+    ids = [5, True, np.int64(7), np.int32(300), 0]
+    checked = llm.engine.validate_prompt(ids)
+    assert checked.dtype == torch.int64 and checked.tolist() == [5, 1, 7, 300, 0]
+    stream = llm.engine.add_request(ids, GREEDY)
+    assert stream.result().token_ids == llm.generate([[5, 1, 7, 300, 0]], GREEDY)[0].token_ids
+
+
 def test_pool_too_small_for_max_model_len(tiny_qwen3):
     with pytest.raises(ValueError, match="max_model_len=64 needs 17 KV pages.*the pool has 16"):
         LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16, max_model_len=64)

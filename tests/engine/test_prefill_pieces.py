@@ -143,13 +143,17 @@ def test_only_a_fresh_prompts_first_piece_replays_the_fresh_twin(monkeypatch, tw
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_a_long_step_builds_the_rows_of_the_python_loop(seed):
+@pytest.mark.parametrize("prompt_tensor", [True, False])
+def test_a_long_step_builds_the_rows_of_the_python_loop(seed, prompt_tensor):
     """A sequence's ``LONG_ROWS``+ new tokens get their ids, positions and KV slots from tensor
     ops: the same rows as the loop over positions that shorter steps run, from any start inside
-    a page, over prompt and output tokens alike."""
+    a page, over prompt and output tokens alike, with the prompt's ids taken from the tensor
+    made when the request was checked or (without one) converted from the list."""
     import random
 
     from braid_engine.engine.model_runner import LONG_ROWS, _rows_tensor, _sequence_rows
+    from braid_engine.engine.sequence import Sequence
+    from braid_engine.sampling import SamplingParams
 
     rng = random.Random(seed)
     ps = rng.choice([1, 4, 16])
@@ -159,8 +163,9 @@ def test_a_long_step_builds_the_rows_of_the_python_loop(seed):
     n = max(1, min(rng.randrange(LONG_ROWS, 900), len(prompt) + len(output) - start))
     pages = -(-(start + n) // ps)
     table = rng.sample(range(5 * pages), pages)  # shuffled, not contiguous
-    seq = SimpleNamespace(num_computed=start, page_table=table, prompt_token_ids=prompt, output_token_ids=output)
-    seq.token_range = lambda a, b: (prompt + output)[a:b]
+    seq = Sequence("r", prompt, SamplingParams(), None, len(prompt) + len(output) + 1,
+                   output_token_ids=output, page_table=table, num_computed=start,
+                   prompt_ids=torch.tensor(prompt) if prompt_tensor else None)
     pos = range(start, start + n)
     loop = _rows_tensor((prompt + output)[start:start + n], list(pos), [table[p // ps] * ps + p % ps for p in pos])
     rows = _sequence_rows(seq, n, ps)

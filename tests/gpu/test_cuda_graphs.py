@@ -395,3 +395,26 @@ def test_a_bursts_tokens_are_read_without_waiting_for_work_queued_after_it(engin
     torch.cuda.synchronize()
     assert tokens == [[7 * (8 * k + i) for i in range(5)] for k in range(3)]
     assert read_while_busy
+
+
+def test_a_steps_rows_are_staged_in_pinned_memory_and_rewritten_only_after_their_copy(engines):
+    """A step's rows go to the device from a pinned buffer, so their copy is queued without the
+    host waiting for the GPU; the buffer is written again only once that copy has run (a chunk
+    that samples nothing is never waited for). A spin kernel stands for the GPU's earlier work."""
+    runner = engines[0].engine.runner
+    stream = torch.cuda.current_stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 31)  # about a second of spinning on the GPU
+    spun = torch.cuda.Event()
+    spun.record(stream)
+    rows = runner._host_rows(5)
+    assert rows.is_pinned() and rows.shape == (3, 5)
+    rows.copy_(torch.arange(15).view(3, 5))
+    on_device = runner._rows_to_device(rows)
+    queued_while_busy = not spun.query()
+    again = runner._host_rows(5)  # waits for the copy above
+    waited = spun.query()
+    again.fill_(-1)
+    torch.cuda.synchronize()
+    assert queued_while_busy and waited
+    assert torch.equal(on_device.cpu(), torch.arange(15).view(3, 5))
