@@ -186,7 +186,9 @@ def _host_profile(llm: LLM, n: int, vocab: int, top: int) -> None:
                 v.clear()
             t0 = now(dev)
             llm.generate([ids], one)
-            totals.append((now(dev) - t0, sum(spans["step"]), sum(spans["add_requests"])))
+            elapsed = now(dev) - t0
+            with eng._state:  # the step that emitted the output has returned (it holds this lock)
+                totals.append((elapsed, sum(spans["step"]), sum(spans["add_requests"])))
     finally:
         del eng.step, eng.add_requests
     gen, in_steps, adding = (statistics.median(t[k] for t in totals[1:]) for k in range(3))

@@ -86,7 +86,7 @@ fi
 if [ "$what" = host ]; then
   # what lies outside a fresh prompt's prefill graph: generate against the graph alone, then the
   # prompt stepped in the calling thread under cProfile (the host's part of the step)
-  timeout 150 python3 -m benchmarks.graph_timeline --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+  timeout 280 python3 -m benchmarks.graph_timeline --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch --prefill 1024 4096 --host-profile 4096 1024 --kv-gb 4 2>&1 | grep -v Warning > "$OUT/graph_timeline.log"
   grep -E "^fresh|^card" "$OUT/graph_timeline.log"; grep -A16 "stepped in this thread" "$OUT/graph_timeline.log"
 fi

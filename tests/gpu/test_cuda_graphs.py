@@ -407,14 +407,15 @@ def test_a_steps_rows_are_staged_in_pinned_memory_and_rewritten_only_after_their
     torch.cuda._sleep(1 << 31)  # about a second of spinning on the GPU
     spun = torch.cuda.Event()
     spun.record(stream)
-    rows = runner._host_rows(5)
-    assert rows.is_pinned() and rows.shape == (3, 5)
-    rows.copy_(torch.arange(15).view(3, 5))
-    on_device = runner._rows_to_device(rows)
-    queued_while_busy = not spun.query()
-    again = runner._host_rows(5)  # waits for the copy above
-    waited = spun.query()
-    again.fill_(-1)
+    with torch.inference_mode():  # as the runner's steps run (the buffer is an inference tensor)
+        rows = runner._host_rows(5)
+        assert rows.is_pinned() and rows.shape == (3, 5)
+        rows.copy_(torch.arange(15).view(3, 5))
+        on_device = runner._rows_to_device(rows)
+        queued_while_busy = not spun.query()
+        again = runner._host_rows(5)  # waits for the copy above
+        waited = spun.query()
+        again.fill_(-1)
     torch.cuda.synchronize()
     assert queued_while_busy and waited
     assert torch.equal(on_device.cpu(), torch.arange(15).view(3, 5))
