@@ -7,7 +7,8 @@
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
 # 'readahead': decode.py at batch 1 and 4 with the kernels reading ahead of their wait and not;
 # 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step)
-# 'tests' takes ~7 min, 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
+# 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels' and
+# 'tests-engine' apart), 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
 # command, run them apart (each stage's timeouts add up to under 600 s).
