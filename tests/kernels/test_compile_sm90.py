@@ -69,3 +69,19 @@ def test_the_kernels_compile_for_sm90():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count(" ok") == 3, run.stdout
+
+
+def test_register_counts_come_from_ptxas():
+    """benchmarks/kernel_registers.py reads registers a thread from ptxas for a kernel compiled
+    for sm_90a: a count in the range a thread may use, and more for a larger tile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    code = ("from benchmarks.kernel_registers import compile_row_matmul, registers\n"
+            "small = registers(compile_row_matmul(1024, 2048, 0, False, 2, 2048, 4))\n"
+            "large = registers(compile_row_matmul(1024, 2048, 0, False, 4, 2048, 4))\n"
+            "print(small[0], large[0])")
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    small, large = map(int, run.stdout.split())
+    assert 16 <= small < large <= 255, (small, large)
