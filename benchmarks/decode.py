@@ -27,7 +27,7 @@ from benchmarks.common import (
     pipeline_setting,
     weight_and_kv_bytes,
 )
-from braid_engine import LLM, SamplingParams
+from braid_engine import LLM, SamplingParams, kernels
 
 
 def engine_decode(llm: LLM, prompts: list[list[int]], new: int, device: torch.device) -> float:
@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--compare-read-ahead", action="store_true",
                     help="after each row, the engine against a second one whose graphs were captured with "
                          "braid_engine.kernels.READ_AHEAD off, in turn, in this process (needs room for two KV pools)")
+    ap.add_argument("--compare-one-tile", action="store_true",
+                    help="after each row, the engine against a second one whose graphs were captured with "
+                         "braid_engine.kernels.ROW_ONE_TILE on, in turn, in this process")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
@@ -119,16 +122,24 @@ def main() -> None:
     burst = {} if args.decode_burst is None else {"decode_burst": args.decode_burst}
     llm = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
               enable_prefix_caching=False, pipeline_bursts=pipeline_setting(args), **burst)
-    waiting = None
-    if args.compare_read_ahead:
-        from braid_engine import kernels
-
-        kernels.READ_AHEAD = False  # captured into this engine's graphs (its eager steps read the switch as it is)
+    def engine_with(**switches) -> LLM:
+        """An engine whose graphs were captured with these braid_engine.kernels switches (its
+        eager steps read the switches as they are when they run)."""
+        before = {name: getattr(kernels, name) for name in switches}
+        for name, value in switches.items():
+            setattr(kernels, name, value)
         try:
-            waiting = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
-                          enable_prefix_caching=False, pipeline_bursts=pipeline_setting(args), **burst)
+            return LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
+                       enable_prefix_caching=False, pipeline_bursts=pipeline_setting(args), **burst)
         finally:
-            kernels.READ_AHEAD = True
+            for name, value in before.items():
+                setattr(kernels, name, value)
+
+    others = []  # (this engine's name, the other's, the other engine)
+    if args.compare_read_ahead:
+        others.append(("reading ahead", "waiting first", engine_with(READ_AHEAD=False)))
+    if args.compare_one_tile:
+        others.append(("K-tile loop", "one-tile form", engine_with(ROW_ONE_TILE=True)))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
@@ -158,11 +169,11 @@ def main() -> None:
               f"{vs_comp} {frac:>9.0%}")
         if args.compare_pipelining:
             compare_pipelining(llm, ids.tolist(), args.new_tokens, device)
-        if waiting is not None:
-            compare_engines(llm, waiting, ids.tolist(), args.new_tokens, device, "reading ahead", "waiting first")
+        for name, other_name, other in others:
+            compare_engines(llm, other, ids.tolist(), args.new_tokens, device, name, other_name)
     llm.shutdown()
-    if waiting is not None:
-        waiting.shutdown()
+    for *_, other in others:
+        other.shutdown()
 
 
 def _decode_rate(prompts: list[list[int]], new: int, device: torch.device):
