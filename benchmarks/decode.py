@@ -120,11 +120,10 @@ def main() -> None:
 
     path = build_model(args.shape, args.model)
     burst = {} if args.decode_burst is None else {"decode_burst": args.decode_burst}
-    llm = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
-              enable_prefix_caching=False, pipeline_bursts=pipeline_setting(args), **burst)
+
     def engine_with(**switches) -> LLM:
         """An engine whose graphs were captured with these braid_engine.kernels switches (its
-        eager steps read the switches as they are when they run)."""
+        eager steps read the switches as they are when they run); none: the switches as set."""
         before = {name: getattr(kernels, name) for name in switches}
         for name, value in switches.items():
             setattr(kernels, name, value)
@@ -135,6 +134,7 @@ def main() -> None:
             for name, value in before.items():
                 setattr(kernels, name, value)
 
+    llm = engine_with()
     others = []  # (this engine's name, the other's, the other engine)
     if args.compare_read_ahead:
         others.append(("reading ahead", "waiting first", engine_with(READ_AHEAD=False)))

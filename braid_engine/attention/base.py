@@ -100,7 +100,7 @@ class AttentionBackend(ABC):
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write this step's k/v into ``kv_cache[layer]``, then attend. q: [tokens, heads, dim]."""
         self.write_kv(layer, k, v, self.layout.slot_mapping)
-        return self.attend(layer, q, k, v) if self.own_kv else self.attend(layer, q)
+        return self.attend(layer, q, k, v)  # (k, v read there only when the step has ``own_kv``)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         write_kv_cache(self.kv_cache[layer], k, v, slot_mapping)
