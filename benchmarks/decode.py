@@ -104,9 +104,6 @@ def main() -> None:
     ap.add_argument("--compare-read-ahead", action="store_true",
                     help="after each row, the engine against a second one whose graphs were captured with "
                          "braid_engine.kernels.READ_AHEAD off, in turn, in this process (needs room for two KV pools)")
-    ap.add_argument("--compare-one-tile", action="store_true",
-                    help="after each row, the engine against a second one whose graphs were captured with "
-                         "braid_engine.kernels.ROW_ONE_TILE on, in turn, in this process")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
@@ -138,8 +135,6 @@ def main() -> None:
     others = []  # (this engine's name, the other's, the other engine)
     if args.compare_read_ahead:
         others.append(("reading ahead", "waiting first", engine_with(READ_AHEAD=False)))
-    if args.compare_one_tile:
-        others.append(("K-tile loop", "one-tile form", engine_with(ROW_ONE_TILE=True)))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)

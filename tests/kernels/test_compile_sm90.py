@@ -50,9 +50,8 @@ for residual in (False, True):
     compile_(_rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=1024), num_warps=4)
 compile_(_silu_and_mul_kernel, dict(BLOCK=1024), num_warps=4)
 for prologue, residual in ((0, False), (1, False), (1, True), (2, False)):
-    for one_tile in (False, True):
-        compile_(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=False, BLOCK_N=8,
-                                          BLOCK_K=1024, ONE_TILE=one_tile, USE_PDL=True), num_warps=4)
+    compile_(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=False, BLOCK_N=8,
+                                      BLOCK_K=1024, USE_PDL=True), num_warps=4)
 for heads, norm, in_place, ahead in ((8, True, False, True), (32, True, False, True), (32, False, False, True),
                                     (32, True, True, True), (8, True, False, False)):
     compile_(_qk_norm_rope_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HEADS=heads, APPLY_NORM=norm,
@@ -74,18 +73,15 @@ def test_the_kernels_compile_for_sm90():
 
 def test_register_counts_come_from_ptxas():
     """benchmarks/kernel_registers.py reads registers a thread from ptxas for a kernel compiled
-    for sm_90a: a count in the range a thread may use, more for a larger tile, fewer for the
-    same tile in the one-tile form (kernels.ROW_ONE_TILE)."""
+    for sm_90a: a count in the range a thread may use, and more for a larger tile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     code = ("from benchmarks.kernel_registers import compile_row_matmul, registers\n"
             "small = registers(compile_row_matmul(1024, 2048, 0, False, 2, 2048, 4))\n"
             "large = registers(compile_row_matmul(1024, 2048, 0, False, 4, 2048, 4))\n"
-            "lean = registers(compile_row_matmul(1024, 2048, 0, False, 4, 2048, 4, one_tile=True))\n"
-            "print(small[0], large[0], lean[0])")
+            "print(small[0], large[0])")
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    small, large, lean = map(int, run.stdout.split())
+    small, large = map(int, run.stdout.split())
     assert 16 <= small < large <= 255, (small, large)
-    assert lean < large, (lean, large)  # the one-tile form frees registers

@@ -127,19 +127,9 @@ def _matmul_close(y: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Te
 CONFIGS = [None, {"BLOCK_N": 4, "BLOCK_K": 64, "num_warps": 2}]
 
 
-@pytest.fixture(params=[False, True], ids=["loop", "one-tile"])
-def row_form(request, monkeypatch):
-    """The one-row matmuls as compiled now and, where one tile spans K, without their K loop
-    (kernels.ROW_ONE_TILE): the same products either way."""
-    from braid_engine import kernels
-
-    monkeypatch.setattr(kernels, "ROW_ONE_TILE", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,bias", [(40, 96, False), (33, 200, True)])
-def test_row_matmul(device, dtype, n, k, bias, row_form):
+def test_row_matmul(device, dtype, n, k, bias):
     from braid_engine.kernels.gemv import row_matmul
 
     g = torch.Generator().manual_seed(n + k)
@@ -152,7 +142,7 @@ def test_row_matmul(device, dtype, n, k, bias, row_form):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,bias", [(40, 96, False), (33, 200, True), (512, 96, False)])
-def test_silu_matmul(device, dtype, n, k, bias, row_form):
+def test_silu_matmul(device, dtype, n, k, bias):
     """The SiLU·mul inside the matmul rounds as the standalone kernel's reference does."""
     from braid_engine.kernels.gemv import silu_matmul
 
@@ -167,7 +157,7 @@ def test_silu_matmul(device, dtype, n, k, bias, row_form):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("n,k,bias", [(40, 96, False), (33, 64, True), (512, 96, False)])
-def test_norm_matmul(device, dtype, residual, n, k, bias, row_form):
+def test_norm_matmul(device, dtype, residual, n, k, bias):
     """Residual add and RMSNorm inside the matmul: the new residual is the exact rounded sum,
     the product is the reference norm's output times the weight."""
     from braid_engine.kernels.gemv import norm_matmul
