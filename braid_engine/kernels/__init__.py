@@ -45,3 +45,8 @@ def pdl_args(device: torch.device) -> dict:
 # the step's own token) before they wait for the kernel before. Off: they wait first, as before
 # session 9 (decode.py --compare-read-ahead measures the difference).
 READ_AHEAD = True
+
+# The split-KV decode attention's settings (decode_attention.py), read when a DecodeAttention is
+# made: (most splits, key tile, warps, pipeline stages). decode_attention.py --sweep times others;
+# decode.py --compare-split-config S/T/W/P measures one in the engine against these.
+SPLIT_KV_CONFIG = (64, 32, 2, 2)

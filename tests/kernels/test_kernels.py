@@ -192,7 +192,7 @@ def test_one_row_matmuls_refuse_other_shapes(device):
 
 def _decode_attention_case(device, dtype, hq, hkv, ps, lens, **kwargs):
     """Each sequence of ``lens`` keys (pages shuffled) against the reference attention over its
-    own keys."""
+    own keys; the kernel's object, to look at its settings."""
     from braid_engine.attention.torch_backend import attend
     from braid_engine.kernels.decode_attention import DecodeAttention
 
@@ -217,6 +217,7 @@ def _decode_attention_case(device, dtype, hq, hkv, ps, lens, **kwargs):
         ref, _ = attend(q[i:i + 1], k, v, d ** -0.5)
         tol = 1e-5 if dtype == torch.float32 else 4e-3
         torch.testing.assert_close(out[i:i + 1].float(), ref, rtol=tol, atol=tol)
+    return op
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -232,6 +233,20 @@ def test_decode_attention_with_its_defaults_and_pages_larger_than_a_tile(device,
     """The engine's settings (64 splits at most, 32-key tiles) on 64-key pages: a tile ± 1, a
     page ± 1, and 2,049 keys (65 tiles over 64 splits: the last split's stretch is short)."""
     _decode_attention_case(device, dtype, 4, 2, 64, [1, 31, 32, 33, 63, 64, 65, 2049])
+
+
+def test_decode_attention_takes_the_settings_left_out_from_the_module_switch(device, monkeypatch):
+    """Made with no settings, the kernel reads kernels.SPLIT_KV_CONFIG as it is then (decode.py
+    --compare-split-config captures a second engine so): 4 splits of 16-key tiles, 200 keys
+    filling every split, the reference's results; a setting given wins over the switch."""
+    from braid_engine import kernels
+    from braid_engine.kernels.decode_attention import DecodeAttention
+
+    monkeypatch.setattr(kernels, "SPLIT_KV_CONFIG", (4, 16, 4, 1))
+    op = _decode_attention_case(device, torch.float32, 4, 2, 4, [1, 17, 70, 200])
+    assert (op.splits, op.block_t, op.num_warps, op.num_stages) == (4, 16, 4, 1)
+    op = DecodeAttention(1, 4, 2, 32, torch.device(device), splits=8)
+    assert (op.splits, op.block_t, op.num_warps, op.num_stages) == (8, 16, 4, 1)
 
 
 def test_decode_attention_refuses_shapes_it_cannot_tile(device):
