@@ -104,9 +104,10 @@ def main() -> None:
     ap.add_argument("--compare-read-ahead", action="store_true",
                     help="after each row, the engine against a second one whose graphs were captured with "
                          "braid_engine.kernels.READ_AHEAD off, in turn, in this process (needs room for two KV pools)")
-    ap.add_argument("--compare-one-tile", action="store_true",
-                    help="after each row, the engine against a second one whose graphs were captured with "
-                         "braid_engine.kernels.ROW_ONE_TILE on, in turn, in this process")
+    ap.add_argument("--compare-split-config", type=_split_config, default=None, metavar="S/T/W/P",
+                    help="after each row, the engine against a second one whose split-KV decode attention has these "
+                         "settings (braid_engine.kernels.SPLIT_KV_CONFIG: most splits, key tile, warps, stages), in "
+                         "turn, in this process (needs room for two KV pools)")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
@@ -138,8 +139,10 @@ def main() -> None:
     others = []  # (this engine's name, the other's, the other engine)
     if args.compare_read_ahead:
         others.append(("reading ahead", "waiting first", engine_with(READ_AHEAD=False)))
-    if args.compare_one_tile:
-        others.append(("K-tile loop", "one-tile form", engine_with(ROW_ONE_TILE=True)))
+    if args.compare_split_config:
+        name = "split-KV {}/{}/{}/{}".format
+        others.append((name(*kernels.SPLIT_KV_CONFIG), name(*args.compare_split_config),
+                       engine_with(SPLIT_KV_CONFIG=args.compare_split_config)))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
@@ -174,6 +177,14 @@ def main() -> None:
     llm.shutdown()
     for *_, other in others:
         other.shutdown()
+
+
+def _split_config(text: str) -> tuple[int, int, int, int]:
+    """``64/64/4/1`` -> (64, 64, 4, 1): splits, key tile, warps, stages."""
+    parts = tuple(int(p) for p in text.split("/"))
+    if len(parts) != 4:
+        raise ValueError(f"splits/key tile/warps/stages, not {text}")
+    return parts
 
 
 def _decode_rate(prompts: list[list[int]], new: int, device: torch.device):

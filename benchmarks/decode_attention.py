@@ -6,7 +6,8 @@ split disabled — and our own split-KV Triton kernel (`braid_engine/kernels/dec
 
     python -m benchmarks.decode_attention [--batch 1 4] [--kv 128 256 1024 4096] [--sweep]
 
-``--sweep`` times only ours, over split counts, tile sizes, warps and pipeline stages.
+``--sweep`` times only ours, over split counts, tile sizes, warps and pipeline stages, and
+where the engine's settings (``braid_engine.kernels.SPLIT_KV_CONFIG``) rank among them.
 
 Qwen3-0.6B attention (16 q / 8 kv heads, head dim 128, bf16, HND, page 16); each replay runs
 28 layers' attention over 28 distinct caches, as a decode step does. Prints µs a layer.
@@ -20,6 +21,7 @@ import flashinfer
 import torch
 
 from benchmarks.common import graph_time
+from braid_engine import kernels
 from braid_engine.kernels.decode_attention import DecodeAttention
 
 HQ, HKV, D, PS, LAYERS = 16, 8, 128, 16, 28
@@ -102,8 +104,11 @@ def sweep(batches: list[int], kvs: list[int]) -> None:
     import itertools
 
     dev = "cuda"
-    configs = list(itertools.product((16, 32, 64), (32, 64, 128), (2, 4), (1, 2, 3)))
-    print(f"card: {torch.cuda.get_device_name()}; ours, µs a layer; config = splits/block_t/warps/stages")
+    default = tuple(kernels.SPLIT_KV_CONFIG)
+    # the grid, and the engine's settings where it lacks them
+    configs = list(dict.fromkeys([*itertools.product((16, 32, 64), (32, 64, 128), (2, 4), (1, 2, 3)), default]))
+    print(f"card: {torch.cuda.get_device_name()}; ours, µs a layer; config = splits/block_t/warps/stages; "
+          f"the engine's {_label(default)}")
     best: dict[tuple, list[float]] = {c: [] for c in configs}
     for b in batches:
         for kv in kvs:
@@ -117,9 +122,20 @@ def sweep(batches: list[int], kvs: list[int]) -> None:
                 best[c].append(t)
                 row.append((t, c))
             row.sort()
-            print(f"batch {b} kv {kv}: " + ", ".join(f"{'/'.join(map(str, c))} {t:.2f}" for t, c in row[:6]))
+            print(f"batch {b} kv {kv}: " + ", ".join(f"{_label(c)} {t:.2f}" for t, c in row[:6])
+                  + f"; the engine's {best[default][-1]:.2f} ({_rank(row, default)})")
     total = sorted((sum(v), c) for c, v in best.items())
-    print("best over all shapes (sum of µs): " + ", ".join(f"{'/'.join(map(str, c))} {t:.1f}" for t, c in total[:8]))
+    print("best over all shapes (sum of µs): " + ", ".join(f"{_label(c)} {t:.1f}" for t, c in total[:8])
+          + f"; the engine's {sum(best[default]):.1f} ({_rank(total, default)})")
+
+
+def _label(config: tuple) -> str:
+    return "/".join(map(str, config))
+
+
+def _rank(ranked: list[tuple[float, tuple]], config: tuple) -> str:
+    """``config``'s place among ``ranked`` (time, config) pairs, fastest first: '#3 of 55'."""
+    return f"#{[c for _, c in ranked].index(config) + 1} of {len(ranked)}"
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ for the kernel before, but only programs that are resident do: a kernel whose pr
 the register file leaves no room for the next kernel's programs until its own exit. The table
 gives, for each kernel of a layer, how many programs the register file holds per SM, the waves
 its grid takes on the card, and what is left of the register file while all its programs that
-fit are running — with the loop over further K tiles, as the engine compiles them now, and
-without it where one tile spans K (``braid_engine.kernels.ROW_ONE_TILE``).
+fit are running.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ def registers(ptx: str) -> tuple[int, bool]:
 
 
 def compile_row_matmul(n: int, k: int, prologue: int, residual: bool, block_n: int, block_k: int,
-                       warps: int, one_tile: bool = False) -> str:
+                       warps: int) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -64,7 +63,7 @@ def compile_row_matmul(n: int, k: int, prologue: int, residual: bool, block_n: i
     from braid_engine.kernels.gemv import _row_matmul_kernel as fn
 
     consts = dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k,
-                  ONE_TILE=one_tile, USE_PDL=True)
+                  USE_PDL=True)
     sig = {a: "constexpr" if a in consts else "fp32" if a == "eps" else "*bf16" if a.endswith("_ptr") else "i32"
            for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
@@ -79,8 +78,8 @@ def main() -> None:
     from braid_engine.kernels.gemv import default_config
 
     print(f"one-row matmuls compiled for sm_90a; {args.sms} SMs, {REGISTERS_PER_SM} registers an SM")
-    print(f"{'kernel':8} {'form':>8} {'BLOCK_N':>7} {'warps':>5} {'regs':>5} {'spills':>6} {'programs':>8} "
-          f"{'per SM':>6} {'waves':>5} {'regs left':>9}")
+    print(f"{'kernel':8} {'BLOCK_N':>7} {'warps':>5} {'regs':>5} {'spills':>6} {'programs':>8} {'per SM':>6} "
+          f"{'waves':>5} {'regs left':>9}")
     for name, n, k, prologue, residual in SHAPES:
         default = default_config(n, k, prologue)
         seen = set()
@@ -90,19 +89,15 @@ def main() -> None:
             if (block_n, warps) in seen:
                 continue
             seen.add((block_n, warps))
+            regs, spills = registers(compile_row_matmul(n, k, prologue, residual, block_n, default["BLOCK_K"], warps))
+            threads = 32 * warps
+            per_sm = min(THREADS_PER_SM // threads, REGISTERS_PER_SM // (regs * threads))
+            programs = -(-n // block_n)
+            running = min(per_sm, -(-programs // args.sms))  # an SM's share of the grid, at most what fits
             label = " (default)" if (block_n, warps) == (default["BLOCK_N"], default["num_warps"]) else ""
-            # the kernel as the engine compiles it (ROW_ONE_TILE off: with its K-tile loop), and
-            # without the loop where one tile spans K (kernels.ROW_ONE_TILE)
-            for form in ("loop", "one tile") if default["BLOCK_K"] >= k else ("loop",):
-                ptx = compile_row_matmul(n, k, prologue, residual, block_n, default["BLOCK_K"], warps, form != "loop")
-                regs, spills = registers(ptx)
-                threads = 32 * warps
-                per_sm = min(THREADS_PER_SM // threads, REGISTERS_PER_SM // (regs * threads))
-                programs = -(-n // block_n)
-                running = min(per_sm, -(-programs // args.sms))  # an SM's share of the grid, at most what fits
-                print(f"{name:8} {form:>8} {block_n:>7} {warps:>5} {regs:>5} {'yes' if spills else 'no':>6} "
-                      f"{programs:>8} {per_sm:>6} {programs / (per_sm * args.sms):>5.2f} "
-                      f"{REGISTERS_PER_SM - running * regs * threads:>9}{label}")
+            print(f"{name:8} {block_n:>7} {warps:>5} {regs:>5} {'yes' if spills else 'no':>6} {programs:>8} "
+                  f"{per_sm:>6} {programs / (per_sm * args.sms):>5.2f} {REGISTERS_PER_SM - running * regs * threads:>9}"
+                  f"{label}")
 
 
 if __name__ == "__main__":

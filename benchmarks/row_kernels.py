@@ -75,31 +75,26 @@ def main() -> None:
     shapes = [(QKV, HIDDEN, gemv.NORM), (HIDDEN, Q, gemv.PLAIN), (2 * INTER, HIDDEN, gemv.NORM),
               (HIDDEN, INTER, gemv.SILU)]
     default = [gemv.default_config(n, k, p) for n, k, p in shapes]
-    # name -> (configs, PDL, kernels.ROW_ONE_TILE)
-    variants = {"default": (default, True, False)}
-    variants["default, no PDL"] = (default, False, False)
-    variants["default, one-tile form"] = (default, True, True)
+    variants = {"default": (default, True)}
+    variants["default, no PDL"] = (default, False)
 
     def scaled(c: dict, bn_scale: float, warps: int) -> dict:
         return {**c, "BLOCK_N": max(1, int(c["BLOCK_N"] * bn_scale)), "num_warps": warps}
 
     for bn_scale, warps in ((0.5, 4), (2, 8), (1, 8)):
-        variants[f"BLOCK_N ×{bn_scale}, {warps} warps"] = ([scaled(c, bn_scale, warps) for c in default], True, False)
+        variants[f"BLOCK_N ×{bn_scale}, {warps} warps"] = ([scaled(c, bn_scale, warps) for c in default], True)
     # one kernel of the four changed at a time: whether a kernel's programs fitting beside the
     # one before (fewer registers, fewer programs) lets more of them read ahead of the wait
     for i, kernel in enumerate(("qkv", "o_proj", "gate_up", "down")):
         for bn_scale, warps in ((2, 4), (2, 8), (0.5, 4), (1, 2), (1, 8)):
             configs = [scaled(c, bn_scale, warps) if j == i else c for j, c in enumerate(default)]
-            variants[f"{kernel} only: BLOCK_N ×{bn_scale}, {warps} warps"] = (configs, True, False)
-    for bn_scale, warps in ((0.5, 4), (1, 8)):
-        variants[f"one-tile form, BLOCK_N ×{bn_scale}, {warps} warps"] = (
-            [scaled(c, bn_scale, warps) for c in default], True, True)
-    for name, (configs, pdl, one_tile) in variants.items():
-        kernels.PDL, kernels.ROW_ONE_TILE = pdl, one_tile
+            variants[f"{kernel} only: BLOCK_N ×{bn_scale}, {warps} warps"] = (configs, True)
+    for name, (configs, pdl) in variants.items():
+        kernels.PDL = pdl
         t = graph_time(lambda configs=configs: row_step(ws, x, r, o_in, configs), args.reps)
         print(f"{'row kernels (4 a layer), ' + name:52s} {t / args.layers * 1e6:9.2f} "
               f"{weight_bytes / t / 1e12:6.2f} {base / t:8.2f}x")
-    kernels.PDL, kernels.ROW_ONE_TILE = True, False
+    kernels.PDL = True
     print("configs: " + "; ".join(f"{n}x{k}: {c}" for (n, k, _), c in zip(shapes, default, strict=True)))
 
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|readahead|onetile|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|readahead|splitcfg|host|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
 # 'readahead': decode.py at batch 1 and 4 with the kernels reading ahead of their wait and not;
-# 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step;
-# 'onetile': the one-row matmuls without their K-tile loop against with it)
+# 'splitcfg': decode.py at batch 1 and 4 with the split-KV attention's settings and the sweep's best;
+# 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels' and
 # 'tests-engine' apart), 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
@@ -85,15 +85,13 @@ if [ "$what" = readahead ]; then
     --batch 1 4 --compiled-batches --kv-gb 8 --compare-read-ahead 2>&1 | grep -v Warning \
     | grep -E "^card|^ +[0-9]+ |reading ahead" | tee "$OUT/decode_read_ahead.log"
 fi
-if [ "$what" = onetile ]; then
-  # the one-row matmuls without their K-tile loop (braid_engine.kernels.ROW_ONE_TILE: 5 programs
-  # an SM instead of 2, benchmarks/kernel_registers.py): the matmuls alone each way and at other
-  # block sizes, then the engine at batch 1 both ways in one process (tests/kernels runs both forms)
-  python3 -m benchmarks.kernel_registers 2>&1 | grep -v Warning | tee "$OUT/kernel_registers.log" | grep default
-  timeout 100 python3 -m benchmarks.row_kernels 2>&1 | grep -v Warning | tee "$OUT/row_kernels.log"
-  timeout 200 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --batch 1 --compiled-batches --kv-gb 4 --compare-one-tile 2>&1 | grep -v Warning \
-    | grep -E "^card|^ +[0-9]+ |tile" | tee "$OUT/decode_one_tile.log"
+if [ "$what" = splitcfg ]; then
+  # the split-KV decode attention with its settings (braid_engine.kernels.SPLIT_KV_CONFIG, 64/32/2/2)
+  # against the best summed in decode_attention.py --sweep with reading ahead (64 splits, 64-key
+  # tiles, 4 warps, 1 stage), two engines in turn in one process
+  timeout 250 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+    --batch 1 4 --compiled-batches --kv-gb 8 --compare-split-config 64/64/4/1 2>&1 | grep -v Warning \
+    | grep -E "^card|^ +[0-9]+ |split-KV" | tee "$OUT/decode_split_config.log"
 fi
 if [ "$what" = host ]; then
   # what lies outside a fresh prompt's prefill graph: generate against the graph alone, then the

@@ -46,9 +46,7 @@ def pdl_args(device: torch.device) -> dict:
 # session 9 (decode.py --compare-read-ahead measures the difference).
 READ_AHEAD = True
 
-# The one-row matmuls (gemv.py) compiled without their loop over further K tiles where one tile
-# spans K — every default configuration — which frees registers: 5 programs fit an SM instead of
-# 2 (3 for down_proj), so a kernel's dependents can be resident beside it and read their weights
-# ahead of the wait. Off until a GPU run has timed it (decode.py --compare-one-tile); the same
-# products, summed without the float32 tile the loop carried.
-ROW_ONE_TILE = False
+# The split-KV decode attention's settings (decode_attention.py), read when a DecodeAttention is
+# made: (most splits, key tile, warps, pipeline stages). decode_attention.py --sweep times others;
+# decode.py --compare-split-config S/T/W/P measures one in the engine against these.
+SPLIT_KV_CONFIG = (64, 32, 2, 2)

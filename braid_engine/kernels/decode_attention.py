@@ -10,9 +10,11 @@ each sequence's length at run time (``BLOCK_T``-token tiles, at most ``splits`` 
 CUDA graph captured once serves every length. On Hopper both kernels are launched as
 programmatic dependents (they wait for q and the cache before reading them).
 
-The FlashInfer backend runs it for decode steps of up to four sequences. Its defaults (64
-stretches at most, 32-key tiles, 2 warps, 2 pipeline stages) were the fastest summed over batch
-1 and 4 and 128–8k keys in `python -m benchmarks.decode_attention --sweep` on an H100.
+The FlashInfer backend runs it for decode steps of up to four sequences. Its defaults
+(``kernels.SPLIT_KV_CONFIG``: 64 stretches at most, 32-key tiles, 2 warps, 2 pipeline stages)
+were the fastest summed over batch 1 and 4 and 128–8k keys in `python -m
+benchmarks.decode_attention --sweep` on an H100, before the kernel read ahead of its wait; the
+sweep since favours 64/64/4/1, not yet timed in the engine (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -134,11 +136,15 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, NUM_HEADS: tl.con
 
 class DecodeAttention:
     """Decode attention of up to ``max_batch`` sequences; the partial results live in buffers
-    made once, so the launches can be captured in a CUDA graph."""
+    made once, so the launches can be captured in a CUDA graph. Settings left out are
+    ``kernels.SPLIT_KV_CONFIG``'s as it is now."""
 
     def __init__(self, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, splits: int = 64, block_t: int = 32, num_warps: int = 2,
-                 num_stages: int = 2) -> None:
+                 device: torch.device, splits: int | None = None, block_t: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None) -> None:
+        splits, block_t, num_warps, num_stages = (
+            default if given is None else given
+            for given, default in zip((splits, block_t, num_warps, num_stages), kernels.SPLIT_KV_CONFIG, strict=True))
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} kv heads")
         if head_dim < 16 or head_dim & (head_dim - 1):

@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from braid_engine import kernels
 from braid_engine.kernels import pdl_args
 
 PLAIN, NORM, SILU = 0, 1, 2
@@ -66,8 +65,7 @@ def _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.cons
 @triton.jit
 def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, eps,
                        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     dtype = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if USE_PDL:
@@ -82,20 +80,16 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, e
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
-    if ONE_TILE:
-        # one tile spans K: no loop over further tiles, which, compiled though never run, held
-        # registers (ptxas, sm_90a, a thread: qkv and gate_up 214 -> 94, o_proj 184 -> 93, down
-        # 251 -> 167; benchmarks/kernel_registers.py)
-        y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-    else:
-        acc = w.to(tl.float32) * a[None, :]
-        for k0 in range(BLOCK_K, K, BLOCK_K):  # only where K exceeds one tile (never with the norm)
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
-            acc += w.to(tl.float32) * a[None, :]
-        y = tl.sum(acc, axis=1)
+    acc = w.to(tl.float32) * a[None, :]
+    # the loop holds registers even where one tile spans K, yet without it the matmuls were slower
+    # on an H100 (docs/benchmarks.md, "without their K-tile loop")
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # only where K exceeds one tile (never with the norm)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
+        acc += w.to(tl.float32) * a[None, :]
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
@@ -133,7 +127,7 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         weight, bias if bias is not None else weight, y, h if h is not None else y, n, k, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        ONE_TILE=kernels.ROW_ONE_TILE and cfg["BLOCK_K"] >= k, num_warps=warps, **cfg, **pdl_args(x.device))
+        num_warps=warps, **cfg, **pdl_args(x.device))
     return y, h
 
 

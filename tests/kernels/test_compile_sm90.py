@@ -23,21 +23,24 @@ from braid_engine.kernels.decode_attention import _merge_kernel, _split_kernel
 TYPES = {"table_ptr": "*i32", "lens_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
          "cos_ptr": "*fp32", "sin_ptr": "*fp32", "scale": "fp32", "eps": "fp32"}
 
-def compile_(fn, consts, num_warps=2, **options):
+def compile_(fn, consts, num_warps=2, num_stages=2, **options):
     # every other pointer bf16, every other scalar int32
     sig = {n: "constexpr" if n in consts else TYPES.get(n, "*bf16" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=num_warps, num_stages=2, **options))
+                       options=dict(num_warps=num_warps, num_stages=num_stages, **options))
     assert k.asm["cubin"]
 
-# Qwen3-0.6B: 16 query heads over 8 kv heads of 128, the engine's 64 stretches of 32 keys
-for ahead in (True, False):
-    compile_(_split_kernel, dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, SPLITS=64, BLOCK_T=32,
-                                 READ_AHEAD=ahead, USE_PDL=True))
-print("split kernel ok", flush=True)
-compile_(_merge_kernel, dict(NUM_HEADS=16, HEAD_DIM=128, SPLITS=64, BLOCK_T=32, USE_PDL=True))
-print("merge kernel ok")
+# Qwen3-0.6B: 16 query heads over 8 kv heads of 128, at the engine's settings (kernels.SPLIT_KV_CONFIG)
+# and at those run_gpu.sh splitcfg times against them
+from braid_engine import kernels
+
+for splits, block_t, warps, stages in dict.fromkeys([kernels.SPLIT_KV_CONFIG, (64, 64, 4, 1)]):
+    for ahead in (True, False):
+        compile_(_split_kernel, dict(NUM_HEADS=16, GROUP=2, ROWS=16, HEAD_DIM=128, SPLITS=splits, BLOCK_T=block_t,
+                                     READ_AHEAD=ahead, USE_PDL=True), num_warps=warps, num_stages=stages)
+    compile_(_merge_kernel, dict(NUM_HEADS=16, HEAD_DIM=128, SPLITS=splits, BLOCK_T=block_t, USE_PDL=True))
+print("split and merge kernels ok", flush=True)
 
 # the other kernels at Qwen3-0.6B's widths, in each form the engine launches
 from braid_engine.kernels.activation import _silu_and_mul_kernel
@@ -50,9 +53,8 @@ for residual in (False, True):
     compile_(_rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=1024), num_warps=4)
 compile_(_silu_and_mul_kernel, dict(BLOCK=1024), num_warps=4)
 for prologue, residual in ((0, False), (1, False), (1, True), (2, False)):
-    for one_tile in (False, True):
-        compile_(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=False, BLOCK_N=8,
-                                          BLOCK_K=1024, ONE_TILE=one_tile, USE_PDL=True), num_warps=4)
+    compile_(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=False, BLOCK_N=8,
+                                      BLOCK_K=1024, USE_PDL=True), num_warps=4)
 for heads, norm, in_place, ahead in ((8, True, False, True), (32, True, False, True), (32, False, False, True),
                                     (32, True, True, True), (8, True, False, False)):
     compile_(_qk_norm_rope_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HEADS=heads, APPLY_NORM=norm,
@@ -69,23 +71,20 @@ def test_the_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=root, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count(" ok") == 3, run.stdout
+    assert run.stdout.count(" ok") == 2, run.stdout
 
 
 def test_register_counts_come_from_ptxas():
     """benchmarks/kernel_registers.py reads registers a thread from ptxas for a kernel compiled
-    for sm_90a: a count in the range a thread may use, more for a larger tile, fewer for the
-    same tile in the one-tile form (kernels.ROW_ONE_TILE)."""
+    for sm_90a: a count in the range a thread may use, and more for a larger tile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     code = ("from benchmarks.kernel_registers import compile_row_matmul, registers\n"
             "small = registers(compile_row_matmul(1024, 2048, 0, False, 2, 2048, 4))\n"
             "large = registers(compile_row_matmul(1024, 2048, 0, False, 4, 2048, 4))\n"
-            "lean = registers(compile_row_matmul(1024, 2048, 0, False, 4, 2048, 4, one_tile=True))\n"
-            "print(small[0], large[0], lean[0])")
+            "print(small[0], large[0])")
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    small, large, lean = map(int, run.stdout.split())
+    small, large = map(int, run.stdout.split())
     assert 16 <= small < large <= 255, (small, large)
-    assert lean < large, (lean, large)  # the one-tile form frees registers

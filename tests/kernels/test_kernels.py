@@ -127,19 +127,9 @@ def _matmul_close(y: torch.Tensor, a: torch.Tensor, w: torch.Tensor, b: torch.Te
 CONFIGS = [None, {"BLOCK_N": 4, "BLOCK_K": 64, "num_warps": 2}]
 
 
-@pytest.fixture(params=[False, True], ids=["loop", "one-tile"])
-def row_form(request, monkeypatch):
-    """The one-row matmuls as compiled now and, where one tile spans K, without their K loop
-    (kernels.ROW_ONE_TILE): the same products either way."""
-    from braid_engine import kernels
-
-    monkeypatch.setattr(kernels, "ROW_ONE_TILE", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,bias", [(40, 96, False), (33, 200, True)])
-def test_row_matmul(device, dtype, n, k, bias, row_form):
+def test_row_matmul(device, dtype, n, k, bias):
     from braid_engine.kernels.gemv import row_matmul
 
     g = torch.Generator().manual_seed(n + k)
@@ -152,7 +142,7 @@ def test_row_matmul(device, dtype, n, k, bias, row_form):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,bias", [(40, 96, False), (33, 200, True), (512, 96, False)])
-def test_silu_matmul(device, dtype, n, k, bias, row_form):
+def test_silu_matmul(device, dtype, n, k, bias):
     """The SiLU·mul inside the matmul rounds as the standalone kernel's reference does."""
     from braid_engine.kernels.gemv import silu_matmul
 
@@ -167,7 +157,7 @@ def test_silu_matmul(device, dtype, n, k, bias, row_form):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("n,k,bias", [(40, 96, False), (33, 64, True), (512, 96, False)])
-def test_norm_matmul(device, dtype, residual, n, k, bias, row_form):
+def test_norm_matmul(device, dtype, residual, n, k, bias):
     """Residual add and RMSNorm inside the matmul: the new residual is the exact rounded sum,
     the product is the reference norm's output times the weight."""
     from braid_engine.kernels.gemv import norm_matmul
@@ -202,7 +192,7 @@ def test_one_row_matmuls_refuse_other_shapes(device):
 
 def _decode_attention_case(device, dtype, hq, hkv, ps, lens, **kwargs):
     """Each sequence of ``lens`` keys (pages shuffled) against the reference attention over its
-    own keys."""
+    own keys; the kernel's object, to look at its settings."""
     from braid_engine.attention.torch_backend import attend
     from braid_engine.kernels.decode_attention import DecodeAttention
 
@@ -227,6 +217,7 @@ def _decode_attention_case(device, dtype, hq, hkv, ps, lens, **kwargs):
         ref, _ = attend(q[i:i + 1], k, v, d ** -0.5)
         tol = 1e-5 if dtype == torch.float32 else 4e-3
         torch.testing.assert_close(out[i:i + 1].float(), ref, rtol=tol, atol=tol)
+    return op
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -242,6 +233,20 @@ def test_decode_attention_with_its_defaults_and_pages_larger_than_a_tile(device,
     """The engine's settings (64 splits at most, 32-key tiles) on 64-key pages: a tile ± 1, a
     page ± 1, and 2,049 keys (65 tiles over 64 splits: the last split's stretch is short)."""
     _decode_attention_case(device, dtype, 4, 2, 64, [1, 31, 32, 33, 63, 64, 65, 2049])
+
+
+def test_decode_attention_takes_the_settings_left_out_from_the_module_switch(device, monkeypatch):
+    """Made with no settings, the kernel reads kernels.SPLIT_KV_CONFIG as it is then (decode.py
+    --compare-split-config captures a second engine so): 4 splits of 16-key tiles, 200 keys
+    filling every split, the reference's results; a setting given wins over the switch."""
+    from braid_engine import kernels
+    from braid_engine.kernels.decode_attention import DecodeAttention
+
+    monkeypatch.setattr(kernels, "SPLIT_KV_CONFIG", (4, 16, 4, 1))
+    op = _decode_attention_case(device, torch.float32, 4, 2, 4, [1, 17, 70, 200])
+    assert (op.splits, op.block_t, op.num_warps, op.num_stages) == (4, 16, 4, 1)
+    op = DecodeAttention(1, 4, 2, 32, torch.device(device), splits=8)
+    assert (op.splits, op.block_t, op.num_warps, op.num_stages) == (8, 16, 4, 1)
 
 
 def test_decode_attention_refuses_shapes_it_cannot_tile(device):
