@@ -6,7 +6,7 @@
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
 # 'readahead': decode.py at batch 1 and 4 with the kernels reading ahead of their wait and not;
-# 'splitcfg': decode.py at batch 1 and 4 with the split-KV attention's settings and the sweep's best;
+# 'splitcfg': decode.py at batch 1 and 4 with the split-KV attention's settings and the ones before;
 # 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels' and
 # 'tests-engine' apart), 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
@@ -86,11 +86,11 @@ if [ "$what" = readahead ]; then
     | grep -E "^card|^ +[0-9]+ |reading ahead" | tee "$OUT/decode_read_ahead.log"
 fi
 if [ "$what" = splitcfg ]; then
-  # the split-KV decode attention with its settings (braid_engine.kernels.SPLIT_KV_CONFIG, 64/32/2/2)
-  # against the best summed in decode_attention.py --sweep with reading ahead (64 splits, 64-key
-  # tiles, 4 warps, 1 stage), two engines in turn in one process
+  # the split-KV decode attention with its settings (braid_engine.kernels.SPLIT_KV_CONFIG, 64/64/4/1
+  # since session 11) against the ones before (64 splits, 32-key tiles, 2 warps, 2 stages), two
+  # engines in turn in one process
   timeout 250 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --batch 1 4 --compiled-batches --kv-gb 8 --compare-split-config 64/64/4/1 2>&1 | grep -v Warning \
+    --batch 1 4 --compiled-batches --kv-gb 8 --compare-split-config 64/32/2/2 2>&1 | grep -v Warning \
     | grep -E "^card|^ +[0-9]+ |split-KV" | tee "$OUT/decode_split_config.log"
 fi
 if [ "$what" = host ]; then

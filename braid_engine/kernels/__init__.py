@@ -49,4 +49,4 @@ READ_AHEAD = True
 # The split-KV decode attention's settings (decode_attention.py), read when a DecodeAttention is
 # made: (most splits, key tile, warps, pipeline stages). decode_attention.py --sweep times others;
 # decode.py --compare-split-config S/T/W/P measures one in the engine against these.
-SPLIT_KV_CONFIG = (64, 32, 2, 2)
+SPLIT_KV_CONFIG = (64, 64, 4, 1)

@@ -11,10 +11,10 @@ CUDA graph captured once serves every length. On Hopper both kernels are launche
 programmatic dependents (they wait for q and the cache before reading them).
 
 The FlashInfer backend runs it for decode steps of up to four sequences. Its defaults
-(``kernels.SPLIT_KV_CONFIG``: 64 stretches at most, 32-key tiles, 2 warps, 2 pipeline stages)
-were the fastest summed over batch 1 and 4 and 128–8k keys in `python -m
-benchmarks.decode_attention --sweep` on an H100, before the kernel read ahead of its wait; the
-sweep since favours 64/64/4/1, not yet timed in the engine (``docs/benchmarks.md``).
+(``kernels.SPLIT_KV_CONFIG``: 64 stretches at most, 64-key tiles, 4 warps, 1 pipeline stage)
+were the fastest summed over batch 1 and 4 and 128–4k keys in `python -m
+benchmarks.decode_attention --sweep` on an H100 with the kernel reading ahead of its wait, and
+gave the engine 1 % more tokens/s at batch 1 than the earlier 64/32/2/2 (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
