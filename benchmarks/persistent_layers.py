@@ -68,17 +68,22 @@ def _normed(x_ptr, r_ptr, nw_ptr, K: tl.constexpr, eps):
 def _matvec(w_ptr, w, rows, h, out_ptr, x_ptr, o_ptr, pid, programs, N, K: tl.constexpr, KP: tl.constexpr,
             CH: tl.constexpr, RESIDUAL: tl.constexpr, STAGES: tl.constexpr):
     """out[rows] = W[rows] · h for this program's chunks: the first already loaded (w, rows), the
-    rest read here, one ahead of the one being summed. RESIDUAL: out = x + o + W · h (the new
-    residual stream)."""
-    for c in tl.range(pid, tl.cdiv(N, CH), programs, num_stages=STAGES):
-        if c != pid:
-            w, rows = _chunk(w_ptr, c, N, K, KP, CH)
-        y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
-        ok = rows < N
-        if RESIDUAL:
-            y += tl.load(x_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-            y += tl.load(o_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + rows, y, mask=ok)
+    rest read here, STAGES - 1 ahead of the one being summed. RESIDUAL: out = x + o + W · h (the
+    new residual stream)."""
+    _rows_out(w, rows, h, out_ptr, x_ptr, o_ptr, N, RESIDUAL)
+    for c in tl.range(pid + programs, tl.cdiv(N, CH), programs, num_stages=STAGES):
+        w_c, rows_c = _chunk(w_ptr, c, N, K, KP, CH)
+        _rows_out(w_c, rows_c, h, out_ptr, x_ptr, o_ptr, N, RESIDUAL)
+
+
+@triton.jit
+def _rows_out(w, rows, h, out_ptr, x_ptr, o_ptr, N, RESIDUAL: tl.constexpr):
+    y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    ok = rows < N
+    if RESIDUAL:
+        y += tl.load(x_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
+        y += tl.load(o_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + rows, y, mask=ok)
 
 
 @triton.jit
@@ -187,7 +192,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--configs", type=lambda v: tuple(map(int, v.split("/"))), nargs="+",
-                    default=[(8, 16, 2), (4, 16, 2), (4, 32, 2), (8, 64, 2), (16, 64, 2), (8, 16, 1)],
+                    default=[(8, 64, 2), (8, 64, 3), (8, 32, 3), (4, 32, 3), (8, 16, 4), (16, 64, 3)],
                     help="warps/chunk KB/pipeline stages of each run")
     ap.add_argument("--reps", type=int, default=100)
     args = ap.parse_args()
