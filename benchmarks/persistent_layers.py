@@ -31,12 +31,21 @@ EPS = 1e-6
 
 
 @triton.jit
-def _wait(cnt_ptr, phase, programs):
-    # every program has written its rows of this phase once the count reaches the grid
+def _wait(cnt_ptr, phase, programs, SPIN_LOAD: tl.constexpr):
+    # every program has written its rows of this phase once the count reaches the grid; on the
+    # GPU the count is polled with acquire loads (a read-modify-write from every SM would queue at
+    # the counter's L2 slice), in the interpreter with an atomic
     if phase >= 0:
-        seen = tl.atomic_add(cnt_ptr + phase, 0, sem="acquire", scope="gpu")
-        while seen < programs:
+        if SPIN_LOAD:
+            seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [cnt_ptr + phase],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+            while seen < programs:
+                seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [cnt_ptr + phase],
+                                                 dtype=tl.int32, is_pure=False, pack=1)
+        else:
             seen = tl.atomic_add(cnt_ptr + phase, 0, sem="acquire", scope="gpu")
+            while seen < programs:
+                seen = tl.atomic_add(cnt_ptr + phase, 0, sem="acquire", scope="gpu")
 
 
 @triton.jit
@@ -90,7 +99,7 @@ def _rows_out(w, rows, h, out_ptr, x_ptr, o_ptr, N, RESIDUAL: tl.constexpr):
 def _layers_kernel(x_ptr, qkv_ptr, o_ptr, gu_ptr, cnt_ptr, wqkv_ptr, wo_ptr, wgu_ptr, wd_ptr, n1_ptr, n2_ptr,
                    layers, eps, N_HIDDEN: tl.constexpr, N_INTER: tl.constexpr, N_QKV: tl.constexpr,
                    N_Q: tl.constexpr, N_INTER_P: tl.constexpr, CH: tl.constexpr, CH_O: tl.constexpr,
-                   CH_D: tl.constexpr, STAGES: tl.constexpr):
+                   CH_D: tl.constexpr, STAGES: tl.constexpr, SPIN_LOAD: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     kq = tl.arange(0, N_Q)
@@ -98,7 +107,7 @@ def _layers_kernel(x_ptr, qkv_ptr, o_ptr, gu_ptr, cnt_ptr, wqkv_ptr, wo_ptr, wgu
     w, rows = _chunk(wqkv_ptr, pid, N_QKV, N_HIDDEN, N_HIDDEN, CH)
     for layer in range(layers):
         # qkv = W_qkv · rmsnorm(x)
-        _wait(cnt_ptr, 4 * layer - 1, programs)
+        _wait(cnt_ptr, 4 * layer - 1, programs, SPIN_LOAD)
         h = _normed(x_ptr, None, n1_ptr + layer * N_HIDDEN, N_HIDDEN, eps)
         _matvec(wqkv_ptr + layer * N_QKV * N_HIDDEN, w, rows, h, qkv_ptr, x_ptr, o_ptr, pid, programs, N_QKV,
                 N_HIDDEN, N_HIDDEN, CH, False, STAGES)
@@ -106,14 +115,14 @@ def _layers_kernel(x_ptr, qkv_ptr, o_ptr, gu_ptr, cnt_ptr, wqkv_ptr, wo_ptr, wgu
         wo_l = wo_ptr + layer * N_HIDDEN * N_Q
         w, rows = _chunk(wo_l, pid, N_HIDDEN, N_Q, N_Q, CH_O)
         # o = W_o · q (attention's output in the engine)
-        _wait(cnt_ptr, 4 * layer, programs)
+        _wait(cnt_ptr, 4 * layer, programs, SPIN_LOAD)
         a = tl.load(qkv_ptr + kq, cache_modifier=".cg")
         _matvec(wo_l, w, rows, a, o_ptr, x_ptr, o_ptr, pid, programs, N_HIDDEN, N_Q, N_Q, CH_O, False, STAGES)
         _signal(cnt_ptr, 4 * layer + 1)
         wgu_l = wgu_ptr + layer * 2 * N_INTER * N_HIDDEN
         w, rows = _chunk(wgu_l, pid, 2 * N_INTER, N_HIDDEN, N_HIDDEN, CH)
         # gate_up = W_gu · rmsnorm(x + o)
-        _wait(cnt_ptr, 4 * layer + 1, programs)
+        _wait(cnt_ptr, 4 * layer + 1, programs, SPIN_LOAD)
         h = _normed(x_ptr, o_ptr, n2_ptr + layer * N_HIDDEN, N_HIDDEN, eps)
         _matvec(wgu_l, w, rows, h, gu_ptr, x_ptr, o_ptr, pid, programs, 2 * N_INTER, N_HIDDEN, N_HIDDEN, CH, False,
                 STAGES)
@@ -121,7 +130,7 @@ def _layers_kernel(x_ptr, qkv_ptr, o_ptr, gu_ptr, cnt_ptr, wqkv_ptr, wo_ptr, wgu
         wd_l = wd_ptr + layer * N_HIDDEN * N_INTER
         w, rows = _chunk(wd_l, pid, N_HIDDEN, N_INTER, N_INTER_P, CH_D)
         # x += o + W_d · (silu(gate) · up), each program for its own rows
-        _wait(cnt_ptr, 4 * layer + 2, programs)
+        _wait(cnt_ptr, 4 * layer + 2, programs, SPIN_LOAD)
         g = tl.load(gu_ptr + kd, mask=kd < N_INTER, other=0.0, cache_modifier=".cg")
         u = tl.load(gu_ptr + N_INTER + kd, mask=kd < N_INTER, other=0.0, cache_modifier=".cg")
         _matvec(wd_l, w, rows, g / (1.0 + tl.exp(-g)) * u, x_ptr, x_ptr, o_ptr, pid, programs, N_HIDDEN, N_INTER,
@@ -152,7 +161,8 @@ def persistent_layers(x: torch.Tensor, ws: dict[str, torch.Tensor], programs: in
     _layers_kernel[(programs,)](
         x, s["qkv"], s["o"], s["gu"], s["cnt"], ws["wqkv"], ws["wo"], ws["wgu"], ws["wd"], ws["n1"], ws["n2"],
         layers, EPS, N_HIDDEN=hidden, N_INTER=inter, N_QKV=qkv, N_Q=q, N_INTER_P=inter_p, CH=rows(hidden),
-        CH_O=rows(q), CH_D=rows(inter_p), STAGES=stages, num_warps=warps)
+        CH_O=rows(q), CH_D=rows(inter_p), STAGES=stages, SPIN_LOAD=x.device.type == "cuda",
+        num_warps=warps)
     return x
 
 
@@ -192,7 +202,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--configs", type=lambda v: tuple(map(int, v.split("/"))), nargs="+",
-                    default=[(8, 64, 2), (8, 64, 3), (8, 32, 3), (4, 32, 3), (8, 16, 4), (16, 64, 3)],
+                    default=[(8, 64, 2), (8, 32, 3), (4, 32, 3), (8, 32, 2)],
                     help="warps/chunk KB/pipeline stages of each run")
     ap.add_argument("--reps", type=int, default=100)
     args = ap.parse_args()
