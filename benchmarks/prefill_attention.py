@@ -4,7 +4,8 @@ CUDA-graph mode as the engine's prefill graphs plan it — split-KV (what graph 
 and with ``disable_split_kv=True`` —, and the default backend in CUDA-graph mode
 (``FlashInferBackend.fa3_prefill_graph_rows``). For a fresh prompt (rows = keys) also FlashInfer's
 ragged-KV prefill and torch's SDPA over contiguous keys, as the layer has them before the cache
-write: what a prefill that skipped the paged read could gain.
+write: what a prefill that skipped the paged read could gain; and each of SDPA's backends (flash,
+cuDNN, memory-efficient) by name, with GQA and with the kv heads repeated.
 
     python -m benchmarks.prefill_attention [--cases 1024 4096 8192 3:8192]
 
@@ -118,6 +119,28 @@ def _variants(flashinfer, q: int, kv: int, rows: int | None, sms: int, common: d
             return o[0].transpose(0, 1)
 
         out.append(("g eager, torch SDPA, contiguous", None, sdpa))
+        # (h) each of torch's SDPA backends named, with the kv heads shared (GQA) and, where a
+        # backend takes no GQA, repeated per query head beforehand (not timed): whether one of
+        # them beats FlashInfer's fa3 for a fresh prompt
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kr, vr = (x.repeat_interleave(HQ // HKV, dim=1) for x in (kt, vt))
+        for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION),
+                               ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            for gqa in (True, False):
+                def named(backend=backend, gqa=gqa) -> torch.Tensor:
+                    with sdpa_kernel(backend):
+                        o = torch.nn.functional.scaled_dot_product_attention(
+                            qt, kt if gqa else kr, vt if gqa else vr, is_causal=True, enable_gqa=gqa)
+                    return o[0].transpose(0, 1)
+
+                name = f"h SDPA {label}{'' if gqa else ', kv repeated'}"
+                try:
+                    named()
+                except RuntimeError as e:  # the backend does not take this case
+                    print(f"      ({name}: {str(e).splitlines()[0][:80]})")
+                    continue
+                out.append((name, None, named))
     if rows is None:
         return out
     # (c), (d) fa2 in graph mode: captured on the capture plan (one row over one key on the pad

@@ -120,7 +120,7 @@ if [ "$what" = prefill ] || [ "$what" = all ]; then
     --compare-fresh --tokens 1024 4096 16384 --repeat 5 2>&1 | grep -v Warning | tail -4 | tee "$OUT/prefill_compare_fresh.log"
   timeout 130 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
     --fa3-graph-rows 0 --compiled-tokens --repeat 3 2>&1 | grep -v Warning | tail -6 | tee "$OUT/prefill_fa2.log"
-  timeout 110 python3 -m benchmarks.prefill_attention 2>&1 | grep -v Warning | tee "$OUT/prefill_attention.log"
+  timeout 150 python3 -m benchmarks.prefill_attention 2>&1 | grep -v Warning | tee "$OUT/prefill_attention.log"
 fi
 if [ "$what" = shared ] || [ "$what" = all ]; then
   # its transformers baselines (eager, then compiled at batch 64) take minutes: a stage of its own
