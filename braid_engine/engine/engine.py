@@ -218,6 +218,8 @@ class LLMEngine:
         seq.text_deferred = final_only and not params.stop_strings
         stream = RequestStream(self, seq, loop, final_only)
         with self._wake:
+            if self._closed:  # shut down since the check above: the loop would never take it
+                raise EngineClosedError("the engine was shut down; create a new LLM.")
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use.")
             self._streams[request_id] = stream
@@ -276,7 +278,7 @@ class LLMEngine:
                 while not (self._closed or self._pending or self._aborts or self.scheduler.has_work()):
                     self._wake.wait()
                 if self._closed:
-                    return
+                    break
                 pending, self._pending = self._pending, []
                 aborts, self._aborts = self._aborts, []
             with self._state:
@@ -293,6 +295,18 @@ class LLMEngine:
                     logger.exception("engine step failed")
                     for seq in list(self.scheduler.running):
                         self._fail(seq, e)
+        self._fail_unfinished()
+
+    def _fail_unfinished(self) -> None:
+        """At shutdown: every request still queued or running gets EngineClosedError (its caller
+        would otherwise wait forever) and gives its pages back."""
+        with self._wake:
+            pending, self._pending = self._pending, []
+        with self._state:
+            for seq in pending + list(self._seqs.values()):
+                self._fail(seq, EngineClosedError(
+                    f"the engine was shut down before request {seq.request_id} finished; create "
+                    "a new LLM and submit it again."))
 
     def step(self) -> None:
         """One forward over the scheduled batch, then sample and emit. Loop thread only."""

@@ -130,3 +130,30 @@ def test_prompt_forms_give_the_same_tokens(qwen3_llm):
     for prompt in ("Tell me a story", {"prompt_token_ids": ids}, [{"prompt_token_ids": ids}], [ids]):
         outs = qwen3_llm.generate(prompt, params)
         assert len(outs) == 1 and outs[0].prompt_token_ids == ids and outs[0].token_ids == want, prompt
+
+
+def test_shutdown_fails_requests_in_flight_instead_of_leaving_them_waiting(tiny_qwen3):
+    """A request still running (or queued) when the engine shuts down gets EngineClosedError
+    from its stream, and its pages go back to the pool; before, ``result()`` waited forever."""
+    import threading
+
+    import pytest
+
+    from braid_engine import LLM
+    from braid_engine.errors import EngineClosedError
+
+    llm = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False, page_size=4)
+    params = SamplingParams(temperature=0, max_tokens=5000, ignore_eos=True)
+    running = llm.engine.add_request(llm.encode("Tell me a long story"), params)
+    next(iter(running))  # it has started
+    llm.shutdown()
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(pytest.raises(EngineClosedError, running.result)))
+    waiter.start()
+    waiter.join(10)
+    assert not waiter.is_alive(), "result() hangs after shutdown"
+    assert "shut down" in str(outcome[0].value) and "new LLM" in str(outcome[0].value)
+    stats = llm.stats()
+    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    with pytest.raises(EngineClosedError, match="create a new LLM"):
+        llm.generate("Hi", params)
