@@ -59,6 +59,7 @@ class RequestStream:
         self.text = ""
         self.finish_reason: str | None = None
         self.num_cached_tokens = 0
+        self.error: BaseException | None = None  # what failed the request (raised to every reader)
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         if self._loop is not None:
@@ -71,6 +72,7 @@ class RequestStream:
 
     def _accept(self, item: RequestOutput | BaseException) -> RequestOutput:
         if isinstance(item, BaseException):
+            self.error, self.finish_reason = item, "error"
             raise item
         self.token_ids.extend(item.token_ids)
         self.text += item.text
@@ -79,6 +81,8 @@ class RequestStream:
         return item
 
     def __iter__(self) -> Iterator[RequestOutput]:
+        if self.error is not None:
+            raise self.error
         try:
             while self.finish_reason is None:
                 yield self._accept(self._queue.get())
@@ -87,6 +91,8 @@ class RequestStream:
                 self.engine.abort(self.request_id)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        if self.error is not None:
+            raise self.error
         try:
             while self.finish_reason is None:
                 yield self._accept(await self._queue.get())

@@ -169,3 +169,33 @@ def test_trust_remote_code_is_never_implied(tmp_path, monkeypatch):
     LLM(path, device="cpu")
     assert seen["trust_remote_code"] is False
     shutil.rmtree(path)
+
+
+def test_a_failed_request_raises_its_error_again_when_asked_again(tiny_qwen3):
+    """A stream that ended in an error raises it again on a second ``result()`` or iteration
+    (a retry, a second reader); before, it waited forever on a queue nothing would fill."""
+    import threading
+
+    from braid_engine import KVCacheFullError
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16, max_model_len=60)
+    handle = llm.pin([(3 * j) % 300 + 3 for j in range(28)])
+    stream = llm.engine.add_request([(5 * j) % 300 + 3 for j in range(56)], GREEDY)
+    with pytest.raises(KVCacheFullError, match="release pins"):
+        stream.result()
+    raised = []
+
+    def again():
+        for ask in (stream.result, lambda: list(stream)):
+            with pytest.raises(KVCacheFullError, match="release pins") as e:
+                ask()
+            raised.append(e.value)
+
+    waiter = threading.Thread(target=again, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert len(raised) == 2, "asking a failed stream again waits forever"
+    assert stream.finish_reason == "error"
+    handle.release()
+    assert len(llm.generate([[9, 8, 7]], GREEDY)[0].token_ids) == 8
+    llm.shutdown()
