@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,22 +45,27 @@ class SamplingParams:
         def bad(msg: str) -> InvalidSamplingParamsError:
             return InvalidSamplingParamsError(f"SamplingParams: {msg}")
 
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise bad(f"temperature must be a number ≥ 0 (0 = greedy), got {self.temperature!r}.")
-        if not (0 < self.top_p <= 1):
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature must be a finite number ≥ 0 (0 = greedy), got {self.temperature!r}.")
+        if not isinstance(self.top_p, numbers.Real) or not (0 < self.top_p <= 1):
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}; use 1 to disable it.")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
             raise bad(f"top_k must be an int, got {self.top_k!r}; use -1 to disable it.")
-        if not (0 <= self.min_p <= 1):
+        if not isinstance(self.min_p, numbers.Real) or not (0 <= self.min_p <= 1):
             raise bad(f"min_p must be in [0, 1], got {self.min_p!r}; use 0 to disable it.")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+                                            or self.max_tokens < 1):
             raise bad(f"max_tokens must be an int ≥ 1 or None, got {self.max_tokens!r}.")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad(f"seed must be an int or None, got {self.seed!r}.")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64):
+            raise bad(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}.")
+        if self.stop is not None and not isinstance(self.stop, Iterable):
+            raise bad(f"stop must be a string or a list of strings, got {self.stop!r}.")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise bad(f"stop must be non-empty strings, got {self.stop!r}.")
         self._stop = stop
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, Iterable):
+            raise bad(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}.")
         ids = list(self.stop_token_ids or [])
         if any(not isinstance(t, int) or t < 0 for t in ids):
             raise bad(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}.")

@@ -74,6 +74,14 @@ def test_seeded_sampling_is_reproducible(qwen3_llm):
     (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-3]), "stop_token_ids"),
     (dict(seed="x"), "seed"),
+    (dict(temperature=float("inf")), "temperature"),  # logits / inf: NaN where a grammar masks
+    (dict(top_p="0.9"), "top_p"),
+    (dict(min_p="0.1"), "min_p"),
+    (dict(max_tokens=True), "max_tokens"),
+    (dict(seed=2**64), "seed"),  # past what torch.Generator takes
+    (dict(stop=5), "stop"),
+    (dict(stop_token_ids=7), "stop_token_ids"),
+    (dict(stop_token_ids=0), "stop_token_ids"),  # was read as no stop ids at all
 ])
 def test_invalid_sampling_values_are_named(kwargs, word):
     with pytest.raises(InvalidSamplingParamsError, match=word):
