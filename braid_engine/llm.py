@@ -101,6 +101,14 @@ class LLM:
             raise ValueError(f"pipeline_bursts must be 'auto', True or False, got {pipeline_bursts!r}.")
         if not isinstance(decode_burst, int) or isinstance(decode_burst, bool) or decode_burst < 1:
             raise ValueError(f"decode_burst must be an int ≥ 1 (1 reads every step's token), got {decode_burst!r}.")
+        _check_size("max_num_seqs", max_num_seqs, 1, "the most requests a step runs")
+        _check_size("page_size", page_size, 1, "tokens per KV page; 16 is usual")
+        _check_size("num_pages", num_pages, 1, "None sizes the pool from memory", optional=True)
+        _check_size("max_model_len", max_model_len, 2, "a prompt token and one to generate; None takes "
+                    "the model's", optional=True)
+        if not isinstance(max_pinned_fraction, (int, float)) or not 0 <= max_pinned_fraction <= 1:
+            raise ValueError(f"max_pinned_fraction must be a number in [0, 1] (the share of the KV pool "
+                             f"pins may hold), got {max_pinned_fraction!r}.")
         prefill_graph_sizes(prefill_graph_tokens)  # a clear error before anything loads
         chunk = prefill_chunk_while_decoding
         if chunk != "auto" and chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
@@ -288,6 +296,15 @@ def _choose_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name == "flashinfer" and device.type != "cuda":
         raise ValueError("attention_backend='flashinfer' needs a CUDA device; use 'torch' on CPU.")
     return name
+
+
+def _check_size(name: str, value: Any, low: int, hint: str, optional: bool = False) -> None:
+    """Raise unless ``value`` is an int ≥ ``low`` (or None where ``optional``)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        none = " or None" if optional else ""
+        raise ValueError(f"{name} must be an int ≥ {low}{none} ({hint}), got {value!r}.")
 
 
 def _all_ints(seq: Sequence) -> bool:

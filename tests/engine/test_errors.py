@@ -199,3 +199,16 @@ def test_a_failed_request_raises_its_error_again_when_asked_again(tiny_qwen3):
     handle.release()
     assert len(llm.generate([[9, 8, 7]], GREEDY)[0].token_ids) == 8
     llm.shutdown()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_num_seqs=0), r"max_num_seqs must be an int ≥ 1"),  # every request failed as "KV cache full"
+    (dict(page_size=0), r"page_size must be an int ≥ 1"),  # ZeroDivisionError
+    (dict(num_pages=0), r"num_pages must be an int ≥ 1 or None"),  # every request failed as "KV cache full"
+    (dict(max_model_len=0), r"max_model_len must be an int ≥ 2 or None"),  # silently the model's maximum
+    (dict(max_model_len=-5), r"max_model_len must be an int ≥ 2 or None"),  # every prompt "too long"
+    (dict(max_pinned_fraction=1.5), r"max_pinned_fraction must be a number in \[0, 1\]"),
+])
+def test_engine_sizes_out_of_range_are_refused_before_loading(tiny_qwen3, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(tiny_qwen3, device="cpu", **kwargs)
