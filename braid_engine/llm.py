@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,9 +216,9 @@ class LLM:
             f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
 
     def _normalize(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (str, dict)) or (
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, Iterable) or (
             isinstance(prompts, Sequence) and prompts and _all_ints(prompts)
-        ):
+        ):  # (what is no prompt and holds none gets _to_ids's error)
             return [self._to_ids(prompts)]
         return [self._to_ids(p) for p in prompts]
 

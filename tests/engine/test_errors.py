@@ -117,6 +117,9 @@ def test_request_errors_leave_the_engine_serving(tiny_qwen3):
         llm.generate([[]], GREEDY)
     with pytest.raises(InvalidRequestError, match="SamplingParams"):
         llm.generate("hi", {"temperature": 0})
+    for bad in (None, 5):  # not a prompt nor a list of them (was a bare TypeError)
+        with pytest.raises(InvalidRequestError, match="a prompt must be a string or a list of token ids"):
+            llm.generate(bad, GREEDY)
     # one bad prompt in a batch: none of the batch is queued
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         llm.generate([[5, 6, 7], [8, 9], [1, vocab]], GREEDY)
