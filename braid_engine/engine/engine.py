@@ -623,6 +623,11 @@ class LLMEngine:
             self._grammar.shutdown()
 
     @property
+    def closed(self) -> bool:
+        """Whether ``shutdown()`` was called: no request is taken any more."""
+        return self._closed
+
+    @property
     def idle(self) -> bool:
         with self._wake:
             return not (self._pending or self._streams) and not self.scheduler.has_work()
