@@ -12,12 +12,16 @@ import torch
 from braid_engine.errors import InvalidSamplingParamsError
 from braid_engine.grammar import GuidedDecoding
 
+# temperatures below this sample the top token anyway (vLLM's _SAMPLING_EPS), and far smaller
+# ones overflow the scaled logits to inf (a NaN softmax): they are greedy
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop (vLLM's names).
 
-    ``temperature=0`` is greedy. ``top_k`` ≤ 0 and ``top_p=1`` and ``min_p=0`` disable those
+    ``temperature=0`` (or any below 1e-5) is greedy. ``top_k`` ≤ 0 and ``top_p=1`` and ``min_p=0`` disable those
     filters. ``stop`` strings end generation and are never part of the returned text.
     ``enable_prefix_caching=False`` makes this request neither read nor write the prefix cache.
     ``guided`` constrains the output to a grammar (JSON schema, JSON object or structural tag);
@@ -78,7 +82,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

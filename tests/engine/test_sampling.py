@@ -54,6 +54,16 @@ def test_sampling_follows_the_distribution_and_respects_filters():
         assert abs(f - want) < 0.03
 
 
+def test_a_tiny_temperature_picks_the_greedy_token():
+    """logits / 1e-38 overflow to inf and the softmax to NaN, which sampled token 0 every time."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * 5
+    for t in (1e-6, 1e-38, 1e-45):
+        p = SamplingParams(temperature=t)
+        assert p.greedy
+        gens = [torch.Generator().manual_seed(s) for s in range(2)]
+        assert sample(logits, [p, p], gens) == logits.argmax(-1).tolist()
+
+
 def test_seeded_sampling_is_reproducible(qwen3_llm):
     prompts = ["Tell me a story", "The quick brown fox"]
     a = qwen3_llm.generate(prompts, SamplingParams(temperature=0.9, top_p=0.95, max_tokens=20, seed=7))
