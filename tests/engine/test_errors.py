@@ -215,3 +215,16 @@ def test_a_failed_request_raises_its_error_again_when_asked_again(tiny_qwen3):
 def test_engine_sizes_out_of_range_are_refused_before_loading(tiny_qwen3, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLM(tiny_qwen3, device="cpu", **kwargs)
+
+
+def test_every_error_is_exported_from_the_package():
+    """Callers catch errors as ``from braid_engine import ...``; EngineClosedError was missing."""
+    import inspect
+
+    import braid_engine
+    from braid_engine import errors
+
+    defined = {n for n, c in vars(errors).items() if inspect.isclass(c) and issubclass(c, errors.BraidError)}
+    assert "EngineClosedError" in defined
+    assert defined <= set(braid_engine.__all__)
+    assert all(getattr(braid_engine, n) is getattr(errors, n) for n in defined)
