@@ -46,6 +46,11 @@ class SamplingParams:
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidSamplingParamsError for a field out of range. The engine runs it again for
+        each request, so fields changed after construction are checked (and a new ``stop`` used)."""
         def bad(msg: str) -> InvalidSamplingParamsError:
             return InvalidSamplingParamsError(f"SamplingParams: {msg}")
 

@@ -205,6 +205,7 @@ class LLMEngine:
             raise EngineClosedError("the engine was shut down; create a new LLM.")
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}.")
+        params.validate()
         prompt = list(prompt_token_ids)
         prompt_ids = self.validate_prompt(prompt)
         request_id = request_id or f"req-{next(_ids)}"

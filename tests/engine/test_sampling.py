@@ -96,3 +96,20 @@ def test_seeded_sampling_is_reproducible(qwen3_llm):
 def test_invalid_sampling_values_are_named(kwargs, word):
     with pytest.raises(InvalidSamplingParamsError, match=word):
         SamplingParams(**kwargs)
+
+
+def test_fields_changed_after_construction_are_checked_and_used(qwen3_llm):
+    """SamplingParams is a mutable dataclass: a field set after construction is validated when
+    a request uses it, and a changed ``stop`` takes effect (it was silently ignored)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = qwen3_llm.generate("Hello there", params)[0]
+    stop = full.text[10:13]
+    assert stop and stop not in full.text[:10]
+    params.stop = [stop]
+    cut = qwen3_llm.generate("Hello there", params)[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    params.temperature = -1
+    with pytest.raises(InvalidSamplingParamsError, match="temperature must be"):
+        qwen3_llm.generate("Hello there", params)
+    params.temperature = 0
+    assert qwen3_llm.generate("Hello there", params)[0].text == cut.text
