@@ -157,3 +157,34 @@ def test_shutdown_fails_requests_in_flight_instead_of_leaving_them_waiting(tiny_
     assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
     with pytest.raises(EngineClosedError, match="create a new LLM"):
         llm.generate("Hi", params)
+
+
+async def test_cancelled_astream_aborts_its_request_and_frees_its_pages(tiny_qwen3):
+    """Cancelling the task that reads ``astream`` (a client gone, a timeout) aborts the request:
+    no more steps run for it and its pages return; the engine serves the next request."""
+    import pytest
+
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False, page_size=4)
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in llm.astream("Tell me a long story", params):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.time() + 10
+    while not llm.engine.idle and time.time() < deadline:
+        await asyncio.sleep(0.01)
+    stats = llm.stats()
+    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["decoded_tokens"] < 200
+    out = [d async for d in llm.astream("Hi", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))]
+    assert sum(len(d.token_ids) for d in out) == 3 and out[-1].finish_reason == "length"
+    llm.shutdown()
