@@ -104,6 +104,8 @@ class LLM:
         _check_size("max_num_seqs", max_num_seqs, 1, "the most requests a step runs")
         _check_size("page_size", page_size, 1, "tokens per KV page; 16 is usual")
         _check_size("num_pages", num_pages, 1, "None sizes the pool from memory", optional=True)
+        _check_size("kv_cache_memory", kv_cache_memory, 1, "bytes for the KV pool; None sizes it from free "
+                    "memory", optional=True)
         _check_size("max_model_len", max_model_len, 2, "a prompt token and one to generate; None takes "
                     "the model's", optional=True)
         if not isinstance(max_pinned_fraction, (int, float)) or not 0 <= max_pinned_fraction <= 1:
