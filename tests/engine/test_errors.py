@@ -230,3 +230,9 @@ def test_every_error_is_exported_from_the_package():
     assert "EngineClosedError" in defined
     assert defined <= set(braid_engine.__all__)
     assert all(getattr(braid_engine, n) is getattr(errors, n) for n in defined)
+
+
+def test_an_unknown_device_is_a_value_error_naming_the_choices(tiny_qwen3):
+    """torch's own RuntimeError listed two dozen backends braid does not run on."""
+    with pytest.raises(ValueError, match=r"device='tpu'.*'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        LLM(tiny_qwen3, device="tpu")
