@@ -8,6 +8,7 @@ import functools
 import gc
 import json
 import logging
+import numbers
 import os
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -212,7 +213,7 @@ class LLM:
             return self.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return list(prompt["prompt_token_ids"])
-        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and (not prompt or isinstance(prompt[0], int)):
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and (not prompt or isinstance(prompt[0], numbers.Integral)):
             return list(prompt)  # the engine checks every id (types and range) once
         raise InvalidRequestError(
             f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
@@ -310,8 +311,9 @@ def _check_size(name: str, value: Any, low: int, hint: str, optional: bool = Fal
 
 
 def _all_ints(seq: Sequence) -> bool:
-    """Whether every item is an int; exact ints are checked in C (prompts can be long)."""
-    return set(map(type, seq)) <= {int} or all(isinstance(t, int) for t in seq)
+    """Whether every item is an integer (numpy's too, as the engine takes them); exact ints are
+    checked in C (prompts can be long)."""
+    return set(map(type, seq)) <= {int} or all(isinstance(t, numbers.Integral) for t in seq)
 
 
 def _enable_fused(model: CausalLM, mode: str, device: torch.device) -> set[int]:

@@ -188,3 +188,18 @@ async def test_cancelled_astream_aborts_its_request_and_frees_its_pages(tiny_qwe
     out = [d async for d in llm.astream("Hi", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))]
     assert sum(len(d.token_ids) for d in out) == 3 and out[-1].finish_reason == "length"
     llm.shutdown()
+
+
+def test_numpy_integer_ids_are_prompts_as_in_the_engine(qwen3_llm):
+    """The engine takes numpy integers as token ids; LLM.generate/stream took a list of them
+    for a batch of one-token 'prompts' and refused each ("got int64")."""
+    import numpy as np
+
+    ids = qwen3_llm.encode("Tell me a story")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = qwen3_llm.generate(ids, params)[0].token_ids
+    as_numpy = list(np.array(ids, dtype=np.int64))
+    for prompt in (as_numpy, [as_numpy], [list(np.array(ids, dtype=np.int32))]):
+        outs = qwen3_llm.generate(prompt, params)
+        assert len(outs) == 1 and outs[0].prompt_token_ids == ids and outs[0].token_ids == want
+    assert [t for d in qwen3_llm.stream(as_numpy, params) for t in d.token_ids] == want
