@@ -262,6 +262,9 @@ class LLM:
         return self.engine.pin(self._to_ids(prompt))
 
     def release(self, handle: PinHandle) -> None:
+        if not isinstance(handle, PinHandle):
+            raise InvalidRequestError(
+                f"release takes the handle that pin() returned, got {type(handle).__name__}.")
         handle.release()
 
     def stats(self) -> dict[str, int]:
