@@ -6,6 +6,7 @@ from braid_engine.errors import (
     BraidError,
     ChatTemplateError,
     CheckpointError,
+    EngineClosedError,
     GrammarUnavailableError,
     InvalidGrammarError,
     InvalidRequestError,
@@ -21,6 +22,6 @@ from braid_engine.sampling import SamplingParams
 
 __all__ = [
     "LLM", "SamplingParams", "GuidedDecoding", "RequestOutput", "PinHandle", "BraidError", "ChatTemplateError",
-    "CheckpointError", "GrammarUnavailableError", "InvalidGrammarError", "InvalidRequestError", "InvalidSamplingParamsError", "KVCacheFullError",
+    "CheckpointError", "EngineClosedError", "GrammarUnavailableError", "InvalidGrammarError", "InvalidRequestError", "InvalidSamplingParamsError", "KVCacheFullError",
     "ModelNotFoundError", "PromptTooLongError", "UnsupportedArchitectureError",
 ]

@@ -53,6 +53,13 @@ class GuidedDecoding:
                 f"GuidedDecoding.json_schema must be a dict or a JSON string, got "
                 f"{type(self.json_schema).__name__}; convert pydantic models with "
                 "Model.model_json_schema().")
+        if isinstance(self.json_schema, str):
+            try:
+                json.loads(self.json_schema)
+            except ValueError as e:
+                raise InvalidGrammarError(
+                    f"GuidedDecoding.json_schema is not valid JSON ({e}); pass a dict or a JSON "
+                    "string (json.dumps(schema)).") from None
         if self.structural_tag is not None and not isinstance(self.structural_tag, dict):
             raise InvalidGrammarError(
                 "GuidedDecoding.structural_tag must be a dict such as "

@@ -8,9 +8,10 @@ import functools
 import gc
 import json
 import logging
+import numbers
 import os
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,16 @@ class LLM:
             raise ValueError(f"pipeline_bursts must be 'auto', True or False, got {pipeline_bursts!r}.")
         if not isinstance(decode_burst, int) or isinstance(decode_burst, bool) or decode_burst < 1:
             raise ValueError(f"decode_burst must be an int ≥ 1 (1 reads every step's token), got {decode_burst!r}.")
+        _check_size("max_num_seqs", max_num_seqs, 1, "the most requests a step runs")
+        _check_size("page_size", page_size, 1, "tokens per KV page; 16 is usual")
+        _check_size("num_pages", num_pages, 1, "None sizes the pool from memory", optional=True)
+        _check_size("kv_cache_memory", kv_cache_memory, 1, "bytes for the KV pool; None sizes it from free "
+                    "memory", optional=True)
+        _check_size("max_model_len", max_model_len, 2, "a prompt token and one to generate; None takes "
+                    "the model's", optional=True)
+        if not isinstance(max_pinned_fraction, (int, float)) or not 0 <= max_pinned_fraction <= 1:
+            raise ValueError(f"max_pinned_fraction must be a number in [0, 1] (the share of the KV pool "
+                             f"pins may hold), got {max_pinned_fraction!r}.")
         prefill_graph_sizes(prefill_graph_tokens)  # a clear error before anything loads
         chunk = prefill_chunk_while_decoding
         if chunk != "auto" and chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
@@ -202,15 +213,15 @@ class LLM:
             return self.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return list(prompt["prompt_token_ids"])
-        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and (not prompt or isinstance(prompt[0], int)):
+        if isinstance(prompt, Sequence) and not isinstance(prompt, str) and (not prompt or isinstance(prompt[0], numbers.Integral)):
             return list(prompt)  # the engine checks every id (types and range) once
         raise InvalidRequestError(
             f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
 
     def _normalize(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (str, dict)) or (
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, Iterable) or (
             isinstance(prompts, Sequence) and prompts and _all_ints(prompts)
-        ):
+        ):  # (what is no prompt and holds none gets _to_ids's error)
             return [self._to_ids(prompts)]
         return [self._to_ids(p) for p in prompts]
 
@@ -251,6 +262,9 @@ class LLM:
         return self.engine.pin(self._to_ids(prompt))
 
     def release(self, handle: PinHandle) -> None:
+        if not isinstance(handle, PinHandle):
+            raise InvalidRequestError(
+                f"release takes the handle that pin() returned, got {type(handle).__name__}.")
         handle.release()
 
     def stats(self) -> dict[str, int]:
@@ -290,9 +304,19 @@ def _choose_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
+def _check_size(name: str, value: Any, low: int, hint: str, optional: bool = False) -> None:
+    """Raise unless ``value`` is an int ≥ ``low`` (or None where ``optional``)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        none = " or None" if optional else ""
+        raise ValueError(f"{name} must be an int ≥ {low}{none} ({hint}), got {value!r}.")
+
+
 def _all_ints(seq: Sequence) -> bool:
-    """Whether every item is an int; exact ints are checked in C (prompts can be long)."""
-    return set(map(type, seq)) <= {int} or all(isinstance(t, int) for t in seq)
+    """Whether every item is an integer (numpy's too, as the engine takes them); exact ints are
+    checked in C (prompts can be long)."""
+    return set(map(type, seq)) <= {int} or all(isinstance(t, numbers.Integral) for t in seq)
 
 
 def _enable_fused(model: CausalLM, mode: str, device: torch.device) -> set[int]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -10,12 +12,16 @@ import torch
 from braid_engine.errors import InvalidSamplingParamsError
 from braid_engine.grammar import GuidedDecoding
 
+# temperatures below this sample the top token anyway (vLLM's _SAMPLING_EPS), and far smaller
+# ones overflow the scaled logits to inf (a NaN softmax): they are greedy
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop (vLLM's names).
 
-    ``temperature=0`` is greedy. ``top_k`` ≤ 0 and ``top_p=1`` and ``min_p=0`` disable those
+    ``temperature=0`` (or any below 1e-5) is greedy. ``top_k`` ≤ 0 and ``top_p=1`` and ``min_p=0`` disable those
     filters. ``stop`` strings end generation and are never part of the returned text.
     ``enable_prefix_caching=False`` makes this request neither read nor write the prefix cache.
     ``guided`` constrains the output to a grammar (JSON schema, JSON object or structural tag);
@@ -40,25 +46,35 @@ class SamplingParams:
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidSamplingParamsError for a field out of range. The engine runs it again for
+        each request, so fields changed after construction are checked (and a new ``stop`` used)."""
         def bad(msg: str) -> InvalidSamplingParamsError:
             return InvalidSamplingParamsError(f"SamplingParams: {msg}")
 
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise bad(f"temperature must be a number ≥ 0 (0 = greedy), got {self.temperature!r}.")
-        if not (0 < self.top_p <= 1):
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature must be a finite number ≥ 0 (0 = greedy), got {self.temperature!r}.")
+        if not isinstance(self.top_p, numbers.Real) or not (0 < self.top_p <= 1):
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}; use 1 to disable it.")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
             raise bad(f"top_k must be an int, got {self.top_k!r}; use -1 to disable it.")
-        if not (0 <= self.min_p <= 1):
+        if not isinstance(self.min_p, numbers.Real) or not (0 <= self.min_p <= 1):
             raise bad(f"min_p must be in [0, 1], got {self.min_p!r}; use 0 to disable it.")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+                                            or self.max_tokens < 1):
             raise bad(f"max_tokens must be an int ≥ 1 or None, got {self.max_tokens!r}.")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad(f"seed must be an int or None, got {self.seed!r}.")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64):
+            raise bad(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}.")
+        if self.stop is not None and not isinstance(self.stop, Iterable):
+            raise bad(f"stop must be a string or a list of strings, got {self.stop!r}.")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise bad(f"stop must be non-empty strings, got {self.stop!r}.")
         self._stop = stop
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, Iterable):
+            raise bad(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}.")
         ids = list(self.stop_token_ids or [])
         if any(not isinstance(t, int) or t < 0 for t in ids):
             raise bad(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}.")
@@ -71,7 +87,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

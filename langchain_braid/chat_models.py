@@ -168,10 +168,10 @@ class ChatBraid(BaseChatModel):
     def _engine(self) -> _Engine:
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
         engine = _ENGINES.get(key)
-        if engine is None:
+        if engine is None or engine.llm.engine.closed:
             with _REGISTRY_LOCK:
                 engine = _ENGINES.get(key)
-                if engine is None:
+                if engine is None or engine.llm.engine.closed:  # not loaded, or shut down since
                     llm = LLM(self.model, device=self.device, dtype=self.dtype,
                               **{"enable_prefix_caching": True, **self.engine_kwargs})
                     engine = _ENGINES[key] = _Engine(llm)
@@ -396,7 +396,7 @@ class ChatBraid(BaseChatModel):
                         kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
                                                          list[str]]:
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
-        if key not in _ENGINES:  # loading takes seconds: keep it off the event loop
+        if key not in _ENGINES or _ENGINES[key].llm.engine.closed:  # loading takes seconds: keep it off the event loop
             await asyncio.to_thread(self._engine)
         return self._prepare(messages, stop, kwargs)
 

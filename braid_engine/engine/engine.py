@@ -59,6 +59,7 @@ class RequestStream:
         self.text = ""
         self.finish_reason: str | None = None
         self.num_cached_tokens = 0
+        self.error: BaseException | None = None  # what failed the request (raised to every reader)
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         if self._loop is not None:
@@ -71,6 +72,7 @@ class RequestStream:
 
     def _accept(self, item: RequestOutput | BaseException) -> RequestOutput:
         if isinstance(item, BaseException):
+            self.error, self.finish_reason = item, "error"
             raise item
         self.token_ids.extend(item.token_ids)
         self.text += item.text
@@ -79,6 +81,8 @@ class RequestStream:
         return item
 
     def __iter__(self) -> Iterator[RequestOutput]:
+        if self.error is not None:
+            raise self.error
         try:
             while self.finish_reason is None:
                 yield self._accept(self._queue.get())
@@ -87,6 +91,8 @@ class RequestStream:
                 self.engine.abort(self.request_id)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        if self.error is not None:
+            raise self.error
         try:
             while self.finish_reason is None:
                 yield self._accept(await self._queue.get())
@@ -199,6 +205,7 @@ class LLMEngine:
             raise EngineClosedError("the engine was shut down; create a new LLM.")
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}.")
+        params.validate()
         prompt = list(prompt_token_ids)
         prompt_ids = self.validate_prompt(prompt)
         request_id = request_id or f"req-{next(_ids)}"
@@ -218,6 +225,8 @@ class LLMEngine:
         seq.text_deferred = final_only and not params.stop_strings
         stream = RequestStream(self, seq, loop, final_only)
         with self._wake:
+            if self._closed:  # shut down since the check above: the loop would never take it
+                raise EngineClosedError("the engine was shut down; create a new LLM.")
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use.")
             self._streams[request_id] = stream
@@ -276,7 +285,7 @@ class LLMEngine:
                 while not (self._closed or self._pending or self._aborts or self.scheduler.has_work()):
                     self._wake.wait()
                 if self._closed:
-                    return
+                    break
                 pending, self._pending = self._pending, []
                 aborts, self._aborts = self._aborts, []
             with self._state:
@@ -293,6 +302,18 @@ class LLMEngine:
                     logger.exception("engine step failed")
                     for seq in list(self.scheduler.running):
                         self._fail(seq, e)
+        self._fail_unfinished()
+
+    def _fail_unfinished(self) -> None:
+        """At shutdown: every request still queued or running gets EngineClosedError (its caller
+        would otherwise wait forever) and gives its pages back."""
+        with self._wake:
+            pending, self._pending = self._pending, []
+        with self._state:
+            for seq in pending + list(self._seqs.values()):
+                self._fail(seq, EngineClosedError(
+                    f"the engine was shut down before request {seq.request_id} finished; create "
+                    "a new LLM and submit it again."))
 
     def step(self) -> None:
         """One forward over the scheduled batch, then sample and emit. Loop thread only."""
@@ -601,6 +622,11 @@ class LLMEngine:
             self._thread.join(timeout=30)
         if self._grammar is not None:
             self._grammar.shutdown()
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``shutdown()`` was called: no request is taken any more."""
+        return self._closed
 
     @property
     def idle(self) -> bool:

@@ -117,6 +117,9 @@ def test_request_errors_leave_the_engine_serving(tiny_qwen3):
         llm.generate([[]], GREEDY)
     with pytest.raises(InvalidRequestError, match="SamplingParams"):
         llm.generate("hi", {"temperature": 0})
+    for bad in (None, 5):  # not a prompt nor a list of them (was a bare TypeError)
+        with pytest.raises(InvalidRequestError, match="a prompt must be a string or a list of token ids"):
+            llm.generate(bad, GREEDY)
     # one bad prompt in a batch: none of the batch is queued
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         llm.generate([[5, 6, 7], [8, 9], [1, vocab]], GREEDY)
@@ -169,3 +172,67 @@ def test_trust_remote_code_is_never_implied(tmp_path, monkeypatch):
     LLM(path, device="cpu")
     assert seen["trust_remote_code"] is False
     shutil.rmtree(path)
+
+
+def test_a_failed_request_raises_its_error_again_when_asked_again(tiny_qwen3):
+    """A stream that ended in an error raises it again on a second ``result()`` or iteration
+    (a retry, a second reader); before, it waited forever on a queue nothing would fill."""
+    import threading
+
+    from braid_engine import KVCacheFullError
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16, max_model_len=60)
+    handle = llm.pin([(3 * j) % 300 + 3 for j in range(28)])
+    stream = llm.engine.add_request([(5 * j) % 300 + 3 for j in range(56)], GREEDY)
+    with pytest.raises(KVCacheFullError, match="release pins"):
+        stream.result()
+    raised = []
+
+    def again():
+        for ask in (stream.result, lambda: list(stream)):
+            with pytest.raises(KVCacheFullError, match="release pins") as e:
+                ask()
+            raised.append(e.value)
+
+    waiter = threading.Thread(target=again, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert len(raised) == 2, "asking a failed stream again waits forever"
+    assert stream.finish_reason == "error"
+    handle.release()
+    assert len(llm.generate([[9, 8, 7]], GREEDY)[0].token_ids) == 8
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_num_seqs=0), r"max_num_seqs must be an int ≥ 1"),  # every request failed as "KV cache full"
+    (dict(page_size=0), r"page_size must be an int ≥ 1"),  # ZeroDivisionError
+    (dict(num_pages=0), r"num_pages must be an int ≥ 1 or None"),  # every request failed as "KV cache full"
+    (dict(max_model_len=0), r"max_model_len must be an int ≥ 2 or None"),  # silently the model's maximum
+    (dict(max_model_len=-5), r"max_model_len must be an int ≥ 2 or None"),  # every prompt "too long"
+    (dict(max_pinned_fraction=1.5), r"max_pinned_fraction must be a number in \[0, 1\]"),
+    (dict(kv_cache_memory=-1), r"kv_cache_memory must be an int ≥ 1 or None"),  # silently a 1-page pool
+    (dict(kv_cache_memory=0), r"kv_cache_memory must be an int ≥ 1 or None"),  # silently the default
+])
+def test_engine_sizes_out_of_range_are_refused_before_loading(tiny_qwen3, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(tiny_qwen3, device="cpu", **kwargs)
+
+
+def test_every_error_is_exported_from_the_package():
+    """Callers catch errors as ``from braid_engine import ...``; EngineClosedError was missing."""
+    import inspect
+
+    import braid_engine
+    from braid_engine import errors
+
+    defined = {n for n, c in vars(errors).items() if inspect.isclass(c) and issubclass(c, errors.BraidError)}
+    assert "EngineClosedError" in defined
+    assert defined <= set(braid_engine.__all__)
+    assert all(getattr(braid_engine, n) is getattr(errors, n) for n in defined)
+
+
+def test_an_unknown_device_is_a_value_error_naming_the_choices(tiny_qwen3):
+    """torch's own RuntimeError listed two dozen backends braid does not run on."""
+    with pytest.raises(ValueError, match=r"device='tpu'.*'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        LLM(tiny_qwen3, device="tpu")

@@ -122,6 +122,8 @@ def test_errors_are_typed_and_say_what_to_do(qwen3_llm, monkeypatch):
         GuidedDecoding(json_object=True, json_schema={})
     with pytest.raises(InvalidSamplingParamsError, match="GuidedDecoding"):
         SamplingParams(guided={"json_object": True})
+    with pytest.raises(InvalidGrammarError, match="not valid JSON.*dict"):  # was a bare JSONDecodeError
+        GuidedDecoding(json_schema="{'type': 'object'}")
     bad = GuidedDecoding(json_schema={"type": "object", "properties": {"a": {"type": "nope"}}})
     with pytest.raises(InvalidGrammarError, match="could not be compiled"):
         qwen3_llm.engine.add_request([1, 2], SamplingParams(guided=bad))

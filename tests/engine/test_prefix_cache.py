@@ -179,6 +179,21 @@ def test_pins_keep_a_prefix_resident_until_released(tiny_qwen3):
     assert llm.stats()["pages_used"] == 0
 
 
+def test_release_of_something_not_a_pin_handle_says_what_it_takes(tiny_qwen3):
+    """LLM.release("thread-1") (a name instead of the handle) was an AttributeError."""
+    from braid_engine import InvalidRequestError
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40)
+    handle = llm.pin([5, 6, 7, 8, 9])
+    for bad in ("thread-1", None, handle.num_tokens):
+        with pytest.raises(InvalidRequestError, match=r"the handle that pin\(\) returned"):
+            llm.release(bad)
+    assert llm.stats()["pages_pinned"] == 2
+    llm.release(handle)
+    assert llm.stats()["pages_pinned"] == 0
+    llm.shutdown()
+
+
 def test_pinned_share_is_capped(tiny_qwen3):
     llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40, max_pinned_fraction=0.25)
     with pytest.raises(KVCacheFullError, match="over the limit of 10"):

@@ -54,6 +54,16 @@ def test_sampling_follows_the_distribution_and_respects_filters():
         assert abs(f - want) < 0.03
 
 
+def test_a_tiny_temperature_picks_the_greedy_token():
+    """logits / 1e-38 overflow to inf and the softmax to NaN, which sampled token 0 every time."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * 5
+    for t in (1e-6, 1e-38, 1e-45):
+        p = SamplingParams(temperature=t)
+        assert p.greedy
+        gens = [torch.Generator().manual_seed(s) for s in range(2)]
+        assert sample(logits, [p, p], gens) == logits.argmax(-1).tolist()
+
+
 def test_seeded_sampling_is_reproducible(qwen3_llm):
     prompts = ["Tell me a story", "The quick brown fox"]
     a = qwen3_llm.generate(prompts, SamplingParams(temperature=0.9, top_p=0.95, max_tokens=20, seed=7))
@@ -74,7 +84,32 @@ def test_seeded_sampling_is_reproducible(qwen3_llm):
     (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-3]), "stop_token_ids"),
     (dict(seed="x"), "seed"),
+    (dict(temperature=float("inf")), "temperature"),  # logits / inf: NaN where a grammar masks
+    (dict(top_p="0.9"), "top_p"),
+    (dict(min_p="0.1"), "min_p"),
+    (dict(max_tokens=True), "max_tokens"),
+    (dict(seed=2**64), "seed"),  # past what torch.Generator takes
+    (dict(stop=5), "stop"),
+    (dict(stop_token_ids=7), "stop_token_ids"),
+    (dict(stop_token_ids=0), "stop_token_ids"),  # was read as no stop ids at all
 ])
 def test_invalid_sampling_values_are_named(kwargs, word):
     with pytest.raises(InvalidSamplingParamsError, match=word):
         SamplingParams(**kwargs)
+
+
+def test_fields_changed_after_construction_are_checked_and_used(qwen3_llm):
+    """SamplingParams is a mutable dataclass: a field set after construction is validated when
+    a request uses it, and a changed ``stop`` takes effect (it was silently ignored)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = qwen3_llm.generate("Hello there", params)[0]
+    stop = full.text[10:13]
+    assert stop and stop not in full.text[:10]
+    params.stop = [stop]
+    cut = qwen3_llm.generate("Hello there", params)[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    params.temperature = -1
+    with pytest.raises(InvalidSamplingParamsError, match="temperature must be"):
+        qwen3_llm.generate("Hello there", params)
+    params.temperature = 0
+    assert qwen3_llm.generate("Hello there", params)[0].text == cut.text

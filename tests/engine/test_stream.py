@@ -130,3 +130,76 @@ def test_prompt_forms_give_the_same_tokens(qwen3_llm):
     for prompt in ("Tell me a story", {"prompt_token_ids": ids}, [{"prompt_token_ids": ids}], [ids]):
         outs = qwen3_llm.generate(prompt, params)
         assert len(outs) == 1 and outs[0].prompt_token_ids == ids and outs[0].token_ids == want, prompt
+
+
+def test_shutdown_fails_requests_in_flight_instead_of_leaving_them_waiting(tiny_qwen3):
+    """A request still running (or queued) when the engine shuts down gets EngineClosedError
+    from its stream, and its pages go back to the pool; before, ``result()`` waited forever."""
+    import threading
+
+    import pytest
+
+    from braid_engine import LLM
+    from braid_engine.errors import EngineClosedError
+
+    llm = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False, page_size=4)
+    params = SamplingParams(temperature=0, max_tokens=5000, ignore_eos=True)
+    running = llm.engine.add_request(llm.encode("Tell me a long story"), params)
+    next(iter(running))  # it has started
+    llm.shutdown()
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(pytest.raises(EngineClosedError, running.result)))
+    waiter.start()
+    waiter.join(10)
+    assert not waiter.is_alive(), "result() hangs after shutdown"
+    assert "shut down" in str(outcome[0].value) and "new LLM" in str(outcome[0].value)
+    stats = llm.stats()
+    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    with pytest.raises(EngineClosedError, match="create a new LLM"):
+        llm.generate("Hi", params)
+
+
+async def test_cancelled_astream_aborts_its_request_and_frees_its_pages(tiny_qwen3):
+    """Cancelling the task that reads ``astream`` (a client gone, a timeout) aborts the request:
+    no more steps run for it and its pages return; the engine serves the next request."""
+    import pytest
+
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False, page_size=4)
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in llm.astream("Tell me a long story", params):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.time() + 10
+    while not llm.engine.idle and time.time() < deadline:
+        await asyncio.sleep(0.01)
+    stats = llm.stats()
+    assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["decoded_tokens"] < 200
+    out = [d async for d in llm.astream("Hi", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))]
+    assert sum(len(d.token_ids) for d in out) == 3 and out[-1].finish_reason == "length"
+    llm.shutdown()
+
+
+def test_numpy_integer_ids_are_prompts_as_in_the_engine(qwen3_llm):
+    """The engine takes numpy integers as token ids; LLM.generate/stream took a list of them
+    for a batch of one-token 'prompts' and refused each ("got int64")."""
+    import numpy as np
+
+    ids = qwen3_llm.encode("Tell me a story")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = qwen3_llm.generate(ids, params)[0].token_ids
+    as_numpy = list(np.array(ids, dtype=np.int64))
+    for prompt in (as_numpy, [as_numpy], [list(np.array(ids, dtype=np.int32))]):
+        outs = qwen3_llm.generate(prompt, params)
+        assert len(outs) == 1 and outs[0].prompt_token_ids == ids and outs[0].token_ids == want
+    assert [t for d in qwen3_llm.stream(as_numpy, params) for t in d.token_ids] == want

@@ -220,3 +220,20 @@ def test_returned_message_carries_generated_ids(chat: ChatBraid) -> None:
     assert len(ids) == message.usage_metadata["output_tokens"]
     assert chat.tokenizer.decode(ids, skip_special_tokens=True) == message.content
     assert isinstance(message, AIMessage) and message.response_metadata["model_name"] == chat.model
+
+
+def test_a_shut_down_engine_is_loaded_again_on_next_use(tiny_model: str) -> None:
+    """Shutting the shared engine down (to free its memory) does not leave every ChatBraid of
+    that model failing with EngineClosedError ("create a new LLM", which ChatBraid could not,
+    as the registry kept handing out the closed engine): the next call loads a fresh one."""
+    kwargs = {"page_size": 8}  # an engine of this test's own
+    chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
+    first = chat.invoke("Hello")
+    old = chat.llm
+    old.shutdown()
+    again = chat.invoke("Hello")
+    assert chat.llm is not old
+    assert again.response_metadata[TOKEN_IDS_KEY] == first.response_metadata[TOKEN_IDS_KEY]
+    other = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
+    assert other.llm is chat.llm
+    chat.llm.shutdown()
