@@ -295,14 +295,24 @@ class LLMEngine:
                 for rid in aborts:
                     seq = self._seqs.get(rid)
                     if seq is not None and not seq.is_finished:
-                        self._finish(seq, "abort")
+                        try:
+                            self._finish(seq, "abort")
+                        except Exception as e:  # fails that request, not the loop thread
+                            logger.exception("aborting request %s failed", rid)
+                            self._fail(seq, e)
                 try:
                     self.step()
                 except Exception as e:  # a failed step fails its requests, not the engine
                     logger.exception("engine step failed")
-                    for seq in list(self.scheduler.running):
+                    for seq in list(self.scheduler.running) + self._unplaced():
                         self._fail(seq, e)
         self._fail_unfinished()
+
+    def _unplaced(self) -> list[Sequence]:
+        """Unfinished requests neither waiting nor running: ones a failed ``schedule()`` took off
+        the queue (maybe with pages) before it could admit them. Nothing would run them again."""
+        placed = {id(s) for s in self.scheduler.running} | {id(s) for s in self.scheduler.waiting}
+        return [s for s in self._seqs.values() if not s.is_finished and id(s) not in placed]
 
     def _fail_unfinished(self) -> None:
         """At shutdown: every request still queued or running gets EngineClosedError (its caller

@@ -236,3 +236,80 @@ def test_an_unknown_device_is_a_value_error_naming_the_choices(tiny_qwen3):
     """torch's own RuntimeError listed two dozen backends braid does not run on."""
     with pytest.raises(ValueError, match=r"device='tpu'.*'auto', 'cpu', 'cuda' or 'cuda:N'"):
         LLM(tiny_qwen3, device="tpu")
+
+
+def _result_within(stream, seconds=30):
+    """``stream.result()`` (or the error it raised), or ``"stranded"`` if it never came."""
+    import threading
+
+    box = ["stranded"]
+
+    def wait():
+        try:
+            box[0] = stream.result()
+        except Exception as e:  # noqa: BLE001 - the error is what the test looks at
+            box[0] = e
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(seconds)
+    return box[0]
+
+
+def _no_pages_held(llm):
+    import time
+
+    deadline = time.time() + 30
+    while not llm.engine.idle and time.time() < deadline:
+        time.sleep(0.01)
+    llm.engine.clear_cache()  # a page (or a tree lock) still held by a lost request stays used
+    assert llm.stats()["pages_used"] == 0
+
+
+def test_a_request_taken_off_the_queue_by_a_failing_schedule_gets_the_error(tiny_qwen3, monkeypatch):
+    """schedule() can fail after it took a waiting request off the queue and gave it cached pages
+    (neither waiting nor running then); that request gets the error, instead of its caller
+    waiting forever on pages nobody gives back, and the engine keeps serving."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    prompt = [(3 * j) % 300 + 3 for j in range(30)]
+    llm.generate([prompt], GREEDY)  # the second request's prefix is then cached
+    scheduler = llm.engine.scheduler
+    match, calls = scheduler._match_prefix, []
+
+    def match_then_fail(seq):
+        match(seq)
+        if not calls:
+            calls.append(seq)
+            raise RuntimeError("scheduling broke")
+
+    monkeypatch.setattr(scheduler, "_match_prefix", match_then_fail)
+    out = _result_within(llm.engine.add_request(prompt + [7, 8], GREEDY))
+    assert isinstance(out, RuntimeError) and "scheduling broke" in str(out), out
+    assert len(llm.generate([prompt + [9]], GREEDY)[0].token_ids) == 8
+    _no_pages_held(llm)
+    llm.shutdown()
+
+
+def test_a_failing_abort_fails_only_the_aborted_request(tiny_qwen3, monkeypatch):
+    """An error while aborting a request (outside the step) killed the loop thread, stranding
+    every other request; now the aborted request is failed and the others run on."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine, failed = llm.engine, []
+    finish = engine._finish
+
+    def finish_or_fail(seq, reason):
+        if reason == "abort" and not failed:
+            failed.append(seq.request_id)
+            raise RuntimeError("abort broke")
+        finish(seq, reason)
+
+    monkeypatch.setattr(engine, "_finish", finish_or_fail)
+    other = engine.add_request([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    aborted = iter(engine.add_request([9, 10, 11], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)))
+    next(aborted)
+    aborted.close()  # aborts it
+    out = _result_within(other)
+    assert failed and not isinstance(out, (str, Exception)), out
+    assert len(out.token_ids) == 200
+    _no_pages_held(llm)
+    llm.shutdown()
