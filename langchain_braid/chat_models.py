@@ -29,7 +29,7 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, Runn
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, SecretStr
 
 from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
 from braid_engine.loader import load_tokenizer, resolve_model_path
@@ -89,7 +89,7 @@ class ChatBraid(BaseChatModel):
         >>> msg.content, msg.usage_metadata["input_token_details"]["cache_read"]
     """
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")  # no option silently ignored
 
     model: str = Field(alias="model_name")
     """A Hugging Face hub id (e.g. ``"Qwen/Qwen3-0.6B"``) or a local checkpoint directory."""
@@ -119,6 +119,8 @@ class ChatBraid(BaseChatModel):
     """Accepted as LangChain's standard parameter; a local engine has no network to wait on."""
     max_retries: int | None = None
     """Accepted as LangChain's standard parameter; local calls are not retried."""
+    api_key: SecretStr | None = Field(default=None, exclude=True)
+    """Accepted as LangChain's standard parameter; a local engine needs no key."""
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra variables for the chat template."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)

@@ -59,6 +59,17 @@ def test_unknown_call_option_is_a_clear_error(tiny_model: str) -> None:
         chat.invoke("hi", frequency_penalty=1.0)
 
 
+def test_unknown_constructor_argument_is_an_error_not_ignored(tiny_model: str) -> None:
+    """ChatBraid(min_p=0.1) or a misspelt max_new_tokens=... was silently dropped: the model
+    ran without it. Options the model does not have are refused, as they are per call."""
+    from pydantic import ValidationError
+
+    for bad in ({"min_p": 0.1}, {"max_new_tokens": 5}, {"model_kwargs": {"top_k": 3}}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            ChatBraid(model=tiny_model, **bad)
+    assert ChatBraid(model=tiny_model, max_tokens=5, callbacks=None, tags=["x"]).max_tokens == 5
+
+
 def test_trim_messages_counts_with_the_template(tiny_model: str) -> None:
     from langchain_core.messages import AIMessage, SystemMessage, trim_messages
 
