@@ -55,11 +55,18 @@ def _call_tag(tool: dict[str, Any]) -> dict[str, Any]:
             "content": {"type": "json_schema", "json_schema": params}, "end": f"}}\n{CLOSE_CALL}"}
 
 
-def tool_grammar(tools: Sequence[dict[str, Any]], choice: str) -> GuidedDecoding:
+def tool_grammar(tools: Sequence[dict[str, Any]], choice: str,
+                 answer: dict[str, Any] | None = None) -> GuidedDecoding:
     """The constraint for ``choice`` (normalised): auto lets the model write text and constrains
-    each call it starts; any / a name force calls from the first token; none forbids calls."""
-    if choice == "none":
-        fmt: dict[str, Any] = {"type": "any_text", "excludes": [OPEN_CALL]}
+    each call it starts; any / a name force calls from the first token; none forbids calls.
+    ``answer`` (a structural-tag format, e.g. a response format's JSON schema) constrains an
+    answer that is not a call: auto is then calls or that answer, none that answer."""
+    if answer is not None and choice in ("auto", "none"):
+        calls = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
+                 "tags": [_call_tag(t) for t in tools]}
+        fmt: dict[str, Any] = answer if choice == "none" else {"type": "or", "elements": [calls, answer]}
+    elif choice == "none":
+        fmt = {"type": "any_text", "excludes": [OPEN_CALL]}
     elif choice == "auto":
         fmt = {"type": "triggered_tags", "triggers": [OPEN_CALL],
                "tags": [_call_tag(t) for t in tools]}

@@ -299,15 +299,15 @@ class ChatBraid(BaseChatModel):
         tok = engine.llm.tokenizer
         template = self._template_kwargs(options)
         tools = options.get("tools") or []
-        guided = None
-        if tools:
+        response_format = _response_format_grammar(options.get("response_format"))
+        if tools:  # (create_agent binds a response_format beside the tools for its final answer)
             template["tools"] = tools
             choice = normalize_tool_choice(options.get("tool_choice"), tool_names(tools))
-            guided = tool_grammar(tools, choice)
+            guided = tool_grammar(tools, choice, _answer_format(response_format))
         else:
-            guided = _response_format_grammar(options.get("response_format"))
+            guided = response_format
             choice = "any" if guided is not None else "auto"
-        if choice not in ("auto", "none"):
+        if choice not in ("auto", "none") or response_format is not None:
             template["enable_thinking"] = False  # a forced answer starts at its first token
         rendered = render(tok, messages, template_kwargs=template)
         params = SamplingParams(
@@ -516,6 +516,14 @@ def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDe
         return GuidedDecoding(json_schema=spec.get("schema", spec))
     raise ValueError(f"response_format={response_format!r}: use {{'type': 'json_object'}} or "
                      "{'type': 'json_schema', 'json_schema': {'schema': {...}}}.")
+
+
+def _answer_format(guided: GuidedDecoding | None) -> dict[str, Any] | None:
+    """A response format's constraint as a structural-tag format (to combine with tool calls)."""
+    if guided is None:
+        return None
+    schema = {"type": "object"} if guided.json_object else guided.json_schema
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def _json_parser(model: type | None) -> Callable[[AIMessage], Any]:

@@ -139,6 +139,31 @@ def test_json_mode_answers_with_an_object(chat):
     assert raw.content.startswith("{")
 
 
+@pytest.mark.parametrize("choice", ["auto", "none"])
+def test_tools_with_a_response_format_answer_with_calls_or_the_schema(chat, choice):
+    """create_agent(model, tools, response_format=Schema) binds the tools and an OpenAI-style
+    response_format together; the format was ignored whenever tools were bound, so a final
+    answer came back as free text the agent could not parse."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "Forecast", "schema": Forecast.model_json_schema()}}
+    bound = chat.bind_tools([add], tool_choice=choice, response_format=fmt)
+    for seed in (1, 2, 3):
+        msg = bound.invoke("What is 2 plus 3?", seed=seed, max_tokens=256)
+        assert msg.response_metadata["finish_reason"] == "stop" and not msg.invalid_tool_calls
+        if msg.tool_calls:
+            assert choice == "auto" and msg.content == ""
+            check_args(msg.tool_calls[0]["name"], msg.tool_calls[0]["args"])
+        else:
+            Forecast.model_validate_json(msg.content)
+
+
+def test_create_agent_with_tools_and_a_response_format_returns_the_structured_response(chat):
+    from langchain.agents import create_agent
+
+    agent = create_agent(chat.model_copy(update={"seed": 4}), tools=[add], response_format=Forecast)
+    out = agent.invoke({"messages": [HumanMessage("What is 2 plus 3?")]}, {"recursion_limit": 12})
+    assert isinstance(out["structured_response"], Forecast)
+
+
 def test_agent_loop_runs_end_to_end_with_streaming(chat):
     bound = chat.bind_tools([add])
     messages = [HumanMessage("What is 2 plus 3?")]
