@@ -238,12 +238,14 @@ class ChatBraid(BaseChatModel):
         return total
 
     # -- thread pins ---------------------------------------------------------------------
-    def pin_thread(self, thread_id: str, messages: Sequence[BaseMessage]) -> int:
+    def pin_thread(self, thread_id: str, messages: Sequence[BaseMessage],
+                   tools: Sequence[Any] | None = None) -> int:
         """Keep the KV of a conversation resident until ``release_thread(thread_id)``.
 
         Pins what the thread's next turn will reuse (its history as the template renders it
-        before a new user message). Pinning the same thread again moves the pin to the new
-        history. Returns the number of tokens pinned.
+        before a new user message; pass an agent's ``tools``, which the template renders into
+        the prompt, as given to ``bind_tools``). Pinning the same thread again moves the pin
+        to the new history. Returns the number of tokens pinned.
 
         Example:
             >>> state = graph.get_state(config)
@@ -251,8 +253,11 @@ class ChatBraid(BaseChatModel):
         """
         engine = self._engine()
         tok = engine.llm.tokenizer
+        template = self._template_kwargs({})
+        if tools:
+            template["tools"] = [convert_to_openai_tool(t) for t in tools]
         rendered = render(tok, [*messages, HumanMessage(_PIN_SENTINEL)],
-                          add_generation_prompt=False, template_kwargs=self._template_kwargs({}))
+                          add_generation_prompt=False, template_kwargs=template)
         ids = rendered.token_ids(tok, end=rendered.text.rfind(_PIN_SENTINEL))
         handle = engine.llm.engine.pin(ids)
         with engine.lock:

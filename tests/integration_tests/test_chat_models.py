@@ -113,6 +113,24 @@ def test_pinned_thread_survives_cache_clearing(chat: ChatBraid) -> None:
     assert chat.invoke(thread).usage_metadata["input_token_details"]["cache_read"] == 0
 
 
+def test_a_pinned_agent_thread_is_rendered_with_its_tools(chat: ChatBraid) -> None:
+    """An agent's prompts carry its tools (the template appends them to the system turn); a pin
+    rendered without them kept only the system prompt's text resident, none of the history."""
+
+    def lookup(term: str) -> str:
+        """Look a term up."""
+        return term
+
+    agent = chat.bind_tools([lookup])
+    thread = [_system(), HumanMessage("Hello!")]
+    thread.append(agent.invoke(thread))
+    pinned = chat.pin_thread("t-tools", thread, tools=[lookup])
+    thread.append(HumanMessage("Still there?"))
+    chat.llm.engine.clear_cache()
+    assert agent.invoke(thread).usage_metadata["input_token_details"]["cache_read"] == pinned > 100
+    assert chat.release_thread("t-tools") is True
+
+
 class _Tokens(BaseCallbackHandler):
     def __init__(self) -> None:
         self.tokens: list[str] = []
