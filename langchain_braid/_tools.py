@@ -32,14 +32,17 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
         if len(names) != 1:
             raise ToolChoiceError("tool_choice=True needs exactly one bound tool; pass its name.")
         return names[0]
-    if isinstance(tool_choice, dict):  # OpenAI form {"type": "function", "function": {"name": …}}
-        tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+    given = tool_choice
+    if isinstance(tool_choice, dict):  # OpenAI {"type": "function", "function": {"name": …}},
+        # Anthropic {"type": "tool", "name": …} or {"type": "any" / "auto"}
+        tool_choice = ((tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+                       or tool_choice.get("type"))
     if tool_choice in _CHOICES:
         return "any" if tool_choice == "required" else tool_choice
     if isinstance(tool_choice, str) and tool_choice in names:
         return tool_choice
     raise ToolChoiceError(
-        f"tool_choice={tool_choice!r} is neither one of {list(_CHOICES)} nor a bound tool "
+        f"tool_choice={given!r} is neither one of {list(_CHOICES)} nor a bound tool "
         f"({', '.join(names) or 'none bound'}); pass one of those.")
 
 

@@ -87,6 +87,20 @@ def test_bad_tool_choice_is_a_clear_error(chat):
         chat.bind_tools([add], tool_choice="subtract")
 
 
+def test_tool_choice_dicts_of_each_provider_form():
+    """Anthropic's {"type": "any"} / {"type": "auto"} were read as tool_choice=None and refused
+    with a message naming None; a dict naming nothing now says which dict it was."""
+    from langchain_braid._tools import normalize_tool_choice
+
+    names = ["add", "pick"]
+    assert normalize_tool_choice({"type": "function", "function": {"name": "pick"}}, names) == "pick"
+    assert normalize_tool_choice({"type": "tool", "name": "add"}, names) == "add"
+    assert normalize_tool_choice({"type": "any"}, names) == "any"
+    assert normalize_tool_choice({"type": "auto"}, names) == "auto"
+    with pytest.raises(ToolChoiceError, match="'type': 'function'"):
+        normalize_tool_choice({"type": "function"}, names)
+
+
 def test_streaming_yields_call_chunks_as_arguments_are_generated(chat):
     bound = chat.bind_tools([Forecast], tool_choice="Forecast")
     chunks = list(bound.stream("Forecast please", seed=5))
