@@ -436,7 +436,7 @@ class ChatBraid(BaseChatModel):
 
     # -- tools and structured output -----------------------------------------------------
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
-                   tool_choice: dict | str | bool | None = None,
+                   tool_choice: dict | str | bool | None = None, strict: bool | None = None,
                    **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (LangChain tools, pydantic models, TypedDicts, functions or OpenAI dicts).
 
@@ -445,6 +445,7 @@ class ChatBraid(BaseChatModel):
         tool's argument schema. ``tool_choice``: ``"auto"`` (default; the model decides),
         ``"any"``/``"required"`` (at least one call, from the first token), a tool name (that
         tool), or ``"none"`` (no call). A forced call answers without a reasoning block.
+        ``strict`` is accepted for compatibility: calls are always schema-strict.
 
         Example:
             >>> def get_weather(city: str) -> str:

@@ -77,6 +77,13 @@ def test_forced_tool_choice_gives_calls_that_match_their_schema(chat, choice):
             assert call["id"].startswith("call_")
 
 
+def test_bind_tools_accepts_strict_as_with_structured_output_does(chat):
+    """bind_tools(tools, strict=True), as written for OpenAI, failed at invoke with 'unknown
+    call options ['strict']'; calls are always schema-strict here, so it is accepted."""
+    msg = chat.bind_tools([add], tool_choice="add", strict=True).invoke("Add 2 and 3.", seed=1)
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "add"
+
+
 def test_tool_choice_none_never_calls(chat):
     msg = chat.bind_tools([add], tool_choice="none").invoke("Add 2 and 3.", seed=3, max_tokens=24)
     assert msg.tool_calls == [] and "<tool_call>" not in msg.content
