@@ -511,17 +511,20 @@ class ChatBraid(BaseChatModel):
 
 
 def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDecoding | None:
-    """The constraint of an OpenAI-style ``response_format`` (``json_schema``/``json_object``)."""
+    """The constraint of an OpenAI-style ``response_format`` (``json_schema``/``json_object``;
+    ``text``, OpenAI's default, is none)."""
     if response_format is None:
         return None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
     if kind == "json_object":
         return GuidedDecoding(json_object=True)
     if kind == "json_schema":
         spec = response_format.get("json_schema") or {}
         return GuidedDecoding(json_schema=spec.get("schema", spec))
-    raise ValueError(f"response_format={response_format!r}: use {{'type': 'json_object'}} or "
-                     "{'type': 'json_schema', 'json_schema': {'schema': {...}}}.")
+    raise ValueError(f"response_format={response_format!r}: use {{'type': 'json_object'}}, "
+                     "{'type': 'json_schema', 'json_schema': {'schema': {...}}} or {'type': 'text'}.")
 
 
 def _answer_format(guided: GuidedDecoding | None) -> dict[str, Any] | None:

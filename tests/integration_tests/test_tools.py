@@ -160,6 +160,16 @@ def test_json_mode_answers_with_an_object(chat):
     assert raw.content.startswith("{")
 
 
+def test_response_format_text_is_no_constraint(chat):
+    """OpenAI's default response_format, {"type": "text"}, is free text: the same answer as with
+    no format (it was refused as an unknown format); an unknown type still names the choices."""
+    plain = chat.invoke("Say something", seed=3, max_tokens=16)
+    text = chat.bind(response_format={"type": "text"}).invoke("Say something", seed=3, max_tokens=16)
+    assert text.content == plain.content and text.content
+    with pytest.raises(ValueError, match="'text'"):
+        chat.bind(response_format={"type": "xml"}).invoke("Say something", max_tokens=4)
+
+
 @pytest.mark.parametrize("choice", ["auto", "none"])
 def test_tools_with_a_response_format_answer_with_calls_or_the_schema(chat, choice):
     """create_agent(model, tools, response_format=Schema) binds the tools and an OpenAI-style
