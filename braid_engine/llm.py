@@ -100,8 +100,7 @@ class LLM:
     ) -> None:
         if pipeline_bursts != "auto" and not isinstance(pipeline_bursts, bool):
             raise ValueError(f"pipeline_bursts must be 'auto', True or False, got {pipeline_bursts!r}.")
-        if not isinstance(decode_burst, int) or isinstance(decode_burst, bool) or decode_burst < 1:
-            raise ValueError(f"decode_burst must be an int ≥ 1 (1 reads every step's token), got {decode_burst!r}.")
+        _check_size("decode_burst", decode_burst, 1, "1 reads every step's token")
         _check_size("max_num_seqs", max_num_seqs, 1, "the most requests a step runs")
         _check_size("page_size", page_size, 1, "tokens per KV page; 16 is usual")
         _check_size("num_pages", num_pages, 1, "None sizes the pool from memory", optional=True)

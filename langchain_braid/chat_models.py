@@ -68,6 +68,12 @@ def _engine_key(model: str, device: str, dtype: str, engine_kwargs: dict[str, An
     return (model, device, dtype, json.dumps(engine_kwargs, sort_keys=True, default=str))
 
 
+def _loaded(key: tuple) -> _Engine | None:
+    """The shared engine for ``key``, unless none is loaded or it was shut down since."""
+    engine = _ENGINES.get(key)
+    return None if engine is None or engine.llm.engine.closed else engine
+
+
 class ChatBraid(BaseChatModel):
     """A local chat model on braid_engine; a conversation's history is served from retained KV.
 
@@ -169,11 +175,11 @@ class ChatBraid(BaseChatModel):
     # -- engine and tokenizer ------------------------------------------------------------
     def _engine(self) -> _Engine:
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
-        engine = _ENGINES.get(key)
-        if engine is None or engine.llm.engine.closed:
+        engine = _loaded(key)
+        if engine is None:
             with _REGISTRY_LOCK:
-                engine = _ENGINES.get(key)
-                if engine is None or engine.llm.engine.closed:  # not loaded, or shut down since
+                engine = _loaded(key)
+                if engine is None:
                     llm = LLM(self.model, device=self.device, dtype=self.dtype,
                               **{"enable_prefix_caching": True, **self.engine_kwargs})
                     engine = _ENGINES[key] = _Engine(llm)
@@ -403,7 +409,7 @@ class ChatBraid(BaseChatModel):
                         kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
                                                          list[str]]:
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
-        if key not in _ENGINES or _ENGINES[key].llm.engine.closed:  # loading takes seconds: keep it off the event loop
+        if _loaded(key) is None:  # loading takes seconds: keep it off the event loop
             await asyncio.to_thread(self._engine)
         return self._prepare(messages, stop, kwargs)
 
