@@ -35,23 +35,23 @@ def reference(prologue: int, x, weight, residual=None, norm_weight=None, eps=0.0
     return F.linear(x, weight.float())
 
 
-def check(block_bytes: int, piece_bytes: int, pdl: bool, carveout: int, loader: int, threads: int) -> float:
+def check(block_bytes: int, piece_bytes: int, pdl: bool) -> float:
     """Worst relative error over the four projections' prologues, at Qwen3 shapes and a ragged one."""
     torch.manual_seed(0)
     worst = 0.0
     for prologue, residual, n, k in ((gemv.NORM, True, QKV, HIDDEN), (gemv.NORM, False, 2 * INTER, HIDDEN),
                                      (gemv.PLAIN, False, HIDDEN, Q), (gemv.SILU, False, HIDDEN, INTER),
-                                     (gemv.PLAIN, False, 1000, 776)):
+                                     (gemv.PLAIN, False, 1000, 512)):
         x = torch.randn(1, 2 * k if prologue == gemv.SILU else k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
         r = torch.randn(1, k, device="cuda", dtype=torch.bfloat16) if residual else None
         nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-        y, h = row_stream.launch(prologue, x, w, None, r, nw, 1e-6, pdl, block_bytes, piece_bytes, carveout,
-                                 loader, threads)
+        y, h = row_stream.launch(prologue, x, w, None, r, nw, 1e-6, pdl, block_bytes, piece_bytes)
         ref = reference(prologue, x, w, r, nw, 1e-6)
         err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
         assert err < 2e-2, (prologue, n, k, err)
-        tri = gemv._launch(prologue, x, w, None, r, nw if prologue == gemv.NORM else None, 1e-6)[0]
+        tri = gemv._launch(prologue, x, w, None, r, nw if prologue == gemv.NORM else None, 1e-6,
+                           gemv.default_config(n, k, prologue))[0]  # a config: the Triton kernel
         assert ((y.float() - tri.float()).abs().max() / tri.float().abs().max()).item() < 1e-2
         if residual:
             assert torch.equal(h, (x.float() + r.float()).to(x.dtype))
@@ -59,11 +59,9 @@ def check(block_bytes: int, piece_bytes: int, pdl: bool, carveout: int, loader: 
     return worst
 
 
-def stream_step(ws, x, r, o_in, block_bytes, piece_bytes, pdl, carveout=row_stream.CARVEOUT,
-                loader=row_stream.LOADER, threads=row_stream.THREADS, only_load=False):
+def stream_step(ws, x, r, o_in, block_bytes, piece_bytes, pdl, only_load=False):
     def mm(prologue, x, w, r=None, nw=None):
-        return row_stream.launch(prologue, x, w, None, r, nw, 1e-6, pdl, block_bytes, piece_bytes, carveout, loader,
-                                 threads, only_load)
+        return row_stream.launch(prologue, x, w, None, r, nw, 1e-6, pdl, block_bytes, piece_bytes, only_load)
 
     for lw in ws:
         _, r = mm(gemv.NORM, x, lw["qkv"], r, lw["n1"])
@@ -94,26 +92,23 @@ def main() -> None:
     print(f"{'kernels':52s} {'µs/layer':>9s} {'TB/s':>6s} {'vs rows':>8s}  max rel err")
     print(f"{'Triton row kernels (gemv.py, PDL)':52s} {base / args.layers * 1e6:9.2f} "
           f"{weight_bytes / base / 1e12:6.2f} {1:7.2f}x", flush=True)
-    bb0, pb0, c0 = row_stream.BLOCK_BYTES, row_stream.PIECE_BYTES, row_stream.CARVEOUT
-    # (block bytes, piece bytes, PDL, carveout, loader, threads, copies alone)
-    variants = [(bb0, pb0, True, c0, 0, 256, False), (bb0, pb0, True, c0, 0, 256, True),
-                (bb0, pb0, True, c0, 1, 256, True), (bb0, pb0, False, c0, 0, 256, True),
-                (bb0, pb0, True, c0, 0, 1024, False), (bb0, pb0, True, c0, 1, 1024, False),
-                (48 * 1024, pb0, True, c0, 0, 1024, False), (48 * 1024, pb0, True, c0, 0, 1024, True),
-                (bb0, 8 * 1024, True, c0, 0, 1024, False)]
-    for bb, pb, pdl, carve, ld, th, only in variants:
-        err = float("nan") if only else check(bb, pb, pdl, carve, ld, th)
-        t = graph_time(lambda bb=bb, pb=pb, pdl=pdl, carve=carve, ld=ld, th=th, only=only:
-                       stream_step(ws, x, r, o_in, bb, pb, pdl, carve, ld, th, only), args.reps)
-        label = (f"{('bulk', 'cp.async')[ld]} {th}t, blocks ≤ {bb // 1024} KB, pieces {pb // 1024} KB"
+    bb0, pb0 = row_stream.BLOCK_BYTES, row_stream.PIECE_BYTES
+    # (block bytes, piece bytes, PDL, copies alone)
+    variants = [(bb0, pb0, True, False), (bb0, pb0, False, False), (bb0, pb0, True, True),
+                (48 * 1024, pb0, True, False), (64 * 1024, pb0, True, False), (bb0, 8 * 1024, True, False),
+                (bb0, 32 * 1024, True, False), (48 * 1024, 8 * 1024, True, False)]
+    for bb, pb, pdl, only in variants:
+        err = float("nan") if only else check(bb, pb, pdl)
+        t = graph_time(lambda bb=bb, pb=pb, pdl=pdl, only=only: stream_step(ws, x, r, o_in, bb, pb, pdl, only),
+                       args.reps)
+        label = (f"streaming, blocks ≤ {bb // 1024} KB, pieces {pb // 1024} KB"
                  f"{'' if pdl else ', no PDL'}{', copies alone' if only else ''}")
         print(f"{label:52s} {t / args.layers * 1e6:9.2f} {weight_bytes / t / 1e12:6.2f} {base / t:7.2f}x  {err:.2e}",
               flush=True)
     # each kernel's own time, eagerly, one after another (no graph): slow kernels or gaps between them
     for name, step in (("Triton rows", lambda: row_step(ws, x, r, o_in, default)),
-                       ("streaming, bulk 256t", lambda: stream_step(ws, x, r, o_in, bb0, pb0, False, c0, 0, 256)),
-                       ("streaming, bulk 1024t", lambda: stream_step(ws, x, r, o_in, bb0, pb0, False, c0, 0, 1024)),
-                       ("copies alone, bulk", lambda: stream_step(ws, x, r, o_in, bb0, pb0, False, c0, 0, 256, True))):
+                       ("streaming", lambda: stream_step(ws, x, r, o_in, bb0, pb0, False)),
+                       ("copies alone", lambda: stream_step(ws, x, r, o_in, bb0, pb0, False, True))):
         step()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -29,12 +29,8 @@ BLOCK_BYTES = 100 * 1024
 # weight bytes behind one mbarrier: a warp starts on its rows once their piece has landed
 PIECE_BYTES = 16 * 1024
 _MAX_PIECES = 16
-# percent of L1 given to shared memory, the same for every kernel here (-1: the driver's choice)
-CARVEOUT = 100
-# how the weights come in: 0 the copy engine (cp.async.bulk, an mbarrier a piece), 1 every
-# thread's 16-byte cp.async
-LOADER = 0
-THREADS = 256
+# input widths (in 16-byte vectors a lane, K / 256) the kernels are built for
+_WIDTHS = (2, 4, 6, 8, 12, 16)
 
 __all__ = ["NORM", "PLAIN", "SILU", "available", "layout", "launch"]
 
@@ -83,24 +79,28 @@ def layout(n: int, k: int, itemsize: int, sms: int, block_bytes: int = BLOCK_BYT
     return rows, piece
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the copy engine can take these weights: 16-byte aligned rows, one dtype."""
-    return (x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and weight.is_contiguous() and (weight.shape[1] * weight.element_size()) % 16 == 0
-            and weight.data_ptr() % 16 == 0 and available(x.device))
+def supports(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the kernels take these: float16/bfloat16, a width they are built for, every
+    tensor 16-byte aligned (rows and input read as 16-byte vectors), on a device they run on."""
+    k = weight.shape[1]
+    return (x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16) and k % 256 == 0
+            and k // 256 in _WIDTHS and weight.is_contiguous()
+            and all(t.data_ptr() % 16 == 0 for t in (x, weight, *others) if t is not None)
+            and available(x.device))
 
 
 def launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float, pdl: bool = True,
-           block_bytes: int = BLOCK_BYTES, piece_bytes: int = PIECE_BYTES, carveout: int = CARVEOUT,
-           loader: int = LOADER, threads: int = THREADS, only_load: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+           block_bytes: int = BLOCK_BYTES, piece_bytes: int = PIECE_BYTES, only_load: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y [1, N] and (NORM with a residual) h = x + residual, as ``gemv._launch`` returns them.
-    The caller has checked the shapes (``gemv._launch``) and :func:`supports`."""
+    The caller has checked the shapes (``gemv._launch``) and :func:`supports`. ``only_load``
+    (a measurement): the weights' copies alone, nothing computed."""
     n, k = weight.shape
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     rows, piece = layout(n, k, weight.element_size(), _sms(index), block_bytes, piece_bytes)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
-    _module().row_stream(x, residual, norm_weight, weight, bias, y, h, prologue, eps, rows, piece, pdl, carveout,
-                            loader, threads, int(only_load))
+    _module().row_stream(x, residual, norm_weight, weight, bias, y, h, prologue, eps, rows, piece, pdl,
+                         int(only_load))
     return y, h
