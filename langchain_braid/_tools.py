@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
@@ -59,24 +60,26 @@ def _call_tag(tool: dict[str, Any]) -> dict[str, Any]:
 
 
 def tool_grammar(tools: Sequence[dict[str, Any]], choice: str,
-                 answer: dict[str, Any] | None = None) -> GuidedDecoding:
+                 answer: dict[str, Any] | None = None, *, parallel: bool = True) -> GuidedDecoding:
     """The constraint for ``choice`` (normalised): auto lets the model write text and constrains
     each call it starts; any / a name force calls from the first token; none forbids calls.
     ``answer`` (a structural-tag format, e.g. a response format's JSON schema) constrains an
-    answer that is not a call: auto is then calls or that answer, none that answer."""
+    answer that is not a call: auto is then calls or that answer, none that answer.
+    ``parallel=False`` ends the answer after its first call (a named choice always does)."""
+    single = not parallel
     if answer is not None and choice in ("auto", "none"):
         calls = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
-                 "tags": [_call_tag(t) for t in tools]}
+                 "stop_after_first": single, "tags": [_call_tag(t) for t in tools]}
         fmt: dict[str, Any] = answer if choice == "none" else {"type": "or", "elements": [calls, answer]}
     elif choice == "none":
         fmt = {"type": "any_text", "excludes": [OPEN_CALL]}
     elif choice == "auto":
-        fmt = {"type": "triggered_tags", "triggers": [OPEN_CALL],
+        fmt = {"type": "triggered_tags", "triggers": [OPEN_CALL], "stop_after_first": single,
                "tags": [_call_tag(t) for t in tools]}
     else:
         chosen = [t for t in tools if choice == "any" or t["function"]["name"] == choice]
         fmt = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
-               "stop_after_first": choice != "any", "tags": [_call_tag(t) for t in chosen]}
+               "stop_after_first": single or choice != "any", "tags": [_call_tag(t) for t in chosen]}
     return GuidedDecoding(structural_tag={"type": "structural_tag", "format": fmt})
 
 
@@ -102,8 +105,10 @@ def parse_call(body: str, names: Sequence[str], call_id: str) -> ToolCall | Inva
     return ToolCall(type="tool_call", name=name, args=args, id=call_id)
 
 
-def parse_tool_calls(text: str, names: Sequence[str]) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
-    """``(content, tool_calls, invalid_tool_calls)`` of a whole answer.
+def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
+                     ) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    """``(content, tool_calls, invalid_tool_calls)`` of a whole answer; with ``limit``, only
+    its first ``limit`` ``<tool_call>`` blocks are read (``parallel_tool_calls=False``: 1).
 
     Example:
         >>> parse_tool_calls('<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>', ["f"])[1]
@@ -111,7 +116,7 @@ def parse_tool_calls(text: str, names: Sequence[str]) -> tuple[str, list[ToolCal
     """
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
-    for m in _CALL.finditer(text):
+    for m in itertools.islice(_CALL.finditer(text), limit):
         closed = m.group(0).endswith(CLOSE_CALL)
         parsed = parse_call(m.group(1).strip(), names, _call_id())
         if closed and parsed["type"] == "tool_call":
@@ -130,6 +135,7 @@ class ToolCallStreamParser:
 
     A call's name goes out as soon as its header is complete, then its arguments as they are
     generated; the wrapper's closing brace and tag are held back until they are unambiguous.
+    With ``limit``, calls after the first ``limit`` give no chunks (as ``parse_tool_calls``).
 
     Example:
         >>> p = ToolCallStreamParser(["f"])
@@ -137,8 +143,9 @@ class ToolCallStreamParser:
         'f'
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], limit: int | None = None) -> None:
         self.names = list(names)
+        self.limit = limit
         self.buffer = ""
         self.in_call = False
         self.header_done = False
@@ -193,7 +200,7 @@ class ToolCallStreamParser:
                     break
             self.buffer = self.buffer[end + len(CLOSE_CALL):].lstrip("\n")
             self.in_call = False
-        return "".join(content), chunks
+        return "".join(content), self._allowed(chunks)
 
     def finish(self) -> tuple[str, list[ToolCallChunk]]:
         """Flush at the end: held text is content. A call cut off after its name gets a last
@@ -203,11 +210,15 @@ class ToolCallStreamParser:
         rest, self.buffer = self.buffer, ""
         if self.in_call:
             if self.header_done:
-                return "", [ToolCallChunk(type="tool_call_chunk", name=None, id=None, index=self.index,
-                                          args=_unrepairable_suffix(self.args_sent))]
-            return "", [ToolCallChunk(type="tool_call_chunk", name=None, args=rest.strip(),
-                                      id=self.call_id, index=self.index)]
+                return "", self._allowed([ToolCallChunk(
+                    type="tool_call_chunk", name=None, id=None, index=self.index,
+                    args=_unrepairable_suffix(self.args_sent))])
+            return "", self._allowed([ToolCallChunk(type="tool_call_chunk", name=None, args=rest.strip(),
+                                                    id=self.call_id, index=self.index)])
         return self._content(rest.rstrip()), []
+
+    def _allowed(self, chunks: list[ToolCallChunk]) -> list[ToolCallChunk]:
+        return chunks if self.limit is None else [c for c in chunks if c["index"] < self.limit]
 
     def _content(self, text: str) -> str:
         if not self.content_started:

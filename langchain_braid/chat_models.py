@@ -47,7 +47,7 @@ _PROVIDER = "braid"
 _PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would start
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
                            "enable_thinking", "enable_prefix_caching", "chat_template_kwargs",
-                           "tools", "tool_choice", "response_format"})
+                           "tools", "tool_choice", "parallel_tool_calls", "response_format"})
 
 
 class _Engine:
@@ -297,9 +297,10 @@ class ChatBraid(BaseChatModel):
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
                  kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
-                                                  list[str]]:
+                                                  list[str], int | None]:
         """The engine, the prompt ids, the sampling params, whether the prompt opened a
-        ``<think>`` block, and the names of the bound tools (calls are parsed if any)."""
+        ``<think>`` block, the names of the bound tools (calls are parsed if any) and the most
+        calls an answer may hold (``None``: no limit)."""
         options = {k: v for k, v in kwargs.items() if k != "stream" and not k.startswith("ls_")}
         unknown = set(options) - _CALL_OPTIONS
         if unknown:
@@ -310,11 +311,12 @@ class ChatBraid(BaseChatModel):
         tok = engine.llm.tokenizer
         template = self._template_kwargs(options)
         tools = options.get("tools") or []
+        parallel = _parallel_tool_calls(options.get("parallel_tool_calls"))
         response_format = _response_format_grammar(options.get("response_format"))
         if tools:  # (create_agent binds a response_format beside the tools for its final answer)
             template["tools"] = tools
             choice = normalize_tool_choice(options.get("tool_choice"), tool_names(tools))
-            guided = tool_grammar(tools, choice, _answer_format(response_format))
+            guided = tool_grammar(tools, choice, _answer_format(response_format), parallel=parallel)
         else:
             guided = response_format
             choice = "any" if guided is not None else "auto"
@@ -330,7 +332,8 @@ class ChatBraid(BaseChatModel):
             guided=guided,
         )
         opened = rendered.text.rstrip().endswith(OPEN)
-        return engine, rendered.token_ids(tok), params, opened, tool_names(tools)
+        limit = None if parallel else 1
+        return engine, rendered.token_ids(tok), params, opened, tool_names(tools), limit
 
     def _usage(self, prompt_ids: list[int], out_ids: list[int], cached: int,
                tok: Any) -> UsageMetadata:
@@ -347,11 +350,11 @@ class ChatBraid(BaseChatModel):
                 "finish_reason": finish_reason, TOKEN_IDS_KEY: list(out_ids)}
 
     def _message(self, engine: _Engine, out: RequestOutput, opened: bool,
-                 names: list[str]) -> AIMessage:
+                 names: list[str], limit: int | None) -> AIMessage:
         reasoning, answer = split_reasoning(out.text, thinking=opened)
         calls: dict[str, Any] = {}
         if names:
-            answer, tool_calls, invalid = parse_tool_calls(answer, names)
+            answer, tool_calls, invalid = parse_tool_calls(answer, names, limit)
             calls = {"tool_calls": tool_calls, "invalid_tool_calls": invalid}
         return AIMessage(
             content=answer, **calls,
@@ -389,25 +392,25 @@ class ChatBraid(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
-        engine, ids, params, opened, names = self._prepare(messages, stop, kwargs)
+        engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
         out = engine.llm.engine.add_request(ids, params).result()
-        message = self._message(engine, out, opened, names)
+        message = self._message(engine, out, opened, names, limit)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        engine, ids, params, opened, names = await self._aprepare(messages, stop, kwargs)
+        engine, ids, params, opened, names, limit = await self._aprepare(messages, stop, kwargs)
         stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
         out = await stream.aresult()
-        message = self._message(engine, out, opened, names)
+        message = self._message(engine, out, opened, names, limit)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
     async def _aprepare(self, messages: list[BaseMessage], stop: list[str] | None,
                         kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
-                                                         list[str]]:
+                                                         list[str], int | None]:
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
         if _loaded(key) is None:  # loading takes seconds: keep it off the event loop
             await asyncio.to_thread(self._engine)
@@ -416,8 +419,8 @@ class ChatBraid(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        engine, ids, params, opened, names = self._prepare(messages, stop, kwargs)
-        parser = _AnswerParser(opened, names)
+        engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
+        parser = _AnswerParser(opened, names, limit)
         deltas = iter(engine.llm.engine.add_request(ids, params))
         out_ids: list[int] = []
         try:
@@ -429,8 +432,8 @@ class ChatBraid(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        engine, ids, params, opened, names = await self._aprepare(messages, stop, kwargs)
-        parser = _AnswerParser(opened, names)
+        engine, ids, params, opened, names, limit = await self._aprepare(messages, stop, kwargs)
+        parser = _AnswerParser(opened, names, limit)
         stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
         deltas = stream.__aiter__()
         out_ids: list[int] = []
@@ -443,6 +446,7 @@ class ChatBraid(BaseChatModel):
     # -- tools and structured output -----------------------------------------------------
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
                    tool_choice: dict | str | bool | None = None, strict: bool | None = None,
+                   parallel_tool_calls: bool | None = None,
                    **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (LangChain tools, pydantic models, TypedDicts, functions or OpenAI dicts).
 
@@ -452,6 +456,8 @@ class ChatBraid(BaseChatModel):
         ``"any"``/``"required"`` (at least one call, from the first token), a tool name (that
         tool), or ``"none"`` (no call). A forced call answers without a reasoning block.
         ``strict`` is accepted for compatibility: calls are always schema-strict.
+        ``parallel_tool_calls=False`` ends the answer after its first call (at most one call;
+        ``True``/``None``: any number); like the other options it may also be given per call.
 
         Example:
             >>> def get_weather(city: str) -> str:
@@ -463,6 +469,8 @@ class ChatBraid(BaseChatModel):
         names = tool_names(formatted)
         if tool_choice is not None:
             tool_choice = normalize_tool_choice(tool_choice, names)
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = _parallel_tool_calls(parallel_tool_calls)
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(
@@ -533,6 +541,14 @@ def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDe
                      "{'type': 'json_schema', 'json_schema': {'schema': {...}}} or {'type': 'text'}.")
 
 
+def _parallel_tool_calls(value: Any) -> bool:
+    """Whether an answer may hold several calls, from OpenAI's ``parallel_tool_calls``."""
+    if value is None or isinstance(value, bool):
+        return value is not False
+    raise TypeError(f"parallel_tool_calls={value!r}: pass True, False or None (False allows at "
+                    "most one tool call per answer).")
+
+
 def _answer_format(guided: GuidedDecoding | None) -> dict[str, Any] | None:
     """A response format's constraint as a structural-tag format (to combine with tool calls)."""
     if guided is None:
@@ -556,9 +572,9 @@ def _json_parser(model: type | None) -> Callable[[AIMessage], Any]:
 class _AnswerParser:
     """Reasoning split, then (when tools are bound) tool calls, for a streamed answer."""
 
-    def __init__(self, opened: bool, names: list[str]) -> None:
+    def __init__(self, opened: bool, names: list[str], limit: int | None) -> None:
         self.reasoning = ReasoningParser(thinking=opened)
-        self.calls = ToolCallStreamParser(names) if names else None
+        self.calls = ToolCallStreamParser(names, limit) if names else None
 
     def feed(self, delta: str) -> tuple[str, str, list[Any]]:
         reasoning, answer = self.reasoning.feed(delta)

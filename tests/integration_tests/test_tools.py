@@ -84,6 +84,82 @@ def test_bind_tools_accepts_strict_as_with_structured_output_does(chat):
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "add"
 
 
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+TWO_CALLS = "Add 2 and 3, and toggle."
+
+
+@pytest.mark.parametrize("choice", ["any", "auto"])
+def test_parallel_tool_calls_false_gives_at_most_one_call(chat, choice):
+    """bind_tools(tools, parallel_tool_calls=False), OpenAI's option, was refused at invoke as
+    an unknown call option. The grammar now ends the answer after its first call: with these
+    seeds the unlimited grammar writes two calls, the limited one the same first call alone."""
+    free = chat.bind_tools([add, toggle], tool_choice=choice)
+    single = chat.bind_tools([add, toggle], tool_choice=choice, parallel_tool_calls=False)
+    for seed in (3, 6):
+        many = free.invoke(TWO_CALLS, seed=seed, max_tokens=256)
+        assert len(many.tool_calls) == 2, seed
+        one = single.invoke(TWO_CALLS, seed=seed, max_tokens=256)
+        assert one.response_metadata["finish_reason"] == "stop" and not one.invalid_tool_calls
+        assert [(c["name"], c["args"]) for c in one.tool_calls] == [
+            (many.tool_calls[0]["name"], many.tool_calls[0]["args"])]
+        # as a call option too, and on the streaming path
+        assert [c["args"] for c in free.invoke(TWO_CALLS, seed=seed, max_tokens=256,
+                                               parallel_tool_calls=False).tool_calls] == [
+            one.tool_calls[0]["args"]]
+        merged = None
+        for chunk in single.stream(TWO_CALLS, seed=seed, max_tokens=256):
+            merged = chunk if merged is None else merged + chunk
+        assert [c["args"] for c in merged.tool_calls] == [one.tool_calls[0]["args"]]
+    same = chat.bind_tools([add, toggle], tool_choice=choice, parallel_tool_calls=True)
+    assert len(same.invoke(TWO_CALLS, seed=3, max_tokens=256).tool_calls) == 2
+
+
+@pytest.mark.parametrize("choice", ["any", "auto"])
+def test_parallel_tool_calls_false_masks_a_second_call(chat, choice):
+    """The limit is in the grammar: after one complete call only the end of the answer is
+    allowed, where the unlimited grammar goes on to a second call."""
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from langchain_braid._tools import tool_grammar
+
+    runtime = chat.llm.engine.grammar()
+    tools = [convert_to_openai_tool(t) for t in (add, toggle)]
+    lead = "" if choice == "any" else "Sure. "
+    for parallel in (True, False):
+        matcher = runtime.matcher(tool_grammar(tools, choice, parallel=parallel))
+        assert matcher.accept_string(lead + CALL)
+        assert matcher.accept_string("\n" + CALL) is parallel
+    single = runtime.matcher(tool_grammar(tools, choice, parallel=False))
+    assert single.accept_string(lead + CALL) and single.is_completed()
+    mask = runtime.fill([single])
+    allowed = {t for t in range(runtime.vocab_size) if mask[0, t // 32] >> (t % 32) & 1}
+    assert allowed and allowed <= set(chat.llm.engine.eos_token_ids)
+
+
+def test_parallel_tool_calls_must_be_a_bool(chat):
+    with pytest.raises(TypeError, match="parallel_tool_calls.*True, False or None"):
+        chat.bind_tools([add], parallel_tool_calls="no")
+    with pytest.raises(TypeError, match="parallel_tool_calls.*True, False or None"):
+        chat.bind_tools([add]).invoke("hi", parallel_tool_calls=0, max_tokens=2)
+
+
+def test_parse_keeps_only_the_first_calls_up_to_a_limit():
+    text = "Hi " + CALL + "\n" + CALL.replace("1", "5") + " bye"
+    content, calls, invalid = parse_tool_calls(text, ["add"], limit=1)
+    assert content == "Hi bye" and invalid == []
+    assert [c["args"] for c in calls] == [{"a": 1, "b": 2}]
+    for step in (1, 5, len(text)):
+        parser = ToolCallStreamParser(["add"], limit=1)
+        chunks, content = [], ""
+        for i in range(0, len(text), step):
+            c, more = parser.feed(text[i:i + step])
+            content, chunks = content + c, chunks + more
+        tail, more = parser.finish()
+        content, chunks = content + tail, chunks + more
+        assert {c["index"] for c in chunks} == {0}, step
+        assert "".join(c["args"] for c in chunks) == '{"a": 1, "b": 2}' and content == "Hi bye"
+
+
 def test_tool_choice_none_never_calls(chat):
     msg = chat.bind_tools([add], tool_choice="none").invoke("Add 2 and 3.", seed=3, max_tokens=24)
     assert msg.tool_calls == [] and "<tool_call>" not in msg.content
