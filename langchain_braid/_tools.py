@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
+from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from braid_engine import GuidedDecoding
 
@@ -23,6 +24,30 @@ _CHOICES = ("auto", "none", "any", "required")
 
 class ToolChoiceError(ValueError):
     """``tool_choice`` names no bound tool or is not one of the accepted forms."""
+
+
+class ToolSchemaError(ValueError):
+    """A tool or schema that cannot become a named tool call (e.g. a JSON Schema without a
+    ``title``, which is where a call's name comes from)."""
+
+
+def is_json_schema(schema: Any) -> bool:
+    """Whether ``schema`` is a bare JSON Schema dict rather than one of the tool forms LangChain
+    converts (OpenAI tool or function, Anthropic, Bedrock), which all carry a name."""
+    return isinstance(schema, dict) and not {"name", "function", "toolSpec"} & schema.keys()
+
+
+def to_openai_tool(tool: Any, where: str, instead: str = "") -> dict[str, Any]:
+    """``convert_to_openai_tool(tool)``, raising a ToolSchemaError that names ``where`` the tool
+    came from and what to do (``instead``: another way out) when it cannot be converted."""
+    if is_json_schema(tool) and "title" not in tool:
+        raise ToolSchemaError(
+            f'{where} is a JSON Schema without a "title"; a tool call needs a name: add a '
+            f'top-level "title" (it names the tool){instead}.')
+    try:
+        return convert_to_openai_tool(tool)
+    except ValueError as e:
+        raise ToolSchemaError(f"{where} cannot be a tool: {e}") from e
 
 
 def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:

@@ -37,8 +37,10 @@ from langchain_braid._messages import TOKEN_IDS_KEY, render
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
 from langchain_braid._tools import (
     ToolCallStreamParser,
+    is_json_schema,
     normalize_tool_choice,
     parse_tool_calls,
+    to_openai_tool,
     tool_grammar,
     tool_names,
 )
@@ -465,7 +467,7 @@ class ChatBraid(BaseChatModel):
             >>> msg = chat.bind_tools([get_weather], tool_choice="any").invoke("Paris?")
             >>> msg.tool_calls[0]["name"], msg.tool_calls[0]["args"]["city"]
         """
-        formatted = [convert_to_openai_tool(t) for t in tools]
+        formatted = [to_openai_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
         names = tool_names(formatted)
         if tool_choice is not None:
             tool_choice = normalize_tool_choice(tool_choice, names)
@@ -503,14 +505,16 @@ class ChatBraid(BaseChatModel):
         ls_format = {"kwargs": {"method": method}, "schema": schema}
         parser: Runnable
         if method == "function_calling":
-            tool = convert_to_openai_tool(schema)
+            tool = to_openai_tool(schema, 'with_structured_output(schema, method="function_calling")',
+                                  ', or use method="json_schema", which needs none')
             name = tool["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format)
             parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
                       else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         else:
-            if method == "json_schema":
-                fmt = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
+            if method == "json_schema":  # a bare JSON Schema is used as given: nothing is named
+                json_schema = schema if is_json_schema(schema) else convert_to_json_schema(schema)
+                fmt = {"type": "json_schema", "json_schema": {"schema": json_schema}}
             else:
                 fmt = {"type": "json_object"}
             llm = self.bind(response_format=fmt,

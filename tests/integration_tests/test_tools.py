@@ -212,6 +212,34 @@ def test_structured_output_validates(chat, schema, method):
             Forecast.model_validate(out)
 
 
+UNTITLED = {"type": "object", "additionalProperties": False, "required": ["days", "unit"],
+            "properties": {"days": {"type": "integer"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+
+
+def test_structured_output_of_a_json_schema_without_a_title(chat):
+    """A JSON Schema dict without "title" failed with LangChain's 'must have a top-level title
+    key to be used as the function name', though method="json_schema" names nothing: it now
+    constrains the answer to the schema as given (as ChatOllama does)."""
+    structured = chat.with_structured_output(UNTITLED)
+    for seed in (1, 2):
+        out = structured.invoke("Forecast", seed=seed)
+        assert set(out) == {"days", "unit"} and type(out["days"]) is int
+        assert out["unit"] in ("celsius", "fahrenheit")
+
+
+def test_a_tool_from_a_schema_without_a_title_is_a_clear_error(chat):
+    """A call needs a name: function_calling and bind_tools say where it comes from and that
+    json_schema needs none (they raised LangChain's 'Unsupported function' ValueError)."""
+    from langchain_braid import ToolSchemaError
+
+    with pytest.raises(ToolSchemaError, match=r'add a top-level "title".*method="json_schema"'):
+        chat.with_structured_output(UNTITLED, method="function_calling")
+    with pytest.raises(ToolSchemaError, match=r'tools\[1\].*add a top-level "title"'):
+        chat.bind_tools([add, UNTITLED])
+    named = chat.with_structured_output({**UNTITLED, "title": "Forecast"}, method="function_calling")
+    assert set(named.invoke("Forecast", seed=1)) == {"days", "unit"}
+
+
 def test_structured_output_include_raw_and_tracing_format(chat):
     from langchain_core.callbacks import BaseCallbackHandler
 
