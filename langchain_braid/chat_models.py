@@ -482,6 +482,11 @@ class ChatBraid(BaseChatModel):
     ) -> Runnable[LanguageModelInput, dict | Any]:
         """A runnable returning ``schema``-shaped output (pydantic instance, else a dict).
 
+        ``schema``: a pydantic model (v1 or v2), a TypedDict, a function, a LangChain tool, a
+        JSON Schema dict (``"title"`` names its tool; only ``"function_calling"`` needs one),
+        an OpenAI or Anthropic tool dict, or OpenAI's ``{"name": …, "schema": {…}}`` (also
+        inside ``{"type": "json_schema", "json_schema": …}``).
+
         ``method="json_schema"`` constrains the answer to the schema's JSON; ``"function_calling"``
         forces a call of a tool named after the schema; ``"json_mode"`` constrains the answer to
         some JSON object (describe the keys in the prompt; ``schema`` then only parses).
@@ -501,6 +506,7 @@ class ChatBraid(BaseChatModel):
             raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'.")
         if schema is None and method != "json_mode":
             raise ValueError(f"method={method!r} needs a schema; pass one, or use method='json_mode'.")
+        schema = _named_schema(schema)
         pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         ls_format = {"kwargs": {"method": method}, "schema": schema}
         parser: Runnable
@@ -526,6 +532,20 @@ class ChatBraid(BaseChatModel):
                                             parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _named_schema(schema: Any) -> Any:
+    """OpenAI's response-format forms of a schema, ``{"name", "schema"}`` and ``{"type":
+    "json_schema", "json_schema": {"name", "schema"}}``, as the JSON Schema they hold titled
+    with the name (LangChain would read the first as a tool without arguments); any other
+    schema unchanged."""
+    if isinstance(schema, dict) and schema.get("type") == "json_schema" \
+            and isinstance(schema.get("json_schema"), dict):
+        schema = schema["json_schema"]
+    if isinstance(schema, dict) and isinstance(schema.get("schema"), dict) and "name" in schema:
+        described = {"description": schema["description"]} if "description" in schema else {}
+        return {**schema["schema"], "title": schema["name"], **described}
+    return schema
 
 
 def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDecoding | None:

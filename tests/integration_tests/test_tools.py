@@ -227,6 +227,34 @@ def test_structured_output_of_a_json_schema_without_a_title(chat):
         assert out["unit"] in ("celsius", "fahrenheit")
 
 
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+@pytest.mark.parametrize("form", ["inner", "response_format"])
+def test_structured_output_of_openai_response_format_dicts(chat, form, method):
+    """OpenAI's forms, {"name": …, "schema": {…}} and {"type": "json_schema", "json_schema":
+    {…}}, which ChatOpenAI takes as a schema: the first was read as a tool named "Forecast"
+    without arguments, so the answer was any JSON value (a bare number came back), the second
+    was refused. Both now constrain the answer (or the call's arguments) to the inner schema."""
+    inner = {"name": "Forecast", "schema": UNTITLED, "description": "Days and unit."}
+    schema = inner if form == "inner" else {"type": "json_schema", "json_schema": {**inner, "strict": True}}
+    structured = chat.with_structured_output(schema, method=method, include_raw=True)
+    for seed in (1, 2):
+        out = structured.invoke("Forecast", seed=seed)
+        assert out["parsing_error"] is None and set(out["parsed"]) == {"days", "unit"}
+        assert type(out["parsed"]["days"]) is int and out["parsed"]["unit"] in ("celsius", "fahrenheit")
+        if method == "function_calling":
+            assert [c["name"] for c in out["raw"].tool_calls] == ["Forecast"]
+
+
+def test_structured_output_of_a_titled_schema_whose_root_is_not_an_object(chat):
+    """LangChain's conversion keeps a titled schema's body only when it has "properties", so
+    an array schema lost its items and any JSON came back; the schema is now used as given."""
+    schema = {"title": "Scores", "type": "array", "items": {"type": "integer", "maximum": 99},
+              "minItems": 1, "maxItems": 3}
+    for seed in (1, 2):
+        out = chat.with_structured_output(schema).invoke("Scores", seed=seed)
+        assert isinstance(out, list) and out and all(type(v) is int for v in out)
+
+
 def test_a_tool_from_a_schema_without_a_title_is_a_clear_error(chat):
     """A call needs a name: function_calling and bind_tools say where it comes from and that
     json_schema needs none (they raised LangChain's 'Unsupported function' ValueError)."""
