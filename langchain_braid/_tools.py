@@ -51,8 +51,9 @@ def to_openai_tool(tool: Any, where: str, instead: str = "") -> dict[str, Any]:
 
 
 def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
-    """``"auto"``, ``"none"``, ``"any"`` or a tool name, from LangChain's accepted forms."""
-    if tool_choice is None:
+    """``"auto"``, ``"none"``, ``"any"`` or a tool name, from LangChain's accepted forms
+    (``None`` and ``False`` are no choice: ``"auto"``)."""
+    if tool_choice is None or tool_choice is False:
         return "auto"
     if tool_choice is True:
         if len(names) != 1:

@@ -456,10 +456,11 @@ class ChatBraid(BaseChatModel):
         model writes is constrained by a grammar, so ``tool_calls`` always parse and match the
         tool's argument schema. ``tool_choice``: ``"auto"`` (default; the model decides),
         ``"any"``/``"required"`` (at least one call, from the first token), a tool name (that
-        tool), or ``"none"`` (no call). A forced call answers without a reasoning block.
-        ``strict`` is accepted for compatibility: calls are always schema-strict.
-        ``parallel_tool_calls=False`` ends the answer after its first call (at most one call;
-        ``True``/``None``: any number); like the other options it may also be given per call.
+        tool), or ``"none"`` (no call); ``False``, as ``None``, is no choice. A forced call
+        answers without a reasoning block. ``strict`` is accepted for compatibility: calls are
+        always schema-strict. ``parallel_tool_calls=False`` ends the answer after its first call
+        (at most one call; ``True``/``None``: any number); like the other options it may also
+        be given per call.
 
         Example:
             >>> def get_weather(city: str) -> str:

@@ -184,6 +184,19 @@ def test_tool_choice_dicts_of_each_provider_form():
         normalize_tool_choice({"type": "function"}, names)
 
 
+def test_tool_choice_false_is_no_choice(chat):
+    """ChatOpenAI and others read tool_choice=False as no choice, like None; it was refused
+    as neither a choice nor a tool. It is now the default, "auto"."""
+    from langchain_braid._tools import normalize_tool_choice
+
+    assert normalize_tool_choice(False, ["add"]) == "auto"
+    default = chat.bind_tools([add, toggle]).invoke(TWO_CALLS, seed=3, max_tokens=256)
+    off = chat.bind_tools([add, toggle], tool_choice=False).invoke(TWO_CALLS, seed=3, max_tokens=256)
+    assert off.content == default.content and len(off.tool_calls) == 2
+    assert [(c["name"], c["args"]) for c in off.tool_calls] == [
+        (c["name"], c["args"]) for c in default.tool_calls]
+
+
 def test_streaming_yields_call_chunks_as_arguments_are_generated(chat):
     bound = chat.bind_tools([Forecast], tool_choice="Forecast")
     chunks = list(bound.stream("Forecast please", seed=5))
