@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
 
 from braid_engine import GuidedDecoding
 
@@ -20,6 +20,7 @@ _CALL = re.compile(re.escape(OPEN_CALL) + r"(.*?)(?:" + re.escape(CLOSE_CALL) + 
 _CALL_AND_SPACE = re.compile(r"\s*" + _CALL.pattern + r"\n*", re.S)  # as the stream parser cuts
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
 _CHOICES = ("auto", "none", "any", "required")
+_JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
 class ToolChoiceError(ValueError):
@@ -33,8 +34,12 @@ class ToolSchemaError(ValueError):
 
 def is_json_schema(schema: Any) -> bool:
     """Whether ``schema`` is a bare JSON Schema dict rather than one of the tool forms LangChain
-    converts (OpenAI tool or function, Anthropic, Bedrock), which all carry a name."""
-    return isinstance(schema, dict) and not {"name", "function", "toolSpec"} & schema.keys()
+    converts (OpenAI tool or function, Anthropic, Bedrock), which all carry a name, or a
+    provider's built-in tool (``{"type": "web_search"}``)."""
+    if not isinstance(schema, dict) or {"name", "function", "toolSpec"} & schema.keys():
+        return False
+    kind = schema.get("type")
+    return kind is None or isinstance(kind, list) or kind in _JSON_TYPES
 
 
 def to_openai_tool(tool: Any, where: str, instead: str = "") -> dict[str, Any]:
@@ -45,9 +50,24 @@ def to_openai_tool(tool: Any, where: str, instead: str = "") -> dict[str, Any]:
             f'{where} is a JSON Schema without a "title"; a tool call needs a name: add a '
             f'top-level "title" (it names the tool){instead}.')
     try:
-        return convert_to_openai_tool(tool)
+        formatted = convert_to_openai_tool(tool)
     except ValueError as e:
         raise ToolSchemaError(f"{where} cannot be a tool: {e}") from e
+    if "function" in formatted:
+        return formatted
+    if formatted.get("type") == "function" and "name" in formatted:  # the Responses API's form
+        return {"type": "function", "function": convert_to_openai_function(formatted)}
+    raise ToolSchemaError(
+        f"{where} ({{'type': {formatted.get('type')!r}, ...}}) is not a function tool: a "
+        "provider's built-in tool runs only on its servers; bind a LangChain tool or function "
+        "that does the work instead (ChatBraid binds functions, LangChain tools, pydantic "
+        "models, TypedDicts and OpenAI or Anthropic function dicts).")
+
+
+def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """``tools`` (as ``bind_tools`` takes them) as OpenAI function tools, the form the chat
+    template renders and the grammar constrains."""
+    return [to_openai_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
 
 
 def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:

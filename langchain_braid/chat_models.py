@@ -27,7 +27,7 @@ from langchain_core.output_parsers.openai_tools import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, SecretStr
 
@@ -37,6 +37,7 @@ from langchain_braid._messages import TOKEN_IDS_KEY, render
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
 from langchain_braid._tools import (
     ToolCallStreamParser,
+    format_tools,
     is_json_schema,
     normalize_tool_choice,
     parse_tool_calls,
@@ -241,7 +242,7 @@ class ChatBraid(BaseChatModel):
         empty = count(frame, kwargs)
         total = sum(count([frame[0], m, frame[1]], kwargs) - empty for m in messages)
         if tools:
-            with_tools = {**kwargs, "tools": [convert_to_openai_tool(t) for t in tools]}
+            with_tools = {**kwargs, "tools": format_tools(tools)}
             total += count(frame, with_tools) - empty
         return total
 
@@ -263,7 +264,7 @@ class ChatBraid(BaseChatModel):
         tok = engine.llm.tokenizer
         template = self._template_kwargs({})
         if tools:
-            template["tools"] = [convert_to_openai_tool(t) for t in tools]
+            template["tools"] = format_tools(tools)
         rendered = render(tok, [*messages, HumanMessage(_PIN_SENTINEL)],
                           add_generation_prompt=False, template_kwargs=template)
         ids = rendered.token_ids(tok, end=rendered.text.rfind(_PIN_SENTINEL))
@@ -468,7 +469,7 @@ class ChatBraid(BaseChatModel):
             >>> msg = chat.bind_tools([get_weather], tool_choice="any").invoke("Paris?")
             >>> msg.tool_calls[0]["name"], msg.tool_calls[0]["args"]["city"]
         """
-        formatted = [to_openai_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+        formatted = format_tools(tools)
         names = tool_names(formatted)
         if tool_choice is not None:
             tool_choice = normalize_tool_choice(tool_choice, names)

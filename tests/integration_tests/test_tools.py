@@ -160,6 +160,29 @@ def test_parse_keeps_only_the_first_calls_up_to_a_limit():
         assert "".join(c["args"] for c in chunks) == '{"a": 1, "b": 2}' and content == "Hi bye"
 
 
+def test_responses_api_function_tools_and_provider_built_in_tools(chat):
+    """LangChain passes OpenAI's Responses-API tools through unchanged, so a flat {"type":
+    "function", "name": …, "parameters": …} and a built-in such as {"type": "web_search"} both
+    failed with KeyError: 'function'. The flat form is now the same tool as the nested one (also
+    where tools are counted or pinned); a built-in, which only its provider runs, is a
+    ToolSchemaError that says what to bind instead."""
+    from langchain_braid import ToolSchemaError
+
+    flat = {"type": "function", **DICT_TOOL["function"]}
+    msg = chat.bind_tools([flat], tool_choice="pick").invoke("Pick one.", seed=1)
+    nested = chat.bind_tools([DICT_TOOL], tool_choice="pick").invoke("Pick one.", seed=1)
+    assert msg.response_metadata["token_ids"] == nested.response_metadata["token_ids"]
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [
+        (c["name"], c["args"]) for c in nested.tool_calls]
+    question = [HumanMessage("Pick one.")]
+    assert chat.get_num_tokens_from_messages(question, tools=[flat]) == \
+        chat.get_num_tokens_from_messages(question, tools=[DICT_TOOL])
+    with pytest.raises(ToolSchemaError, match=r"tools\[1\].*'web_search'.*bind a LangChain tool"):
+        chat.bind_tools([add, {"type": "web_search"}])
+    with pytest.raises(ToolSchemaError, match=r"tools\[0\].*'code_interpreter'"):
+        chat.get_num_tokens_from_messages(question, tools=[{"type": "code_interpreter"}])
+
+
 def test_tool_choice_none_never_calls(chat):
     msg = chat.bind_tools([add], tool_choice="none").invoke("Add 2 and 3.", seed=3, max_tokens=24)
     assert msg.tool_calls == [] and "<tool_call>" not in msg.content
