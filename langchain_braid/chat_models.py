@@ -51,6 +51,9 @@ _PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would 
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
                            "enable_thinking", "enable_prefix_caching", "chat_template_kwargs",
                            "tools", "tool_choice", "parallel_tool_calls", "response_format"})
+# those with_structured_output binds as given (it sets the tools and response format itself)
+_SCHEMA_CALL_OPTIONS = _CALL_OPTIONS - {"tools", "tool_choice", "parallel_tool_calls",
+                                        "response_format"}
 
 
 class _Engine:
@@ -480,7 +483,8 @@ class ChatBraid(BaseChatModel):
     def with_structured_output(
         self, schema: dict[str, Any] | type, *,
         method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
-        include_raw: bool = False, strict: bool | None = None, **kwargs: Any,
+        include_raw: bool = False, strict: bool | None = None,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None, **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict | Any]:
         """A runnable returning ``schema``-shaped output (pydantic instance, else a dict).
 
@@ -494,6 +498,9 @@ class ChatBraid(BaseChatModel):
         some JSON object (describe the keys in the prompt; ``schema`` then only parses).
         ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}`` instead of raising.
         ``strict`` is accepted for compatibility: decoding is always schema-strict.
+        ``tools`` (``"json_schema"`` only): the model may call one of them instead, as with
+        ChatOpenAI (``parsed`` is then ``None``; the calls are in the raw message). Call options
+        (``temperature``, ``max_tokens``, ``seed``…) are bound to the model.
 
         Example:
             >>> class Person(BaseModel):
@@ -502,8 +509,15 @@ class ChatBraid(BaseChatModel):
             >>> chat.with_structured_output(Person).invoke("Invent a person.")
             Person(name='…', age=…)
         """
-        if kwargs:
-            raise TypeError(f"with_structured_output got unexpected arguments {sorted(kwargs)}.")
+        unknown = set(kwargs) - _SCHEMA_CALL_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"with_structured_output got unexpected arguments {sorted(unknown)}; besides "
+                f"method, include_raw, strict and tools it binds the call options "
+                f"{sorted(_SCHEMA_CALL_OPTIONS)}.")
+        if tools and method != "json_schema":
+            raise TypeError(f'tools= needs method="json_schema" (got {method!r}): the answer is '
+                            "then a call of one of the tools or the schema's JSON.")
         if method not in ("json_schema", "function_calling", "json_mode"):
             raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'.")
         if schema is None and method != "json_mode":
@@ -516,7 +530,8 @@ class ChatBraid(BaseChatModel):
             tool = to_openai_tool(schema, 'with_structured_output(schema, method="function_calling")',
                                   ', or use method="json_schema", which needs none')
             name = tool["function"]["name"]
-            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format)
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format,
+                                  **kwargs)
             parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
                       else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         else:
@@ -525,9 +540,10 @@ class ChatBraid(BaseChatModel):
                 fmt = {"type": "json_schema", "json_schema": {"schema": json_schema}}
             else:
                 fmt = {"type": "json_object"}
-            llm = self.bind(response_format=fmt,
-                            ls_structured_output_format=ls_format if schema is not None else None)
-            parser = RunnableLambda(_json_parser(schema if pydantic else None))
+            bound = {"response_format": fmt, **kwargs,
+                     "ls_structured_output_format": ls_format if schema is not None else None}
+            llm = self.bind_tools(tools, **bound) if tools else self.bind(**bound)
+            parser = RunnableLambda(_json_parser(schema if pydantic else None, calls=bool(tools)))
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser,
@@ -583,10 +599,13 @@ def _answer_format(guided: GuidedDecoding | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def _json_parser(model: type | None) -> Callable[[AIMessage], Any]:
-    """Parse an answer's JSON (into ``model`` when given; pydantic v1 and v2 alike)."""
+def _json_parser(model: type | None, *, calls: bool = False) -> Callable[[AIMessage], Any]:
+    """Parse an answer's JSON (into ``model`` when given; pydantic v1 and v2 alike); with
+    ``calls``, an answer that calls tools parses as ``None``."""
 
     def parse(message: AIMessage) -> Any:
+        if calls and message.tool_calls:
+            return None
         value = json.loads(message.text, strict=False)  # raw control characters are allowed
         if model is None:
             return value

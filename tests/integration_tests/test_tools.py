@@ -322,6 +322,42 @@ def test_structured_output_include_raw_and_tracing_format(chat):
     assert fmt["kwargs"] == {"method": "json_schema"} and fmt["schema"]["title"] == "Forecast"
 
 
+def test_structured_output_binds_call_options_given_to_it(chat):
+    """ChatOpenAI binds with_structured_output's other keyword arguments to the model; they
+    were refused here. Call options are now bound (with include_raw=True, LangChain drops
+    invoke's own keyword arguments, so this is where a seed or max_tokens goes); anything else
+    is still a TypeError that lists them."""
+    out = chat.with_structured_output(Forecast, include_raw=True, max_tokens=3, seed=1).invoke("Forecast")
+    assert out["raw"].usage_metadata["output_tokens"] == 3 and out["parsed"] is None
+    assert out["raw"].response_metadata["finish_reason"] == "length" and out["parsing_error"]
+    seeded = chat.with_structured_output(Forecast, seed=7).invoke("Forecast")
+    assert seeded == chat.with_structured_output(Forecast).invoke("Forecast", seed=7)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['frequency_penalty'\].*'seed'"):
+        chat.with_structured_output(Forecast, frequency_penalty=1.0)
+
+
+def test_structured_output_with_tools_answers_with_a_call_or_the_schema(chat):
+    """ChatOpenAI's with_structured_output(schema, tools=[...]) lets the model call a tool or
+    answer in the schema (parsed is None after a call); tools was refused as an unexpected
+    argument."""
+    answers = []
+    for seed in range(1, 8):  # the random model seldom leaves a call, unless sampled hot
+        out = chat.with_structured_output(Forecast, tools=[add], include_raw=True, strict=True,
+                                          seed=seed, temperature=2.0, max_tokens=256,
+                                          ).invoke("Forecast please")
+        assert out["parsing_error"] is None and out["raw"].response_metadata["finish_reason"] == "stop"
+        if out["raw"].tool_calls:
+            assert out["parsed"] is None
+            check_args(out["raw"].tool_calls[0]["name"], out["raw"].tool_calls[0]["args"])
+            answers.append("call")
+        else:
+            assert isinstance(out["parsed"], Forecast)
+            answers.append("schema")
+    assert set(answers) == {"call", "schema"}, answers
+    with pytest.raises(TypeError, match='tools= needs method="json_schema"'):
+        chat.with_structured_output(Forecast, method="function_calling", tools=[add])
+
+
 def test_json_mode_answers_with_an_object(chat):
     raw = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke(
         "JSON please", seed=2, max_tokens=12)["raw"]
