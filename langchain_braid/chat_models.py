@@ -20,6 +20,7 @@ from langchain_core.language_models import (
 )
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputParser
 from langchain_core.output_parsers.openai_tools import (
     JsonOutputKeyToolsParser,
     PydanticToolsParser,
@@ -543,7 +544,10 @@ class ChatBraid(BaseChatModel):
             bound = {"response_format": fmt, **kwargs,
                      "ls_structured_output_format": ls_format if schema is not None else None}
             llm = self.bind_tools(tools, **bound) if tools else self.bind(**bound)
-            parser = RunnableLambda(_json_parser(schema if pydantic else None, calls=bool(tools)))
+            if pydantic or tools:
+                parser = RunnableLambda(_json_parser(schema if pydantic else None, calls=bool(tools)))
+            else:  # streams the object as it grows, as ChatOpenAI and ChatOllama do
+                parser = JsonOutputParser()
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser,

@@ -304,6 +304,17 @@ def test_a_tool_from_a_schema_without_a_title_is_a_clear_error(chat):
     assert set(named.invoke("Forecast", seed=1)) == {"days", "unit"}
 
 
+@pytest.mark.parametrize("schema", [Flags, UNTITLED])
+def test_structured_output_streams_partial_objects(chat, schema):
+    """ChatOpenAI and ChatOllama stream a dict schema's object as it grows; here stream() gave
+    the whole object once, at the end. Each key now comes out as it is generated."""
+    structured = chat.with_structured_output(schema)
+    parts = list(structured.stream("Describe it.", seed=4))
+    assert len(parts) >= 2 and all(isinstance(p, dict) for p in parts)
+    assert parts[0] != parts[-1] and set(parts[0]) < set(parts[-1])  # a first key, alone
+    assert parts[-1] == structured.invoke("Describe it.", seed=4)
+
+
 def test_structured_output_include_raw_and_tracing_format(chat):
     from langchain_core.callbacks import BaseCallbackHandler
 
