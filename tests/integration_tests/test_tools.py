@@ -272,9 +272,9 @@ def test_structured_output_of_openai_response_format_dicts(chat, form, method):
     was refused. Both now constrain the answer (or the call's arguments) to the inner schema."""
     inner = {"name": "Forecast", "schema": UNTITLED, "description": "Days and unit."}
     schema = inner if form == "inner" else {"type": "json_schema", "json_schema": {**inner, "strict": True}}
-    structured = chat.with_structured_output(schema, method=method, include_raw=True)
-    for seed in (1, 2):
-        out = structured.invoke("Forecast", seed=seed)
+    for seed in (1, 2):  # bound: with include_raw=True, invoke's keyword arguments are dropped
+        out = chat.with_structured_output(schema, method=method, include_raw=True,
+                                          seed=seed).invoke("Forecast")
         assert out["parsing_error"] is None and set(out["parsed"]) == {"days", "unit"}
         assert type(out["parsed"]["days"]) is int and out["parsed"]["unit"] in ("celsius", "fahrenheit")
         if method == "function_calling":
@@ -325,8 +325,8 @@ def test_structured_output_include_raw_and_tracing_format(chat):
             self.options.append(kwargs.get("options"))
 
     capture = Capture()
-    out = chat.with_structured_output(Forecast, include_raw=True).invoke(
-        "Forecast", seed=7, config={"callbacks": [capture]})
+    out = chat.with_structured_output(Forecast, include_raw=True, seed=7).invoke(
+        "Forecast", config={"callbacks": [capture]})
     assert isinstance(out["parsed"], Forecast) and out["parsing_error"] is None
     assert isinstance(out["raw"], AIMessage)
     fmt = capture.options[0]["ls_structured_output_format"]
@@ -370,9 +370,9 @@ def test_structured_output_with_tools_answers_with_a_call_or_the_schema(chat):
 
 
 def test_json_mode_answers_with_an_object(chat):
-    raw = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke(
-        "JSON please", seed=2, max_tokens=12)["raw"]
-    assert raw.content.startswith("{")
+    raw = chat.with_structured_output(None, method="json_mode", include_raw=True, seed=2,
+                                      max_tokens=12).invoke("JSON please")["raw"]
+    assert raw.content.startswith("{") and raw.usage_metadata["output_tokens"] <= 12
 
 
 def test_response_format_text_is_no_constraint(chat):
