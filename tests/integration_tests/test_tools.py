@@ -114,22 +114,28 @@ def test_parallel_tool_calls_false_gives_at_most_one_call(chat, choice):
     assert len(same.invoke(TWO_CALLS, seed=3, max_tokens=256).tool_calls) == 2
 
 
-@pytest.mark.parametrize("choice", ["any", "auto"])
+@pytest.mark.parametrize("choice", ["any", "auto", "auto or an answer"])
 def test_parallel_tool_calls_false_masks_a_second_call(chat, choice):
     """The limit is in the grammar: after one complete call only the end of the answer is
-    allowed, where the unlimited grammar goes on to a second call."""
+    allowed, where the unlimited grammar goes on to a second call (also where a response
+    format stands beside the tools, as create_agent binds them)."""
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
     from langchain_braid._tools import tool_grammar
 
     runtime = chat.llm.engine.grammar()
     tools = [convert_to_openai_tool(t) for t in (add, toggle)]
-    lead = "" if choice == "any" else "Sure. "
+    answer = {"type": "json_schema", "json_schema": UNTITLED} if choice == "auto or an answer" else None
+    lead = "Sure. " if choice == "auto" else ""
+
+    def grammar(parallel: bool):
+        return tool_grammar(tools, choice.split()[0], answer, parallel=parallel)
+
     for parallel in (True, False):
-        matcher = runtime.matcher(tool_grammar(tools, choice, parallel=parallel))
+        matcher = runtime.matcher(grammar(parallel))
         assert matcher.accept_string(lead + CALL)
         assert matcher.accept_string("\n" + CALL) is parallel
-    single = runtime.matcher(tool_grammar(tools, choice, parallel=False))
+    single = runtime.matcher(grammar(False))
     assert single.accept_string(lead + CALL) and single.is_completed()
     mask = runtime.fill([single])
     allowed = {t for t in range(runtime.vocab_size) if mask[0, t // 32] >> (t % 32) & 1}
