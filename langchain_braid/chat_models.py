@@ -317,7 +317,7 @@ class ChatBraid(BaseChatModel):
         engine = self._engine()
         tok = engine.llm.tokenizer
         template = self._template_kwargs(options)
-        tools = options.get("tools") or []
+        tools = format_tools(options.get("tools") or [])  # bound ones are already formatted
         parallel = _parallel_tool_calls(options.get("parallel_tool_calls"))
         response_format = _response_format_grammar(options.get("response_format"))
         if tools:  # (create_agent binds a response_format beside the tools for its final answer)

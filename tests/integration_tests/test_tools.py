@@ -11,7 +11,7 @@ from langchain_core.tools import tool
 from pydantic import BaseModel
 from typing_extensions import TypedDict
 
-from langchain_braid import ChatBraid
+from langchain_braid import ChatBraid, ToolSchemaError
 from langchain_braid._tools import ToolCallStreamParser, ToolChoiceError, parse_tool_calls
 
 
@@ -172,8 +172,6 @@ def test_responses_api_function_tools_and_provider_built_in_tools(chat):
     failed with KeyError: 'function'. The flat form is now the same tool as the nested one (also
     where tools are counted or pinned); a built-in, which only its provider runs, is a
     ToolSchemaError that says what to bind instead."""
-    from langchain_braid import ToolSchemaError
-
     flat = {"type": "function", **DICT_TOOL["function"]}
     msg = chat.bind_tools([flat], tool_choice="pick").invoke("Pick one.", seed=1)
     nested = chat.bind_tools([DICT_TOOL], tool_choice="pick").invoke("Pick one.", seed=1)
@@ -187,6 +185,19 @@ def test_responses_api_function_tools_and_provider_built_in_tools(chat):
         chat.bind_tools([add, {"type": "web_search"}])
     with pytest.raises(ToolSchemaError, match=r"tools\[0\].*'code_interpreter'"):
         chat.get_num_tokens_from_messages(question, tools=[{"type": "code_interpreter"}])
+
+
+def test_tools_given_per_call_take_the_forms_bind_tools_takes(chat):
+    """tools= is a call option (as with .bind(tools=...)), but only ready OpenAI dicts worked
+    there: a LangChain tool or the Responses-API form failed with KeyError: 'function'."""
+    flat = {"type": "function", **DICT_TOOL["function"]}
+    bound = chat.bind_tools([add, DICT_TOOL], tool_choice="any").invoke("Pick one.", seed=2)
+    for tools in ([add, flat], [add, DICT_TOOL]):
+        msg = chat.invoke("Pick one.", tools=tools, tool_choice="any", seed=2)
+        assert msg.response_metadata["token_ids"] == bound.response_metadata["token_ids"]
+        assert [c["args"] for c in msg.tool_calls] == [c["args"] for c in bound.tool_calls]
+    with pytest.raises(ToolSchemaError, match=r"tools\[0\].*'web_search'"):
+        chat.invoke("Pick one.", tools=[{"type": "web_search"}], max_tokens=2)
 
 
 def test_tool_choice_none_never_calls(chat):
@@ -300,8 +311,6 @@ def test_structured_output_of_a_titled_schema_whose_root_is_not_an_object(chat):
 def test_a_tool_from_a_schema_without_a_title_is_a_clear_error(chat):
     """A call needs a name: function_calling and bind_tools say where it comes from and that
     json_schema needs none (they raised LangChain's 'Unsupported function' ValueError)."""
-    from langchain_braid import ToolSchemaError
-
     with pytest.raises(ToolSchemaError, match=r'add a top-level "title".*method="json_schema"'):
         chat.with_structured_output(UNTITLED, method="function_calling")
     with pytest.raises(ToolSchemaError, match=r'tools\[1\].*add a top-level "title"'):
