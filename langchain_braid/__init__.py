@@ -3,6 +3,7 @@
 from importlib import metadata
 
 from langchain_braid._messages import TOKEN_IDS_KEY, UnsupportedContentError
+from langchain_braid._tools import ToolChoiceError, ToolSchemaError
 from langchain_braid.chat_models import ChatBraid
 
 try:
@@ -10,4 +11,5 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = ""
 
-__all__ = ["ChatBraid", "TOKEN_IDS_KEY", "UnsupportedContentError", "__version__"]
+__all__ = ["ChatBraid", "TOKEN_IDS_KEY", "ToolChoiceError", "ToolSchemaError",
+           "UnsupportedContentError", "__version__"]

@@ -90,7 +90,8 @@ def _memo(tokenizer: Any) -> _Memo:
 
 
 def _content_text(message: BaseMessage) -> tuple[str, str]:
-    """The message's text and (for AI messages) its reasoning, from str or list content."""
+    """The message's text and (for AI messages) its reasoning, from str or list content
+    (a tool message's ``json`` blocks as JSON text)."""
     content = message.content
     if isinstance(content, str):
         return content, ""
@@ -103,6 +104,8 @@ def _content_text(message: BaseMessage) -> tuple[str, str]:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind in _TEXT_BLOCKS:
             texts.append(block.get("text", ""))
+        elif kind == "json" and isinstance(message, ToolMessage):  # a tool's result as data
+            texts.append(json.dumps(block.get("json"), ensure_ascii=False))
         elif kind in _REASONING_BLOCKS and isinstance(message, AIMessage):
             reasoning.append(block.get("reasoning") or block.get("thinking") or "")
         elif kind in _IGNORED_AI_BLOCKS and isinstance(message, AIMessage):

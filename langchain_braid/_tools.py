@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
+from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
 
 from braid_engine import GuidedDecoding
 
@@ -18,15 +20,60 @@ _CALL = re.compile(re.escape(OPEN_CALL) + r"(.*?)(?:" + re.escape(CLOSE_CALL) + 
 _CALL_AND_SPACE = re.compile(r"\s*" + _CALL.pattern + r"\n*", re.S)  # as the stream parser cuts
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
 _CHOICES = ("auto", "none", "any", "required")
+_JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
 class ToolChoiceError(ValueError):
     """``tool_choice`` names no bound tool or is not one of the accepted forms."""
 
 
+class ToolSchemaError(ValueError):
+    """A tool or schema that cannot become a named tool call (e.g. a JSON Schema without a
+    ``title``, which is where a call's name comes from)."""
+
+
+def is_json_schema(schema: Any) -> bool:
+    """Whether ``schema`` is a bare JSON Schema dict rather than one of the tool forms LangChain
+    converts (OpenAI tool or function, Anthropic, Bedrock), which all carry a name, or a
+    provider's built-in tool (``{"type": "web_search"}``)."""
+    if not isinstance(schema, dict) or {"name", "function", "toolSpec"} & schema.keys():
+        return False
+    kind = schema.get("type")
+    return kind is None or isinstance(kind, list) or kind in _JSON_TYPES
+
+
+def to_openai_tool(tool: Any, where: str, instead: str = "") -> dict[str, Any]:
+    """``convert_to_openai_tool(tool)``, raising a ToolSchemaError that names ``where`` the tool
+    came from and what to do (``instead``: another way out) when it cannot be converted."""
+    if is_json_schema(tool) and "title" not in tool:
+        raise ToolSchemaError(
+            f'{where} is a JSON Schema without a "title"; a tool call needs a name: add a '
+            f'top-level "title" (it names the tool){instead}.')
+    try:
+        formatted = convert_to_openai_tool(tool)
+    except ValueError as e:
+        raise ToolSchemaError(f"{where} cannot be a tool: {e}") from e
+    if "function" in formatted:
+        return formatted
+    if formatted.get("type") == "function" and "name" in formatted:  # the Responses API's form
+        return {"type": "function", "function": convert_to_openai_function(formatted)}
+    raise ToolSchemaError(
+        f"{where} ({{'type': {formatted.get('type')!r}, ...}}) is not a function tool: a "
+        "provider's built-in tool runs only on its servers; bind a LangChain tool or function "
+        "that does the work instead (ChatBraid binds functions, LangChain tools, pydantic "
+        "models, TypedDicts and OpenAI or Anthropic function dicts).")
+
+
+def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """``tools`` (as ``bind_tools`` takes them) as OpenAI function tools, the form the chat
+    template renders and the grammar constrains."""
+    return [to_openai_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+
+
 def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
-    """``"auto"``, ``"none"``, ``"any"`` or a tool name, from LangChain's accepted forms."""
-    if tool_choice is None:
+    """``"auto"``, ``"none"``, ``"any"`` or a tool name, from LangChain's accepted forms
+    (``None`` and ``False`` are no choice: ``"auto"``)."""
+    if tool_choice is None or tool_choice is False:
         return "auto"
     if tool_choice is True:
         if len(names) != 1:
@@ -59,24 +106,26 @@ def _call_tag(tool: dict[str, Any]) -> dict[str, Any]:
 
 
 def tool_grammar(tools: Sequence[dict[str, Any]], choice: str,
-                 answer: dict[str, Any] | None = None) -> GuidedDecoding:
+                 answer: dict[str, Any] | None = None, *, parallel: bool = True) -> GuidedDecoding:
     """The constraint for ``choice`` (normalised): auto lets the model write text and constrains
     each call it starts; any / a name force calls from the first token; none forbids calls.
     ``answer`` (a structural-tag format, e.g. a response format's JSON schema) constrains an
-    answer that is not a call: auto is then calls or that answer, none that answer."""
+    answer that is not a call: auto is then calls or that answer, none that answer.
+    ``parallel=False`` ends the answer after its first call (a named choice always does)."""
+    single = not parallel
     if answer is not None and choice in ("auto", "none"):
         calls = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
-                 "tags": [_call_tag(t) for t in tools]}
+                 "stop_after_first": single, "tags": [_call_tag(t) for t in tools]}
         fmt: dict[str, Any] = answer if choice == "none" else {"type": "or", "elements": [calls, answer]}
     elif choice == "none":
         fmt = {"type": "any_text", "excludes": [OPEN_CALL]}
     elif choice == "auto":
-        fmt = {"type": "triggered_tags", "triggers": [OPEN_CALL],
+        fmt = {"type": "triggered_tags", "triggers": [OPEN_CALL], "stop_after_first": single,
                "tags": [_call_tag(t) for t in tools]}
     else:
         chosen = [t for t in tools if choice == "any" or t["function"]["name"] == choice]
         fmt = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
-               "stop_after_first": choice != "any", "tags": [_call_tag(t) for t in chosen]}
+               "stop_after_first": single or choice != "any", "tags": [_call_tag(t) for t in chosen]}
     return GuidedDecoding(structural_tag={"type": "structural_tag", "format": fmt})
 
 
@@ -102,8 +151,10 @@ def parse_call(body: str, names: Sequence[str], call_id: str) -> ToolCall | Inva
     return ToolCall(type="tool_call", name=name, args=args, id=call_id)
 
 
-def parse_tool_calls(text: str, names: Sequence[str]) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
-    """``(content, tool_calls, invalid_tool_calls)`` of a whole answer.
+def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
+                     ) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    """``(content, tool_calls, invalid_tool_calls)`` of a whole answer; with ``limit``, only
+    its first ``limit`` ``<tool_call>`` blocks are read (``parallel_tool_calls=False``: 1).
 
     Example:
         >>> parse_tool_calls('<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>', ["f"])[1]
@@ -111,7 +162,7 @@ def parse_tool_calls(text: str, names: Sequence[str]) -> tuple[str, list[ToolCal
     """
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
-    for m in _CALL.finditer(text):
+    for m in itertools.islice(_CALL.finditer(text), limit):
         closed = m.group(0).endswith(CLOSE_CALL)
         parsed = parse_call(m.group(1).strip(), names, _call_id())
         if closed and parsed["type"] == "tool_call":
@@ -130,6 +181,7 @@ class ToolCallStreamParser:
 
     A call's name goes out as soon as its header is complete, then its arguments as they are
     generated; the wrapper's closing brace and tag are held back until they are unambiguous.
+    With ``limit``, calls after the first ``limit`` give no chunks (as ``parse_tool_calls``).
 
     Example:
         >>> p = ToolCallStreamParser(["f"])
@@ -137,8 +189,9 @@ class ToolCallStreamParser:
         'f'
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], limit: int | None = None) -> None:
         self.names = list(names)
+        self.limit = limit
         self.buffer = ""
         self.in_call = False
         self.header_done = False
@@ -193,7 +246,7 @@ class ToolCallStreamParser:
                     break
             self.buffer = self.buffer[end + len(CLOSE_CALL):].lstrip("\n")
             self.in_call = False
-        return "".join(content), chunks
+        return "".join(content), self._allowed(chunks)
 
     def finish(self) -> tuple[str, list[ToolCallChunk]]:
         """Flush at the end: held text is content. A call cut off after its name gets a last
@@ -203,11 +256,15 @@ class ToolCallStreamParser:
         rest, self.buffer = self.buffer, ""
         if self.in_call:
             if self.header_done:
-                return "", [ToolCallChunk(type="tool_call_chunk", name=None, id=None, index=self.index,
-                                          args=_unrepairable_suffix(self.args_sent))]
-            return "", [ToolCallChunk(type="tool_call_chunk", name=None, args=rest.strip(),
-                                      id=self.call_id, index=self.index)]
+                return "", self._allowed([ToolCallChunk(
+                    type="tool_call_chunk", name=None, id=None, index=self.index,
+                    args=_unrepairable_suffix(self.args_sent))])
+            return "", self._allowed([ToolCallChunk(type="tool_call_chunk", name=None, args=rest.strip(),
+                                                    id=self.call_id, index=self.index)])
         return self._content(rest.rstrip()), []
+
+    def _allowed(self, chunks: list[ToolCallChunk]) -> list[ToolCallChunk]:
+        return chunks if self.limit is None else [c for c in chunks if c["index"] < self.limit]
 
     def _content(self, text: str) -> str:
         if not self.content_started:

@@ -20,6 +20,7 @@ from langchain_core.language_models import (
 )
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.output_parsers import JsonOutputParser
 from langchain_core.output_parsers.openai_tools import (
     JsonOutputKeyToolsParser,
     PydanticToolsParser,
@@ -27,7 +28,7 @@ from langchain_core.output_parsers.openai_tools import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, SecretStr
 
@@ -37,8 +38,11 @@ from langchain_braid._messages import TOKEN_IDS_KEY, render
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
 from langchain_braid._tools import (
     ToolCallStreamParser,
+    format_tools,
+    is_json_schema,
     normalize_tool_choice,
     parse_tool_calls,
+    to_openai_tool,
     tool_grammar,
     tool_names,
 )
@@ -47,7 +51,10 @@ _PROVIDER = "braid"
 _PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would start
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
                            "enable_thinking", "enable_prefix_caching", "chat_template_kwargs",
-                           "tools", "tool_choice", "response_format"})
+                           "tools", "tool_choice", "parallel_tool_calls", "response_format"})
+# those with_structured_output binds as given (it sets the tools and response format itself)
+_SCHEMA_CALL_OPTIONS = _CALL_OPTIONS - {"tools", "tool_choice", "parallel_tool_calls",
+                                        "response_format"}
 
 
 class _Engine:
@@ -239,7 +246,7 @@ class ChatBraid(BaseChatModel):
         empty = count(frame, kwargs)
         total = sum(count([frame[0], m, frame[1]], kwargs) - empty for m in messages)
         if tools:
-            with_tools = {**kwargs, "tools": [convert_to_openai_tool(t) for t in tools]}
+            with_tools = {**kwargs, "tools": format_tools(tools)}
             total += count(frame, with_tools) - empty
         return total
 
@@ -261,7 +268,7 @@ class ChatBraid(BaseChatModel):
         tok = engine.llm.tokenizer
         template = self._template_kwargs({})
         if tools:
-            template["tools"] = [convert_to_openai_tool(t) for t in tools]
+            template["tools"] = format_tools(tools)
         rendered = render(tok, [*messages, HumanMessage(_PIN_SENTINEL)],
                           add_generation_prompt=False, template_kwargs=template)
         ids = rendered.token_ids(tok, end=rendered.text.rfind(_PIN_SENTINEL))
@@ -297,9 +304,10 @@ class ChatBraid(BaseChatModel):
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
                  kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
-                                                  list[str]]:
+                                                  list[str], int | None]:
         """The engine, the prompt ids, the sampling params, whether the prompt opened a
-        ``<think>`` block, and the names of the bound tools (calls are parsed if any)."""
+        ``<think>`` block, the names of the bound tools (calls are parsed if any) and the most
+        calls an answer may hold (``None``: no limit)."""
         options = {k: v for k, v in kwargs.items() if k != "stream" and not k.startswith("ls_")}
         unknown = set(options) - _CALL_OPTIONS
         if unknown:
@@ -309,12 +317,13 @@ class ChatBraid(BaseChatModel):
         engine = self._engine()
         tok = engine.llm.tokenizer
         template = self._template_kwargs(options)
-        tools = options.get("tools") or []
+        tools = format_tools(options.get("tools") or [])  # bound ones are already formatted
+        parallel = _parallel_tool_calls(options.get("parallel_tool_calls"))
         response_format = _response_format_grammar(options.get("response_format"))
         if tools:  # (create_agent binds a response_format beside the tools for its final answer)
             template["tools"] = tools
             choice = normalize_tool_choice(options.get("tool_choice"), tool_names(tools))
-            guided = tool_grammar(tools, choice, _answer_format(response_format))
+            guided = tool_grammar(tools, choice, _answer_format(response_format), parallel=parallel)
         else:
             guided = response_format
             choice = "any" if guided is not None else "auto"
@@ -330,7 +339,8 @@ class ChatBraid(BaseChatModel):
             guided=guided,
         )
         opened = rendered.text.rstrip().endswith(OPEN)
-        return engine, rendered.token_ids(tok), params, opened, tool_names(tools)
+        limit = None if parallel else 1
+        return engine, rendered.token_ids(tok), params, opened, tool_names(tools), limit
 
     def _usage(self, prompt_ids: list[int], out_ids: list[int], cached: int,
                tok: Any) -> UsageMetadata:
@@ -347,11 +357,11 @@ class ChatBraid(BaseChatModel):
                 "finish_reason": finish_reason, TOKEN_IDS_KEY: list(out_ids)}
 
     def _message(self, engine: _Engine, out: RequestOutput, opened: bool,
-                 names: list[str]) -> AIMessage:
+                 names: list[str], limit: int | None) -> AIMessage:
         reasoning, answer = split_reasoning(out.text, thinking=opened)
         calls: dict[str, Any] = {}
         if names:
-            answer, tool_calls, invalid = parse_tool_calls(answer, names)
+            answer, tool_calls, invalid = parse_tool_calls(answer, names, limit)
             calls = {"tool_calls": tool_calls, "invalid_tool_calls": invalid}
         return AIMessage(
             content=answer, **calls,
@@ -389,25 +399,25 @@ class ChatBraid(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
-        engine, ids, params, opened, names = self._prepare(messages, stop, kwargs)
+        engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
         out = engine.llm.engine.add_request(ids, params).result()
-        message = self._message(engine, out, opened, names)
+        message = self._message(engine, out, opened, names, limit)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        engine, ids, params, opened, names = await self._aprepare(messages, stop, kwargs)
+        engine, ids, params, opened, names, limit = await self._aprepare(messages, stop, kwargs)
         stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
         out = await stream.aresult()
-        message = self._message(engine, out, opened, names)
+        message = self._message(engine, out, opened, names, limit)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
     async def _aprepare(self, messages: list[BaseMessage], stop: list[str] | None,
                         kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
-                                                         list[str]]:
+                                                         list[str], int | None]:
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
         if _loaded(key) is None:  # loading takes seconds: keep it off the event loop
             await asyncio.to_thread(self._engine)
@@ -416,8 +426,8 @@ class ChatBraid(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        engine, ids, params, opened, names = self._prepare(messages, stop, kwargs)
-        parser = _AnswerParser(opened, names)
+        engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
+        parser = _AnswerParser(opened, names, limit)
         deltas = iter(engine.llm.engine.add_request(ids, params))
         out_ids: list[int] = []
         try:
@@ -429,8 +439,8 @@ class ChatBraid(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        engine, ids, params, opened, names = await self._aprepare(messages, stop, kwargs)
-        parser = _AnswerParser(opened, names)
+        engine, ids, params, opened, names, limit = await self._aprepare(messages, stop, kwargs)
+        parser = _AnswerParser(opened, names, limit)
         stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
         deltas = stream.__aiter__()
         out_ids: list[int] = []
@@ -443,6 +453,7 @@ class ChatBraid(BaseChatModel):
     # -- tools and structured output -----------------------------------------------------
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
                    tool_choice: dict | str | bool | None = None, strict: bool | None = None,
+                   parallel_tool_calls: bool | None = None,
                    **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (LangChain tools, pydantic models, TypedDicts, functions or OpenAI dicts).
 
@@ -450,8 +461,11 @@ class ChatBraid(BaseChatModel):
         model writes is constrained by a grammar, so ``tool_calls`` always parse and match the
         tool's argument schema. ``tool_choice``: ``"auto"`` (default; the model decides),
         ``"any"``/``"required"`` (at least one call, from the first token), a tool name (that
-        tool), or ``"none"`` (no call). A forced call answers without a reasoning block.
-        ``strict`` is accepted for compatibility: calls are always schema-strict.
+        tool), or ``"none"`` (no call); ``False``, as ``None``, is no choice. A forced call
+        answers without a reasoning block. ``strict`` is accepted for compatibility: calls are
+        always schema-strict. ``parallel_tool_calls=False`` ends the answer after its first call
+        (at most one call; ``True``/``None``: any number); like the other options it may also
+        be given per call.
 
         Example:
             >>> def get_weather(city: str) -> str:
@@ -459,24 +473,35 @@ class ChatBraid(BaseChatModel):
             >>> msg = chat.bind_tools([get_weather], tool_choice="any").invoke("Paris?")
             >>> msg.tool_calls[0]["name"], msg.tool_calls[0]["args"]["city"]
         """
-        formatted = [convert_to_openai_tool(t) for t in tools]
+        formatted = format_tools(tools)
         names = tool_names(formatted)
         if tool_choice is not None:
             tool_choice = normalize_tool_choice(tool_choice, names)
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = _parallel_tool_calls(parallel_tool_calls)
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(
         self, schema: dict[str, Any] | type, *,
         method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
-        include_raw: bool = False, strict: bool | None = None, **kwargs: Any,
+        include_raw: bool = False, strict: bool | None = None,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool] | None = None, **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict | Any]:
         """A runnable returning ``schema``-shaped output (pydantic instance, else a dict).
+
+        ``schema``: a pydantic model (v1 or v2), a TypedDict, a function, a LangChain tool, a
+        JSON Schema dict (``"title"`` names its tool; only ``"function_calling"`` needs one),
+        an OpenAI or Anthropic tool dict, or OpenAI's ``{"name": …, "schema": {…}}`` (also
+        inside ``{"type": "json_schema", "json_schema": …}``).
 
         ``method="json_schema"`` constrains the answer to the schema's JSON; ``"function_calling"``
         forces a call of a tool named after the schema; ``"json_mode"`` constrains the answer to
         some JSON object (describe the keys in the prompt; ``schema`` then only parses).
         ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}`` instead of raising.
         ``strict`` is accepted for compatibility: decoding is always schema-strict.
+        ``tools`` (``"json_schema"`` only): the model may call one of them instead, as with
+        ChatOpenAI (``parsed`` is then ``None``; the calls are in the raw message). Call options
+        (``temperature``, ``max_tokens``, ``seed``…) are bound to the model.
 
         Example:
             >>> class Person(BaseModel):
@@ -485,35 +510,64 @@ class ChatBraid(BaseChatModel):
             >>> chat.with_structured_output(Person).invoke("Invent a person.")
             Person(name='…', age=…)
         """
-        if kwargs:
-            raise TypeError(f"with_structured_output got unexpected arguments {sorted(kwargs)}.")
+        unknown = set(kwargs) - _SCHEMA_CALL_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"with_structured_output got unexpected arguments {sorted(unknown)}; besides "
+                f"method, include_raw, strict and tools it binds the call options "
+                f"{sorted(_SCHEMA_CALL_OPTIONS)}.")
+        if tools and method != "json_schema":
+            raise TypeError(f'tools= needs method="json_schema" (got {method!r}): the answer is '
+                            "then a call of one of the tools or the schema's JSON.")
         if method not in ("json_schema", "function_calling", "json_mode"):
             raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'.")
         if schema is None and method != "json_mode":
             raise ValueError(f"method={method!r} needs a schema; pass one, or use method='json_mode'.")
+        schema = _named_schema(schema)
         pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         ls_format = {"kwargs": {"method": method}, "schema": schema}
         parser: Runnable
         if method == "function_calling":
-            tool = convert_to_openai_tool(schema)
+            tool = to_openai_tool(schema, 'with_structured_output(schema, method="function_calling")',
+                                  ', or use method="json_schema", which needs none')
             name = tool["function"]["name"]
-            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format)
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format,
+                                  **kwargs)
             parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
                       else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         else:
-            if method == "json_schema":
-                fmt = {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
+            if method == "json_schema":  # a bare JSON Schema is used as given: nothing is named
+                json_schema = schema if is_json_schema(schema) else convert_to_json_schema(schema)
+                fmt = {"type": "json_schema", "json_schema": {"schema": json_schema}}
             else:
                 fmt = {"type": "json_object"}
-            llm = self.bind(response_format=fmt,
-                            ls_structured_output_format=ls_format if schema is not None else None)
-            parser = RunnableLambda(_json_parser(schema if pydantic else None))
+            bound = {"response_format": fmt, **kwargs,
+                     "ls_structured_output_format": ls_format if schema is not None else None}
+            llm = self.bind_tools(tools, **bound) if tools else self.bind(**bound)
+            if pydantic or tools:
+                parser = RunnableLambda(_json_parser(schema if pydantic else None, calls=bool(tools)))
+            else:  # streams the object as it grows, as ChatOpenAI and ChatOllama do
+                parser = JsonOutputParser()
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser,
                                             parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _named_schema(schema: Any) -> Any:
+    """OpenAI's response-format forms of a schema, ``{"name", "schema"}`` and ``{"type":
+    "json_schema", "json_schema": {"name", "schema"}}``, as the JSON Schema they hold titled
+    with the name (LangChain would read the first as a tool without arguments); any other
+    schema unchanged."""
+    if isinstance(schema, dict) and schema.get("type") == "json_schema" \
+            and isinstance(schema.get("json_schema"), dict):
+        schema = schema["json_schema"]
+    if isinstance(schema, dict) and isinstance(schema.get("schema"), dict) and "name" in schema:
+        described = {"description": schema["description"]} if "description" in schema else {}
+        return {**schema["schema"], "title": schema["name"], **described}
+    return schema
 
 
 def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDecoding | None:
@@ -533,6 +587,14 @@ def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDe
                      "{'type': 'json_schema', 'json_schema': {'schema': {...}}} or {'type': 'text'}.")
 
 
+def _parallel_tool_calls(value: Any) -> bool:
+    """Whether an answer may hold several calls, from OpenAI's ``parallel_tool_calls``."""
+    if value is None or isinstance(value, bool):
+        return value is not False
+    raise TypeError(f"parallel_tool_calls={value!r}: pass True, False or None (False allows at "
+                    "most one tool call per answer).")
+
+
 def _answer_format(guided: GuidedDecoding | None) -> dict[str, Any] | None:
     """A response format's constraint as a structural-tag format (to combine with tool calls)."""
     if guided is None:
@@ -541,10 +603,13 @@ def _answer_format(guided: GuidedDecoding | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def _json_parser(model: type | None) -> Callable[[AIMessage], Any]:
-    """Parse an answer's JSON (into ``model`` when given; pydantic v1 and v2 alike)."""
+def _json_parser(model: type | None, *, calls: bool = False) -> Callable[[AIMessage], Any]:
+    """Parse an answer's JSON (into ``model`` when given; pydantic v1 and v2 alike); with
+    ``calls``, an answer that calls tools parses as ``None``."""
 
     def parse(message: AIMessage) -> Any:
+        if calls and message.tool_calls:
+            return None
         value = json.loads(message.text, strict=False)  # raw control characters are allowed
         if model is None:
             return value
@@ -556,9 +621,9 @@ def _json_parser(model: type | None) -> Callable[[AIMessage], Any]:
 class _AnswerParser:
     """Reasoning split, then (when tools are bound) tool calls, for a streamed answer."""
 
-    def __init__(self, opened: bool, names: list[str]) -> None:
+    def __init__(self, opened: bool, names: list[str], limit: int | None) -> None:
         self.reasoning = ReasoningParser(thinking=opened)
-        self.calls = ToolCallStreamParser(names) if names else None
+        self.calls = ToolCallStreamParser(names, limit) if names else None
 
     def feed(self, delta: str) -> tuple[str, str, list[Any]]:
         reasoning, answer = self.reasoning.feed(delta)

@@ -11,7 +11,7 @@ from langchain_core.tools import tool
 from pydantic import BaseModel
 from typing_extensions import TypedDict
 
-from langchain_braid import ChatBraid
+from langchain_braid import ChatBraid, ToolSchemaError
 from langchain_braid._tools import ToolCallStreamParser, ToolChoiceError, parse_tool_calls
 
 
@@ -84,6 +84,122 @@ def test_bind_tools_accepts_strict_as_with_structured_output_does(chat):
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "add"
 
 
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+TWO_CALLS = "Add 2 and 3, and toggle."
+
+
+@pytest.mark.parametrize("choice", ["any", "auto"])
+def test_parallel_tool_calls_false_gives_at_most_one_call(chat, choice):
+    """bind_tools(tools, parallel_tool_calls=False), OpenAI's option, was refused at invoke as
+    an unknown call option. The grammar now ends the answer after its first call: with these
+    seeds the unlimited grammar writes two calls, the limited one the same first call alone."""
+    free = chat.bind_tools([add, toggle], tool_choice=choice)
+    single = chat.bind_tools([add, toggle], tool_choice=choice, parallel_tool_calls=False)
+    for seed in (3, 6):
+        many = free.invoke(TWO_CALLS, seed=seed, max_tokens=256)
+        assert len(many.tool_calls) == 2, seed
+        one = single.invoke(TWO_CALLS, seed=seed, max_tokens=256)
+        assert one.response_metadata["finish_reason"] == "stop" and not one.invalid_tool_calls
+        assert [(c["name"], c["args"]) for c in one.tool_calls] == [
+            (many.tool_calls[0]["name"], many.tool_calls[0]["args"])]
+        # as a call option too, and on the streaming path
+        assert [c["args"] for c in free.invoke(TWO_CALLS, seed=seed, max_tokens=256,
+                                               parallel_tool_calls=False).tool_calls] == [
+            one.tool_calls[0]["args"]]
+        merged = None
+        for chunk in single.stream(TWO_CALLS, seed=seed, max_tokens=256):
+            merged = chunk if merged is None else merged + chunk
+        assert [c["args"] for c in merged.tool_calls] == [one.tool_calls[0]["args"]]
+    same = chat.bind_tools([add, toggle], tool_choice=choice, parallel_tool_calls=True)
+    assert len(same.invoke(TWO_CALLS, seed=3, max_tokens=256).tool_calls) == 2
+
+
+@pytest.mark.parametrize("choice", ["any", "auto", "auto or an answer"])
+def test_parallel_tool_calls_false_masks_a_second_call(chat, choice):
+    """The limit is in the grammar: after one complete call only the end of the answer is
+    allowed, where the unlimited grammar goes on to a second call (also where a response
+    format stands beside the tools, as create_agent binds them)."""
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from langchain_braid._tools import tool_grammar
+
+    runtime = chat.llm.engine.grammar()
+    tools = [convert_to_openai_tool(t) for t in (add, toggle)]
+    answer = {"type": "json_schema", "json_schema": UNTITLED} if choice == "auto or an answer" else None
+    lead = "Sure. " if choice == "auto" else ""
+
+    def grammar(parallel: bool):
+        return tool_grammar(tools, choice.split()[0], answer, parallel=parallel)
+
+    for parallel in (True, False):
+        matcher = runtime.matcher(grammar(parallel))
+        assert matcher.accept_string(lead + CALL)
+        assert matcher.accept_string("\n" + CALL) is parallel
+    single = runtime.matcher(grammar(False))
+    assert single.accept_string(lead + CALL) and single.is_completed()
+    mask = runtime.fill([single])
+    allowed = {t for t in range(runtime.vocab_size) if mask[0, t // 32] >> (t % 32) & 1}
+    assert allowed and allowed <= set(chat.llm.engine.eos_token_ids)
+
+
+def test_parallel_tool_calls_must_be_a_bool(chat):
+    with pytest.raises(TypeError, match="parallel_tool_calls.*True, False or None"):
+        chat.bind_tools([add], parallel_tool_calls="no")
+    with pytest.raises(TypeError, match="parallel_tool_calls.*True, False or None"):
+        chat.bind_tools([add]).invoke("hi", parallel_tool_calls=0, max_tokens=2)
+
+
+def test_parse_keeps_only_the_first_calls_up_to_a_limit():
+    text = "Hi " + CALL + "\n" + CALL.replace("1", "5") + " bye"
+    content, calls, invalid = parse_tool_calls(text, ["add"], limit=1)
+    assert content == "Hi bye" and invalid == []
+    assert [c["args"] for c in calls] == [{"a": 1, "b": 2}]
+    for step in (1, 5, len(text)):
+        parser = ToolCallStreamParser(["add"], limit=1)
+        chunks, content = [], ""
+        for i in range(0, len(text), step):
+            c, more = parser.feed(text[i:i + step])
+            content, chunks = content + c, chunks + more
+        tail, more = parser.finish()
+        content, chunks = content + tail, chunks + more
+        assert {c["index"] for c in chunks} == {0}, step
+        assert "".join(c["args"] for c in chunks) == '{"a": 1, "b": 2}' and content == "Hi bye"
+
+
+def test_responses_api_function_tools_and_provider_built_in_tools(chat):
+    """LangChain passes OpenAI's Responses-API tools through unchanged, so a flat {"type":
+    "function", "name": …, "parameters": …} and a built-in such as {"type": "web_search"} both
+    failed with KeyError: 'function'. The flat form is now the same tool as the nested one (also
+    where tools are counted or pinned); a built-in, which only its provider runs, is a
+    ToolSchemaError that says what to bind instead."""
+    flat = {"type": "function", **DICT_TOOL["function"]}
+    msg = chat.bind_tools([flat], tool_choice="pick").invoke("Pick one.", seed=1)
+    nested = chat.bind_tools([DICT_TOOL], tool_choice="pick").invoke("Pick one.", seed=1)
+    assert msg.response_metadata["token_ids"] == nested.response_metadata["token_ids"]
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [
+        (c["name"], c["args"]) for c in nested.tool_calls]
+    question = [HumanMessage("Pick one.")]
+    assert chat.get_num_tokens_from_messages(question, tools=[flat]) == \
+        chat.get_num_tokens_from_messages(question, tools=[DICT_TOOL])
+    with pytest.raises(ToolSchemaError, match=r"tools\[1\].*'web_search'.*bind a LangChain tool"):
+        chat.bind_tools([add, {"type": "web_search"}])
+    with pytest.raises(ToolSchemaError, match=r"tools\[0\].*'code_interpreter'"):
+        chat.get_num_tokens_from_messages(question, tools=[{"type": "code_interpreter"}])
+
+
+def test_tools_given_per_call_take_the_forms_bind_tools_takes(chat):
+    """tools= is a call option (as with .bind(tools=...)), but only ready OpenAI dicts worked
+    there: a LangChain tool or the Responses-API form failed with KeyError: 'function'."""
+    flat = {"type": "function", **DICT_TOOL["function"]}
+    bound = chat.bind_tools([add, DICT_TOOL], tool_choice="any").invoke("Pick one.", seed=2)
+    for tools in ([add, flat], [add, DICT_TOOL]):
+        msg = chat.invoke("Pick one.", tools=tools, tool_choice="any", seed=2)
+        assert msg.response_metadata["token_ids"] == bound.response_metadata["token_ids"]
+        assert [c["args"] for c in msg.tool_calls] == [c["args"] for c in bound.tool_calls]
+    with pytest.raises(ToolSchemaError, match=r"tools\[0\].*'web_search'"):
+        chat.invoke("Pick one.", tools=[{"type": "web_search"}], max_tokens=2)
+
+
 def test_tool_choice_none_never_calls(chat):
     msg = chat.bind_tools([add], tool_choice="none").invoke("Add 2 and 3.", seed=3, max_tokens=24)
     assert msg.tool_calls == [] and "<tool_call>" not in msg.content
@@ -106,6 +222,19 @@ def test_tool_choice_dicts_of_each_provider_form():
     assert normalize_tool_choice({"type": "auto"}, names) == "auto"
     with pytest.raises(ToolChoiceError, match="'type': 'function'"):
         normalize_tool_choice({"type": "function"}, names)
+
+
+def test_tool_choice_false_is_no_choice(chat):
+    """ChatOpenAI and others read tool_choice=False as no choice, like None; it was refused
+    as neither a choice nor a tool. It is now the default, "auto"."""
+    from langchain_braid._tools import normalize_tool_choice
+
+    assert normalize_tool_choice(False, ["add"]) == "auto"
+    default = chat.bind_tools([add, toggle]).invoke(TWO_CALLS, seed=3, max_tokens=256)
+    off = chat.bind_tools([add, toggle], tool_choice=False).invoke(TWO_CALLS, seed=3, max_tokens=256)
+    assert off.content == default.content and len(off.tool_calls) == 2
+    assert [(c["name"], c["args"]) for c in off.tool_calls] == [
+        (c["name"], c["args"]) for c in default.tool_calls]
 
 
 def test_streaming_yields_call_chunks_as_arguments_are_generated(chat):
@@ -136,6 +265,71 @@ def test_structured_output_validates(chat, schema, method):
             Forecast.model_validate(out)
 
 
+UNTITLED = {"type": "object", "additionalProperties": False, "required": ["days", "unit"],
+            "properties": {"days": {"type": "integer"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+
+
+def test_structured_output_of_a_json_schema_without_a_title(chat):
+    """A JSON Schema dict without "title" failed with LangChain's 'must have a top-level title
+    key to be used as the function name', though method="json_schema" names nothing: it now
+    constrains the answer to the schema as given (as ChatOllama does)."""
+    structured = chat.with_structured_output(UNTITLED)
+    for seed in (1, 2):
+        out = structured.invoke("Forecast", seed=seed)
+        assert set(out) == {"days", "unit"} and type(out["days"]) is int
+        assert out["unit"] in ("celsius", "fahrenheit")
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+@pytest.mark.parametrize("form", ["inner", "response_format"])
+def test_structured_output_of_openai_response_format_dicts(chat, form, method):
+    """OpenAI's forms, {"name": …, "schema": {…}} and {"type": "json_schema", "json_schema":
+    {…}}, which ChatOpenAI takes as a schema: the first was read as a tool named "Forecast"
+    without arguments, so the answer was any JSON value (a bare number came back), the second
+    was refused. Both now constrain the answer (or the call's arguments) to the inner schema."""
+    inner = {"name": "Forecast", "schema": UNTITLED, "description": "Days and unit."}
+    schema = inner if form == "inner" else {"type": "json_schema", "json_schema": {**inner, "strict": True}}
+    for seed in (1, 2):  # bound: with include_raw=True, invoke's keyword arguments are dropped
+        out = chat.with_structured_output(schema, method=method, include_raw=True,
+                                          seed=seed).invoke("Forecast")
+        assert out["parsing_error"] is None and set(out["parsed"]) == {"days", "unit"}
+        assert type(out["parsed"]["days"]) is int and out["parsed"]["unit"] in ("celsius", "fahrenheit")
+        if method == "function_calling":
+            assert [c["name"] for c in out["raw"].tool_calls] == ["Forecast"]
+
+
+def test_structured_output_of_a_titled_schema_whose_root_is_not_an_object(chat):
+    """LangChain's conversion keeps a titled schema's body only when it has "properties", so
+    an array schema lost its items and any JSON came back; the schema is now used as given."""
+    schema = {"title": "Scores", "type": "array", "items": {"type": "integer", "maximum": 99},
+              "minItems": 1, "maxItems": 3}
+    for seed in (1, 2):
+        out = chat.with_structured_output(schema).invoke("Scores", seed=seed)
+        assert isinstance(out, list) and out and all(type(v) is int for v in out)
+
+
+def test_a_tool_from_a_schema_without_a_title_is_a_clear_error(chat):
+    """A call needs a name: function_calling and bind_tools say where it comes from and that
+    json_schema needs none (they raised LangChain's 'Unsupported function' ValueError)."""
+    with pytest.raises(ToolSchemaError, match=r'add a top-level "title".*method="json_schema"'):
+        chat.with_structured_output(UNTITLED, method="function_calling")
+    with pytest.raises(ToolSchemaError, match=r'tools\[1\].*add a top-level "title"'):
+        chat.bind_tools([add, UNTITLED])
+    named = chat.with_structured_output({**UNTITLED, "title": "Forecast"}, method="function_calling")
+    assert set(named.invoke("Forecast", seed=1)) == {"days", "unit"}
+
+
+@pytest.mark.parametrize("schema", [Flags, UNTITLED])
+def test_structured_output_streams_partial_objects(chat, schema):
+    """ChatOpenAI and ChatOllama stream a dict schema's object as it grows; here stream() gave
+    the whole object once, at the end. Each key now comes out as it is generated."""
+    structured = chat.with_structured_output(schema)
+    parts = list(structured.stream("Describe it.", seed=4))
+    assert len(parts) >= 2 and all(isinstance(p, dict) for p in parts)
+    assert parts[0] != parts[-1] and set(parts[0]) < set(parts[-1])  # a first key, alone
+    assert parts[-1] == structured.invoke("Describe it.", seed=4)
+
+
 def test_structured_output_include_raw_and_tracing_format(chat):
     from langchain_core.callbacks import BaseCallbackHandler
 
@@ -146,18 +340,54 @@ def test_structured_output_include_raw_and_tracing_format(chat):
             self.options.append(kwargs.get("options"))
 
     capture = Capture()
-    out = chat.with_structured_output(Forecast, include_raw=True).invoke(
-        "Forecast", seed=7, config={"callbacks": [capture]})
+    out = chat.with_structured_output(Forecast, include_raw=True, seed=7).invoke(
+        "Forecast", config={"callbacks": [capture]})
     assert isinstance(out["parsed"], Forecast) and out["parsing_error"] is None
     assert isinstance(out["raw"], AIMessage)
     fmt = capture.options[0]["ls_structured_output_format"]
     assert fmt["kwargs"] == {"method": "json_schema"} and fmt["schema"]["title"] == "Forecast"
 
 
+def test_structured_output_binds_call_options_given_to_it(chat):
+    """ChatOpenAI binds with_structured_output's other keyword arguments to the model; they
+    were refused here. Call options are now bound (with include_raw=True, LangChain drops
+    invoke's own keyword arguments, so this is where a seed or max_tokens goes); anything else
+    is still a TypeError that lists them."""
+    out = chat.with_structured_output(Forecast, include_raw=True, max_tokens=3, seed=1).invoke("Forecast")
+    assert out["raw"].usage_metadata["output_tokens"] == 3 and out["parsed"] is None
+    assert out["raw"].response_metadata["finish_reason"] == "length" and out["parsing_error"]
+    seeded = chat.with_structured_output(Forecast, seed=7).invoke("Forecast")
+    assert seeded == chat.with_structured_output(Forecast).invoke("Forecast", seed=7)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['frequency_penalty'\].*'seed'"):
+        chat.with_structured_output(Forecast, frequency_penalty=1.0)
+
+
+def test_structured_output_with_tools_answers_with_a_call_or_the_schema(chat):
+    """ChatOpenAI's with_structured_output(schema, tools=[...]) lets the model call a tool or
+    answer in the schema (parsed is None after a call); tools was refused as an unexpected
+    argument."""
+    answers = []
+    for seed in range(1, 8):  # the random model seldom leaves a call, unless sampled hot
+        out = chat.with_structured_output(Forecast, tools=[add], include_raw=True, strict=True,
+                                          seed=seed, temperature=2.0, max_tokens=256,
+                                          ).invoke("Forecast please")
+        assert out["parsing_error"] is None and out["raw"].response_metadata["finish_reason"] == "stop"
+        if out["raw"].tool_calls:
+            assert out["parsed"] is None
+            check_args(out["raw"].tool_calls[0]["name"], out["raw"].tool_calls[0]["args"])
+            answers.append("call")
+        else:
+            assert isinstance(out["parsed"], Forecast)
+            answers.append("schema")
+    assert set(answers) == {"call", "schema"}, answers
+    with pytest.raises(TypeError, match='tools= needs method="json_schema"'):
+        chat.with_structured_output(Forecast, method="function_calling", tools=[add])
+
+
 def test_json_mode_answers_with_an_object(chat):
-    raw = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke(
-        "JSON please", seed=2, max_tokens=12)["raw"]
-    assert raw.content.startswith("{")
+    raw = chat.with_structured_output(None, method="json_mode", include_raw=True, seed=2,
+                                      max_tokens=12).invoke("JSON please")["raw"]
+    assert raw.content.startswith("{") and raw.usage_metadata["output_tokens"] <= 12
 
 
 def test_response_format_text_is_no_constraint(chat):

@@ -44,6 +44,22 @@ def test_media_is_a_typed_error() -> None:
         to_template_dict(image)
 
 
+def test_json_blocks_of_a_tool_result_are_json_text() -> None:
+    """A tool may return [{"type": "json", "json": {...}}], one of LangChain's tool-result
+    blocks: it was refused as media a text-only model cannot read. It is now the JSON's text."""
+    from langchain_core.tools import tool
+
+    @tool
+    def lookup(key: str) -> list:
+        """Look a key up."""
+        return [{"type": "text", "text": "Found:"}, {"type": "json", "json": {"key": key, "n": [1, 2]}}]
+
+    result = lookup.invoke({"name": "lookup", "args": {"key": "é"}, "id": "c1", "type": "tool_call"})
+    assert to_template_dict(result) == {
+        "role": "tool", "content": 'Found:\n{"key": "é", "n": [1, 2]}', "tool_call_id": "c1",
+        "name": "lookup"}
+
+
 def _thread(tok, answer_ids: list[int], content: str | None = None) -> list:
     text = content if content is not None else tok.decode(answer_ids, skip_special_tokens=True)
     return [SystemMessage("You are a helpful assistant."), HumanMessage("Hello!"),
