@@ -544,11 +544,24 @@ class LLMEngine:
         self._forget(seq)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
+        """End ``seq`` with ``error``: its caller gets the error, its pages go back. The loop calls
+        it where something already failed, so it never raises (it killed the loop thread,
+        stranding every other request): a piece that fails is logged and the rest still run."""
         seq.finish_reason = "error"
-        self.scheduler.finish(seq)
+        for end in (self.scheduler.finish, self.scheduler.drop):  # drop: its pages go back uncached
+            if seq.is_finished:  # (already, where _finish raised after the scheduler's part)
+                break
+            try:
+                end(seq)
+            except Exception:
+                logger.exception("request %s: %s failed while failing it", seq.request_id, end.__name__)
         stream = self._streams.get(seq.request_id)
         if stream is not None:
-            stream._put(error)
+            try:
+                stream._put(error)
+            except Exception:
+                logger.exception("request %s: its stream refused its error", seq.request_id)
+                stream.error = error  # a reader that comes later raises it
         self._forget(seq)
 
     def _forget(self, seq: Sequence) -> None:

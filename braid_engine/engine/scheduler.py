@@ -193,9 +193,14 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         self.cache_sequence(seq)
-        self.release(seq)
+        self.drop(seq)
+
+    def drop(self, seq: Sequence) -> None:
+        """``finish`` without caching ``seq``'s KV (where caching it failed): out of the queues
+        first, so a failing release leaves no request behind that a step would run again."""
         seq.status = Status.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.release(seq)

@@ -313,3 +313,68 @@ def test_a_failing_abort_fails_only_the_aborted_request(tiny_qwen3, monkeypatch)
     assert len(out.token_ids) == 200
     _no_pages_held(llm)
     llm.shutdown()
+
+
+def _free_pages_when_idle(llm):
+    """The pool's free pages once the engine is idle and the prefix cache is cleared: a page (or
+    a tree lock) still held by a lost request stays out of it."""
+    import time
+
+    deadline = time.time() + 30
+    while not llm.engine.idle and time.time() < deadline:
+        time.sleep(0.01)
+    llm.engine.clear_cache()
+    return llm.engine.pool.num_free
+
+
+LONG = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.mark.parametrize("broken", ["finish", "put"])
+def test_a_failing_fail_leaves_the_loop_serving(tiny_qwen3, monkeypatch, broken):
+    """``_fail`` runs in the loop's error handler; when it raised too (the scheduler's finish of
+    the failed request, or its stream refusing the error) the loop thread died and every other
+    request waited forever. Now the failed request still ends with its error, the request queued
+    behind it runs as in a clean run, and every page comes back."""
+    from braid_engine.engine.engine import RequestStream
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, max_num_seqs=1)  # the other one waits
+    engine = llm.engine
+    other_prompt = [9, 10, 11, 12, 13]
+    clean = llm.generate([other_prompt], LONG)[0].token_ids
+    free = _free_pages_when_idle(llm)
+    assert free == engine.pool.num_pages
+    execute, finish, put = engine.runner.execute, engine.scheduler.finish, RequestStream._put
+
+    def execute_or_fail(batch):
+        if any(s.request_id == "doomed" for s, _ in batch):
+            raise RuntimeError("forward broke")
+        return execute(batch)
+
+    def finish_or_fail(seq):
+        if seq.request_id == "doomed":
+            raise RuntimeError("finish broke")
+        finish(seq)
+
+    def put_or_fail(stream, item):
+        if stream.request_id == "doomed":
+            raise RuntimeError("put broke")
+        put(stream, item)
+
+    monkeypatch.setattr(engine.runner, "execute", execute_or_fail)
+    if broken == "finish":
+        monkeypatch.setattr(engine.scheduler, "finish", finish_or_fail)
+    else:
+        monkeypatch.setattr(RequestStream, "_put", put_or_fail)
+    with engine.together():
+        doomed = engine.add_request([5, 6, 7, 8], LONG, request_id="doomed")
+        other = engine.add_request(other_prompt, LONG)
+    out = _result_within(other)
+    assert not isinstance(out, (str, Exception)), out
+    assert out.token_ids == clean
+    # the stream that refused the error still raises it to a reader that comes after
+    failed = _result_within(doomed)
+    assert isinstance(failed, RuntimeError) and "forward broke" in str(failed), failed
+    assert _free_pages_when_idle(llm) == free
+    assert engine._thread.is_alive()
+    llm.shutdown()
