@@ -352,7 +352,7 @@ class LLMEngine:
             self._computed(seq, n)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         for seq, token in zip(samplers, tokens):
-            self._append(seq, token)
+            self._alone(seq, self._append, seq, token)
 
     def _execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """The runner's forward over the batch; with ``prefill_chunk_while_decoding`` set, a step
@@ -472,12 +472,12 @@ class LLMEngine:
             events = finishing.get(k, []) + [(i, seq, col[k]) for i, seq, col in streamed if not seq.is_finished]
             for _, seq, what in sorted(events, key=operator.itemgetter(0)):
                 if isinstance(what, str):
-                    self._finish(seq, what)
+                    self._alone(seq, self._finish, seq, what)
                     continue
                 if k or not scheduled:
                     self.scheduler.decoded_tokens += 1
                 self._computed(seq, 1)
-                self._append(seq, what)
+                self._alone(seq, self._append, seq, what)
 
     def _append_quiet(self, seq: Sequence, column: tuple[int, ...], scheduled: bool) -> tuple[int, str] | None:
         """A burst's tokens for a sequence whose caller wants only the final output (no text
@@ -499,6 +499,17 @@ class LLMEngine:
         seq.text_tokens += cut - (reason == "stop")
         self.scheduler.decoded_tokens += cut - scheduled
         return None if reason is None else (cut - 1, reason)
+
+    def _alone(self, seq: Sequence, action, *args) -> None:
+        """``action(*args)``, the handling of ``seq``'s new token or finish. Where it raises (the
+        request's detokenizer, stop strings, grammar or stream), ``seq`` alone fails: the step's
+        other requests go on (they all failed with it; one raising past its scheduler finish
+        was left unfinished for its caller)."""
+        try:
+            action(*args)
+        except Exception as e:
+            logger.exception("request %s failed", seq.request_id)
+            self._fail(seq, e)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_token_ids.append(token)

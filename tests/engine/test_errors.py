@@ -378,3 +378,65 @@ def test_a_failing_fail_leaves_the_loop_serving(tiny_qwen3, monkeypatch, broken)
     assert _free_pages_when_idle(llm) == free
     assert engine._thread.is_alive()
     llm.shutdown()
+
+
+def _fails_on_call(n, original, message, counted=lambda *args: True):
+    """``original`` that raises RuntimeError(message) on its n-th call (of those ``counted``)."""
+    calls = [0]
+
+    def fail(*args, **kwargs):
+        calls[0] += counted(*args)
+        if calls[0] == n and counted(*args):
+            raise RuntimeError(message)
+        return original(*args, **kwargs)
+
+    return fail
+
+
+@pytest.mark.parametrize("burst", [1, 8])
+@pytest.mark.parametrize("stage", ["detokenize", "stop strings", "stream", "finish"])
+def test_a_request_failing_in_its_own_output_fails_alone(tiny_qwen3, stage, burst):
+    """An error in one request's own output handling (its detokenizer, its stop strings, its
+    stream, its last text at the finish) failed every request of the step with it, or, raised
+    at the finish, stranded that request (finished in the scheduler, never told). Now that
+    request alone ends with the error; the others in its batch finish as in a clean run."""
+    from braid_engine.engine.sequence import RequestOutput
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, decode_burst=burst)
+    engine = llm.engine
+    # a stop string that never comes: the detokenizer checks and holds back text every token
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=["\x00never"])
+    prompts = ([5, 6, 7, 8], [9, 10, 11, 12, 13])
+
+    def run(fault=None):
+        with engine.together():
+            streams = [engine.add_request(p, params) for p in prompts]
+            if fault:
+                fault(engine._pending[0], streams[0])
+        return [_result_within(s) for s in streams]
+
+    clean = run()
+    assert (engine.bursts > 0) == (burst > 1)  # the tokens after the first come in bursts
+    free = _free_pages_when_idle(llm)
+    message = f"{stage} broke"
+
+    def fault(seq, stream):
+        detok = seq.detok
+        if stage == "detokenize":
+            detok.add = _fails_on_call(6, detok.add, message)
+        elif stage == "stop strings":
+            detok._held_back = _fails_on_call(6, detok._held_back, message)
+        elif stage == "stream":
+            # its 6th delta (the error itself goes through)
+            stream._put = _fails_on_call(6, stream._put, message, lambda item: isinstance(item, RequestOutput))
+        else:
+            detok.flush = _fails_on_call(1, detok.flush, message)
+
+    doomed, other = run(fault)
+    assert isinstance(doomed, RuntimeError) and message in str(doomed), doomed
+    assert not isinstance(other, (str, Exception)), other
+    assert (other.token_ids, other.text, other.finish_reason) == (
+        clean[1].token_ids, clean[1].text, clean[1].finish_reason)
+    assert _free_pages_when_idle(llm) == free
+    assert len(llm.generate([prompts[0]], params)[0].token_ids) == 20
+    llm.shutdown()
