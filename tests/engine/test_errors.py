@@ -440,3 +440,48 @@ def test_a_request_failing_in_its_own_output_fails_alone(tiny_qwen3, stage, burs
     assert _free_pages_when_idle(llm) == free
     assert len(llm.generate([prompts[0]], params)[0].token_ids) == 20
     llm.shutdown()
+
+
+@pytest.mark.parametrize("stage", ["forward", "burst", "burst tokens", "sampling", "caching"])
+def test_a_failed_step_fails_its_batch_and_the_engine_serves_on(tiny_qwen3, monkeypatch, stage):
+    """A fault in a step's shared work (the forward, a decode burst and its read, sampling, the
+    prefix cache's insert) fails the requests of that step; the request waiting behind them
+    runs as in a clean run, the same prompts again (reusing what the failed ones cached) give
+    the clean outputs, and every page comes back."""
+    import braid_engine.engine.engine as engine_module
+    from braid_engine.engine.model_runner import Burst
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, max_num_seqs=2,
+              decode_burst=1 if stage == "sampling" else 8)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = ([5, 6, 7, 8, 9, 10], [20, 21, 22, 23, 24], [12, 13, 14])  # the third waits
+
+    def run():
+        with engine.together():
+            streams = [engine.add_request(p, params) for p in prompts]
+        return [_result_within(s) for s in streams]
+
+    clean = [out.token_ids for out in run()]
+    free = _free_pages_when_idle(llm)
+    message = f"{stage} broke"
+    if stage == "forward":
+        monkeypatch.setattr(engine.runner, "execute", _fails_on_call(1, engine.runner.execute, message))
+    elif stage == "burst":
+        monkeypatch.setattr(engine.runner, "launch_burst", _fails_on_call(2, engine.runner.launch_burst, message))
+    elif stage == "burst tokens":
+        monkeypatch.setattr(Burst, "tokens", _fails_on_call(2, Burst.tokens, message))
+    elif stage == "sampling":
+        monkeypatch.setattr(engine_module, "sample", _fails_on_call(4, engine_module.sample, message))
+    else:  # the second prompt's insert, once its prompt is computed
+        monkeypatch.setattr(engine.scheduler, "cache_sequence",
+                            _fails_on_call(2, engine.scheduler.cache_sequence, message))
+    first, second, third = run()
+    for failed in (first, second):
+        assert isinstance(failed, RuntimeError) and message in str(failed), failed
+    assert not isinstance(third, (str, Exception)), third
+    assert third.token_ids == clean[2]
+    monkeypatch.undo()
+    assert [out.token_ids for out in run()] == clean
+    assert _free_pages_when_idle(llm) == free
+    llm.shutdown()
