@@ -66,7 +66,7 @@ class RequestStream:
             try:
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                self.engine.abort(self.request_id)
+                self.engine._abort(self)
         else:
             self._queue.put(item)
 
@@ -88,7 +88,7 @@ class RequestStream:
                 yield self._accept(self._queue.get())
         finally:
             if self.finish_reason is None:
-                self.engine.abort(self.request_id)
+                self.engine._abort(self)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         if self.error is not None:
@@ -98,7 +98,7 @@ class RequestStream:
                 yield self._accept(await self._queue.get())
         finally:
             if self.finish_reason is None:
-                self.engine.abort(self.request_id)
+                self.engine._abort(self)
 
     def result(self) -> RequestOutput:
         """Block until the request finishes; the whole output."""
@@ -164,7 +164,7 @@ class LLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[Sequence] = []
-        self._aborts: list[str] = []
+        self._aborts: list[RequestStream] = []
         self._wake = threading.Condition()
         self._state = threading.RLock()
         self._closed = False
@@ -270,7 +270,16 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request; its computed KV stays cached. Unknown or finished ids are ignored."""
         with self._wake:
-            self._aborts.append(request_id)
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                self._abort(stream)
+
+    def _abort(self, stream: RequestStream) -> None:
+        """Stop ``stream``'s request if it still runs. Aborts name the stream, not its id: one
+        read after its request finished (a stream closed late, an abort racing the finish) would
+        otherwise stop a new request that took the id again."""
+        with self._wake:
+            self._aborts.append(stream)
             self._wake.notify()
 
     # -- the loop ----------------------------------------------------------------------
@@ -292,9 +301,10 @@ class LLMEngine:
                 for seq in pending:
                     self._seqs[seq.request_id] = seq
                     self.scheduler.add(seq)
-                for rid in aborts:
+                for stream in aborts:
+                    rid = stream.request_id
                     seq = self._seqs.get(rid)
-                    if seq is not None and not seq.is_finished:
+                    if seq is not None and not seq.is_finished and self._streams.get(rid) is stream:
                         try:
                             self._finish(seq, "abort")
                         except Exception as e:  # fails that request, not the loop thread

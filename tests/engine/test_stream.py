@@ -203,3 +203,51 @@ def test_numpy_integer_ids_are_prompts_as_in_the_engine(qwen3_llm):
         outs = qwen3_llm.generate(prompt, params)
         assert len(outs) == 1 and outs[0].prompt_token_ids == ids and outs[0].token_ids == want
     assert [t for d in qwen3_llm.stream(as_numpy, params) for t in d.token_ids] == want
+
+
+def test_a_late_abort_of_a_finished_request_spares_the_next_one_with_its_id(tiny_qwen3):
+    """A stream closed after its request finished but before its last output was read (a loop
+    left early; a generator finalized later by the collector) aborts by request id; once the
+    id was taken again by a new request, that abort stopped the new one. Now an abort reaches
+    only the request it was made for."""
+    import threading
+
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    clean = llm.generate([[5, 6, 7]], params)[0].token_ids
+    old = iter(engine.add_request([5, 6, 7], params, request_id="chat-1"))
+    next(old)
+    deadline = time.time() + 30
+    while "chat-1" in engine._streams and time.time() < deadline:  # it finishes unread
+        time.sleep(0.01)
+    with engine.together():  # the loop takes both at once
+        new = engine.add_request([5, 6, 7], params, request_id="chat-1")
+        old.close()  # its caller leaves: the final output was never read
+    out = new.result()
+    assert (out.token_ids, out.finish_reason) == (clean, "length")
+
+    # an abort made while the old request ran, read by the loop after it finished and its id
+    # was taken again
+    finish, again, added = engine._finish, [], threading.Event()
+
+    def finish_with_a_racing_abort(seq, reason):
+        if seq.request_id == "chat-2" and not again:
+            engine.abort("chat-2")  # the old one still runs
+            finish(seq, reason)
+            again.append(engine.add_request([5, 6, 7], params, request_id="chat-2"))
+            added.set()
+            return
+        finish(seq, reason)
+
+    engine._finish = finish_with_a_racing_abort
+    try:
+        assert engine.add_request([5, 6, 7], params, request_id="chat-2").result().token_ids == clean
+        added.wait(30)
+        out = again[0].result()
+    finally:
+        del engine._finish
+    assert (out.token_ids, out.finish_reason) == (clean, "length")
+    llm.shutdown()
