@@ -38,6 +38,8 @@ from braid_engine.sampling import SamplingParams, sample
 # with EngineConfig.pipeline_bursts: follow-up bursts launched in one step at most; the GPU then
 # waits for the host once every PIPELINE_CHAIN + 1 bursts
 PIPELINE_CHAIN = 8
+# pin() computes its prefix again this often where an eviction takes it before it is pinned
+PIN_TRIES = 3
 
 logger = logging.getLogger("braid_engine")
 _ids = itertools.count()
@@ -600,21 +602,25 @@ class LLMEngine:
         if self.cache is None:
             raise InvalidRequestError("prefix caching is off (enable_prefix_caching=False); nothing to pin.")
         self.validate_prompt(token_ids)
-        # a one-token request leaves the whole prompt's KV in the tree
-        self.add_request(token_ids, SamplingParams(temperature=0, max_tokens=1)).result()
-        with self._state:
-            node, m, _ = self.cache.match(token_ids)
-            if m < len(token_ids):
-                raise KVCacheFullError("the prefix was evicted before it could be pinned; the pool is too small.")
-            pinned = self.cache.pinned_pages() | self.cache.path_pages(node)
-            limit = int(self.config.max_pinned_fraction * self.pool.num_pages)
-            if len(pinned) > limit:
-                raise KVCacheFullError(
-                    f"pinning would hold {len(pinned)} pages, over the limit of {limit} "
-                    f"({self.config.max_pinned_fraction:.0%} of the pool); release other pins "
-                    "or raise max_pinned_fraction.")
-            self.cache.pin(node)
-        return PinHandle(self, node, m)
+        for _ in range(PIN_TRIES):
+            # a one-token request leaves the whole prompt's KV in the tree
+            self.add_request(token_ids, SamplingParams(temperature=0, max_tokens=1)).result()
+            with self._state:
+                node, m, _ = self.cache.match(token_ids)
+                if m < len(token_ids):
+                    continue  # evicted before it was pinned (other requests' pages, clear_cache)
+                pinned = self.cache.pinned_pages() | self.cache.path_pages(node)
+                limit = int(self.config.max_pinned_fraction * self.pool.num_pages)
+                if len(pinned) > limit:
+                    raise KVCacheFullError(
+                        f"pinning would hold {len(pinned)} pages, over the limit of {limit} "
+                        f"({self.config.max_pinned_fraction:.0%} of the pool); release other pins "
+                        "or raise max_pinned_fraction.")
+                self.cache.pin(node)
+            return PinHandle(self, node, m)
+        raise KVCacheFullError(
+            f"the prefix was evicted {PIN_TRIES} times before it could be pinned: the pool is busy or "
+            "too small; retry later, release other pins or enlarge the pool.")
 
     def release(self, handle: PinHandle) -> None:
         with self._state:

@@ -347,3 +347,41 @@ def test_a_request_that_cannot_fit_beside_pins_fails_clearly_and_the_engine_keep
     _wait_idle(llm)
     _check_refs(llm)
     llm.shutdown()
+
+
+def test_a_pin_whose_prefix_is_evicted_before_it_holds_it_computes_it_again(tiny_qwen3, monkeypatch):
+    """pin() computes the prefix with a one-token request, then pins what the tree holds; an
+    eviction in between (a clear_cache, or other requests' pages, from another thread) made it
+    raise "the pool is too small" though the pool had room. Now it computes the prefix again
+    and pins it."""
+    from braid_engine.engine.engine import RequestStream
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40)
+    result, evicted = RequestStream.result, []
+
+    def result_then_evict(stream):
+        out = result(stream)
+        if not evicted:
+            llm.engine.clear_cache()
+            evicted.append(llm.stats()["pages_cached"])
+        return out
+
+    monkeypatch.setattr(RequestStream, "result", result_then_evict)
+    prefix = [(3 * j) % 300 + 3 for j in range(22)]
+    handle = llm.pin(prefix)
+    assert evicted == [0]
+    assert handle.num_tokens == 22 and llm.stats()["pages_pinned"] == 6
+    for i in range(12):  # flood the pool: the pinned prefix stays
+        llm.generate([[(7 * i + j) % 300 + 3 for j in range(30)]], GREEDY)
+    assert llm.stats()["evictions"] > 0
+    assert llm.generate([prefix + [9]], GREEDY)[0].num_cached_tokens == 22
+    handle.release()
+    monkeypatch.setattr(RequestStream, "result", lambda stream: (result(stream), llm.engine.clear_cache())[0])
+    with pytest.raises(KVCacheFullError, match="evicted 3 times before it could be pinned.*retry later"):
+        llm.pin(prefix)  # taken every time
+    assert llm.stats()["pages_pinned"] == 0
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == 40
+    llm.shutdown()
