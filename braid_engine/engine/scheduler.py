@@ -30,6 +30,7 @@ class Scheduler:
         self.prefilled_tokens = 0  # prompt (and recomputed) tokens run through the model
         self.decoded_tokens = 0  # one per decode step per sequence
         self.reused_tokens = 0  # tokens whose KV came from the prefix cache
+        self.preempted = False  # whether the last schedule() preempted (and so admitted nobody)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -60,7 +61,7 @@ class Scheduler:
                 batch.append((seq, n))
                 in_batch.add(id(seq))
                 budget -= n
-        preempted = self.num_preemptions > preemptions_before
+        self.preempted = preempted = self.num_preemptions > preemptions_before
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
             seq = self.waiting.popleft()
@@ -115,8 +116,10 @@ class Scheduler:
         return False
 
     def stuck(self) -> Sequence | None:
-        """The first waiting request when nothing runs and it still cannot be admitted."""
-        if self.running or not self.waiting:
+        """The first waiting request when nothing runs and it still cannot be admitted. Not
+        right after a preemption: that schedule tried no admission (a request alone that
+        preempted itself for a page often fits again from the cache)."""
+        if self.running or not self.waiting or self.preempted:
             return None
         return self.waiting[0]
 

@@ -385,3 +385,26 @@ def test_a_pin_whose_prefix_is_evicted_before_it_holds_it_computes_it_again(tiny
     llm.engine.clear_cache()
     assert llm.engine.pool.num_free == 40
     llm.shutdown()
+
+
+def test_a_request_that_preempts_itself_is_readmitted_not_failed_as_stuck(tiny_qwen3):
+    """In a pool sized for one max-length request, a prompt run to the length limit after a
+    branch inside its last page (another prompt that differs only in its last token) holds its
+    own copy of that page while the tree locks two more (the branch point's and its old
+    continuation's), runs out of pages mid-decode and preempts itself. That same step found
+    nothing running and the request waiting, and failed it as "needs more KV than the pool
+    holds" without trying to admit it again; from the cache it fits, and now it is admitted
+    again and finishes as without the cache."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=17, max_model_len=64, decode_burst=1)
+    prompt = [(7 * j + 54) % 300 + 3 for j in range(54)]
+    branch = prompt[:53] + [299]
+    for p, max_tokens in ((prompt, None), (branch, 4), (prompt, None)):  # None: to the limit
+        out = llm.generate([p], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))[0]
+        n = max_tokens or 64 - len(p)
+        assert (out.token_ids, out.finish_reason) == (_reference(tiny_qwen3, p, n), "length")
+    assert llm.stats()["preemptions"] == 1
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == 17
+    llm.shutdown()
