@@ -43,6 +43,33 @@ def test_match_insert_split_and_partial_pages():
     assert cache.match(a[:6] + [55])[2] == [ta[0], tb[1]]
 
 
+def test_a_copy_handed_over_below_a_split_frees_the_original_page():
+    """A split leaves both halves naming the page they straddle; a branch continuing the lower
+    half brought its own copy of that page, which the lower half then named, while the upper
+    half kept the original: one page held twice for as long as the branch lived (and, for a
+    request running down that path, locked twice: a prompt to the length limit in a pool sized
+    for one ran out of pages)."""
+    pool = PagePool(32, 4)
+    cache = RadixCache(pool)
+    a = list(range(11))
+    ta = _table(pool, 11)
+    cache.insert(a, ta)
+    pool.decref(ta)  # a's request finished: the tree alone holds its pages
+    upper, m, table = cache.match(a[:9])  # a request of a's first 9 tokens and more splits at 9
+    assert m == 9 and table == ta
+    # it copies page 2 (positions 8..11) and goes on into a fresh page, as the scheduler does
+    tb = ta[:2] + pool.allocate(2)
+    pool.incref(ta[:2])
+    b = a + [50, 51, 52]
+    cache.insert(b, tb)
+    pool.decref(tb)
+    lower = upper.children[9]
+    assert lower.pages == [tb[2]] and upper.pages == tb[:3]
+    assert pool.refs[ta[2]] == 0 and ta[2] not in cache.page_refs()  # freed: nothing names it
+    assert cache.match(a[:9])[2] == cache.match(b)[2][:3] == tb[:3]
+    assert pool.refs == [cache.page_refs().get(p, 0) for p in range(32)]
+
+
 def test_insert_from_a_node_on_the_path_builds_the_tree_a_walk_from_the_root_builds():
     trees = []
     for from_node in (False, True):
