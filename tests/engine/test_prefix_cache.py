@@ -435,3 +435,25 @@ def test_a_request_that_preempts_itself_is_readmitted_not_failed_as_stuck(tiny_q
     llm.engine.clear_cache()
     assert llm.engine.pool.num_free == 17
     llm.shutdown()
+
+
+def test_a_request_alone_that_cannot_fit_beside_its_cached_prefix_runs_without_it(tiny_qwen3):
+    """The nodes a request's prefix matches stay locked while it runs, with pages it does not
+    use: the page it copies where the match ends inside a page, and a branch point's copy of a
+    page its own path names differently. In a pool sized for one max-length request such a
+    request, alone on the engine and within max_model_len, failed with "release pins or enlarge
+    the pool" (no pins were held). Now it is admitted again without the prefix cache."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=9, max_model_len=32)
+    t = [(7 * j) % 300 + 3 for j in range(31)]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate([t[:27]], one)
+    # a branch inside page 6: the branch point names the branch's copy of it, t's path the original
+    llm.generate([t[:25] + [299, t[26]]], one)
+    out = llm.generate([t], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert (out.token_ids, out.finish_reason, out.num_cached_tokens) == (_reference(tiny_qwen3, t, 1), "length", 0)
+    assert llm.generate([t[:27]], one)[0].num_cached_tokens == 0  # it neither read nor wrote the cache
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == 9
+    llm.shutdown()
