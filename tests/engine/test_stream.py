@@ -251,3 +251,75 @@ def test_a_late_abort_of_a_finished_request_spares_the_next_one_with_its_id(tiny
         del engine._finish
     assert (out.token_ids, out.finish_reason) == (clean, "length")
     llm.shutdown()
+
+
+def test_streams_nobody_reads_hold_up_nothing(tiny_qwen3):
+    """A stream whose reader never comes (its event loop closed before the first output, or a
+    caller that never iterates) neither stalls the engine nor keeps pages: the first is aborted
+    at its first output, the second runs to its end with its outputs queued, and the engine
+    serves the next request as before."""
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    clean = llm.generate([[5, 6, 7]], params)[0].token_ids
+    decoded = llm.stats()["decoded_tokens"]
+    loop = asyncio.new_event_loop()
+    gone = engine.add_request([8, 9, 10], params, loop=loop)
+    loop.close()
+    unread = engine.add_request([11, 12, 13], params)
+    deadline = time.time() + 30
+    while not engine.idle and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.idle
+    assert gone._queue.qsize() == 0  # nothing could be handed to its loop
+    # the unread one decoded its 39 tokens after the first; the other none: aborted at its first
+    assert llm.stats()["decoded_tokens"] - decoded == 39
+    assert unread.result().token_ids == llm.generate([[11, 12, 13]], params)[0].token_ids
+    assert llm.generate([[5, 6, 7]], params)[0].token_ids == clean
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == llm.engine.pool.num_pages
+    llm.shutdown()
+
+
+def test_shutdown_racing_submissions_strands_nobody(tiny_qwen3):
+    """Requests submitted from many threads while the engine shuts down: each is refused
+    (EngineClosedError at submission), finished, or ended by the shutdown (EngineClosedError
+    from its stream); no caller waits forever and every page comes back."""
+    import threading
+
+    from braid_engine import LLM
+    from braid_engine.errors import EngineClosedError
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    outcomes = []
+    start = threading.Barrier(17)
+
+    def submit(i):
+        start.wait()
+        try:
+            stream = llm.engine.add_request([i + 3, 4, 5], params)
+        except EngineClosedError as e:
+            outcomes.append(("refused", str(e)))
+            return
+        try:
+            outcomes.append(("finished", len(stream.result().token_ids)))
+        except EngineClosedError as e:
+            outcomes.append(("closed", str(e)))
+
+    threads = [threading.Thread(target=submit, args=(i,), daemon=True) for i in range(16)]
+    for t in threads:
+        t.start()
+    start.wait()
+    llm.shutdown()
+    for t in threads:
+        t.join(30)
+    assert len(outcomes) == 16, "a caller was left waiting"
+    for kind, detail in outcomes:
+        assert kind in ("refused", "finished", "closed")
+        assert (detail == 50) if kind == "finished" else ("create a new LLM" in detail)
+    assert llm.stats()["running"] == llm.stats()["waiting"] == 0
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == llm.engine.pool.num_pages
