@@ -27,10 +27,12 @@ from braid_engine.engine.prefix_cache import RadixCache, RadixNode
 from braid_engine.engine.scheduler import Scheduler
 from braid_engine.engine.sequence import RequestOutput, Sequence, int64_tensor
 from braid_engine.errors import (
+    BraidError,
     EngineClosedError,
     InvalidRequestError,
     KVCacheFullError,
     PromptTooLongError,
+    RequestFailedError,
 )
 from braid_engine.grammar import GrammarRuntime
 from braid_engine.sampling import SamplingParams, sample
@@ -569,8 +571,14 @@ class LLMEngine:
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         """End ``seq`` with ``error``: its caller gets the error, its pages go back. The loop calls
         it where something already failed, so it never raises (it killed the loop thread,
-        stranding every other request): a piece that fails is logged and the rest still run."""
+        stranding every other request): a piece that fails is logged and the rest still run. A
+        fault that is no BraidError reaches the caller as the cause of a RequestFailedError."""
         seq.finish_reason = "error"
+        if not isinstance(error, BraidError):
+            fault, error = error, RequestFailedError(
+                f"request {seq.request_id} failed inside the engine ({type(error).__name__}: {error}); "
+                "the engine goes on serving: submit it again, and report the error if it repeats.")
+            error.__cause__ = fault
         for end in (self.scheduler.finish, self.scheduler.drop):  # drop: its pages go back uncached
             if seq.is_finished:  # (already, where _finish raised after the scheduler's part)
                 break

@@ -266,6 +266,19 @@ def _no_pages_held(llm):
     assert llm.stats()["pages_used"] == 0
 
 
+def _failed_in_the_engine(out, message, request_id=None):
+    """``out`` is the typed error a request failed inside the engine gets: it names the request
+    and the fault, says what to do, and chains the fault as its cause."""
+    from braid_engine import RequestFailedError
+
+    assert isinstance(out, RequestFailedError), out
+    assert isinstance(out.__cause__, RuntimeError) and str(out.__cause__) == message
+    text = str(out)
+    assert f"(RuntimeError: {message})" in text and "submit it again" in text, text
+    if request_id is not None:
+        assert f"request {request_id} failed inside the engine" in text, text
+
+
 def test_a_request_taken_off_the_queue_by_a_failing_schedule_gets_the_error(tiny_qwen3, monkeypatch):
     """schedule() can fail after it took a waiting request off the queue and gave it cached pages
     (neither waiting nor running then); that request gets the error, instead of its caller
@@ -284,7 +297,7 @@ def test_a_request_taken_off_the_queue_by_a_failing_schedule_gets_the_error(tiny
 
     monkeypatch.setattr(scheduler, "_match_prefix", match_then_fail)
     out = _result_within(llm.engine.add_request(prompt + [7, 8], GREEDY))
-    assert isinstance(out, RuntimeError) and "scheduling broke" in str(out), out
+    _failed_in_the_engine(out, "scheduling broke")
     assert len(llm.generate([prompt + [9]], GREEDY)[0].token_ids) == 8
     _no_pages_held(llm)
     llm.shutdown()
@@ -374,7 +387,7 @@ def test_a_failing_fail_leaves_the_loop_serving(tiny_qwen3, monkeypatch, broken)
     assert out.token_ids == clean
     # the stream that refused the error still raises it to a reader that comes after
     failed = _result_within(doomed)
-    assert isinstance(failed, RuntimeError) and "forward broke" in str(failed), failed
+    _failed_in_the_engine(failed, "forward broke", "doomed")
     assert _free_pages_when_idle(llm) == free
     assert engine._thread.is_alive()
     llm.shutdown()
@@ -433,7 +446,7 @@ def test_a_request_failing_in_its_own_output_fails_alone(tiny_qwen3, stage, burs
             detok.flush = _fails_on_call(1, detok.flush, message)
 
     doomed, other = run(fault)
-    assert isinstance(doomed, RuntimeError) and message in str(doomed), doomed
+    _failed_in_the_engine(doomed, message)
     assert not isinstance(other, (str, Exception)), other
     assert (other.token_ids, other.text, other.finish_reason) == (
         clean[1].token_ids, clean[1].text, clean[1].finish_reason)
@@ -478,7 +491,7 @@ def test_a_failed_step_fails_its_batch_and_the_engine_serves_on(tiny_qwen3, monk
                             _fails_on_call(2, engine.scheduler.cache_sequence, message))
     first, second, third = run()
     for failed in (first, second):
-        assert isinstance(failed, RuntimeError) and message in str(failed), failed
+        _failed_in_the_engine(failed, message)
     assert not isinstance(third, (str, Exception)), third
     assert third.token_ids == clean[2]
     monkeypatch.undo()
