@@ -14,6 +14,7 @@ from braid_engine import (
     InvalidRequestError,
     ModelNotFoundError,
     PromptTooLongError,
+    RequestFailedError,
     SamplingParams,
     UnsupportedArchitectureError,
 )
@@ -497,4 +498,42 @@ def test_a_failed_step_fails_its_batch_and_the_engine_serves_on(tiny_qwen3, monk
     monkeypatch.undo()
     assert [out.token_ids for out in run()] == clean
     assert _free_pages_when_idle(llm) == free
+    llm.shutdown()
+
+
+def test_a_generate_that_raises_aborts_the_rest_of_its_batch(tiny_qwen3):
+    """generate() reads its requests' results in order; when one raised (a failed request, a
+    KeyboardInterrupt while waiting), the rest of the batch went on to their ends for nobody,
+    holding the engine (and pages) for every later request. Now they are aborted."""
+    import threading
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, decode_burst=1)
+    engine = llm.engine
+    # (a stop string: the text is decoded token by token, where the fault is put)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, stop=["\x00never"])
+    streams, aborted, waited = [], threading.Event(), []
+    add_requests, abort, execute = engine.add_requests, engine._abort, engine.runner.execute
+
+    def add_and_break_the_first(*args, **kwargs):
+        streams.extend(add_requests(*args, **kwargs))
+        seq = engine._pending[0]
+        seq.detok.add = _fails_on_call(3, seq.detok.add, "detokenize broke")
+        return streams
+
+    def abort_and_tell(stream):
+        abort(stream)
+        aborted.set()
+
+    def execute_after_the_aborts(batch):
+        if engine._seqs.get(streams[0].request_id) is None and not waited:  # the first failed:
+            waited.append(aborted.wait(30))  # the next step waits for generate's aborts
+        return execute(batch)
+
+    engine.add_requests, engine._abort, engine.runner.execute = (
+        add_and_break_the_first, abort_and_tell, execute_after_the_aborts)
+    with pytest.raises(RequestFailedError, match="detokenize broke"):
+        llm.generate([[5, 6, 7], [8, 9, 10], [11, 12, 13]], params)
+    rest = [s.result() for s in streams[1:]]
+    assert [(len(o.token_ids), o.finish_reason) for o in rest] == [(4, "abort")] * 2
+    _no_pages_held(llm)
     llm.shutdown()
