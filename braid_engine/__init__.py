@@ -14,6 +14,7 @@ from braid_engine.errors import (
     KVCacheFullError,
     ModelNotFoundError,
     PromptTooLongError,
+    RequestFailedError,
     UnsupportedArchitectureError,
 )
 from braid_engine.grammar import GuidedDecoding
@@ -23,5 +24,5 @@ from braid_engine.sampling import SamplingParams
 __all__ = [
     "LLM", "SamplingParams", "GuidedDecoding", "RequestOutput", "PinHandle", "BraidError", "ChatTemplateError",
     "CheckpointError", "EngineClosedError", "GrammarUnavailableError", "InvalidGrammarError", "InvalidRequestError", "InvalidSamplingParamsError", "KVCacheFullError",
-    "ModelNotFoundError", "PromptTooLongError", "UnsupportedArchitectureError",
+    "ModelNotFoundError", "PromptTooLongError", "RequestFailedError", "UnsupportedArchitectureError",
 ]

@@ -41,6 +41,11 @@ class EngineClosedError(BraidError, RuntimeError):
     """The engine was shut down."""
 
 
+class RequestFailedError(BraidError, RuntimeError):
+    """A request failed inside the engine (a bug, or a device fault such as running out of
+    memory); the engine goes on serving the others. The fault is its ``__cause__``."""
+
+
 class GrammarUnavailableError(BraidError, ImportError):
     """Guided decoding was requested but the optional ``xgrammar`` package is not installed."""
 

@@ -235,7 +235,12 @@ class LLM:
         """Generate for one prompt or many, batched together; outputs in prompt order."""
         params = params or SamplingParams()
         streams = self.engine.add_requests(self._normalize(prompts), params, final_only=True)
-        return [s.result() for s in streams]
+        try:
+            return [s.result() for s in streams]
+        except BaseException:  # (a failed request, an interrupt): nobody will read the rest
+            for s in streams:
+                self.engine.abort(s.request_id)
+            raise
 
     def stream(self, prompt: PromptType, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield deltas (new token ids, new text) as they are sampled; the last carries the

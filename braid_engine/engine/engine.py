@@ -27,10 +27,12 @@ from braid_engine.engine.prefix_cache import RadixCache, RadixNode
 from braid_engine.engine.scheduler import Scheduler
 from braid_engine.engine.sequence import RequestOutput, Sequence, int64_tensor
 from braid_engine.errors import (
+    BraidError,
     EngineClosedError,
     InvalidRequestError,
     KVCacheFullError,
     PromptTooLongError,
+    RequestFailedError,
 )
 from braid_engine.grammar import GrammarRuntime
 from braid_engine.sampling import SamplingParams, sample
@@ -38,6 +40,8 @@ from braid_engine.sampling import SamplingParams, sample
 # with EngineConfig.pipeline_bursts: follow-up bursts launched in one step at most; the GPU then
 # waits for the host once every PIPELINE_CHAIN + 1 bursts
 PIPELINE_CHAIN = 8
+# pin() computes its prefix again this often where an eviction takes it before it is pinned
+PIN_TRIES = 3
 
 logger = logging.getLogger("braid_engine")
 _ids = itertools.count()
@@ -66,7 +70,7 @@ class RequestStream:
             try:
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                self.engine.abort(self.request_id)
+                self.engine._abort(self)
         else:
             self._queue.put(item)
 
@@ -88,7 +92,7 @@ class RequestStream:
                 yield self._accept(self._queue.get())
         finally:
             if self.finish_reason is None:
-                self.engine.abort(self.request_id)
+                self.engine._abort(self)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         if self.error is not None:
@@ -98,7 +102,7 @@ class RequestStream:
                 yield self._accept(await self._queue.get())
         finally:
             if self.finish_reason is None:
-                self.engine.abort(self.request_id)
+                self.engine._abort(self)
 
     def result(self) -> RequestOutput:
         """Block until the request finishes; the whole output."""
@@ -164,7 +168,7 @@ class LLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[Sequence] = []
-        self._aborts: list[str] = []
+        self._aborts: list[RequestStream] = []
         self._wake = threading.Condition()
         self._state = threading.RLock()
         self._closed = False
@@ -270,7 +274,16 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request; its computed KV stays cached. Unknown or finished ids are ignored."""
         with self._wake:
-            self._aborts.append(request_id)
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                self._abort(stream)
+
+    def _abort(self, stream: RequestStream) -> None:
+        """Stop ``stream``'s request if it still runs. Aborts name the stream, not its id: one
+        read after its request finished (a stream closed late, an abort racing the finish) would
+        otherwise stop a new request that took the id again."""
+        with self._wake:
+            self._aborts.append(stream)
             self._wake.notify()
 
     # -- the loop ----------------------------------------------------------------------
@@ -292,9 +305,10 @@ class LLMEngine:
                 for seq in pending:
                     self._seqs[seq.request_id] = seq
                     self.scheduler.add(seq)
-                for rid in aborts:
+                for stream in aborts:
+                    rid = stream.request_id
                     seq = self._seqs.get(rid)
-                    if seq is not None and not seq.is_finished:
+                    if seq is not None and not seq.is_finished and self._streams.get(rid) is stream:
                         try:
                             self._finish(seq, "abort")
                         except Exception as e:  # fails that request, not the loop thread
@@ -352,7 +366,7 @@ class LLMEngine:
             self._computed(seq, n)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         for seq, token in zip(samplers, tokens):
-            self._append(seq, token)
+            self._alone(seq, self._append, seq, token)
 
     def _execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """The runner's forward over the batch; with ``prefill_chunk_while_decoding`` set, a step
@@ -472,12 +486,12 @@ class LLMEngine:
             events = finishing.get(k, []) + [(i, seq, col[k]) for i, seq, col in streamed if not seq.is_finished]
             for _, seq, what in sorted(events, key=operator.itemgetter(0)):
                 if isinstance(what, str):
-                    self._finish(seq, what)
+                    self._alone(seq, self._finish, seq, what)
                     continue
                 if k or not scheduled:
                     self.scheduler.decoded_tokens += 1
                 self._computed(seq, 1)
-                self._append(seq, what)
+                self._alone(seq, self._append, seq, what)
 
     def _append_quiet(self, seq: Sequence, column: tuple[int, ...], scheduled: bool) -> tuple[int, str] | None:
         """A burst's tokens for a sequence whose caller wants only the final output (no text
@@ -499,6 +513,17 @@ class LLMEngine:
         seq.text_tokens += cut - (reason == "stop")
         self.scheduler.decoded_tokens += cut - scheduled
         return None if reason is None else (cut - 1, reason)
+
+    def _alone(self, seq: Sequence, action, *args) -> None:
+        """``action(*args)``, the handling of ``seq``'s new token or finish. Where it raises (the
+        request's detokenizer, stop strings, grammar or stream), ``seq`` alone fails: the step's
+        other requests go on (they all failed with it; one raising past its scheduler finish
+        was left unfinished for its caller)."""
+        try:
+            action(*args)
+        except Exception as e:
+            logger.exception("request %s failed", seq.request_id)
+            self._fail(seq, e)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_token_ids.append(token)
@@ -544,11 +569,30 @@ class LLMEngine:
         self._forget(seq)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
+        """End ``seq`` with ``error``: its caller gets the error, its pages go back. The loop calls
+        it where something already failed, so it never raises (it killed the loop thread,
+        stranding every other request): a piece that fails is logged and the rest still run. A
+        fault that is no BraidError reaches the caller as the cause of a RequestFailedError."""
         seq.finish_reason = "error"
-        self.scheduler.finish(seq)
+        if not isinstance(error, BraidError):
+            fault, error = error, RequestFailedError(
+                f"request {seq.request_id} failed inside the engine ({type(error).__name__}: {error}); "
+                "the engine goes on serving: submit it again, and report the error if it repeats.")
+            error.__cause__ = fault
+        for end in (self.scheduler.finish, self.scheduler.drop):  # drop: its pages go back uncached
+            if seq.is_finished:  # (already, where _finish raised after the scheduler's part)
+                break
+            try:
+                end(seq)
+            except Exception:
+                logger.exception("request %s: %s failed while failing it", seq.request_id, end.__name__)
         stream = self._streams.get(seq.request_id)
         if stream is not None:
-            stream._put(error)
+            try:
+                stream._put(error)
+            except Exception:
+                logger.exception("request %s: its stream refused its error", seq.request_id)
+                stream.error = error  # a reader that comes later raises it
         self._forget(seq)
 
     def _forget(self, seq: Sequence) -> None:
@@ -566,21 +610,25 @@ class LLMEngine:
         if self.cache is None:
             raise InvalidRequestError("prefix caching is off (enable_prefix_caching=False); nothing to pin.")
         self.validate_prompt(token_ids)
-        # a one-token request leaves the whole prompt's KV in the tree
-        self.add_request(token_ids, SamplingParams(temperature=0, max_tokens=1)).result()
-        with self._state:
-            node, m, _ = self.cache.match(token_ids)
-            if m < len(token_ids):
-                raise KVCacheFullError("the prefix was evicted before it could be pinned; the pool is too small.")
-            pinned = self.cache.pinned_pages() | self.cache.path_pages(node)
-            limit = int(self.config.max_pinned_fraction * self.pool.num_pages)
-            if len(pinned) > limit:
-                raise KVCacheFullError(
-                    f"pinning would hold {len(pinned)} pages, over the limit of {limit} "
-                    f"({self.config.max_pinned_fraction:.0%} of the pool); release other pins "
-                    "or raise max_pinned_fraction.")
-            self.cache.pin(node)
-        return PinHandle(self, node, m)
+        for _ in range(PIN_TRIES):
+            # a one-token request leaves the whole prompt's KV in the tree
+            self.add_request(token_ids, SamplingParams(temperature=0, max_tokens=1)).result()
+            with self._state:
+                node, m, _ = self.cache.match(token_ids)
+                if m < len(token_ids):
+                    continue  # evicted before it was pinned (other requests' pages, clear_cache)
+                pinned = self.cache.pinned_pages() | self.cache.path_pages(node)
+                limit = int(self.config.max_pinned_fraction * self.pool.num_pages)
+                if len(pinned) > limit:
+                    raise KVCacheFullError(
+                        f"pinning would hold {len(pinned)} pages, over the limit of {limit} "
+                        f"({self.config.max_pinned_fraction:.0%} of the pool); release other pins "
+                        "or raise max_pinned_fraction.")
+                self.cache.pin(node)
+            return PinHandle(self, node, m)
+        raise KVCacheFullError(
+            f"the prefix was evicted {PIN_TRIES} times before it could be pinned: the pool is busy or "
+            "too small; retry later, release other pins or enlarge the pool.")
 
     def release(self, handle: PinHandle) -> None:
         with self._state:

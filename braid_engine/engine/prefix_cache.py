@@ -123,12 +123,16 @@ class RadixCache:
         page (copy-on-write when its sequence was admitted): the copy holds ``node``'s tokens of
         that page too, byte for byte, so ``node`` names the copy instead and the original is
         freed once nothing else names it — otherwise every mid-page branch (each turn of a
-        conversation) would keep one page twice."""
+        conversation) would keep one page twice. So do the nodes above ``node`` that end in the
+        same page (a split leaves both halves naming the page it cuts)."""
         if end % self.page_size == 0 or node is self.root or not node.pages or node.pages[-1] == copy:
             return
-        self.pool.incref([copy])
-        self.pool.decref([node.pages[-1]])
-        node.pages[-1] = copy
+        original = node.pages[-1]
+        while node is not self.root and node.pages and node.pages[-1] == original:
+            self.pool.incref([copy])
+            self.pool.decref([original])
+            node.pages[-1] = copy
+            node = node.parent
 
     def _split(self, node: RadixNode, k: int) -> RadixNode:
         """Cut ``node`` after its first k tokens; returns the new upper node."""

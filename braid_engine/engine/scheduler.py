@@ -30,6 +30,7 @@ class Scheduler:
         self.prefilled_tokens = 0  # prompt (and recomputed) tokens run through the model
         self.decoded_tokens = 0  # one per decode step per sequence
         self.reused_tokens = 0  # tokens whose KV came from the prefix cache
+        self.preempted = False  # whether the last schedule() preempted (and so admitted nobody)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -60,7 +61,7 @@ class Scheduler:
                 batch.append((seq, n))
                 in_batch.add(id(seq))
                 budget -= n
-        preempted = self.num_preemptions > preemptions_before
+        self.preempted = preempted = self.num_preemptions > preemptions_before
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
             seq = self.waiting.popleft()
@@ -76,7 +77,7 @@ class Scheduler:
                 seq.num_computed = 0
                 self.waiting.appendleft(seq)
                 break
-            if self.cache is not None and seq.params.enable_prefix_caching:
+            if self._caches(seq):
                 self.cache.stats.lookups += 1
                 self.cache.stats.prefix_hits += seq.num_computed > 0
                 self.cache.stats.hit_tokens += seq.num_computed
@@ -103,25 +104,40 @@ class Scheduler:
     def _prefix_in_flight(self, seq: Sequence) -> bool:
         """Whether a running request is still prefilling a prompt that shares at least a page
         more with ``seq`` than the cache holds: admitting ``seq`` now would compute it twice."""
-        if self.cache is None or not seq.params.enable_prefix_caching:
+        if not self._caches(seq):
             return False
         want = seq.num_computed + self.pool.page_size
         tokens = seq.token_range(0, want)
         for other in self.running:
             prompt = other.prompt_token_ids
-            if (other.params.enable_prefix_caching and other.num_computed < len(prompt)
+            if (self._caches(other) and other.num_computed < len(prompt)
                     and len(prompt) >= want and tokens == prompt[:want]):
                 return True
         return False
 
     def stuck(self) -> Sequence | None:
-        """The first waiting request when nothing runs and it still cannot be admitted."""
-        if self.running or not self.waiting:
+        """The first waiting request when nothing runs and it still cannot be admitted. Not
+        right after a preemption: that schedule tried no admission (a request alone that
+        preempted itself for a page often fits again from the cache). Nor, the first time, one
+        that uses the prefix cache: the nodes its prefix matches keep pages locked besides its
+        own (the page it copies, other branches' copies of a page along the path), so a request
+        within max_model_len may not fit beside them; it is tried again without the cache."""
+        if self.running or not self.waiting or self.preempted:
             return None
-        return self.waiting[0]
+        seq = self.waiting[0]
+        if self._caches(seq):
+            seq.uncached = True
+            if not seq.output_token_ids:
+                seq.num_cached_tokens = 0
+            return None
+        return seq
+
+    def _caches(self, seq: Sequence) -> bool:
+        """Whether ``seq`` reads and writes the prefix cache."""
+        return self.cache is not None and seq.params.enable_prefix_caching and not seq.uncached
 
     def _match_prefix(self, seq: Sequence) -> None:
-        if self.cache is None or not seq.params.enable_prefix_caching:
+        if not self._caches(seq):
             return
         # (token_range: one copy of a long prompt where all_token_ids[:-1] made two)
         node, m, table = self.cache.match(seq.token_range(0, len(seq) - 1))
@@ -166,7 +182,7 @@ class Scheduler:
 
     def cache_sequence(self, seq: Sequence) -> None:
         """Insert the tokens whose KV ``seq`` has computed; move its lock to the new node."""
-        if self.cache is None or not seq.params.enable_prefix_caching or seq.num_computed == 0:
+        if not self._caches(seq) or seq.num_computed == 0:
             return
         node = self.cache.insert(seq.token_range(0, seq.num_computed), seq.page_table, seq.cache_node)
         self.cache.lock(node, 1)
@@ -193,9 +209,14 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         self.cache_sequence(seq)
-        self.release(seq)
+        self.drop(seq)
+
+    def drop(self, seq: Sequence) -> None:
+        """``finish`` without caching ``seq``'s KV (where caching it failed): out of the queues
+        first, so a failing release leaves no request behind that a step would run again."""
         seq.status = Status.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.release(seq)

@@ -14,6 +14,7 @@ from braid_engine import (
     InvalidRequestError,
     ModelNotFoundError,
     PromptTooLongError,
+    RequestFailedError,
     SamplingParams,
     UnsupportedArchitectureError,
 )
@@ -266,6 +267,19 @@ def _no_pages_held(llm):
     assert llm.stats()["pages_used"] == 0
 
 
+def _failed_in_the_engine(out, message, request_id=None):
+    """``out`` is the typed error a request failed inside the engine gets: it names the request
+    and the fault, says what to do, and chains the fault as its cause."""
+    from braid_engine import RequestFailedError
+
+    assert isinstance(out, RequestFailedError), out
+    assert isinstance(out.__cause__, RuntimeError) and str(out.__cause__) == message
+    text = str(out)
+    assert f"(RuntimeError: {message})" in text and "submit it again" in text, text
+    if request_id is not None:
+        assert f"request {request_id} failed inside the engine" in text, text
+
+
 def test_a_request_taken_off_the_queue_by_a_failing_schedule_gets_the_error(tiny_qwen3, monkeypatch):
     """schedule() can fail after it took a waiting request off the queue and gave it cached pages
     (neither waiting nor running then); that request gets the error, instead of its caller
@@ -284,7 +298,7 @@ def test_a_request_taken_off_the_queue_by_a_failing_schedule_gets_the_error(tiny
 
     monkeypatch.setattr(scheduler, "_match_prefix", match_then_fail)
     out = _result_within(llm.engine.add_request(prompt + [7, 8], GREEDY))
-    assert isinstance(out, RuntimeError) and "scheduling broke" in str(out), out
+    _failed_in_the_engine(out, "scheduling broke")
     assert len(llm.generate([prompt + [9]], GREEDY)[0].token_ids) == 8
     _no_pages_held(llm)
     llm.shutdown()
@@ -311,5 +325,215 @@ def test_a_failing_abort_fails_only_the_aborted_request(tiny_qwen3, monkeypatch)
     out = _result_within(other)
     assert failed and not isinstance(out, (str, Exception)), out
     assert len(out.token_ids) == 200
+    _no_pages_held(llm)
+    llm.shutdown()
+
+
+def _free_pages_when_idle(llm):
+    """The pool's free pages once the engine is idle and the prefix cache is cleared: a page (or
+    a tree lock) still held by a lost request stays out of it."""
+    import time
+
+    deadline = time.time() + 30
+    while not llm.engine.idle and time.time() < deadline:
+        time.sleep(0.01)
+    llm.engine.clear_cache()
+    return llm.engine.pool.num_free
+
+
+LONG = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.mark.parametrize("broken", ["finish", "put"])
+def test_a_failing_fail_leaves_the_loop_serving(tiny_qwen3, monkeypatch, broken):
+    """``_fail`` runs in the loop's error handler; when it raised too (the scheduler's finish of
+    the failed request, or its stream refusing the error) the loop thread died and every other
+    request waited forever. Now the failed request still ends with its error, the request queued
+    behind it runs as in a clean run, and every page comes back."""
+    from braid_engine.engine.engine import RequestStream
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, max_num_seqs=1)  # the other one waits
+    engine = llm.engine
+    other_prompt = [9, 10, 11, 12, 13]
+    clean = llm.generate([other_prompt], LONG)[0].token_ids
+    free = _free_pages_when_idle(llm)
+    assert free == engine.pool.num_pages
+    execute, finish, put = engine.runner.execute, engine.scheduler.finish, RequestStream._put
+
+    def execute_or_fail(batch):
+        if any(s.request_id == "doomed" for s, _ in batch):
+            raise RuntimeError("forward broke")
+        return execute(batch)
+
+    def finish_or_fail(seq):
+        if seq.request_id == "doomed":
+            raise RuntimeError("finish broke")
+        finish(seq)
+
+    def put_or_fail(stream, item):
+        if stream.request_id == "doomed":
+            raise RuntimeError("put broke")
+        put(stream, item)
+
+    monkeypatch.setattr(engine.runner, "execute", execute_or_fail)
+    if broken == "finish":
+        monkeypatch.setattr(engine.scheduler, "finish", finish_or_fail)
+    else:
+        monkeypatch.setattr(RequestStream, "_put", put_or_fail)
+    with engine.together():
+        doomed = engine.add_request([5, 6, 7, 8], LONG, request_id="doomed")
+        other = engine.add_request(other_prompt, LONG)
+    out = _result_within(other)
+    assert not isinstance(out, (str, Exception)), out
+    assert out.token_ids == clean
+    # the stream that refused the error still raises it to a reader that comes after
+    failed = _result_within(doomed)
+    _failed_in_the_engine(failed, "forward broke", "doomed")
+    assert _free_pages_when_idle(llm) == free
+    assert engine._thread.is_alive()
+    llm.shutdown()
+
+
+def _fails_on_call(n, original, message, counted=lambda *args: True):
+    """``original`` that raises RuntimeError(message) on its n-th call (of those ``counted``)."""
+    calls = [0]
+
+    def fail(*args, **kwargs):
+        calls[0] += counted(*args)
+        if calls[0] == n and counted(*args):
+            raise RuntimeError(message)
+        return original(*args, **kwargs)
+
+    return fail
+
+
+@pytest.mark.parametrize("burst", [1, 8])
+@pytest.mark.parametrize("stage", ["detokenize", "stop strings", "stream", "finish"])
+def test_a_request_failing_in_its_own_output_fails_alone(tiny_qwen3, stage, burst):
+    """An error in one request's own output handling (its detokenizer, its stop strings, its
+    stream, its last text at the finish) failed every request of the step with it, or, raised
+    at the finish, stranded that request (finished in the scheduler, never told). Now that
+    request alone ends with the error; the others in its batch finish as in a clean run."""
+    from braid_engine.engine.sequence import RequestOutput
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, decode_burst=burst)
+    engine = llm.engine
+    # a stop string that never comes: the detokenizer checks and holds back text every token
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=["\x00never"])
+    prompts = ([5, 6, 7, 8], [9, 10, 11, 12, 13])
+
+    def run(fault=None):
+        with engine.together():
+            streams = [engine.add_request(p, params) for p in prompts]
+            if fault:
+                fault(engine._pending[0], streams[0])
+        return [_result_within(s) for s in streams]
+
+    clean = run()
+    assert (engine.bursts > 0) == (burst > 1)  # the tokens after the first come in bursts
+    free = _free_pages_when_idle(llm)
+    message = f"{stage} broke"
+
+    def fault(seq, stream):
+        detok = seq.detok
+        if stage == "detokenize":
+            detok.add = _fails_on_call(6, detok.add, message)
+        elif stage == "stop strings":
+            detok._held_back = _fails_on_call(6, detok._held_back, message)
+        elif stage == "stream":
+            # its 6th delta (the error itself goes through)
+            stream._put = _fails_on_call(6, stream._put, message, lambda item: isinstance(item, RequestOutput))
+        else:
+            detok.flush = _fails_on_call(1, detok.flush, message)
+
+    doomed, other = run(fault)
+    _failed_in_the_engine(doomed, message)
+    assert not isinstance(other, (str, Exception)), other
+    assert (other.token_ids, other.text, other.finish_reason) == (
+        clean[1].token_ids, clean[1].text, clean[1].finish_reason)
+    assert _free_pages_when_idle(llm) == free
+    assert len(llm.generate([prompts[0]], params)[0].token_ids) == 20
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("stage", ["forward", "burst", "burst tokens", "sampling", "caching"])
+def test_a_failed_step_fails_its_batch_and_the_engine_serves_on(tiny_qwen3, monkeypatch, stage):
+    """A fault in a step's shared work (the forward, a decode burst and its read, sampling, the
+    prefix cache's insert) fails the requests of that step; the request waiting behind them
+    runs as in a clean run, the same prompts again (reusing what the failed ones cached) give
+    the clean outputs, and every page comes back."""
+    import braid_engine.engine.engine as engine_module
+    from braid_engine.engine.model_runner import Burst
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, max_num_seqs=2,
+              decode_burst=1 if stage == "sampling" else 8)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = ([5, 6, 7, 8, 9, 10], [20, 21, 22, 23, 24], [12, 13, 14])  # the third waits
+
+    def run():
+        with engine.together():
+            streams = [engine.add_request(p, params) for p in prompts]
+        return [_result_within(s) for s in streams]
+
+    clean = [out.token_ids for out in run()]
+    free = _free_pages_when_idle(llm)
+    message = f"{stage} broke"
+    if stage == "forward":
+        monkeypatch.setattr(engine.runner, "execute", _fails_on_call(1, engine.runner.execute, message))
+    elif stage == "burst":
+        monkeypatch.setattr(engine.runner, "launch_burst", _fails_on_call(2, engine.runner.launch_burst, message))
+    elif stage == "burst tokens":
+        monkeypatch.setattr(Burst, "tokens", _fails_on_call(2, Burst.tokens, message))
+    elif stage == "sampling":
+        monkeypatch.setattr(engine_module, "sample", _fails_on_call(4, engine_module.sample, message))
+    else:  # the second prompt's insert, once its prompt is computed
+        monkeypatch.setattr(engine.scheduler, "cache_sequence",
+                            _fails_on_call(2, engine.scheduler.cache_sequence, message))
+    first, second, third = run()
+    for failed in (first, second):
+        _failed_in_the_engine(failed, message)
+    assert not isinstance(third, (str, Exception)), third
+    assert third.token_ids == clean[2]
+    monkeypatch.undo()
+    assert [out.token_ids for out in run()] == clean
+    assert _free_pages_when_idle(llm) == free
+    llm.shutdown()
+
+
+def test_a_generate_that_raises_aborts_the_rest_of_its_batch(tiny_qwen3):
+    """generate() reads its requests' results in order; when one raised (a failed request, a
+    KeyboardInterrupt while waiting), the rest of the batch went on to their ends for nobody,
+    holding the engine (and pages) for every later request. Now they are aborted."""
+    import threading
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, decode_burst=1)
+    engine = llm.engine
+    # (a stop string: the text is decoded token by token, where the fault is put)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, stop=["\x00never"])
+    streams, aborted, waited = [], threading.Event(), []
+    add_requests, abort, execute = engine.add_requests, engine._abort, engine.runner.execute
+
+    def add_and_break_the_first(*args, **kwargs):
+        streams.extend(add_requests(*args, **kwargs))
+        seq = engine._pending[0]
+        seq.detok.add = _fails_on_call(3, seq.detok.add, "detokenize broke")
+        return streams
+
+    def abort_and_tell(stream):
+        abort(stream)
+        aborted.set()
+
+    def execute_after_the_aborts(batch):
+        if engine._seqs.get(streams[0].request_id) is None and not waited:  # the first failed:
+            waited.append(aborted.wait(30))  # the next step waits for generate's aborts
+        return execute(batch)
+
+    engine.add_requests, engine._abort, engine.runner.execute = (
+        add_and_break_the_first, abort_and_tell, execute_after_the_aborts)
+    with pytest.raises(RequestFailedError, match="detokenize broke"):
+        llm.generate([[5, 6, 7], [8, 9, 10], [11, 12, 13]], params)
+    rest = [s.result() for s in streams[1:]]
+    assert [(len(o.token_ids), o.finish_reason) for o in rest] == [(4, "abort")] * 2
     _no_pages_held(llm)
     llm.shutdown()

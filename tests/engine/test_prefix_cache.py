@@ -43,6 +43,33 @@ def test_match_insert_split_and_partial_pages():
     assert cache.match(a[:6] + [55])[2] == [ta[0], tb[1]]
 
 
+def test_a_copy_handed_over_below_a_split_frees_the_original_page():
+    """A split leaves both halves naming the page they straddle; a branch continuing the lower
+    half brought its own copy of that page, which the lower half then named, while the upper
+    half kept the original: one page held twice for as long as the branch lived (and, for a
+    request running down that path, locked twice: a prompt to the length limit in a pool sized
+    for one ran out of pages)."""
+    pool = PagePool(32, 4)
+    cache = RadixCache(pool)
+    a = list(range(11))
+    ta = _table(pool, 11)
+    cache.insert(a, ta)
+    pool.decref(ta)  # a's request finished: the tree alone holds its pages
+    upper, m, table = cache.match(a[:9])  # a request of a's first 9 tokens and more splits at 9
+    assert m == 9 and table == ta
+    # it copies page 2 (positions 8..11) and goes on into a fresh page, as the scheduler does
+    tb = ta[:2] + pool.allocate(2)
+    pool.incref(ta[:2])
+    b = a + [50, 51, 52]
+    cache.insert(b, tb)
+    pool.decref(tb)
+    lower = upper.children[9]
+    assert lower.pages == [tb[2]] and upper.pages == tb[:3]
+    assert pool.refs[ta[2]] == 0 and ta[2] not in cache.page_refs()  # freed: nothing names it
+    assert cache.match(a[:9])[2] == cache.match(b)[2][:3] == tb[:3]
+    assert pool.refs == [cache.page_refs().get(p, 0) for p in range(32)]
+
+
 def test_insert_from_a_node_on_the_path_builds_the_tree_a_walk_from_the_root_builds():
     trees = []
     for from_node in (False, True):
@@ -346,4 +373,87 @@ def test_a_request_that_cannot_fit_beside_pins_fails_clearly_and_the_engine_keep
     assert out.token_ids == _reference(tiny_qwen3, big, 2)
     _wait_idle(llm)
     _check_refs(llm)
+    llm.shutdown()
+
+
+def test_a_pin_whose_prefix_is_evicted_before_it_holds_it_computes_it_again(tiny_qwen3, monkeypatch):
+    """pin() computes the prefix with a one-token request, then pins what the tree holds; an
+    eviction in between (a clear_cache, or other requests' pages, from another thread) made it
+    raise "the pool is too small" though the pool had room. Now it computes the prefix again
+    and pins it."""
+    from braid_engine.engine.engine import RequestStream
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40)
+    result, evicted = RequestStream.result, []
+
+    def result_then_evict(stream):
+        out = result(stream)
+        if not evicted:
+            llm.engine.clear_cache()
+            evicted.append(llm.stats()["pages_cached"])
+        return out
+
+    monkeypatch.setattr(RequestStream, "result", result_then_evict)
+    prefix = [(3 * j) % 300 + 3 for j in range(22)]
+    handle = llm.pin(prefix)
+    assert evicted == [0]
+    assert handle.num_tokens == 22 and llm.stats()["pages_pinned"] == 6
+    for i in range(12):  # flood the pool: the pinned prefix stays
+        llm.generate([[(7 * i + j) % 300 + 3 for j in range(30)]], GREEDY)
+    assert llm.stats()["evictions"] > 0
+    assert llm.generate([prefix + [9]], GREEDY)[0].num_cached_tokens == 22
+    handle.release()
+    monkeypatch.setattr(RequestStream, "result", lambda stream: (result(stream), llm.engine.clear_cache())[0])
+    with pytest.raises(KVCacheFullError, match="evicted 3 times before it could be pinned.*retry later"):
+        llm.pin(prefix)  # taken every time
+    assert llm.stats()["pages_pinned"] == 0
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == 40
+    llm.shutdown()
+
+
+def test_a_request_that_preempts_itself_is_readmitted_not_failed_as_stuck(tiny_qwen3):
+    """In a pool sized for one max-length request, a prompt run to the length limit after a
+    branch inside its last page (another prompt that differs only in its last token) holds its
+    own copy of that page while the tree locks two more (the branch point's and its old
+    continuation's), runs out of pages mid-decode and preempts itself. That same step found
+    nothing running and the request waiting, and failed it as "needs more KV than the pool
+    holds" without trying to admit it again; from the cache it fits, and now it is admitted
+    again and finishes as without the cache."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=17, max_model_len=64, decode_burst=1)
+    prompt = [(7 * j + 54) % 300 + 3 for j in range(54)]
+    branch = prompt[:53] + [299]
+    for p, max_tokens in ((prompt, None), (branch, 4), (prompt, None)):  # None: to the limit
+        out = llm.generate([p], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))[0]
+        n = max_tokens or 64 - len(p)
+        assert (out.token_ids, out.finish_reason) == (_reference(tiny_qwen3, p, n), "length")
+    assert llm.stats()["preemptions"] == 1
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == 17
+    llm.shutdown()
+
+
+def test_a_request_alone_that_cannot_fit_beside_its_cached_prefix_runs_without_it(tiny_qwen3):
+    """The nodes a request's prefix matches stay locked while it runs, with pages it does not
+    use: the page it copies where the match ends inside a page, and a branch point's copy of a
+    page its own path names differently. In a pool sized for one max-length request such a
+    request, alone on the engine and within max_model_len, failed with "release pins or enlarge
+    the pool" (no pins were held). Now it is admitted again without the prefix cache."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=9, max_model_len=32)
+    t = [(7 * j) % 300 + 3 for j in range(31)]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate([t[:27]], one)
+    # a branch inside page 6: the branch point names the branch's copy of it, t's path the original
+    llm.generate([t[:25] + [299, t[26]]], one)
+    out = llm.generate([t], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert (out.token_ids, out.finish_reason, out.num_cached_tokens) == (_reference(tiny_qwen3, t, 1), "length", 0)
+    assert llm.generate([t[:27]], one)[0].num_cached_tokens == 0  # it neither read nor wrote the cache
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == 9
     llm.shutdown()

@@ -203,3 +203,123 @@ def test_numpy_integer_ids_are_prompts_as_in_the_engine(qwen3_llm):
         outs = qwen3_llm.generate(prompt, params)
         assert len(outs) == 1 and outs[0].prompt_token_ids == ids and outs[0].token_ids == want
     assert [t for d in qwen3_llm.stream(as_numpy, params) for t in d.token_ids] == want
+
+
+def test_a_late_abort_of_a_finished_request_spares_the_next_one_with_its_id(tiny_qwen3):
+    """A stream closed after its request finished but before its last output was read (a loop
+    left early; a generator finalized later by the collector) aborts by request id; once the
+    id was taken again by a new request, that abort stopped the new one. Now an abort reaches
+    only the request it was made for."""
+    import threading
+
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    clean = llm.generate([[5, 6, 7]], params)[0].token_ids
+    old = iter(engine.add_request([5, 6, 7], params, request_id="chat-1"))
+    next(old)
+    deadline = time.time() + 30
+    while "chat-1" in engine._streams and time.time() < deadline:  # it finishes unread
+        time.sleep(0.01)
+    with engine.together():  # the loop takes both at once
+        new = engine.add_request([5, 6, 7], params, request_id="chat-1")
+        old.close()  # its caller leaves: the final output was never read
+    out = new.result()
+    assert (out.token_ids, out.finish_reason) == (clean, "length")
+
+    # an abort made while the old request ran, read by the loop after it finished and its id
+    # was taken again
+    finish, again, added = engine._finish, [], threading.Event()
+
+    def finish_with_a_racing_abort(seq, reason):
+        if seq.request_id == "chat-2" and not again:
+            engine.abort("chat-2")  # the old one still runs
+            finish(seq, reason)
+            again.append(engine.add_request([5, 6, 7], params, request_id="chat-2"))
+            added.set()
+            return
+        finish(seq, reason)
+
+    engine._finish = finish_with_a_racing_abort
+    try:
+        assert engine.add_request([5, 6, 7], params, request_id="chat-2").result().token_ids == clean
+        added.wait(30)
+        out = again[0].result()
+    finally:
+        del engine._finish
+    assert (out.token_ids, out.finish_reason) == (clean, "length")
+    llm.shutdown()
+
+
+def test_streams_nobody_reads_hold_up_nothing(tiny_qwen3):
+    """A stream whose reader never comes (its event loop closed before the first output, or a
+    caller that never iterates) neither stalls the engine nor keeps pages: the first is aborted
+    at its first output, the second runs to its end with its outputs queued, and the engine
+    serves the next request as before."""
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    clean = llm.generate([[5, 6, 7]], params)[0].token_ids
+    decoded = llm.stats()["decoded_tokens"]
+    loop = asyncio.new_event_loop()
+    gone = engine.add_request([8, 9, 10], params, loop=loop)
+    loop.close()
+    unread = engine.add_request([11, 12, 13], params)
+    deadline = time.time() + 30
+    while not engine.idle and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.idle
+    assert gone._queue.qsize() == 0  # nothing could be handed to its loop
+    # the unread one decoded its 39 tokens after the first; the other none: aborted at its first
+    assert llm.stats()["decoded_tokens"] - decoded == 39
+    assert unread.result().token_ids == llm.generate([[11, 12, 13]], params)[0].token_ids
+    assert llm.generate([[5, 6, 7]], params)[0].token_ids == clean
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == llm.engine.pool.num_pages
+    llm.shutdown()
+
+
+def test_shutdown_racing_submissions_strands_nobody(tiny_qwen3):
+    """Requests submitted from many threads while the engine shuts down: each is refused
+    (EngineClosedError at submission), finished, or ended by the shutdown (EngineClosedError
+    from its stream); no caller waits forever and every page comes back."""
+    import threading
+
+    from braid_engine import LLM
+    from braid_engine.errors import EngineClosedError
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    outcomes = []
+    start = threading.Barrier(17)
+
+    def submit(i):
+        start.wait()
+        try:
+            stream = llm.engine.add_request([i + 3, 4, 5], params)
+        except EngineClosedError as e:
+            outcomes.append(("refused", str(e)))
+            return
+        try:
+            outcomes.append(("finished", len(stream.result().token_ids)))
+        except EngineClosedError as e:
+            outcomes.append(("closed", str(e)))
+
+    threads = [threading.Thread(target=submit, args=(i,), daemon=True) for i in range(16)]
+    for t in threads:
+        t.start()
+    start.wait()
+    llm.shutdown()
+    for t in threads:
+        t.join(30)
+    assert len(outcomes) == 16, "a caller was left waiting"
+    for kind, detail in outcomes:
+        assert kind in ("refused", "finished", "closed")
+        assert (detail == 50) if kind == "finished" else ("create a new LLM" in detail)
+    assert llm.stats()["running"] == llm.stats()["waiting"] == 0
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == llm.engine.pool.num_pages
