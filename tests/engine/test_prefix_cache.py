@@ -237,11 +237,7 @@ def test_preemption_under_pressure_keeps_outputs_exact(tiny_qwen3):
     assert llm.stats()["preemptions"] > 0
     for p, out in zip(prompts, outs):
         assert out.token_ids == _reference(tiny_qwen3, p, 24)
-    _wait_idle(llm)
-    _check_refs(llm)
-    llm.engine.clear_cache()
-    assert llm.engine.pool.num_free == 17
-    llm.shutdown()
+    _check_pages_come_back(llm, 17)
 
 
 # -- the property ------------------------------------------------------------------------
@@ -344,6 +340,16 @@ def _check_refs(llm):
         assert count == tree.get(page, 0), f"page {page}: pool count {count}, tree refs {tree.get(page, 0)}"
 
 
+def _check_pages_come_back(llm, num_pages):
+    """Once idle: every page's count matches the tree, and clearing the cache frees all
+    ``num_pages``; then shut down."""
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == num_pages
+    llm.shutdown()
+
+
 def test_requests_arriving_together_compute_a_shared_prefix_once(tiny_qwen3):
     llm = LLM(tiny_qwen3, device="cpu", page_size=4)
     shared = [(3 * j) % 300 + 3 for j in range(80)]
@@ -407,11 +413,7 @@ def test_a_pin_whose_prefix_is_evicted_before_it_holds_it_computes_it_again(tiny
     with pytest.raises(KVCacheFullError, match="evicted 3 times before it could be pinned.*retry later"):
         llm.pin(prefix)  # taken every time
     assert llm.stats()["pages_pinned"] == 0
-    _wait_idle(llm)
-    _check_refs(llm)
-    llm.engine.clear_cache()
-    assert llm.engine.pool.num_free == 40
-    llm.shutdown()
+    _check_pages_come_back(llm, 40)
 
 
 def test_a_request_that_preempts_itself_is_readmitted_not_failed_as_stuck(tiny_qwen3):
@@ -430,11 +432,7 @@ def test_a_request_that_preempts_itself_is_readmitted_not_failed_as_stuck(tiny_q
         n = max_tokens or 64 - len(p)
         assert (out.token_ids, out.finish_reason) == (_reference(tiny_qwen3, p, n), "length")
     assert llm.stats()["preemptions"] == 1
-    _wait_idle(llm)
-    _check_refs(llm)
-    llm.engine.clear_cache()
-    assert llm.engine.pool.num_free == 17
-    llm.shutdown()
+    _check_pages_come_back(llm, 17)
 
 
 def test_a_request_alone_that_cannot_fit_beside_its_cached_prefix_runs_without_it(tiny_qwen3):
@@ -452,8 +450,4 @@ def test_a_request_alone_that_cannot_fit_beside_its_cached_prefix_runs_without_i
     out = llm.generate([t], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
     assert (out.token_ids, out.finish_reason, out.num_cached_tokens) == (_reference(tiny_qwen3, t, 1), "length", 0)
     assert llm.generate([t[:27]], one)[0].num_cached_tokens == 0  # it neither read nor wrote the cache
-    _wait_idle(llm)
-    _check_refs(llm)
-    llm.engine.clear_cache()
-    assert llm.engine.pool.num_free == 9
-    llm.shutdown()
+    _check_pages_come_back(llm, 9)
