@@ -108,10 +108,6 @@ def main() -> None:
                     help="after each row, the engine against a second one whose split-KV decode attention has these "
                          "settings (braid_engine.kernels.SPLIT_KV_CONFIG: most splits, key tile, warps, stages), in "
                          "turn, in this process (needs room for two KV pools)")
-    ap.add_argument("--compare-row-stream", action="store_true",
-                    help="after each row, the engine against a second one whose graphs were captured with the "
-                         "Triton row kernels instead of the streaming ones (braid_engine.kernels.ROW_STREAM off), "
-                         "in turn, in this process (needs room for two KV pools)")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
@@ -139,7 +135,7 @@ def main() -> None:
             for name, value in before.items():
                 setattr(kernels, name, value)
 
-    llm = engine_with(ROW_STREAM=True) if args.compare_row_stream else engine_with()
+    llm = engine_with()
     others = []  # (this engine's name, the other's, the other engine)
     if args.compare_read_ahead:
         others.append(("reading ahead", "waiting first", engine_with(READ_AHEAD=False)))
@@ -147,8 +143,6 @@ def main() -> None:
         name = "split-KV {}/{}/{}/{}".format
         others.append((name(*kernels.SPLIT_KV_CONFIG), name(*args.compare_split_config),
                        engine_with(SPLIT_KV_CONFIG=args.compare_split_config)))
-    if args.compare_row_stream:
-        others.append(("streaming rows", "Triton rows", engine_with(ROW_STREAM=False)))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)

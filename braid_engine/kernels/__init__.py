@@ -50,8 +50,3 @@ READ_AHEAD = True
 # made: (most splits, key tile, warps, pipeline stages). decode_attention.py --sweep times others;
 # decode.py --compare-split-config S/T/W/P measures one in the engine against these.
 SPLIT_KV_CONFIG = (64, 64, 4, 1)
-
-# Batch-1 decode's one-row matmuls through the CUDA C++ streaming kernels (row_stream.py: weights
-# requested into shared memory before the wait) where they build and take the shapes; off, or
-# elsewhere, the Triton row kernels (gemv.py). decode.py --compare-row-stream measures the two.
-ROW_STREAM = False

@@ -27,8 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from braid_engine import kernels
-from braid_engine.kernels import pdl_args, use_pdl
+from braid_engine.kernels import pdl_args
 
 PLAIN, NORM, SILU = 0, 1, 2
 # elements of weight one program loads per step of its loop: enough bytes in flight per SM
@@ -118,11 +117,6 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         residual = residual.contiguous()
         if residual.shape != x.shape:
             raise ValueError(f"the residual must match the input {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if kernels.ROW_STREAM and config is None and x.device.type == "cuda":
-        from braid_engine.kernels import row_stream
-
-        if row_stream.supports(x, weight, residual, norm_weight):
-            return row_stream.launch(prologue, x, weight, bias, residual, norm_weight, eps, use_pdl(x.device))
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
     cfg = dict(config or default_config(n, k, prologue))
