@@ -108,6 +108,12 @@ def main() -> None:
                     help="after each row, the engine against a second one whose split-KV decode attention has these "
                          "settings (braid_engine.kernels.SPLIT_KV_CONFIG: most splits, key tile, warps, stages), in "
                          "turn, in this process (needs room for two KV pools)")
+    ap.add_argument("--compare-row-rows", type=int, default=None, metavar="N",
+                    help="after each row, the engine against a second one whose steps of up to N rows take the row "
+                         "kernels (braid_engine.kernels.ROW_KERNEL_ROWS; 1: batch 1 alone), in turn, in this process")
+    ap.add_argument("--compare-small-decode-batch", type=int, default=None, metavar="N",
+                    help="after each row, the engine against a second one whose decode steps of up to N sequences "
+                         "take our split-KV attention kernel (FlashInferBackend.small_decode_batch), in turn")
     args = ap.parse_args()
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
@@ -122,18 +128,28 @@ def main() -> None:
     path = build_model(args.shape, args.model)
     burst = {} if args.decode_burst is None else {"decode_burst": args.decode_burst}
 
-    def engine_with(**switches) -> LLM:
+    def engine_with(small_decode_batch: int | None = None, **switches) -> LLM:
         """An engine whose graphs were captured with these braid_engine.kernels switches (its
-        eager steps read the switches as they are when they run); none: the switches as set."""
+        eager steps read the switches as they are when they run); none: the switches as set.
+        ``small_decode_batch``: its FlashInfer backend's bound for our decode attention kernel."""
+        from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
         before = {name: getattr(kernels, name) for name in switches}
+        small_before = FlashInferBackend.small_decode_batch
         for name, value in switches.items():
             setattr(kernels, name, value)
+        if small_decode_batch is not None:
+            FlashInferBackend.small_decode_batch = small_decode_batch
         try:
-            return LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
-                       enable_prefix_caching=False, pipeline_bursts=pipeline_setting(args), **burst)
+            llm = LLM(path, device=args.device, dtype=args.dtype, **kv, attention_backend=args.attention_backend,
+                      enable_prefix_caching=False, pipeline_bursts=pipeline_setting(args), **burst)
+            if small_decode_batch is not None:  # its eager steps too
+                llm.engine.runner.backend.small_decode_batch = small_decode_batch
+            return llm
         finally:
             for name, value in before.items():
                 setattr(kernels, name, value)
+            FlashInferBackend.small_decode_batch = small_before
 
     llm = engine_with()
     others = []  # (this engine's name, the other's, the other engine)
@@ -143,6 +159,14 @@ def main() -> None:
         name = "split-KV {}/{}/{}/{}".format
         others.append((name(*kernels.SPLIT_KV_CONFIG), name(*args.compare_split_config),
                        engine_with(SPLIT_KV_CONFIG=args.compare_split_config)))
+    if args.compare_row_rows is not None:
+        others.append((f"row kernels ≤ {kernels.ROW_KERNEL_ROWS} rows", f"≤ {args.compare_row_rows}",
+                       engine_with(ROW_KERNEL_ROWS=args.compare_row_rows)))
+    if args.compare_small_decode_batch is not None:
+        from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+        others.append((f"our decode attention ≤ {FlashInferBackend.small_decode_batch}",
+                       f"≤ {args.compare_small_decode_batch}", engine_with(args.compare_small_decode_batch)))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)

@@ -1,9 +1,10 @@
 """The matmuls of a batch-1 decode step, 28 Qwen3-0.6B layers under one CUDA graph: cuBLAS
 with the standalone norm and SiLU·mul kernels, against the one-row matmul kernels with those
 folded in (``braid_engine/kernels/gemv.py``), at a few block sizes, with and without
-programmatic dependent launch (GPU only).
+programmatic dependent launch (GPU only). ``--rows 2 4 8``: small decode batches instead, the
+row kernels at their default sizes against cuBLAS at each.
 
-    python -m benchmarks.row_kernels
+    python -m benchmarks.row_kernels [--rows 1 2 4 8]
 
 Attention sits between the two halves of a layer in the engine and is the same on both sides,
 so it is left out. Weights are distinct per layer (0.88 GB in all), so every replay reads them
@@ -60,8 +61,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--rows", type=int, nargs="*", default=None,
+                    help="rows a step (a decode batch): the default kernels against cuBLAS at each")
     args = ap.parse_args()
     ws = layers(args.layers)
+    if args.rows:
+        by_rows(ws, args.rows, args.reps)
+        return
     x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
     r = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
     o_in = torch.randn(1, Q, device="cuda", dtype=torch.bfloat16)  # attention's output
@@ -96,6 +102,22 @@ def main() -> None:
               f"{weight_bytes / t / 1e12:6.2f} {base / t:8.2f}x")
     kernels.PDL = True
     print("configs: " + "; ".join(f"{n}x{k}: {c}" for (n, k, _), c in zip(shapes, default, strict=True)))
+
+
+def by_rows(ws, rows: list[int], reps: int) -> None:
+    weight_bytes = sum(t.nbytes for lw in ws for t in lw.values())
+    n = len(ws)
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; {n} layers, "
+          f"{weight_bytes / 1e9:.2f} GB of weights; µs a layer, both in one CUDA graph each")
+    print(f"{'rows':>4} {'cuBLAS + norm/SiLU':>19} {'row kernels':>12} {'TB/s':>6} {'ratio':>7}")
+    for m in rows:
+        x = torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(m, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        o_in = torch.randn(m, Q, device="cuda", dtype=torch.bfloat16)
+        base = graph_time(lambda x=x, r=r, o_in=o_in: cublas_step(ws, x, r, o_in), reps)
+        t = graph_time(lambda x=x, r=r, o_in=o_in: row_step(ws, x, r, o_in, [None] * 4), reps)
+        print(f"{m:>4} {base / n * 1e6:>19.2f} {t / n * 1e6:>12.2f} {weight_bytes / t / 1e12:>6.2f} {base / t:>6.2f}x",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ class FlashInferBackend(AttentionBackend):
     # decode steps of up to this many sequences (no cascade) run our split-KV Triton kernel
     # (braid_engine/kernels/decode_attention.py), which beats FlashInfer's decode plus merge
     # there on an H100 (docs/benchmarks.md); 0 leaves every decode step to FlashInfer
-    small_decode_batch = 4
+    small_decode_batch = 8
     # prefill graphs of at least this many rows run FlashInfer's default prefill backend (fa3 on
     # Hopper, as an eager long prefill does) instead of fa2, which in graph mode always takes its
     # split-KV path; the short graphs stay on fa2, whose split a new turn's few queries over a

@@ -50,3 +50,9 @@ READ_AHEAD = True
 # made: (most splits, key tile, warps, pipeline stages). decode_attention.py --sweep times others;
 # decode.py --compare-split-config S/T/W/P measures one in the engine against these.
 SPLIT_KV_CONFIG = (64, 64, 4, 1)
+
+# steps of up to this many rows (decode batches of 1 to 8, a prefill piece that short) run the
+# fused layers' matmuls through the row kernels (gemv.py: each weight tile read once for all rows,
+# the norms and SiLU·mul inside); more rows take cuBLAS and the standalone kernels. 1: batch 1
+# alone. decode.py --compare-row-rows N measures another bound against this one.
+ROW_KERNEL_ROWS = 16

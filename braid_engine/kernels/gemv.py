@@ -33,6 +33,13 @@ PLAIN, NORM, SILU = 0, 1, 2
 # elements of weight one program loads per step of its loop: enough bytes in flight per SM
 # to keep the memory system busy, few enough registers to stay resident
 _TILE = 8192
+# the most input rows a launch takes (a small decode batch): each weight tile is read once for all
+MAX_ROWS = 16
+# from this many rows on, the products run on the tensor cores (_rows_dot_kernel, rows padded to
+# 16); below it, one row at a time on the CUDA cores
+DOT_FROM_ROWS = 3
+# its tiles: 16 weight rows a program (the tensor cores' least), K in steps of 512
+DOT_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
@@ -63,9 +70,24 @@ def _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.cons
 
 
 @triton.jit
-def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, eps,
+def _rows_times_tile(acc, w, x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, M, K, eps, pid, dtype: tl.constexpr,
+                     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [ROWS, BLOCK_N] plus, in row m, the weight tile w [BLOCK_N, BLOCK_K] times the prologue
+    of input row m (rows from M on are padding: nothing read, nothing stored)."""
+    rm = tl.arange(0, ROWS)
+    width = 2 * K if PROLOGUE == 2 else K
+    for m in tl.static_range(ROWS):
+        ok = k_ok & (tl.full([BLOCK_K], m, tl.int32) < M)
+        a = _prologue(x_ptr + m * width, r_ptr + m * K, nw_ptr, h_ptr + m * K, rk, ok, K, eps, pid, dtype, PROLOGUE,
+                      HAS_RESIDUAL)
+        acc += tl.where(rm[:, None] == m, tl.sum(w.to(tl.float32) * a[None, :], axis=1)[None, :], 0.0)
+    return acc
+
+
+@triton.jit
+def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
                        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, ROWS: tl.constexpr):
     dtype = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if USE_PDL:
@@ -79,20 +101,103 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, e
     w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
-    acc = w.to(tl.float32) * a[None, :]
-    # the loop holds registers even where one tile spans K, yet without it the matmuls were slower
-    # on an H100 (docs/benchmarks.md, "without their K-tile loop")
-    for k0 in range(BLOCK_K, K, BLOCK_K):  # only where K exceeds one tile (never with the norm)
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if ROWS == 1:
         a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
-        acc += w.to(tl.float32) * a[None, :]
-    y = tl.sum(acc, axis=1)
+        acc = w.to(tl.float32) * a[None, :]
+        # the loop holds registers even where one tile spans K, yet without it the matmuls were slower
+        # on an H100 (docs/benchmarks.md, "without their K-tile loop")
+        for k0 in range(BLOCK_K, K, BLOCK_K):  # only where K exceeds one tile (never with the norm)
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
+            acc += w.to(tl.float32) * a[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
+    else:
+        # a few rows (a small decode batch, padded to ROWS): each weight tile is read once and
+        # multiplied by every row
+        acc = _rows_times_tile(tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), w, x_ptr, r_ptr, nw_ptr, h_ptr, rk,
+                               k_ok, M, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL, ROWS, BLOCK_K)
+        for k0 in range(BLOCK_K, K, BLOCK_K):  # only where K exceeds one tile (never with the norm)
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _rows_times_tile(acc, w, x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, M, K, eps, pid, dtype, PROLOGUE,
+                                   HAS_RESIDUAL, ROWS, BLOCK_K)
+        rm = tl.arange(0, ROWS)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(dtype), mask=(rm[:, None] < M) & n_ok[None, :])
+
+
+@triton.jit
+def _rows_dot_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
+                     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, ROWS: tl.constexpr,
+                     IEEE: tl.constexpr):
+    """Up to ROWS input rows (a decode batch, padded) times a weight tile on the tensor cores:
+    each program reads its BLOCK_N weight rows once, K in BLOCK_K steps. The prologues round as
+    ``_prologue`` does; the RMSNorm's statistics come from a first pass over the input rows."""
+    dtype = y_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    rm = tl.arange(0, ROWS)
+    m_ok = rm < M
+    width = 2 * K if PROLOGUE == 2 else K
+    rs = tl.full([ROWS], 1.0, tl.float32)
+    if PROLOGUE == 1:
+        ss = tl.zeros([ROWS], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            ok = m_ok[:, None] & (kk < K)[None, :]
+            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=ok, other=0.0)
+            if HAS_RESIDUAL:
+                r = tl.load(r_ptr + rm[:, None] * K + kk[None, :], mask=ok, other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+                if pid == 0:
+                    tl.store(h_ptr + rm[:, None] * K + kk[None, :], x, mask=ok)
+            v = x.to(tl.float32)
+            ss += tl.sum(v * v, axis=1)
+        rs = tl.math.rsqrt(ss / K + eps)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        if k0 > 0:
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        ok = m_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + rm[:, None] * width + kk[None, :], mask=ok, other=0.0)
+        if PROLOGUE == 1:
+            if HAS_RESIDUAL:
+                r = tl.load(r_ptr + rm[:, None] * K + kk[None, :], mask=ok, other=0.0)
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            hn = (x.to(tl.float32) * rs[:, None]).to(dtype)
+            nw = tl.load(nw_ptr + kk, mask=k_ok, other=0.0)
+            a = (nw.to(tl.float32)[None, :] * hn.to(tl.float32)).to(dtype)
+        elif PROLOGUE == 2:
+            g = x.to(tl.float32)
+            u = tl.load(x_ptr + rm[:, None] * width + K + kk[None, :], mask=ok, other=0.0)
+            sg = (g / (1.0 + tl.exp(-g))).to(dtype)
+            a = (sg.to(tl.float32) * u.to(tl.float32)).to(dtype)
+        else:
+            a = x
+        if IEEE:
+            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(w))
     if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @functools.cache
@@ -110,30 +215,38 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     n, k = weight.shape
     width = 2 * k if prologue == SILU else k
     x = x.contiguous()
-    if x.shape != (1, width) or not weight.is_contiguous():
-        raise ValueError(f"one-row matmul takes a contiguous [1, {width}] input and [N, K] weight; got "
-                         f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    m = x.shape[0] if x.dim() == 2 else 0
+    if x.shape != (m, width) or not 1 <= m <= MAX_ROWS or not weight.is_contiguous():
+        raise ValueError(f"one-row matmul takes a contiguous [rows, {width}] input of 1 to {MAX_ROWS} rows and an "
+                         f"[N, K] weight; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if residual is not None:
         residual = residual.contiguous()
         if residual.shape != x.shape:
             raise ValueError(f"the residual must match the input {tuple(x.shape)}, got {tuple(residual.shape)}")
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
+    args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+            weight, bias if bias is not None else weight, y, h if h is not None else y, m, n, k, eps)
+    flags = {"PROLOGUE": prologue, "HAS_RESIDUAL": residual is not None, "HAS_BIAS": bias is not None,
+             **pdl_args(x.device)}
+    if m >= DOT_FROM_ROWS:
+        cfg = dict(DOT_CONFIG)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        _rows_dot_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+            *args, ROWS=16, IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages, **cfg, **flags)
+        return y, h
     cfg = dict(config or default_config(n, k, prologue))
     if prologue == NORM and cfg["BLOCK_K"] < k:
         raise ValueError(f"the norm prologue needs the whole row in one tile: BLOCK_K ≥ {k}")
     warps = cfg.pop("num_warps")
     _row_matmul_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-        weight, bias if bias is not None else weight, y, h if h is not None else y, n, k, eps,
-        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        num_warps=warps, **cfg, **pdl_args(x.device))
+        *args, ROWS=triton.next_power_of_2(m), num_warps=warps, **cfg, **flags)
     return y, h
 
 
 def row_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                config: dict | None = None) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]ᵀ (+ bias) → [1, N]."""
+    """x [M, K] @ weight [N, K]ᵀ (+ bias) → [M, N], M ≤ :data:`MAX_ROWS`."""
     return _launch(PLAIN, x, weight, bias, config=config)[0]
 
 
@@ -148,5 +261,5 @@ def norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
 
 def silu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 config: dict | None = None) -> torch.Tensor:
-    """x [1, 2K] = (gate, up) → (silu(gate) · up) @ weight [N, K]ᵀ (+ bias) → [1, N]."""
+    """x [M, 2K] = (gate, up) → (silu(gate) · up) @ weight [N, K]ᵀ (+ bias) → [M, N]."""
     return _launch(SILU, x, weight, bias, config=config)[0]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from braid_engine import kernels
 from braid_engine.attention.base import BatchLayout
 from braid_engine.config import ModelConfig
 
@@ -185,8 +186,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.fused = False
 
-    # fused layers run one-token steps through the one-row matmul kernels (kernels/gemv.py);
-    # benchmarks switch it off to measure what it saves
+    # fused layers run steps of a few rows (kernels.ROW_KERNEL_ROWS) through the row matmul
+    # kernels (kernels/gemv.py); benchmarks switch it off to measure what it saves
     row_kernels = True
     MAX_ROW_WIDTH = 8192  # the norm prologue holds a whole hidden row in registers; wider: cuBLAS
 
@@ -200,7 +201,8 @@ class DecoderLayer(nn.Module):
                 ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the previous layer's MLP output (or the embeddings with ``residual`` None);
         returns this layer's MLP output and the residual stream before it is added."""
-        if self.fused and self.row_kernels and x.shape[0] == 1 and x.shape[1] <= self.MAX_ROW_WIDTH:
+        if (self.fused and self.row_kernels and x.shape[0] <= kernels.ROW_KERNEL_ROWS
+                and x.shape[1] <= self.MAX_ROW_WIDTH):
             return self._forward_row(positions, x, residual, ctx)
         if residual is None:
             h, residual = self.input_layernorm(x), x
@@ -211,7 +213,7 @@ class DecoderLayer(nn.Module):
 
     def _forward_row(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                      ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token: each norm and the SiLU·mul run inside the matmul after them."""
+        """A few tokens: each norm and the SiLU·mul run inside the matmul after them."""
         from braid_engine.kernels.gemv import norm_matmul, row_matmul, silu_matmul
 
         attn, mlp = self.self_attn, self.mlp
