@@ -136,7 +136,8 @@ class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     # decode steps of up to this many sequences (no cascade) run our split-KV Triton kernel
     # (braid_engine/kernels/decode_attention.py), which beats FlashInfer's decode plus merge
-    # there on an H100 (docs/benchmarks.md); 0 leaves every decode step to FlashInfer
+    # there (H100 up to 4; H200: batch 8 1.07x faster on it, batch 16 0.97x; docs/benchmarks.md);
+    # 0 leaves every decode step to FlashInfer
     small_decode_batch = 8
     # prefill graphs of at least this many rows run FlashInfer's default prefill backend (fa3 on
     # Hopper, as an eager long prefill does) instead of fa2, which in graph mode always takes its

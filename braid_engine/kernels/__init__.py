@@ -51,8 +51,9 @@ READ_AHEAD = True
 # decode.py --compare-split-config S/T/W/P measures one in the engine against these.
 SPLIT_KV_CONFIG = (64, 64, 4, 1)
 
-# steps of up to this many rows (decode batches of 1 to 8, a prefill piece that short) run the
-# fused layers' matmuls through the row kernels (gemv.py: each weight tile read once for all rows,
-# the norms and SiLU·mul inside); more rows take cuBLAS and the standalone kernels. 1: batch 1
-# alone. decode.py --compare-row-rows N measures another bound against this one.
-ROW_KERNEL_ROWS = 16
+# steps of up to this many rows (a decode batch of 2, a one-token step) run the fused layers'
+# matmuls through the row kernels (gemv.py: each weight tile read once for both rows, the norms
+# and SiLU·mul inside); more rows take cuBLAS and the standalone kernels. At most gemv.MAX_ROWS.
+# On an H200 the matmuls of 2 rows took 19.8 µs a layer against cuBLAS's 33.9, 4 rows 36.2
+# against 29.2 (docs/benchmarks.md). decode.py --compare-row-rows N measures another bound.
+ROW_KERNEL_ROWS = 2

@@ -33,13 +33,9 @@ PLAIN, NORM, SILU = 0, 1, 2
 # elements of weight one program loads per step of its loop: enough bytes in flight per SM
 # to keep the memory system busy, few enough registers to stay resident
 _TILE = 8192
-# the most input rows a launch takes (a small decode batch): each weight tile is read once for all
-MAX_ROWS = 16
-# from this many rows on, the products run on the tensor cores (_rows_dot_kernel, rows padded to
-# 16); below it, one row at a time on the CUDA cores
-DOT_FROM_ROWS = 3
-# its tiles: 16 weight rows a program (the tensor cores' least), K in steps of 512
-DOT_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
+# the most input rows a launch takes (a small decode batch): each weight tile is read once and
+# multiplied by every row, one row after another (the engine sends up to kernels.ROW_KERNEL_ROWS)
+MAX_ROWS = 8
 
 
 @triton.jit
@@ -133,73 +129,6 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(dtype), mask=(rm[:, None] < M) & n_ok[None, :])
 
 
-@triton.jit
-def _rows_dot_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
-                     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, ROWS: tl.constexpr,
-                     IEEE: tl.constexpr):
-    """Up to ROWS input rows (a decode batch, padded) times a weight tile on the tensor cores:
-    each program reads its BLOCK_N weight rows once, K in BLOCK_K steps. The prologues round as
-    ``_prologue`` does; the RMSNorm's statistics come from a first pass over the input rows."""
-    dtype = y_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rk = tl.arange(0, BLOCK_K)
-    w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-    rm = tl.arange(0, ROWS)
-    m_ok = rm < M
-    width = 2 * K if PROLOGUE == 2 else K
-    rs = tl.full([ROWS], 1.0, tl.float32)
-    if PROLOGUE == 1:
-        ss = tl.zeros([ROWS], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            ok = m_ok[:, None] & (kk < K)[None, :]
-            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=ok, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(r_ptr + rm[:, None] * K + kk[None, :], mask=ok, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-                if pid == 0:
-                    tl.store(h_ptr + rm[:, None] * K + kk[None, :], x, mask=ok)
-            v = x.to(tl.float32)
-            ss += tl.sum(v * v, axis=1)
-        rs = tl.math.rsqrt(ss / K + eps)
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        if k0 > 0:
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        ok = m_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + rm[:, None] * width + kk[None, :], mask=ok, other=0.0)
-        if PROLOGUE == 1:
-            if HAS_RESIDUAL:
-                r = tl.load(r_ptr + rm[:, None] * K + kk[None, :], mask=ok, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            hn = (x.to(tl.float32) * rs[:, None]).to(dtype)
-            nw = tl.load(nw_ptr + kk, mask=k_ok, other=0.0)
-            a = (nw.to(tl.float32)[None, :] * hn.to(tl.float32)).to(dtype)
-        elif PROLOGUE == 2:
-            g = x.to(tl.float32)
-            u = tl.load(x_ptr + rm[:, None] * width + K + kk[None, :], mask=ok, other=0.0)
-            sg = (g / (1.0 + tl.exp(-g))).to(dtype)
-            a = (sg.to(tl.float32) * u.to(tl.float32)).to(dtype)
-        else:
-            a = x
-        if IEEE:
-            acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(a, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
-
-
 @functools.cache
 def default_config(n: int, k: int, prologue: int) -> dict:
     """Block sizes for an [n, k] weight: the norm prologue needs the whole row in one tile,
@@ -229,12 +158,6 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             weight, bias if bias is not None else weight, y, h if h is not None else y, m, n, k, eps)
     flags = {"PROLOGUE": prologue, "HAS_RESIDUAL": residual is not None, "HAS_BIAS": bias is not None,
              **pdl_args(x.device)}
-    if m >= DOT_FROM_ROWS:
-        cfg = dict(DOT_CONFIG)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        _rows_dot_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-            *args, ROWS=16, IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages, **cfg, **flags)
-        return y, h
     cfg = dict(config or default_config(n, k, prologue))
     if prologue == NORM and cfg["BLOCK_K"] < k:
         raise ValueError(f"the norm prologue needs the whole row in one tile: BLOCK_K ≥ {k}")

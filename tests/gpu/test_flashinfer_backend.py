@@ -85,11 +85,12 @@ def test_decode(hq, hkv, d):
 @pytest.mark.parametrize("ps", [1, 16])
 @pytest.mark.parametrize("hq,hkv,d", SHAPES)
 def test_small_decode_runs_our_kernel(hq, hkv, d, ps):
-    """Up to four sequences decode with braid_engine.kernels.decode_attention; lengths of one
-    key, a page ± 1, and long enough for every split."""
+    """Up to eight sequences decode with braid_engine.kernels.decode_attention; lengths of one
+    key, a page ± 1, and long enough for every split; nine go to FlashInfer."""
     _compare([(1, kl, None, 0) for kl in (1, 17, 300, 5000)], hq, hkv, d, ps, small=True)
     _compare([(1, kl, None, 0) for kl in (16, 2049)], hq, hkv, d, ps, small=True)
-    _compare([(1, kl, None, 0) for kl in (1, 15, 16, 17, 300)], hq, hkv, d, ps, small=False)
+    _compare([(1, kl, None, 0) for kl in (1, 15, 16, 17, 300, 33, 2049, 64)], hq, hkv, d, ps, small=True)
+    _compare([(1, kl, None, 0) for kl in (1, 15, 16, 17, 300, 33, 2049, 64, 5)], hq, hkv, d, ps, small=False)
 
 
 def test_small_decode_leaves_cascades_and_prefill_to_flashinfer():
