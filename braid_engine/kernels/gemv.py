@@ -1,4 +1,5 @@
-"""One-row matmuls for batch-1 decode, with the small operation before each folded in.
+"""One-row matmuls for batch-1 decode (and a few rows at once for small batches), with the
+small operation before each folded in.
 
 At one token a step, each projection of a decode step is a pass over its weights (4–13 MB for
 Qwen3-0.6B) and the kernels around it — RMSNorm, residual add, SiLU·mul — are a few µs of
@@ -13,6 +14,10 @@ finishes, and waits for it only before reading the input row.
   qkv_proj and gate_up_proj.
 - :func:`silu_matmul`: SiLU(gate)·up → x Wᵀ; down_proj.
 - :func:`row_matmul`: x Wᵀ; o_proj.
+
+A launch takes up to :data:`MAX_ROWS` input rows: each program reads its weight tile once and
+multiplies it by every row in turn, each row with its own norm (the engine sends up to
+``kernels.ROW_KERNEL_ROWS``; each further row adds its products and reductions to every program).
 
 Every elementwise step rounds to the model dtype where PyTorch's unfused code does (the same
 order as ``rmsnorm.py`` and ``activation.py``); products are summed in float32 and rounded once,

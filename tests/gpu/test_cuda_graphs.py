@@ -144,6 +144,10 @@ def test_long_prefills_replay_graphs_in_pieces(engines, long_graphs, cached, new
     assert graphed.engine.runner.prefill_sizes[-1] == 2048
     g = torch.Generator().manual_seed(7 * cached + new)
     history = torch.randint(3, 400, (cached,), generator=g).tolist()
+    # the eager engine saw this prompt in the other fixture's round; whether it still holds it
+    # depends on the pool size free memory gave it: both start without it
+    for llm in (graphed, eager):
+        llm.engine.clear_cache()
     for llm in (graphed, eager) if cached else ():
         llm.generate([history], SamplingParams(temperature=0, max_tokens=1))
     prompt = history + torch.randint(3, 400, (new,), generator=g).tolist()
@@ -218,6 +222,9 @@ def test_cascade_twins_keep_a_shared_prefix_in_the_decode_graphs(engines, monkey
     from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
     monkeypatch.setattr(FlashInferBackend, "cascade_graph_batch", 8)
+    # batches of 8 and less decode through our split-KV kernel, which takes no cascade (and gets no
+    # twin): 4 keeps batch 8 on FlashInfer's decode, with its twin
+    monkeypatch.setattr(FlashInferBackend, "small_decode_batch", 4)
     graphed = LLM(engines[0].model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                   max_num_seqs=16, cuda_graphs=True, cascade="always", prefill_graph_tokens=256,
                   pipeline_bursts=False)
