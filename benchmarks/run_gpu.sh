@@ -13,7 +13,7 @@
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
 # command, run them apart (each stage's timeouts add up to under 600 s).
-# FlashInfer's JIT cache comes back as ficache.tgz.* (15 MB parts), Triton's as tritoncache.tgz.*;
+# FlashInfer's JIT cache comes back as ficache.txz.* (xz, 15 MB parts), Triton's as tritoncache.txz.*;
 # put them in .fictgz/ (git-ignored) and carry that next time: this script unpacks them before
 # the first kernel is needed. (The machine goes back after ~30 s idle: a fresh one rebuilds both.)
 set -u
@@ -21,9 +21,15 @@ OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 what=${1:-all}
 if [ -d .ficache ]; then mkdir -p ~/.cache && cp -r .ficache ~/.cache/flashinfer; fi
-if ls .fictgz/ficache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .fictgz/ficache.tgz.* | tar xz -C ~/.cache; fi
+untxz() {  # an xz tar from stdin into $1 (through Python's lzma where there is no xz)
+  if command -v xz >/dev/null; then tar xJ -C "$1"
+  else python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1])" "$1"; fi
+}
+if ls .fictgz/ficache.txz.* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .fictgz/ficache.txz.* | untxz ~/.cache
+elif ls .fictgz/ficache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .fictgz/ficache.tgz.* | tar xz -C ~/.cache; fi
 # Triton's compiled kernels likewise (a fresh machine otherwise compiles every kernel variant again)
-if ls .fictgz/tritoncache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.triton && cat .fictgz/tritoncache.tgz.* | tar xz -C ~/.triton; fi
+if ls .fictgz/tritoncache.txz.* >/dev/null 2>&1; then mkdir -p ~/.triton && cat .fictgz/tritoncache.txz.* | untxz ~/.triton
+elif ls .fictgz/tritoncache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.triton && cat .fictgz/tritoncache.tgz.* | tar xz -C ~/.triton; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 # 'tests' runs them all; 'tests-kernels' (kernels, FlashInfer backend) and 'tests-engine' (graphs,
 # bf16 engine against transformers) split them, should the whole outgrow one command
@@ -130,5 +136,13 @@ if [ "$what" = shared ] || [ "$what" = all ]; then
   timeout 120 python3 -m benchmarks.shared_prefix --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 16 \
     --cascade-graphs 0 --skip-transformers 2>&1 | grep -v Warning | tail -5 | tee "$OUT/shared_prefix_no_twins.log"
 fi
-tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."
-tar czf - -C ~/.triton cache 2>/dev/null | split -b 15M - "$OUT/tritoncache.tgz."; ls -la "$OUT"
+# xz: a fifth of gzip's size for these (both caches ~13 MB against ~50), so they fit the carry
+# beside the wheels
+if command -v xz >/dev/null; then
+  tar cf - -C ~/.cache flashinfer 2>/dev/null | xz -6 -T0 | split -b 15M - "$OUT/ficache.txz."
+  tar cf - -C ~/.triton cache 2>/dev/null | xz -6 -T0 | split -b 15M - "$OUT/tritoncache.txz."
+else
+  tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."
+  tar czf - -C ~/.triton cache 2>/dev/null | split -b 15M - "$OUT/tritoncache.tgz."
+fi
+ls -la "$OUT"
