@@ -498,7 +498,8 @@ class ChatBraid(BaseChatModel):
         forces a call of a tool named after the schema; ``"json_mode"`` constrains the answer to
         some JSON object (describe the keys in the prompt; ``schema`` then only parses).
         ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}`` instead of raising.
-        ``strict`` is accepted for compatibility: decoding is always schema-strict.
+        ``strict`` is accepted for compatibility: decoding is always schema-strict (with
+        ``"json_mode"``, which has no schema, it is refused, as ChatOpenAI does).
         ``tools`` (``"json_schema"`` only): the model may call one of them instead, as with
         ChatOpenAI (``parsed`` is then ``None``; the calls are in the raw message). Call options
         (``temperature``, ``max_tokens``, ``seed``…) are bound to the model.
@@ -521,6 +522,10 @@ class ChatBraid(BaseChatModel):
                             "then a call of one of the tools or the schema's JSON.")
         if method not in ("json_schema", "function_calling", "json_mode"):
             raise ValueError(f"method={method!r}: use 'json_schema', 'function_calling' or 'json_mode'.")
+        if method == "json_mode" and strict is not None:
+            raise ValueError(f"strict={strict!r} has nothing to act on with method='json_mode' (any JSON object "
+                             "is accepted); leave it out, or use method='json_schema' with the schema, whose "
+                             "answers always keep to it.")
         if schema is None and method != "json_mode":
             raise ValueError(f"method={method!r} needs a schema; pass one, or use method='json_mode'.")
         schema = _named_schema(schema)

@@ -390,6 +390,15 @@ def test_json_mode_answers_with_an_object(chat):
     assert raw.content.startswith("{") and raw.usage_metadata["output_tokens"] <= 12
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_json_mode_refuses_strict(chat, strict):
+    """json_mode constrains the answer to some JSON object, no schema: ``strict`` has nothing to
+    act on there and was accepted silently; ChatOpenAI refuses it too. None is the default."""
+    with pytest.raises(ValueError, match=r"strict=.*method='json_mode'.*method='json_schema'"):
+        chat.with_structured_output(None, method="json_mode", strict=strict)
+    assert chat.with_structured_output(None, method="json_mode", strict=None) is not None
+
+
 def test_response_format_text_is_no_constraint(chat):
     """OpenAI's default response_format, {"type": "text"}, is free text: the same answer as with
     no format (it was refused as an unknown format); an unknown type still names the choices."""
