@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|bursts|pipeline|readahead|splitcfg|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|smallbatch|bursts|pipeline|readahead|splitcfg|host|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
 # 'readahead': decode.py at batch 1 and 4 with the kernels reading ahead of their wait and not;
 # 'splitcfg': decode.py at batch 1 and 4 with the split-KV attention's settings and the ones before;
+# 'smallbatch': the row kernels at 1-8 rows against cuBLAS, and decode.py at batches 1-16 with the row
+# kernels for batch 1 alone and with our decode attention up to 4 sequences, each against the defaults;
 # 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels' and
 # 'tests-engine' apart), 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
@@ -98,6 +100,16 @@ if [ "$what" = splitcfg ]; then
   timeout 250 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 4 --compiled-batches --kv-gb 8 --compare-split-config 64/32/2/2 2>&1 | grep -v Warning \
     | grep -E "^card|^ +[0-9]+ |split-KV" | tee "$OUT/decode_split_config.log"
+fi
+if [ "$what" = smallbatch ]; then
+  # small decode batches: the row kernels' matmuls at 1-8 rows against cuBLAS + the norm kernels, then
+  # the engine with its defaults (row kernels up to kernels.ROW_KERNEL_ROWS, our decode attention up
+  # to FlashInferBackend.small_decode_batch) against the row kernels for batch 1 alone, and against
+  # our attention up to 4 sequences, engines in turn in one process
+  timeout 120 python3 -m benchmarks.row_kernels --rows 1 2 3 4 8 2>&1 | grep -v Warning | tee "$OUT/row_kernels_rows.log"
+  timeout 420 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+    --batch 1 2 4 8 16 --compiled-batches --kv-gb 8 --compare-row-rows 1 --compare-small-decode-batch 4 2>&1 \
+    | grep -E "^card|^ +[0-9]+ |row kernels|decode attention" | tee "$OUT/decode_small_batches.log"
 fi
 if [ "$what" = host ]; then
   # what lies outside a fresh prompt's prefill graph: generate against the graph alone, then the
