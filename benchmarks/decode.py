@@ -115,6 +115,8 @@ def main() -> None:
                     help="after each row, the engine against a second one whose decode steps of up to N sequences "
                          "take our split-KV attention kernel (FlashInferBackend.small_decode_batch), in turn")
     args = ap.parse_args()
+    if args.compare_row_rows is not None and not 1 <= args.compare_row_rows <= kernels.ROW_KERNEL_MAX_ROWS:
+        ap.error(f"--compare-row-rows takes 1 to {kernels.ROW_KERNEL_MAX_ROWS} (the most rows a row-kernel launch takes)")
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
 

@@ -136,8 +136,8 @@ class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     # decode steps of up to this many sequences (no cascade) run our split-KV Triton kernel
     # (braid_engine/kernels/decode_attention.py), which beats FlashInfer's decode plus merge
-    # there (H100 up to 4; H200: batch 8 1.07x faster on it, batch 16 0.97x; docs/benchmarks.md);
-    # 0 leaves every decode step to FlashInfer
+    # there (measured on an H100 up to 4; on an H200 batch 8 1.07x faster on it, batch 16 0.97x:
+    # docs/benchmarks.md); 0 leaves every decode step to FlashInfer
     small_decode_batch = 8
     # prefill graphs of at least this many rows run FlashInfer's default prefill backend (fa3 on
     # Hopper, as an eager long prefill does) instead of fa2, which in graph mode always takes its
@@ -150,7 +150,8 @@ class FlashInferBackend(AttentionBackend):
     # row, merged by log-sum-exp into the group's rows only), so a step the cost rule cascades
     # keeps its graph. None: a cascaded step runs eagerly, and under "auto" graph-able decode
     # steps never cascade. H100, shared_prefix.py (64 requests on one 4k prompt): twins 15,495
-    # tokens/s, plain graphs 6,465, eager cascade 2,498 (docs/benchmarks.md)
+    # tokens/s, plain graphs 6,465, eager cascade 2,498 (docs/benchmarks.md). Sizes up to
+    # small_decode_batch decode through our kernel, which takes no cascade, and get no twin.
     cascade_graph_batch: int | None = 32
     # a fresh prompt (every key of the step its own: no cached prefix, no earlier chunk) past the
     # short bound, eagerly or in a fa3 prefill graph, attends its own k/v as they leave the q/k

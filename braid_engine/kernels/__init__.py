@@ -51,9 +51,14 @@ READ_AHEAD = True
 # decode.py --compare-split-config S/T/W/P measures one in the engine against these.
 SPLIT_KV_CONFIG = (64, 64, 4, 1)
 
+# the most input rows a row-kernel launch takes (gemv.py): each weight tile is read once and
+# multiplied by every row, one row after another
+ROW_KERNEL_MAX_ROWS = 8
+
 # steps of up to this many rows (a decode batch of 2, a one-token step) run the fused layers'
 # matmuls through the row kernels (gemv.py: each weight tile read once for both rows, the norms
-# and SiLU·mul inside); more rows take cuBLAS and the standalone kernels. At most gemv.MAX_ROWS.
-# On an H200 the matmuls of 2 rows took 19.8 µs a layer against cuBLAS's 33.9, 4 rows 36.2
-# against 29.2 (docs/benchmarks.md). decode.py --compare-row-rows N measures another bound.
+# and SiLU·mul inside); more rows take cuBLAS and the standalone kernels, as do steps past
+# ROW_KERNEL_MAX_ROWS whatever this says. On an H200 the matmuls of 2 rows took 19.8 µs a layer
+# against cuBLAS's 33.9, 4 rows 36.2 against 29.2 (docs/benchmarks.md). decode.py
+# --compare-row-rows N measures another bound.
 ROW_KERNEL_ROWS = 2

@@ -32,15 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from braid_engine.kernels import ROW_KERNEL_MAX_ROWS as MAX_ROWS
 from braid_engine.kernels import pdl_args
 
 PLAIN, NORM, SILU = 0, 1, 2
 # elements of weight one program loads per step of its loop: enough bytes in flight per SM
 # to keep the memory system busy, few enough registers to stay resident
 _TILE = 8192
-# the most input rows a launch takes (a small decode batch): each weight tile is read once and
-# multiplied by every row, one row after another (the engine sends up to kernels.ROW_KERNEL_ROWS)
-MAX_ROWS = 8
 
 
 @triton.jit

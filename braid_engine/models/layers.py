@@ -201,8 +201,8 @@ class DecoderLayer(nn.Module):
                 ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the previous layer's MLP output (or the embeddings with ``residual`` None);
         returns this layer's MLP output and the residual stream before it is added."""
-        if (self.fused and self.row_kernels and x.shape[0] <= kernels.ROW_KERNEL_ROWS
-                and x.shape[1] <= self.MAX_ROW_WIDTH):
+        if (self.fused and self.row_kernels and 1 <= x.shape[0] <= kernels.ROW_KERNEL_ROWS
+                and x.shape[0] <= kernels.ROW_KERNEL_MAX_ROWS and x.shape[1] <= self.MAX_ROW_WIDTH):
             return self._forward_row(positions, x, residual, ctx)
         if residual is None:
             h, residual = self.input_layernorm(x), x

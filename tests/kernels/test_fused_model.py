@@ -90,9 +90,9 @@ def _batch_step_logits(path, fused: bool, histories: list[list[int]], device: to
     model = load_model(path, cfg, device, torch.float32, cfg.max_position_embeddings)
     model.set_fused(None if fused else set(), fused)
     ps = 4
-    cache = allocate_kv_cache(cfg, 40, ps, torch.float32, device)
+    cache = allocate_kv_cache(cfg, 64, ps, torch.float32, device)
     backend = TorchBackend(cache, cfg.num_attention_heads, cfg.head_dim)
-    pages = iter(torch.randperm(40, generator=torch.Generator().manual_seed(1)).tolist())  # shuffled
+    pages = iter(torch.randperm(64, generator=torch.Generator().manual_seed(1)).tolist())  # shuffled
     tables = [[next(pages) for _ in range(-(-len(h) // ps))] for h in histories]
 
     def slot(table: list[int], p: int) -> int:
@@ -139,6 +139,26 @@ def test_a_small_decode_batch_through_the_row_kernels_matches_the_torch_path(tmp
     monkeypatch.setattr(kernels, "ROW_KERNEL_ROWS", batch - 1)
     torch.testing.assert_close(_batch_step_logits(path, True, histories, device), ref, rtol=1e-3, atol=1e-3)
     assert rows == []
+
+
+def test_steps_past_the_row_kernels_launch_limit_take_cublas(tmp_path, device, monkeypatch):
+    """A bound set past what one row-kernel launch takes (ROW_KERNEL_MAX_ROWS) sends the larger
+    steps to cuBLAS and the standalone kernels instead of failing inside the forward."""
+    from braid_engine import kernels
+    from braid_engine.kernels import gemv
+
+    path = make_tiny_checkpoint(tmp_path / "q", k_norm_max=96.5)
+    g = torch.Generator().manual_seed(9)
+    batch = kernels.ROW_KERNEL_MAX_ROWS + 1
+    histories = [torch.randint(3, 300, (int(n),), generator=g).tolist()
+                 for n in torch.randint(18, 25, (batch,), generator=g)]
+    rows = []
+    launch = gemv._launch
+    monkeypatch.setattr(gemv, "_launch", lambda prologue, x, *a, **k: rows.append(x.shape[0]) or launch(prologue, x, *a, **k))
+    monkeypatch.setattr(kernels, "ROW_KERNEL_ROWS", 64)
+    fused = _batch_step_logits(path, True, histories, device)
+    assert rows == []
+    torch.testing.assert_close(fused, _batch_step_logits(path, False, histories, device), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")

@@ -187,6 +187,44 @@ def test_norm_matmul(device, dtype, rows, residual, n, k, bias):
     _matmul_close(y, normed, w, b)
 
 
+@pytest.mark.parametrize("rows", [3, 5])
+@pytest.mark.parametrize("prologue", [0, 1, 2])
+def test_row_kernels_leave_the_padding_rows_alone(device, rows, prologue):
+    """Rows padded to a power of two: every buffer holds NaN rows after the real ones; the kernel
+    neither writes them (outputs, residual sums) nor lets them into the real rows, which equal
+    what a launch over the real rows alone gives."""
+    import triton
+
+    from braid_engine.kernels import gemv
+
+    n, k = 40, 96
+    width = 2 * k if prologue == gemv.SILU else k
+    pad = triton.next_power_of_2(rows)
+    g = torch.Generator().manual_seed(rows + 10 * prologue)
+
+    def padded(cols: int) -> torch.Tensor:
+        t = torch.full((pad, cols), float("nan"))
+        t[:rows] = torch.randn(rows, cols, generator=g)
+        return t.to(device)
+
+    x, r = padded(width), padded(k)
+    nw = (torch.rand(k, generator=g) + 0.5).to(device)
+    w = torch.randn(n, k, generator=g).to(device)
+    b = torch.randn(n, generator=g).to(device)
+    y, h = torch.full((pad, n), float("nan"), device=device), torch.full((pad, k), float("nan"), device=device)
+    cfg = dict(gemv.default_config(n, k, prologue))
+    warps = cfg.pop("num_warps")
+    norm = prologue == gemv.NORM
+    gemv._row_matmul_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x, r, nw, w, b, y, h, rows, n, k, 1e-6, PROLOGUE=prologue, HAS_RESIDUAL=norm, HAS_BIAS=True,
+        USE_PDL=False, ROWS=pad, num_warps=warps, **cfg)
+    assert y[rows:].isnan().all() and h[rows:].isnan().all()
+    want, want_h = gemv._launch(prologue, x[:rows], w, b, r[:rows] if norm else None, nw if norm else None, 1e-6)
+    assert torch.equal(y[:rows], want)
+    if norm:
+        assert torch.equal(h[:rows], want_h)
+
+
 def test_one_row_matmuls_refuse_other_shapes(device):
     from braid_engine.kernels.gemv import MAX_ROWS, norm_matmul, row_matmul, silu_matmul
 
