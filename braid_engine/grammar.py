@@ -145,16 +145,29 @@ class GrammarRuntime:
 
     def fill(self, matchers: list[Any]) -> torch.Tensor:
         """Bitmask [len(matchers), ceil(V/32)] of the tokens each matcher allows next."""
-        bitmask = self._xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
-        for i, m in enumerate(matchers):
-            m.fill_next_token_bitmask(bitmask, i)
+        bitmask, failed = self.fill_each(matchers)
+        if failed:
+            raise next(iter(failed.values()))
         return bitmask
 
+    def fill_each(self, matchers: list[Any]) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """``fill``, where a matcher that raises fails alone: the bitmask (its row allowing any
+        token) and each failed matcher's index with its error."""
+        bitmask = self._xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+        failed = {}
+        for i, m in enumerate(matchers):
+            try:
+                m.fill_next_token_bitmask(bitmask, i)
+            except Exception as e:  # that request fails, not the step's others
+                bitmask[i] = -1
+                failed[i] = e
+        return bitmask, failed
+
     def fill_async(self, matchers: list[Any]) -> Future:
-        """``fill`` on a helper thread, so it runs while the forward pass does."""
+        """``fill_each`` on a helper thread, so it runs while the forward pass does."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="braid-grammar")
-        return self._pool.submit(self.fill, matchers)
+        return self._pool.submit(self.fill_each, matchers)
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Set logits[rows[i]] to -inf wherever bitmask[i] disallows the token (in place)."""

@@ -359,14 +359,21 @@ class LLMEngine:
         guided = [s for s, n in batch if s.matcher is not None and s.num_computed + n == len(s)]
         masks = self._grammar.fill_async([s.matcher for s in guided]) if guided else None
         logits, samplers = self._execute(batch)
+        failed = {}  # a request whose mask could not be filled fails alone, its token unused
         if masks is not None:
             rows = {id(s): i for i, s in enumerate(samplers)}
-            self._grammar.apply(logits, masks.result(), [rows[id(s)] for s in guided])
+            bitmask, failures = masks.result()
+            self._grammar.apply(logits, bitmask, [rows[id(s)] for s in guided])
+            failed = {id(guided[i]): e for i, e in failures.items()}
         for seq, n in batch:
             self._computed(seq, n)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         for seq, token in zip(samplers, tokens):
-            self._alone(seq, self._append, seq, token)
+            if id(seq) in failed:
+                logger.error("request %s failed: its grammar mask", seq.request_id, exc_info=failed[id(seq)])
+                self._fail(seq, failed[id(seq)])
+            else:
+                self._alone(seq, self._append, seq, token)
 
     def _execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """The runner's forward over the batch; with ``prefill_chunk_while_decoding`` set, a step

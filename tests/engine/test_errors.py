@@ -456,6 +456,46 @@ def test_a_request_failing_in_its_own_output_fails_alone(tiny_qwen3, stage, burs
     llm.shutdown()
 
 
+def test_a_request_whose_grammar_mask_fails_fails_alone(tiny_qwen3):
+    """Guided requests' token masks are filled together, during the forward: one request's
+    matcher raising there failed every request of the step. Now that request alone ends with the
+    error; the others (guided or not) finish as in a clean run, and no page is lost."""
+    from braid_engine import GuidedDecoding
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    guided = SamplingParams(temperature=0, max_tokens=12, guided=GuidedDecoding(json_object=True))
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    jobs = (([5, 6, 7, 8], guided), ([9, 10, 11, 12, 13], guided), ([14, 15, 16], plain))
+
+    class Failing:  # the doomed request's matcher, whose 3rd mask raises
+        def __init__(self, inner):
+            self.inner = inner
+            self.fill_next_token_bitmask = _fails_on_call(3, inner.fill_next_token_bitmask, "mask broke")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    def run(fault=False):
+        with engine.together():
+            streams = [engine.add_request(p, params) for p, params in jobs]
+            if fault:
+                seq = engine._pending[0]
+                seq.matcher = Failing(seq.matcher)
+        return [_result_within(s) for s in streams]
+
+    clean = run()
+    free = _free_pages_when_idle(llm)
+    doomed, *others = run(fault=True)
+    _failed_in_the_engine(doomed, "mask broke")
+    for out, ref in zip(others, clean[1:], strict=True):
+        assert not isinstance(out, (str, Exception)), out
+        assert (out.token_ids, out.text, out.finish_reason) == (ref.token_ids, ref.text, ref.finish_reason)
+    assert _free_pages_when_idle(llm) == free
+    assert llm.generate([jobs[0][0]], guided)[0].token_ids == clean[0].token_ids
+    llm.shutdown()
+
+
 @pytest.mark.parametrize("stage", ["forward", "burst", "burst tokens", "sampling", "caching"])
 def test_a_failed_step_fails_its_batch_and_the_engine_serves_on(tiny_qwen3, monkeypatch, stage):
     """A fault in a step's shared work (the forward, a decode burst and its read, sampling, the
