@@ -139,6 +139,11 @@ def _in_range(token_id, vocab: int) -> bool:
         return False
 
 
+def _raise(error: Exception) -> None:
+    """``error`` raised where a request's handling goes through ``LLMEngine._alone``."""
+    raise error
+
+
 def _id_tensor(token_ids: list[int], vocab: int) -> torch.Tensor | None:
     """The ids as an int64 host tensor if every one is an integer in [0, vocab), else None.
     Prompts run to many thousand ids, so they are packed at once (``int64_tensor`` refuses
@@ -369,11 +374,11 @@ class LLMEngine:
             self._computed(seq, n)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         for seq, token in zip(samplers, tokens):
-            if id(seq) in failed:
-                logger.error("request %s failed: its grammar mask", seq.request_id, exc_info=failed[id(seq)])
-                self._fail(seq, failed[id(seq)])
-            else:
+            error = failed.get(id(seq))
+            if error is None:
                 self._alone(seq, self._append, seq, token)
+            else:  # its grammar mask could not be filled: it fails as any request's handling does
+                self._alone(seq, _raise, error)
 
     def _execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """The runner's forward over the batch; with ``prefill_chunk_while_decoding`` set, a step
