@@ -28,6 +28,7 @@ from benchmarks.common import (
     weight_and_kv_bytes,
 )
 from braid_engine import LLM, SamplingParams, kernels
+from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
 
 def engine_decode(llm: LLM, prompts: list[list[int]], new: int, device: torch.device) -> float:
@@ -122,8 +123,6 @@ def main() -> None:
 
         DecoderLayer.row_kernels = False
     if args.no_small_decode:
-        from braid_engine.attention.flashinfer_backend import FlashInferBackend
-
         FlashInferBackend.small_decode_batch = 0
     kv = kv_kwargs(args)
 
@@ -134,8 +133,6 @@ def main() -> None:
         """An engine whose graphs were captured with these braid_engine.kernels switches (its
         eager steps read the switches as they are when they run); none: the switches as set.
         ``small_decode_batch``: its FlashInfer backend's bound for our decode attention kernel."""
-        from braid_engine.attention.flashinfer_backend import FlashInferBackend
-
         before = {name: getattr(kernels, name) for name in switches}
         small_before = FlashInferBackend.small_decode_batch
         for name, value in switches.items():
@@ -165,8 +162,6 @@ def main() -> None:
         others.append((f"row kernels ≤ {kernels.ROW_KERNEL_ROWS} rows", f"≤ {args.compare_row_rows}",
                        engine_with(ROW_KERNEL_ROWS=args.compare_row_rows)))
     if args.compare_small_decode_batch is not None:
-        from braid_engine.attention.flashinfer_backend import FlashInferBackend
-
         others.append((f"our decode attention ≤ {FlashInferBackend.small_decode_batch}",
                        f"≤ {args.compare_small_decode_batch}", engine_with(args.compare_small_decode_batch)))
     device, dtype = llm.config.device, llm.config.dtype
