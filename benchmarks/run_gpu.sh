@@ -23,15 +23,16 @@ OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 what=${1:-all}
 if [ -d .ficache ]; then mkdir -p ~/.cache && cp -r .ficache ~/.cache/flashinfer; fi
-untxz() {  # an xz tar from stdin into $1 (through Python's lzma where there is no xz)
-  if command -v xz >/dev/null; then tar xJ -C "$1"
-  else python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1])" "$1"; fi
+unpack() {  # .fictgz/$1.txz.* (xz; through Python's lzma where there is no xz) or $1.tgz.* into $2
+  mkdir -p "$2"
+  if ls .fictgz/"$1".txz.* >/dev/null 2>&1; then
+    if command -v xz >/dev/null; then cat .fictgz/"$1".txz.* | tar xJ -C "$2"
+    else cat .fictgz/"$1".txz.* | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1])" "$2"; fi
+  elif ls .fictgz/"$1".tgz.* >/dev/null 2>&1; then cat .fictgz/"$1".tgz.* | tar xz -C "$2"; fi
 }
-if ls .fictgz/ficache.txz.* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .fictgz/ficache.txz.* | untxz ~/.cache
-elif ls .fictgz/ficache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.cache && cat .fictgz/ficache.tgz.* | tar xz -C ~/.cache; fi
+unpack ficache ~/.cache
 # Triton's compiled kernels likewise (a fresh machine otherwise compiles every kernel variant again)
-if ls .fictgz/tritoncache.txz.* >/dev/null 2>&1; then mkdir -p ~/.triton && cat .fictgz/tritoncache.txz.* | untxz ~/.triton
-elif ls .fictgz/tritoncache.tgz.* >/dev/null 2>&1; then mkdir -p ~/.triton && cat .fictgz/tritoncache.tgz.* | tar xz -C ~/.triton; fi
+unpack tritoncache ~/.triton
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 # 'tests' runs them all; 'tests-kernels' (kernels, FlashInfer backend) and 'tests-engine' (graphs,
 # bf16 engine against transformers) split them, should the whole outgrow one command
@@ -150,11 +151,10 @@ if [ "$what" = shared ] || [ "$what" = all ]; then
 fi
 # xz: a fifth of gzip's size for these (both caches ~13 MB against ~50), so they fit the carry
 # beside the wheels
-if command -v xz >/dev/null; then
-  tar cf - -C ~/.cache flashinfer 2>/dev/null | xz -6 -T0 | split -b 15M - "$OUT/ficache.txz."
-  tar cf - -C ~/.triton cache 2>/dev/null | xz -6 -T0 | split -b 15M - "$OUT/tritoncache.txz."
-else
-  tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - "$OUT/ficache.tgz."
-  tar czf - -C ~/.triton cache 2>/dev/null | split -b 15M - "$OUT/tritoncache.tgz."
-fi
+pack() {  # $2/$3 into $OUT/$1.txz.* (or .tgz.* where there is no xz), in 15 MB parts
+  if command -v xz >/dev/null; then tar cf - -C "$2" "$3" 2>/dev/null | xz -6 -T0 | split -b 15M - "$OUT/$1.txz."
+  else tar czf - -C "$2" "$3" 2>/dev/null | split -b 15M - "$OUT/$1.tgz."; fi
+}
+pack ficache ~/.cache flashinfer
+pack tritoncache ~/.triton cache
 ls -la "$OUT"
