@@ -112,6 +112,22 @@ def _batch_step_logits(path, fused: bool, histories: list[list[int]], device: to
         return model.compute_logits(hidden).cpu()
 
 
+def _histories(batch: int, seed: int) -> list[list[int]]:
+    """``batch`` prompts of 18-24 tokens: their prefills run past any row-kernel bound."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(18, 25, (batch,), generator=g)]
+
+
+def _row_launches(monkeypatch) -> list[int]:
+    """The rows of each row-kernel launch from now on (the list fills as they run)."""
+    from braid_engine.kernels import gemv
+
+    rows = []
+    launch = gemv._launch
+    monkeypatch.setattr(gemv, "_launch", lambda prologue, x, *a, **k: rows.append(x.shape[0]) or launch(prologue, x, *a, **k))
+    return rows
+
+
 @pytest.mark.parametrize("batch", [2, 5])
 def test_a_small_decode_batch_through_the_row_kernels_matches_the_torch_path(tmp_path, batch, device, monkeypatch):
     """A decode step of several sequences (up to ROW_KERNEL_ROWS: 2 by default, 5 here too)
@@ -119,16 +135,11 @@ def test_a_small_decode_batch_through_the_row_kernels_matches_the_torch_path(tmp
     residual), and gives the torch path's logits; past ROW_KERNEL_ROWS rows it takes cuBLAS and
     the standalone kernels."""
     from braid_engine import kernels
-    from braid_engine.kernels import gemv
 
     monkeypatch.setattr(kernels, "ROW_KERNEL_ROWS", batch)
     path = make_tiny_checkpoint(tmp_path / "q", k_norm_max=96.5)
-    g = torch.Generator().manual_seed(batch)
-    histories = [torch.randint(3, 300, (int(n),), generator=g).tolist()
-                 for n in torch.randint(18, 25, (batch,), generator=g)]
-    rows = []
-    launch = gemv._launch
-    monkeypatch.setattr(gemv, "_launch", lambda prologue, x, *a, **k: rows.append(x.shape[0]) or launch(prologue, x, *a, **k))
+    histories = _histories(batch, seed=batch)
+    rows = _row_launches(monkeypatch)
     fused = _batch_step_logits(path, True, histories, device)
     layers = load_config(path).num_hidden_layers
     assert rows == [batch] * 4 * layers  # the prefills (17-23 rows) took the other path
@@ -145,16 +156,10 @@ def test_steps_past_the_row_kernels_launch_limit_take_cublas(tmp_path, device, m
     """A bound set past what one row-kernel launch takes (ROW_KERNEL_MAX_ROWS) sends the larger
     steps to cuBLAS and the standalone kernels instead of failing inside the forward."""
     from braid_engine import kernels
-    from braid_engine.kernels import gemv
 
     path = make_tiny_checkpoint(tmp_path / "q", k_norm_max=96.5)
-    g = torch.Generator().manual_seed(9)
-    batch = kernels.ROW_KERNEL_MAX_ROWS + 1
-    histories = [torch.randint(3, 300, (int(n),), generator=g).tolist()
-                 for n in torch.randint(18, 25, (batch,), generator=g)]
-    rows = []
-    launch = gemv._launch
-    monkeypatch.setattr(gemv, "_launch", lambda prologue, x, *a, **k: rows.append(x.shape[0]) or launch(prologue, x, *a, **k))
+    histories = _histories(kernels.ROW_KERNEL_MAX_ROWS + 1, seed=9)
+    rows = _row_launches(monkeypatch)
     monkeypatch.setattr(kernels, "ROW_KERNEL_ROWS", 64)
     fused = _batch_step_logits(path, True, histories, device)
     assert rows == []
