@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-engine|decode|small|smallbatch|bursts|pipeline|readahead|splitcfg|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|small|smallbatch|bursts|pipeline|readahead|splitcfg|host|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
@@ -10,8 +10,9 @@
 # 'smallbatch': the row kernels at 1-8 rows against cuBLAS, and decode.py at batches 1-16 with the row
 # kernels for batch 1 alone and with our decode attention up to 4 sequences, each against the defaults;
 # 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step)
-# 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels' and
-# 'tests-engine' apart), 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
+# 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels',
+# 'tests-shapes' and 'tests-engine' apart; 'tests-kernels' alone outgrew 530 s on a fresh H100 in
+# session 14 while Triton compiled every variant), 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
 # 'workloads' (multiturn.py, chat_turn.py) and 'prefill' (prefill_attention.py; prefill.py three ways) a few
 # minutes each on an H100, 'shared' (shared_prefix.py) up to 9: under a 10-minute limit per
 # command, run them apart (each stage's timeouts add up to under 600 s).
@@ -34,11 +35,12 @@ unpack ficache ~/.cache
 # Triton's compiled kernels likewise (a fresh machine otherwise compiles every kernel variant again)
 unpack tritoncache ~/.triton
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-# 'tests' runs them all; 'tests-kernels' (kernels, FlashInfer backend) and 'tests-engine' (graphs,
-# bf16 engine against transformers) split them, should the whole outgrow one command
+# 'tests' runs them all; 'tests-kernels' (the kernel tests), 'tests-shapes' (kernels at Qwen3's shapes
+# in bf16, FlashInfer backend) and 'tests-engine' (graphs, bf16 engine against transformers) split them, should the whole outgrow one command
 case "$what" in
   tests|all) tests="tests/kernels tests/gpu" ;;
-  tests-kernels) tests="tests/kernels tests/gpu/test_kernels_qwen3_shapes.py tests/gpu/test_flashinfer_backend.py" ;;
+  tests-kernels) tests="tests/kernels" ;;
+  tests-shapes) tests="tests/gpu/test_kernels_qwen3_shapes.py tests/gpu/test_flashinfer_backend.py" ;;
   tests-engine) tests="tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16.py" ;;
   *) tests="" ;;
 esac
