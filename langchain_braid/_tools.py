@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import uuid
@@ -16,8 +15,6 @@ from langchain_core.utils.function_calling import convert_to_openai_function, co
 from braid_engine import GuidedDecoding
 
 OPEN_CALL, CLOSE_CALL = "<tool_call>", "</tool_call>"
-_CALL = re.compile(re.escape(OPEN_CALL) + r"(.*?)(?:" + re.escape(CLOSE_CALL) + r"|\Z)", re.S)
-_CALL_AND_SPACE = re.compile(r"\s*" + _CALL.pattern + r"\n*", re.S)  # as the stream parser cuts
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
 _CHOICES = ("auto", "none", "any", "required")
 _JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -162,18 +159,71 @@ def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
     """
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
-    for m in itertools.islice(_CALL.finditer(text), limit):
-        closed = m.group(0).endswith(CLOSE_CALL)
-        parsed = parse_call(m.group(1).strip(), names, _call_id())
+    content, last = [], 0
+    for n, (start, end, body, closed) in enumerate(_call_spans(text)):
+        # the spaces before a call and the newlines after it go with it, as the stream parser cuts
+        content.append(text[last:start].lstrip("\n") if n else text[:start])
+        content[-1] = content[-1].rstrip()
+        last = end
+        if limit is not None and n >= limit:
+            continue
+        parsed = parse_call(body.strip(), names, _call_id())
         if closed and parsed["type"] == "tool_call":
             calls.append(parsed)
         else:
-            if not closed:
-                parsed = InvalidToolCall(type="invalid_tool_call", name=parsed.get("name"),
-                                         args=m.group(1).strip(), id=parsed["id"],
+            if not closed:  # named as the stream names it: once its header is whole
+                header = _HEADER.match(body)
+                parsed = InvalidToolCall(type="invalid_tool_call", name=json.loads(header.group(1)) if header else None,
+                                         args=body.strip(), id=parsed["id"],
                                          error="the call was cut off before </tool_call>")
             invalid.append(parsed)
-    return _CALL_AND_SPACE.sub("", text).strip(), calls, invalid
+    content.append(text[last:].lstrip("\n") if content else text)
+    return "".join(content).strip(), calls, invalid
+
+
+def _call_spans(text: str):
+    """``(start, end, body, closed)`` of each ``<tool_call>`` block in ``text``: from its opening
+    tag to past its closing tag, or to the end where it was cut off. A block ends at the first
+    closing tag outside a JSON string: a string argument may hold the tag as text."""
+    at = 0
+    while (start := text.find(OPEN_CALL, at)) >= 0:
+        begin = start + len(OPEN_CALL)
+        close = _scan(text, begin, _OUTSIDE)[0]
+        if close < 0:
+            yield start, len(text), text[begin:], False
+            return
+        at = close + len(CLOSE_CALL)
+        yield start, at, text[begin:close], True
+
+
+# where a scan of a call body stands: (next index to read, inside a JSON string, after a backslash)
+_OUTSIDE = (0, False, False)
+
+
+def _scan(text: str, at: int, state: tuple[int, bool, bool]) -> tuple[int, tuple[int, bool, bool]]:
+    """Read a call body from ``max(at, state[0])`` for its closing tag outside JSON strings:
+    ``(the tag's index or -1, the state to go on from)``. A possible tag cut short by the end
+    of ``text`` is left unread, for the next delta to decide."""
+    i, in_string, escaped = max(at, state[0]), state[1], state[2]
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "<":
+            if text.startswith(CLOSE_CALL, i):
+                return i, (i, False, False)
+            if n - i < len(CLOSE_CALL) and CLOSE_CALL.startswith(text[i:]):
+                break
+        i += 1
+    return -1, (i, in_string, escaped)
 
 
 class ToolCallStreamParser:
@@ -199,7 +249,10 @@ class ToolCallStreamParser:
         self.args_sent = ""  # those characters
         self.index = -1
         self.call_id = ""
+        self.named = False  # the current call names a bound tool
+        self.scan = _OUTSIDE  # how far the current call's body has been read for its closing tag
         self.content_started = False
+        self.after_call = False
 
     def feed(self, delta: str) -> tuple[str, list[ToolCallChunk]]:
         self.buffer += delta
@@ -207,6 +260,9 @@ class ToolCallStreamParser:
         chunks: list[ToolCallChunk] = []
         while True:
             if not self.in_call:
+                if self.after_call:  # the newlines after a call go with it, in this delta or later ones
+                    self.buffer = self.buffer.lstrip("\n")
+                    self.after_call = not self.buffer
                 start = self.buffer.find(OPEN_CALL)
                 if start < 0:
                     keep = _partial_suffix(self.buffer, OPEN_CALL)
@@ -218,10 +274,11 @@ class ToolCallStreamParser:
                 content.append(self._content(self.buffer[:start].rstrip()))
                 self.buffer = self.buffer[start + len(OPEN_CALL):]
                 self.in_call, self.header_done, self.sent, self.args_sent = True, False, 0, ""
+                self.scan = _OUTSIDE
                 self.index += 1
                 self.call_id = _call_id()
                 continue
-            end = self.buffer.find(CLOSE_CALL)
+            end, self.scan = _scan(self.buffer, 0, self.scan)
             body = self.buffer if end < 0 else self.buffer[:end]
             if not self.header_done:
                 header = _HEADER.match(body)
@@ -230,11 +287,18 @@ class ToolCallStreamParser:
                     chunks.append(ToolCallChunk(type="tool_call_chunk", name=name, args="",
                                                 id=self.call_id, index=self.index))
                     self.buffer = self.buffer[header.end():]
-                    self.header_done = True
+                    # the header ends outside any string: the scan goes on from the same text
+                    at = self.scan[0] - header.end()
+                    self.scan = (at, *self.scan[1:]) if at >= 0 else _OUTSIDE
+                    self.header_done, self.named = True, name in self.names
                     continue
                 if end < 0:
                     break
-                chunks.append(ToolCallChunk(type="tool_call_chunk", name=None, args=body.strip(),
+                # closed in another form than the grammar's header: read whole, as parse_tool_calls does
+                call = parse_call(body.strip(), self.names, self.call_id)
+                valid = call["type"] == "tool_call"
+                chunks.append(ToolCallChunk(type="tool_call_chunk", name=call["name"] if valid else None,
+                                            args=json.dumps(call["args"]) if valid else _unrepairable(body.strip()),
                                             id=self.call_id, index=self.index))
             else:
                 args = _args_so_far(body, closed=end >= 0)
@@ -244,22 +308,25 @@ class ToolCallStreamParser:
                     self.sent, self.args_sent = len(args), args
                 if end < 0:
                     break
-            self.buffer = self.buffer[end + len(CLOSE_CALL):].lstrip("\n")
-            self.in_call = False
+                if not (self.named and _is_object(self.args_sent)):  # invalid, as parse_tool_calls says
+                    chunks.append(ToolCallChunk(type="tool_call_chunk", name=None, id=None, index=self.index,
+                                                args=_unrepairable_suffix(self.args_sent)))
+            self.buffer = self.buffer[end + len(CLOSE_CALL):]
+            self.in_call, self.after_call = False, True
         return "".join(content), self._allowed(chunks)
 
     def finish(self) -> tuple[str, list[ToolCallChunk]]:
-        """Flush at the end: held text is content. A call cut off after its name gets a last
-        args chunk that no JSON repair can close, so the merged message lists it under
-        ``invalid_tool_calls`` (as ``parse_tool_calls`` does) instead of running the tool with
-        partial arguments."""
+        """Flush at the end: held text is content. A call cut off (after its name or inside its
+        header) gets a last args chunk that no JSON repair can close, so the merged message
+        lists it under ``invalid_tool_calls`` (as ``parse_tool_calls`` does) instead of running
+        a tool, maybe one named "", with partial arguments."""
         rest, self.buffer = self.buffer, ""
         if self.in_call:
             if self.header_done:
                 return "", self._allowed([ToolCallChunk(
                     type="tool_call_chunk", name=None, id=None, index=self.index,
                     args=_unrepairable_suffix(self.args_sent))])
-            return "", self._allowed([ToolCallChunk(type="tool_call_chunk", name=None, args=rest.strip(),
+            return "", self._allowed([ToolCallChunk(type="tool_call_chunk", name=None, args=_unrepairable(rest.strip()),
                                                     id=self.call_id, index=self.index)])
         return self._content(rest.rstrip()), []
 
@@ -287,6 +354,18 @@ def _args_so_far(body: str, *, closed: bool) -> str:
         body = body[:len(body) - _partial_suffix(body, CLOSE_CALL)]
     stripped = body.strip()
     return stripped[:-1] if stripped.endswith("}") else stripped
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text, strict=False), dict)
+    except ValueError:
+        return False
+
+
+def _unrepairable(text: str) -> str:
+    """``text`` as a call's whole args that LangChain's merge cannot repair into a valid call."""
+    return text + _unrepairable_suffix(text)
 
 
 def _unrepairable_suffix(args: str) -> str:

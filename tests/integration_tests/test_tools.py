@@ -3,6 +3,7 @@ decoding makes even noise-driven sampling produce calls and objects that match t
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import pytest
@@ -496,3 +497,96 @@ def test_a_streamed_call_cut_off_is_invalid_not_run_with_partial_arguments():
     merged = sum((AIMessageChunk(content="", tool_call_chunks=[c]) for c in chunks + tail),
                  AIMessageChunk(content=""))
     assert [c["args"] for c in merged.tool_calls] == [{"a": 1, "b": 2}]
+
+
+def _streamed(text, names, step):
+    """The message LangChain merges from the stream parser's chunks of ``text`` fed ``step``
+    characters at a time: its content, valid calls and invalid calls."""
+    from langchain_core.messages import AIMessageChunk
+
+    parser = ToolCallStreamParser(names)
+    content, chunks = "", []
+    for i in range(0, len(text), step):
+        c, more = parser.feed(text[i:i + step])
+        content, chunks = content + c, chunks + more
+    c, more = parser.finish()
+    merged = sum((AIMessageChunk(content="", tool_call_chunks=[ch]) for ch in chunks + more),
+                 AIMessageChunk(content=""))
+    return content + c, merged.tool_calls, merged.invalid_tool_calls
+
+
+_HEAD = '<tool_call>\n{"name": "add", "arguments": '
+
+
+@pytest.mark.parametrize("cut", ["", "{", '{"na', '{"name": "ad', '{"name": "add"', '{"name": "add", "argu',
+                                 '{"name": "add", "arguments": '])
+def test_a_call_cut_off_inside_its_header_is_invalid_streamed_or_whole(cut):
+    """Cut off before its arguments begin (max_tokens), a call runs no tool: neither a call
+    named "" from the stream nor one with the header's fields repaired into arguments."""
+    text = "Sure. <tool_call>\n" + cut
+    _, calls, invalid = parse_tool_calls(text, ["add"])
+    assert calls == [] and len(invalid) == 1 and "cut off" in invalid[0]["error"]
+    for step in (1, 3, len(text)):
+        content, calls, invalid = _streamed(text, ["add"], step)
+        assert (content, calls, len(invalid)) == ("Sure.", [], 1), (cut, step)
+
+
+def test_a_call_cut_off_after_its_name_keeps_the_name_whole_as_streamed():
+    _, calls, invalid = parse_tool_calls(_HEAD + '{"a": 1', ["add"])
+    assert calls == [] and [(i["name"], i["args"]) for i in invalid] == [("add", '{"name": "add", "arguments": {"a": 1')]
+    assert [i["name"] for i in _streamed(_HEAD + '{"a": 1', ["add"], 2)[2]] == ["add"]
+
+
+@pytest.mark.parametrize("value", ["</tool_call>", 'a \\" </tool_call> b', "<tool_call>x</tool_call>", "}\\n</tool_call"])
+def test_the_closing_tag_inside_a_string_argument_is_text(value):
+    """A string argument may hold the closing tag (code, markup, docs as text): the call ends at
+    the tag after its JSON, whole or streamed at any split."""
+    text = f'Hi <tool_call>\n{{"name": "add", "arguments": {{"s": "{value}", "b": 2}}}}\n</tool_call> bye'
+    expected = {"s": json.loads(f'"{value}"'), "b": 2}
+    content, calls, invalid = parse_tool_calls(text, ["add"])
+    assert (content, [(c["name"], c["args"]) for c in calls], invalid) == ("Hi bye", [("add", expected)], [])
+    for step in (1, 2, 5, len(text)):
+        content, calls, invalid = _streamed(text, ["add"], step)
+        assert (content, [(c["name"], c["args"]) for c in calls], invalid) == (
+            "Hi bye", [("add", expected)], []), step
+
+
+def test_a_call_cut_off_in_a_string_holding_the_closing_tag_is_invalid():
+    text = _HEAD + '{"s": "x</tool_call>y'
+    _, calls, invalid = parse_tool_calls(text, ["add"])
+    assert calls == [] and len(invalid) == 1 and "cut off" in invalid[0]["error"]
+    for step in (1, 4, len(text)):
+        _, calls, invalid = _streamed(text, ["add"], step)
+        assert (calls, len(invalid)) == ([], 1), step
+
+
+@pytest.mark.parametrize("body", ['{"arguments": {"a": 1}, "name": "add"}', '{"name": "nope", "arguments": {"a": 1}}',
+                                  '{"name": "add", "arguments": [1]}', 'not json'])
+def test_the_stream_parser_judges_closed_calls_as_the_whole_parse_does(body):
+    """Calls the grammar would not write (keys in another order, a name no tool has, arguments
+    that are no object, no JSON) come out of the stream as parse_tool_calls reads them."""
+    text = f"<tool_call>\n{body}\n</tool_call>"
+    _, calls, invalid = parse_tool_calls(text, ["add"])
+    for step in (1, 3, len(text)):
+        _, s_calls, s_invalid = _streamed(text, ["add"], step)
+        assert [(c["name"], c["args"]) for c in s_calls] == [(c["name"], c["args"]) for c in calls], step
+        assert len(s_invalid) == len(invalid), step
+
+
+def test_the_stream_parser_agrees_with_the_whole_parse_on_random_text():
+    """Property: for text pieced together at random from tags, headers, JSON fragments, escapes
+    and cut-off tags, the message merged from the streamed chunks (fed 1, 2 or 5 characters at
+    a time) has the whole parse's content, valid calls and count of invalid ones."""
+    import random
+
+    pieces = ['<tool_call>', '</tool_call>', '\n', ' ', '{"name": "add", "arguments": ', '{"name": "nope", '
+              '"arguments": ', '{"a": ', '1', '"s', '\\"', '\\\\', '"', '}', '}}', ']', '[', 'Hi', ',', '"b": 2',
+              '</tool_ca', '<tool_']
+    rng = random.Random(0)
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        content, calls, invalid = parse_tool_calls(text, ["add"])
+        for step in (1, 2, 5):
+            s_content, s_calls, s_invalid = _streamed(text, ["add"], step)
+            assert (s_content, [(c["name"], c["args"]) for c in s_calls], len(s_invalid)) == (
+                content, [(c["name"], c["args"]) for c in calls], len(invalid)), (text, step)
