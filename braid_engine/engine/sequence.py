@@ -76,6 +76,9 @@ class Sequence:
     # takes its ids from it instead of converting thousands of Python ints again in the loop
     # thread (LLMEngine.validate_prompt)
     prompt_ids: torch.Tensor | None = None
+    # the PinHandle of pin() that this request computes the prefix for: the loop thread pins its
+    # prompt as it finishes (LLMEngine._pin_prompt)
+    pin: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:

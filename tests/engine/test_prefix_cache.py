@@ -382,38 +382,115 @@ def test_a_request_that_cannot_fit_beside_pins_fails_clearly_and_the_engine_keep
     llm.shutdown()
 
 
-def test_a_pin_whose_prefix_is_evicted_before_it_holds_it_computes_it_again(tiny_qwen3, monkeypatch):
-    """pin() computes the prefix with a one-token request, then pins what the tree holds; an
-    eviction in between (a clear_cache, or other requests' pages, from another thread) made it
-    raise "the pool is too small" though the pool had room. Now it computes the prefix again
-    and pins it."""
+def test_a_pin_holds_its_prefix_though_other_requests_fill_the_pool_as_it_is_computed(tiny_qwen3, monkeypatch):
+    """pin() computed the prefix with a one-token request, then pinned what the tree held from
+    the caller's thread: steps that ran in between (other requests filling the pool, a
+    clear_cache) could evict the prefix first, and pin() computed it again, a few times, then
+    gave up with "the pool is busy or too small". Now the loop thread pins the prefix as the
+    request's KV enters the tree: by the time its caller hears of the finish it is pinned, and
+    whatever runs before pin() returns cannot evict it."""
     from braid_engine.engine.engine import RequestStream
 
     llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40)
-    result, evicted = RequestStream.result, []
+    cache = llm.engine.cache
+    prefix = [(3 * j) % 300 + 3 for j in range(22)]  # 6 pages
+    flood = [[(7 * i + j) % 300 + 50 for j in range(30)] for i in range(5)]  # 9 pages each, cached
+    result, pinned_at_finish = RequestStream.result, []
 
-    def result_then_evict(stream):
+    def result_then_flood(stream):
         out = result(stream)
-        if not evicted:
+        if stream.prompt_token_ids == prefix:  # the pin's request: its caller was just woken
+            pinned_at_finish.append(llm.stats()["pages_pinned"])
+            for p in flood:  # 45 pages one after another, in 34 free: LRU evicts the oldest first
+                llm.generate([p], GREEDY)
             llm.engine.clear_cache()
-            evicted.append(llm.stats()["pages_cached"])
         return out
 
-    monkeypatch.setattr(RequestStream, "result", result_then_evict)
-    prefix = [(3 * j) % 300 + 3 for j in range(22)]
+    monkeypatch.setattr(RequestStream, "result", result_then_flood)
     handle = llm.pin(prefix)
-    assert evicted == [0]
-    assert handle.num_tokens == 22 and llm.stats()["pages_pinned"] == 6
-    for i in range(12):  # flood the pool: the pinned prefix stays
-        llm.generate([[(7 * i + j) % 300 + 3 for j in range(30)]], GREEDY)
-    assert llm.stats()["evictions"] > 0
-    assert llm.generate([prefix + [9]], GREEDY)[0].num_cached_tokens == 22
+    monkeypatch.undo()
+    assert pinned_at_finish == [6]
+    assert handle.num_tokens == 22 and llm.stats()["evictions"] > 0
+    pages = cache.path_pages(handle.node)
+    assert len(pages) == 6 and llm.stats()["pages_pinned"] == 6
+    for p in flood:  # more pressure: still resident, in the same pages
+        llm.generate([p[::-1]], GREEDY)
+    node, m, table = cache.match(prefix)
+    assert (node, m, set(table)) == (handle.node, 22, pages)
+    assert all(llm.engine.pool.refs[p] > 0 for p in pages)
+    out = llm.generate([prefix + [9]], GREEDY)[0]
+    assert out.num_cached_tokens == 22 and out.token_ids == _reference(tiny_qwen3, prefix + [9], 6)
     handle.release()
-    monkeypatch.setattr(RequestStream, "result", lambda stream: (result(stream), llm.engine.clear_cache())[0])
-    with pytest.raises(KVCacheFullError, match="evicted 3 times before it could be pinned.*retry later"):
-        llm.pin(prefix)  # taken every time
     assert llm.stats()["pages_pinned"] == 0
     _check_pages_come_back(llm, 40)
+
+
+def test_a_pin_over_the_limit_pins_nothing_and_leaks_no_page(tiny_qwen3):
+    """The limit is checked in the loop thread as the prefix enters the tree: the caller gets
+    the typed error, its KV stays cached but evictable, and every page is accounted for."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40, max_pinned_fraction=0.25)
+    first = llm.pin([(3 * j) % 300 + 3 for j in range(24)])  # 6 pages of the 10 allowed
+    big = [(5 * j) % 300 + 7 for j in range(20)]  # 5 more (no token shared with the first)
+    with pytest.raises(KVCacheFullError, match=r"pinning would hold 11 pages, over the limit of 10 \(25% of"):
+        llm.pin(big)
+    assert llm.stats()["pages_pinned"] == 6 and first.num_tokens == 24
+    _wait_idle(llm)
+    _check_refs(llm)
+    assert llm.generate([big + [9]], GREEDY)[0].num_cached_tokens == 20  # cached, not pinned
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == 40 - 6
+    assert llm.pin(big[:8]).num_tokens == 8  # 2 pages: within the limit
+    first.release()
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.shutdown()
+
+
+def test_a_pin_whose_caller_stops_waiting_leaves_nothing_pinned(tiny_qwen3, monkeypatch):
+    """The loop thread pins the prefix before its caller reads the finish: a caller interrupted
+    after that, or before, must not leave a pin behind that no handle can release. And a
+    request of pin() aborted before its KV is cached pins nothing and says so."""
+    from braid_engine.engine.engine import RequestStream
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40)
+    prefix = [(3 * j) % 300 + 3 for j in range(22)]
+    result = RequestStream.result
+
+    def interrupted(after_finish):
+        def wait(stream):
+            if after_finish:
+                result(stream)
+            raise KeyboardInterrupt
+        return wait
+
+    for after_finish in (True, False):  # pinned already; not yet computed (nobody aborts it)
+        monkeypatch.setattr(RequestStream, "result", interrupted(after_finish))
+        with pytest.raises(KeyboardInterrupt):
+            llm.pin(prefix)
+        monkeypatch.undo()
+        _wait_idle(llm)
+        assert llm.stats()["pages_pinned"] == 0
+        assert llm.generate([prefix + [9]], GREEDY)[0].num_cached_tokens == 22  # cached, evictable
+        llm.engine.clear_cache()
+        assert llm.engine.pool.num_free == 40
+
+    submit = llm.engine._submit
+
+    def submit_then_abort(*args, **kwargs):
+        with llm.engine.together():  # the loop takes the request and its abort in one go
+            stream, seq = submit(*args, **kwargs)
+            llm.engine.abort(stream.request_id)
+        return stream, seq
+
+    monkeypatch.setattr(llm.engine, "_submit", submit_then_abort)
+    with pytest.raises(KVCacheFullError, match=r"ended \(abort\) before its KV was cached, so nothing was pinned"):
+        llm.pin(prefix)
+    monkeypatch.undo()
+    assert llm.stats()["pages_pinned"] == 0
+    assert llm.pin(prefix).num_tokens == 22
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.shutdown()
 
 
 def test_a_request_that_preempts_itself_is_readmitted_not_failed_as_stuck(tiny_qwen3):
