@@ -630,7 +630,7 @@ class LLMEngine:
         """Insert the prompt of ``seq``, a request of ``pin()``, into the tree and pin it there,
         in the step that computed it: pinned from the caller's thread, after the finish, other
         steps in between could evict it first. The error where the pin would pass the limit."""
-        self.scheduler.cache_sequence(seq)
+        self.scheduler.cache_sequence(seq, ending=True)
         node = seq.cache_node
         if node is None or node.end != len(seq.prompt_token_ids):
             return None  # not cached: pin() finds its handle empty and says so
