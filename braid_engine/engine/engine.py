@@ -40,8 +40,6 @@ from braid_engine.sampling import SamplingParams, sample
 # with EngineConfig.pipeline_bursts: follow-up bursts launched in one step at most; the GPU then
 # waits for the host once every PIPELINE_CHAIN + 1 bursts
 PIPELINE_CHAIN = 8
-# pin() computes its prefix again this often where an eviction takes it before it is pinned
-PIN_TRIES = 3
 
 logger = logging.getLogger("braid_engine")
 _ids = itertools.count()
@@ -210,6 +208,13 @@ class LLMEngine:
                     final_only: bool = False) -> RequestStream:
         """Queue a request; its stream yields deltas (or, with ``final_only``, just the last one,
         carrying every token and all the text)."""
+        return self._submit(prompt_token_ids, params, request_id, loop, final_only)[0]
+
+    def _submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                loop: asyncio.AbstractEventLoop | None = None, final_only: bool = False,
+                pin: PinHandle | None = None) -> tuple[RequestStream, Sequence]:
+        """``add_request``, and the request's sequence; with ``pin``, the loop thread pins the
+        prompt's KV into that handle as the request finishes (``pin()``)."""
         if self._closed:
             raise EngineClosedError("the engine was shut down; create a new LLM.")
         if not isinstance(params, SamplingParams):
@@ -229,7 +234,7 @@ class LLMEngine:
             request_id=request_id, prompt_token_ids=prompt, params=params,
             detok=IncrementalDetokenizer(self.tokenizer, prompt, params.stop_strings,
                                          params.skip_special_tokens),
-            max_len=max_len, generator=gen, matcher=matcher, prompt_ids=prompt_ids,
+            max_len=max_len, generator=gen, matcher=matcher, prompt_ids=prompt_ids, pin=pin,
         )
         seq.text_deferred = final_only and not params.stop_strings
         stream = RequestStream(self, seq, loop, final_only)
@@ -242,7 +247,7 @@ class LLMEngine:
             self._pending.append(seq)
             self._ensure_thread()
             self._wake.notify()
-        return stream
+        return stream, seq
 
     def add_requests(self, prompts: list[list[int]], params: SamplingParams,
                      final_only: bool = False) -> list[RequestStream]:
@@ -573,6 +578,11 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
+        if seq.pin is not None and reason != "abort":
+            error = self._pin_prompt(seq)
+            if error is not None:
+                self._fail(seq, error)
+                return
         self.scheduler.finish(seq)
         if seq.text_deferred:
             seq.detok.add_all(seq.output_token_ids[:seq.text_tokens])
@@ -616,31 +626,47 @@ class LLMEngine:
         kv = self.runner.backend.kv_cache
         kv[:, dst].copy_(kv[:, src])
 
+    def _pin_prompt(self, seq: Sequence) -> KVCacheFullError | None:
+        """Insert the prompt of ``seq``, a request of ``pin()``, into the tree and pin it there,
+        in the step that computed it: pinned from the caller's thread, after the finish, other
+        steps in between could evict it first. The error where the pin would pass the limit."""
+        self.scheduler.cache_sequence(seq, ending=True)
+        node = seq.cache_node
+        if node is None or node.end != len(seq.prompt_token_ids):
+            return None  # not cached: pin() finds its handle empty and says so
+        pinned = self.cache.pinned_pages() | self.cache.path_pages(node)
+        limit = int(self.config.max_pinned_fraction * self.pool.num_pages)
+        if len(pinned) > limit:
+            return KVCacheFullError(
+                f"pinning would hold {len(pinned)} pages, over the limit of {limit} "
+                f"({self.config.max_pinned_fraction:.0%} of the pool); release other pins "
+                "or raise max_pinned_fraction.")
+        self.cache.pin(node)
+        seq.pin.node, seq.pin.num_tokens = node, node.end
+        return None
+
     # -- prefix cache control ------------------------------------------------------------
     def pin(self, token_ids: list[int]) -> PinHandle:
         """Compute (if needed) and keep resident the KV of ``token_ids``."""
         if self.cache is None:
             raise InvalidRequestError("prefix caching is off (enable_prefix_caching=False); nothing to pin.")
         self.validate_prompt(token_ids)
-        for _ in range(PIN_TRIES):
-            # a one-token request leaves the whole prompt's KV in the tree
-            self.add_request(token_ids, SamplingParams(temperature=0, max_tokens=1)).result()
-            with self._state:
-                node, m, _ = self.cache.match(token_ids)
-                if m < len(token_ids):
-                    continue  # evicted before it was pinned (other requests' pages, clear_cache)
-                pinned = self.cache.pinned_pages() | self.cache.path_pages(node)
-                limit = int(self.config.max_pinned_fraction * self.pool.num_pages)
-                if len(pinned) > limit:
-                    raise KVCacheFullError(
-                        f"pinning would hold {len(pinned)} pages, over the limit of {limit} "
-                        f"({self.config.max_pinned_fraction:.0%} of the pool); release other pins "
-                        "or raise max_pinned_fraction.")
-                self.cache.pin(node)
-            return PinHandle(self, node, m)
-        raise KVCacheFullError(
-            f"the prefix was evicted {PIN_TRIES} times before it could be pinned: the pool is busy or "
-            "too small; retry later, release other pins or enlarge the pool.")
+        handle = PinHandle(self, None, 0)
+        # a one-token request leaves the whole prompt's KV in the tree, and the loop thread pins
+        # it there as the request finishes (_pin_prompt)
+        stream, seq = self._submit(token_ids, SamplingParams(temperature=0, max_tokens=1), pin=handle)
+        try:
+            out = stream.result()
+        except BaseException:  # (its error, an interrupt): a pin nobody holds would never go
+            with self._state:  # the loop pins under this lock: it pinned already, or never will
+                seq.pin = None
+                self.release(handle)
+            raise
+        if handle.node is None:
+            raise KVCacheFullError(
+                f"the request computing the prefix ended ({out.finish_reason}) before its KV was "
+                "cached, so nothing was pinned (an abort of its id ends it early); pin it again.")
+        return handle
 
     def release(self, handle: PinHandle) -> None:
         with self._state:

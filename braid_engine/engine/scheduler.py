@@ -121,7 +121,8 @@ class Scheduler:
         preempted itself for a page often fits again from the cache). Nor, the first time, one
         that uses the prefix cache: the nodes its prefix matches keep pages locked besides its
         own (the page it copies, other branches' copies of a page along the path), so a request
-        within max_model_len may not fit beside them; it is tried again without the cache."""
+        within max_model_len may not fit beside them; it is tried again without reading the cache
+        (its KV still enters the tree when it finishes: ``cache_sequence``)."""
         if self.running or not self.waiting or self.preempted:
             return None
         seq = self.waiting[0]
@@ -133,8 +134,12 @@ class Scheduler:
         return seq
 
     def _caches(self, seq: Sequence) -> bool:
-        """Whether ``seq`` reads and writes the prefix cache."""
-        return self.cache is not None and seq.params.enable_prefix_caching and not seq.uncached
+        """Whether ``seq`` reads the prefix cache, and writes it while it runs."""
+        return self._stores(seq) and not seq.uncached
+
+    def _stores(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s KV enters the prefix cache when it ends (an uncached request's too)."""
+        return self.cache is not None and seq.params.enable_prefix_caching
 
     def _match_prefix(self, seq: Sequence) -> None:
         if not self._caches(seq):
@@ -180,9 +185,13 @@ class Scheduler:
         seq.page_table.extend(pages)
         return True
 
-    def cache_sequence(self, seq: Sequence) -> None:
-        """Insert the tokens whose KV ``seq`` has computed; move its lock to the new node."""
-        if not self._caches(seq) or seq.num_computed == 0:
+    def cache_sequence(self, seq: Sequence, ending: bool = False) -> None:
+        """Insert the tokens whose KV ``seq`` has computed; move its lock to the new node.
+        ``ending``: ``seq`` gives its pages back right after (finish, preemption). Only then does
+        an ``uncached`` request insert: the lock it took while running would keep the tree's
+        pages of its prefix beside its own copies of them, which is what it could not fit. The
+        tree keeps the pages it already holds for that prefix; the copies go back with ``seq``'s."""
+        if not (self._caches(seq) or ending and self._stores(seq)) or seq.num_computed == 0:
             return
         node = self.cache.insert(seq.token_range(0, seq.num_computed), seq.page_table, seq.cache_node)
         self.cache.lock(node, 1)
@@ -199,7 +208,7 @@ class Scheduler:
             seq.cache_node = None
 
     def preempt(self, seq: Sequence) -> None:
-        self.cache_sequence(seq)
+        self.cache_sequence(seq, ending=True)
         self.release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
@@ -208,7 +217,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
-        self.cache_sequence(seq)
+        self.cache_sequence(seq, ending=True)
         self.drop(seq)
 
     def drop(self, seq: Sequence) -> None:

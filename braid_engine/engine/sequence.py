@@ -69,13 +69,16 @@ class Sequence:
     text_deferred: bool = False  # no stop strings and only the final output wanted: decode once, at the end
     text_tokens: int = 0  # output tokens that belong in the text (a stop token id does not)
     matcher: Any = None  # the request's xgrammar matcher when its output is constrained
-    # it runs without the prefix cache: alone, it did not fit beside the pages its cached prefix
-    # keeps locked (Scheduler.stuck)
+    # it runs without reading the prefix cache: alone, it did not fit beside the pages its cached
+    # prefix keeps locked (Scheduler.stuck); its KV still enters the tree when it ends
     uncached: bool = False
     # the prompt as an int64 host tensor, made once when the request was checked: a long step
     # takes its ids from it instead of converting thousands of Python ints again in the loop
     # thread (LLMEngine.validate_prompt)
     prompt_ids: torch.Tensor | None = None
+    # the PinHandle of pin() that this request computes the prefix for: the loop thread pins its
+    # prompt as it finishes (LLMEngine._pin_prompt)
+    pin: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -90,6 +90,34 @@ def test_insert_from_a_node_on_the_path_builds_the_tree_a_walk_from_the_root_bui
     assert trees[0] == trees[1]
 
 
+def test_inserting_a_path_the_tree_holds_keeps_its_pages_and_gives_the_duplicates_back():
+    """A request run without reading the cache computes its prefix into pages of its own; as it
+    finishes, the part of its path the tree already holds keeps the tree's pages, the rest takes
+    the request's (a page straddling the fork: the request's copy, handed over), and once the
+    request gives its pages back every duplicate is free again."""
+    pool = PagePool(32, 4)
+    cache = RadixCache(pool)
+    a = list(range(10))
+    ta = _table(pool, 10)
+    cache.insert(a, ta)
+    pool.decref(ta)  # a's request finished
+    again = _table(pool, 10)  # the same tokens, computed again into 3 pages of their own
+    node = cache.insert(a, again)
+    pool.decref(again)
+    assert node.end == 10 and cache.match(a)[2] == ta
+    assert all(pool.refs[p] == 0 for p in again) and pool.num_free == 32 - 3
+    longer = a[:6] + [70, 71, 72, 73, 74]  # forks inside page 1, computed into pages of its own
+    tl = _table(pool, 11)
+    cache.insert(longer, tl)
+    pool.decref(tl)
+    assert cache.match(longer)[2] == [ta[0]] + tl[1:]  # its page 0 was a duplicate; its page 1 holds a[4:6] too
+    assert cache.match(a)[2] == ta and cache.match(a[:6])[2] == [ta[0], tl[1]]
+    assert pool.refs[tl[0]] == 0
+    assert pool.refs == [cache.page_refs().get(p, 0) for p in range(32)]
+    cache.clear()
+    assert pool.num_free == 32
+
+
 def test_eviction_is_lru_and_respects_locks_and_pins():
     pool = PagePool(8, 2)
     cache = RadixCache(pool)
@@ -382,38 +410,115 @@ def test_a_request_that_cannot_fit_beside_pins_fails_clearly_and_the_engine_keep
     llm.shutdown()
 
 
-def test_a_pin_whose_prefix_is_evicted_before_it_holds_it_computes_it_again(tiny_qwen3, monkeypatch):
-    """pin() computes the prefix with a one-token request, then pins what the tree holds; an
-    eviction in between (a clear_cache, or other requests' pages, from another thread) made it
-    raise "the pool is too small" though the pool had room. Now it computes the prefix again
-    and pins it."""
+def test_a_pin_holds_its_prefix_though_other_requests_fill_the_pool_as_it_is_computed(tiny_qwen3, monkeypatch):
+    """pin() computed the prefix with a one-token request, then pinned what the tree held from
+    the caller's thread: steps that ran in between (other requests filling the pool, a
+    clear_cache) could evict the prefix first, and pin() computed it again, a few times, then
+    gave up with "the pool is busy or too small". Now the loop thread pins the prefix as the
+    request's KV enters the tree: by the time its caller hears of the finish it is pinned, and
+    whatever runs before pin() returns cannot evict it."""
     from braid_engine.engine.engine import RequestStream
 
     llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40)
-    result, evicted = RequestStream.result, []
+    cache = llm.engine.cache
+    prefix = [(3 * j) % 300 + 3 for j in range(22)]  # 6 pages
+    flood = [[(7 * i + j) % 300 + 50 for j in range(30)] for i in range(5)]  # 9 pages each, cached
+    result, pinned_at_finish = RequestStream.result, []
 
-    def result_then_evict(stream):
+    def result_then_flood(stream):
         out = result(stream)
-        if not evicted:
+        if stream.prompt_token_ids == prefix:  # the pin's request: its caller was just woken
+            pinned_at_finish.append(llm.stats()["pages_pinned"])
+            for p in flood:  # 45 pages one after another, in 34 free: LRU evicts the oldest first
+                llm.generate([p], GREEDY)
             llm.engine.clear_cache()
-            evicted.append(llm.stats()["pages_cached"])
         return out
 
-    monkeypatch.setattr(RequestStream, "result", result_then_evict)
-    prefix = [(3 * j) % 300 + 3 for j in range(22)]
+    monkeypatch.setattr(RequestStream, "result", result_then_flood)
     handle = llm.pin(prefix)
-    assert evicted == [0]
-    assert handle.num_tokens == 22 and llm.stats()["pages_pinned"] == 6
-    for i in range(12):  # flood the pool: the pinned prefix stays
-        llm.generate([[(7 * i + j) % 300 + 3 for j in range(30)]], GREEDY)
-    assert llm.stats()["evictions"] > 0
-    assert llm.generate([prefix + [9]], GREEDY)[0].num_cached_tokens == 22
+    monkeypatch.undo()
+    assert pinned_at_finish == [6]
+    assert handle.num_tokens == 22 and llm.stats()["evictions"] > 0
+    pages = cache.path_pages(handle.node)
+    assert len(pages) == 6 and llm.stats()["pages_pinned"] == 6
+    for p in flood:  # more pressure: still resident, in the same pages
+        llm.generate([p[::-1]], GREEDY)
+    node, m, table = cache.match(prefix)
+    assert (node, m, set(table)) == (handle.node, 22, pages)
+    assert all(llm.engine.pool.refs[p] > 0 for p in pages)
+    out = llm.generate([prefix + [9]], GREEDY)[0]
+    assert out.num_cached_tokens == 22 and out.token_ids == _reference(tiny_qwen3, prefix + [9], 6)
     handle.release()
-    monkeypatch.setattr(RequestStream, "result", lambda stream: (result(stream), llm.engine.clear_cache())[0])
-    with pytest.raises(KVCacheFullError, match="evicted 3 times before it could be pinned.*retry later"):
-        llm.pin(prefix)  # taken every time
     assert llm.stats()["pages_pinned"] == 0
     _check_pages_come_back(llm, 40)
+
+
+def test_a_pin_over_the_limit_pins_nothing_and_leaks_no_page(tiny_qwen3):
+    """The limit is checked in the loop thread as the prefix enters the tree: the caller gets
+    the typed error, its KV stays cached but evictable, and every page is accounted for."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40, max_pinned_fraction=0.25)
+    first = llm.pin([(3 * j) % 300 + 3 for j in range(24)])  # 6 pages of the 10 allowed
+    big = [(5 * j) % 300 + 7 for j in range(20)]  # 5 more (no token shared with the first)
+    with pytest.raises(KVCacheFullError, match=r"pinning would hold 11 pages, over the limit of 10 \(25% of"):
+        llm.pin(big)
+    assert llm.stats()["pages_pinned"] == 6 and first.num_tokens == 24
+    _wait_idle(llm)
+    _check_refs(llm)
+    assert llm.generate([big + [9]], GREEDY)[0].num_cached_tokens == 20  # cached, not pinned
+    llm.engine.clear_cache()
+    assert llm.engine.pool.num_free == 40 - 6
+    assert llm.pin(big[:8]).num_tokens == 8  # 2 pages: within the limit
+    first.release()
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.shutdown()
+
+
+def test_a_pin_whose_caller_stops_waiting_leaves_nothing_pinned(tiny_qwen3, monkeypatch):
+    """The loop thread pins the prefix before its caller reads the finish: a caller interrupted
+    after that, or before, must not leave a pin behind that no handle can release. And a
+    request of pin() aborted before its KV is cached pins nothing and says so."""
+    from braid_engine.engine.engine import RequestStream
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40)
+    prefix = [(3 * j) % 300 + 3 for j in range(22)]
+    result = RequestStream.result
+
+    def interrupted(after_finish):
+        def wait(stream):
+            if after_finish:
+                result(stream)
+            raise KeyboardInterrupt
+        return wait
+
+    for after_finish in (True, False):  # pinned already; not yet computed (nobody aborts it)
+        monkeypatch.setattr(RequestStream, "result", interrupted(after_finish))
+        with pytest.raises(KeyboardInterrupt):
+            llm.pin(prefix)
+        monkeypatch.undo()
+        _wait_idle(llm)
+        assert llm.stats()["pages_pinned"] == 0
+        assert llm.generate([prefix + [9]], GREEDY)[0].num_cached_tokens == 22  # cached, evictable
+        llm.engine.clear_cache()
+        assert llm.engine.pool.num_free == 40
+
+    submit = llm.engine._submit
+
+    def submit_then_abort(*args, **kwargs):
+        with llm.engine.together():  # the loop takes the request and its abort in one go
+            stream, seq = submit(*args, **kwargs)
+            llm.engine.abort(stream.request_id)
+        return stream, seq
+
+    monkeypatch.setattr(llm.engine, "_submit", submit_then_abort)
+    with pytest.raises(KVCacheFullError, match=r"ended \(abort\) before its KV was cached, so nothing was pinned"):
+        llm.pin(prefix)
+    monkeypatch.undo()
+    assert llm.stats()["pages_pinned"] == 0
+    assert llm.pin(prefix).num_tokens == 22
+    _wait_idle(llm)
+    _check_refs(llm)
+    llm.shutdown()
 
 
 def test_a_request_that_preempts_itself_is_readmitted_not_failed_as_stuck(tiny_qwen3):
@@ -435,19 +540,54 @@ def test_a_request_that_preempts_itself_is_readmitted_not_failed_as_stuck(tiny_q
     _check_pages_come_back(llm, 17)
 
 
-def test_a_request_alone_that_cannot_fit_beside_its_cached_prefix_runs_without_it(tiny_qwen3):
+def test_a_request_alone_that_cannot_fit_beside_its_cached_prefix_runs_without_it_and_caches_its_kv(tiny_qwen3):
     """The nodes a request's prefix matches stay locked while it runs, with pages it does not
     use: the page it copies where the match ends inside a page, and a branch point's copy of a
     page its own path names differently. In a pool sized for one max-length request such a
     request, alone on the engine and within max_model_len, failed with "release pins or enlarge
-    the pool" (no pins were held). Now it is admitted again without the prefix cache."""
+    the pool" (no pins were held). Now it is admitted again without reading the prefix cache;
+    it still writes its KV there as it finishes (before, it did not, and the conversation's next
+    turn prefilled everything again)."""
     llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=9, max_model_len=32)
     t = [(7 * j) % 300 + 3 for j in range(31)]
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    to_the_limit = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
     llm.generate([t[:27]], one)
     # a branch inside page 6: the branch point names the branch's copy of it, t's path the original
     llm.generate([t[:25] + [299, t[26]]], one)
-    out = llm.generate([t], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    before = llm.stats()["prefilled_tokens"]
+    out = llm.generate([t], to_the_limit)[0]
     assert (out.token_ids, out.finish_reason, out.num_cached_tokens) == (_reference(tiny_qwen3, t, 1), "length", 0)
-    assert llm.generate([t[:27]], one)[0].num_cached_tokens == 0  # it neither read nor wrote the cache
+    assert llm.stats()["prefilled_tokens"] - before == 31  # it read nothing from the cache
+    _wait_idle(llm)
+    _check_refs(llm)
+    assert llm.stats()["pages_cached"] == 8  # t's 31 tokens: what it wrote, and only that
+    for follow, cached in ((t[:30] + [5], 30), (t[:27], 26)):  # the next turns read what it wrote
+        before = llm.stats()["prefilled_tokens"]
+        got = llm.generate([follow], to_the_limit)[0]
+        assert got.num_cached_tokens == cached
+        assert llm.stats()["prefilled_tokens"] - before == len(follow) - cached
+        assert got.token_ids == _reference(tiny_qwen3, follow, 32 - len(follow))
+    _check_pages_come_back(llm, 9)
+
+
+def test_a_pin_whose_request_runs_without_reading_the_cache_pins_what_it_wrote(tiny_qwen3):
+    """pin()'s request is any request: where it cannot fit beside its cached prefix it runs
+    without reading the cache, and the prefix it computed is pinned all the same (before, it
+    wrote nothing to pin and pin() failed)."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=9, max_model_len=32, max_pinned_fraction=1.0)
+    t = [(7 * j) % 300 + 3 for j in range(31)]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate([t[:27]], one)
+    llm.generate([t[:25] + [299, t[26]]], one)  # as above: t alone no longer fits beside them
+    before = llm.stats()["prefilled_tokens"]
+    handle = llm.pin(t)
+    assert llm.stats()["prefilled_tokens"] - before == 31
+    assert handle.num_tokens == 31 and llm.stats()["pages_pinned"] == 8
+    follow = t[:28] + [5]  # a fork at a page's end: the pinned path keeps its 8 pages
+    got = llm.generate([follow], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert (got.num_cached_tokens, got.token_ids) == (28, _reference(tiny_qwen3, follow, 3))
+    llm.engine.clear_cache()
+    assert llm.stats()["pages_pinned"] == llm.stats()["pages_used"] == 8
+    handle.release()
     _check_pages_come_back(llm, 9)
