@@ -46,11 +46,14 @@ class ModelConfig:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
             rope = cfg.get("rope_parameters") or {}
-            rope_type = rope.get("rope_type", (cfg.get("rope_scaling") or {}).get("rope_type", "default"))
-            if rope_type not in ("default", None):
-                raise CheckpointError(
-                    f"rope type {rope_type!r} is not supported yet; only default RoPE is."
-                )
+            for scaling in (rope, cfg.get("rope_scaling") or {}):
+                # "type" is the key older checkpoints write (LLaMA-2-7B-32K, yarn in Qwen2.5's README)
+                rope_type = scaling.get("rope_type", scaling.get("type"))
+                if rope_type not in ("default", None):
+                    raise CheckpointError(
+                        f"rope type {rope_type!r} is not supported yet; only default RoPE is."
+                    )
+            _refuse_sliding_window(cfg)
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             use_bias = bool(cfg.get("use_bias", False))
@@ -67,7 +70,7 @@ class ModelConfig:
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("model_type") in _TIED_BY_DEFAULT)),
                 hidden_act=cfg.get("hidden_act", "silu"),
                 attention_bias=bool(cfg.get("attention_bias", use_bias)),
                 mlp_bias=bool(cfg.get("mlp_bias", use_bias)),
@@ -84,6 +87,27 @@ class ModelConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path} is not valid JSON ({e}); re-download the checkpoint.") from e
+
+
+# model types whose transformers config ties the embeddings where config.json does not say
+_TIED_BY_DEFAULT = ("ernie4_5",)
+
+
+def _refuse_sliding_window(cfg: dict[str, Any]) -> None:
+    """Raise where transformers would attend some layer through a sliding window: the engine
+    attends every layer to the whole sequence, so its logits would differ past the window."""
+    layers = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is not None:
+        sliding = "sliding_attention" in types
+    else:  # Qwen2/Qwen3's switch: the window from layer max_window_layers on
+        sliding = (bool(cfg.get("use_sliding_window")) and cfg.get("sliding_window") is not None
+                   and int(cfg.get("max_window_layers", 0)) < layers)
+    if sliding:
+        raise CheckpointError(
+            f"config.json asks for sliding-window attention (sliding_window={cfg.get('sliding_window')}), "
+            "which the engine does not support; every layer attends the whole sequence here. Set "
+            "use_sliding_window to false (and layer_types to full_attention) if the model allows it.")
 
 
 _DTYPES = {

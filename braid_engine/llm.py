@@ -102,6 +102,7 @@ class LLM:
             raise ValueError(f"pipeline_bursts must be 'auto', True or False, got {pipeline_bursts!r}.")
         _check_size("decode_burst", decode_burst, 1, "1 reads every step's token")
         _check_size("max_num_seqs", max_num_seqs, 1, "the most requests a step runs")
+        _check_size("max_num_batched_tokens", max_num_batched_tokens, 1, "the most tokens a step computes")
         _check_size("page_size", page_size, 1, "tokens per KV page; 16 is usual")
         _check_size("num_pages", num_pages, 1, "None sizes the pool from memory", optional=True)
         _check_size("kv_cache_memory", kv_cache_memory, 1, "bytes for the KV pool; None sizes it from free "
@@ -161,7 +162,7 @@ class LLM:
             pipeline_bursts = graphs
         self.config = EngineConfig(
             device=dev, dtype=dt, max_model_len=max_len, page_size=page_size, num_pages=num_pages,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_batched_tokens, 1),
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, max_pinned_fraction=max_pinned_fraction,
             attention_backend=backend_name, cascade=cascade, decode_burst=decode_burst,
             pipeline_bursts=pipeline_bursts, prefill_chunk_while_decoding=chunk,
@@ -210,6 +211,8 @@ class LLM:
     def _to_ids(self, prompt: PromptType) -> list[int]:
         if isinstance(prompt, str):
             return self.encode(prompt)
+        if _is_array(prompt):
+            return _array_ids(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return list(prompt["prompt_token_ids"])
         if isinstance(prompt, Sequence) and not isinstance(prompt, str) and (not prompt or isinstance(prompt[0], numbers.Integral)):
@@ -218,7 +221,7 @@ class LLM:
             f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
 
     def _normalize(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (str, dict)) or not isinstance(prompts, Iterable) or (
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, Iterable) or _is_array(prompts) or (
             isinstance(prompts, Sequence) and prompts and _all_ints(prompts)
         ):  # (what is no prompt and holds none gets _to_ids's error)
             return [self._to_ids(prompts)]
@@ -315,6 +318,24 @@ def _check_size(name: str, value: Any, low: int, hint: str, optional: bool = Fal
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         none = " or None" if optional else ""
         raise ValueError(f"{name} must be an int ≥ {low}{none} ({hint}), got {value!r}.")
+
+
+def _is_array(value: Any) -> bool:
+    """A numpy array or torch tensor (a tokenizer's ``return_tensors`` row)."""
+    return isinstance(value, torch.Tensor) or type(value).__module__ == "numpy" and hasattr(value, "ndim")
+
+
+def _array_ids(array: Any) -> list[int]:
+    """The ids of a one-dimensional integer array, as a list."""
+    if array.ndim != 1:
+        raise InvalidRequestError(
+            f"a prompt given as an array must be one-dimensional, got shape {tuple(array.shape)}; "
+            "pass each row as its own prompt, without padding.")
+    kind = "f" if isinstance(array, torch.Tensor) and (array.is_floating_point() or array.is_complex()) else (
+        getattr(array.dtype, "kind", "i"))
+    if kind not in "iub":
+        raise InvalidRequestError(f"a prompt's token ids must be integers, got an array of {array.dtype}.")
+    return array.tolist()
 
 
 def _all_ints(seq: Sequence) -> bool:

@@ -214,6 +214,8 @@ def test_a_failed_request_raises_its_error_again_when_asked_again(tiny_qwen3):
     (dict(max_pinned_fraction=1.5), r"max_pinned_fraction must be a number in \[0, 1\]"),
     (dict(kv_cache_memory=-1), r"kv_cache_memory must be an int ≥ 1 or None"),  # silently a 1-page pool
     (dict(kv_cache_memory=0), r"kv_cache_memory must be an int ≥ 1 or None"),  # silently the default
+    (dict(max_num_batched_tokens=0), r"max_num_batched_tokens must be an int ≥ 1"),  # silently 1
+    (dict(max_num_batched_tokens=2.5), r"max_num_batched_tokens must be an int ≥ 1"),  # every request failed
 ])
 def test_engine_sizes_out_of_range_are_refused_before_loading(tiny_qwen3, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -577,3 +579,94 @@ def test_a_generate_that_raises_aborts_the_rest_of_its_batch(tiny_qwen3):
     assert [(len(o.token_ids), o.finish_reason) for o in rest] == [(4, "abort")] * 2
     _no_pages_held(llm)
     llm.shutdown()
+
+
+def _with_config(src, tmp_path, edit):
+    """A copy of checkpoint ``src`` whose config.json ``edit`` has changed."""
+    dst = tmp_path / "edited"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _legacy_rope(kind):
+    def edit(cfg):
+        cfg["rope_theta"] = (cfg.pop("rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        cfg["rope_scaling"] = {"type": kind, "factor": 4.0}
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    # rope scaling written with the older "type" key (LLaMA-2-7B-32K, Qwen2.5's yarn snippet):
+    # loaded and ignored before, logits ~1.3 away from transformers'
+    (_legacy_rope("linear"), "rope type 'linear' is not supported"),
+    (_legacy_rope("yarn"), "rope type 'yarn' is not supported"),
+    (_legacy_rope("dynamic"), "rope type 'dynamic' is not supported"),
+    # a sliding window transformers applies: full attention was run instead (older configs have
+    # no layer_types; where they are given, transformers follows them)
+    (lambda cfg: cfg.pop("layer_types") and cfg.update(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+     "sliding-window"),
+    (lambda cfg: cfg.update(layer_types=["full_attention", "sliding_attention"], sliding_window=8), "sliding-window"),
+])
+def test_configs_the_engine_would_compute_differently_are_refused(tiny_qwen3, tmp_path, edit, message):
+    with pytest.raises(CheckpointError, match=message):
+        LLM(str(_with_config(tiny_qwen3, tmp_path, edit)), device="cpu")
+
+
+@pytest.mark.parametrize("edit", [
+    _legacy_rope("default"),
+    lambda cfg: cfg.update(use_sliding_window=False, sliding_window=8, max_window_layers=0),
+    # the window on from layer max_window_layers on: none of the model's layers
+    lambda cfg: cfg.pop("layer_types") and cfg.update(use_sliding_window=True, sliding_window=8,
+                                                       max_window_layers=cfg["num_hidden_layers"]),
+    # given layer_types rule over use_sliding_window, in transformers as here
+    lambda cfg: cfg.update(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+    lambda cfg: cfg.update(layer_types=["full_attention"] * cfg["num_hidden_layers"]),
+])
+def test_configs_that_compute_as_full_default_rope_attention_load_and_match(tiny_qwen3, tmp_path, edit):
+    """What transformers computes as plain attention with default RoPE loads, and its logits
+    match transformers' on the same config."""
+    from transformers import AutoModelForCausalLM
+
+    from braid_engine.testing import forward_logits
+
+    path = _with_config(tiny_qwen3, tmp_path, edit)
+    ids = list(range(3, 43))
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    got = forward_logits(LLM(str(path), device="cpu", dtype="float32"), ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_an_ernie_config_without_tie_word_embeddings_ties_them_as_transformers_does(tmp_path):
+    """ERNIE-4.5's config class ties the embeddings unless told otherwise: a config.json without
+    the key was refused for a missing lm_head.weight."""
+    from transformers import AutoModelForCausalLM
+
+    from braid_engine.testing import forward_logits
+
+    path = make_tiny_checkpoint(tmp_path / "ernie", arch="ernie4_5", tie_word_embeddings=True)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["tie_word_embeddings"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    ids = list(range(3, 23))
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    got = forward_logits(LLM(str(path), device="cpu", dtype="float32"), ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_prompt_may_be_a_one_dimensional_integer_array(tiny_qwen3, kind):
+    """A tokenizer's return_tensors="np"/"pt" row is a prompt as its list is."""
+    import numpy as np
+
+    llm = LLM(tiny_qwen3, device="cpu", max_model_len=64, page_size=4)
+    ids = [5, 9, 7, 300, 0]
+    arr = np.array(ids, dtype=np.int64) if kind == "numpy" else torch.tensor(ids)
+    assert llm.generate([arr], GREEDY)[0].token_ids == llm.generate([ids], GREEDY)[0].token_ids
+    assert [o.token_ids for o in llm.generate(arr, GREEDY)] == [llm.generate([ids], GREEDY)[0].token_ids]
+    with pytest.raises(InvalidRequestError, match="one-dimensional"):
+        llm.generate([arr.reshape(1, -1)], GREEDY)
+    with pytest.raises(InvalidRequestError, match="integer"):
+        llm.generate([arr.astype(np.float32) if kind == "numpy" else arr.float()], GREEDY)
