@@ -11,6 +11,7 @@ from torch import nn
 from braid_engine import kernels
 from braid_engine.attention.base import BatchLayout
 from braid_engine.config import ModelConfig
+from braid_engine.errors import CheckpointError
 
 
 class AttentionContext(Protocol):
@@ -160,7 +161,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.hidden_act != "silu":
-            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported; only 'silu' is.")
+            raise CheckpointError(f"hidden_act {cfg.hidden_act!r} is not supported; only 'silu' is.")
         n = cfg.intermediate_size
         self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": n, "up_proj": n}, cfg.mlp_bias)
         self.down_proj = nn.Linear(n, cfg.hidden_size, bias=cfg.mlp_bias)

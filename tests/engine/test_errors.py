@@ -609,6 +609,8 @@ def _legacy_rope(kind):
     (lambda cfg: cfg.pop("layer_types") and cfg.update(use_sliding_window=True, sliding_window=8, max_window_layers=0),
      "sliding-window"),
     (lambda cfg: cfg.update(layer_types=["full_attention", "sliding_attention"], sliding_window=8), "sliding-window"),
+    # a plain ValueError from inside the model's construction before
+    (lambda cfg: cfg.update(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
 ])
 def test_configs_the_engine_would_compute_differently_are_refused(tiny_qwen3, tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message):
