@@ -4,9 +4,11 @@ every answer's KV so each turn of a conversation pays only for its new tokens.""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +35,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, SecretStr
 
 from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
+from braid_engine.engine.engine import RequestStream
 from braid_engine.loader import load_tokenizer, resolve_model_path
 from langchain_braid._messages import TOKEN_IDS_KEY, render
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
@@ -64,6 +67,9 @@ class _Engine:
         self.llm = llm
         self.pins: dict[str, PinHandle] = {}
         self.lock = threading.Lock()
+        # async calls render, set up their grammar and submit here, off the event loop: one at
+        # a time, in the order they were made (as when they ran on the loop)
+        self.submitter = ThreadPoolExecutor(1, thread_name_prefix="braid-submit")
 
 
 _ENGINES: dict[tuple[Any, ...], _Engine] = {}
@@ -408,20 +414,35 @@ class ChatBraid(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        engine, ids, params, opened, names, limit = await self._aprepare(messages, stop, kwargs)
-        stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
+        engine, stream, opened, names, limit = await self._asubmit(messages, stop, kwargs)
         out = await stream.aresult()
         message = self._message(engine, out, opened, names, limit)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
-    async def _aprepare(self, messages: list[BaseMessage], stop: list[str] | None,
-                        kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
-                                                         list[str], int | None]:
+    async def _asubmit(self, messages: list[BaseMessage], stop: list[str] | None,
+                       kwargs: dict[str, Any]) -> tuple[_Engine, RequestStream, bool, list[str],
+                                                        int | None]:
+        """``_prepare`` and ``add_request`` on the engine's submitting thread, never on the event
+        loop: loading takes seconds, a first guided request builds the grammar runtime (~1.1 s
+        for a 150k-token vocabulary), each new schema compiles (10-20 ms) and a long prompt takes
+        milliseconds to render. The request's stream, the prompt's ``<think>`` state, the tool
+        names and the call limit come back. A call cancelled while it is being submitted aborts
+        its request once it is queued (the thread cannot be stopped midway)."""
+        loop = asyncio.get_running_loop()
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
-        if _loaded(key) is None:  # loading takes seconds: keep it off the event loop
-            await asyncio.to_thread(self._engine)
-        return self._prepare(messages, stop, kwargs)
+        engine = _loaded(key) or await asyncio.to_thread(self._engine)
+
+        def submit() -> tuple[_Engine, RequestStream, bool, list[str], int | None]:
+            engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
+            return engine, engine.llm.engine.add_request(ids, params, loop=loop), opened, names, limit
+
+        submitted = loop.run_in_executor(engine.submitter, contextvars.copy_context().run, submit)
+        try:
+            return await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(_abort_submitted)
+            raise
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
@@ -439,14 +460,13 @@ class ChatBraid(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        engine, ids, params, opened, names, limit = await self._aprepare(messages, stop, kwargs)
+        engine, stream, opened, names, limit = await self._asubmit(messages, stop, kwargs)
         parser = _AnswerParser(opened, names, limit)
-        stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
         deltas = stream.__aiter__()
         out_ids: list[int] = []
         try:
             async for delta in deltas:
-                yield self._delta_chunk(engine, ids, out_ids, parser, delta)
+                yield self._delta_chunk(engine, stream.prompt_token_ids, out_ids, parser, delta)
         finally:
             await deltas.aclose()  # a caller that stops early aborts the request
 
@@ -590,6 +610,14 @@ def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDe
         return GuidedDecoding(json_schema=spec.get("schema", spec))
     raise ValueError(f"response_format={response_format!r}: use {{'type': 'json_object'}}, "
                      "{'type': 'json_schema', 'json_schema': {'schema': {...}}} or {'type': 'text'}.")
+
+
+def _abort_submitted(submitted: asyncio.Future) -> None:
+    """Abort the request of a call cancelled while it was being submitted (done callback)."""
+    if submitted.cancelled() or submitted.exception() is not None:
+        return  # nothing was queued
+    stream = submitted.result()[1]
+    stream.engine.abort(stream.request_id)
 
 
 def _parallel_tool_calls(value: Any) -> bool:

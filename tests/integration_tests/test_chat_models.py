@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from typing import Any
 
 import pytest
@@ -177,6 +178,86 @@ async def test_astream_leaves_the_event_loop_free(chat: ChatBraid) -> None:
     await task
     assert text == reference.content
     assert seen[-1] > seen[0]  # the loop ran other work while tokens were being generated
+
+
+def _schema(title: str) -> dict[str, Any]:
+    """A schema no earlier request compiled (grammars are cached by schema)."""
+    return {"title": title, "type": "object", "required": ["n"],
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+
+@pytest.mark.parametrize("method", ["ainvoke", "astream"])
+async def test_async_calls_set_up_and_compile_grammars_off_the_event_loop(
+        tiny_model: str, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first guided request builds the grammar runtime (xgrammar's tokenizer info: ~1.1 s
+    for a 150k-token vocabulary) and each new schema compiles (10-20 ms); both ran on the event
+    loop's thread, stalling every other task on it. They, the rendering and the submission now
+    run on a worker thread."""
+    from braid_engine.engine.engine import LLMEngine
+    from braid_engine.grammar import GrammarRuntime
+
+    threads: dict[str, set[int]] = {"runtime": set(), "compile": set(), "add_request": set()}
+
+    def recorded(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            threads[name].add(threading.get_ident())
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(GrammarRuntime, "__init__", recorded("runtime", GrammarRuntime.__init__))
+    monkeypatch.setattr(GrammarRuntime, "compile", recorded("compile", GrammarRuntime.compile))
+    monkeypatch.setattr(LLMEngine, "add_request", recorded("add_request", LLMEngine.add_request))
+    # an engine of this test's own, so its first guided request builds the runtime
+    chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=12,
+                     engine_kwargs={"max_num_seqs": 3 if method == "ainvoke" else 5})
+    structured = chat.with_structured_output(_schema(f"Loop{method}"))
+    if method == "ainvoke":
+        out = await structured.ainvoke("A number?")
+    else:
+        out = [part async for part in structured.astream("A number?")][-1]
+    assert set(out) == {"n"} and 0 <= out["n"] <= 9
+    loop_thread = threading.get_ident()
+    assert all(len(seen) == 1 and loop_thread not in seen for seen in threads.values()), threads
+    chat.llm.shutdown()
+
+
+async def test_an_async_call_cancelled_while_it_is_submitted_aborts_its_request(
+        chat: ChatBraid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Submission runs on a worker thread, which a cancelled task cannot stop: the request it
+    queues is aborted once it is queued, so nobody's tokens are generated for nothing."""
+    engine = chat.llm.engine
+    entered, release = threading.Event(), threading.Event()
+    streams: list[Any] = []
+    aborted: list[str] = []
+    add_request, abort = engine.add_request, engine.abort
+
+    def slow_add_request(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        streams.append(add_request(*args, **kwargs))
+        return streams[-1]
+
+    def recording_abort(request_id: str) -> None:
+        aborted.append(request_id)
+        abort(request_id)
+
+    monkeypatch.setattr(engine, "add_request", slow_add_request)
+    monkeypatch.setattr(engine, "abort", recording_abort)
+    # (greedy, this prompt runs the whole 400 tokens: an abort is what stops it early)
+    task = asyncio.create_task(chat.ainvoke([HumanMessage("Tell me a long story")], max_tokens=400))
+    while not entered.is_set():
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    for _ in range(2000):
+        if aborted:
+            break
+        await asyncio.sleep(0.005)
+    assert aborted == [streams[0].request_id]
+    out = await asyncio.wait_for(streams[0].aresult(), 30)
+    assert out.finish_reason == "abort" and len(out.token_ids) < 400
 
 
 def test_batch_from_threads_equals_one_by_one(chat: ChatBraid) -> None:
