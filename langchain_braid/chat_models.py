@@ -32,7 +32,7 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, Runn
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
 from braid_engine.engine.engine import RequestStream
@@ -145,6 +145,10 @@ class ChatBraid(BaseChatModel):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to ``braid_engine.LLM`` (e.g. ``max_model_len``, ``kv_cache_memory``)."""
 
+    # the profile _resolve_model_profile made (not one the caller gave), whose context limit is
+    # corrected to the engine's once it loads
+    _own_profile: ModelProfile | None = PrivateAttr(default=None)
+
     # -- LangChain identity ------------------------------------------------------------
     @property
     def _llm_type(self) -> str:
@@ -175,15 +179,33 @@ class ChatBraid(BaseChatModel):
                                tool_calling=True, tool_choice=True, structured_output=True,
                                reasoning_output=False, temperature=True)
         config = Path(self.model).expanduser() / "config.json"
+        cfg: dict[str, Any] = {}
         if config.is_file():  # a local checkpoint: read only its small config, never weights
             cfg = json.loads(config.read_text())
-            limit = self.engine_kwargs.get("max_model_len") or cfg.get("max_position_embeddings")
-            if isinstance(limit, int):
-                profile["max_input_tokens"] = limit
             profile["reasoning_output"] = cfg.get("model_type", "").startswith("qwen3")
         elif "qwen3" in self.model.lower():
             profile["reasoning_output"] = True
+        limit = self._context_limit(cfg)
+        if limit is not None:
+            profile["max_input_tokens"] = limit
+        self._own_profile = profile
         return profile
+
+    def _context_limit(self, cfg: dict[str, Any]) -> int | None:
+        """The engine's ``max_model_len`` if it is loaded, else as much of it as ``cfg`` (the
+        checkpoint's config) and ``engine_kwargs`` tell: a pool sized from memory is known only
+        once it is allocated (``_engine`` corrects the profile then)."""
+        engine = _loaded(_engine_key(self.model, self.device, self.dtype, self.engine_kwargs))
+        if engine is not None:
+            return engine.llm.config.max_model_len
+        given = self.engine_kwargs.get("max_model_len")
+        if isinstance(given, int):
+            return given
+        limit = cfg.get("max_position_embeddings")
+        pages, page_size = self.engine_kwargs.get("num_pages"), self.engine_kwargs.get("page_size", 16)
+        if isinstance(limit, int) and isinstance(pages, int) and isinstance(page_size, int):
+            limit = min(limit, max(pages - 1, 1) * page_size)  # as LLM caps it: one page spare
+        return limit if isinstance(limit, int) else None
 
     # -- engine and tokenizer ------------------------------------------------------------
     def _engine(self) -> _Engine:
@@ -196,6 +218,9 @@ class ChatBraid(BaseChatModel):
                     llm = LLM(self.model, device=self.device, dtype=self.dtype,
                               **{"enable_prefix_caching": True, **self.engine_kwargs})
                     engine = _ENGINES[key] = _Engine(llm)
+        profile, limit = self._own_profile, engine.llm.config.max_model_len
+        if profile is not None and self.profile is profile and profile.get("max_input_tokens") != limit:
+            self.profile = self._own_profile = {**profile, "max_input_tokens": limit}
         return engine
 
     @property

@@ -336,3 +336,25 @@ def test_a_shut_down_engine_is_loaded_again_on_next_use(tiny_model: str) -> None
     other = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
     assert other.llm is chat.llm
     chat.llm.shutdown()
+
+
+def test_profile_context_limit_is_the_engine_s_once_it_is_loaded(tiny_model: str) -> None:
+    """A pool sized from memory (kv_cache_memory, or a GPU's free memory) fixes the context only
+    when the engine loads: the profile said max_position_embeddings even after that, so a
+    prompt the profile allowed was refused (PromptTooLongError). It now reads the engine's."""
+    from braid_engine import PromptTooLongError
+
+    kwargs = {"kv_cache_memory": 20 * 16 * 1024}  # 20 pages of 16 tokens of 1 KiB each
+    chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=2, engine_kwargs=kwargs)
+    assert chat.profile["max_input_tokens"] == 4096  # not known before the pool is sized
+    chat.invoke("Hi")
+    limit = chat.llm.config.max_model_len
+    assert limit == 19 * 16 and chat.profile["max_input_tokens"] == limit
+    assert ChatBraid(model=tiny_model, device="cpu", engine_kwargs=kwargs).profile["max_input_tokens"] == limit
+    with pytest.raises(PromptTooLongError):
+        chat.invoke("word " * limit)
+    own = ChatBraid(model=tiny_model, device="cpu", max_tokens=2, engine_kwargs=kwargs,
+                    profile={"max_input_tokens": 100})
+    own.invoke("Hi")
+    assert own.profile == {"max_input_tokens": 100}  # one given by the caller is left alone
+    chat.llm.shutdown()

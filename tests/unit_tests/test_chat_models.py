@@ -30,6 +30,20 @@ def test_construction_loads_nothing(tiny_model: str) -> None:
     assert chat.profile["tool_calling"] is True and chat.profile["reasoning_output"] is True
 
 
+def test_profile_context_limit_is_the_one_the_pool_allows(tiny_model: str) -> None:
+    """A pool of 24 pages of 16 tokens holds a 368-token context (one page is kept spare), but
+    the profile said 4096 (max_position_embeddings) and a 400-token prompt was refused. With
+    num_pages fixed the limit is known before anything loads."""
+    before = dict(cm._ENGINES)
+    chat = ChatBraid(model=tiny_model, device="cpu", engine_kwargs={"num_pages": 24})
+    assert chat.profile["max_input_tokens"] == 23 * 16
+    small = ChatBraid(model=tiny_model, device="cpu", engine_kwargs={"num_pages": 24, "page_size": 4})
+    assert small.profile["max_input_tokens"] == 23 * 4
+    capped = ChatBraid(model=tiny_model, device="cpu", engine_kwargs={"num_pages": 400})
+    assert capped.profile["max_input_tokens"] == 4096  # the model's own limit still caps it
+    assert cm._ENGINES == before
+
+
 def test_identifying_and_ls_params(tiny_model: str) -> None:
     chat = ChatBraid(model=tiny_model, temperature=0.2, max_tokens=7, stop=["x"], seed=3)
     assert chat._llm_type == "braid-chat"
