@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import (
     BaseChatModel,
     LangSmithParams,
@@ -27,7 +28,7 @@ from langchain_core.output_parsers.openai_tools import (
     JsonOutputKeyToolsParser,
     PydanticToolsParser,
 )
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema
@@ -583,8 +584,8 @@ class ChatBraid(BaseChatModel):
             name = tool["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format,
                                   **kwargs)
-            parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
-                      else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+            parser = (_PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
+                      else _JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         else:
             if method == "json_schema":  # a bare JSON Schema is used as given: nothing is named
                 json_schema = schema if is_json_schema(schema) else convert_to_json_schema(schema)
@@ -597,7 +598,7 @@ class ChatBraid(BaseChatModel):
             if pydantic or tools:
                 parser = RunnableLambda(_json_parser(schema if pydantic else None, calls=bool(tools)))
             else:  # streams the object as it grows, as ChatOpenAI and ChatOllama do
-                parser = JsonOutputParser()
+                parser = _JsonOutputParser()
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser,
@@ -666,6 +667,7 @@ def _json_parser(model: type | None, *, calls: bool = False) -> Callable[[AIMess
     ``calls``, an answer that calls tools parses as ``None``."""
 
     def parse(message: AIMessage) -> Any:
+        _refuse_cut_off(message)
         if calls and message.tool_calls:
             return None
         value = json.loads(message.text, strict=False)  # raw control characters are allowed
@@ -674,6 +676,41 @@ def _json_parser(model: type | None, *, calls: bool = False) -> Callable[[AIMess
         return model.model_validate(value) if hasattr(model, "model_validate") else model.parse_obj(value)
 
     return parse
+
+
+def _refuse_cut_off(message: BaseMessage) -> None:
+    """Raise OutputParserException for an answer cut off before its JSON (or call) was complete:
+    parsed, it failed with a bare JSONDecodeError, or came back as a partial object (dict schemas'
+    parser repairs what it can) or as no call at all."""
+    if message.response_metadata.get("finish_reason") != "length":
+        return
+    used = (getattr(message, "usage_metadata", None) or {}).get("output_tokens")
+    raise OutputParserException(
+        f"structured output: the answer was cut off at max_tokens ({used} tokens, finish_reason "
+        "'length') before its JSON was complete; raise max_tokens (or, if the prompt filled the "
+        "context, shorten it).", llm_output=message.text)
+
+
+class _RefusesCutOff:
+    """A LangChain output parser that refuses an answer cut off at max_tokens (streamed too:
+    the accumulated last chunk carries the finish reason)."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        if result and isinstance(result[0], ChatGeneration):
+            _refuse_cut_off(result[0].message)
+        return super().parse_result(result, partial=partial)  # type: ignore[misc]
+
+
+class _JsonOutputParser(_RefusesCutOff, JsonOutputParser):
+    pass
+
+
+class _PydanticToolsParser(_RefusesCutOff, PydanticToolsParser):
+    pass
+
+
+class _JsonOutputKeyToolsParser(_RefusesCutOff, JsonOutputKeyToolsParser):
+    pass
 
 
 class _AnswerParser:
