@@ -374,14 +374,18 @@ class ChatBraid(BaseChatModel):
         limit = None if parallel else 1
         return engine, rendered.token_ids(tok), params, opened, tool_names(tools), limit
 
-    def _usage(self, prompt_ids: list[int], out_ids: list[int], cached: int,
-               tok: Any) -> UsageMetadata:
+    def _usage(self, prompt_ids: list[int], out_ids: list[int], cached: int, tok: Any,
+               opened: bool) -> UsageMetadata:
+        """The usage; reasoning tokens run to ``</think>``, or to the end when the block (opened
+        by the prompt, ``opened``, or by the answer's first token) never closed."""
         usage = UsageMetadata(input_tokens=len(prompt_ids), output_tokens=len(out_ids),
                               total_tokens=len(prompt_ids) + len(out_ids),
                               input_token_details={"cache_read": cached})
         close_id = tok.convert_tokens_to_ids(CLOSE)
         if isinstance(close_id, int) and close_id in out_ids:
             usage["output_token_details"] = {"reasoning": out_ids.index(close_id) + 1}
+        elif out_ids and (opened or out_ids[0] == tok.convert_tokens_to_ids(OPEN)):
+            usage["output_token_details"] = {"reasoning": len(out_ids)}
         return usage
 
     def _metadata(self, out_ids: list[int], finish_reason: str | None) -> dict[str, Any]:
@@ -399,7 +403,7 @@ class ChatBraid(BaseChatModel):
             content=answer, **calls,
             additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
             usage_metadata=self._usage(out.prompt_token_ids, out.token_ids,
-                                       out.num_cached_tokens, engine.llm.tokenizer),
+                                       out.num_cached_tokens, engine.llm.tokenizer, opened),
             response_metadata=self._metadata(out.token_ids, out.finish_reason),
         )
 
@@ -417,15 +421,15 @@ class ChatBraid(BaseChatModel):
             return self._chunk(reasoning, answer, tool_call_chunks=calls)
         tail_reasoning, tail_answer, tail_calls = parser.finish()
         return self._last_chunk(engine, prompt_ids, out_ids, delta, reasoning + tail_reasoning,
-                                answer + tail_answer, calls + tail_calls)
+                                answer + tail_answer, calls + tail_calls, parser.opened)
 
     def _last_chunk(self, engine: _Engine, prompt_ids: list[int], out_ids: list[int],
                     delta: RequestOutput, reasoning: str, answer: str,
-                    calls: list[Any]) -> ChatGenerationChunk:
+                    calls: list[Any], opened: bool) -> ChatGenerationChunk:
         return self._chunk(
             reasoning, answer, chunk_position="last", tool_call_chunks=calls,
             usage_metadata=self._usage(prompt_ids, out_ids, delta.num_cached_tokens,
-                                       engine.llm.tokenizer),
+                                       engine.llm.tokenizer, opened),
             response_metadata=self._metadata(out_ids, delta.finish_reason))
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -717,6 +721,7 @@ class _AnswerParser:
     """Reasoning split, then (when tools are bound) tool calls, for a streamed answer."""
 
     def __init__(self, opened: bool, names: list[str], limit: int | None) -> None:
+        self.opened = opened  # the prompt opened a <think> block
         self.reasoning = ReasoningParser(thinking=opened)
         self.calls = ToolCallStreamParser(names, limit) if names else None
 

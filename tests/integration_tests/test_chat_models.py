@@ -313,6 +313,41 @@ def test_reasoning_goes_to_reasoning_content_and_v1_blocks(chat: ChatBraid, monk
         "Hello!", "The user greets me.")
 
 
+def _opening_think(tiny_model: str, tmp_path: Any) -> str:
+    """The tiny checkpoint with a template whose generation prompt opens ``<think>`` (as
+    Qwen3's thinking-only models do): the answer starts inside the block."""
+    import shutil
+
+    path = tmp_path / "think"
+    shutil.copytree(tiny_model, path)
+    template = path / "chat_template.jinja"
+    text, end = template.read_text().rstrip(), "{% endif -%}\n{%- endif -%}"
+    assert text.endswith(end)
+    template.write_text(text[: -len(end)] + "{% else %}<think>\n" + end)
+    return str(path)
+
+
+@pytest.mark.parametrize("opened_by", ["prompt", "answer"])
+def test_a_reasoning_block_never_closed_counts_every_output_token(
+        tiny_model: str, tmp_path: Any, opened_by: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """usage's output_token_details.reasoning counted up to ``</think>`` and was missing when
+    the block never closed (cut off, or a model that ends its turn thinking), though every
+    output token was then reasoning; it was so whether the prompt or the answer opened it."""
+    model = _opening_think(tiny_model, tmp_path) if opened_by == "prompt" else tiny_model
+    chat = ChatBraid(model=model, device="cpu", temperature=0, max_tokens=12)
+    thought = "The user greets me, so I"
+    _scripted(chat, thought if opened_by == "prompt" else f"<think>\n{thought}", monkeypatch)
+    message = chat.invoke("Hi")
+    full = None
+    for chunk in chat.stream("Hi"):
+        full = chunk if full is None else full + chunk
+    for out in (message, full):
+        assert (out.content, out.additional_kwargs["reasoning_content"]) == ("", thought)
+        usage = out.usage_metadata
+        assert usage["output_token_details"] == {"reasoning": usage["output_tokens"]}
+        assert usage["output_tokens"] == len(out.response_metadata[TOKEN_IDS_KEY]) > 5
+
+
 def test_returned_message_carries_generated_ids(chat: ChatBraid) -> None:
     message = chat.invoke([_system(), HumanMessage("Hi")])
     ids = message.response_metadata[TOKEN_IDS_KEY]
