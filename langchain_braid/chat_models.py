@@ -258,29 +258,24 @@ class ChatBraid(BaseChatModel):
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage],
                                      tools: Sequence[Any] | None = None) -> int:
-        """Tokens ``messages`` take in a prompt, counted with the checkpoint's template.
+        """Tokens of the prompt ``invoke(messages)`` sends (with ``tools`` bound, as given to
+        ``bind_tools``): rendered as a call renders it, generation prompt and carried answer ids
+        included, so it equals that call's ``usage_metadata["input_tokens"]``. (A forced
+        ``tool_choice`` or a ``response_format`` renders without thinking, which may differ.)
 
-        Each message is measured as the template renders it between two user turns, so counts
-        add up whatever the order (``trim_messages`` counts partial and reversed lists) and
-        ``trim_messages(token_counter=chat)`` keeps what fits the model's prompt.
+        ``trim_messages(token_counter=chat)`` then keeps what fits the prompt. With
+        ``include_system=True`` it counts the system message apart from the rest (and, with
+        ``strategy="last"``, the rest in reverse), each count with its own generation prompt, so
+        it keeps a few tokens to spare.
 
         Example:
             >>> ChatBraid(model="Qwen/Qwen3-0.6B").get_num_tokens_from_messages([HumanMessage("hi")])
         """
         tok = self.tokenizer
-        kwargs = self._template_kwargs({})
-
-        def count(batch: list[BaseMessage], template: dict[str, Any]) -> int:
-            rendered = render(tok, batch, add_generation_prompt=False, template_kwargs=template)
-            return len(rendered.token_ids(tok))
-
-        frame = [HumanMessage("."), HumanMessage(".")]
-        empty = count(frame, kwargs)
-        total = sum(count([frame[0], m, frame[1]], kwargs) - empty for m in messages)
+        template = self._template_kwargs({})
         if tools:
-            with_tools = {**kwargs, "tools": format_tools(tools)}
-            total += count(frame, with_tools) - empty
-        return total
+            template["tools"] = format_tools(tools)
+        return len(render(tok, messages, template_kwargs=template).token_ids(tok))
 
     # -- thread pins ---------------------------------------------------------------------
     def pin_thread(self, thread_id: str, messages: Sequence[BaseMessage],

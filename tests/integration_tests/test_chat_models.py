@@ -260,6 +260,36 @@ async def test_an_async_call_cancelled_while_it_is_submitted_aborts_its_request(
     assert out.finish_reason == "abort" and len(out.token_ids) < 400
 
 
+def test_token_count_is_the_prompt_a_call_sends(chat: ChatBraid) -> None:
+    """get_num_tokens_from_messages summed each message as rendered between two user turns: it
+    left out the generation prompt (47 counted, 52 sent), a reasoning block the template keeps
+    after the last question, the grouping of tool results and the system turn that tools join.
+    It is now the call's input_tokens, with tools or without."""
+    from langchain_core.messages import ToolMessage
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    calls = [{"name": "add", "args": {"a": 1, "b": 2}, "id": "c1"},
+             {"name": "add", "args": {"a": 3, "b": 4}, "id": "c2"}]
+    first = chat.invoke([HumanMessage("Hi")])
+    threads = [
+        [_system(), HumanMessage("Question 0?"), AIMessage("It is 0."), HumanMessage("Question 1?")],
+        [HumanMessage("Hi"), first, HumanMessage("Again?")],  # an answer's ids are spliced in
+        [HumanMessage("Add"), AIMessage("", tool_calls=calls), ToolMessage("3", tool_call_id="c1"),
+         ToolMessage("7", tool_call_id="c2")],
+        [HumanMessage("Add"), AIMessage("", tool_calls=calls[:1],
+                                        additional_kwargs={"reasoning_content": "I should add."}),
+         ToolMessage("3", tool_call_id="c1")],
+    ]
+    for thread in threads:
+        for tools in (None, [add]):
+            model = chat.bind_tools(tools) if tools else chat
+            sent = model.invoke(thread, max_tokens=1).usage_metadata["input_tokens"]
+            assert chat.get_num_tokens_from_messages(thread, tools=tools) == sent, (thread, tools)
+
+
 def test_batch_from_threads_equals_one_by_one(chat: ChatBraid) -> None:
     prompts = [[_system(), HumanMessage(q)] for q in ("Hi", "Hey", "Hello there", "Yo")]
     alone = [chat.invoke(p).response_metadata[TOKEN_IDS_KEY] for p in prompts]

@@ -62,7 +62,7 @@ def test_token_counting_uses_the_checkpoint_tokenizer(tiny_model: str) -> None:
     messages = [HumanMessage("hello there"), HumanMessage("again")]
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": "hello there"}, {"role": "user", "content": "again"}],
-        tokenize=False, add_generation_prompt=False)
+        tokenize=False, add_generation_prompt=True)  # as a call sends it
     expected = len(tok(rendered, add_special_tokens=False)["input_ids"])
     assert chat.get_num_tokens_from_messages(messages) == expected
 
@@ -84,17 +84,31 @@ def test_unknown_constructor_argument_is_an_error_not_ignored(tiny_model: str) -
     assert ChatBraid(model=tiny_model, max_tokens=5, callbacks=None, tags=["x"]).max_tokens == 5
 
 
-def test_trim_messages_counts_with_the_template(tiny_model: str) -> None:
+def test_trim_messages_keeps_what_fits_the_prompt(tiny_model: str) -> None:
+    """Counts are of the prompt a call sends, generation prompt included (it was left out, so a
+    history trimmed to the budget overflowed it by those tokens). strategy="first" counts each
+    leading run as it is sent: exact. strategy="last" with include_system counts the system
+    message apart and the rest reversed, each with a generation prompt: it keeps what fits,
+    with a few tokens to spare."""
     from langchain_core.messages import AIMessage, SystemMessage, trim_messages
 
     chat = ChatBraid(model=tiny_model)
+    count = chat.get_num_tokens_from_messages
     messages = [SystemMessage("You are a helpful assistant."), HumanMessage("Question 0?"),
                 AIMessage("It is 0."), HumanMessage("Question 1: what is 1 plus 1?")]
     rendered = chat.tokenizer.apply_chat_template(
         [{"role": m.type.replace("human", "user").replace("ai", "assistant"), "content": m.content}
-         for m in messages], tokenize=False, add_generation_prompt=False)
-    assert chat.get_num_tokens_from_messages(messages) == len(chat.get_token_ids(rendered))
-    budget = chat.get_num_tokens_from_messages(messages[:1] + messages[2:])
-    trimmed = trim_messages(messages, max_tokens=budget, token_counter=chat, strategy="last",
-                            include_system=True)
-    assert trimmed == messages[:1] + messages[2:]
+         for m in messages], tokenize=False, add_generation_prompt=True)
+    assert count(messages) == len(chat.get_token_ids(rendered))
+    for n in range(1, len(messages) + 1):
+        budget = count(messages[:n])
+        assert trim_messages(messages, max_tokens=budget, token_counter=chat, strategy="first") == messages[:n]
+        assert trim_messages(messages, max_tokens=budget - 1, token_counter=chat,
+                             strategy="first") == messages[:n - 1]
+    kept = messages[:1] + messages[2:]
+    for budget in range(count(messages[:1]), count(messages) + 1):
+        trimmed = trim_messages(messages, max_tokens=budget, token_counter=chat, strategy="last",
+                                include_system=True)
+        assert trimmed[0] == messages[0] and count(trimmed) <= budget
+        if budget >= count(kept) + 12:
+            assert trimmed[-2:] == kept[-2:]
