@@ -37,7 +37,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
 from braid_engine.engine.engine import RequestStream
-from braid_engine.loader import load_tokenizer, resolve_model_path
+from braid_engine.loader import load_config, load_tokenizer, resolve_model_path
 from langchain_braid._messages import TOKEN_IDS_KEY, render
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
 from langchain_braid._tools import (
@@ -75,6 +75,7 @@ class _Engine:
 
 _ENGINES: dict[tuple[Any, ...], _Engine] = {}
 _TOKENIZERS: dict[str, Any] = {}
+_VOCAB_SIZES: dict[str, int] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -275,7 +276,19 @@ class ChatBraid(BaseChatModel):
         template = self._template_kwargs({})
         if tools:
             template["tools"] = format_tools(tools)
-        return len(render(tok, messages, template_kwargs=template).token_ids(tok))
+        rendered = render(tok, messages, template_kwargs=template, vocab_size=self._vocab_size())
+        return len(rendered.token_ids(tok))
+
+    def _vocab_size(self) -> int:
+        """The model's vocabulary (its embedding rows; padding rows may pass the tokenizer's
+        length): the engine's, else config.json's, read without loading the engine."""
+        engine = _loaded(_engine_key(self.model, self.device, self.dtype, self.engine_kwargs))
+        if engine is not None:
+            return engine.llm.model_config.vocab_size
+        with _REGISTRY_LOCK:
+            if self.model not in _VOCAB_SIZES:
+                _VOCAB_SIZES[self.model] = load_config(resolve_model_path(self.model)).vocab_size
+            return _VOCAB_SIZES[self.model]
 
     # -- thread pins ---------------------------------------------------------------------
     def pin_thread(self, thread_id: str, messages: Sequence[BaseMessage],
@@ -297,7 +310,8 @@ class ChatBraid(BaseChatModel):
         if tools:
             template["tools"] = format_tools(tools)
         rendered = render(tok, [*messages, HumanMessage(_PIN_SENTINEL)],
-                          add_generation_prompt=False, template_kwargs=template)
+                          add_generation_prompt=False, template_kwargs=template,
+                          vocab_size=engine.llm.model_config.vocab_size)
         ids = rendered.token_ids(tok, end=rendered.text.rfind(_PIN_SENTINEL))
         handle = engine.llm.engine.pin(ids)
         with engine.lock:
@@ -356,7 +370,8 @@ class ChatBraid(BaseChatModel):
             choice = "any" if guided is not None else "auto"
         if choice not in ("auto", "none") or response_format is not None:
             template["enable_thinking"] = False  # a forced answer starts at its first token
-        rendered = render(tok, messages, template_kwargs=template)
+        rendered = render(tok, messages, template_kwargs=template,
+                          vocab_size=engine.llm.model_config.vocab_size)
         params = SamplingParams(
             temperature=options.get("temperature", self.temperature),
             top_p=options.get("top_p", self.top_p), top_k=options.get("top_k", self.top_k),
