@@ -42,6 +42,7 @@ from langchain_braid._messages import TOKEN_IDS_KEY, render
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
 from langchain_braid._tools import (
     ToolCallStreamParser,
+    ToolChoiceError,
     format_tools,
     is_json_schema,
     normalize_tool_choice,
@@ -355,21 +356,22 @@ class ChatBraid(BaseChatModel):
             raise TypeError(
                 f"ChatBraid got unknown call options {sorted(unknown)}; per call it accepts "
                 f"{sorted(_CALL_OPTIONS)} and stop.")
-        engine = self._engine()
-        tok = engine.llm.tokenizer
+        _check_switches(options)  # before anything loads
         template = self._template_kwargs(options)
         tools = format_tools(options.get("tools") or [])  # bound ones are already formatted
+        choice = _tool_choice(options.get("tool_choice"), tool_names(tools))
         parallel = _parallel_tool_calls(options.get("parallel_tool_calls"))
         response_format = _response_format_grammar(options.get("response_format"))
         if tools:  # (create_agent binds a response_format beside the tools for its final answer)
             template["tools"] = tools
-            choice = normalize_tool_choice(options.get("tool_choice"), tool_names(tools))
             guided = tool_grammar(tools, choice, _answer_format(response_format), parallel=parallel)
         else:
             guided = response_format
             choice = "any" if guided is not None else "auto"
         if choice not in ("auto", "none") or response_format is not None:
             template["enable_thinking"] = False  # a forced answer starts at its first token
+        engine = self._engine()
+        tok = engine.llm.tokenizer
         rendered = render(tok, messages, template_kwargs=template,
                           vocab_size=engine.llm.model_config.vocab_size)
         params = SamplingParams(
@@ -536,7 +538,7 @@ class ChatBraid(BaseChatModel):
         formatted = format_tools(tools)
         names = tool_names(formatted)
         if tool_choice is not None:
-            tool_choice = normalize_tool_choice(tool_choice, names)
+            tool_choice = _tool_choice(tool_choice, names)
         if parallel_tool_calls is not None:
             kwargs["parallel_tool_calls"] = _parallel_tool_calls(parallel_tool_calls)
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
@@ -658,6 +660,36 @@ def _abort_submitted(submitted: asyncio.Future) -> None:
         return  # nothing was queued
     stream = submitted.result()[1]
     stream.engine.abort(stream.request_id)
+
+
+def _check_switches(options: dict[str, Any]) -> None:
+    """Refuse per-call options of the wrong kind, naming them: a string passed as a switch is
+    true however it reads ("no"), and a template's variables must be a dict."""
+    kwargs = options.get("chat_template_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"chat_template_kwargs must be a dict of template variables, got {kwargs!r}.")
+    caching = options.get("enable_prefix_caching", True)
+    if not isinstance(caching, bool):
+        raise TypeError(f"enable_prefix_caching must be True or False, got {caching!r}.")
+    thinking = options.get("enable_thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise TypeError(f"enable_thinking must be True, False or None, got {thinking!r} (None keeps "
+                        "the template's default).")
+
+
+def _tool_choice(tool_choice: Any, names: list[str]) -> str:
+    """``normalize_tool_choice``, refusing a choice that asks for a call when no tool is bound
+    (it was dropped silently and the answer was free text; OpenAI's API refuses it too)."""
+    if not names and tool_choice not in (None, False, "auto", "none"):
+        try:
+            forced = normalize_tool_choice(tool_choice, names) not in ("auto", "none")
+        except ToolChoiceError:  # a tool's name, or True: a call of a tool not bound
+            forced = True
+        if forced:
+            raise ToolChoiceError(
+                f"tool_choice={tool_choice!r} asks for a tool call, but no tools are bound; bind "
+                "them with bind_tools(tools, tool_choice=...) (or pass tools= with it).")
+    return normalize_tool_choice(tool_choice, names)
 
 
 def _parallel_tool_calls(value: Any) -> bool:

@@ -73,6 +73,30 @@ def test_unknown_call_option_is_a_clear_error(tiny_model: str) -> None:
         chat.invoke("hi", frequency_penalty=1.0)
 
 
+def test_call_options_of_the_wrong_kind_are_clear_errors(tiny_model: str) -> None:
+    """chat_template_kwargs="x" failed with a bare "'str' object is not a mapping";
+    enable_prefix_caching="no" (and enable_thinking="no") passed as true; tool_choice="any"
+    without tools was dropped silently, the answer free text. Each is refused, naming the
+    option, before anything loads."""
+    kwargs = {"max_num_seqs": 13}  # an engine of this test's own: it must not load
+    chat = ChatBraid(model=tiny_model, device="cpu", max_tokens=2, engine_kwargs=kwargs)
+    with pytest.raises(TypeError, match="chat_template_kwargs must be a dict of template variables, got 'x'"):
+        chat.invoke("hi", chat_template_kwargs="x")
+    with pytest.raises(TypeError, match="enable_prefix_caching must be True or False, got 'no'"):
+        chat.invoke("hi", enable_prefix_caching="no")
+    with pytest.raises(TypeError, match="enable_thinking must be True, False or None, got 'no'"):
+        chat.bind(enable_thinking="no").invoke("hi")
+    for choice in ("any", "required", {"type": "any"}, {"type": "function", "function": {"name": "f"}}):
+        with pytest.raises(ValueError, match="tool_choice=.* no tools are bound"):
+            chat.invoke("hi", tool_choice=choice)
+    with pytest.raises(ValueError, match="tool_choice='any' .* no tools are bound"):
+        chat.bind_tools([], tool_choice="any")
+    assert not any(key[3] == '{"max_num_seqs": 13}' for key in cm._ENGINES)
+    for choice in ("auto", "none", None, False):  # nothing to force: as without tool_choice
+        assert chat.invoke("hi", tool_choice=choice).usage_metadata["output_tokens"] >= 1
+    chat.llm.shutdown()
+
+
 def test_unknown_constructor_argument_is_an_error_not_ignored(tiny_model: str) -> None:
     """ChatBraid(min_p=0.1) or a misspelt max_new_tokens=... was silently dropped: the model
     ran without it. Options the model does not have are refused, as they are per call."""
