@@ -7,6 +7,7 @@ the spot: the machinery runs offline, the words are noise).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -15,18 +16,21 @@ from importlib import metadata
 from braid_engine.errors import BraidError, ModelNotFoundError
 
 
-def _model_path(model: str) -> str:
-    if model == "tiny":
+def _model_path(args: argparse.Namespace) -> str:
+    if args.model == "tiny":
         from braid_engine.testing import make_tiny_checkpoint
 
-        return str(make_tiny_checkpoint(tempfile.mkdtemp(prefix="braid-tiny-"), arch="qwen3"))
-    return model
+        # removed when main returns (every run used to leave ~540 KB in /tmp); the engine keeps
+        # what it loaded
+        scratch = args.scratch.enter_context(tempfile.TemporaryDirectory(prefix="braid-tiny-"))
+        return str(make_tiny_checkpoint(scratch, arch="qwen3"))
+    return args.model
 
 
 def _llm(args: argparse.Namespace):
     from braid_engine import LLM
 
-    return LLM(_model_path(args.model), device=args.device, dtype=args.dtype)
+    return LLM(_model_path(args), device=args.device, dtype=args.dtype)
 
 
 def _params(args: argparse.Namespace):
@@ -121,7 +125,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from braid_engine.compat import check_checkpoint
     from braid_engine.loader import resolve_model_path
 
-    print(check_checkpoint(resolve_model_path(_model_path(args.model))).format())
+    print(check_checkpoint(resolve_model_path(_model_path(args))).format())
     return 0
 
 
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"chat": cmd_chat, "generate": cmd_generate, "bench": cmd_bench, "check": cmd_check,
                 "info": cmd_info}
     try:
-        return commands[args.command](args)
+        with contextlib.ExitStack() as args.scratch:  # what a command made for its run (tiny)
+            return commands[args.command](args)
     except BraidError as e:
         print(f"braid: {e}", file=sys.stderr)
         if isinstance(e, ModelNotFoundError):

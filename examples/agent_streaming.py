@@ -99,7 +99,8 @@ def main() -> None:
     args = ap.parse_args()
     model, first_call = args.model, "auto"
     if model == "tiny":
-        model = str(make_tiny_checkpoint(tempfile.mkdtemp(prefix="braid-tiny-"), arch="qwen3"))
+        scratch = tempfile.TemporaryDirectory(prefix="braid-tiny-")  # removed when main returns
+        model = str(make_tiny_checkpoint(scratch.name, arch="qwen3"))
         first_call, args.max_tokens = "get_weather", min(args.max_tokens, 64)
     chat = ChatBraid(model=model, device=args.device, temperature=0.6, seed=0, max_tokens=args.max_tokens)
     graph = build_graph(chat, first_call)

@@ -54,7 +54,8 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model
     if model == "tiny":
-        model = str(make_tiny_checkpoint(tempfile.mkdtemp(prefix="braid-tiny-"), arch="qwen3"))
+        scratch = tempfile.TemporaryDirectory(prefix="braid-tiny-")  # removed when main returns
+        model = str(make_tiny_checkpoint(scratch.name, arch="qwen3"))
         args.max_tokens = min(args.max_tokens, 24)
     chat = ChatBraid(model=model, device=args.device, max_tokens=args.max_tokens, temperature=0.7,
                      seed=0, enable_thinking=False if args.no_think else None)

@@ -20,7 +20,8 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model
     if model == "tiny":
-        model = make_tiny_checkpoint(tempfile.mkdtemp(prefix="braid-tiny-"), arch="qwen3")
+        scratch = tempfile.TemporaryDirectory(prefix="braid-tiny-")  # removed when main returns
+        model = make_tiny_checkpoint(scratch.name, arch="qwen3")
     try:
         llm = LLM(model)
     except ModelNotFoundError as e:

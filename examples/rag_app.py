@@ -124,7 +124,8 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model
     if model == "tiny":
-        model = str(make_tiny_checkpoint(tempfile.mkdtemp(prefix="braid-tiny-"), arch="qwen3"))
+        scratch = tempfile.TemporaryDirectory(prefix="braid-tiny-")  # removed when main returns
+        model = str(make_tiny_checkpoint(scratch.name, arch="qwen3"))
     chat = ChatBraid(model=model, device=args.device, temperature=0, max_tokens=args.max_tokens,
                      enable_thinking=False)
     docs = [Document(p) for p in PASSAGES]

@@ -154,12 +154,17 @@ def to_template_dict(message: BaseMessage) -> dict[str, Any]:
     return out
 
 
-def carried_token_ids(message: BaseMessage) -> list[int] | None:
-    """The token ids ChatBraid generated for ``message``, if it is one of its answers."""
+def carried_token_ids(message: BaseMessage, vocab_size: int | None = None) -> list[int] | None:
+    """The token ids ChatBraid generated for ``message``, if it is one of its answers. They come
+    back from wherever the history was kept (JSON, a message built by hand), so ids that are not
+    ints or fall outside ``[0, vocab_size)`` (decoding 2**40 raised OverflowError) mean none: the
+    message is then tokenised from its text."""
     if not isinstance(message, AIMessage):
         return None
     ids = message.response_metadata.get(TOKEN_IDS_KEY)
-    if isinstance(ids, list) and ids and all(isinstance(t, int) and t >= 0 for t in ids):
+    if isinstance(ids, list) and ids and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t
+            and (vocab_size is None or t < vocab_size) for t in ids):
         return ids
     return None
 
@@ -259,19 +264,23 @@ def _render_before(tokenizer: Any, dicts: list[dict[str, Any]], key: str | None,
 
 
 def render(tokenizer: Any, messages: Sequence[BaseMessage], *, add_generation_prompt: bool = True,
-           template_kwargs: dict[str, Any] | None = None) -> RenderedPrompt:
+           template_kwargs: dict[str, Any] | None = None,
+           vocab_size: int | None = None) -> RenderedPrompt:
     """Render ``messages`` with the template and mark where each carried answer can be spliced.
 
     An answer is spliced only where the template wrote exactly the text its ids decode to, so
     the prompt's text never changes; elsewhere (edited answers, templates that drop ``<think>``)
-    the text is re-tokenised and the cache reuses the longest common prefix.
+    the text is re-tokenised and the cache reuses the longest common prefix. ``vocab_size``:
+    the model's (its embedding rows, which may pass the tokenizer's length: a model can generate
+    those ids); carried ids past it are no answer's.
     """
     kwargs = template_kwargs or {}
     dicts = [to_template_dict(m) for m in messages]
     text = render_chat(tokenizer, dicts, add_generation_prompt, **kwargs)
     prompt = RenderedPrompt(text)
     cursor = 0
-    carried = [(i, ids) for i, ids in enumerate(map(carried_token_ids, messages)) if ids is not None]
+    carried = [(i, ids) for i, m in enumerate(messages)
+               if (ids := carried_token_ids(m, vocab_size)) is not None]
     keys = _prefix_keys(getattr(tokenizer, "chat_template", None), dicts, kwargs) if carried else None
     for i, ids in carried:
         piece = tokenizer.decode(ids, skip_special_tokens=False)

@@ -4,14 +4,17 @@ every answer's KV so each turn of a conversation pays only for its new tokens.""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import (
     BaseChatModel,
     LangSmithParams,
@@ -25,19 +28,21 @@ from langchain_core.output_parsers.openai_tools import (
     JsonOutputKeyToolsParser,
     PydanticToolsParser,
 )
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
-from braid_engine.loader import load_tokenizer, resolve_model_path
+from braid_engine.engine.engine import RequestStream
+from braid_engine.loader import load_config, load_tokenizer, resolve_model_path
 from langchain_braid._messages import TOKEN_IDS_KEY, render
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
 from langchain_braid._tools import (
     ToolCallStreamParser,
+    ToolChoiceError,
     format_tools,
     is_json_schema,
     normalize_tool_choice,
@@ -64,10 +69,14 @@ class _Engine:
         self.llm = llm
         self.pins: dict[str, PinHandle] = {}
         self.lock = threading.Lock()
+        # async calls render, set up their grammar and submit here, off the event loop: one at
+        # a time, in the order they were made (as when they ran on the loop)
+        self.submitter = ThreadPoolExecutor(1, thread_name_prefix="braid-submit")
 
 
 _ENGINES: dict[tuple[Any, ...], _Engine] = {}
 _TOKENIZERS: dict[str, Any] = {}
+_VOCAB_SIZES: dict[str, int] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -139,6 +148,10 @@ class ChatBraid(BaseChatModel):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to ``braid_engine.LLM`` (e.g. ``max_model_len``, ``kv_cache_memory``)."""
 
+    # the profile _resolve_model_profile made (not one the caller gave), whose context limit is
+    # corrected to the engine's once it loads
+    _own_profile: ModelProfile | None = PrivateAttr(default=None)
+
     # -- LangChain identity ------------------------------------------------------------
     @property
     def _llm_type(self) -> str:
@@ -169,15 +182,33 @@ class ChatBraid(BaseChatModel):
                                tool_calling=True, tool_choice=True, structured_output=True,
                                reasoning_output=False, temperature=True)
         config = Path(self.model).expanduser() / "config.json"
+        cfg: dict[str, Any] = {}
         if config.is_file():  # a local checkpoint: read only its small config, never weights
             cfg = json.loads(config.read_text())
-            limit = self.engine_kwargs.get("max_model_len") or cfg.get("max_position_embeddings")
-            if isinstance(limit, int):
-                profile["max_input_tokens"] = limit
             profile["reasoning_output"] = cfg.get("model_type", "").startswith("qwen3")
         elif "qwen3" in self.model.lower():
             profile["reasoning_output"] = True
+        limit = self._context_limit(cfg)
+        if limit is not None:
+            profile["max_input_tokens"] = limit
+        self._own_profile = profile
         return profile
+
+    def _context_limit(self, cfg: dict[str, Any]) -> int | None:
+        """The engine's ``max_model_len`` if it is loaded, else as much of it as ``cfg`` (the
+        checkpoint's config) and ``engine_kwargs`` tell: a pool sized from memory is known only
+        once it is allocated (``_engine`` corrects the profile then)."""
+        engine = _loaded(_engine_key(self.model, self.device, self.dtype, self.engine_kwargs))
+        if engine is not None:
+            return engine.llm.config.max_model_len
+        given = self.engine_kwargs.get("max_model_len")
+        if isinstance(given, int):
+            return given
+        limit = cfg.get("max_position_embeddings")
+        pages, page_size = self.engine_kwargs.get("num_pages"), self.engine_kwargs.get("page_size", 16)
+        if isinstance(limit, int) and isinstance(pages, int) and isinstance(page_size, int):
+            limit = min(limit, max(pages - 1, 1) * page_size)  # as LLM caps it: one page spare
+        return limit if isinstance(limit, int) else None
 
     # -- engine and tokenizer ------------------------------------------------------------
     def _engine(self) -> _Engine:
@@ -190,6 +221,9 @@ class ChatBraid(BaseChatModel):
                     llm = LLM(self.model, device=self.device, dtype=self.dtype,
                               **{"enable_prefix_caching": True, **self.engine_kwargs})
                     engine = _ENGINES[key] = _Engine(llm)
+        profile, limit = self._own_profile, engine.llm.config.max_model_len
+        if profile is not None and self.profile is profile and profile.get("max_input_tokens") != limit:
+            self.profile = self._own_profile = {**profile, "max_input_tokens": limit}
         return engine
 
     @property
@@ -226,29 +260,36 @@ class ChatBraid(BaseChatModel):
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage],
                                      tools: Sequence[Any] | None = None) -> int:
-        """Tokens ``messages`` take in a prompt, counted with the checkpoint's template.
+        """Tokens of the prompt ``invoke(messages)`` sends (with ``tools`` bound, as given to
+        ``bind_tools``): rendered as a call renders it, generation prompt and carried answer ids
+        included, so it equals that call's ``usage_metadata["input_tokens"]``. (A forced
+        ``tool_choice`` or a ``response_format`` renders without thinking, which may differ.)
 
-        Each message is measured as the template renders it between two user turns, so counts
-        add up whatever the order (``trim_messages`` counts partial and reversed lists) and
-        ``trim_messages(token_counter=chat)`` keeps what fits the model's prompt.
+        ``trim_messages(token_counter=chat)`` then keeps what fits the prompt. With
+        ``include_system=True`` it counts the system message apart from the rest (and, with
+        ``strategy="last"``, the rest in reverse), each count with its own generation prompt, so
+        it keeps a few tokens to spare.
 
         Example:
             >>> ChatBraid(model="Qwen/Qwen3-0.6B").get_num_tokens_from_messages([HumanMessage("hi")])
         """
         tok = self.tokenizer
-        kwargs = self._template_kwargs({})
-
-        def count(batch: list[BaseMessage], template: dict[str, Any]) -> int:
-            rendered = render(tok, batch, add_generation_prompt=False, template_kwargs=template)
-            return len(rendered.token_ids(tok))
-
-        frame = [HumanMessage("."), HumanMessage(".")]
-        empty = count(frame, kwargs)
-        total = sum(count([frame[0], m, frame[1]], kwargs) - empty for m in messages)
+        template = self._template_kwargs({})
         if tools:
-            with_tools = {**kwargs, "tools": format_tools(tools)}
-            total += count(frame, with_tools) - empty
-        return total
+            template["tools"] = format_tools(tools)
+        rendered = render(tok, messages, template_kwargs=template, vocab_size=self._vocab_size())
+        return len(rendered.token_ids(tok))
+
+    def _vocab_size(self) -> int:
+        """The model's vocabulary (its embedding rows; padding rows may pass the tokenizer's
+        length): the engine's, else config.json's, read without loading the engine."""
+        engine = _loaded(_engine_key(self.model, self.device, self.dtype, self.engine_kwargs))
+        if engine is not None:
+            return engine.llm.model_config.vocab_size
+        with _REGISTRY_LOCK:
+            if self.model not in _VOCAB_SIZES:
+                _VOCAB_SIZES[self.model] = load_config(resolve_model_path(self.model)).vocab_size
+            return _VOCAB_SIZES[self.model]
 
     # -- thread pins ---------------------------------------------------------------------
     def pin_thread(self, thread_id: str, messages: Sequence[BaseMessage],
@@ -270,7 +311,8 @@ class ChatBraid(BaseChatModel):
         if tools:
             template["tools"] = format_tools(tools)
         rendered = render(tok, [*messages, HumanMessage(_PIN_SENTINEL)],
-                          add_generation_prompt=False, template_kwargs=template)
+                          add_generation_prompt=False, template_kwargs=template,
+                          vocab_size=engine.llm.model_config.vocab_size)
         ids = rendered.token_ids(tok, end=rendered.text.rfind(_PIN_SENTINEL))
         handle = engine.llm.engine.pin(ids)
         with engine.lock:
@@ -314,22 +356,24 @@ class ChatBraid(BaseChatModel):
             raise TypeError(
                 f"ChatBraid got unknown call options {sorted(unknown)}; per call it accepts "
                 f"{sorted(_CALL_OPTIONS)} and stop.")
-        engine = self._engine()
-        tok = engine.llm.tokenizer
+        _check_switches(options)  # before anything loads
         template = self._template_kwargs(options)
         tools = format_tools(options.get("tools") or [])  # bound ones are already formatted
+        choice = _tool_choice(options.get("tool_choice"), tool_names(tools))
         parallel = _parallel_tool_calls(options.get("parallel_tool_calls"))
         response_format = _response_format_grammar(options.get("response_format"))
         if tools:  # (create_agent binds a response_format beside the tools for its final answer)
             template["tools"] = tools
-            choice = normalize_tool_choice(options.get("tool_choice"), tool_names(tools))
             guided = tool_grammar(tools, choice, _answer_format(response_format), parallel=parallel)
         else:
             guided = response_format
             choice = "any" if guided is not None else "auto"
         if choice not in ("auto", "none") or response_format is not None:
             template["enable_thinking"] = False  # a forced answer starts at its first token
-        rendered = render(tok, messages, template_kwargs=template)
+        engine = self._engine()
+        tok = engine.llm.tokenizer
+        rendered = render(tok, messages, template_kwargs=template,
+                          vocab_size=engine.llm.model_config.vocab_size)
         params = SamplingParams(
             temperature=options.get("temperature", self.temperature),
             top_p=options.get("top_p", self.top_p), top_k=options.get("top_k", self.top_k),
@@ -342,14 +386,18 @@ class ChatBraid(BaseChatModel):
         limit = None if parallel else 1
         return engine, rendered.token_ids(tok), params, opened, tool_names(tools), limit
 
-    def _usage(self, prompt_ids: list[int], out_ids: list[int], cached: int,
-               tok: Any) -> UsageMetadata:
+    def _usage(self, prompt_ids: list[int], out_ids: list[int], cached: int, tok: Any,
+               opened: bool) -> UsageMetadata:
+        """The usage; reasoning tokens run to ``</think>``, or to the end when the block (opened
+        by the prompt, ``opened``, or by the answer's first token) never closed."""
         usage = UsageMetadata(input_tokens=len(prompt_ids), output_tokens=len(out_ids),
                               total_tokens=len(prompt_ids) + len(out_ids),
                               input_token_details={"cache_read": cached})
         close_id = tok.convert_tokens_to_ids(CLOSE)
         if isinstance(close_id, int) and close_id in out_ids:
             usage["output_token_details"] = {"reasoning": out_ids.index(close_id) + 1}
+        elif out_ids and (opened or out_ids[0] == tok.convert_tokens_to_ids(OPEN)):
+            usage["output_token_details"] = {"reasoning": len(out_ids)}
         return usage
 
     def _metadata(self, out_ids: list[int], finish_reason: str | None) -> dict[str, Any]:
@@ -367,7 +415,7 @@ class ChatBraid(BaseChatModel):
             content=answer, **calls,
             additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
             usage_metadata=self._usage(out.prompt_token_ids, out.token_ids,
-                                       out.num_cached_tokens, engine.llm.tokenizer),
+                                       out.num_cached_tokens, engine.llm.tokenizer, opened),
             response_metadata=self._metadata(out.token_ids, out.finish_reason),
         )
 
@@ -385,15 +433,15 @@ class ChatBraid(BaseChatModel):
             return self._chunk(reasoning, answer, tool_call_chunks=calls)
         tail_reasoning, tail_answer, tail_calls = parser.finish()
         return self._last_chunk(engine, prompt_ids, out_ids, delta, reasoning + tail_reasoning,
-                                answer + tail_answer, calls + tail_calls)
+                                answer + tail_answer, calls + tail_calls, parser.opened)
 
     def _last_chunk(self, engine: _Engine, prompt_ids: list[int], out_ids: list[int],
                     delta: RequestOutput, reasoning: str, answer: str,
-                    calls: list[Any]) -> ChatGenerationChunk:
+                    calls: list[Any], opened: bool) -> ChatGenerationChunk:
         return self._chunk(
             reasoning, answer, chunk_position="last", tool_call_chunks=calls,
             usage_metadata=self._usage(prompt_ids, out_ids, delta.num_cached_tokens,
-                                       engine.llm.tokenizer),
+                                       engine.llm.tokenizer, opened),
             response_metadata=self._metadata(out_ids, delta.finish_reason))
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -408,20 +456,35 @@ class ChatBraid(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        engine, ids, params, opened, names, limit = await self._aprepare(messages, stop, kwargs)
-        stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
+        engine, stream, opened, names, limit = await self._asubmit(messages, stop, kwargs)
         out = await stream.aresult()
         message = self._message(engine, out, opened, names, limit)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
-    async def _aprepare(self, messages: list[BaseMessage], stop: list[str] | None,
-                        kwargs: dict[str, Any]) -> tuple[_Engine, list[int], SamplingParams, bool,
-                                                         list[str], int | None]:
+    async def _asubmit(self, messages: list[BaseMessage], stop: list[str] | None,
+                       kwargs: dict[str, Any]) -> tuple[_Engine, RequestStream, bool, list[str],
+                                                        int | None]:
+        """``_prepare`` and ``add_request`` on the engine's submitting thread, never on the event
+        loop: loading takes seconds, a first guided request builds the grammar runtime (~1.1 s
+        for a 150k-token vocabulary), each new schema compiles (10-20 ms) and a long prompt takes
+        milliseconds to render. The request's stream, the prompt's ``<think>`` state, the tool
+        names and the call limit come back. A call cancelled while it is being submitted aborts
+        its request once it is queued (the thread cannot be stopped midway)."""
+        loop = asyncio.get_running_loop()
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
-        if _loaded(key) is None:  # loading takes seconds: keep it off the event loop
-            await asyncio.to_thread(self._engine)
-        return self._prepare(messages, stop, kwargs)
+        engine = _loaded(key) or await asyncio.to_thread(self._engine)
+
+        def submit() -> tuple[_Engine, RequestStream, bool, list[str], int | None]:
+            engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
+            return engine, engine.llm.engine.add_request(ids, params, loop=loop), opened, names, limit
+
+        submitted = loop.run_in_executor(engine.submitter, contextvars.copy_context().run, submit)
+        try:
+            return await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(_abort_submitted)
+            raise
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
@@ -439,14 +502,13 @@ class ChatBraid(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        engine, ids, params, opened, names, limit = await self._aprepare(messages, stop, kwargs)
+        engine, stream, opened, names, limit = await self._asubmit(messages, stop, kwargs)
         parser = _AnswerParser(opened, names, limit)
-        stream = engine.llm.engine.add_request(ids, params, loop=asyncio.get_running_loop())
         deltas = stream.__aiter__()
         out_ids: list[int] = []
         try:
             async for delta in deltas:
-                yield self._delta_chunk(engine, ids, out_ids, parser, delta)
+                yield self._delta_chunk(engine, stream.prompt_token_ids, out_ids, parser, delta)
         finally:
             await deltas.aclose()  # a caller that stops early aborts the request
 
@@ -476,7 +538,7 @@ class ChatBraid(BaseChatModel):
         formatted = format_tools(tools)
         names = tool_names(formatted)
         if tool_choice is not None:
-            tool_choice = normalize_tool_choice(tool_choice, names)
+            tool_choice = _tool_choice(tool_choice, names)
         if parallel_tool_calls is not None:
             kwargs["parallel_tool_calls"] = _parallel_tool_calls(parallel_tool_calls)
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
@@ -538,8 +600,8 @@ class ChatBraid(BaseChatModel):
             name = tool["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format,
                                   **kwargs)
-            parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
-                      else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+            parser = (_PydanticToolsParser(tools=[schema], first_tool_only=True) if pydantic
+                      else _JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         else:
             if method == "json_schema":  # a bare JSON Schema is used as given: nothing is named
                 json_schema = schema if is_json_schema(schema) else convert_to_json_schema(schema)
@@ -552,7 +614,7 @@ class ChatBraid(BaseChatModel):
             if pydantic or tools:
                 parser = RunnableLambda(_json_parser(schema if pydantic else None, calls=bool(tools)))
             else:  # streams the object as it grows, as ChatOpenAI and ChatOllama do
-                parser = JsonOutputParser()
+                parser = _JsonOutputParser()
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser,
@@ -592,6 +654,44 @@ def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDe
                      "{'type': 'json_schema', 'json_schema': {'schema': {...}}} or {'type': 'text'}.")
 
 
+def _abort_submitted(submitted: asyncio.Future) -> None:
+    """Abort the request of a call cancelled while it was being submitted (done callback)."""
+    if submitted.cancelled() or submitted.exception() is not None:
+        return  # nothing was queued
+    stream = submitted.result()[1]
+    stream.engine.abort(stream.request_id)
+
+
+def _check_switches(options: dict[str, Any]) -> None:
+    """Refuse per-call options of the wrong kind, naming them: a string passed as a switch is
+    true however it reads ("no"), and a template's variables must be a dict."""
+    kwargs = options.get("chat_template_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"chat_template_kwargs must be a dict of template variables, got {kwargs!r}.")
+    caching = options.get("enable_prefix_caching", True)
+    if not isinstance(caching, bool):
+        raise TypeError(f"enable_prefix_caching must be True or False, got {caching!r}.")
+    thinking = options.get("enable_thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise TypeError(f"enable_thinking must be True, False or None, got {thinking!r} (None keeps "
+                        "the template's default).")
+
+
+def _tool_choice(tool_choice: Any, names: list[str]) -> str:
+    """``normalize_tool_choice``, refusing a choice that asks for a call when no tool is bound
+    (it was dropped silently and the answer was free text; OpenAI's API refuses it too)."""
+    if not names and tool_choice not in (None, False, "auto", "none"):
+        try:
+            forced = normalize_tool_choice(tool_choice, names) not in ("auto", "none")
+        except ToolChoiceError:  # a tool's name, or True: a call of a tool not bound
+            forced = True
+        if forced:
+            raise ToolChoiceError(
+                f"tool_choice={tool_choice!r} asks for a tool call, but no tools are bound; bind "
+                "them with bind_tools(tools, tool_choice=...) (or pass tools= with it).")
+    return normalize_tool_choice(tool_choice, names)
+
+
 def _parallel_tool_calls(value: Any) -> bool:
     """Whether an answer may hold several calls, from OpenAI's ``parallel_tool_calls``."""
     if value is None or isinstance(value, bool):
@@ -613,6 +713,7 @@ def _json_parser(model: type | None, *, calls: bool = False) -> Callable[[AIMess
     ``calls``, an answer that calls tools parses as ``None``."""
 
     def parse(message: AIMessage) -> Any:
+        _refuse_cut_off(message)
         if calls and message.tool_calls:
             return None
         value = json.loads(message.text, strict=False)  # raw control characters are allowed
@@ -623,10 +724,46 @@ def _json_parser(model: type | None, *, calls: bool = False) -> Callable[[AIMess
     return parse
 
 
+def _refuse_cut_off(message: BaseMessage) -> None:
+    """Raise OutputParserException for an answer cut off before its JSON (or call) was complete:
+    parsed, it failed with a bare JSONDecodeError, or came back as a partial object (dict schemas'
+    parser repairs what it can) or as no call at all."""
+    if message.response_metadata.get("finish_reason") != "length":
+        return
+    used = (getattr(message, "usage_metadata", None) or {}).get("output_tokens")
+    raise OutputParserException(
+        f"structured output: the answer was cut off at max_tokens ({used} tokens, finish_reason "
+        "'length') before its JSON was complete; raise max_tokens (or, if the prompt filled the "
+        "context, shorten it).", llm_output=message.text)
+
+
+class _RefusesCutOff:
+    """A LangChain output parser that refuses an answer cut off at max_tokens (streamed too:
+    the accumulated last chunk carries the finish reason)."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        if result and isinstance(result[0], ChatGeneration):
+            _refuse_cut_off(result[0].message)
+        return super().parse_result(result, partial=partial)  # type: ignore[misc]
+
+
+class _JsonOutputParser(_RefusesCutOff, JsonOutputParser):
+    pass
+
+
+class _PydanticToolsParser(_RefusesCutOff, PydanticToolsParser):
+    pass
+
+
+class _JsonOutputKeyToolsParser(_RefusesCutOff, JsonOutputKeyToolsParser):
+    pass
+
+
 class _AnswerParser:
     """Reasoning split, then (when tools are bound) tool calls, for a streamed answer."""
 
     def __init__(self, opened: bool, names: list[str], limit: int | None) -> None:
+        self.opened = opened  # the prompt opened a <think> block
         self.reasoning = ReasoningParser(thinking=opened)
         self.calls = ToolCallStreamParser(names, limit) if names else None
 

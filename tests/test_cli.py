@@ -2,6 +2,8 @@
 
 import io
 import re
+import tempfile
+from pathlib import Path
 
 from braid_engine import LLM, SamplingParams
 from braid_engine.cli import main
@@ -44,3 +46,20 @@ def test_bad_model_is_a_clear_error_not_a_traceback(capsys):
     assert main(["generate", "/nonexistent/model", "hi"]) == 2
     err = capsys.readouterr().err
     assert "neither a local directory nor a hub id" in err and "MODEL=tiny" in err
+
+
+def test_the_tiny_model_leaves_no_directory_behind(tmp_path, monkeypatch, capsys):
+    """`braid … tiny` wrote a ~540 KB checkpoint to /tmp/braid-tiny-* on every run and left it
+    there; it is removed when the command returns."""
+    from braid_engine import testing
+
+    made: list[Path] = []
+    make = testing.make_tiny_checkpoint
+    monkeypatch.setattr(testing, "make_tiny_checkpoint",
+                        lambda path, *a, **k: made.append(Path(path)) or make(path, *a, **k))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["generate", "tiny", "Hi", "--max-tokens", "2", "--device", "cpu"]) == 0
+    assert main(["check", "tiny"]) == 0
+    assert "unfused layers: none" in capsys.readouterr().out
+    assert len(made) == 2 and all(p.parent == tmp_path and not p.exists() for p in made)
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from typing import Any
 
 import pytest
@@ -179,6 +180,116 @@ async def test_astream_leaves_the_event_loop_free(chat: ChatBraid) -> None:
     assert seen[-1] > seen[0]  # the loop ran other work while tokens were being generated
 
 
+def _schema(title: str) -> dict[str, Any]:
+    """A schema no earlier request compiled (grammars are cached by schema)."""
+    return {"title": title, "type": "object", "required": ["n"],
+            "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+
+@pytest.mark.parametrize("method", ["ainvoke", "astream"])
+async def test_async_calls_set_up_and_compile_grammars_off_the_event_loop(
+        tiny_model: str, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first guided request builds the grammar runtime (xgrammar's tokenizer info: ~1.1 s
+    for a 150k-token vocabulary) and each new schema compiles (10-20 ms); both ran on the event
+    loop's thread, stalling every other task on it. They, the rendering and the submission now
+    run on a worker thread."""
+    from braid_engine.engine.engine import LLMEngine
+    from braid_engine.grammar import GrammarRuntime
+
+    threads: dict[str, set[int]] = {"runtime": set(), "compile": set(), "add_request": set()}
+
+    def recorded(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            threads[name].add(threading.get_ident())
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(GrammarRuntime, "__init__", recorded("runtime", GrammarRuntime.__init__))
+    monkeypatch.setattr(GrammarRuntime, "compile", recorded("compile", GrammarRuntime.compile))
+    monkeypatch.setattr(LLMEngine, "add_request", recorded("add_request", LLMEngine.add_request))
+    # an engine of this test's own, so its first guided request builds the runtime
+    chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=12,
+                     engine_kwargs={"max_num_seqs": 3 if method == "ainvoke" else 5})
+    structured = chat.with_structured_output(_schema(f"Loop{method}"))
+    if method == "ainvoke":
+        out = await structured.ainvoke("A number?")
+    else:
+        out = [part async for part in structured.astream("A number?")][-1]
+    assert set(out) == {"n"} and 0 <= out["n"] <= 9
+    loop_thread = threading.get_ident()
+    assert all(len(seen) == 1 and loop_thread not in seen for seen in threads.values()), threads
+    chat.llm.shutdown()
+
+
+async def test_an_async_call_cancelled_while_it_is_submitted_aborts_its_request(
+        chat: ChatBraid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Submission runs on a worker thread, which a cancelled task cannot stop: the request it
+    queues is aborted once it is queued, so nobody's tokens are generated for nothing."""
+    engine = chat.llm.engine
+    entered, release = threading.Event(), threading.Event()
+    streams: list[Any] = []
+    aborted: list[str] = []
+    add_request, abort = engine.add_request, engine.abort
+
+    def slow_add_request(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        streams.append(add_request(*args, **kwargs))
+        return streams[-1]
+
+    def recording_abort(request_id: str) -> None:
+        aborted.append(request_id)
+        abort(request_id)
+
+    monkeypatch.setattr(engine, "add_request", slow_add_request)
+    monkeypatch.setattr(engine, "abort", recording_abort)
+    # (greedy, this prompt runs the whole 400 tokens: an abort is what stops it early)
+    task = asyncio.create_task(chat.ainvoke([HumanMessage("Tell me a long story")], max_tokens=400))
+    while not entered.is_set():
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    for _ in range(2000):
+        if aborted:
+            break
+        await asyncio.sleep(0.005)
+    assert aborted == [streams[0].request_id]
+    out = await asyncio.wait_for(streams[0].aresult(), 30)
+    assert out.finish_reason == "abort" and len(out.token_ids) < 400
+
+
+def test_token_count_is_the_prompt_a_call_sends(chat: ChatBraid) -> None:
+    """get_num_tokens_from_messages summed each message as rendered between two user turns: it
+    left out the generation prompt (47 counted, 52 sent), a reasoning block the template keeps
+    after the last question, the grouping of tool results and the system turn that tools join.
+    It is now the call's input_tokens, with tools or without."""
+    from langchain_core.messages import ToolMessage
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    calls = [{"name": "add", "args": {"a": 1, "b": 2}, "id": "c1"},
+             {"name": "add", "args": {"a": 3, "b": 4}, "id": "c2"}]
+    first = chat.invoke([HumanMessage("Hi")])
+    threads = [
+        [_system(), HumanMessage("Question 0?"), AIMessage("It is 0."), HumanMessage("Question 1?")],
+        [HumanMessage("Hi"), first, HumanMessage("Again?")],  # an answer's ids are spliced in
+        [HumanMessage("Add"), AIMessage("", tool_calls=calls), ToolMessage("3", tool_call_id="c1"),
+         ToolMessage("7", tool_call_id="c2")],
+        [HumanMessage("Add"), AIMessage("", tool_calls=calls[:1],
+                                        additional_kwargs={"reasoning_content": "I should add."}),
+         ToolMessage("3", tool_call_id="c1")],
+    ]
+    for thread in threads:
+        for tools in (None, [add]):
+            model = chat.bind_tools(tools) if tools else chat
+            sent = model.invoke(thread, max_tokens=1).usage_metadata["input_tokens"]
+            assert chat.get_num_tokens_from_messages(thread, tools=tools) == sent, (thread, tools)
+
+
 def test_batch_from_threads_equals_one_by_one(chat: ChatBraid) -> None:
     prompts = [[_system(), HumanMessage(q)] for q in ("Hi", "Hey", "Hello there", "Yo")]
     alone = [chat.invoke(p).response_metadata[TOKEN_IDS_KEY] for p in prompts]
@@ -232,6 +343,41 @@ def test_reasoning_goes_to_reasoning_content_and_v1_blocks(chat: ChatBraid, monk
         "Hello!", "The user greets me.")
 
 
+def _opening_think(tiny_model: str, tmp_path: Any) -> str:
+    """The tiny checkpoint with a template whose generation prompt opens ``<think>`` (as
+    Qwen3's thinking-only models do): the answer starts inside the block."""
+    import shutil
+
+    path = tmp_path / "think"
+    shutil.copytree(tiny_model, path)
+    template = path / "chat_template.jinja"
+    text, end = template.read_text().rstrip(), "{% endif -%}\n{%- endif -%}"
+    assert text.endswith(end)
+    template.write_text(text[: -len(end)] + "{% else %}<think>\n" + end)
+    return str(path)
+
+
+@pytest.mark.parametrize("opened_by", ["prompt", "answer"])
+def test_a_reasoning_block_never_closed_counts_every_output_token(
+        tiny_model: str, tmp_path: Any, opened_by: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """usage's output_token_details.reasoning counted up to ``</think>`` and was missing when
+    the block never closed (cut off, or a model that ends its turn thinking), though every
+    output token was then reasoning; it was so whether the prompt or the answer opened it."""
+    model = _opening_think(tiny_model, tmp_path) if opened_by == "prompt" else tiny_model
+    chat = ChatBraid(model=model, device="cpu", temperature=0, max_tokens=12)
+    thought = "The user greets me, so I"
+    _scripted(chat, thought if opened_by == "prompt" else f"<think>\n{thought}", monkeypatch)
+    message = chat.invoke("Hi")
+    full = None
+    for chunk in chat.stream("Hi"):
+        full = chunk if full is None else full + chunk
+    for out in (message, full):
+        assert (out.content, out.additional_kwargs["reasoning_content"]) == ("", thought)
+        usage = out.usage_metadata
+        assert usage["output_token_details"] == {"reasoning": usage["output_tokens"]}
+        assert usage["output_tokens"] == len(out.response_metadata[TOKEN_IDS_KEY]) > 5
+
+
 def test_returned_message_carries_generated_ids(chat: ChatBraid) -> None:
     message = chat.invoke([_system(), HumanMessage("Hi")])
     ids = message.response_metadata[TOKEN_IDS_KEY]
@@ -254,4 +400,26 @@ def test_a_shut_down_engine_is_loaded_again_on_next_use(tiny_model: str) -> None
     assert again.response_metadata[TOKEN_IDS_KEY] == first.response_metadata[TOKEN_IDS_KEY]
     other = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
     assert other.llm is chat.llm
+    chat.llm.shutdown()
+
+
+def test_profile_context_limit_is_the_engine_s_once_it_is_loaded(tiny_model: str) -> None:
+    """A pool sized from memory (kv_cache_memory, or a GPU's free memory) fixes the context only
+    when the engine loads: the profile said max_position_embeddings even after that, so a
+    prompt the profile allowed was refused (PromptTooLongError). It now reads the engine's."""
+    from braid_engine import PromptTooLongError
+
+    kwargs = {"kv_cache_memory": 20 * 16 * 1024}  # 20 pages of 16 tokens of 1 KiB each
+    chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=2, engine_kwargs=kwargs)
+    assert chat.profile["max_input_tokens"] == 4096  # not known before the pool is sized
+    chat.invoke("Hi")
+    limit = chat.llm.config.max_model_len
+    assert limit == 19 * 16 and chat.profile["max_input_tokens"] == limit
+    assert ChatBraid(model=tiny_model, device="cpu", engine_kwargs=kwargs).profile["max_input_tokens"] == limit
+    with pytest.raises(PromptTooLongError):
+        chat.invoke("word " * limit)
+    own = ChatBraid(model=tiny_model, device="cpu", max_tokens=2, engine_kwargs=kwargs,
+                    profile={"max_input_tokens": 100})
+    own.invoke("Hi")
+    assert own.profile == {"max_input_tokens": 100}  # one given by the caller is left alone
     chat.llm.shutdown()

@@ -363,6 +363,32 @@ def test_structured_output_binds_call_options_given_to_it(chat):
         chat.with_structured_output(Forecast, frequency_penalty=1.0)
 
 
+@pytest.mark.parametrize("schema", [Forecast, Flags, Forecast.model_json_schema(), None])
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_structured_output_cut_off_at_max_tokens_says_so(chat, schema, method):
+    """An answer cut off at max_tokens is no complete JSON: a pydantic schema raised a bare
+    JSONDecodeError, a dict one (JsonOutputParser repairs what it can) returned a partial object
+    missing required keys, and a forced call came back as None. Every method and schema now
+    raises LangChain's OutputParserException saying to raise max_tokens (with include_raw=True:
+    parsing_error, parsed None), streamed too; complete answers parse as before (tests above)."""
+    from langchain_core.exceptions import OutputParserException
+
+    if schema is None and method != "json_mode":
+        pytest.skip("only json_mode takes no schema")
+    tools = [add] if method == "json_schema" and schema is Forecast else None
+    cut = "cut off at max_tokens .*raise max_tokens"
+    structured = chat.with_structured_output(schema, method=method, max_tokens=3, seed=1)
+    with pytest.raises(OutputParserException, match=cut):
+        structured.invoke("Describe it.")
+    with pytest.raises(OutputParserException, match=cut):
+        list(structured.stream("Describe it."))
+    out = chat.with_structured_output(schema, method=method, include_raw=True, tools=tools,
+                                      max_tokens=3, seed=1).invoke("Describe it.")
+    assert out["raw"].response_metadata["finish_reason"] == "length"
+    assert out["parsed"] is None and isinstance(out["parsing_error"], OutputParserException)
+    assert "cut off at max_tokens (3 tokens" in str(out["parsing_error"])
+
+
 def test_structured_output_with_tools_answers_with_a_call_or_the_schema(chat):
     """ChatOpenAI's with_structured_output(schema, tools=[...]) lets the model call a tool or
     answer in the schema (parsed is None after a call); tools was refused as an unexpected

@@ -78,6 +78,25 @@ def test_carried_ids_are_spliced_where_the_text_matches(tok) -> None:
     assert ids[: len(head) + len(answer)] == head + answer
 
 
+@pytest.mark.parametrize("bad", [[2**40], [-1], ["vocab"], [1.0], ["7"], [True], [72, None],
+                                 ["ok", 2**40]])
+def test_carried_ids_that_are_no_token_ids_are_not_spliced(tok, bad: list) -> None:
+    """Carried ids come back from wherever the history was kept (a checkpointer's JSON, a message
+    built by hand): 2**40 made the tokenizer's decode raise a bare OverflowError. Ids out of the
+    model's vocabulary, or not ints, are no answer's ids: the message is tokenised from its text.
+    The model's vocabulary may pass the tokenizer's (padding rows), and its ids stay carried."""
+    vocab = len(tok) + 42
+    good = [tok.convert_tokens_to_ids(c) for c in "Hello"]
+    ids = [vocab if t == "vocab" else t for t in bad]
+    ids = good + ids[1:] if ids[0] == "ok" else ids
+    prompt = render(tok, _thread(tok, ids, content="Hello"), vocab_size=vocab)
+    assert prompt.spans == []
+    assert prompt.token_ids(tok) == _encode(tok, prompt.text)
+    for kept in (good, good + [len(tok)]):  # a padding row's id decodes to nothing
+        (_, _, spliced), = render(tok, _thread(tok, kept, content="Hello"), vocab_size=vocab).spans
+        assert spliced == kept
+
+
 def test_edited_answer_is_retokenised(tok) -> None:
     answer = [tok.convert_tokens_to_ids(c) for c in "Hello"]
     prompt = render(tok, _thread(tok, answer, content="Hello, edited"))
