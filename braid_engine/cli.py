@@ -27,10 +27,28 @@ def _model_path(args: argparse.Namespace) -> str:
     return args.model
 
 
+class _OptionError(Exception):
+    """An option the engine refused (``--device``, ``--dtype``): the user's to fix, as a bad model."""
+
+
 def _llm(args: argparse.Namespace):
     from braid_engine import LLM
 
-    return LLM(_model_path(args), device=args.device, dtype=args.dtype)
+    try:
+        return LLM(_model_path(args), device=args.device, dtype=args.dtype)
+    except ValueError as e:  # (the engine's settings it checks before loading are ValueErrors)
+        raise _OptionError(str(e)) from e
+
+
+def _at_least(low: int):
+    """An argparse type: an int ≥ ``low``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int ≥ {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # what argparse names in its 'invalid int value' message
+    return parse
 
 
 def _params(args: argparse.Namespace):
@@ -188,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     sampling(gen, 256)
     bench = with_model("bench", "prefill time and decode tokens/s of the engine")
-    bench.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    bench.add_argument("--prompt-tokens", type=int, default=128)
-    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--batch", type=_at_least(1), nargs="+", default=[1, 8])
+    bench.add_argument("--prompt-tokens", type=_at_least(1), default=128)
+    # decode tokens/s counts the tokens after the first (that one is the prefill's)
+    bench.add_argument("--new-tokens", type=_at_least(2), default=64)
     with_model("check", "score a checkpoint's layers for the fused GPU kernels")
     sub.add_parser("info", help="versions, device and available backends")
     args = parser.parse_args(argv)
@@ -199,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as args.scratch:  # what a command made for its run (tiny)
             return commands[args.command](args)
-    except BraidError as e:
+    except (BraidError, _OptionError) as e:
         print(f"braid: {e}", file=sys.stderr)
         if isinstance(e, ModelNotFoundError):
             print("braid: without a network or a local copy, try MODEL=tiny (a tiny random checkpoint).",

@@ -63,3 +63,19 @@ def test_the_tiny_model_leaves_no_directory_behind(tmp_path, monkeypatch, capsys
     assert "unfused layers: none" in capsys.readouterr().out
     assert len(made) == 2 and all(p.parent == tmp_path and not p.exists() for p in made)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_device_or_dtype_is_a_clear_error_not_a_traceback(tiny_qwen3, capsys):
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["generate", str(tiny_qwen3), "hi", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["generate", str(tiny_qwen3), "hi", "--dtype", "foo"]) == 2
+    assert "unknown dtype 'foo'" in capsys.readouterr().err
+    # bench sizes it cannot time: a decode rate of -0.0 (batch 0) or 0.0 tok/s (one new token)
+    for flag, value in (("--batch", "0"), ("--new-tokens", "1"), ("--prompt-tokens", "0")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", str(tiny_qwen3), flag, value])
+        assert exit_.value.code == 2 and "must be an int ≥" in capsys.readouterr().err
