@@ -177,6 +177,7 @@ class LLMEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._grammar: GrammarRuntime | None = None
+        self._grammar_lock = threading.Lock()
         self.steps = 0
         self.bursts = 0  # decode bursts: several greedy steps between token reads
         self.pipelined_bursts = 0  # bursts launched before the host read the one before them
@@ -274,8 +275,10 @@ class LLMEngine:
             yield
 
     def grammar(self) -> GrammarRuntime:
-        """The engine's grammar compiler and mask computer (created on first guided request)."""
-        with self._wake:
+        """The engine's grammar compiler and mask computer (created on first guided request).
+        Built under a lock of its own: the loop takes ``_wake`` every step, and building takes
+        ~1 s for a 150k-token vocabulary."""
+        with self._grammar_lock:
             if self._grammar is None:
                 self._grammar = GrammarRuntime(self.tokenizer, self.model_config.vocab_size,
                                                self.eos_token_ids)

@@ -130,3 +130,42 @@ def test_errors_are_typed_and_say_what_to_do(qwen3_llm, monkeypatch):
     monkeypatch.setitem(sys.modules, "xgrammar", None)
     with pytest.raises(GrammarUnavailableError, match=r"langchain-braid\[grammar\]"):
         GrammarRuntime(qwen3_llm.tokenizer, 448, [0])
+
+
+def test_requests_keep_decoding_while_the_grammar_runtime_is_built(tiny_qwen3, monkeypatch):
+    """The first guided request builds the grammar runtime (the tokenizer's tables: ~1 s for a
+    150k vocabulary); the engine's loop must not wait on it: it held the lock the loop takes
+    each step, so every running stream stalled until it was built."""
+    import threading
+
+    from braid_engine import LLM
+    from braid_engine.engine import engine as engine_module
+
+    started, release = threading.Event(), threading.Event()
+    real = engine_module.GrammarRuntime
+
+    def slow(*args, **kwargs):
+        started.set()
+        if not release.wait(10):  # (then the loop waited on it: the test fails below)
+            raise TimeoutError("the test never let the grammar runtime be built")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "GrammarRuntime", slow)
+    llm = LLM(str(tiny_qwen3), device="cpu", dtype="float32")
+    try:
+        stream = llm.engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        deltas = iter(stream)
+        first = next(deltas)  # the request is running
+        building = threading.Thread(target=llm.engine.grammar)
+        building.start()
+        assert started.wait(30)
+        # while the runtime is being built, the running request finishes on its own
+        rest = [delta.token_ids for delta in deltas]
+        assert len(first.token_ids) + sum(map(len, rest)) == 40
+        assert building.is_alive()  # and the runtime is still being built
+        release.set()
+        building.join(30)
+        assert isinstance(llm.engine.grammar(), real)
+    finally:
+        release.set()
+        llm.shutdown()
