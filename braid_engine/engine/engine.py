@@ -358,10 +358,7 @@ class LLMEngine:
         if not batch:
             stuck = self.scheduler.stuck()
             if stuck is not None:
-                self._fail(stuck, KVCacheFullError(
-                    f"request {stuck.request_id} needs {len(stuck)} tokens of KV but the pool "
-                    f"holds {self.pool.num_pages * self.pool.page_size} and nothing more can be "
-                    "evicted (pinned prefixes stay); release pins or enlarge the pool."))
+                self._end_stuck(stuck)
             return
         burst = self._burst_steps(batch)
         if burst > 1:
@@ -387,6 +384,20 @@ class LLMEngine:
                 self._alone(seq, self._append, seq, token)
             else:  # its grammar mask could not be filled: it fails as any request's handling does
                 self._alone(seq, _raise, error)
+
+    def _end_stuck(self, seq: Sequence) -> None:
+        """End a request that can never run on (``Scheduler.stuck``): alone, it cannot grow
+        beside the pinned prefixes. One that has generated tokens ends as at max_model_len:
+        "length", every token kept (its KV, cached as it was preempted, stays in the tree); one
+        that cannot hold its prompt fails."""
+        if seq.output_token_ids:
+            self._alone(seq, self._finish, seq, "length")
+            return
+        total, room = self.pool.num_pages * self.pool.page_size, self.scheduler.room()
+        self._fail(seq, KVCacheFullError(
+            f"request {seq.request_id} needs {len(seq)} tokens of KV but the pool holds {total}, "
+            f"{total - room} of them in pinned prefixes, and nothing more can be evicted; release "
+            "pins or enlarge the pool."))
 
     def _execute(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """The runner's forward over the batch; with ``prefill_chunk_while_decoding`` set, a step

@@ -3,7 +3,8 @@
 Every step each running sequence computes the tokens whose KV is not yet cached — one for a
 decoding sequence, a chunk of the prompt for a prefilling one — within a token budget. New
 requests join when pages allow; when decode runs out of pages the newest request is
-preempted (its pages freed, recomputed later, usually from the prefix cache).
+preempted (its pages freed, recomputed later, usually from the prefix cache). A request alone
+that can never grow beside the pinned prefixes is handed to the engine to end (``stuck``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Scheduler:
         self.decoded_tokens = 0  # one per decode step per sequence
         self.reused_tokens = 0  # tokens whose KV came from the prefix cache
         self.preempted = False  # whether the last schedule() preempted (and so admitted nobody)
+        self.blocked: Sequence | None = None  # a request the last schedule() found stuck (``stuck``)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -47,6 +49,7 @@ class Scheduler:
         batch: list[tuple[Sequence, int]] = []
         in_batch: set[int] = set()  # ids of the sequences already in it: a victim is never one
         preemptions_before = self.num_preemptions
+        self.blocked = None
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
@@ -54,6 +57,8 @@ class Scheduler:
             while not self._reserve(seq, seq.num_computed + n):
                 victims = [s for s in self.running if s is not seq and id(s) not in in_batch]
                 victim = max(victims or [seq], key=lambda s: s.arrival)
+                if victim is seq and len(self.running) == 1 and self._stalled(seq):
+                    self.blocked = seq
                 self.preempt(victim)
                 if victim is seq:
                     break
@@ -116,22 +121,53 @@ class Scheduler:
         return False
 
     def stuck(self) -> Sequence | None:
-        """The first waiting request when nothing runs and it still cannot be admitted. Not
-        right after a preemption: that schedule tried no admission (a request alone that
-        preempted itself for a page often fits again from the cache). Nor, the first time, one
-        that uses the prefix cache: the nodes its prefix matches keep pages locked besides its
-        own (the page it copies, other branches' copies of a page along the path), so a request
-        within max_model_len may not fit beside them; it is tried again without reading the cache
-        (its KV still enters the tree when it finishes: ``cache_sequence``)."""
-        if self.running or not self.waiting or self.preempted:
+        """The request to end because it can never run on: the first waiting one when nothing
+        runs and it still cannot be admitted, or one that, alone, preempted itself for a page and
+        cannot grow (``_stalled``). The engine ends it at the length it has ("length") if it has
+        generated tokens, else fails it (``KVCacheFullError``). Not right after another
+        preemption: that schedule tried no admission (a request alone that preempted itself for a
+        page often fits again from the cache). Nor, while it could fit there, one that uses the
+        prefix cache: it is tried again without it (``_without_cache``)."""
+        if self.running or not self.waiting:
             return None
         seq = self.waiting[0]
-        if self._caches(seq):
-            seq.uncached = True
-            if not seq.output_token_ids:
-                seq.num_cached_tokens = 0
-            return None
-        return seq
+        if self.preempted:
+            return seq if seq is self.blocked else None
+        return None if self._without_cache(seq) else seq
+
+    def room(self) -> int:
+        """Tokens of KV a request alone on the engine can hold without the prefix cache: the
+        pool beside the pinned prefixes (nothing else locks a page while nothing else runs)."""
+        pinned = len(self.cache.pinned_pages()) if self.cache is not None else 0
+        return (self.pool.num_pages - pinned) * self.pool.page_size
+
+    def _without_cache(self, seq: Sequence) -> bool:
+        """``seq``, alone, found no pages: whether to run it again without reading the prefix
+        cache, where it reads the cache and would fit. The nodes its prefix matches keep pages
+        locked besides its own (the page it copies, other branches' copies of a page along the
+        path), so a request within max_model_len may not fit beside them; without them it holds
+        only pages of its own (its KV still enters the tree when it ends: ``cache_sequence``).
+        Else it is stuck: beside the pins it can never hold more than ``room()``."""
+        if not self._caches(seq) or len(seq) > self.room():
+            return False
+        seq.uncached = True
+        if not seq.output_token_ids:
+            seq.num_cached_tokens = 0
+        return True
+
+    def _stalled(self, seq: Sequence) -> bool:
+        """``seq``, running alone, found no page with nothing left to evict: whether it is stuck.
+        The first time, one that reads the prefix cache is readmitted from it (its lock moves to
+        its own KV, which may free pages its match kept locked). Preempted alone again with no
+        token more computed (readmitted, it ran into the same wall: a prompt, or a preempted
+        request's recomputation, prefilled in chunks), or where it does not read the cache, it is
+        run without the cache where it would fit (``_without_cache``), else stuck."""
+        mark = (len(seq), seq.num_computed)
+        again = seq.stall is not None and seq.stall[0] == mark[0] and seq.stall[1] >= mark[1]
+        seq.stall = mark
+        if self._caches(seq) and not again:
+            return False
+        return not self._without_cache(seq)
 
     def _caches(self, seq: Sequence) -> bool:
         """Whether ``seq`` reads the prefix cache, and writes it while it runs."""

@@ -70,8 +70,11 @@ class Sequence:
     text_tokens: int = 0  # output tokens that belong in the text (a stop token id does not)
     matcher: Any = None  # the request's xgrammar matcher when its output is constrained
     # it runs without reading the prefix cache: alone, it did not fit beside the pages its cached
-    # prefix keeps locked (Scheduler.stuck); its KV still enters the tree when it ends
+    # prefix keeps locked (Scheduler._without_cache); its KV still enters the tree when it ends
     uncached: bool = False
+    # (its length, its tokens computed) when it last preempted itself alone on the engine: found
+    # again with none more computed, it is stuck (Scheduler._stalled)
+    stall: tuple[int, int] | None = None
     # the prompt as an int64 host tensor, made once when the request was checked: a long step
     # takes its ids from it instead of converting thousands of Python ints again in the loop
     # thread (LLMEngine.validate_prompt)

@@ -313,7 +313,7 @@ def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_siz
                            for pr, (_, _, mt) in zip(prompts, a)]  # submitted together: one batch
                 outs = [s.result() for s in streams]
                 for pr, (_, _, mt), out in zip(prompts, a, outs):
-                    assert out.token_ids == _reference(tiny_qwen3, pr, mt)
+                    _check_output(llm, out, _reference(tiny_qwen3, pr, mt))
                     history.append(pr + out.token_ids)
             elif kind == "continue" and history:
                 pr = history[a % len(history)] + [a + 10, a + 11, a + 12]
@@ -326,7 +326,7 @@ def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_siz
                         # engine says so and keeps serving; the leak checks below still run)
                         assert llm.stats()["pages_pinned"] > 0
                         continue
-                    assert out.token_ids == _reference(tiny_qwen3, pr, b)
+                    _check_output(llm, out, _reference(tiny_qwen3, pr, b))
                     history.append(pr + out.token_ids)
             elif kind == "abandon":
                 it = llm.stream(prefixes[a] + [9, 9], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
@@ -350,6 +350,14 @@ def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_siz
         assert llm.engine.pool.num_free == num_pages
     finally:
         llm.shutdown()
+
+
+def _check_output(llm, out, reference):
+    """``out`` is the run without the cache's, or, with pins held, its start: a request alone
+    that cannot grow beside the pins ends there ("length")."""
+    if out.token_ids != reference:
+        assert llm.stats()["pages_pinned"] > 0 and out.finish_reason == "length"
+        assert len(out.token_ids) < len(reference) and out.token_ids == reference[:len(out.token_ids)]
 
 
 def _wait_idle(llm):
@@ -591,3 +599,157 @@ def test_a_pin_whose_request_runs_without_reading_the_cache_pins_what_it_wrote(t
     assert llm.stats()["pages_pinned"] == llm.stats()["pages_used"] == 8
     handle.release()
     _check_pages_come_back(llm, 9)
+
+
+def _in_time(llm, call, seconds=60):
+    """``call()``'s result, or a failure (and the engine shut down) where it would not end:
+    a request that can never fit may be readmitted forever instead of ending."""
+    import threading
+
+    got = []
+
+    def run():
+        try:
+            got.append(call())
+        except BaseException as e:
+            got.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        stats = llm.stats()
+        llm.shutdown()
+        pytest.fail(f"the request never ended: {stats['preemptions']} preemptions in {stats['steps']} steps")
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
+TO_THE_LIMIT = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+
+
+@pytest.mark.parametrize("caching, burst, step_tokens", [
+    (True, 8, 8192), (True, 1, 8192), (True, 8, 8), (False, 8, 8192), (False, 1, 8)])
+def test_a_request_that_outgrows_the_pool_beside_a_pin_ends_with_length_keeping_its_tokens(
+        tiny_qwen3, caching, burst, step_tokens):
+    """max_model_len is sized to the whole pool, pins may hold half of it: a request within
+    max_model_len ran out of pages with nothing to evict or preempt, preempted itself and failed
+    with KVCacheFullError, its generated tokens lost (with prompts prefilled in chunks it was
+    readmitted and preempted forever). Now it ends as one reaching max_model_len does: finish
+    "length", every token it generated (the pool's 24 tokens beside the pin, less its 2-token
+    prompt, and the one sampled from the last), exactly those of a run without the pin; its pages
+    go back (its KV stays cached unless it bypasses the cache) and the engine serves on."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=12, decode_burst=burst,
+              max_num_batched_tokens=step_tokens)
+    assert llm.engine.config.max_model_len == 44
+    handle = llm.pin(list(range(10, 33)))  # 6 pages of 12: max_pinned_fraction's 50%
+    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, enable_prefix_caching=caching)
+    out = _in_time(llm, lambda: llm.generate([[5, 6]], params)[0])
+    assert (out.finish_reason, len(out.token_ids)) == ("length", 23)
+    assert out.token_ids == _reference(tiny_qwen3, [5, 6], 42)[:23]
+    assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    _wait_idle(llm)
+    _check_refs(llm)  # nothing leaked: every page in use is the tree's
+    s = llm.stats()
+    assert s["pages_used"] == s["pages_cached"] == 6 + 6 * caching  # the cut answer's KV stays cached
+    # streamed: the deltas carry the same tokens, the last one finish_reason "length"
+    deltas = _in_time(llm, lambda: list(llm.stream([5, 6], params)))
+    assert [t for d in deltas for t in d.token_ids] == out.token_ids
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+    # the engine serves on: a request that fits beside the pin is untouched
+    follow = llm.generate([[7, 8, 9]], GREEDY)[0]
+    assert (follow.token_ids, follow.finish_reason) == (_reference(tiny_qwen3, [7, 8, 9], 6), "length")
+    # without the pin the whole pool is there: it runs to max_model_len
+    handle.release()
+    whole = llm.generate([[5, 6]], params)[0]
+    assert whole.token_ids == _reference(tiny_qwen3, [5, 6], 42)
+    assert llm.stats()["pages_pinned"] == 0
+    _check_pages_come_back(llm, 12)
+
+
+async def test_a_request_cut_beside_a_pin_ends_its_async_stream_with_length(tiny_qwen3):
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=12)
+    handle = llm.pin(list(range(10, 33)))
+    deltas = [d async for d in llm.astream([5, 6], TO_THE_LIMIT)]
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert deltas[-1].finish_reason == "length" and len(tokens) == 23
+    assert tokens == _reference(tiny_qwen3, [5, 6], 42)[:23]
+    handle.release()
+    _check_pages_come_back(llm, 12)
+
+
+@pytest.mark.parametrize("shared, length", [(8, 45), (10, 45), (28, 60)])
+def test_a_request_reading_the_pinned_prefix_grows_past_the_pool_beside_it(tiny_qwen3, shared, length):
+    """The pages a request shares with a pinned prefix are its own too: it is cut only where
+    those and the pool beside the pins are full (a branch after 8 or 10 pinned tokens shares 2
+    whole pages, the 9 beside the pin's 7 make 44 tokens of KV, and one more sampled), and the
+    whole pinned prefix leaves room to reach max_model_len."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16, max_model_len=60)
+    pinned = [(3 * j) % 300 + 3 for j in range(28)]
+    handle = llm.pin(pinned)
+    prompt = pinned[:shared] + [299, 298]
+    out = _in_time(llm, lambda: llm.generate([prompt], TO_THE_LIMIT)[0])
+    assert (out.finish_reason, len(prompt) + len(out.token_ids), out.num_cached_tokens) == ("length", length, shared)
+    assert out.token_ids == _reference(tiny_qwen3, prompt, 60 - len(prompt))[:len(out.token_ids)]
+    handle.release()
+    _check_pages_come_back(llm, 16)
+
+
+@pytest.mark.parametrize("step_tokens", [8192, 8])
+def test_a_prompt_that_cannot_fit_beside_a_pin_fails_with_the_typed_error(tiny_qwen3, step_tokens):
+    """A request that cannot hold even its prompt beside the pins still fails, with the typed
+    error saying what to do, also when its prompt is prefilled in chunks (before, each chunk
+    fitted: it ran until the pool was full, preempted itself, was readmitted without the cache,
+    and so on forever). Its pages go back and the engine serves on."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16, max_model_len=60,
+              max_num_batched_tokens=step_tokens)
+    handle = llm.pin([(3 * j) % 300 + 3 for j in range(28)])  # 7 of 16 pages: 36 tokens left
+    big = [(5 * j) % 300 + 3 for j in range(56)]
+    with pytest.raises(KVCacheFullError, match="release pins or enlarge the pool"):
+        _in_time(llm, lambda: llm.generate([big], GREEDY))
+    _wait_idle(llm)
+    _check_refs(llm)
+    small = llm.generate([[9, 8, 7]], GREEDY)[0]
+    assert small.token_ids == _reference(tiny_qwen3, [9, 8, 7], 6)
+    handle.release()
+    out = llm.generate([big], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))[0]
+    assert out.token_ids == _reference(tiny_qwen3, big, 2)
+    _check_pages_come_back(llm, 16)
+
+
+@pytest.mark.parametrize("burst", [1, 8])
+def test_requests_sharing_the_pool_beside_a_pin_are_preempted_not_cut(tiny_qwen3, monkeypatch, burst):
+    """Requests that each fit beside the pin but not all at once: the newest is preempted, again
+    and again, while the older ones run; none ends early (only a request alone that cannot grow
+    does) and every output is that of a run without the pin. Run to the limit, each is cut only
+    once it runs alone: at the same length as a request alone."""
+    from collections import Counter
+
+    from braid_engine.engine.scheduler import Scheduler
+
+    preempted, preempt = Counter(), Scheduler.preempt
+
+    def counted(self, seq):
+        preempted[seq.prompt_token_ids[0]] += 1
+        preempt(self, seq)
+
+    monkeypatch.setattr(Scheduler, "preempt", counted)
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=12, decode_burst=burst)
+    handle = llm.pin(list(range(10, 33)))  # 24 tokens of pool left: 6 pages
+    prompts = [[(k * j) % 300 + 40 for j in range(n)] for k, n in ((3, 4), (5, 6), (7, 5))]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (4, 16, 14)]
+    with llm.engine.together():
+        streams = [llm.engine.add_request(p, sp, final_only=True) for p, sp in zip(prompts, params)]
+    outs = _in_time(llm, lambda: [s.result() for s in streams])
+    for p, sp, out in zip(prompts, params, outs):
+        assert (out.token_ids, out.finish_reason) == (_reference(tiny_qwen3, p, sp.max_tokens), "length")
+    assert preempted[prompts[2][0]] >= 3
+    preempted.clear()
+    outs = _in_time(llm, lambda: llm.generate(prompts, TO_THE_LIMIT))
+    for p, out in zip(prompts, outs):
+        assert out.finish_reason == "length" and len(p) + len(out.token_ids) == 25
+        assert out.token_ids == _reference(tiny_qwen3, p, 44 - len(p))[:len(out.token_ids)]
+    assert preempted[prompts[2][0]] >= 3
+    handle.release()
+    _check_pages_come_back(llm, 12)
