@@ -10,6 +10,7 @@ matcher. ``xgrammar`` is optional (``pip install langchain-braid[grammar]``) and
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -73,6 +74,113 @@ class GuidedDecoding:
         return json.dumps([schema, self.json_object, self.structural_tag], sort_keys=True)
 
 
+# Length-bounded JSON strings (minLength/maxLength, in propertyNames too). xgrammar 0.2.8 writes
+# them as ``"\"" NAME{lo, hi} "\""`` with ``NAME ::= [^\"\\\r\n]`` (``"\"" [^\"\\\r\n] "\""``
+# for exactly one character): no escapes, and raw U+0000-U+001F but \r \n pass, which no JSON
+# parser takes. ``_fix_bounded_strings`` rewrites the grammar xgrammar prints: such a string
+# becomes a chain of rules, one per character left, a character being raw (no control
+# character, quote or backslash) or one escape, a surrogate pair \ud83d\ude00 being one (a lone
+# surrogate escape decodes to no character: refused), so lengths count the characters of the
+# decoded string, as JSON Schema does. The strings of a grammar share their chains. A chain
+# costs a rule per character to compile, and xgrammar's own repetition of a character that may
+# be an escape makes each mask hundreds of times slower; so past ``_CHAIN_MAX`` characters, or
+# ``_CHAIN_BUDGET`` chain rules in one grammar, a string keeps xgrammar's repetition with the
+# control characters taken out of its class: exact length, but no escapes (as in xgrammar).
+_XGR_BOUNDED_CLASS = r'[^\"\\\r\n]'
+_JSON_CHAR_CLASS = r'[^\0-\x1f\"\\]'
+_HEX = "[0-9A-Fa-f]"
+_JSON_ESCAPE = (  # after the backslash: one escape, one character (surrogates only paired)
+    rf'([\"\\/bfnrt]) | ("u" [0-9A-Ca-cEFef] {_HEX} {_HEX} {_HEX}) | ("u" [Dd] [0-7] {_HEX} {_HEX})'
+    rf' | ("u" [Dd] [89ABab] {_HEX} {_HEX} "\\u" [Dd] [C-Fc-f] {_HEX} {_HEX})')
+_CHAIN_MAX = 256
+_CHAIN_BUDGET = 512
+# a bounded string (its rule's name and bounds, or the single-character form); else a whole
+# string literal or character class, so that nothing matches inside one
+_EBNF_TOKEN = re.compile(r'"\\"" (?:(\w+)\{(\d+), (-?\d+)\}|(' + re.escape(_XGR_BOUNDED_CLASS)
+                         + r')) "\\""|"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
+_EBNF_RULE = re.compile(r"^(\w+)(?:\[[^\]\n]*\])? ::= ", re.M)
+
+
+class _StringChains:
+    """The rules of the bounded strings of one grammar: ``state(need, room)`` is a string body
+    (after its opening quote) of at least ``need`` and at most ``need + room`` characters
+    (``room=None``: no maximum), closing quote included."""
+
+    def __init__(self, ebnf: str) -> None:
+        names = _EBNF_RULE.findall(ebnf)
+        self.prefix = "braid_jstr"
+        while any(n.startswith(self.prefix) for n in names):
+            self.prefix += "_"
+        self.rules: dict[tuple[int, int | None], str] = {}
+
+    def _name(self, need: int, room: int | None) -> str:
+        return f"{self.prefix}_{need}_{'inf' if room is None else room}"
+
+    def state(self, need: int, room: int | None) -> str | None:
+        """The rule name, or None where the chain would pass the limits."""
+        if need + (room or 0) > _CHAIN_MAX:
+            return None
+        keys = [(0, j) for j in range(room + 1)] if room is not None else [(0, None)]
+        keys += [(k, room) for k in range(1, need + 1)]
+        new = [key for key in keys if key not in self.rules]
+        if len(self.rules) + len(new) > _CHAIN_BUDGET:
+            return None
+        for k, m in new:
+            name = self._name(k, m)
+            if k:
+                after = self._name(k - 1, m)
+            elif m is None:
+                after = name
+            elif m:
+                after = self._name(0, m - 1)
+            else:
+                after = None
+            body = [r'("\"")'] if k == 0 else []
+            if after is not None:
+                body += [f"({_JSON_CHAR_CLASS} {after})", f'("\\\\" {self.prefix}_esc {after})']
+            self.rules[(k, m)] = f"{name} ::= {' | '.join(body)}"
+        return self._name(need, room)
+
+    def ebnf(self) -> str:
+        if not self.rules:
+            return ""
+        return "\n".join([f"{self.prefix}_esc ::= {_JSON_ESCAPE}", *self.rules.values(), ""])
+
+
+def _fix_bounded_strings(ebnf: str) -> str:
+    """``ebnf`` (as xgrammar prints a JSON-schema grammar) with its length-bounded strings made
+    JSON strings of the right length (see above); unchanged if it has none."""
+    if _XGR_BOUNDED_CLASS not in ebnf:
+        return ebnf
+    bounded = set(re.findall(rf"^(\w+) ::= \(\({re.escape(_XGR_BOUNDED_CLASS)}\)\)$", ebnf, re.M))
+    chains = _StringChains(ebnf)
+
+    def rewrite(m: re.Match) -> str:
+        if m[1] in bounded or m[4]:  # a bounded string
+            lo, hi = (int(m[2]), int(m[3])) if m[1] else (1, 1)
+            state = chains.state(lo, None if hi < 0 else hi - lo)
+            if state is not None:
+                return f'"\\"" {state}'
+            # kept, with the control characters out of its class: here for the one-character
+            # form, in NAME's rule (the next case) for the other
+            return m[0].replace(_XGR_BOUNDED_CLASS, _JSON_CHAR_CLASS)
+        if m[0] == _XGR_BOUNDED_CLASS:
+            return _JSON_CHAR_CLASS
+        return m[0]  # any other string literal, character class or repetition
+
+    fixed = _EBNF_TOKEN.sub(rewrite, ebnf)
+    return fixed.rstrip("\n") + "\n" + chains.ebnf() if chains.rules else fixed
+
+
+def json_schema_grammar(xgr: Any, schema: dict[str, Any] | str) -> Any:
+    """xgrammar's grammar for ``schema`` as compact JSON (``", "`` / ``": "`` separators: what
+    chat templates' tojson renders back), its length-bounded strings fixed (see above)."""
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(", ", ": "))
+    ebnf = str(grammar)
+    fixed = _fix_bounded_strings(ebnf)
+    return grammar if fixed == ebnf else xgr.Grammar.from_ebnf(fixed)
+
+
 def _xgrammar() -> Any:
     try:
         import xgrammar
@@ -110,10 +218,8 @@ class GrammarRuntime:
             return hit
         try:
             if guided.json_object or guided.json_schema is not None:
-                # compact ", " / ": " separators: what chat templates' tojson renders back
                 schema = {"type": "object"} if guided.json_object else guided.json_schema
-                compiled = self._compiler.compile_json_schema(
-                    schema, any_whitespace=False, separators=(", ", ": "))
+                compiled = self._compiler.compile_grammar(json_schema_grammar(self._xgr, schema))
             else:
                 tag = self._compact(guided.structural_tag)
                 compiled = self._compiler.compile_structural_tag(tag)
@@ -126,16 +232,16 @@ class GrammarRuntime:
         return compiled
 
     def _compact(self, node: Any) -> Any:
-        """``node`` with each JSON-schema format turned into a compact-JSON grammar format:
-        xgrammar's own allows any whitespace, which random or weak models fill forever."""
+        """``node`` with each JSON-schema format turned into a grammar format of compact JSON
+        (xgrammar's own allows any whitespace, which random or weak models fill forever) whose
+        length-bounded strings are fixed (``json_schema_grammar``)."""
         if isinstance(node, list):
             return [self._compact(n) for n in node]
         if not isinstance(node, dict):
             return node
         if node.get("type") == "json_schema" and node.get("style", "json") == "json" \
                 and not node.get("excludes") and "json_schema" in node:
-            grammar = self._xgr.Grammar.from_json_schema(
-                json.dumps(node["json_schema"]), any_whitespace=False, separators=(", ", ": "))
+            grammar = json_schema_grammar(self._xgr, json.dumps(node["json_schema"]))
             return {"type": "grammar", "grammar": str(grammar)}
         return {k: self._compact(v) for k, v in node.items()}
 
