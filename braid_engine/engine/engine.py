@@ -216,6 +216,15 @@ class LLMEngine:
                 pin: PinHandle | None = None) -> tuple[RequestStream, Sequence]:
         """``add_request``, and the request's sequence; with ``pin``, the loop thread pins the
         prompt's KV into that handle as the request finishes (``pin()``)."""
+        stream, seq = self._make(prompt_token_ids, params, request_id, loop, final_only, pin)
+        self._queue(stream, seq)
+        return stream, seq
+
+    def _make(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None,
+              loop: asyncio.AbstractEventLoop | None, final_only: bool,
+              pin: PinHandle | None = None) -> tuple[RequestStream, Sequence]:
+        """A request's checks, grammar, sequence and stream, made without the loop's lock: a
+        first guided request builds the grammar runtime (~1 s for a 150k vocabulary)."""
         if self._closed:
             raise EngineClosedError("the engine was shut down; create a new LLM.")
         if not isinstance(params, SamplingParams):
@@ -238,27 +247,32 @@ class LLMEngine:
             max_len=max_len, generator=gen, matcher=matcher, prompt_ids=prompt_ids, pin=pin,
         )
         seq.text_deferred = final_only and not params.stop_strings
-        stream = RequestStream(self, seq, loop, final_only)
+        return RequestStream(self, seq, loop, final_only), seq
+
+    def _queue(self, stream: RequestStream, seq: Sequence) -> None:
+        """Hand a made request to the loop thread."""
         with self._wake:
-            if self._closed:  # shut down since the check above: the loop would never take it
+            if self._closed:  # shut down since the check in _make: the loop would never take it
                 raise EngineClosedError("the engine was shut down; create a new LLM.")
-            if request_id in self._streams:
-                raise InvalidRequestError(f"request id {request_id!r} is already in use.")
-            self._streams[request_id] = stream
+            if seq.request_id in self._streams:
+                raise InvalidRequestError(f"request id {seq.request_id!r} is already in use.")
+            self._streams[seq.request_id] = stream
             self._pending.append(seq)
             self._ensure_thread()
             self._wake.notify()
-        return stream, seq
 
     def add_requests(self, prompts: list[list[int]], params: SamplingParams,
                      final_only: bool = False) -> list[RequestStream]:
         """Queue several requests as one batch: they join the same step, and if one is refused
-        (a bad prompt, say) none of them is queued."""
+        (a bad prompt, say) none of them is queued. Each is made (checks, grammar) before the
+        loop's lock is taken, so running streams go on meanwhile."""
+        made = [self._make(prompt, params, None, None, final_only) for prompt in prompts]
         streams: list[RequestStream] = []
         with self.together():
             try:
-                for prompt in prompts:
-                    streams.append(self.add_request(prompt, params, final_only=final_only))
+                for stream, seq in made:
+                    self._queue(stream, seq)
+                    streams.append(stream)
             except BaseException:
                 added = {s.request_id for s in streams}
                 for rid in added:

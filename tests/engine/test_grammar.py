@@ -132,7 +132,8 @@ def test_errors_are_typed_and_say_what_to_do(qwen3_llm, monkeypatch):
         GrammarRuntime(qwen3_llm.tokenizer, 448, [0])
 
 
-def test_requests_keep_decoding_while_the_grammar_runtime_is_built(tiny_qwen3, monkeypatch):
+@pytest.mark.parametrize("submit", ["grammar", "generate"])
+def test_requests_keep_decoding_while_the_grammar_runtime_is_built(tiny_qwen3, monkeypatch, submit):
     """The first guided request builds the grammar runtime (the tokenizer's tables: ~1 s for a
     150k vocabulary); the engine's loop must not wait on it: it held the lock the loop takes
     each step, so every running stream stalled until it was built."""
@@ -156,7 +157,12 @@ def test_requests_keep_decoding_while_the_grammar_runtime_is_built(tiny_qwen3, m
         stream = llm.engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
         deltas = iter(stream)
         first = next(deltas)  # the request is running
-        building = threading.Thread(target=llm.engine.grammar)
+        # built for its own sake, or by a batch of guided requests (generate queues a batch
+        # under the lock the loop takes: their grammars must be set up before it)
+        schema = GuidedDecoding(json_schema={"type": "object", "properties": {"n": {"type": "integer"}}})
+        target = llm.engine.grammar if submit == "grammar" else (
+            lambda: llm.generate([[5, 6], [7, 8]], SamplingParams(max_tokens=8, guided=schema)))
+        building = threading.Thread(target=target)
         building.start()
         assert started.wait(30)
         # while the runtime is being built, the running request finishes on its own
