@@ -727,14 +727,27 @@ def _json_parser(model: type | None, *, calls: bool = False) -> Callable[[AIMess
 def _refuse_cut_off(message: BaseMessage) -> None:
     """Raise OutputParserException for an answer cut off before its JSON (or call) was complete:
     parsed, it failed with a bare JSONDecodeError, or came back as a partial object (dict schemas'
-    parser repairs what it can) or as no call at all."""
-    if message.response_metadata.get("finish_reason") != "length":
+    parser repairs what it can) or as no call at all. An answer that ends "length" with its JSON
+    or calls whole (its last token closed them; the stop token had no room) is no cut."""
+    if message.response_metadata.get("finish_reason") != "length" or _whole(message):
         return
     used = (getattr(message, "usage_metadata", None) or {}).get("output_tokens")
     raise OutputParserException(
         f"structured output: the answer was cut off at max_tokens ({used} tokens, finish_reason "
         "'length') before its JSON was complete; raise max_tokens (or, if the prompt filled the "
         "context, shorten it).", llm_output=message.text)
+
+
+def _whole(message: BaseMessage) -> bool:
+    """Whether ``message``'s calls, or else its text as JSON, are complete."""
+    calls, invalid = getattr(message, "tool_calls", None), getattr(message, "invalid_tool_calls", None)
+    if calls or invalid:
+        return bool(calls) and not invalid
+    try:
+        json.loads(message.text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 class _RefusesCutOff:

@@ -389,6 +389,26 @@ def test_structured_output_cut_off_at_max_tokens_says_so(chat, schema, method):
     assert "cut off at max_tokens (3 tokens" in str(out["parsing_error"])
 
 
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_a_whole_answer_that_ends_at_max_tokens_parses(chat, method):
+    """An answer whose last token closes its JSON (or its call) and lands exactly on max_tokens
+    finishes "length" (its stop token never came) yet is whole: it parses, streamed too, as
+    without the limit; only a cut answer is refused."""
+    from langchain_braid import TOKEN_IDS_KEY
+
+    schema = Forecast
+    full = chat.with_structured_output(schema, method=method, include_raw=True, seed=1, max_tokens=256,
+                                       ).invoke("Describe it.")
+    assert full["raw"].response_metadata["finish_reason"] == "stop" and full["parsing_error"] is None
+    n = len(full["raw"].response_metadata[TOKEN_IDS_KEY]) - 1  # all but the stop token
+    at = chat.with_structured_output(schema, method=method, include_raw=True, seed=1, max_tokens=n)
+    out = at.invoke("Describe it.")
+    assert out["raw"].response_metadata["finish_reason"] == "length"
+    assert (out["parsed"], out["parsing_error"]) == (full["parsed"], None)
+    streamed = list(chat.with_structured_output(schema, method=method, seed=1, max_tokens=n).stream("Describe it."))
+    assert streamed[-1] == full["parsed"]
+
+
 def test_structured_output_with_tools_answers_with_a_call_or_the_schema(chat):
     """ChatOpenAI's with_structured_output(schema, tools=[...]) lets the model call a tool or
     answer in the schema (parsed is None after a call); tools was refused as an unexpected
