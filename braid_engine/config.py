@@ -100,9 +100,9 @@ def _refuse_sliding_window(cfg: dict[str, Any]) -> None:
     types = cfg.get("layer_types")
     if types is not None:
         sliding = "sliding_attention" in types
-    else:  # Qwen2/Qwen3's switch: the window from layer max_window_layers on
-        sliding = (bool(cfg.get("use_sliding_window")) and cfg.get("sliding_window") is not None
-                   and int(cfg.get("max_window_layers", 0)) < layers)
+    else:  # Qwen2/Qwen3's switch: the window from layer max_window_layers on (their defaults)
+        sliding = (bool(cfg.get("use_sliding_window")) and cfg.get("sliding_window", 4096) is not None
+                   and int(cfg.get("max_window_layers", 28)) < layers)
     if sliding:
         raise CheckpointError(
             f"config.json asks for sliding-window attention (sliding_window={cfg.get('sliding_window')}), "

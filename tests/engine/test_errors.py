@@ -609,6 +609,9 @@ def _legacy_rope(kind):
     (lambda cfg: cfg.pop("layer_types") and cfg.update(use_sliding_window=True, sliding_window=8, max_window_layers=0),
      "sliding-window"),
     (lambda cfg: cfg.update(layer_types=["full_attention", "sliding_attention"], sliding_window=8), "sliding-window"),
+    # transformers' defaults where keys are missing: a 4096-token window
+    (lambda cfg: [cfg.pop(k) for k in ("layer_types", "sliding_window")] and cfg.update(
+        use_sliding_window=True, max_window_layers=0), "sliding-window"),
     # a plain ValueError from inside the model's construction before
     (lambda cfg: cfg.update(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
 ])
@@ -623,6 +626,9 @@ def test_configs_the_engine_would_compute_differently_are_refused(tiny_qwen3, tm
     # the window on from layer max_window_layers on: none of the model's layers
     lambda cfg: cfg.pop("layer_types") and cfg.update(use_sliding_window=True, sliding_window=8,
                                                        max_window_layers=cfg["num_hidden_layers"]),
+    # transformers' defaults where keys are missing: the window from layer 28 on (none here)
+    lambda cfg: [cfg.pop(k) for k in ("layer_types", "max_window_layers")] and cfg.update(
+        use_sliding_window=True, sliding_window=8),
     # given layer_types rule over use_sliding_window, in transformers as here
     lambda cfg: cfg.update(use_sliding_window=True, sliding_window=8, max_window_layers=0),
     lambda cfg: cfg.update(layer_types=["full_attention"] * cfg["num_hidden_layers"]),
