@@ -220,6 +220,9 @@ class ChatBraid(BaseChatModel):
                 if engine is None:
                     llm = LLM(self.model, device=self.device, dtype=self.dtype,
                               **{"enable_prefix_caching": True, **self.engine_kwargs})
+                    closed = _ENGINES.get(key)
+                    if closed is not None:  # shut down: its submitting thread would idle on
+                        closed.submitter.shutdown(wait=False)
                     engine = _ENGINES[key] = _Engine(llm)
         profile, limit = self._own_profile, engine.llm.config.max_model_len
         if profile is not None and self.profile is profile and profile.get("max_input_tokens") != limit:

@@ -13,7 +13,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from braid_engine import RequestOutput
-from langchain_braid import TOKEN_IDS_KEY, ChatBraid
+from langchain_braid import TOKEN_IDS_KEY, ChatBraid, chat_models
 from langchain_braid._messages import render
 
 _fresh = itertools.count()
@@ -394,9 +394,11 @@ def test_a_shut_down_engine_is_loaded_again_on_next_use(tiny_model: str) -> None
     chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
     first = chat.invoke("Hello")
     old = chat.llm
+    submitter = chat_models._ENGINES[chat_models._engine_key(chat.model, "cpu", chat.dtype, kwargs)].submitter
     old.shutdown()
     again = chat.invoke("Hello")
     assert chat.llm is not old
+    assert submitter._shutdown  # the closed engine's submitting thread went with it
     assert again.response_metadata[TOKEN_IDS_KEY] == first.response_metadata[TOKEN_IDS_KEY]
     other = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
     assert other.llm is chat.llm
