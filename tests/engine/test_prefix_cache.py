@@ -301,6 +301,7 @@ def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_siz
     num_pages = pool_tokens // page_size
     llm = LLM(tiny_qwen3, device="cpu", page_size=page_size, num_pages=num_pages,
               max_model_len=(num_pages - 1) * page_size, cascade="always", decode_burst=burst)
+    _record_cuts(llm)
     prefixes = [[(7 * k + j) % 300 + 3 for j in range(8 + 6 * k)] for k in range(3)]
     history: list[list[int]] = []
     handles = []
@@ -352,11 +353,24 @@ def test_cache_never_changes_an_output_and_never_leaks(tiny_qwen3, ops, page_siz
         llm.shutdown()
 
 
+def _record_cuts(llm):
+    """Record the ids of the requests the engine ends as stuck (``_end_stuck``) in ``llm.cut``."""
+    llm.cut = set()
+    end = llm.engine._end_stuck
+
+    def recording(seq):
+        llm.cut.add(seq.request_id)
+        return end(seq)
+
+    llm.engine._end_stuck = recording
+
+
 def _check_output(llm, out, reference):
     """``out`` is the run without the cache's, or, with pins held, its start: a request alone
-    that cannot grow beside the pins ends there ("length")."""
+    that cannot grow beside the pins ends there ("length"), and only such a one (``_record_cuts``)."""
     if out.token_ids != reference:
         assert llm.stats()["pages_pinned"] > 0 and out.finish_reason == "length"
+        assert out.request_id in llm.cut, "cut short, but not as a request stuck beside the pins"
         assert len(out.token_ids) < len(reference) and out.token_ids == reference[:len(out.token_ids)]
 
 
