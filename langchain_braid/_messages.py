@@ -263,6 +263,25 @@ def _render_before(tokenizer: Any, dicts: list[dict[str, Any]], key: str | None,
     return _memo(tokenizer).get(key, lambda: render_chat(tokenizer, dicts, False, **kwargs))
 
 
+_RENDERS_TOOLS: dict[str, bool] = {}
+_PROBE_TOOL = {"type": "function", "function": {"name": "braid_probe_tool", "description": "probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
+
+
+def template_renders_tools(tokenizer: Any) -> bool:
+    """Whether the chat template writes the tools it is given (TinyLlama's and ERNIE-4.5's
+    ignore them: the model would never see bound tools). Rendered once per template."""
+    template = getattr(tokenizer, "chat_template", None)
+    key = template if isinstance(template, str) else json.dumps(template, sort_keys=True, default=str)
+    if key not in _RENDERS_TOOLS:
+        try:
+            text = render_chat(tokenizer, [{"role": "user", "content": "x"}], True, tools=[_PROBE_TOOL])
+        except ChatTemplateError:
+            text = ""
+        _RENDERS_TOOLS[key] = "braid_probe_tool" in text
+    return _RENDERS_TOOLS[key]
+
+
 def render(tokenizer: Any, messages: Sequence[BaseMessage], *, add_generation_prompt: bool = True,
            template_kwargs: dict[str, Any] | None = None,
            vocab_size: int | None = None) -> RenderedPrompt:

@@ -178,7 +178,9 @@ def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
                                          error="the call was cut off before </tool_call>")
             invalid.append(parsed)
     content.append(text[last:].lstrip("\n") if content else text)
-    return "".join(content).strip(), calls, invalid
+    # no strip beyond the calls' own cuts: an answer without a call is its text as generated,
+    # which the next turn's prompt must hold for its carried ids to be reused
+    return "".join(content), calls, invalid
 
 
 def _call_spans(text: str):
@@ -251,7 +253,6 @@ class ToolCallStreamParser:
         self.call_id = ""
         self.named = False  # the current call names a bound tool
         self.scan = _OUTSIDE  # how far the current call's body has been read for its closing tag
-        self.content_started = False
         self.after_call = False
 
     def feed(self, delta: str) -> tuple[str, list[ToolCallChunk]]:
@@ -269,9 +270,9 @@ class ToolCallStreamParser:
                     head = self.buffer[:len(self.buffer) - keep]
                     keep += len(head) - len(head.rstrip())  # spaces before a call are dropped
                     text, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
-                    content.append(self._content(text))
+                    content.append(text)
                     break
-                content.append(self._content(self.buffer[:start].rstrip()))
+                content.append(self.buffer[:start].rstrip())
                 self.buffer = self.buffer[start + len(OPEN_CALL):]
                 self.in_call, self.header_done, self.sent, self.args_sent = True, False, 0, ""
                 self.scan = _OUTSIDE
@@ -328,16 +329,10 @@ class ToolCallStreamParser:
                     args=_unrepairable_suffix(self.args_sent))])
             return "", self._allowed([ToolCallChunk(type="tool_call_chunk", name=None, args=_unrepairable(rest.strip()),
                                                     id=self.call_id, index=self.index)])
-        return self._content(rest.rstrip()), []
+        return rest, []  # held spaces no call followed: the answer's own
 
     def _allowed(self, chunks: list[ToolCallChunk]) -> list[ToolCallChunk]:
         return chunks if self.limit is None else [c for c in chunks if c["index"] < self.limit]
-
-    def _content(self, text: str) -> str:
-        if not self.content_started:
-            text = text.lstrip()  # content after a call starts fresh, as parse_tool_calls strips
-            self.content_started = bool(text)
-        return text
 
 
 def _partial_suffix(text: str, tag: str) -> int:

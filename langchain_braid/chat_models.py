@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import json
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from operator import itemgetter
@@ -38,7 +39,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
 from braid_engine.engine.engine import RequestStream
 from braid_engine.loader import load_config, load_tokenizer, resolve_model_path
-from langchain_braid._messages import TOKEN_IDS_KEY, render
+from langchain_braid._messages import TOKEN_IDS_KEY, render, template_renders_tools
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
 from langchain_braid._tools import (
     ToolCallStreamParser,
@@ -375,6 +376,12 @@ class ChatBraid(BaseChatModel):
             template["enable_thinking"] = False  # a forced answer starts at its first token
         engine = self._engine()
         tok = engine.llm.tokenizer
+        if tools and not template_renders_tools(tok):
+            warnings.warn(
+                f"the chat template of {self.model} ignores the bound tools: the model never sees "
+                "their definitions, and tool calls in the history are not rendered. Calls forced by "
+                "tool_choice still come out schema-valid (the grammar writes them); for a model to "
+                "choose tools, use one whose template renders them (Qwen3).", UserWarning, stacklevel=3)
         rendered = render(tok, messages, template_kwargs=template,
                           vocab_size=engine.llm.model_config.vocab_size)
         params = SamplingParams(

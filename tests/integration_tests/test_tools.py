@@ -636,3 +636,43 @@ def test_the_stream_parser_agrees_with_the_whole_parse_on_random_text():
             s_content, s_calls, s_invalid = _streamed(text, ["add"], step)
             assert (s_content, [(c["name"], c["args"]) for c in s_calls], len(s_invalid)) == (
                 content, [(c["name"], c["args"]) for c in calls], len(invalid)), (text, step)
+
+
+@pytest.mark.parametrize("text", [" hi there \n", "\n\nx  ", "plain", " a <tool_ca"])
+def test_an_answer_without_a_call_keeps_its_text_as_generated(text):
+    """With tools bound, an answer with no call was stripped: its carried ids then decoded to
+    text the next prompt did not hold, and the whole answer was prefilled again."""
+    assert parse_tool_calls(text, ["add"])[0] == text
+    for step in (1, 3, len(text)):
+        assert _streamed(text, ["add"], step)[0] == text, step
+
+
+def test_with_tools_bound_a_plain_answer_is_reused_whole_next_turn(tiny_model):
+    """An agent's next turn reads the last answer from the cache, all but its final token."""
+    from langchain_braid import TOKEN_IDS_KEY
+
+    chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=12)
+    bound = chat.bind_tools([add], tool_choice="none")
+    history = [HumanMessage("Weather in Paris?")]
+    for question in ("And London?", "And Rome?"):
+        answer = bound.invoke(history)
+        ids = answer.response_metadata[TOKEN_IDS_KEY]
+        assert answer.content == chat.tokenizer.decode(ids, skip_special_tokens=True)
+        nxt = bound.invoke(history + [answer, HumanMessage(question)], max_tokens=1)
+        used = answer.usage_metadata
+        assert nxt.usage_metadata["input_token_details"]["cache_read"] == used["input_tokens"] + len(ids) - 1
+        history += [answer, HumanMessage(question)]
+
+
+def test_tools_bound_to_a_template_that_ignores_them_warn(tiny_model, tiny_llama):
+    """TinyLlama's and ERNIE-4.5's templates write no tools and no calls: bound tools never
+    reached the model, silently. ChatBraid says so, once per model; Qwen3's template renders them."""
+    import warnings
+
+    llama = ChatBraid(model=str(tiny_llama), device="cpu", temperature=0, max_tokens=4).bind_tools([add])
+    with pytest.warns(UserWarning, match="chat template .* ignores the bound tools"):
+        llama.invoke("Add 2 and 3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=4).bind_tools([add]).invoke("Add 2 and 3")
+        ChatBraid(model=str(tiny_llama), device="cpu", temperature=0, max_tokens=4).invoke("Add 2 and 3")
