@@ -135,10 +135,8 @@ class LLM:
         if num_pages is None:
             budget = kv_cache_memory or self._default_kv_bytes(dev, gpu_memory_utilization, per_token, max_len)
             num_pages = max(1, budget // (per_token * page_size))
-        # one page of headroom: a request that reuses a prefix ending inside a page holds its own
-        # copy of that page while the cache keeps the original
         if max_model_len is None:
-            max_len = min(max_len, max(num_pages - 1, 1) * page_size)
+            max_len = min(max_len, pool_context(num_pages, page_size))
         elif max_len > (num_pages - 1) * page_size:
             raise ValueError(
                 f"max_model_len={max_len} needs {-(-max_len // page_size) + 1} KV pages (one spare for "
@@ -320,6 +318,13 @@ def _check_size(name: str, value: Any, low: int, hint: str, optional: bool = Fal
         raise ValueError(f"{name} must be an int ≥ {low}{none} ({hint}), got {value!r}.")
 
 
+def pool_context(num_pages: int, page_size: int) -> int:
+    """The longest sequence a pool of ``num_pages`` holds with one page of headroom: a request
+    that reuses a prefix ending inside a page holds its own copy of that page while the cache
+    keeps the original. ``max_model_len`` left out is capped at it."""
+    return max(num_pages - 1, 1) * page_size
+
+
 def _is_array(value: Any) -> bool:
     """A numpy array or torch tensor (a tokenizer's ``return_tensors`` row)."""
     return isinstance(value, torch.Tensor) or type(value).__module__ == "numpy" and hasattr(value, "ndim")
@@ -331,9 +336,11 @@ def _array_ids(array: Any) -> list[int]:
         raise InvalidRequestError(
             f"a prompt given as an array must be one-dimensional, got shape {tuple(array.shape)}; "
             "pass each row as its own prompt, without padding.")
-    kind = "f" if isinstance(array, torch.Tensor) and (array.is_floating_point() or array.is_complex()) else (
-        getattr(array.dtype, "kind", "i"))
-    if kind not in "iub":
+    if isinstance(array, torch.Tensor):
+        integral = not (array.is_floating_point() or array.is_complex())
+    else:  # numpy: signed, unsigned or bool
+        integral = array.dtype.kind in "iub"
+    if not integral:
         raise InvalidRequestError(f"a prompt's token ids must be integers, got an array of {array.dtype}.")
     return array.tolist()
 

@@ -162,8 +162,8 @@ def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
     content, last = [], 0
     for n, (start, end, body, closed) in enumerate(_call_spans(text)):
         # the spaces before a call and the newlines after it go with it, as the stream parser cuts
-        content.append(text[last:start].lstrip("\n") if n else text[:start])
-        content[-1] = content[-1].rstrip()
+        piece = text[last:start]
+        content.append((piece.lstrip("\n") if n else piece).rstrip())
         last = end
         if limit is not None and n >= limit:
             continue

@@ -38,6 +38,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
 from braid_engine.engine.engine import RequestStream
+from braid_engine.llm import pool_context
 from braid_engine.loader import load_config, load_tokenizer, resolve_model_path
 from langchain_braid._messages import TOKEN_IDS_KEY, render, template_renders_tools
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
@@ -208,7 +209,7 @@ class ChatBraid(BaseChatModel):
         limit = cfg.get("max_position_embeddings")
         pages, page_size = self.engine_kwargs.get("num_pages"), self.engine_kwargs.get("page_size", 16)
         if isinstance(limit, int) and isinstance(pages, int) and isinstance(page_size, int):
-            limit = min(limit, max(pages - 1, 1) * page_size)  # as LLM caps it: one page spare
+            limit = min(limit, pool_context(pages, page_size))  # as LLM caps it
         return limit if isinstance(limit, int) else None
 
     # -- engine and tokenizer ------------------------------------------------------------
