@@ -620,6 +620,17 @@ def test_configs_the_engine_would_compute_differently_are_refused(tiny_qwen3, tm
         LLM(str(_with_config(tiny_qwen3, tmp_path, edit)), device="cpu")
 
 
+def _logits_match_transformers(path, ids):
+    """The engine's fp32 logits of ``ids`` on checkpoint ``path`` equal transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    from braid_engine.testing import forward_logits
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    got = forward_logits(LLM(str(path), device="cpu", dtype="float32"), ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("edit", [
     _legacy_rope("default"),
     lambda cfg: cfg.update(use_sliding_window=False, sliding_window=8, max_window_layers=0),
@@ -636,32 +647,15 @@ def test_configs_the_engine_would_compute_differently_are_refused(tiny_qwen3, tm
 def test_configs_that_compute_as_full_default_rope_attention_load_and_match(tiny_qwen3, tmp_path, edit):
     """What transformers computes as plain attention with default RoPE loads, and its logits
     match transformers' on the same config."""
-    from transformers import AutoModelForCausalLM
-
-    from braid_engine.testing import forward_logits
-
-    path = _with_config(tiny_qwen3, tmp_path, edit)
-    ids = list(range(3, 43))
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0]
-    got = forward_logits(LLM(str(path), device="cpu", dtype="float32"), ids)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    _logits_match_transformers(_with_config(tiny_qwen3, tmp_path, edit), list(range(3, 43)))
 
 
 def test_an_ernie_config_without_tie_word_embeddings_ties_them_as_transformers_does(tmp_path):
     """ERNIE-4.5's config class ties the embeddings unless told otherwise: a config.json without
     the key was refused for a missing lm_head.weight."""
-    from transformers import AutoModelForCausalLM
-
-    from braid_engine.testing import forward_logits
-
-    path = make_tiny_checkpoint(tmp_path / "ernie", arch="ernie4_5", tie_word_embeddings=True)
-    cfg = json.loads((path / "config.json").read_text())
-    del cfg["tie_word_embeddings"]
-    (path / "config.json").write_text(json.dumps(cfg))
-    ids = list(range(3, 23))
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0]
-    got = forward_logits(LLM(str(path), device="cpu", dtype="float32"), ids)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    tied = make_tiny_checkpoint(tmp_path / "ernie", arch="ernie4_5", tie_word_embeddings=True)
+    _logits_match_transformers(_with_config(tied, tmp_path, lambda cfg: cfg.pop("tie_word_embeddings")),
+                               list(range(3, 23)))
 
 
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
