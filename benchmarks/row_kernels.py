@@ -2,9 +2,12 @@
 with the standalone norm and SiLU·mul kernels, against the one-row matmul kernels with those
 folded in (``braid_engine/kernels/gemv.py``), at a few block sizes, with and without
 programmatic dependent launch (GPU only). ``--rows 2 4 8``: small decode batches instead, the
-row kernels at their default sizes against cuBLAS at each.
+row kernels at their default sizes against cuBLAS at each. ``--prefetch-gaps 0 4 8``: the
+row kernels with a wait of that many µs a layer where attention runs (a sleeping kernel: the
+memory system idle), each way of asking L2 for the later matmuls' weights during it
+(``braid_engine/kernels/prefetch.py``) against none.
 
-    python -m benchmarks.row_kernels [--rows 1 2 4 8]
+    python -m benchmarks.row_kernels [--rows 1 2 4 8] [--prefetch-gaps 0 4 8]
 
 Attention sits between the two halves of a layer in the engine and is the same on both sides,
 so it is left out. Weights are distinct per layer (0.88 GB in all), so every replay reads them
@@ -57,14 +60,63 @@ def row_step(ws, x, r, o_in, configs):
     return x
 
 
+# what the prefetch kernel is asked for after a layer's qkv matmul: this layer's o_proj, gate_up,
+# down weights, and "next": the next layer's qkv (the last layer's: the first layer's, read by the
+# next replay)
+PREFETCH_SETS = {"none": (), "o + gate_up": ("o", "gu"), "o + gate_up + down": ("o", "gu", "down"),
+                 "o + gate_up + down + next qkv": ("o", "gu", "down", "next")}
+
+
+def gap_step(ws, x, r, o_in, cycles: int, fetch: tuple[str, ...]):
+    from braid_engine.kernels.prefetch import l2_prefetch
+
+    for i, lw in enumerate(ws):
+        _, r = gemv.norm_matmul(x, r, lw["n1"], 1e-6, lw["qkv"])
+        if fetch:
+            l2_prefetch(*[ws[(i + 1) % len(ws)]["qkv"] if k == "next" else lw[k] for k in fetch])
+        if cycles:
+            torch.cuda._sleep(cycles)  # where the attention kernels would run
+        h = gemv.row_matmul(o_in, lw["o"])
+        gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"])
+        x = gemv.silu_matmul(gu, lw["down"])
+    return x
+
+
+def by_gaps(ws, gaps: list[float], reps: int) -> None:
+    n = len(ws)
+    x, r = (torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    o_in = torch.randn(1, Q, device="cuda", dtype=torch.bfloat16)
+    probe = 20_000
+
+    def sleeps():
+        for _ in range(n):
+            torch.cuda._sleep(probe)
+
+    per_cycle = graph_time(sleeps, reps) / n / probe
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; {n} layers; µs a layer (the gap "
+          f"included) in one CUDA graph; a sleeping kernel of {probe} cycles takes {probe * per_cycle * 1e6:.2f} µs")
+    print(f"{'gap µs':>6} " + " ".join(f"{name:>30}" for name in PREFETCH_SETS))
+    for gap in gaps:
+        cycles = int(gap * 1e-6 / per_cycle)
+        times = [graph_time(lambda f=f, c=cycles: gap_step(ws, x, r, o_in, c, f), reps) / n * 1e6
+                 for f in PREFETCH_SETS.values()]
+        print(f"{gap:>6.1f} " + " ".join(f"{t:>21.2f} ({times[0] / t:.2f}x)" for t in times), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--rows", type=int, nargs="*", default=None,
                     help="rows a step (a decode batch): the default kernels against cuBLAS at each")
+    ap.add_argument("--prefetch-gaps", type=float, nargs="*", default=None,
+                    help="µs a layer where attention would run: the row kernels with each way of prefetching "
+                         "the later matmuls' weights into L2 during it, against none")
     args = ap.parse_args()
     ws = layers(args.layers)
+    if args.prefetch_gaps:
+        by_gaps(ws, args.prefetch_gaps, args.reps)
+        return
     if args.rows:
         by_rows(ws, args.rows, args.reps)
         return

@@ -311,3 +311,62 @@ def test_decode_attention_refuses_shapes_it_cannot_tile(device):
         DecodeAttention(1, 4, 2, 64, torch.device(device), block_t=8)
     with pytest.raises(ValueError, match="do not group"):
         DecodeAttention(1, 6, 4, 64, torch.device(device))
+
+
+def test_l2_prefetch_asks_for_every_byte_of_each_tensor_once(device):
+    """The prefetch kernel's chunking (its dry run writes the (address, bytes) each lane would
+    ask L2 for): the chunks tile each tensor from its first byte to its last whole 16-byte unit,
+    none overlap, none reach outside, and lanes past the end ask for nothing."""
+    from braid_engine.kernels.prefetch import CHUNK, prefetch_chunks
+
+    tensors = [torch.empty(40_000, dtype=torch.bfloat16, device=device),  # 4 whole chunks and a part
+               torch.empty(3, 1024, device=device),  # less than one chunk
+               torch.empty(2 * CHUNK, dtype=torch.int8, device=device),  # exactly two
+               torch.empty(17_001, dtype=torch.int8, device=device)]  # a tail of 9 bytes: whole units only
+    chunks = prefetch_chunks(*tensors).cpu()
+    asked = chunks[chunks[:, 1] > 0].tolist()
+    assert len(asked) == 5 + 1 + 2 + 2
+    assert (chunks[chunks[:, 1] == 0, 0] == 0).all()
+    assert all(size % 16 == 0 and addr % 16 == 0 and size <= CHUNK for addr, size in asked)
+    for t in tensors:
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size() // 16 * 16
+        mine = sorted((a, s) for a, s in asked if start <= a < end)
+        assert mine[0][0] == start
+        assert all(a + s == b for (a, s), (b, _) in zip(mine, mine[1:]))  # back to back, no gaps
+        assert mine[-1][0] + mine[-1][1] == end
+    assert sum(s for _, s in asked) == sum(t.numel() * t.element_size() // 16 * 16 for t in tensors)
+
+
+def test_l2_prefetch_refuses_what_it_cannot_ask_for(device):
+    from braid_engine.kernels.prefetch import MAX_TENSORS, prefetch_chunks
+
+    w = torch.empty(64, 64, device=device)
+    with pytest.raises(ValueError, match="1 to 4 tensors"):
+        prefetch_chunks(*[w] * (MAX_TENSORS + 1))
+    with pytest.raises(ValueError, match="1 to 4 tensors"):
+        prefetch_chunks()
+    with pytest.raises(ValueError, match="contiguous"):
+        prefetch_chunks(w.t())
+    with pytest.raises(ValueError, match="aligned"):
+        prefetch_chunks(w.view(-1)[1:])
+
+
+def test_layers_name_the_weights_they_prefetch_in_the_order_a_step_reads_them(tmp_path):
+    from braid_engine.loader import load_config, load_model
+    from braid_engine.models.layers import DecoderLayer
+    from braid_engine.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path, arch="qwen3", num_hidden_layers=3)
+    model = load_model(path, load_config(path), torch.device("cpu"), torch.float32, 256)
+    layers = model.model.layers
+    first, last = layers[0], layers[-1]
+    got = first.prefetch_weights(("next_qkv_proj", "down_proj", "o_proj"))
+    assert [w is want for w, want in zip(got, (first.self_attn.o_proj.weight, first.mlp.down_proj.weight,
+                                               layers[1].self_attn.qkv_proj.weight), strict=True)] == [True] * 3
+    assert last.prefetch_weights(("next_qkv_proj",)) == []
+    assert len(last.prefetch_weights(DecoderLayer.PREFETCHABLE)) == 3
+    # the link to the next layer is no submodule: the state dict holds each layer once
+    assert not any("following" in name for name in model.state_dict())
+    assert not any("following" in name for name, _ in model.named_modules())
+    with pytest.raises(ValueError, match="L2_PREFETCH takes names among"):
+        first.prefetch_weights(("q_proj",))
