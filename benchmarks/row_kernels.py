@@ -60,25 +60,36 @@ def row_step(ws, x, r, o_in, configs):
     return x
 
 
-# what the prefetch kernel is asked for after a layer's qkv matmul: this layer's o_proj, gate_up,
-# down weights, and "next": the next layer's qkv (the last layer's: the first layer's, read by the
-# next replay)
-PREFETCH_SETS = {"none": (), "o + gate_up": ("o", "gu"), "o + gate_up + down": ("o", "gu", "down"),
-                 "o + gate_up + down + next qkv": ("o", "gu", "down", "next")}
+# ways of asking L2 for this layer's o_proj, gate_up and down weights after its qkv matmul:
+# (bytes a lane asks for, a line at a time, evict_last, on a stream of its own instead of in the
+# chain of programmatic launches)
+PREFETCH_WAYS = {"none": None, "bulk 16K, chained": (16384, False, False, False),
+                 "bulk 16K, own stream": (16384, False, False, True), "bulk 2K, own stream": (2048, False, False, True),
+                 "lines 2K, chained": (2048, True, False, False), "lines 2K, own stream": (2048, True, False, True),
+                 "lines 2K evict_last, own stream": (2048, True, True, True)}
 
 
-def gap_step(ws, x, r, o_in, cycles: int, fetch: tuple[str, ...]):
+def gap_step(ws, x, r, o_in, cycles: int, way, side: torch.cuda.Stream):
     from braid_engine.kernels.prefetch import l2_prefetch
 
-    for i, lw in enumerate(ws):
+    main = torch.cuda.current_stream()
+    for lw in ws:
         _, r = gemv.norm_matmul(x, r, lw["n1"], 1e-6, lw["qkv"])
-        if fetch:
-            l2_prefetch(*[ws[(i + 1) % len(ws)]["qkv"] if k == "next" else lw[k] for k in fetch])
+        if way is not None:
+            chunk, lines, evict_last, own = way
+            if own:
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    l2_prefetch(lw["o"], lw["gu"], lw["down"], chunk=chunk, lines=lines, evict_last=evict_last,
+                                chained=False)
+            else:
+                l2_prefetch(lw["o"], lw["gu"], lw["down"], chunk=chunk, lines=lines, evict_last=evict_last)
         if cycles:
             torch.cuda._sleep(cycles)  # where the attention kernels would run
         h = gemv.row_matmul(o_in, lw["o"])
         gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"])
         x = gemv.silu_matmul(gu, lw["down"])
+    main.wait_stream(side)
     return x
 
 
@@ -86,6 +97,7 @@ def by_gaps(ws, gaps: list[float], reps: int) -> None:
     n = len(ws)
     x, r = (torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     o_in = torch.randn(1, Q, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
     probe = 20_000
 
     def sleeps():
@@ -94,13 +106,16 @@ def by_gaps(ws, gaps: list[float], reps: int) -> None:
 
     per_cycle = graph_time(sleeps, reps) / n / probe
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; {n} layers; µs a layer (the gap "
-          f"included) in one CUDA graph; a sleeping kernel of {probe} cycles takes {probe * per_cycle * 1e6:.2f} µs")
-    print(f"{'gap µs':>6} " + " ".join(f"{name:>30}" for name in PREFETCH_SETS))
-    for gap in gaps:
-        cycles = int(gap * 1e-6 / per_cycle)
-        times = [graph_time(lambda f=f, c=cycles: gap_step(ws, x, r, o_in, c, f), reps) / n * 1e6
-                 for f in PREFETCH_SETS.values()]
-        print(f"{gap:>6.1f} " + " ".join(f"{t:>21.2f} ({times[0] / t:.2f}x)" for t in times), flush=True)
+          f"included) in one CUDA graph, this layer's o_proj, gate_up, down weights asked of L2 after its qkv "
+          f"matmul each way; a sleeping kernel of {probe} cycles takes {probe * per_cycle * 1e6:.2f} µs")
+    print(f"{'way':>32} " + " ".join(f"{f'gap {g:g} µs':>16}" for g in gaps))
+    for name, way in PREFETCH_WAYS.items():
+        times = [graph_time(lambda c=int(g * 1e-6 / per_cycle), w=way: gap_step(ws, x, r, o_in, c, w, side), reps)
+                 / n * 1e6 for g in gaps]
+        if way is None:
+            base = times
+        print(f"{name:>32} " + " ".join(f"{t:>8.2f} ({b / t:.2f}x)" for t, b in zip(times, base, strict=True)),
+              flush=True)
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ def _chunk(c, start, a, n, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _l2_prefetch_kernel(a0, n0, a1, n1, a2, n2, a3, n3, out_ptr, CHUNK: tl.constexpr, DRY_RUN: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+def _l2_prefetch_kernel(a0, n0, a1, n1, a2, n2, a3, n3, out_ptr, CHUNK: tl.constexpr, LINES: tl.constexpr,
+                        EVICT_LAST: tl.constexpr, DRY_RUN: tl.constexpr, USE_PDL: tl.constexpr):
     # program p, lane l: chunk 32·p + l of the tensors laid end to end, each cut in CHUNK bytes
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -54,6 +54,16 @@ def _l2_prefetch_kernel(a0, n0, a1, n1, a2, n2, a3, n3, out_ptr, CHUNK: tl.const
     if DRY_RUN:  # the chunks written out instead of asked for (tests, the interpreter)
         tl.store(out_ptr + 2 * c, addr)
         tl.store(out_ptr + 2 * c + 1, size.to(tl.int64))
+    elif LINES:  # a line prefetch (128 bytes) at a time through the chunk
+        for i in tl.static_range(0, CHUNK, 128):
+            if EVICT_LAST:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
+                    "=r,l,r", [addr + i, size - i], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                    "=r,l,r", [addr + i, size - i], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
@@ -63,7 +73,8 @@ def _l2_prefetch_kernel(a0, n0, a1, n1, a2, n2, a3, n3, out_ptr, CHUNK: tl.const
         tl.extra.cuda.gdc_wait()
 
 
-def _launch(tensors: tuple[torch.Tensor, ...], dry_run: bool) -> torch.Tensor | None:
+def _launch(tensors: tuple[torch.Tensor, ...], dry_run: bool, chunk: int = CHUNK, lines: bool = False,
+            evict_last: bool = False, chained: bool = True) -> torch.Tensor | None:
     if not 1 <= len(tensors) <= MAX_TENSORS:
         raise ValueError(f"l2_prefetch takes 1 to {MAX_TENSORS} tensors, got {len(tensors)}")
     args, chunks = [], 0
@@ -72,23 +83,28 @@ def _launch(tensors: tuple[torch.Tensor, ...], dry_run: bool) -> torch.Tensor | 
             raise ValueError("l2_prefetch takes contiguous tensors aligned to 16 bytes")
         nbytes = t.numel() * t.element_size()
         args += [t.data_ptr(), nbytes - nbytes % 16]  # the bulk prefetch takes whole 16-byte units
-        chunks += triton.cdiv(nbytes, CHUNK)
+        chunks += triton.cdiv(nbytes, chunk)
     args += [0, 0] * (MAX_TENSORS - len(tensors))
     grid = triton.cdiv(chunks, 32)
     device = tensors[0].device
     out = torch.zeros(grid * 64, dtype=torch.int64, device=device) if dry_run else tensors[0]
-    _l2_prefetch_kernel[(grid,)](*args, out, CHUNK=CHUNK, DRY_RUN=dry_run, num_warps=1,
-                                 **(pdl_args(device) if not dry_run else {"USE_PDL": False}))
+    pdl = pdl_args(device) if chained and not dry_run else {"USE_PDL": False}
+    _l2_prefetch_kernel[(grid,)](*args, out, CHUNK=chunk, LINES=lines, EVICT_LAST=evict_last, DRY_RUN=dry_run,
+                                 num_warps=1, **pdl)
     return out.view(-1, 2) if dry_run else None
 
 
-def l2_prefetch(*tensors: torch.Tensor) -> None:
+def l2_prefetch(*tensors: torch.Tensor, chunk: int = CHUNK, lines: bool = False, evict_last: bool = False,
+                chained: bool = True) -> None:
     """Ask L2 for these tensors' bytes (up to :data:`MAX_TENSORS`), without waiting for them.
-    A hint: nothing is read into registers, nothing written; sm_90 and later."""
-    _launch(tensors, dry_run=False)
+    A hint: nothing is read into registers, nothing written; sm_90 and later. ``chunk``: bytes a
+    lane asks for; ``lines``: a line prefetch at a time (``evict_last``: kept ahead of other
+    lines) instead of one bulk prefetch a chunk; ``chained``: launched as a programmatic dependent
+    that the next kernel may wait on (off: for a stream of its own)."""
+    _launch(tensors, False, chunk, lines, evict_last, chained)
 
 
-def prefetch_chunks(*tensors: torch.Tensor) -> torch.Tensor:
+def prefetch_chunks(*tensors: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """The (address, bytes) pairs :func:`l2_prefetch` would ask for, one row a lane (bytes 0 where
     a lane has none): what the tests check the chunking with, on any device Triton runs on."""
-    return _launch(tensors, dry_run=True)
+    return _launch(tensors, True, chunk)

@@ -69,7 +69,8 @@ print("other kernels ok")
 from braid_engine.kernels.prefetch import _l2_prefetch_kernel
 
 TYPES.update({"a0": "i64", "a1": "i64", "a2": "i64", "a3": "i64", "out_ptr": "*i64"})
-ptx = compile_(_l2_prefetch_kernel, dict(CHUNK=16384, DRY_RUN=False, USE_PDL=True), num_warps=1).asm["ptx"]
+ptx = compile_(_l2_prefetch_kernel, dict(CHUNK=16384, LINES=False, EVICT_LAST=False, DRY_RUN=False, USE_PDL=True),
+               num_warps=1).asm["ptx"]
 assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("cp.async.bulk.prefetch.L2.global") \
     < ptx.index("griddepcontrol.wait"), ptx
 print("prefetch kernel ok")
