@@ -89,7 +89,8 @@ def gap_step(ws, x, r, o_in, cycles: int, way, side: torch.cuda.Stream):
         h = gemv.row_matmul(o_in, lw["o"])
         gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"])
         x = gemv.silu_matmul(gu, lw["down"])
-    main.wait_stream(side)
+    if way is not None and way[3]:
+        main.wait_stream(side)  # joined once, at the end (a graph must end on its capturing stream)
     return x
 
 
