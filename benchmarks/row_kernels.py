@@ -110,6 +110,10 @@ def by_gaps(ws, gaps: list[float], reps: int) -> None:
           f"included) in one CUDA graph, this layer's o_proj, gate_up, down weights asked of L2 after its qkv "
           f"matmul each way; a sleeping kernel of {probe} cycles takes {probe * per_cycle * 1e6:.2f} µs")
     print(f"{'way':>32} " + " ".join(f"{f'gap {g:g} µs':>16}" for g in gaps))
+    # the bound on what prefetching can give: every layer on the first layer's weights (31 MB, in L2
+    # after the first replay), no prefetch
+    resident = [graph_time(lambda c=int(g * 1e-6 / per_cycle): gap_step([ws[0]] * n, x, r, o_in, c, None, side), reps)
+                / n * 1e6 for g in gaps]
     for name, way in PREFETCH_WAYS.items():
         times = [graph_time(lambda c=int(g * 1e-6 / per_cycle), w=way: gap_step(ws, x, r, o_in, c, w, side), reps)
                  / n * 1e6 for g in gaps]
@@ -117,6 +121,8 @@ def by_gaps(ws, gaps: list[float], reps: int) -> None:
             base = times
         print(f"{name:>32} " + " ".join(f"{t:>8.2f} ({b / t:.2f}x)" for t, b in zip(times, base, strict=True)),
               flush=True)
+    print(f"{'one layer of weights (in L2)':>32} " + " ".join(f"{t:>8.2f} ({b / t:.2f}x)"
+                                                            for t, b in zip(resident, base, strict=True)))
 
 
 def main() -> None:
