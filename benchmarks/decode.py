@@ -115,10 +115,6 @@ def main() -> None:
     ap.add_argument("--compare-small-decode-batch", type=int, default=None, metavar="N",
                     help="after each row, the engine against a second one whose decode steps of up to N sequences "
                          "take our split-KV attention kernel (FlashInferBackend.small_decode_batch), in turn")
-    ap.add_argument("--compare-l2-prefetch", type=_prefetch_set, nargs="+", default=[], metavar="NAMES",
-                    help="after each row, the engine against one more engine per set (comma-separated names, or "
-                         "'none') of weights its small steps ask L2 for after the qkv matmul "
-                         "(braid_engine.kernels.L2_PREFETCH), in turn, in this process")
     args = ap.parse_args()
     if args.compare_row_rows is not None and not 1 <= args.compare_row_rows <= kernels.ROW_KERNEL_MAX_ROWS:
         ap.error(f"--compare-row-rows takes 1 to {kernels.ROW_KERNEL_MAX_ROWS} (the most rows a row-kernel launch takes)")
@@ -168,8 +164,6 @@ def main() -> None:
     if args.compare_small_decode_batch is not None:
         others.append((f"our decode attention ≤ {FlashInferBackend.small_decode_batch}",
                        f"≤ {args.compare_small_decode_batch}", engine_with(args.compare_small_decode_batch)))
-    for names in args.compare_l2_prefetch:
-        others.append((_prefetch_name(kernels.L2_PREFETCH), _prefetch_name(names), engine_with(L2_PREFETCH=names)))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
@@ -212,20 +206,6 @@ def _split_config(text: str) -> tuple[int, int, int, int]:
     if len(parts) != 4:
         raise ValueError(f"splits/key tile/warps/stages, not {text}")
     return parts
-
-
-def _prefetch_set(text: str) -> tuple[str, ...]:
-    """``o_proj,gate_up_proj`` -> ("o_proj", "gate_up_proj"); ``none`` -> ()."""
-    from braid_engine.models.layers import DecoderLayer
-
-    names = () if text == "none" else tuple(text.split(","))
-    if not set(names) <= set(DecoderLayer.PREFETCHABLE):
-        raise ValueError(f"names among {DecoderLayer.PREFETCHABLE}, or none; not {text}")
-    return names
-
-
-def _prefetch_name(names: tuple[str, ...]) -> str:
-    return "L2 prefetch " + ("+".join(names) if names else "off")
 
 
 def _decode_rate(prompts: list[list[int]], new: int, device: torch.device):

@@ -2,12 +2,10 @@
 with the standalone norm and SiLU·mul kernels, against the one-row matmul kernels with those
 folded in (``braid_engine/kernels/gemv.py``), at a few block sizes, with and without
 programmatic dependent launch (GPU only). ``--rows 2 4 8``: small decode batches instead, the
-row kernels at their default sizes against cuBLAS at each. ``--prefetch-gaps 0 4 8``: the
-row kernels with a wait of that many µs a layer where attention runs (a sleeping kernel: the
-memory system idle), each way of asking L2 for the later matmuls' weights during it
-(``braid_engine/kernels/prefetch.py``) against none.
+row kernels at their default sizes against cuBLAS at each. ``--hops``: what the chain of four
+kernels a layer costs over one kernel reading the same bytes, with the weights in memory and in L2.
 
-    python -m benchmarks.row_kernels [--rows 1 2 4 8] [--prefetch-gaps 0 4 8]
+    python -m benchmarks.row_kernels [--rows 1 2 4 8] [--hops]
 
 Attention sits between the two halves of a layer in the engine and is the same on both sides,
 so it is left out. Weights are distinct per layer (0.88 GB in all), so every replay reads them
@@ -60,69 +58,29 @@ def row_step(ws, x, r, o_in, configs):
     return x
 
 
-# ways of asking L2 for this layer's o_proj, gate_up and down weights after its qkv matmul:
-# (bytes a lane asks for, a line at a time, evict_last, on a stream of its own instead of in the
-# chain of programmatic launches)
-PREFETCH_WAYS = {"none": None, "bulk 16K, chained": (16384, False, False, False),
-                 "bulk 16K, own stream": (16384, False, False, True), "bulk 2K, own stream": (2048, False, False, True),
-                 "lines 2K, chained": (2048, True, False, False), "lines 2K, own stream": (2048, True, False, True),
-                 "lines 2K evict_last, own stream": (2048, True, True, True)}
-
-
-def gap_step(ws, x, r, o_in, cycles: int, way, side: torch.cuda.Stream):
-    from braid_engine.kernels.prefetch import l2_prefetch
-
-    main = torch.cuda.current_stream()
-    for lw in ws:
-        _, r = gemv.norm_matmul(x, r, lw["n1"], 1e-6, lw["qkv"])
-        if way is not None:
-            chunk, lines, evict_last, own = way
-            if own:
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    l2_prefetch(lw["o"], lw["gu"], lw["down"], chunk=chunk, lines=lines, evict_last=evict_last,
-                                chained=False)
-            else:
-                l2_prefetch(lw["o"], lw["gu"], lw["down"], chunk=chunk, lines=lines, evict_last=evict_last)
-        if cycles:
-            torch.cuda._sleep(cycles)  # where the attention kernels would run
-        h = gemv.row_matmul(o_in, lw["o"])
-        gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"])
-        x = gemv.silu_matmul(gu, lw["down"])
-    if way is not None and way[3]:
-        main.wait_stream(side)  # joined once, at the end (a graph must end on its capturing stream)
-    return x
-
-
-def by_gaps(ws, gaps: list[float], reps: int) -> None:
+def hops(ws, reps: int) -> None:
+    """µs a layer: the four row kernels, against one row kernel over a weight of the layer's
+    bytes ([N, 1024], no norm), each on distinct weights a layer (read from memory) and on the
+    first layer's for every layer (31 MB: in L2 after the first replay)."""
     n = len(ws)
     x, r = (torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     o_in = torch.randn(1, Q, device="cuda", dtype=torch.bfloat16)
-    side = torch.cuda.Stream()
-    probe = 20_000
+    layer_bytes = sum(t.nbytes for t in ws[0].values())
+    flat = [torch.randn(layer_bytes // (2 * HIDDEN), HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in ws]
 
-    def sleeps():
-        for _ in range(n):
-            torch.cuda._sleep(probe)
+    def one(weights):
+        for w in weights:
+            gemv.row_matmul(x, w)
 
-    per_cycle = graph_time(sleeps, reps) / n / probe
-    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; {n} layers; µs a layer (the gap "
-          f"included) in one CUDA graph, this layer's o_proj, gate_up, down weights asked of L2 after its qkv "
-          f"matmul each way; a sleeping kernel of {probe} cycles takes {probe * per_cycle * 1e6:.2f} µs")
-    print(f"{'way':>32} " + " ".join(f"{f'gap {g:g} µs':>16}" for g in gaps))
-    # the bound on what prefetching can give: every layer on the first layer's weights (31 MB, in L2
-    # after the first replay), no prefetch
-    resident = [graph_time(lambda c=int(g * 1e-6 / per_cycle): gap_step([ws[0]] * n, x, r, o_in, c, None, side), reps)
-                / n * 1e6 for g in gaps]
-    for name, way in PREFETCH_WAYS.items():
-        times = [graph_time(lambda c=int(g * 1e-6 / per_cycle), w=way: gap_step(ws, x, r, o_in, c, w, side), reps)
-                 / n * 1e6 for g in gaps]
-        if way is None:
-            base = times
-        print(f"{name:>32} " + " ".join(f"{t:>8.2f} ({b / t:.2f}x)" for t, b in zip(times, base, strict=True)),
-              flush=True)
-    print(f"{'one layer of weights (in L2)':>32} " + " ".join(f"{t:>8.2f} ({b / t:.2f}x)"
-                                                            for t, b in zip(resident, base, strict=True)))
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; {n} layers of "
+          f"{layer_bytes / 1e6:.1f} MB; µs a layer in one CUDA graph")
+    print(f"{'kernels a layer':>40} {'in memory':>10} {'TB/s':>6} {'in L2':>8} {'TB/s':>6}")
+    for name, fn in (("4 row kernels (the engine's)", lambda w: row_step(w, x, r, o_in, [None] * 4)),
+                     ("1 row kernel, same bytes", one)):
+        mem = graph_time(lambda fn=fn: fn(ws if fn is not one else flat), reps) / n
+        l2 = graph_time(lambda fn=fn: fn([ws[0]] * n if fn is not one else [flat[0]] * n), reps) / n
+        print(f"{name:>40} {mem * 1e6:>10.2f} {layer_bytes / mem / 1e12:>6.2f} {l2 * 1e6:>8.2f} "
+              f"{layer_bytes / l2 / 1e12:>6.2f}", flush=True)
 
 
 def main() -> None:
@@ -131,13 +89,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--rows", type=int, nargs="*", default=None,
                     help="rows a step (a decode batch): the default kernels against cuBLAS at each")
-    ap.add_argument("--prefetch-gaps", type=float, nargs="*", default=None,
-                    help="µs a layer where attention would run: the row kernels with each way of prefetching "
-                         "the later matmuls' weights into L2 during it, against none")
+    ap.add_argument("--hops", action="store_true",
+                    help="the four kernels a layer against one over the same bytes, from memory and from L2")
     args = ap.parse_args()
     ws = layers(args.layers)
-    if args.prefetch_gaps:
-        by_gaps(ws, args.prefetch_gaps, args.reps)
+    if args.hops:
+        hops(ws, args.reps)
         return
     if args.rows:
         by_rows(ws, args.rows, args.reps)

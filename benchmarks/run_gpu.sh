@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|small|smallbatch|prefetch|bursts|pipeline|readahead|splitcfg|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|small|smallbatch|bursts|pipeline|readahead|splitcfg|host|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
@@ -9,7 +9,6 @@
 # 'splitcfg': decode.py at batch 1 and 4 with the split-KV attention's settings and the ones before;
 # 'smallbatch': the row kernels at 1-8 rows against cuBLAS, and decode.py at batches 1-16 with the row
 # kernels for batch 1 alone and with our decode attention up to 4 sequences, each against the defaults;
-# 'prefetch': the L2 prefetch of a layer's later weights, row kernels alone and the engine, each set against none;
 # 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels',
 # 'tests-shapes' and 'tests-engine' apart; 'tests-kernels' alone outgrew 530 s on a fresh H100 in
@@ -56,6 +55,7 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
     --batch 1 8 32 128 --compiled-batches 1 --kv-gb 16 2>&1 | grep -v Warning | tail -12 | tee "$OUT/decode.log"
   timeout 90 python3 -m benchmarks.kernels --tokens 1 32 2048 2>&1 | grep -v Warning | tee "$OUT/kernels.log"
   timeout 70 python3 -m benchmarks.row_kernels 2>&1 | grep -v Warning | tee "$OUT/row_kernels.log"
+  timeout 40 python3 -m benchmarks.row_kernels --hops 2>&1 | grep -v Warning | tee "$OUT/row_kernels_hops.log"
   timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle|no graph" "$OUT/profile_step.log" | head -44
 fi
@@ -104,18 +104,6 @@ if [ "$what" = splitcfg ]; then
   timeout 250 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 4 --compiled-batches --kv-gb 8 --compare-split-config 64/32/2/2 2>&1 | grep -v Warning \
     | grep -E "^card|^ +[0-9]+ |split-KV" | tee "$OUT/decode_split_config.log"
-fi
-if [ "$what" = prefetch ]; then
-  # L2 prefetch of a layer's later weights after its qkv matmul (braid_engine.kernels.L2_PREFETCH):
-  # the row kernels with a sleeping kernel where attention runs, each set against none; then the
-  # engine at batch 1 and 2 with each set against the default, in turn in one process; then the
-  # GPU test that it changes no token
-  timeout 100 python3 -m benchmarks.row_kernels --prefetch-gaps 0 4 7 2>&1 | grep -v Warning | tee "$OUT/row_kernels_prefetch.log"
-  timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --batch 1 2 --compiled-batches --kv-gb 4 --compare-l2-prefetch none o_proj,gate_up_proj \
-    o_proj,gate_up_proj,down_proj o_proj,gate_up_proj,down_proj,next_qkv_proj 2>&1 | grep -v Warning \
-    | grep -E "^card|^ +[0-9]+ |L2 prefetch" | tee "$OUT/decode_l2_prefetch.log"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_graphs.py -k l2_prefetch 2>&1 | tail -5
 fi
 if [ "$what" = smallbatch ]; then
   # small decode batches: the row kernels' matmuls at 1-8 rows against cuBLAS + the norm kernels, then

@@ -26,18 +26,13 @@ PDL = True
 
 
 @functools.cache
-def _sm90(index: int) -> bool:
+def _has_pdl(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def is_hopper(device: torch.device) -> bool:
-    """A CUDA device of compute capability 9 or later (programmatic launch, bulk prefetch)."""
-    return device.type == "cuda" and _sm90(device.index if device.index is not None
-                                              else torch.cuda.current_device())
-
-
 def use_pdl(device: torch.device) -> bool:
-    return PDL and is_hopper(device)
+    return PDL and device.type == "cuda" and _has_pdl(device.index if device.index is not None
+                                                       else torch.cuda.current_device())
 
 
 def pdl_args(device: torch.device) -> dict:
@@ -67,9 +62,3 @@ ROW_KERNEL_MAX_ROWS = 8
 # against cuBLAS's 33.9, 4 rows 36.2 against 29.2 (docs/benchmarks.md). decode.py
 # --compare-row-rows N measures another bound.
 ROW_KERNEL_ROWS = 2
-
-# weights a layer of a few rows (the row-kernel path) asks L2 for right after its qkv matmul, while
-# the attention kernels between it and o_proj leave the memory system idle (kernels/prefetch.py):
-# any of "o_proj", "gate_up_proj", "down_proj" (this layer's) and "next_qkv_proj" (the next
-# layer's). Hopper and later; empty: none. decode.py --compare-l2-prefetch measures a set.
-L2_PREFETCH: tuple[str, ...] = ()

@@ -221,29 +221,10 @@ class DecoderLayer(nn.Module):
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv, residual = norm_matmul(x, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight,
                                     attn.qkv_proj.bias)
-        if kernels.L2_PREFETCH and kernels.is_hopper(x.device):
-            from braid_engine.kernels.prefetch import l2_prefetch
-
-            weights = self.prefetch_weights(kernels.L2_PREFETCH)
-            if weights:  # the last layer has no next qkv_proj
-                l2_prefetch(*weights)
         h = row_matmul(attn.attend(positions, qkv, ctx), attn.o_proj.weight, attn.o_proj.bias)
         gate_up, residual = norm_matmul(h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight,
                                         mlp.gate_up_proj.bias)
         return silu_matmul(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
-
-    PREFETCHABLE = ("o_proj", "gate_up_proj", "down_proj", "next_qkv_proj")  # in the order a step reads them
-
-    def prefetch_weights(self, names: tuple[str, ...]) -> list[torch.Tensor]:
-        """The weights ``kernels.L2_PREFETCH`` names, in the order the step reads them (the last
-        layer has no next qkv_proj)."""
-        if not set(names) <= set(self.PREFETCHABLE):
-            raise ValueError(f"L2_PREFETCH takes names among {self.PREFETCHABLE}, got {names}")
-        following = self.__dict__.get("following")
-        weights = {"o_proj": self.self_attn.o_proj.weight, "gate_up_proj": self.mlp.gate_up_proj.weight,
-                   "down_proj": self.mlp.down_proj.weight,
-                   "next_qkv_proj": following.self_attn.qkv_proj.weight if following is not None else None}
-        return [weights[n] for n in self.PREFETCHABLE if n in names and weights[n] is not None]
 
 
 class DecoderModel(nn.Module):
@@ -256,10 +237,6 @@ class DecoderModel(nn.Module):
             DecoderLayer(cfg, i, qk_norm, interleaved_rope, self.rotary)
             for i in range(cfg.num_hidden_layers)
         )
-        for layer, following in zip(self.layers, self.layers[1:]):
-            # the layer after, for kernels.L2_PREFETCH's "next_qkv_proj"; kept out of the module
-            # tree, which must hold each layer once (state dict, .to())
-            layer.__dict__["following"] = following
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:

@@ -426,36 +426,3 @@ def test_a_steps_rows_are_staged_in_pinned_memory_and_rewritten_only_after_their
     torch.cuda.synchronize()
     assert queued_while_busy and waited
     assert torch.equal(on_device.cpu(), torch.arange(15).view(3, 5))
-
-
-@pytest.mark.parametrize("requests", [1, 2])
-def test_l2_prefetch_changes_no_token(engines, monkeypatch, requests):
-    """Weights asked of L2 after each small step's qkv matmul (kernels.L2_PREFETCH, every name,
-    in the decode graphs of 1 and 2) compute the same kernels on the same values: the same greedy
-    tokens, bit for bit, as the engine without it. The prefetch kernel sits in the chain of
-    programmatic launches; a gap in that chain (o_proj reading attention before it is written)
-    would show here as other tokens."""
-    from braid_engine import kernels
-    from braid_engine.kernels import prefetch
-
-    graphed, _ = engines
-    asked = []
-    real = prefetch.l2_prefetch
-    monkeypatch.setattr(prefetch, "l2_prefetch", lambda *w: (asked.append(len(w)), real(*w)))
-    monkeypatch.setattr(kernels, "L2_PREFETCH", ("o_proj", "gate_up_proj", "down_proj", "next_qkv_proj"))
-    fetching = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
-                   max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256)
-    monkeypatch.setattr(kernels, "L2_PREFETCH", ())
-    try:
-        # four layers: three ask for four weights, the last for its own three
-        assert asked[:4] == [4, 4, 4, 3]
-        gen = torch.Generator().manual_seed(11 + requests)
-        prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
-                   for n in torch.randint(5, 90, (requests,), generator=gen)]
-        free = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, enable_prefix_caching=False)
-        replays = fetching.engine.runner.graph_replays
-        out = [o.token_ids for o in fetching.generate(prompts, free)]
-        assert fetching.engine.runner.graph_replays - replays >= 30
-        assert out == [o.token_ids for o in graphed.generate(prompts, free)]
-    finally:
-        fetching.shutdown()

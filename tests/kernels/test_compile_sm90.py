@@ -30,7 +30,6 @@ def compile_(fn, consts, num_warps=2, num_stages=2, **options):
     k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages, **options))
     assert k.asm["cubin"]
-    return k
 
 # Qwen3-0.6B: 16 query heads over 8 kv heads of 128, at the engine's settings (kernels.SPLIT_KV_CONFIG)
 # and at the earlier ones run_gpu.sh splitcfg times them against
@@ -64,16 +63,6 @@ for heads, norm, in_place, ahead in ((8, True, False, True), (32, True, False, T
                                         K_IN_PLACE=in_place, READ_AHEAD=ahead, USE_PDL=True),
              num_warps=4, enable_fp_fusion=False)
 print("other kernels ok")
-
-# the L2 prefetch: its bulk prefetch instruction reaches the PTX, before the wait that keeps the chain whole
-from braid_engine.kernels.prefetch import _l2_prefetch_kernel
-
-TYPES.update({"a0": "i64", "a1": "i64", "a2": "i64", "a3": "i64", "out_ptr": "*i64"})
-ptx = compile_(_l2_prefetch_kernel, dict(CHUNK=16384, LINES=False, EVICT_LAST=False, DRY_RUN=False, USE_PDL=True),
-               num_warps=1).asm["ptx"]
-assert ptx.index("griddepcontrol.launch_dependents") < ptx.index("cp.async.bulk.prefetch.L2.global") \
-    < ptx.index("griddepcontrol.wait"), ptx
-print("prefetch kernel ok")
 '''
 
 
@@ -84,7 +73,7 @@ def test_the_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=root, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count(" ok") == 3, run.stdout
+    assert run.stdout.count(" ok") == 2, run.stdout
 
 
 def test_register_counts_come_from_ptxas():
