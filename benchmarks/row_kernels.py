@@ -59,27 +59,39 @@ def row_step(ws, x, r, o_in, configs):
 
 
 def hops(ws, reps: int) -> None:
-    """µs a layer: the four row kernels, against one row kernel over a weight of the layer's
-    bytes ([N, 1024], no norm), each on distinct weights a layer (read from memory) and on the
-    first layer's for every layer (31 MB: in L2 after the first replay)."""
+    """µs a layer: the four row kernels, against row kernels over a weight of the layer's bytes
+    ([N, 1024], no norm) cut in 1, 2, 4, 8 equal parts (a kernel a part, chained as the engine's
+    are), each on distinct weights a layer (read from memory) and on the first layer's for every
+    layer (31 MB: in L2 after the first replay)."""
     n = len(ws)
     x, r = (torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     o_in = torch.randn(1, Q, device="cuda", dtype=torch.bfloat16)
     layer_bytes = sum(t.nbytes for t in ws[0].values())
     flat = [torch.randn(layer_bytes // (2 * HIDDEN), HIDDEN, device="cuda", dtype=torch.bfloat16) for _ in ws]
 
-    def one(weights):
-        for w in weights:
-            gemv.row_matmul(x, w)
-
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; {n} layers of "
           f"{layer_bytes / 1e6:.1f} MB; µs a layer in one CUDA graph")
-    print(f"{'kernels a layer':>40} {'in memory':>10} {'TB/s':>6} {'in L2':>8} {'TB/s':>6}")
-    for name, fn in (("4 row kernels (the engine's)", lambda w: row_step(w, x, r, o_in, [None] * 4)),
-                     ("1 row kernel, same bytes", one)):
-        mem = graph_time(lambda fn=fn: fn(ws if fn is not one else flat), reps) / n
-        l2 = graph_time(lambda fn=fn: fn([ws[0]] * n if fn is not one else [flat[0]] * n), reps) / n
-        print(f"{name:>40} {mem * 1e6:>10.2f} {layer_bytes / mem / 1e12:>6.2f} {l2 * 1e6:>8.2f} "
+    print(f"{'kernels a layer':>44} {'in memory':>10} {'TB/s':>6} {'in L2':>8} {'TB/s':>6}")
+
+    def split(k: int, pdl: bool = True):
+        def run(weights):
+            kernels.PDL = pdl
+            try:
+                for w in weights:
+                    for part in w.chunk(k):
+                        gemv.row_matmul(x, part)
+            finally:
+                kernels.PDL = True
+        return run
+
+    ways = [("4 row kernels (the engine's)", lambda w: row_step(w, x, r, o_in, [None] * 4), ws, [ws[0]] * n)]
+    ways += [(f"{k} row kernel{'s' * (k > 1)}, same bytes in {k} equal parts", split(k), flat, [flat[0]] * n)
+             for k in (1, 2, 4, 8)]
+    ways.append(("4 row kernels, same bytes in 4 parts, no PDL", split(4, pdl=False), flat, [flat[0]] * n))
+    for name, fn, distinct, same in ways:
+        mem = graph_time(lambda fn=fn, w=distinct: fn(w), reps) / n
+        l2 = graph_time(lambda fn=fn, w=same: fn(w), reps) / n
+        print(f"{name:>44} {mem * 1e6:>10.2f} {layer_bytes / mem / 1e12:>6.2f} {l2 * 1e6:>8.2f} "
               f"{layer_bytes / l2 / 1e12:>6.2f}", flush=True)
 
 
