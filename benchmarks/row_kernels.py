@@ -95,6 +95,38 @@ def hops(ws, reps: int) -> None:
               f"{layer_bytes / l2 / 1e12:>6.2f}", flush=True)
 
 
+def per_kernel(ws, reps: int) -> None:
+    """µs for each projection's kernel alone, 28 in a chain (one a layer, distinct weights): the
+    engine's form (its prologue: norm, SiLU·mul, none), the same weight without the prologue, and
+    the same bytes as a [N·K/1024, 1024] weight (one tile of K a program, as qkv and gate_up)."""
+    n = len(ws)
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}; each projection's kernel, {n} in one "
+          f"CUDA graph; µs a kernel (TB/s)")
+    print(f"{'projection':>14} {'MB':>5} {'engine form':>16} {'no prologue':>16} {'as K = 1024':>16}")
+    for key, k_in, form in (("qkv", HIDDEN, "norm"), ("o", Q, "plain"), ("gu", HIDDEN, "norm"), ("down", INTER, "silu")):
+        x = torch.randn(1, 2 * k_in if form == "silu" else k_in, device="cuda", dtype=torch.bfloat16)
+        plain_x = torch.randn(1, k_in, device="cuda", dtype=torch.bfloat16)
+        flat_x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        flats = [lw[key].view(-1, HIDDEN) for lw in ws]
+
+        def engine(key=key, form=form, x=x, r=r):
+            for lw in ws:
+                if form == "norm":
+                    gemv.norm_matmul(x, r, lw["n1"], 1e-6, lw[key])
+                elif form == "silu":
+                    gemv.silu_matmul(x, lw[key])
+                else:
+                    gemv.row_matmul(x, lw[key])
+
+        times = [graph_time(engine, reps),
+                 graph_time(lambda key=key, x=plain_x: [gemv.row_matmul(x, lw[key]) for lw in ws], reps),
+                 graph_time(lambda f=flats, x=flat_x: [gemv.row_matmul(x, w) for w in f], reps)]
+        nbytes = ws[0][key].nbytes
+        print(f"{key:>14} {nbytes / 1e6:>5.1f} " + " ".join(f"{t / n * 1e6:>8.2f} ({nbytes * n / t / 1e12:.2f})"
+                                                           for t in times), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=28)
@@ -107,6 +139,7 @@ def main() -> None:
     ws = layers(args.layers)
     if args.hops:
         hops(ws, args.reps)
+        per_kernel(ws, args.reps)
         return
     if args.rows:
         by_rows(ws, args.rows, args.reps)
