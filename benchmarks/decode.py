@@ -115,6 +115,9 @@ def main() -> None:
     ap.add_argument("--compare-small-decode-batch", type=int, default=None, metavar="N",
                     help="after each row, the engine against a second one whose decode steps of up to N sequences "
                          "take our split-KV attention kernel (FlashInferBackend.small_decode_batch), in turn")
+    ap.add_argument("--compare-silu-out", action="store_true",
+                    help="after each row, the engine against a second one whose graphs were captured with "
+                         "braid_engine.kernels.ROW_SILU_OUT the other way, in turn, in this process")
     args = ap.parse_args()
     if args.compare_row_rows is not None and not 1 <= args.compare_row_rows <= kernels.ROW_KERNEL_MAX_ROWS:
         ap.error(f"--compare-row-rows takes 1 to {kernels.ROW_KERNEL_MAX_ROWS} (the most rows a row-kernel launch takes)")
@@ -164,6 +167,10 @@ def main() -> None:
     if args.compare_small_decode_batch is not None:
         others.append((f"our decode attention ≤ {FlashInferBackend.small_decode_batch}",
                        f"≤ {args.compare_small_decode_batch}", engine_with(args.compare_small_decode_batch)))
+    if args.compare_silu_out:
+        way = "SiLU·mul in gate_up's epilogue".__add__
+        others.append((way(" on" if kernels.ROW_SILU_OUT else " off"), way(" off" if kernels.ROW_SILU_OUT else " on"),
+                       engine_with(ROW_SILU_OUT=not kernels.ROW_SILU_OUT)))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)

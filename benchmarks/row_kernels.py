@@ -48,13 +48,14 @@ def cublas_step(ws, x, r, o_in):
     return x
 
 
-def row_step(ws, x, r, o_in, configs):
+def row_step(ws, x, r, o_in, configs, silu_out: bool = False):
     c_qkv, c_o, c_gu, c_down = configs
     for lw in ws:
         _, r = gemv.norm_matmul(x, r, lw["n1"], 1e-6, lw["qkv"], config=c_qkv)
         h = gemv.row_matmul(o_in, lw["o"], config=c_o)
-        gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"], config=c_gu)
-        x = gemv.silu_matmul(gu, lw["down"], config=c_down)
+        gu, r = gemv.norm_matmul(h, r, lw["n2"], 1e-6, lw["gu"], config=c_gu, silu_out=silu_out)
+        x = gemv.row_matmul(gu, lw["down"], config=c_down) if silu_out else gemv.silu_matmul(gu, lw["down"],
+                                                                                             config=c_down)
     return x
 
 
@@ -171,9 +172,10 @@ def main() -> None:
         for bn_scale, warps in ((2, 4), (2, 8), (0.5, 4), (1, 2), (1, 8)):
             configs = [scaled(c, bn_scale, warps) if j == i else c for j, c in enumerate(default)]
             variants[f"{kernel} only: BLOCK_N ×{bn_scale}, {warps} warps"] = (configs, True)
+    variants["default, SiLU·mul in gate_up's epilogue"] = (default, True)
     for name, (configs, pdl) in variants.items():
         kernels.PDL = pdl
-        t = graph_time(lambda configs=configs: row_step(ws, x, r, o_in, configs), args.reps)
+        t = graph_time(lambda configs=configs, s="epilogue" in name: row_step(ws, x, r, o_in, configs, s), args.reps)
         print(f"{'row kernels (4 a layer), ' + name:52s} {t / args.layers * 1e6:9.2f} "
               f"{weight_bytes / t / 1e12:6.2f} {base / t:8.2f}x")
     kernels.PDL = True

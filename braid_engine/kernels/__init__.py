@@ -62,3 +62,9 @@ ROW_KERNEL_MAX_ROWS = 8
 # against cuBLAS's 33.9, 4 rows 36.2 against 29.2 (docs/benchmarks.md). decode.py
 # --compare-row-rows N measures another bound.
 ROW_KERNEL_ROWS = 2
+
+# in the row-kernel path, the gate_up matmul writes SiLU(gate)·up itself (each program takes gate
+# rows and the up rows of the same columns) and down_proj runs as a plain row matmul, instead of
+# down_proj computing SiLU·mul from gate_up's output in every program. The same values bit for bit
+# (tests/kernels). decode.py --compare-silu-out measures the other setting.
+ROW_SILU_OUT = False

@@ -84,16 +84,41 @@ def _rows_times_tile(acc, w, x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, M, K, eps, p
 
 
 @triton.jit
+def _silu_mul_pairs(y, dtype: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, BY_ROW: tl.constexpr):
+    """y [2·HALF] (or [ROWS, 2·HALF] where BY_ROW) in float32, gate outputs then the up outputs of
+    the same columns → their SiLU(gate)·up, each rounded where the linear and the standalone kernel
+    round."""
+    y = y.to(dtype).to(tl.float32)
+    if BY_ROW:
+        g, u = tl.split(tl.permute(tl.reshape(y, [ROWS, 2, HALF]), [0, 2, 1]))
+    else:
+        g, u = tl.split(tl.permute(tl.reshape(y, [2, HALF]), [1, 0]))
+    s = (g / (1.0 + tl.exp(-g))).to(dtype)
+    return (s.to(tl.float32) * u).to(dtype)
+
+
+@triton.jit
 def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
                        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, ROWS: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, ROWS: tl.constexpr,
+                       SILU_OUT: tl.constexpr):
     dtype = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if USE_PDL:
         # the next kernel may start loading its weights: it waits for this one's output
         tl.extra.cuda.gdc_launch_dependents()
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+    # SILU_OUT: a gate_up weight (gate rows, then up rows): the program takes gate rows j… and the up
+    # rows of the same j, so it can write SiLU(gate)·up for its HALF columns itself
+    HALF: tl.constexpr = BLOCK_N // 2 if SILU_OUT else BLOCK_N
+    out_n = pid * HALF + tl.arange(0, HALF)
+    if SILU_OUT:
+        i = tl.arange(0, BLOCK_N)
+        j = pid * HALF + i % HALF
+        rn = tl.where(i < HALF, j, N // 2 + j)
+        n_ok = j < N // 2
+    else:
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
     k_ok = rk < K
     # the weights never depend on the previous kernel: the first tile is read before waiting
@@ -114,7 +139,10 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
+        if SILU_OUT:
+            tl.store(y_ptr + out_n, _silu_mul_pairs(y, dtype, HALF, ROWS, False), mask=out_n < N // 2)
+        else:
+            tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
     else:
         # a few rows (a small decode batch, padded to ROWS): each weight tile is read once and
         # multiplied by every row
@@ -129,7 +157,11 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K
         rm = tl.arange(0, ROWS)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(dtype), mask=(rm[:, None] < M) & n_ok[None, :])
+        if SILU_OUT:
+            tl.store(y_ptr + rm[:, None] * (N // 2) + out_n[None, :], _silu_mul_pairs(acc, dtype, HALF, ROWS, True),
+                     mask=(rm[:, None] < M) & (out_n < N // 2)[None, :])
+        else:
+            tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(dtype), mask=(rm[:, None] < M) & n_ok[None, :])
 
 
 @functools.cache
@@ -143,8 +175,11 @@ def default_config(n: int, k: int, prologue: int) -> dict:
 
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-            eps: float = 0.0, config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            eps: float = 0.0, config: dict | None = None,
+            silu_out: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, k = weight.shape
+    if silu_out and n % 2:
+        raise ValueError(f"a SiLU·mul output needs gate and up rows of equal count; the weight has {n} rows")
     width = 2 * k if prologue == SILU else k
     x = x.contiguous()
     m = x.shape[0] if x.dim() == 2 else 0
@@ -155,7 +190,7 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         residual = residual.contiguous()
         if residual.shape != x.shape:
             raise ValueError(f"the residual must match the input {tuple(x.shape)}, got {tuple(residual.shape)}")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n // 2 if silu_out else n), dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if residual is not None else None
     args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
             weight, bias if bias is not None else weight, y, h if h is not None else y, m, n, k, eps)
@@ -165,8 +200,13 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if prologue == NORM and cfg["BLOCK_K"] < k:
         raise ValueError(f"the norm prologue needs the whole row in one tile: BLOCK_K ≥ {k}")
     warps = cfg.pop("num_warps")
-    _row_matmul_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        *args, ROWS=triton.next_power_of_2(m), num_warps=warps, **cfg, **flags)
+    if silu_out:  # a program's rows: half gate, half up
+        cfg["BLOCK_N"] = max(2, cfg["BLOCK_N"])
+        grid = triton.cdiv(n // 2, cfg["BLOCK_N"] // 2)
+    else:
+        grid = triton.cdiv(n, cfg["BLOCK_N"])
+    _row_matmul_kernel[(grid,)](*args, ROWS=triton.next_power_of_2(m), num_warps=warps, SILU_OUT=silu_out,
+                                **cfg, **flags)
     return y, h
 
 
@@ -178,10 +218,12 @@ def row_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 def norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                 weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                config: dict | None = None, silu_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) @ weightᵀ (+ bias), x + residual); without a residual the
-    second item is x itself, as the layer's first norm returns it."""
-    y, h = _launch(NORM, x, weight, bias, residual, norm_weight, eps, config)
+    second item is x itself, as the layer's first norm returns it. ``silu_out``: the weight is a
+    gate_up projection's (gate rows, then up rows) and the first item SiLU(gate)·up [M, N/2], as
+    the standalone kernel after the matmul gives it."""
+    y, h = _launch(NORM, x, weight, bias, residual, norm_weight, eps, config, silu_out)
     return y, (h if h is not None else x)
 
 

@@ -73,3 +73,23 @@ def test_qk_norm_rope_write_kv_with_real_k_norm(tokens):
     assert torch.equal(caches[0][:, 1], caches[1][:, 1])
     _one_unit_rarely(caches[0][:, 0], caches[1][:, 0], 96.5)
 
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gate_up_with_silu_mul_out_changes_no_bit(rows):
+    """kernels.ROW_SILU_OUT at Qwen3-0.6B's MLP (gate_up 6,144 × 1,024, down 1,024 × 3,072), bf16,
+    compiled for this card: SiLU·mul written by the gate_up matmul equals, bit for bit, the
+    matmul's output through the standalone kernel, and down_proj over it what the SiLU prologue
+    gave — so a decode step's output does not change."""
+    from braid_engine.kernels.gemv import norm_matmul, row_matmul, silu_matmul
+
+    g = torch.Generator().manual_seed(rows)
+    x, r = ((torch.randn(rows, 1024, generator=g) * 3).to(DEV, BF16) for _ in range(2))
+    nw = (0.5 + torch.rand(1024, generator=g)).to(DEV, BF16)
+    gate_up = (torch.randn(6144, 1024, generator=g) * 0.03).to(DEV, BF16)
+    down = (torch.randn(1024, 3072, generator=g) * 0.02).to(DEV, BF16)
+    y, h = norm_matmul(x, r, nw, 1e-6, gate_up)
+    act, h2 = norm_matmul(x, r, nw, 1e-6, gate_up, silu_out=True)
+    assert torch.equal(h2, h)
+    assert torch.equal(act, silu_and_mul(y))
+    assert torch.equal(row_matmul(act, down), silu_matmul(y, down))

@@ -56,7 +56,10 @@ for rows in (1, 2, 4, 8):  # batch 1, the engine's small batches, the most a lau
     for prologue, residual in ((0, False), (1, False), (1, True), (2, False)):
         for bias in (False, True) if rows <= 2 else (False,):  # biased projections (Qwen2-style qkv)
             compile_(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=bias, BLOCK_N=8,
-                                              BLOCK_K=1024, USE_PDL=True, ROWS=rows), num_warps=4)
+                                              BLOCK_K=1024, USE_PDL=True, ROWS=rows, SILU_OUT=False), num_warps=4)
+for rows in (1, 2):  # the gate_up matmul writing SiLU·mul (kernels.ROW_SILU_OUT)
+    compile_(_row_matmul_kernel, dict(PROLOGUE=1, HAS_RESIDUAL=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024,
+                                      USE_PDL=True, ROWS=rows, SILU_OUT=True), num_warps=4)
 for heads, norm, in_place, ahead in ((8, True, False, True), (32, True, False, True), (32, False, False, True),
                                     (32, True, True, True), (8, True, False, False)):
     compile_(_qk_norm_rope_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HEADS=heads, APPLY_NORM=norm,

@@ -187,12 +187,46 @@ def test_norm_matmul(device, dtype, rows, residual, n, k, bias):
     _matmul_close(y, normed, w, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n,k,bias,config", [(80, 96, False, None), (66, 64, True, None),
+                                             (1024, 96, False, None), (66, 64, False, {"BLOCK_N": 1, "BLOCK_K": 64,
+                                                                                        "num_warps": 2})])
+def test_norm_matmul_can_give_silu_mul_of_its_gate_and_up_halves(device, dtype, rows, n, k, bias, config):
+    """With silu_out the gate_up matmul writes SiLU(gate)·up itself: bit for bit what the matmul
+    followed by the standalone kernel gives, and the down matmul over it (a plain row matmul) bit
+    for bit what the SiLU prologue gave — the layer's output does not change."""
+    from braid_engine.kernels.gemv import norm_matmul, row_matmul, silu_matmul
+
+    g = torch.Generator().manual_seed(n + k + rows)
+    x = (torch.randn(rows, k, generator=g) * torch.arange(1, rows + 1)[:, None]).to(device, dtype)
+    r = torch.randn(rows, k, generator=g).to(device, dtype)
+    nw = (torch.rand(k, generator=g) * 4).to(device, dtype)
+    w = torch.randn(n, k, generator=g).to(device, dtype)
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    down = torch.randn(k, n // 2, generator=g).to(device, dtype)
+    gate_up, h = norm_matmul(x, r, nw, 1e-6, w, b, config=config)
+    act, h2 = norm_matmul(x, r, nw, 1e-6, w, b, config=config, silu_out=True)
+    assert act.shape == (rows, n // 2)
+    assert torch.equal(act, silu_and_mul(gate_up))
+    assert torch.equal(h2, h)
+    assert torch.equal(row_matmul(act, down), silu_matmul(gate_up, down))
+
+
+def test_silu_out_needs_an_even_weight(device):
+    from braid_engine.kernels.gemv import norm_matmul
+
+    x = torch.randn(1, 64, device=device)
+    with pytest.raises(ValueError, match="gate and up rows of equal count"):
+        norm_matmul(x, None, torch.ones(64, device=device), 1e-6, torch.randn(33, 64, device=device), silu_out=True)
+
+
 @pytest.mark.parametrize("rows", [3, 5])
-@pytest.mark.parametrize("prologue", [0, 1, 2])
-def test_row_kernels_leave_the_padding_rows_alone(device, rows, prologue):
+@pytest.mark.parametrize("prologue,silu_out", [(0, False), (1, False), (2, False), (1, True)])
+def test_row_kernels_leave_the_padding_rows_alone(device, rows, prologue, silu_out):
     """Rows padded to a power of two: every buffer holds NaN rows after the real ones; the kernel
     neither writes them (outputs, residual sums) nor lets them into the real rows, which equal
-    what a launch over the real rows alone gives."""
+    what a launch over the real rows alone gives (also where it writes SiLU·mul of its halves)."""
     import triton
 
     from braid_engine.kernels import gemv
@@ -211,15 +245,17 @@ def test_row_kernels_leave_the_padding_rows_alone(device, rows, prologue):
     nw = (torch.rand(k, generator=g) + 0.5).to(device)
     w = torch.randn(n, k, generator=g).to(device)
     b = torch.randn(n, generator=g).to(device)
-    y, h = torch.full((pad, n), float("nan"), device=device), torch.full((pad, k), float("nan"), device=device)
+    out = n // 2 if silu_out else n
+    y, h = torch.full((pad, out), float("nan"), device=device), torch.full((pad, k), float("nan"), device=device)
     cfg = dict(gemv.default_config(n, k, prologue))
     warps = cfg.pop("num_warps")
     norm = prologue == gemv.NORM
-    gemv._row_matmul_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+    gemv._row_matmul_kernel[(triton.cdiv(out, cfg["BLOCK_N"] // (2 if silu_out else 1)),)](
         x, r, nw, w, b, y, h, rows, n, k, 1e-6, PROLOGUE=prologue, HAS_RESIDUAL=norm, HAS_BIAS=True,
-        USE_PDL=False, ROWS=pad, num_warps=warps, **cfg)
+        USE_PDL=False, ROWS=pad, SILU_OUT=silu_out, num_warps=warps, **cfg)
     assert y[rows:].isnan().all() and h[rows:].isnan().all()
-    want, want_h = gemv._launch(prologue, x[:rows], w, b, r[:rows] if norm else None, nw if norm else None, 1e-6)
+    want, want_h = gemv._launch(prologue, x[:rows], w, b, r[:rows] if norm else None, nw if norm else None, 1e-6,
+                                silu_out=silu_out)
     assert torch.equal(y[:rows], want)
     if norm:
         assert torch.equal(h[:rows], want_h)
