@@ -67,4 +67,4 @@ ROW_KERNEL_ROWS = 2
 # rows and the up rows of the same columns) and down_proj runs as a plain row matmul, instead of
 # down_proj computing SiLU·mul from gate_up's output in every program. The same values bit for bit
 # (tests/kernels). decode.py --compare-silu-out measures the other setting.
-ROW_SILU_OUT = False
+ROW_SILU_OUT = True

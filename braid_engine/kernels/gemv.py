@@ -11,9 +11,11 @@ programmatic dependent of the one before: it reads its first weight tile while t
 finishes, and waits for it only before reading the input row.
 
 - :func:`norm_matmul`: (optional residual add →) RMSNorm → x Wᵀ; the input norms before
-  qkv_proj and gate_up_proj.
-- :func:`silu_matmul`: SiLU(gate)·up → x Wᵀ; down_proj.
-- :func:`row_matmul`: x Wᵀ; o_proj.
+  qkv_proj and gate_up_proj. With ``silu_out`` (gate_up_proj, the engine's default through
+  ``kernels.ROW_SILU_OUT``) each program takes gate rows and the up rows of the same columns and
+  writes SiLU(gate)·up, so the SiLU·mul is computed once instead of in every down_proj program.
+- :func:`silu_matmul`: SiLU(gate)·up → x Wᵀ; down_proj over a plain gate_up output.
+- :func:`row_matmul`: x Wᵀ; o_proj, and down_proj after a ``silu_out`` gate_up.
 
 A launch takes up to :data:`MAX_ROWS` input rows: each program reads its weight tile once and
 multiplies it by every row in turn, each row with its own norm (the engine sends up to
@@ -223,7 +225,7 @@ def norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     second item is x itself, as the layer's first norm returns it. ``silu_out``: the weight is a
     gate_up projection's (gate rows, then up rows) and the first item SiLU(gate)·up [M, N/2], as
     the standalone kernel after the matmul gives it."""
-    y, h = _launch(NORM, x, weight, bias, residual, norm_weight, eps, config, silu_out)
+    y, h = _launch(NORM, x, weight, bias, residual, norm_weight, eps, config, silu_out=silu_out)
     return y, (h if h is not None else x)
 
 

@@ -63,19 +63,25 @@ def _stepwise_logits(path, ids: list[int], device: torch.device) -> torch.Tensor
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("silu_out", [True, False])
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_one_token_steps_through_row_kernels_match_torch_path(tmp_path, arch, device, monkeypatch):
+def test_one_token_steps_through_row_kernels_match_torch_path(tmp_path, arch, silu_out, device, monkeypatch):
+    from braid_engine import kernels
     from braid_engine.kernels import gemv
 
     path = make_tiny_checkpoint(tmp_path / arch, arch=arch, k_norm_max=96.5 if arch == "qwen3" else None)
     ids = [3, 17, 42, 8, 99, 5, 61, 23, 7, 11]
     launches = []
     launch = gemv._launch
-    monkeypatch.setattr(gemv, "_launch", lambda prologue, *a, **k: launches.append(prologue) or launch(prologue, *a, **k))
+    monkeypatch.setattr(gemv, "_launch", lambda prologue, *a, silu_out=False, **k:
+                        launches.append((prologue, silu_out)) or launch(prologue, *a, silu_out=silu_out, **k))
+    monkeypatch.setattr(kernels, "ROW_SILU_OUT", silu_out)
     rows = _stepwise_logits(path, ids, device)
     layers = load_config(path).num_hidden_layers
-    # four one-row matmuls a layer a step: norm → qkv, o_proj, norm → gate_up, SiLU·mul → down
-    assert launches == [gemv.NORM, gemv.PLAIN, gemv.NORM, gemv.SILU] * layers * len(ids)
+    # four one-row matmuls a layer a step: norm → qkv, o_proj, norm → gate_up, then down_proj over
+    # SiLU·mul — written by gate_up (kernels.ROW_SILU_OUT) or computed in down_proj's prologue
+    mlp = [(gemv.NORM, True), (gemv.PLAIN, False)] if silu_out else [(gemv.NORM, False), (gemv.SILU, False)]
+    assert launches == ([(gemv.NORM, False), (gemv.PLAIN, False)] + mlp) * layers * len(ids)
     ref = _logits(path, False, ids, device)
     # float32 sums in another order; k_norm weights of 96.5 amplify that (2.7e-4 seen on an
     # H100), a wrong rounding or a lost residual would move logits by whole units
