@@ -168,9 +168,9 @@ def main() -> None:
         others.append((f"our decode attention ≤ {FlashInferBackend.small_decode_batch}",
                        f"≤ {args.compare_small_decode_batch}", engine_with(args.compare_small_decode_batch)))
     if args.compare_silu_out:
-        way = "SiLU·mul in gate_up's epilogue".__add__
-        others.append((way(" on" if kernels.ROW_SILU_OUT else " off"), way(" off" if kernels.ROW_SILU_OUT else " on"),
-                       engine_with(ROW_SILU_OUT=not kernels.ROW_SILU_OUT)))
+        ways = ("SiLU·mul written by gate_up", "SiLU·mul in down_proj")
+        this, other = ways if kernels.ROW_SILU_OUT else ways[::-1]
+        others.append((this, other, engine_with(ROW_SILU_OUT=not kernels.ROW_SILU_OUT)))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)

@@ -9,6 +9,14 @@ import triton.language as tl
 
 
 @triton.jit
+def silu_mul(g, u, dtype: tl.constexpr):
+    """SiLU(g)·u of model-dtype values (g in float32), rounded as torch rounds: silu's result to
+    the model dtype before the multiply, then the product. Shared by every kernel that computes it."""
+    s = (g / (1.0 + tl.exp(-g))).to(dtype)
+    return (s.to(tl.float32) * u.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, n, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -16,9 +24,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, n, BLOCK: tl.constexpr):
     dtype = out_ptr.dtype.element_ty
     g = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * x_stride + n + cols, mask=mask, other=0.0)
-    # torch rounds silu's result to the model dtype before the multiply
-    s = (g / (1.0 + tl.exp(-g))).to(dtype)
-    tl.store(out_ptr + row * n + cols, (s.to(tl.float32) * u.to(tl.float32)).to(dtype), mask=mask)
+    tl.store(out_ptr + row * n + cols, silu_mul(g, u, dtype), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from braid_engine.kernels import ROW_KERNEL_MAX_ROWS as MAX_ROWS
 from braid_engine.kernels import pdl_args
+from braid_engine.kernels.activation import silu_mul
 
 PLAIN, NORM, SILU = 0, 1, 2
 # elements of weight one program loads per step of its loop: enough bytes in flight per SM
@@ -62,9 +63,7 @@ def _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.cons
     elif PROLOGUE == 2:
         # x holds (gate, up) of K each; torch rounds silu's result before the multiply
         g = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + K + rk, mask=k_ok, other=0.0)
-        s = (g / (1.0 + tl.exp(-g))).to(dtype)
-        a = (s.to(tl.float32) * u.to(tl.float32)).to(dtype)
+        a = silu_mul(g, tl.load(x_ptr + K + rk, mask=k_ok, other=0.0), dtype)
     else:
         a = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
     return a.to(tl.float32)
@@ -95,8 +94,7 @@ def _silu_mul_pairs(y, dtype: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constex
         g, u = tl.split(tl.permute(tl.reshape(y, [ROWS, 2, HALF]), [0, 2, 1]))
     else:
         g, u = tl.split(tl.permute(tl.reshape(y, [2, HALF]), [1, 0]))
-    s = (g / (1.0 + tl.exp(-g))).to(dtype)
-    return (s.to(tl.float32) * u).to(dtype)
+    return silu_mul(g, u, dtype)
 
 
 @triton.jit

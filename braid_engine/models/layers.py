@@ -222,13 +222,13 @@ class DecoderLayer(nn.Module):
         qkv, residual = norm_matmul(x, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight,
                                     attn.qkv_proj.bias)
         h = row_matmul(attn.attend(positions, qkv, ctx), attn.o_proj.weight, attn.o_proj.bias)
-        if kernels.ROW_SILU_OUT:  # the gate_up matmul writes SiLU(gate)·up; down_proj is a plain matmul
-            act, residual = norm_matmul(h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight,
-                                        mlp.gate_up_proj.bias, silu_out=True)
-            return row_matmul(act, mlp.down_proj.weight, mlp.down_proj.bias), residual
-        gate_up, residual = norm_matmul(h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight,
-                                        mlp.gate_up_proj.bias)
-        return silu_matmul(gate_up, mlp.down_proj.weight, mlp.down_proj.bias), residual
+        # SiLU·mul written by the gate_up matmul (then down_proj is a plain one), or computed in
+        # down_proj's prologue
+        silu_out = kernels.ROW_SILU_OUT
+        mid, residual = norm_matmul(h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight,
+                                    mlp.gate_up_proj.bias, silu_out=silu_out)
+        down = row_matmul if silu_out else silu_matmul
+        return down(mid, mlp.down_proj.weight, mlp.down_proj.bias), residual
 
 
 class DecoderModel(nn.Module):
