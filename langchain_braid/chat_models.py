@@ -92,6 +92,13 @@ def _loaded(key: tuple) -> _Engine | None:
     return None if engine is None or engine.llm.engine.closed else engine
 
 
+def _engine_facts(engine: _Engine) -> ModelProfile:
+    """What the profile can say only once the engine is loaded: the context its pool allows,
+    and whether the chat template writes bound tools (TinyLlama's and ERNIE-4.5's do not)."""
+    return ModelProfile(max_input_tokens=engine.llm.config.max_model_len,
+                        tool_calling=template_renders_tools(engine.llm.tokenizer))
+
+
 class ChatBraid(BaseChatModel):
     """A local chat model on braid_engine; a conversation's history is served from retained KV.
 
@@ -193,16 +200,16 @@ class ChatBraid(BaseChatModel):
         limit = self._context_limit(cfg)
         if limit is not None:
             profile["max_input_tokens"] = limit
+        engine = _loaded(_engine_key(self.model, self.device, self.dtype, self.engine_kwargs))
+        if engine is not None:
+            profile.update(_engine_facts(engine))
         self._own_profile = profile
         return profile
 
     def _context_limit(self, cfg: dict[str, Any]) -> int | None:
-        """The engine's ``max_model_len`` if it is loaded, else as much of it as ``cfg`` (the
-        checkpoint's config) and ``engine_kwargs`` tell: a pool sized from memory is known only
-        once it is allocated (``_engine`` corrects the profile then)."""
-        engine = _loaded(_engine_key(self.model, self.device, self.dtype, self.engine_kwargs))
-        if engine is not None:
-            return engine.llm.config.max_model_len
+        """As much of the engine's ``max_model_len`` as ``cfg`` (the checkpoint's config) and
+        ``engine_kwargs`` tell before it loads: a pool sized from memory is known only once it is
+        allocated (the loaded engine's facts replace it then)."""
         given = self.engine_kwargs.get("max_model_len")
         if isinstance(given, int):
             return given
@@ -226,9 +233,11 @@ class ChatBraid(BaseChatModel):
                     if closed is not None:  # shut down: its submitting thread would idle on
                         closed.submitter.shutdown(wait=False)
                     engine = _ENGINES[key] = _Engine(llm)
-        profile, limit = self._own_profile, engine.llm.config.max_model_len
-        if profile is not None and self.profile is profile and profile.get("max_input_tokens") != limit:
-            self.profile = self._own_profile = {**profile, "max_input_tokens": limit}
+        profile = self._own_profile
+        if profile is not None and self.profile is profile:
+            facts = _engine_facts(engine)
+            if any(profile.get(k) != v for k, v in facts.items()):
+                self.profile = self._own_profile = {**profile, **facts}
         return engine
 
     @property

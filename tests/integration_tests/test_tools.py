@@ -676,3 +676,22 @@ def test_tools_bound_to_a_template_that_ignores_them_warn(tiny_model, tiny_llama
         warnings.simplefilter("error")
         ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=4).bind_tools([add]).invoke("Add 2 and 3")
         ChatBraid(model=str(tiny_llama), device="cpu", temperature=0, max_tokens=4).invoke("Add 2 and 3")
+
+
+def test_the_profile_says_tool_calling_only_where_the_template_writes_tools(tiny_model, tiny_llama):
+    """profile["tool_calling"] is what the loaded engine's chat template does with tools: True
+    for Qwen3's, False for TinyLlama's (which ignores them), before and after a model's engine
+    loads; a profile the caller gave is left alone."""
+    fresh = {"max_num_seqs": 3}  # an engine of its own, not loaded by another test
+    llama = ChatBraid(model=str(tiny_llama), device="cpu", max_tokens=2, engine_kwargs=fresh)
+    assert llama.profile["tool_calling"] is True  # the engine not loaded: not known yet
+    llama.invoke("hi")
+    assert llama.profile["tool_calling"] is False
+    loaded = ChatBraid(model=str(tiny_llama), device="cpu", engine_kwargs=fresh)
+    assert loaded.profile["tool_calling"] is False
+    qwen = ChatBraid(model=tiny_model, device="cpu", max_tokens=2)
+    qwen.invoke("hi")
+    assert qwen.profile["tool_calling"] is True
+    given = ChatBraid(model=str(tiny_llama), device="cpu", profile={"tool_calling": True})
+    given.invoke("hi", max_tokens=1)
+    assert given.profile == {"tool_calling": True}
