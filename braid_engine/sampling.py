@@ -65,19 +65,27 @@ class SamplingParams:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
                                             or self.max_tokens < 1):
             raise bad(f"max_tokens must be an int ≥ 1 or None, got {self.max_tokens!r}.")
-        if self.seed is not None and (not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64):
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**64):
             raise bad(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}.")
+        for name in ("ignore_eos", "skip_special_tokens", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if self.stop is not None and not isinstance(self.stop, Iterable):
             raise bad(f"stop must be a string or a list of strings, got {self.stop!r}.")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop if self.stop is not None else [])
         if any(not isinstance(s, str) or not s for s in stop):
-            raise bad(f"stop must be non-empty strings, got {self.stop!r}.")
+            raise bad(f"stop must be non-empty strings, got {stop!r}.")
+        if self.stop is not None and not isinstance(self.stop, str):
+            self.stop = stop  # an iterator is read once: the engine reads the list
         self._stop = stop
         if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, Iterable):
             raise bad(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}.")
-        ids = list(self.stop_token_ids or [])
-        if any(not isinstance(t, int) or t < 0 for t in ids):
-            raise bad(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}.")
+        if self.stop_token_ids is not None:
+            ids = list(self.stop_token_ids)
+            if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or t < 0 for t in ids):
+                raise bad(f"stop_token_ids must be non-negative ints, got {ids!r}.")
+            self.stop_token_ids = [int(t) for t in ids]  # numpy ints, arrays and iterators as a list
         if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
             raise bad(f"guided must be a GuidedDecoding or None, got {type(self.guided).__name__}.")
 

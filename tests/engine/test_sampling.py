@@ -92,6 +92,11 @@ def test_seeded_sampling_is_reproducible(qwen3_llm):
     (dict(stop=5), "stop"),
     (dict(stop_token_ids=7), "stop_token_ids"),
     (dict(stop_token_ids=0), "stop_token_ids"),  # was read as no stop ids at all
+    (dict(seed=True), "seed"),  # torch's manual_seed refused it later, untyped
+    (dict(skip_special_tokens="no"), "skip_special_tokens"),  # failed inside the loop as an engine bug
+    (dict(ignore_eos=1), "ignore_eos"),
+    (dict(enable_prefix_caching="no"), "enable_prefix_caching"),
+    (dict(stop_token_ids=[True]), "stop_token_ids"),
 ])
 def test_invalid_sampling_values_are_named(kwargs, word):
     with pytest.raises(InvalidSamplingParamsError, match=word):
@@ -113,3 +118,21 @@ def test_fields_changed_after_construction_are_checked_and_used(qwen3_llm):
         qwen3_llm.generate("Hello there", params)
     params.temperature = 0
     assert qwen3_llm.generate("Hello there", params)[0].text == cut.text
+
+
+def test_stop_lists_given_as_iterators_or_arrays_are_read_once_and_kept(qwen3_llm):
+    """An iterator of stops was read by the first check and left empty for the engine (the request
+    ran to its length); a numpy array of stop ids raised numpy's ambiguous-truth ValueError."""
+    import numpy as np
+
+    full = qwen3_llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    tok = full.token_ids[5]
+    for ids in (iter([tok]), np.array([tok]), (tok,)):
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop_token_ids=ids)
+        assert params.stop_token_ids == [tok]
+        out = qwen3_llm.generate("Hello there", params)[0]
+        assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:full.token_ids.index(tok) + 1]
+    stop = full.text[10:13]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=iter([stop]))
+    assert params.stop == [stop]
+    assert qwen3_llm.generate("Hello there", params)[0].text == full.text[: full.text.index(stop)]
