@@ -46,14 +46,22 @@ def to_openai_tool(tool: Any, where: str, instead: str = "") -> dict[str, Any]:
         raise ToolSchemaError(
             f'{where} is a JSON Schema without a "title"; a tool call needs a name: add a '
             f'top-level "title" (it names the tool){instead}.')
+    not_object = ToolSchemaError(
+        f"{where}: a tool's arguments must be a JSON object schema (a call's arguments are an "
+        f"object); put the value in a property of an object{instead}.")
+    if is_json_schema(tool) and tool.get("type", "object") != "object":
+        raise not_object
     try:
         formatted = convert_to_openai_tool(tool)
     except ValueError as e:
         raise ToolSchemaError(f"{where} cannot be a tool: {e}") from e
-    if "function" in formatted:
-        return formatted
     if formatted.get("type") == "function" and "name" in formatted:  # the Responses API's form
-        return {"type": "function", "function": convert_to_openai_function(formatted)}
+        formatted = {"type": "function", "function": convert_to_openai_function(formatted)}
+    if "function" in formatted:
+        params = formatted["function"].get("parameters")
+        if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+            raise not_object
+        return formatted
     raise ToolSchemaError(
         f"{where} ({{'type': {formatted.get('type')!r}, ...}}) is not a function tool: a "
         "provider's built-in tool runs only on its servers; bind a LangChain tool or function "
@@ -63,8 +71,34 @@ def to_openai_tool(tool: Any, where: str, instead: str = "") -> dict[str, Any]:
 
 def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
     """``tools`` (as ``bind_tools`` takes them) as OpenAI function tools, the form the chat
-    template renders and the grammar constrains."""
-    return [to_openai_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+    template renders and the grammar constrains. A call names its tool, so two tools of one name
+    must be one tool (the same arguments: a class and its JSON schema): the later is dropped."""
+    if isinstance(tools, (str, bytes, dict)) or not isinstance(tools, Sequence):
+        raise ToolSchemaError(f"tools must be a list of tools, got {type(tools).__name__}; pass [tool, ...].")
+    formatted: list[dict[str, Any]] = []
+    first: dict[str, int] = {}
+    for i, tool in enumerate(tools):
+        fn = to_openai_tool(tool, f"tools[{i}]")["function"]
+        if fn["name"] not in first:
+            first[fn["name"]] = i
+            formatted.append({"type": "function", "function": fn})
+            continue
+        same = next(t["function"] for t in formatted if t["function"]["name"] == fn["name"])
+        if _untitled(same.get("parameters")) != _untitled(fn.get("parameters")):
+            raise ToolSchemaError(f"tools[{i}] is named {fn['name']!r} like tools[{first[fn['name']]}] but takes other "
+                                  "arguments; tool names must be unique (a call names the tool it is for): rename one.")
+    return formatted
+
+
+def _untitled(schema: Any) -> Any:
+    """A JSON Schema without its "title" annotations (a pydantic class's schema has them, the
+    tool LangChain makes of the class not), property names kept."""
+    if isinstance(schema, list):
+        return [_untitled(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {k: ({p: _untitled(v) for p, v in v.items()} if k == "properties" and isinstance(v, dict) else _untitled(v))
+            for k, v in schema.items() if not (k == "title" and isinstance(v, str))}
 
 
 def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
@@ -79,7 +113,8 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
     given = tool_choice
     if isinstance(tool_choice, dict):  # OpenAI {"type": "function", "function": {"name": …}},
         # Anthropic {"type": "tool", "name": …} or {"type": "any" / "auto"}
-        tool_choice = ((tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        function = tool_choice.get("function")
+        tool_choice = ((function.get("name") if isinstance(function, dict) else None) or tool_choice.get("name")
                        or tool_choice.get("type"))
     if tool_choice in _CHOICES:
         return "any" if tool_choice == "required" else tool_choice

@@ -616,7 +616,7 @@ class ChatBraid(BaseChatModel):
         parser: Runnable
         if method == "function_calling":
             tool = to_openai_tool(schema, 'with_structured_output(schema, method="function_calling")',
-                                  ', or use method="json_schema", which needs none')
+                                  ', or use method="json_schema", which takes any JSON Schema')
             name = tool["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=ls_format,
                                   **kwargs)
@@ -667,8 +667,8 @@ def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDe
         return None
     if kind == "json_object":
         return GuidedDecoding(json_object=True)
-    if kind == "json_schema":
-        spec = response_format.get("json_schema") or {}
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        spec = response_format["json_schema"]
         return GuidedDecoding(json_schema=spec.get("schema", spec))
     raise ValueError(f"response_format={response_format!r}: use {{'type': 'json_object'}}, "
                      "{'type': 'json_schema', 'json_schema': {'schema': {...}}} or {'type': 'text'}.")

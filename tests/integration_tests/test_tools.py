@@ -225,6 +225,41 @@ def test_tool_choice_dicts_of_each_provider_form():
         normalize_tool_choice({"type": "function"}, names)
 
 
+def test_tool_lists_that_cannot_be_bound_are_refused_by_what_is_wrong(chat):
+    """Found by review: two tools of one name were both bound and the grammar gave calls of that
+    name either tool's arguments (a tool runner would hand one tool the other's); a tool whose
+    arguments are not a JSON object was bound and every forced call came back invalid (or, as a
+    schema, returned {}); None for the tool list, a non-dict function in a tool_choice dict and a
+    json_schema response_format that is not a dict failed untyped."""
+    from langchain_braid._tools import normalize_tool_choice
+
+    def f(a: bool) -> bool:
+        """f."""
+        return a
+
+    other = {"type": "function", "function": {"name": "f", "description": "another f",
+                                              "parameters": {"type": "object", "properties": {"b": {"type": "boolean"}}}}}
+    with pytest.raises(ToolSchemaError, match=r"tools\[1\] is named 'f' like tools\[0\] but takes other.*unique"):
+        chat.bind_tools([f, other])
+    # one tool given twice (a function and its OpenAI form, as LangChain's standard tests bind a
+    # class and its schema) is one tool
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    assert chat.bind_tools([f, convert_to_openai_tool(f)]).kwargs["tools"] == chat.bind_tools([f]).kwargs["tools"]
+    string_args = {"type": "function", "function": {"name": "s", "parameters": {"type": "string"}}}
+    with pytest.raises(ToolSchemaError, match=r"tools\[0\].*arguments must be a JSON object"):
+        chat.bind_tools([string_args], tool_choice="any")
+    with pytest.raises(ToolSchemaError, match='arguments must be a JSON object.*method="json_schema"'):
+        chat.with_structured_output({"title": "s", "type": "string"}, method="function_calling")
+    with pytest.raises(ToolSchemaError, match="a list of tools"):
+        chat.bind_tools(None)
+    with pytest.raises(ToolChoiceError, match="neither one of"):
+        normalize_tool_choice({"function": "f"}, ["f"])
+    with pytest.raises(ValueError, match="response_format="):
+        chat.invoke("hi", response_format={"type": "json_schema", "json_schema": "x"}, max_tokens=2)
+    assert chat.invoke("hi", max_tokens=2).content is not None  # still serving
+
+
 def test_tool_choice_false_is_no_choice(chat):
     """ChatOpenAI and others read tool_choice=False as no choice, like None; it was refused
     as neither a choice nor a tool. It is now the default, "auto"."""
