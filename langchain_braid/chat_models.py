@@ -382,8 +382,11 @@ class ChatBraid(BaseChatModel):
         else:
             guided = response_format
             choice = "any" if guided is not None else "auto"
-        if choice not in ("auto", "none") or response_format is not None:
-            template["enable_thinking"] = False  # a forced answer starts at its first token
+        # an answer the grammar writes whole (forced calls, a response format) starts at its first
+        # token and ends where the grammar ends: stop strings, which end free text, would cut it
+        whole = choice not in ("auto", "none") or response_format is not None
+        if whole:
+            template["enable_thinking"] = False
         engine = self._engine()
         tok = engine.llm.tokenizer
         if tools and not template_renders_tools(tok):
@@ -398,7 +401,7 @@ class ChatBraid(BaseChatModel):
             temperature=options.get("temperature", self.temperature),
             top_p=options.get("top_p", self.top_p), top_k=options.get("top_k", self.top_k),
             min_p=options.get("min_p", 0.0), max_tokens=options.get("max_tokens", self.max_tokens),
-            stop=stop if stop is not None else self.stop, seed=options.get("seed", self.seed),
+            stop=None if whole else stop if stop is not None else self.stop, seed=options.get("seed", self.seed),
             enable_prefix_caching=options.get("enable_prefix_caching", self.enable_prefix_caching),
             guided=guided,
         )
@@ -736,7 +739,11 @@ def _json_parser(model: type | None, *, calls: bool = False) -> Callable[[AIMess
         _refuse_cut_off(message)
         if calls and message.tool_calls:
             return None
-        value = json.loads(message.text, strict=False)  # raw control characters are allowed
+        try:
+            value = json.loads(message.text, strict=False)  # raw control characters are allowed
+        except ValueError as e:
+            raise OutputParserException(f"structured output: the answer is not JSON ({e})",
+                                        llm_output=message.text) from e
         if model is None:
             return value
         return model.model_validate(value) if hasattr(model, "model_validate") else model.parse_obj(value)

@@ -260,6 +260,28 @@ def test_tool_lists_that_cannot_be_bound_are_refused_by_what_is_wrong(chat):
     assert chat.invoke("hi", max_tokens=2).content is not None  # still serving
 
 
+def test_stop_strings_do_not_cut_an_answer_the_grammar_writes(chat):
+    """Found by review: with stop strings (the model's or the call's), a forced call ended at the
+    first newline of its tag (an invalid call named None) and structured output at the first quote
+    (a bare JSONDecodeError). Stop strings end free text; an answer a grammar writes whole
+    (forced calls, a response format) ends where the grammar ends."""
+    stopping = chat.model_copy(update={"stop": ["\n"]})
+    whole = 0
+    for seed in range(4):
+        msg = stopping.bind_tools([add], tool_choice="add").invoke("Add 2 and 3.", seed=seed)
+        if msg.response_metadata["finish_reason"] == "length":
+            continue  # this random model writes some integers past max_tokens
+        assert msg.invalid_tool_calls == [] and [c["name"] for c in msg.tool_calls] == ["add"]
+        check_args("add", msg.tool_calls[0]["args"])
+        whole += 1
+    assert whole >= 2
+    forecast = chat.with_structured_output(Forecast).invoke("Forecast", seed=7, stop=['"', "}"])
+    assert forecast == chat.with_structured_output(Forecast).invoke("Forecast", seed=7)
+    # free text still stops at them
+    free = chat.invoke("Say something.", seed=1, max_tokens=40, stop=["e"])
+    assert "e" not in free.content
+
+
 def test_tool_choice_false_is_no_choice(chat):
     """ChatOpenAI and others read tool_choice=False as no choice, like None; it was refused
     as neither a choice nor a tool. It is now the default, "auto"."""
