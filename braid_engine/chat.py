@@ -4,7 +4,48 @@ from __future__ import annotations
 
 from typing import Any
 
-from braid_engine.errors import ChatTemplateError
+from braid_engine.errors import ChatTemplateError, InvalidRequestError
+
+# what render_chat passes to the template itself
+_RESERVED = ("messages", "conversation", "add_generation_prompt", "tokenize")
+
+
+def check_text(text: str) -> str:
+    """``text``, if UTF-8 can encode it (the tokenizer's input); a lone surrogate, which a
+    decoding with ``errors="surrogateescape"`` leaves, is an InvalidRequestError that says where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"the text is not valid Unicode: {e.reason} at index {e.start} ({text[e.start]!r}); replace it, "
+            "e.g. text.encode('utf-8', 'replace').decode('utf-8').") from None
+    return text
+
+
+def check_template_kwargs(template_kwargs: dict[str, Any]) -> None:
+    """Refuse template variables that rendering sets itself (the messages, add_generation_prompt)."""
+    taken = [k for k in _RESERVED if k in template_kwargs]
+    if taken:
+        raise ChatTemplateError(f"template variables {taken} are set by the engine itself; pass the messages "
+                                "as messages (and add_generation_prompt as its own argument, where there is one).")
+
+
+def _template_message(i: int, message: Any) -> Any:
+    """``message`` as templates take it: a dict with a role and text content (a list of text blocks,
+    OpenAI's form, joined); a typed error naming it otherwise (templates dropped such messages)."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ChatTemplateError(f"messages[{i}] must be a dict with a 'role' string, got {message!r:.100}.")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [b.get("text") for b in content if isinstance(b, dict) and b.get("type") == "text"]
+        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+            raise ChatTemplateError(f"messages[{i}]: content blocks must be text ({{'type': 'text', 'text': ...}}); "
+                                    "this engine reads text only.")
+        return {**message, "content": "".join(texts)}
+    if content is not None and not isinstance(content, str):
+        raise ChatTemplateError(f"messages[{i}]: content must be a string or a list of text blocks, "
+                                f"got {type(content).__name__}.")
+    return message
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
@@ -19,8 +60,13 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
             "the checkpoint's tokenizer has no chat template; use a chat (instruct) checkpoint, "
             "send a plain prompt, or set tokenizer.chat_template."
         )
+    check_template_kwargs(template_kwargs)
+    if isinstance(messages, (str, dict)) or not isinstance(messages, list):
+        raise ChatTemplateError(f"messages must be a list of message dicts, got {type(messages).__name__}.")
+    messages = [_template_message(i, m) for i, m in enumerate(messages)]
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt, **template_kwargs)
     except Exception as e:  # jinja raises many types; all mean "this template rejects these messages"
         raise ChatTemplateError(f"the chat template could not render the messages: {e}") from e
+    return check_text(text)

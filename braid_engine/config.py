@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from braid_engine.errors import CheckpointError
+from braid_engine.errors import BraidError, CheckpointError
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"config.json holds a {type(cfg).__name__}, not an object of fields; "
+                                  "re-download the checkpoint.")
         archs = cfg.get("architectures") or []
-        if not archs:
+        if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
             raise CheckpointError(
-                "config.json has no 'architectures' entry; add the model class name, "
+                f"config.json's 'architectures' is {archs!r}; it must list the model class name, "
                 "e.g. \"architectures\": [\"Qwen3ForCausalLM\"]."
             )
         try:
@@ -80,6 +83,20 @@ class ModelConfig:
             )
         except KeyError as e:
             raise CheckpointError(f"config.json lacks the required field {e.args[0]!r}.") from e
+        except BraidError:
+            raise
+        except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong kind (null, a list, "1e-6x")
+            raise CheckpointError(f"config.json has a field of the wrong kind ({type(e).__name__}: {e}); "
+                                  "compare it with the model's published config.json.") from e
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise CheckpointError(f"config.json's {name} is {getattr(self, name)}; it must be at least 1.")
+        if self.max_position_embeddings < 2:
+            raise CheckpointError(f"config.json's max_position_embeddings is {self.max_position_embeddings}: no "
+                                  "prompt and answer fit; it must be at least 2.")
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
@@ -119,6 +136,8 @@ _DTYPES = {
 
 def _parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise ValueError(f"dtype {name} is not one the engine computes in; use float32, float16 or bfloat16.")
         return name
     try:
         return _DTYPES[str(name).removeprefix("torch.")]
@@ -133,6 +152,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: the engine runs on 'cpu' or 'cuda' (or 'auto').")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but CUDA is not available; use device='cpu' or 'auto'.")
     return dev

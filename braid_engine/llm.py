@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from braid_engine.attention.base import AttentionBackend
-from braid_engine.chat import render_chat
+from braid_engine.chat import check_text, render_chat
 from braid_engine.compat import check_model
 from braid_engine.config import EngineConfig, resolve_device, resolve_dtype
 from braid_engine.engine.engine import LLMEngine, PinHandle
 from braid_engine.engine.kv_cache import allocate_kv_cache, kv_bytes_per_token
 from braid_engine.engine.model_runner import ModelRunner, prefill_graph_sizes
 from braid_engine.engine.sequence import RequestOutput
-from braid_engine.errors import InvalidRequestError
+from braid_engine.errors import CheckpointError, InvalidRequestError
 from braid_engine.kernels import fused_kernels_available
 from braid_engine.loader import load_config, load_model, load_tokenizer, resolve_model_path
 from braid_engine.models.layers import CausalLM
@@ -196,23 +196,34 @@ class LLM:
         ids = set(self.model_config.eos_token_ids)
         gen = path / "generation_config.json"
         if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+            try:
+                eos = json.loads(gen.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise CheckpointError(f"{gen} is not a JSON object of settings ({e}); re-download it.") from e
+            eos = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+                raise CheckpointError(f"{gen}'s eos_token_id must be token ids, got {eos!r}.")
+            ids.update(eos)
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
     # -- prompts -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+        return list(self.tokenizer(check_text(text))["input_ids"])
 
     def _to_ids(self, prompt: PromptType) -> list[int]:
         if isinstance(prompt, str):
             return self.encode(prompt)
+        if isinstance(prompt, (bytes, bytearray)):
+            raise InvalidRequestError("a prompt of bytes: decode it to a str first (e.g. data.decode('utf-8')).")
         if _is_array(prompt):
             return _array_ids(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"])
+            ids = prompt["prompt_token_ids"]
+            if isinstance(ids, (str, bytes, dict)) or not isinstance(ids, Iterable):
+                raise InvalidRequestError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}.")
+            return list(ids)
         if isinstance(prompt, Sequence) and not isinstance(prompt, str) and (not prompt or isinstance(prompt[0], numbers.Integral)):
             return list(prompt)  # the engine checks every id (types and range) once
         raise InvalidRequestError(

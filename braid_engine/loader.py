@@ -47,9 +47,19 @@ def load_config(path: Path) -> ModelConfig:
     return ModelConfig.from_file(path / "config.json")
 
 
+# the files a tokenizer's vocabulary comes from (fast, sentencepiece, BPE, WordPiece, tiktoken)
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                "sentencepiece.bpe.model", "*.tiktoken")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not any(any(Path(path).glob(name)) for name in _VOCAB_FILES):
+        # transformers would make an empty tokenizer of the model type's class: every text a prompt
+        # of no tokens, token 0 an end of sequence
+        raise CheckpointError(f"{path} has no tokenizer vocabulary (none of {', '.join(_VOCAB_FILES)}); "
+                              "re-download the checkpoint's tokenizer files.")
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -61,8 +71,10 @@ def safetensors_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}'s weight_map must map tensor names to shard files; re-download it.")
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:

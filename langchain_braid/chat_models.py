@@ -37,6 +37,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
+from braid_engine.chat import check_template_kwargs
 from braid_engine.engine.engine import RequestStream
 from braid_engine.llm import pool_context
 from braid_engine.loader import load_config, load_tokenizer, resolve_model_path
@@ -353,6 +354,7 @@ class ChatBraid(BaseChatModel):
     # -- requests ------------------------------------------------------------------------
     def _template_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
         kwargs = {**self.chat_template_kwargs, **options.get("chat_template_kwargs", {})}
+        check_template_kwargs(kwargs)
         thinking = options.get("enable_thinking", self.enable_thinking)
         if thinking is not None:
             kwargs["enable_thinking"] = thinking

@@ -672,3 +672,84 @@ def test_a_prompt_may_be_a_one_dimensional_integer_array(tiny_qwen3, kind):
         llm.generate([arr.reshape(1, -1)], GREEDY)
     with pytest.raises(InvalidRequestError, match="integer"):
         llm.generate([arr.astype(np.float32) if kind == "numpy" else arr.float()], GREEDY)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # found by review: each was a bare TypeError, ValueError or AttributeError, or loaded and then
+    # refused every prompt
+    (lambda cfg: cfg.update(vocab_size=None), "wrong kind"),
+    (lambda cfg: cfg.update(max_position_embeddings=None), "wrong kind"),
+    (lambda cfg: cfg.update(rms_norm_eps="1e-6x"), "wrong kind"),
+    (lambda cfg: cfg.update(rope_parameters=[1, 2]), "wrong kind"),
+    (lambda cfg: cfg.update(architectures="Qwen3ForCausalLM"), "must list the model class name"),
+    (lambda cfg: cfg.update(max_position_embeddings=1), "max_position_embeddings is 1"),
+    (lambda cfg: cfg.update(num_hidden_layers=0), "num_hidden_layers is 0"),
+])
+def test_config_fields_of_the_wrong_kind_are_checkpoint_errors(tiny_qwen3, tmp_path, edit, message):
+    with pytest.raises(CheckpointError, match=message):
+        LLM(str(_with_config(tiny_qwen3, tmp_path, edit)), device="cpu")
+
+
+def test_broken_side_files_of_a_checkpoint_are_checkpoint_errors(tiny_qwen3, tmp_path):
+    """A config.json that is no object, a generation_config.json that is no JSON, a shard index
+    whose weight_map is a list, and no tokenizer files at all (transformers made an empty
+    tokenizer of the model type: every text an empty prompt, token 0 an end of sequence)."""
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(tiny_qwen3, dst)
+        return dst
+
+    d = copy("list_config")
+    (d / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        LLM(str(d), device="cpu")
+    d = copy("bad_generation_config")
+    (d / "generation_config.json").write_text("{eos")
+    with pytest.raises(CheckpointError, match="generation_config.json is not a JSON object"):
+        LLM(str(d), device="cpu")
+    d = copy("bad_index")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(CheckpointError, match="weight_map must map"):
+        LLM(str(d), device="cpu")
+    d = copy("no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        (d / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="no tokenizer vocabulary"):
+        LLM(str(d), device="cpu")
+
+
+def test_prompts_and_messages_of_the_wrong_kind_are_named(tiny_qwen3):
+    """Found by review: bytes were read as token ids, a lone surrogate failed inside the
+    tokenizer (TypeError), prompt_token_ids=None was a TypeError; messages without a role or
+    with non-text content were dropped or rendered as a Python repr; template variables the
+    engine sets itself were a TypeError."""
+    llm = LLM(tiny_qwen3, device="cpu", max_model_len=64)
+    with pytest.raises(InvalidRequestError, match="decode it to a str"):
+        llm.generate(b"hello", GREEDY)
+    with pytest.raises(InvalidRequestError, match="not valid Unicode.*index 1"):
+        llm.generate("a\ud800b", GREEDY)
+    with pytest.raises(InvalidRequestError, match="prompt_token_ids must be a list"):
+        llm.generate({"prompt_token_ids": None}, GREEDY)
+    with pytest.raises(ChatTemplateError, match=r"messages\[1\] must be a dict with a 'role'"):
+        llm.chat([{"role": "user", "content": "hi"}, {"content": "no role"}], GREEDY)
+    with pytest.raises(ChatTemplateError, match=r"messages\[0\]: content blocks must be text"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], GREEDY)
+    with pytest.raises(ChatTemplateError, match="set by the engine itself"):
+        llm.chat([{"role": "user", "content": "hi"}], GREEDY, tokenize=True)
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+        llm.chat([{"role": "user", "content": "a\udfffb"}], GREEDY)
+    # text blocks are the text they hold
+    blocks = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
+    assert llm.apply_chat_template([{"role": "user", "content": blocks}]) == \
+        llm.apply_chat_template([{"role": "user", "content": "Hello"}])
+    assert llm.generate("Hello", GREEDY)[0].finish_reason == "length"  # still serving
+    assert llm.stats()["pages_used"] == llm.stats()["pages_cached"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device="meta"), "runs on 'cpu' or 'cuda'"),
+    (dict(dtype=torch.int8), "float32, float16 or bfloat16"),
+])
+def test_devices_and_dtypes_the_engine_cannot_run_on_are_refused(tiny_qwen3, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(tiny_qwen3, **{"device": "cpu", **kwargs})

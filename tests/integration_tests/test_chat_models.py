@@ -425,3 +425,16 @@ def test_profile_context_limit_is_the_engine_s_once_it_is_loaded(tiny_model: str
     own.invoke("Hi")
     assert own.profile == {"max_input_tokens": 100}  # one given by the caller is left alone
     chat.llm.shutdown()
+
+
+def test_template_variables_chat_braid_sets_itself_are_refused_by_name(tiny_model: str) -> None:
+    """Found by review: chat_template_kwargs={"add_generation_prompt": False} (or "messages")
+    was a bare TypeError ("got multiple values") from deep inside rendering."""
+    from braid_engine import ChatTemplateError
+
+    chat = ChatBraid(model=tiny_model, device="cpu", max_tokens=2)
+    with pytest.raises(ChatTemplateError, match=r"\['add_generation_prompt'\] are set by the engine"):
+        chat.invoke("hi", chat_template_kwargs={"add_generation_prompt": False})
+    with pytest.raises(ChatTemplateError, match=r"\['messages'\]"):
+        ChatBraid(model=tiny_model, device="cpu", chat_template_kwargs={"messages": []}).invoke("hi")
+    assert chat.invoke("hi").content is not None
