@@ -13,7 +13,13 @@ import tempfile
 import time
 from importlib import metadata
 
-from braid_engine.errors import BraidError, ModelNotFoundError
+from braid_engine.errors import (
+    BraidError,
+    ChatTemplateError,
+    InvalidRequestError,
+    KVCacheFullError,
+    ModelNotFoundError,
+)
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -95,15 +101,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(llm.stats())
             continue
         messages.append({"role": "user", "content": line})
-        ids = llm.apply_chat_template(messages)
         t0 = time.perf_counter()
         text, n_out, cached, first = "", 0, 0, None
-        for delta in llm.stream(ids, _params(args)):
-            first = first or time.perf_counter()
-            print(delta.text, end="", flush=True)
-            text += delta.text
-            n_out += len(delta.token_ids)
-            cached = delta.num_cached_tokens
+        try:
+            ids = llm.apply_chat_template(messages)
+            for delta in llm.stream(ids, _params(args)):
+                first = first or time.perf_counter()
+                print(delta.text, end="", flush=True)
+                text += delta.text
+                n_out += len(delta.token_ids)
+                cached = delta.num_cached_tokens
+        except (InvalidRequestError, ChatTemplateError, KVCacheFullError) as e:
+            # a turn the engine refuses (the history outgrew max_model_len, a message it cannot
+            # render) ends that turn, not the session
+            messages.pop()
+            print(f"braid: {e}\n(the message was dropped; /reset starts a new conversation)", file=sys.stderr)
+            continue
         elapsed = time.perf_counter() - (first or t0)
         print(f"\n[{len(ids)} in, {cached} cached, {n_out} out; first token "
               f"{((first or t0) - t0) * 1e3:.0f} ms; {n_out / elapsed if elapsed else 0:.1f} tokens/s]",
@@ -117,7 +130,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from braid_engine import SamplingParams
 
     llm = _llm(args)
-    vocab = len(llm.tokenizer)
+    # ids the model can embed (a tokenizer may count tokens past its embedding rows)
+    vocab = min(len(llm.tokenizer), llm.model_config.vocab_size)
+    if args.prompt_tokens + args.new_tokens > llm.config.max_model_len:
+        print(f"braid: --prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed max_model_len "
+              f"{llm.config.max_model_len}: the decode would be cut short and its rate overstated; lower them.",
+              file=sys.stderr)
+        return 2
     gen = torch.Generator().manual_seed(0)
     print(f"{llm.model_config.architecture} on {llm.config.device} ({llm.config.dtype}), "
           f"{llm.config.attention_backend} attention")

@@ -79,3 +79,29 @@ def test_a_bad_device_or_dtype_is_a_clear_error_not_a_traceback(tiny_qwen3, caps
         with pytest.raises(SystemExit) as exit_:
             main(["bench", str(tiny_qwen3), flag, value])
         assert exit_.value.code == 2 and "must be an int ≥" in capsys.readouterr().err
+
+
+def test_a_refused_chat_turn_ends_the_turn_not_the_session(tmp_path, capsys, monkeypatch):
+    """Found by review: once the history outgrew max_model_len, `braid chat` exited (status 2)
+    and the conversation was gone; the refused message is now dropped and the session goes on."""
+    from braid_engine.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "short", arch="qwen3", max_position_embeddings=64)
+    long = "hello there friend " * 12  # alone past 64 tokens
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"hi\n{long}\nagain\n/stats\n"))
+    assert main(["chat", str(path), "--max-tokens", "4", "--temperature", "0", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "max_model_len is 64" in err and "the message was dropped" in err
+    turns = [tuple(map(int, t)) for t in re.findall(r"\[(\d+) in, (\d+) cached, (\d+) out", err)]
+    assert len(turns) == 2 and turns[1][1] > 0  # the turn after the refused one reuses the first
+    assert "'prefix_hits'" in out
+
+
+def test_bench_refuses_sizes_past_the_context(tmp_path, capsys):
+    """Found by review: 60 prompt + 30 new tokens on a 64-token model reported ~11,000 tok/s for
+    30 tokens of which 4 were generated."""
+    from braid_engine.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "short", arch="qwen3", max_position_embeddings=64)
+    assert main(["bench", str(path), "--prompt-tokens", "60", "--new-tokens", "30", "--device", "cpu"]) == 2
+    assert "exceed max_model_len 64" in capsys.readouterr().err

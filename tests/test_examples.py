@@ -56,3 +56,12 @@ def test_agent_streaming_calls_a_tool_and_reuses_the_thread():
     calls = [tuple(map(int, t)) for t in re.findall(r"\[model: (\d+) in, (\d+) cached, (\d+) out\]", out)]
     assert len(calls) >= 3 and calls[0][1] == 0
     assert all(cached > 0 for _, cached, _ in calls[1:])
+
+
+def test_chat_example_drops_a_turn_the_engine_refuses():
+    """Found by review: a message past the context ended the example with a traceback."""
+    long = "hello there friend " * 2000
+    out = run("chat.py", "--max-tokens", "4", stdin=f"hi\n{long}\nagain\n")
+    assert "the message was dropped" in out
+    turns = [tuple(map(int, t)) for t in re.findall(r"\[(\d+) in, (\d+) cached, (\d+) out", out)]
+    assert len(turns) == 2 and turns[1][1] > 0
