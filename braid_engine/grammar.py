@@ -65,6 +65,12 @@ class GuidedDecoding:
             raise InvalidGrammarError(
                 "GuidedDecoding.structural_tag must be a dict such as "
                 '{"type": "structural_tag", "format": {...}}.')
+        try:
+            self.key()
+        except (TypeError, ValueError) as e:  # a set, bytes or another object JSON cannot hold
+            raise InvalidGrammarError(
+                f"GuidedDecoding: the constraint must be JSON data (dicts, lists, strings, numbers), but {e}; "
+                "write sets as lists.") from None
 
     def key(self) -> str:
         """A canonical string naming the constraint (compiled grammars are cached by it)."""

@@ -124,6 +124,8 @@ def test_errors_are_typed_and_say_what_to_do(qwen3_llm, monkeypatch):
         SamplingParams(guided={"json_object": True})
     with pytest.raises(InvalidGrammarError, match="not valid JSON.*dict"):  # was a bare JSONDecodeError
         GuidedDecoding(json_schema="{'type': 'object'}")
+    with pytest.raises(InvalidGrammarError, match="must be JSON data.*sets as lists"):  # a bare TypeError
+        GuidedDecoding(json_schema={"enum": {1, 2}})
     bad = GuidedDecoding(json_schema={"type": "object", "properties": {"a": {"type": "nope"}}})
     with pytest.raises(InvalidGrammarError, match="could not be compiled"):
         qwen3_llm.engine.add_request([1, 2], SamplingParams(guided=bad))
