@@ -82,10 +82,11 @@ class Scheduler:
                 seq.num_computed = 0
                 self.waiting.appendleft(seq)
                 break
-            if self._caches(seq):
+            if self._caches(seq) and not seq.admitted:  # (readmitted: it may match its own chunks)
                 self.cache.stats.lookups += 1
                 self.cache.stats.prefix_hits += seq.num_computed > 0
                 self.cache.stats.hit_tokens += seq.num_computed
+            seq.admitted = True
             self.reused_tokens += seq.num_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -206,8 +207,10 @@ class Scheduler:
         seq.cache_node = node
         seq.page_table = table
         seq.num_computed = m
-        if not seq.output_token_ids:
-            seq.num_cached_tokens = m
+        # cached tokens are what the cache held for the request when it was first admitted:
+        # readmitted after a preemption it may match the chunks it prefilled itself (never more
+        # than before; fewer where some were evicted and are computed again)
+        seq.num_cached_tokens = min(seq.num_cached_tokens, m) if seq.admitted else m
 
     def _reserve(self, seq: Sequence, kv_len: int) -> bool:
         need = -(-kv_len // self.pool.page_size) - len(seq.page_table)

@@ -62,6 +62,7 @@ class Sequence:
     page_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    admitted: bool = False  # scheduled once already: readmitted after a preemption, it is no new lookup
     cache_node: object = None  # the prefix-cache node this sequence holds a lock on
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_counter))

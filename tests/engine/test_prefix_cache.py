@@ -767,3 +767,40 @@ def test_requests_sharing_the_pool_beside_a_pin_are_preempted_not_cut(tiny_qwen3
     assert preempted[prompts[2][0]] >= 3
     handle.release()
     _check_pages_come_back(llm, 12)
+
+
+def test_a_request_readmitted_after_preemption_reports_only_what_others_cached(tiny_qwen3):
+    """Found by review: a request preempted mid-prefill put its own chunks in the tree and, readmitted,
+    matched them and reported them as cached (num_cached_tokens 24 of a prompt nothing shared;
+    ChatBraid passes it on as cache_read), and the cache's hit counters counted it again. Cached
+    tokens are what the cache held for the request when it was first admitted."""
+    llm = LLM(tiny_qwen3, device="cpu", num_pages=12, page_size=4, max_model_len=44, max_num_batched_tokens=4)
+    a, b = [10 + i for i in range(13)], [200 + i for i in range(25)]  # no common prefix, empty cache
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate([a, b], params)
+    stats = llm.stats()
+    assert stats["preemptions"] >= 1  # the case under test happened
+    assert [o.num_cached_tokens for o in outs] == [0, 0]
+    assert stats["prefix_hits"] == 0 and stats["prefix_hit_tokens"] == 0 and stats["prefix_lookups"] == 2
+    llm.engine.clear_cache()
+    alone = llm.generate([b], params)[0]
+    assert alone.num_cached_tokens == 0 and alone.token_ids == outs[1].token_ids
+    # a real hit is still reported: b again, its prompt now cached
+    assert llm.generate([b], params)[0].num_cached_tokens == 24
+
+
+def test_a_running_request_keeps_the_params_it_was_submitted_with(tiny_qwen3):
+    """Found by review: the engine read stop_token_ids, ignore_eos, greedy and prefix caching from
+    the caller's SamplingParams while the request ran, so changing them for the next call changed
+    a request still in flight (145 tokens, "stop", instead of 200, "length")."""
+    llm = LLM(tiny_qwen3, device="cpu", num_pages=64, page_size=4, max_model_len=250, decode_burst=1)
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], params)[0]
+    stream = llm.stream([5, 6, 7], params)
+    first = next(stream)  # admitted and decoding
+    params.ignore_eos = False
+    params.stop_token_ids = [alone.token_ids[150]]
+    params.stop = ["x"]
+    rest = list(stream)
+    assert first.token_ids + [t for d in rest for t in d.token_ids] == alone.token_ids
+    assert rest[-1].finish_reason == "length"
