@@ -16,7 +16,10 @@ from braid_engine.errors import CheckpointError, ModelNotFoundError
 from braid_engine.models.layers import CausalLM
 from braid_engine.models.registry import model_class
 
-_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
+# what a hub download takes: config, safetensors weights, chat template, and each tokenizer form
+# load_tokenizer reads (_VOCAB_FILES)
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "spiece.model", "sentencepiece.bpe.model",
+              "*.tiktoken"]
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
