@@ -30,21 +30,26 @@ def check_template_kwargs(template_kwargs: dict[str, Any]) -> None:
                                 "as messages (and add_generation_prompt as its own argument, where there is one).")
 
 
+# content blocks of media the engine cannot read (OpenAI's and LangChain's names)
+_MEDIA_BLOCKS = ("image_url", "image", "input_image", "audio", "input_audio", "video", "file")
+
+
 def _template_message(i: int, message: Any) -> Any:
-    """``message`` as templates take it: a dict with a role and text content (a list of text blocks,
-    OpenAI's form, joined); a typed error naming it otherwise (templates dropped such messages)."""
+    """``message`` as templates take it: a dict with a role; content that is a list of text blocks
+    (OpenAI's form) joined into its text, a list holding media refused by name (a template wrote
+    such lists as a Python repr); other content (a tool's result as a dict, as Llama 3's template
+    writes it with tojson) passed on unchanged."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ChatTemplateError(f"messages[{i}] must be a dict with a 'role' string, got {message!r:.100}.")
     content = message.get("content")
-    if isinstance(content, list):
-        texts = [b.get("text") for b in content if isinstance(b, dict) and b.get("type") == "text"]
-        if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
-            raise ChatTemplateError(f"messages[{i}]: content blocks must be text ({{'type': 'text', 'text': ...}}); "
-                                    "this engine reads text only.")
-        return {**message, "content": "".join(texts)}
-    if content is not None and not isinstance(content, str):
-        raise ChatTemplateError(f"messages[{i}]: content must be a string or a list of text blocks, "
-                                f"got {type(content).__name__}.")
+    if not isinstance(content, list) or not content:
+        return message
+    kinds = [b.get("type") if isinstance(b, dict) else None for b in content]
+    media = [k for k in kinds if k in _MEDIA_BLOCKS]
+    if media:
+        raise ChatTemplateError(f"messages[{i}] holds {media[0]!r} content; this engine reads text only.")
+    if all(k == "text" and isinstance(b.get("text"), str) for k, b in zip(kinds, content)):
+        return {**message, "content": "".join(b["text"] for b in content)}
     return message
 
 

@@ -16,8 +16,8 @@ from braid_engine.errors import CheckpointError, ModelNotFoundError
 from braid_engine.models.layers import CausalLM
 from braid_engine.models.registry import model_class
 
-# what a hub download takes: config, safetensors weights, chat template, and each tokenizer form
-# load_tokenizer reads (_VOCAB_FILES)
+# what a hub download takes: config, safetensors weights, chat template, and the tokenizer's
+# vocabulary in each common form
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "spiece.model", "sentencepiece.bpe.model",
               "*.tiktoken"]
 
@@ -50,23 +50,19 @@ def load_config(path: Path) -> ModelConfig:
     return ModelConfig.from_file(path / "config.json")
 
 
-# the files a tokenizer's vocabulary comes from (fast, sentencepiece, BPE, WordPiece, tiktoken)
-_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                "sentencepiece.bpe.model", "*.tiktoken")
-
-
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    if Path(path).is_dir() and not any(any(Path(path).glob(name)) for name in _VOCAB_FILES):
-        # transformers would make an empty tokenizer of the model type's class: every text a prompt
-        # of no tokens, token 0 an end of sequence
-        raise CheckpointError(f"{path} has no tokenizer vocabulary (none of {', '.join(_VOCAB_FILES)}); "
-                              "re-download the checkpoint's tokenizer files.")
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:
         raise CheckpointError(f"could not load the tokenizer from {path}: {e}") from e
+    if len(tokenizer) <= 1:
+        # no vocabulary files: transformers makes an empty tokenizer of the model type's class
+        # (every text a prompt of no tokens, token 0 an end of sequence)
+        raise CheckpointError(f"{path} has no tokenizer vocabulary (tokenizer.json, tokenizer.model, vocab.json, "
+                              "…); re-download the checkpoint's tokenizer files.")
+    return tokenizer
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -14,7 +14,7 @@ import time
 
 from langchain_core.messages import AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 
-from braid_engine import InvalidRequestError, ModelNotFoundError
+from braid_engine import ChatTemplateError, InvalidRequestError, ModelNotFoundError
 from braid_engine.testing import make_tiny_checkpoint
 from langchain_braid import ChatBraid
 
@@ -81,7 +81,7 @@ def main() -> None:
             history.append(turn(chat, history))
         except ModelNotFoundError as e:
             sys.exit(f"{e}\nNo network and no local copy? Try --model tiny (a tiny random checkpoint).")
-        except InvalidRequestError as e:  # e.g. the history outgrew the context: this turn only
+        except (InvalidRequestError, ChatTemplateError) as e:  # the history outgrew the context, …: this turn only
             history.pop()
             print(f"{e}\n(the message was dropped; /reset starts a new conversation)")
 

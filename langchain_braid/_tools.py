@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
 from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
+from langchain_core.utils.json_schema import dereference_refs
 
 from braid_engine import GuidedDecoding
 
@@ -73,7 +74,7 @@ def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
     """``tools`` (as ``bind_tools`` takes them) as OpenAI function tools, the form the chat
     template renders and the grammar constrains. A call names its tool, so two tools of one name
     must be one tool (the same arguments: a class and its JSON schema): the later is dropped."""
-    if isinstance(tools, (str, bytes, dict)) or not isinstance(tools, Sequence):
+    if isinstance(tools, (str, bytes, dict)) or not isinstance(tools, Iterable):
         raise ToolSchemaError(f"tools must be a list of tools, got {type(tools).__name__}; pass [tool, ...].")
     formatted: list[dict[str, Any]] = []
     first: dict[str, int] = {}
@@ -84,10 +85,19 @@ def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
             formatted.append({"type": "function", "function": fn})
             continue
         same = next(t["function"] for t in formatted if t["function"]["name"] == fn["name"])
-        if _untitled(same.get("parameters")) != _untitled(fn.get("parameters")):
+        if _arguments(same) != _arguments(fn):
             raise ToolSchemaError(f"tools[{i}] is named {fn['name']!r} like tools[{first[fn['name']]}] but takes other "
                                   "arguments; tool names must be unique (a call names the tool it is for): rename one.")
     return formatted
+
+
+def _arguments(fn: dict[str, Any]) -> Any:
+    """A function's argument schema as two forms of one tool compare equal: references resolved
+    (a pydantic class's tool has them inlined, its raw schema keeps $defs), no titles."""
+    params = fn.get("parameters")
+    if isinstance(params, dict) and "$defs" in params:
+        params = {k: v for k, v in dereference_refs(params).items() if k != "$defs"}
+    return _untitled(params)
 
 
 def _untitled(schema: Any) -> Any:

@@ -184,6 +184,7 @@ class Scheduler:
         # (token_range: one copy of a long prompt where all_token_ids[:-1] made two)
         node, m, table = self.cache.match(seq.token_range(0, len(seq) - 1))
         if m == 0:
+            self._count_cached(seq, 0)
             return
         ps = self.pool.page_size
         self.cache.lock(node, 1)  # before any eviction below
@@ -196,6 +197,7 @@ class Scheduler:
                 self.cache.lock(node, -1)
                 node, m, table = self.cache.match(seq.token_range(0, m - m % ps))
                 if m == 0:
+                    self._count_cached(seq, 0)
                     return
                 self.cache.lock(node, 1)
             else:
@@ -207,9 +209,13 @@ class Scheduler:
         seq.cache_node = node
         seq.page_table = table
         seq.num_computed = m
-        # cached tokens are what the cache held for the request when it was first admitted:
-        # readmitted after a preemption it may match the chunks it prefilled itself (never more
-        # than before; fewer where some were evicted and are computed again)
+        self._count_cached(seq, m)
+
+    @staticmethod
+    def _count_cached(seq: Sequence, m: int) -> None:
+        """Cached tokens are what the cache held for the request when it was first admitted:
+        readmitted after a preemption it may match the chunks it prefilled itself (never more than
+        before; fewer, or none, where some were evicted and are computed again)."""
         seq.num_cached_tokens = min(seq.num_cached_tokens, m) if seq.admitted else m
 
     def _reserve(self, seq: Sequence, kv_len: int) -> bool:

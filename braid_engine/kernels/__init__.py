@@ -66,5 +66,6 @@ ROW_KERNEL_ROWS = 2
 # in the row-kernel path, the gate_up matmul writes SiLU(gate)·up itself (each program takes gate
 # rows and the up rows of the same columns) and down_proj runs as a plain row matmul, instead of
 # down_proj computing SiLU·mul from gate_up's output in every program. The same values bit for bit
-# (tests/kernels). decode.py --compare-silu-out measures the other setting.
+# (tests/kernels). decode.py --compare-silu-out measures the other setting. Models of hidden size
+# past 4,096 keep the SiLU prologue (gemv.silu_out_fits).
 ROW_SILU_OUT = True

@@ -210,6 +210,13 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y, h
 
 
+def silu_out_fits(weight: torch.Tensor) -> bool:
+    """Whether a gate_up ``weight`` takes ``norm_matmul(silu_out=True)`` at its default tile: a
+    program needs a gate and an up row, and where the norm's whole-row tile holds one row (hidden
+    size past 4,096) a second one spills registers (255 and a stack on sm_90 at 8,192)."""
+    return default_config(weight.shape[0], weight.shape[1], NORM)["BLOCK_N"] >= 2
+
+
 def row_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                config: dict | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K]ᵀ (+ bias) → [M, N], M ≤ :data:`MAX_ROWS`."""

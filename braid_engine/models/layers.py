@@ -215,7 +215,7 @@ class DecoderLayer(nn.Module):
     def _forward_row(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                      ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """A few tokens: each norm and the SiLU·mul run inside the matmul after them."""
-        from braid_engine.kernels.gemv import norm_matmul, row_matmul, silu_matmul
+        from braid_engine.kernels.gemv import norm_matmul, row_matmul, silu_matmul, silu_out_fits
 
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
@@ -224,7 +224,7 @@ class DecoderLayer(nn.Module):
         h = row_matmul(attn.attend(positions, qkv, ctx), attn.o_proj.weight, attn.o_proj.bias)
         # SiLU·mul written by the gate_up matmul (then down_proj is a plain one), or computed in
         # down_proj's prologue
-        silu_out = kernels.ROW_SILU_OUT
+        silu_out = kernels.ROW_SILU_OUT and silu_out_fits(mlp.gate_up_proj.weight)
         mid, residual = norm_matmul(h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight,
                                     mlp.gate_up_proj.bias, silu_out=silu_out)
         down = row_matmul if silu_out else silu_matmul

@@ -732,7 +732,7 @@ def test_prompts_and_messages_of_the_wrong_kind_are_named(tiny_qwen3):
         llm.generate({"prompt_token_ids": None}, GREEDY)
     with pytest.raises(ChatTemplateError, match=r"messages\[1\] must be a dict with a 'role'"):
         llm.chat([{"role": "user", "content": "hi"}, {"content": "no role"}], GREEDY)
-    with pytest.raises(ChatTemplateError, match=r"messages\[0\]: content blocks must be text"):
+    with pytest.raises(ChatTemplateError, match=r"messages\[0\] holds 'image_url' content.*text only"):
         llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], GREEDY)
     with pytest.raises(ChatTemplateError, match="set by the engine itself"):
         llm.chat([{"role": "user", "content": "hi"}], GREEDY, tokenize=True)
@@ -742,6 +742,17 @@ def test_prompts_and_messages_of_the_wrong_kind_are_named(tiny_qwen3):
     blocks = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
     assert llm.apply_chat_template([{"role": "user", "content": blocks}]) == \
         llm.apply_chat_template([{"role": "user", "content": "Hello"}])
+    # other content reaches the template as it is: Llama 3's writes a tool's dict result with tojson
+    from braid_engine.chat import render_chat
+
+    class Template:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, **kwargs):
+            return repr([m["content"] for m in messages])
+
+    data = [{"role": "tool", "content": {"temperature": 22}}, {"role": "tool", "content": [{"t": 1}]}]
+    assert render_chat(Template(), data) == repr([{"temperature": 22}, [{"t": 1}]])
     assert llm.generate("Hello", GREEDY)[0].finish_reason == "length"  # still serving
     assert llm.stats()["pages_used"] == llm.stats()["pages_cached"]
 

@@ -804,3 +804,25 @@ def test_a_running_request_keeps_the_params_it_was_submitted_with(tiny_qwen3):
     rest = list(stream)
     assert first.token_ids + [t for d in rest for t in d.token_ids] == alone.token_ids
     assert rest[-1].finish_reason == "length"
+
+
+def test_a_readmitted_request_whose_cached_prefix_was_evicted_reports_none(tiny_qwen3):
+    """Found by review of the fix above: the early returns of a match of 0 tokens kept the count
+    of the first admission, so a request whose cached prefix was evicted while it was preempted
+    still reported it. White-box: a sequence first admitted with 24 cached tokens, matched again
+    against the cache emptied."""
+    llm = LLM(tiny_qwen3, device="cpu", num_pages=32, page_size=4)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = list(range(10, 40))
+    llm.generate([prompt], params)
+    _, seq = llm.engine._make(prompt, params, None, None, True)
+    scheduler = llm.engine.scheduler
+    with llm.engine._state:
+        scheduler._match_prefix(seq)
+        assert seq.num_cached_tokens == 29  # all but the last prompt token, from the first request
+        scheduler.release(seq)
+        seq.num_computed = 0
+        seq.admitted = True  # as if it had run and been preempted
+        llm.engine.clear_cache()
+        scheduler._match_prefix(seq)
+    assert seq.num_cached_tokens == 0

@@ -246,6 +246,26 @@ def test_tool_lists_that_cannot_be_bound_are_refused_by_what_is_wrong(chat):
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
     assert chat.bind_tools([f, convert_to_openai_tool(f)]).kwargs["tools"] == chat.bind_tools([f]).kwargs["tools"]
+    # also a class with nested models and enums beside its raw schema ($defs and $ref against inlined),
+    # and tools given as any iterable
+    from enum import Enum
+
+    class Unit(str, Enum):
+        c = "c"
+        f = "f"
+
+    class Loc(BaseModel):
+        city: str
+
+    class GetWeather(BaseModel):
+        """Get the weather."""
+
+        loc: Loc
+        units: list[Unit]
+
+    once = chat.bind_tools([GetWeather]).kwargs["tools"]
+    assert chat.bind_tools([GetWeather, GetWeather.model_json_schema()]).kwargs["tools"] == once
+    assert chat.bind_tools({"w": GetWeather}.values()).kwargs["tools"] == once
     string_args = {"type": "function", "function": {"name": "s", "parameters": {"type": "string"}}}
     with pytest.raises(ToolSchemaError, match=r"tools\[0\].*arguments must be a JSON object"):
         chat.bind_tools([string_args], tool_choice="any")

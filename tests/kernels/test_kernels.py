@@ -347,3 +347,19 @@ def test_decode_attention_refuses_shapes_it_cannot_tile(device):
         DecodeAttention(1, 4, 2, 64, torch.device(device), block_t=8)
     with pytest.raises(ValueError, match="do not group"):
         DecodeAttention(1, 6, 4, 64, torch.device(device))
+
+
+def test_silu_out_is_used_only_where_a_program_holds_a_gate_and_an_up_row():
+    """Found by review: at hidden sizes past 4,096 the norm's whole-row tile holds one weight row,
+    and silu_out doubled it (255 registers and a stack on sm_90 at 8,192): those models keep the
+    SiLU prologue in down_proj."""
+    from braid_engine.kernels.gemv import silu_out_fits
+
+    def gate_up(hidden: int, inter: int) -> torch.Tensor:
+        return torch.empty(2 * inter, hidden, device="meta")
+
+    assert silu_out_fits(gate_up(1024, 3072))  # Qwen3-0.6B
+    assert silu_out_fits(gate_up(2048, 5632))  # TinyLlama
+    assert silu_out_fits(gate_up(4096, 12288))  # Qwen3-8B
+    assert not silu_out_fits(gate_up(5120, 17408))  # Qwen3-14B
+    assert not silu_out_fits(gate_up(8192, 28672))  # Llama-3-70B
