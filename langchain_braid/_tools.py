@@ -218,8 +218,9 @@ def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
         else:
             if not closed:  # named as the stream names it: once its header is whole
                 header = _HEADER.match(body)
+                # its args are the arguments text, as LangChain's invalid calls (and the stream's) hold them
                 parsed = InvalidToolCall(type="invalid_tool_call", name=json.loads(header.group(1)) if header else None,
-                                         args=body.strip(), id=parsed["id"],
+                                         args=(body[header.end():] if header else body).strip(), id=parsed["id"],
                                          error="the call was cut off before </tool_call>")
             invalid.append(parsed)
     content.append(text[last:].lstrip("\n") if content else text)

@@ -8,7 +8,7 @@ import contextvars
 import json
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from operator import itemgetter
 from pathlib import Path
@@ -59,7 +59,7 @@ _PROVIDER = "braid"
 _PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would start
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
                            "enable_thinking", "enable_prefix_caching", "chat_template_kwargs",
-                           "tools", "tool_choice", "parallel_tool_calls", "response_format"})
+                           "tools", "tool_choice", "parallel_tool_calls", "response_format", "stream_usage"})
 # those with_structured_output binds as given (it sets the tools and response format itself)
 _SCHEMA_CALL_OPTIONS = _CALL_OPTIONS - {"tools", "tool_choice", "parallel_tool_calls",
                                         "response_format"}
@@ -147,6 +147,9 @@ class ChatBraid(BaseChatModel):
     """Per request: ``False`` neither reads nor writes the prefix cache."""
     streaming: bool = False
     """Use the streaming path for ``invoke`` (callbacks get each token)."""
+    stream_usage: bool = True
+    """Accepted as ChatOpenAI's parameter (also per call): a stream's last chunk always carries
+    the usage, which a local engine has at no cost."""
     timeout: float | None = None
     """Accepted as LangChain's standard parameter; a local engine has no network to wait on."""
     max_retries: int | None = None
@@ -169,10 +172,12 @@ class ChatBraid(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        # everything that changes an answer: LangChain's cache keys answers by these
         return {"model": self.model, "device": self.device, "dtype": self.dtype,
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                 "max_tokens": self.max_tokens, "stop": self.stop, "seed": self.seed,
-                "enable_thinking": self.enable_thinking}
+                "enable_thinking": self.enable_thinking, "chat_template_kwargs": self.chat_template_kwargs,
+                "engine_kwargs": self.engine_kwargs, "output_version": self.output_version}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
@@ -185,6 +190,15 @@ class ChatBraid(BaseChatModel):
         if stop or self.stop:
             params["ls_stop"] = stop or self.stop
         return params
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> ChatBraid:
+        """A copy; one of another model or engine gets that model's profile (the one this
+        model made described this model), unless the profile was the caller's."""
+        copy = super().model_copy(update=update, deep=deep)
+        own = self._own_profile is not None and self.profile is self._own_profile
+        if own and update and {"model", "device", "dtype", "engine_kwargs"} & update.keys():
+            copy.profile = copy._resolve_model_profile()
+        return copy
 
     def _resolve_model_profile(self) -> ModelProfile | None:
         profile = ModelProfile(text_inputs=True, text_outputs=True, image_inputs=False,
@@ -288,6 +302,8 @@ class ChatBraid(BaseChatModel):
         Example:
             >>> ChatBraid(model="Qwen/Qwen3-0.6B").get_num_tokens_from_messages([HumanMessage("hi")])
         """
+        if not messages:
+            return 0  # nothing to render (templates refuse an empty conversation)
         tok = self.tokenizer
         template = self._template_kwargs({})
         if tools:
@@ -353,11 +369,14 @@ class ChatBraid(BaseChatModel):
 
     # -- requests ------------------------------------------------------------------------
     def _template_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {**self.chat_template_kwargs, **options.get("chat_template_kwargs", {})}
+        # the call's settings over the model's, each pair a template variable under its switch
+        kwargs = dict(self.chat_template_kwargs)
+        if self.enable_thinking is not None:
+            kwargs["enable_thinking"] = self.enable_thinking
+        kwargs.update(options.get("chat_template_kwargs", {}))
+        if options.get("enable_thinking") is not None:
+            kwargs["enable_thinking"] = options["enable_thinking"]
         check_template_kwargs(kwargs)
-        thinking = options.get("enable_thinking", self.enable_thinking)
-        if thinking is not None:
-            kwargs["enable_thinking"] = thinking
         return kwargs
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
@@ -473,7 +492,7 @@ class ChatBraid(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
         engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
-        out = engine.llm.engine.add_request(ids, params).result()
+        out = engine.llm.engine.add_request(ids, params, final_only=True).result()
         message = self._message(engine, out, opened, names, limit)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
@@ -481,15 +500,15 @@ class ChatBraid(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        engine, stream, opened, names, limit = await self._asubmit(messages, stop, kwargs)
+        engine, stream, opened, names, limit = await self._asubmit(messages, stop, kwargs, final_only=True)
         out = await stream.aresult()
         message = self._message(engine, out, opened, names, limit)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
     async def _asubmit(self, messages: list[BaseMessage], stop: list[str] | None,
-                       kwargs: dict[str, Any]) -> tuple[_Engine, RequestStream, bool, list[str],
-                                                        int | None]:
+                       kwargs: dict[str, Any], final_only: bool = False) -> tuple[_Engine, RequestStream, bool,
+                                                                                list[str], int | None]:
         """``_prepare`` and ``add_request`` on the engine's submitting thread, never on the event
         loop: loading takes seconds, a first guided request builds the grammar runtime (~1.1 s
         for a 150k-token vocabulary), each new schema compiles (10-20 ms) and a long prompt takes
@@ -502,7 +521,8 @@ class ChatBraid(BaseChatModel):
 
         def submit() -> tuple[_Engine, RequestStream, bool, list[str], int | None]:
             engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
-            return engine, engine.llm.engine.add_request(ids, params, loop=loop), opened, names, limit
+            stream = engine.llm.engine.add_request(ids, params, loop=loop, final_only=final_only)
+            return engine, stream, opened, names, limit
 
         submitted = loop.run_in_executor(engine.submitter, contextvars.copy_context().run, submit)
         try:

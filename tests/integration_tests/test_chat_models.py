@@ -438,3 +438,39 @@ def test_template_variables_chat_braid_sets_itself_are_refused_by_name(tiny_mode
     with pytest.raises(ChatTemplateError, match=r"\['messages'\]"):
         ChatBraid(model=tiny_model, device="cpu", chat_template_kwargs={"messages": []}).invoke("hi")
     assert chat.invoke("hi").content is not None
+
+
+def test_langchain_integration_details_found_by_review(tiny_model: str, tiny_llama) -> None:
+    """Found by review: LangChain's cache keyed two models that differ only in template or engine
+    settings alike (one got the other's answer); a call's chat_template_kwargs enable_thinking lost
+    to the model's enable_thinking field; model_copy to another model kept the first model's
+    profile; get_num_tokens_from_messages([]) raised; ChatOpenAI's stream_usage was refused."""
+    a = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=4)
+    b = a.model_copy(update={"chat_template_kwargs": {"enable_thinking": False}})
+    assert a._get_llm_string() != b._get_llm_string()
+    assert a._get_llm_string() != a.model_copy(update={"engine_kwargs": {"max_model_len": 64}})._get_llm_string()
+    thinking = ChatBraid(model=tiny_model, device="cpu", max_tokens=1, enable_thinking=True)
+    off = ChatBraid(model=tiny_model, device="cpu", max_tokens=1, enable_thinking=False).invoke("hi")
+    on = thinking.invoke("hi")
+    assert on.usage_metadata["input_tokens"] != off.usage_metadata["input_tokens"]
+    by_call = thinking.invoke("hi", chat_template_kwargs={"enable_thinking": False})
+    assert by_call.usage_metadata["input_tokens"] == off.usage_metadata["input_tokens"]
+    assert thinking.invoke("hi", chat_template_kwargs={"enable_thinking": False},
+                           enable_thinking=True).usage_metadata["input_tokens"] == on.usage_metadata["input_tokens"]
+    llama = a.model_copy(update={"model": str(tiny_llama)})
+    assert llama.profile["reasoning_output"] is False and a.profile["reasoning_output"] is True
+    given = ChatBraid(model=tiny_model, device="cpu", profile={"max_input_tokens": 7})
+    assert given.model_copy(update={"model": str(tiny_llama)}).profile == {"max_input_tokens": 7}
+    assert a.get_num_tokens_from_messages([]) == 0
+    assert ChatBraid(model=tiny_model, device="cpu", max_tokens=2, stream_usage=True).invoke(
+        "hi", stream_usage=False).content is not None
+
+
+def test_a_cut_off_call_holds_its_arguments_text_as_its_args() -> None:
+    """LangChain's invalid calls hold the arguments as text; a cut-off call held the whole
+    <tool_call> body (name header included), unlike the stream's."""
+    from langchain_braid._tools import parse_tool_calls
+
+    _, calls, invalid = parse_tool_calls('<tool_call>\n{"name": "g", "arguments": {"s": "ab', ["g"])
+    assert calls == [] and invalid[0]["name"] == "g" and invalid[0]["args"] == '{"s": "ab'
+    assert invalid[0]["error"] == "the call was cut off before </tool_call>"
