@@ -369,7 +369,8 @@ class ChatBraid(BaseChatModel):
 
     # -- requests ------------------------------------------------------------------------
     def _template_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
-        # the call's settings over the model's, each pair a template variable under its switch
+        # the model's settings, then the call's over them; within each, the enable_thinking
+        # switch over a chat_template_kwargs value of the same name
         kwargs = dict(self.chat_template_kwargs)
         if self.enable_thinking is not None:
             kwargs["enable_thinking"] = self.enable_thinking
