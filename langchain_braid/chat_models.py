@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import os
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -34,7 +35,7 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, Runn
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
 from braid_engine import LLM, GuidedDecoding, PinHandle, RequestOutput, SamplingParams
 from braid_engine.chat import check_template_kwargs
@@ -56,6 +57,7 @@ from langchain_braid._tools import (
 )
 
 _PROVIDER = "braid"
+_WARNED_TOOLS: set[str] = set()  # models warned that their template ignores bound tools
 _PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would start
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
                            "enable_thinking", "enable_prefix_caching", "chat_template_kwargs",
@@ -124,7 +126,13 @@ class ChatBraid(BaseChatModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid")  # no option silently ignored
 
     model: str = Field(alias="model_name")
-    """A Hugging Face hub id (e.g. ``"Qwen/Qwen3-0.6B"``) or a local checkpoint directory."""
+    """A Hugging Face hub id (e.g. ``"Qwen/Qwen3-0.6B"``) or a local checkpoint directory (a
+    path object too)."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_path(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
     device: str = "auto"
     """``"auto"`` (CUDA if available, else CPU), ``"cuda"``, ``"cuda:1"`` or ``"cpu"``."""
     dtype: str = "auto"
@@ -411,7 +419,8 @@ class ChatBraid(BaseChatModel):
             template["enable_thinking"] = False
         engine = self._engine()
         tok = engine.llm.tokenizer
-        if tools and not template_renders_tools(tok):
+        if tools and not template_renders_tools(tok) and self.model not in _WARNED_TOOLS:
+            _WARNED_TOOLS.add(self.model)
             warnings.warn(
                 f"the chat template of {self.model} ignores the bound tools: the model never sees "
                 "their definitions, and tool calls in the history are not rendered. Calls forced by "

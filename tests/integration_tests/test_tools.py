@@ -741,16 +741,21 @@ def test_with_tools_bound_a_plain_answer_is_reused_whole_next_turn(tiny_model):
         history += [answer, HumanMessage(question)]
 
 
-def test_tools_bound_to_a_template_that_ignores_them_warn(tiny_model, tiny_llama):
+def test_tools_bound_to_a_template_that_ignores_them_warn(tiny_model, tiny_llama, monkeypatch):
     """TinyLlama's and ERNIE-4.5's templates write no tools and no calls: bound tools never
-    reached the model, silently. ChatBraid says so, once per model; Qwen3's template renders them."""
+    reached the model, silently. ChatBraid says so, once per model (not once per call path, as
+    Python's default filter would); Qwen3's template renders them."""
     import warnings
 
-    llama = ChatBraid(model=str(tiny_llama), device="cpu", temperature=0, max_tokens=4).bind_tools([add])
+    from langchain_braid import chat_models
+
+    monkeypatch.setattr(chat_models, "_WARNED_TOOLS", set())
+    llama = ChatBraid(model=tiny_llama, device="cpu", temperature=0, max_tokens=4).bind_tools([add])
     with pytest.warns(UserWarning, match="chat template .* ignores the bound tools"):
         llama.invoke("Add 2 and 3")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        list(llama.stream("Add 2 and 3"))  # the same model again, another call path
         ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=4).bind_tools([add]).invoke("Add 2 and 3")
         ChatBraid(model=str(tiny_llama), device="cpu", temperature=0, max_tokens=4).invoke("Add 2 and 3")
 
