@@ -210,7 +210,20 @@ class LLM:
 
     # -- prompts -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(check_text(text))["input_ids"])
+        return self._text_ids(check_text(text))
+
+    def _text_ids(self, text: str, **kwargs: Any) -> list[int]:
+        """The tokenizer's ids for ``text``; an id the model cannot embed means the checkpoint's
+        tokenizer and weights disagree (config.json's vocab_size below the tokenizer's length), which
+        no prompt edit can fix: said so, not reported as a bad token id of the caller's."""
+        ids = list(self.tokenizer(text, **kwargs)["input_ids"])
+        vocab = self.model_config.vocab_size
+        if ids and max(ids) >= vocab:
+            raise InvalidRequestError(
+                f"the tokenizer encoded this text with token id {max(ids)}, past the model's {vocab} embeddings "
+                f"(config.json vocab_size; the tokenizer has {len(self.tokenizer)} tokens): the checkpoint's "
+                "tokenizer and weights do not match; re-download it.")
+        return ids
 
     def _to_ids(self, prompt: PromptType) -> list[int]:
         if isinstance(prompt, str):
@@ -240,7 +253,7 @@ class LLM:
                             **template_kwargs: Any) -> list[int]:
         """Render ``messages`` with the checkpoint's own chat template → token ids."""
         text = render_chat(self.tokenizer, messages, add_generation_prompt, **template_kwargs)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._text_ids(text, add_special_tokens=False)
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:

@@ -764,3 +764,17 @@ def test_prompts_and_messages_of_the_wrong_kind_are_named(tiny_qwen3):
 def test_devices_and_dtypes_the_engine_cannot_run_on_are_refused(tiny_qwen3, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLM(tiny_qwen3, **{"device": "cpu", **kwargs})
+
+
+def test_a_tokenizer_longer_than_the_model_s_vocabulary_is_named_as_the_cause(tmp_path):
+    """Found by review: text encoded to ids past config.json's vocab_size was refused as a bad
+    token id, with advice to encode prompts with this model's tokenizer, which it had done."""
+    path = make_tiny_checkpoint(tmp_path / "short_vocab", arch="qwen3", vocab_size=256)
+    llm = LLM(path, device="cpu", max_model_len=128)
+    text = " ".join(llm.tokenizer.convert_ids_to_tokens(list(range(300, 320)))).replace("Ġ", "")
+    assert max(llm.tokenizer(text)["input_ids"]) >= 256
+    with pytest.raises(InvalidRequestError, match="tokenizer and weights do not match"):
+        llm.generate(text, GREEDY)
+    with pytest.raises(InvalidRequestError, match="tokenizer and weights do not match"):
+        llm.chat([{"role": "user", "content": text}], GREEDY)
+    assert llm.generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"  # still serving
