@@ -66,7 +66,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
             "send a plain prompt, or set tokenizer.chat_template."
         )
     check_template_kwargs(template_kwargs)
-    if isinstance(messages, (str, dict)) or not isinstance(messages, list):
+    if not isinstance(messages, list):
         raise ChatTemplateError(f"messages must be a list of message dicts, got {type(messages).__name__}.")
     messages = [_template_message(i, m) for i, m in enumerate(messages)]
     try:

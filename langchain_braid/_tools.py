@@ -77,17 +77,18 @@ def format_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
     if isinstance(tools, (str, bytes, dict)) or not isinstance(tools, Iterable):
         raise ToolSchemaError(f"tools must be a list of tools, got {type(tools).__name__}; pass [tool, ...].")
     formatted: list[dict[str, Any]] = []
-    first: dict[str, int] = {}
+    first: dict[str, tuple[int, dict[str, Any]]] = {}  # a name's first tool: its index, its function
     for i, tool in enumerate(tools):
-        fn = to_openai_tool(tool, f"tools[{i}]")["function"]
+        one = to_openai_tool(tool, f"tools[{i}]")
+        fn = one["function"]
         if fn["name"] not in first:
-            first[fn["name"]] = i
-            formatted.append({"type": "function", "function": fn})
+            first[fn["name"]] = i, fn
+            formatted.append(one)
             continue
-        same = next(t["function"] for t in formatted if t["function"]["name"] == fn["name"])
+        j, same = first[fn["name"]]
         if _arguments(same) != _arguments(fn):
-            raise ToolSchemaError(f"tools[{i}] is named {fn['name']!r} like tools[{first[fn['name']]}] but takes other "
-                                  "arguments; tool names must be unique (a call names the tool it is for): rename one.")
+            raise ToolSchemaError(f"tools[{i}] is named {fn['name']!r} like tools[{j}] but takes other arguments; "
+                                  "tool names must be unique (a call names the tool it is for): rename one.")
     return formatted
 
 

@@ -128,11 +128,6 @@ class ChatBraid(BaseChatModel):
     model: str = Field(alias="model_name")
     """A Hugging Face hub id (e.g. ``"Qwen/Qwen3-0.6B"``) or a local checkpoint directory (a
     path object too)."""
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _model_path(cls, value: Any) -> Any:
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
     device: str = "auto"
     """``"auto"`` (CUDA if available, else CPU), ``"cuda"``, ``"cuda:1"`` or ``"cpu"``."""
     dtype: str = "auto"
@@ -168,6 +163,12 @@ class ChatBraid(BaseChatModel):
     """Extra variables for the chat template."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to ``braid_engine.LLM`` (e.g. ``max_model_len``, ``kv_cache_memory``)."""
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_path(cls, value: Any) -> Any:
+        """A path object given as ``model``, as its string."""
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     # the profile _resolve_model_profile made (not one the caller gave), whose context limit is
     # corrected to the engine's once it loads

@@ -231,10 +231,9 @@ class LLMEngine:
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}.")
         params.validate()
         # the request keeps the params it was submitted with: the loop reads some fields while it
-        # runs, and a caller may change its SamplingParams for the next call meanwhile
-        params = replace(params, stop=list(params.stop_strings) if params.stop is not None else None,
-                                     stop_token_ids=(list(params.stop_token_ids)
-                                                     if params.stop_token_ids is not None else None))
+        # runs, and a caller may change its SamplingParams for the next call meanwhile (the copy's
+        # validation gives it stop lists of its own)
+        params = replace(params)
         prompt = list(prompt_token_ids)
         prompt_ids = self.validate_prompt(prompt)
         request_id = request_id or f"req-{next(_ids)}"
