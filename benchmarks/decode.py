@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--compare-silu-out", action="store_true",
                     help="after each row, the engine against a second one whose graphs were captured with "
                          "braid_engine.kernels.ROW_SILU_OUT the other way, in turn, in this process")
+    ap.add_argument("--skip-transformers", action="store_true",
+                    help="the engine's tokens/s only (to set two builds of the engine side by side; a record "
+                         "needs the baselines)")
     args = ap.parse_args()
     if args.compare_row_rows is not None and not 1 <= args.compare_row_rows <= kernels.ROW_KERNEL_MAX_ROWS:
         ap.error(f"--compare-row-rows takes 1 to {kernels.ROW_KERNEL_MAX_ROWS} (the most rows a row-kernel launch takes)")
@@ -187,17 +190,18 @@ def main() -> None:
         ids = torch.randint(3, len(llm.tokenizer), (b, args.prompt_tokens), generator=gen)
         steps = args.new_tokens - 1
         t_braid = engine_decode(llm, ids.tolist(), args.new_tokens, device)
-        t_eager = hf_eager(hf, ids.to(device), args.new_tokens, device)
+        t_eager = None if args.skip_transformers else hf_eager(hf, ids.to(device), args.new_tokens, device)
         t_comp = (hf_compiled(hf, ids.to(device), args.new_tokens, device)[1]
-                  if b in args.compiled_batches else None)
+                  if b in args.compiled_batches and not args.skip_transformers else None)
         tps = b * steps / t_braid
         ctx = args.prompt_tokens + args.new_tokens / 2
         step_bytes = weight_bytes + b * ctx * kv_per_token
         frac = step_bytes / (t_braid / steps) / bw
         comp = f"{b * steps / t_comp:>12.1f}" if t_comp else f"{'-':>12}"
         vs_comp = f"{t_comp / t_braid:>11.2f}x" if t_comp else f"{'-':>12}"
-        print(f"{b:>5} {tps:>12.1f} {b * steps / t_eager:>10.1f} {comp} {t_eager / t_braid:>8.2f}x "
-              f"{vs_comp} {frac:>9.0%}")
+        eager = f"{b * steps / t_eager:>10.1f}" if t_eager else f"{'-':>10}"
+        vs_eager = f"{t_eager / t_braid:>8.2f}x" if t_eager else f"{'-':>9}"
+        print(f"{b:>5} {tps:>12.1f} {eager} {comp} {vs_eager} {vs_comp} {frac:>9.0%}")
         if args.compare_pipelining:
             compare_pipelining(llm, ids.tolist(), args.new_tokens, device)
         for name, other_name, other in others:

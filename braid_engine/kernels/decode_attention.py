@@ -87,12 +87,14 @@ def _split_kernel(q_ptr, cache_ptr, table_ptr, lens_ptr, part_o_ptr, part_lse_pt
         k, v = _kv(base, d, s_kv, (ok & (pos < kv_len - 1))[:, None])
         if USE_PDL and READ_AHEAD:
             tl.extra.cuda.gdc_wait()
-        new = (ok & (pos == kv_len - 1))[:, None]
-        k_new, v_new = _kv(base, d, s_kv, new)
-        k, v = tl.where(new, k_new, k), tl.where(new, v_new, v)
+        # q and the step's own key and value, all written by the kernel before: read together
+        # (q read after the selects below waited for the key and value to arrive first)
         q_rows = h * GROUP + rows
         q = tl.load(q_ptr + (b * NUM_HEADS + q_rows)[:, None] * HEAD_DIM + d[None, :],
                     mask=(rows < GROUP)[:, None], other=0.0)
+        new = (ok & (pos == kv_len - 1))[:, None]
+        k_new, v_new = _kv(base, d, s_kv, new)
+        k, v = tl.where(new, k_new, k), tl.where(new, v_new, v)
         m = tl.full((ROWS,), float("-inf"), tl.float32)
         denom = tl.zeros((ROWS,), tl.float32)
         acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
@@ -126,10 +128,10 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, NUM_HEADS: tl.con
     ok = sp < active
     base = (b * NUM_HEADS + hq) * SPLITS
     lse = tl.load(part_lse_ptr + base + sp, mask=ok, other=float("-inf"))
+    d = tl.arange(0, HEAD_DIM)  # the outputs read with their log-sum-exps, not after the weights
+    o = tl.load(part_o_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
     w = tl.exp(lse - tl.max(lse, axis=0))
     w = w / tl.sum(w, axis=0)
-    d = tl.arange(0, HEAD_DIM)
-    o = tl.load(part_o_ptr + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
     out = tl.sum(o * w[:, None], axis=0)
     tl.store(out_ptr + (b * NUM_HEADS + hq) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 

@@ -7,8 +7,8 @@ launch and ramp each for a few KB of work. These kernels read the input row in e
 (it is a few KB and sits in L2), compute the operation before the matmul there, and give each
 program a few whole weight rows, so a decoder layer runs four matmul kernels instead of eight
 kernels around them, and no split-K reduction pass. On Hopper each kernel is launched as a
-programmatic dependent of the one before: it reads its first weight tile while that one
-finishes, and waits for it only before reading the input row.
+programmatic dependent of the one before: it reads its first weight tile (and the norm's weight)
+while that one finishes, and waits for it only before reading the input row.
 
 - :func:`norm_matmul`: (optional residual add →) RMSNorm → x Wᵀ; the input norms before
   qkv_proj and gate_up_proj. With ``silu_out`` (gate_up_proj, the engine's default through
@@ -45,9 +45,10 @@ _TILE = 8192
 
 
 @triton.jit
-def _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.constexpr,
+def _prologue(x_ptr, r_ptr, nw, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.constexpr,
               PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """The matmul's input for columns ``rk``, in float32, rounded as the unfused ops round."""
+    """The matmul's input for columns ``rk``, in float32, rounded as the unfused ops round; ``nw``:
+    the norm weight's columns ``rk`` (read before the wait: no kernel writes it), for the norm."""
     if PROLOGUE == 1:
         # the whole row is in this tile: its RMS is needed before any product
         x = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
@@ -58,7 +59,6 @@ def _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.cons
                 tl.store(h_ptr + rk, x, mask=k_ok)
         h = x.to(tl.float32)
         h = h * tl.math.rsqrt(tl.sum(h * h, axis=0) / K + eps)
-        nw = tl.load(nw_ptr + rk, mask=k_ok, other=0.0)
         a = (nw.to(tl.float32) * h.to(dtype).to(tl.float32)).to(dtype)
     elif PROLOGUE == 2:
         # x holds (gate, up) of K each; torch rounds silu's result before the multiply
@@ -70,7 +70,7 @@ def _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.cons
 
 
 @triton.jit
-def _rows_times_tile(acc, w, x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, M, K, eps, pid, dtype: tl.constexpr,
+def _rows_times_tile(acc, w, x_ptr, r_ptr, nw, h_ptr, rk, k_ok, M, K, eps, pid, dtype: tl.constexpr,
                      PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc [ROWS, BLOCK_N] plus, in row m, the weight tile w [BLOCK_N, BLOCK_K] times the prologue
     of input row m (rows from M on are padding: nothing read, nothing stored)."""
@@ -78,7 +78,7 @@ def _rows_times_tile(acc, w, x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, M, K, eps, p
     width = 2 * K if PROLOGUE == 2 else K
     for m in tl.static_range(ROWS):
         ok = k_ok & (tl.full([BLOCK_K], m, tl.int32) < M)
-        a = _prologue(x_ptr + m * width, r_ptr + m * K, nw_ptr, h_ptr + m * K, rk, ok, K, eps, pid, dtype, PROLOGUE,
+        a = _prologue(x_ptr + m * width, r_ptr + m * K, nw, h_ptr + m * K, rk, ok, K, eps, pid, dtype, PROLOGUE,
                       HAS_RESIDUAL)
         acc += tl.where(rm[:, None] == m, tl.sum(w.to(tl.float32) * a[None, :], axis=1)[None, :], 0.0)
     return acc
@@ -121,12 +121,18 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K
         n_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
     k_ok = rk < K
-    # the weights never depend on the previous kernel: the first tile is read before waiting
+    # the weights never depend on the previous kernel: the first tile is read before waiting, and
+    # the norm's weight with it (read after the wait, its load came after the row's reduction:
+    # a second trip to memory on the chain of waits)
     w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if PROLOGUE == 1:  # the norm's tile spans K: these are all its columns
+        nw = tl.load(nw_ptr + rk, mask=k_ok, other=0.0)
+    else:
+        nw = w_ptr  # unused
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if ROWS == 1:
-        a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
+        a = _prologue(x_ptr, r_ptr, nw, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
         acc = w.to(tl.float32) * a[None, :]
         # the loop holds registers even where one tile spans K, yet without it the matmuls were slower
         # on an H100 (docs/benchmarks.md, "without their K-tile loop")
@@ -134,7 +140,7 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            a = _prologue(x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
+            a = _prologue(x_ptr, r_ptr, nw, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
             acc += w.to(tl.float32) * a[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
@@ -146,13 +152,13 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K
     else:
         # a few rows (a small decode batch, padded to ROWS): each weight tile is read once and
         # multiplied by every row
-        acc = _rows_times_tile(tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), w, x_ptr, r_ptr, nw_ptr, h_ptr, rk,
+        acc = _rows_times_tile(tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), w, x_ptr, r_ptr, nw, h_ptr, rk,
                                k_ok, M, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL, ROWS, BLOCK_K)
         for k0 in range(BLOCK_K, K, BLOCK_K):  # only where K exceeds one tile (never with the norm)
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _rows_times_tile(acc, w, x_ptr, r_ptr, nw_ptr, h_ptr, rk, k_ok, M, K, eps, pid, dtype, PROLOGUE,
+            acc = _rows_times_tile(acc, w, x_ptr, r_ptr, nw, h_ptr, rk, k_ok, M, K, eps, pid, dtype, PROLOGUE,
                                    HAS_RESIDUAL, ROWS, BLOCK_K)
         rm = tl.arange(0, ROWS)
         if HAS_BIAS:

@@ -50,6 +50,11 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
     offs = hh[:, None] * HEAD_DIM + d[None, :]
     x1 = tl.load(row + offs, mask=rows, other=0.0)
     x2 = tl.load(row + offs + half, mask=rows, other=0.0)
+    # v with them: read after the stores below, its load waited for the norms and the rotation
+    kv_h = (hh - NUM_HEADS)[:, None]
+    k_rows = is_k[:, None]
+    full = tl.arange(0, HEAD_DIM)[None, :]
+    v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_h) * HEAD_DIM + full, mask=k_rows, other=0.0)
     if APPLY_NORM:
         f1 = x1.to(tl.float32)
         f2 = x2.to(tl.float32)
@@ -66,17 +71,13 @@ def _qk_norm_rope_kernel(qkv_ptr, qkv_stride, pos_ptr, qw_ptr, kw_ptr, cos_ptr, 
     tl.store(q_dst, o1, mask=is_q[:, None])
     tl.store(q_dst + half, o2, mask=is_q[:, None])
     page = cache_ptr + (slot // page_size) * s_page + (slot % page_size) * s_off
-    kv_h = (hh - NUM_HEADS)[:, None]
     k_dst = page + kv_h * s_head + d[None, :]
     ct = cache_ptr.dtype.element_ty
-    k_rows = is_k[:, None]
     tl.store(k_dst, o1.to(ct), mask=k_rows)
     tl.store(k_dst + half, o2.to(ct), mask=k_rows)
     if K_IN_PLACE:  # only this program reads these k heads, and it has read them
         tl.store(row + offs, o1, mask=k_rows)
         tl.store(row + offs + half, o2, mask=k_rows)
-    full = tl.arange(0, HEAD_DIM)[None, :]
-    v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_h) * HEAD_DIM + full, mask=k_rows, other=0.0)
     tl.store(page + s_kv + kv_h * s_head + full, v.to(ct), mask=k_rows)
 
 

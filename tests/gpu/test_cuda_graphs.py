@@ -300,7 +300,8 @@ def test_graphed_engines_chunk_prompts_while_decoding_by_default(engines, monkey
     sample = engine_module.sample
 
     def spy(logits, params, generators):
-        first_logits.extend(logits[i].clone() for i, p in enumerate(params) if p is once)
+        # each request keeps a copy of its parameters: the long prompt's are the ones asking for one token
+        first_logits.extend(logits[i].clone() for i, p in enumerate(params) if p.max_tokens == 1)
         return sample(logits, params, generators)
 
     monkeypatch.setattr(engine_module, "sample", spy)
