@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--compare-silu-out", action="store_true",
                     help="after each row, the engine against a second one whose graphs were captured with "
                          "braid_engine.kernels.ROW_SILU_OUT the other way, in turn, in this process")
+    ap.add_argument("--compare-fused-greedy", action="store_true",
+                    help="after each row, the engine against a second one whose decode graphs were captured with "
+                         "braid_engine.kernels.FUSED_GREEDY the other way, in turn, in this process")
     ap.add_argument("--skip-transformers", action="store_true",
                     help="the engine's tokens/s only (to set two builds of the engine side by side; a record "
                          "needs the baselines)")
@@ -174,6 +177,10 @@ def main() -> None:
         ways = ("SiLU·mul written by gate_up", "SiLU·mul in down_proj")
         this, other = ways if kernels.ROW_SILU_OUT else ways[::-1]
         others.append((this, other, engine_with(ROW_SILU_OUT=not kernels.ROW_SILU_OUT)))
+    if args.compare_fused_greedy:
+        ways = ("greedy tokens by our kernel", "greedy tokens by torch")
+        this, other = ways if kernels.FUSED_GREEDY else ways[::-1]
+        others.append((this, other, engine_with(FUSED_GREEDY=not kernels.FUSED_GREEDY)))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)

@@ -170,6 +170,7 @@ class LLM:
         backend = _make_backend(backend_name, kv_cache, cfg.num_attention_heads, cfg.head_dim, cascade)
         backend.warm_up()
         runner = ModelRunner(torch_model, backend, page_size, dev)
+        runner.fused = fused_kernels_available(dev) and fused_kernels != "off"
         if graphs:
             runner.capture_graphs(max_num_seqs, pad_page=num_pages, max_seq_pages=-(-max_len // page_size),
                                   prefill_tokens=prefill_graph_tokens, max_step_tokens=max_num_batched_tokens)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from braid_engine import kernels
 from braid_engine.attention.base import AttentionBackend, BatchLayout
 from braid_engine.engine.sequence import Sequence, int64_tensor
 from braid_engine.models.layers import CausalLM
@@ -131,6 +132,11 @@ class ModelRunner:
         # the event recorded after the last copy queued from it
         self._staging: torch.Tensor | None = None
         self._staged = torch.cuda.Event() if device.type == "cuda" else None
+        # whether the fused Triton kernels may run (LLM(fused_kernels=...) not 'off', set by LLM);
+        # with kernels.FUSED_GREEDY at capture, the decode graphs pick their greedy tokens with
+        # kernels/argmax.py (_greedy)
+        self.fused = False
+        self._greedy = None
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
@@ -154,6 +160,10 @@ class ModelRunner:
         self.static_ids, self.static_pos, self.static_slots = self.static_in
         self.static_slots.fill_(pad_page * self.page_size)
         self.static_last = torch.zeros(1, dtype=torch.long, device=dev)
+        if self.fused and kernels.FUSED_GREEDY:
+            from braid_engine.kernels.argmax import GreedyIds
+
+            self._greedy = GreedyIds(sizes[-1], self.model.config.vocab_size, dev)
         pool = None
         for bs in reversed(sizes):
             twin = self.backend.prepare_graph(bs, max_seq_pages)
@@ -223,9 +233,15 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, self.static_last))
 
     def _forward_static(self, bs: int) -> torch.Tensor:
+        """The decode graph's forward: its logits (float32, or the model dtype's where the greedy
+        kernel picks the tokens; ``execute`` hands them out in float32 either way)."""
         hidden = self.model(self.static_ids[:bs], self.static_pos[:bs], self.backend)
-        logits = self.model.compute_logits(hidden)
         # the greedy token becomes the next replay's input: a decode burst feeds itself on the GPU
+        if self._greedy is not None:
+            logits = self.model.compute_logits(hidden, float32=False)
+            self._greedy(logits, self.static_ids[:bs])
+            return logits
+        logits = self.model.compute_logits(hidden)
         self.static_ids[:bs].copy_(logits.argmax(-1))
         return logits
 
@@ -418,7 +434,7 @@ class ModelRunner:
         if bs is not None:
             logits = self._replay(bs, ids, positions, slots, layout)
             if logits is not None:
-                return logits, samplers
+                return logits.float(), samplers
         if long:
             rows = _sequence_rows(batch[0][0], batch[0][1], ps, self._host_rows(batch[0][1]))
         else:

@@ -69,3 +69,10 @@ ROW_KERNEL_ROWS = 2
 # (tests/kernels). decode.py --compare-silu-out measures the other setting. Models of hidden size
 # past 4,096 keep the SiLU prologue (gemv.silu_out_fits).
 ROW_SILU_OUT = True
+
+# the decode graphs pick their greedy tokens with kernels/argmax.py (from the LM head's model-dtype
+# logits, written straight into the ids the next replay reads) instead of torch's float copy,
+# argmax and copy; the same tokens (torch.argmax's: the first maximum, a NaN first). Read when the
+# graphs are captured, where the fused kernels run (LLM(fused_kernels=...) not 'off'). Off until
+# measured on the GPU: decode.py --compare-fused-greedy.
+FUSED_GREEDY = False

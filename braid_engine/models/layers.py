@@ -275,8 +275,11 @@ class CausalLM(nn.Module):
             layer.set_fused(layers is None or i in layers)
         self.model.norm.fused = final_norm
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """The LM head's logits, in float32 or (``float32=False``) in the model dtype they are
+        computed in."""
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits
 
     def checkpoint_names(self) -> dict[str, tuple[nn.Parameter, tuple[int, int] | None]]:
         """Map every checkpoint tensor name this model expects to (parameter, rows or None)."""

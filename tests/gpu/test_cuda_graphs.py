@@ -427,3 +427,40 @@ def test_a_steps_rows_are_staged_in_pinned_memory_and_rewritten_only_after_their
     torch.cuda.synchronize()
     assert queued_while_busy and waited
     assert torch.equal(on_device.cpu(), torch.arange(15).view(3, 5))
+
+
+def test_the_greedy_kernel_gives_the_tokens_and_logits_of_torch_argmax(engines, monkeypatch):
+    """kernels.FUSED_GREEDY: the decode graphs pick their greedy tokens with kernels/argmax.py from
+    the LM head's bf16 logits. The same tokens as the graphs that take torch's argmax of the float
+    logits, in bursts and single steps, at batches that replay our decode attention (3) and
+    FlashInfer's (6); sampled steps (single steps through the graph) get the same float32 logits:
+    the same seeded samples."""
+    from braid_engine import kernels
+
+    graphed, _ = engines
+    monkeypatch.setattr(kernels, "FUSED_GREEDY", True)
+    fused = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256)
+    monkeypatch.setattr(kernels, "FUSED_GREEDY", False)
+    try:
+        assert fused.engine.runner._greedy is not None and graphed.engine.runner._greedy is None
+        gen = torch.Generator().manual_seed(11)
+        for requests in (1, 3, 6):
+            prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
+                       for n in torch.randint(5, 90, (requests,), generator=gen)]
+            greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, enable_prefix_caching=False)
+            with fused.engine.together():
+                a = [fused.engine.add_request(p, greedy) for p in prompts]
+            with graphed.engine.together():
+                b = [graphed.engine.add_request(p, greedy) for p in prompts]
+            assert [s.result().token_ids for s in a] == [s.result().token_ids for s in b]
+            sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True,
+                                     enable_prefix_caching=False)
+            with fused.engine.together():
+                a = [fused.engine.add_request(p, sampled) for p in prompts]
+            with graphed.engine.together():
+                b = [graphed.engine.add_request(p, sampled) for p in prompts]
+            assert [s.result().token_ids for s in a] == [s.result().token_ids for s in b]
+        assert fused.stats()["decode_bursts"] > 0
+    finally:
+        fused.shutdown()

@@ -23,9 +23,10 @@ from braid_engine.kernels.decode_attention import _merge_kernel, _split_kernel
 TYPES = {"table_ptr": "*i32", "lens_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
          "cos_ptr": "*fp32", "sin_ptr": "*fp32", "scale": "fp32", "eps": "fp32"}
 
-def compile_(fn, consts, num_warps=2, num_stages=2, **options):
+def compile_(fn, consts, num_warps=2, num_stages=2, types=None, **options):
     # every other pointer bf16, every other scalar int32
-    sig = {n: "constexpr" if n in consts else TYPES.get(n, "*bf16" if n.endswith("_ptr") else "i32")
+    types = {**TYPES, **(types or {})}
+    sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages, **options))
@@ -65,6 +66,12 @@ for heads, norm, in_place, ahead in ((8, True, False, True), (32, True, False, T
     compile_(_qk_norm_rope_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HEADS=heads, APPLY_NORM=norm,
                                         K_IN_PLACE=in_place, READ_AHEAD=ahead, USE_PDL=True),
              num_warps=4, enable_fp_fusion=False)
+from braid_engine.kernels.argmax import CHUNK, _chunk_kernel, _rows_kernel
+
+# the greedy-token kernels (kernels.FUSED_GREEDY) over a 151,936-token vocabulary: 38 chunks, 64 wide
+argmax_types = {"part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "out_ptr": "*i64"}
+compile_(_chunk_kernel, dict(CHUNKS=64, CHUNK=CHUNK, USE_PDL=True), num_warps=8, types=argmax_types)
+compile_(_rows_kernel, dict(CHUNKS=64, USE_PDL=True), num_warps=1, types=argmax_types)
 print("other kernels ok")
 '''
 

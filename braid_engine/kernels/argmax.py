@@ -1,0 +1,96 @@
+"""Greedy tokens from the LM head's logits, written where the next decode step reads its input.
+
+A decode graph ends by picking each row's greedy token and copying it into the ids the next
+replay embeds. In torch that is the logits' float copy, ``argmax`` (a reduction whose blocks meet
+through buffers it clears first) and a copy: four or five small kernels, ~23 µs of a 623 µs step at
+batch 1 on an H200 (`benchmarks/graph_timeline.py`). Here it is two kernels over the model-dtype
+logits (the float copy changes no value, so it changes no argmax): program (row, chunk) finds its
+chunk's largest value and its first index, and program (row) takes the first of the chunks' and
+writes it, as int64, into ``out``.
+
+The token is ``torch.argmax``'s exactly: the first index of the largest value, and where the row
+holds a NaN, the first NaN's index (torch ranks NaN above every number).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from braid_engine.kernels import pdl_args
+
+# a chunk's elements: one tile a program, ~37 programs a row for a vocabulary of 151,936
+CHUNK = 4096
+
+
+@triton.jit
+def _chunk_kernel(x_ptr, x_stride, part_val_ptr, part_idx_ptr, n, CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                  USE_PDL: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    idx = c * CHUNK + tl.arange(0, CHUNK)
+    ok = idx < n
+    v = tl.load(x_ptr + row.to(tl.int64) * x_stride + idx, mask=ok, other=float("-inf")).to(tl.float32)
+    nan = v != v
+    big = 2147483647
+    first_nan = tl.min(tl.where(nan & ok, idx, big), axis=0)
+    best = tl.max(tl.where(nan, float("-inf"), v), axis=0)
+    first_best = tl.min(tl.where(ok & (v == best), idx, big), axis=0)
+    has_nan = first_nan < big
+    # a chunk with a NaN hands on its first NaN (its value NaN); otherwise its largest value
+    tl.store(part_val_ptr + row * CHUNKS + c, tl.where(has_nan, float("nan"), best))
+    tl.store(part_idx_ptr + row * CHUNKS + c, tl.where(has_nan, first_nan, first_best))
+
+
+@triton.jit
+def _rows_kernel(part_val_ptr, part_idx_ptr, out_ptr, out_stride, chunks, CHUNKS: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    row = tl.program_id(0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    c = tl.arange(0, CHUNKS)
+    ok = c < chunks
+    v = tl.load(part_val_ptr + row * CHUNKS + c, mask=ok, other=float("-inf"))
+    i = tl.load(part_idx_ptr + row * CHUNKS + c, mask=ok, other=0)
+    big = 2147483647
+    nan = (v != v) & ok
+    # the chunks' indices rise with the chunk: the first NaN chunk's index is the row's first NaN,
+    # and the least index among the chunks holding the largest value is the row's first maximum
+    first_nan = tl.min(tl.where(nan, i, big), axis=0)
+    best = tl.max(tl.where(nan, float("-inf"), v), axis=0)
+    first_best = tl.min(tl.where(ok & (v == best), i, big), axis=0)
+    tl.store(out_ptr + row * out_stride, tl.where(first_nan < big, first_nan, first_best).to(tl.int64))
+
+
+class GreedyIds:
+    """``torch.argmax(logits, -1)`` written into ``out``, for up to ``max_rows`` rows of a
+    ``vocab``-wide logits tensor; the chunks' partial results live in buffers made once, so the
+    launches can be captured in a CUDA graph."""
+
+    def __init__(self, max_rows: int, vocab: int, device: torch.device) -> None:
+        self.vocab = vocab
+        self.chunks = triton.cdiv(vocab, CHUNK)
+        self.width = triton.next_power_of_2(self.chunks)
+        self.part_val = torch.empty(max_rows * self.width, dtype=torch.float32, device=device)
+        self.part_idx = torch.empty(max_rows * self.width, dtype=torch.int32, device=device)
+
+    def __call__(self, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """logits [rows, vocab] (unit stride along vocab); out [rows] int64 (any stride) → out."""
+        rows = logits.shape[0]
+        if (logits.dim() != 2 or logits.shape[1] != self.vocab or logits.stride(1) != 1
+                or rows * self.width > self.part_val.numel()):
+            raise ValueError(f"logits must be [≤ {self.part_val.numel() // self.width}, {self.vocab}] with unit "
+                             f"stride along the vocabulary, got {tuple(logits.shape)}")
+        if out.shape != (rows,) or out.dtype != torch.int64:
+            raise ValueError(f"out must be [{rows}] int64, got {tuple(out.shape)} {out.dtype}")
+        pdl = pdl_args(logits.device)
+        _chunk_kernel[(rows, self.chunks)](logits, logits.stride(0), self.part_val, self.part_idx, self.vocab,
+                                           CHUNKS=self.width, CHUNK=CHUNK, num_warps=8, **pdl)
+        _rows_kernel[(rows,)](self.part_val, self.part_idx, out, out.stride(0), self.chunks, CHUNKS=self.width,
+                              num_warps=1, **pdl)
+        return out

@@ -1,0 +1,71 @@
+"""The decode graphs' greedy-token kernel against torch.argmax (interpreter on CPU, compiled on a GPU)."""
+
+import pytest
+import torch
+
+from braid_engine.kernels.argmax import CHUNK, GreedyIds
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+VOCAB = 2 * CHUNK + 1000  # three chunks, the last one partial
+
+
+def _greedy(logits: torch.Tensor, max_rows: int = 8) -> torch.Tensor:
+    out = torch.full((logits.shape[0],), -1, dtype=torch.long, device=logits.device)
+    return GreedyIds(max_rows, logits.shape[1], logits.device)(logits, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_greedy_ids_are_torch_argmax(device, dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    logits = (torch.randn(rows, VOCAB, generator=gen) * 4).to(dtype).to(device)
+    assert torch.equal(_greedy(logits), logits.float().argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_go_to_the_first_index_as_in_torch(device, dtype):
+    """The largest value twice in one chunk, in two chunks, in the partial last chunk; -0.0 against
+    0.0; a row of -inf; +inf twice; a NaN (torch ranks it first) before and after the largest
+    value, and two NaNs in different chunks."""
+    logits = torch.full((9, VOCAB), -3.0)
+    logits[0, [17, 900]] = 5.0  # one chunk
+    logits[1, [CHUNK + 3, 5]] = 5.0  # two chunks: index 5 first
+    logits[2, [VOCAB - 1, 2 * CHUNK + 1]] = 5.0  # the partial chunk
+    logits[3] = -1.0
+    logits[3, 40] = 0.0
+    logits[3, 30] = -0.0  # equal to 0.0: the first of them
+    logits[4] = float("-inf")
+    logits[5, [CHUNK + 9, 2 * CHUNK + 2]] = float("inf")
+    logits[6, 100] = 7.0
+    logits[6, CHUNK + 50] = float("nan")
+    logits[7, 60] = float("nan")
+    logits[7, 200] = 9.0
+    logits[8, [2 * CHUNK + 5, CHUNK + 7]] = float("nan")
+    logits = logits.to(dtype).to(device)
+    want = logits.float().argmax(-1)
+    assert want.tolist() == [17, 5, 2 * CHUNK + 1, 30, 0, CHUNK + 9, CHUNK + 50, 60, CHUNK + 7]
+    assert torch.equal(_greedy(logits, 9), want)
+
+
+def test_greedy_ids_write_into_a_strided_view_and_only_their_rows(device):
+    """The graphs write the tokens into a row of the static inputs: a strided view whose other
+    entries must stay as they are."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, VOCAB, generator=gen).to(device)
+    buf = torch.full((6, 2), -7, dtype=torch.long, device=device)
+    GreedyIds(8, VOCAB, device)(logits, buf[:4, 1])
+    assert torch.equal(buf[:4, 1], logits.argmax(-1))
+    assert (buf[:, 0] == -7).all() and (buf[4:] == -7).all()
+
+
+def test_greedy_ids_refuse_what_they_cannot_take(device):
+    greedy = GreedyIds(2, VOCAB, device)
+    out = torch.empty(2, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="logits must be"):
+        greedy(torch.zeros(3, VOCAB, device=device), torch.empty(3, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match="logits must be"):
+        greedy(torch.zeros(2, VOCAB + 1, device=device), out)
+    with pytest.raises(ValueError, match="logits must be"):
+        greedy(torch.zeros(VOCAB, 2, device=device).t(), out)
+    with pytest.raises(ValueError, match="out must be"):
+        greedy(torch.zeros(2, VOCAB, device=device), torch.empty(2, dtype=torch.int32, device=device))
