@@ -76,29 +76,27 @@ print("other kernels ok")
 '''
 
 
-def test_the_kernels_compile_for_sm90():
+def _compiled(code: str) -> str:
+    """What ``code`` prints, run in a process of its own without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count(" ok") == 2, run.stdout
+    return run.stdout
+
+
+def test_the_kernels_compile_for_sm90():
+    assert _compiled(_COMPILE).count(" ok") == 2
 
 
 def test_register_counts_come_from_ptxas():
     """benchmarks/kernel_registers.py reads registers a thread from ptxas for a kernel compiled
     for sm_90a: a count in the range a thread may use, and more for a larger tile."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    code = ("from benchmarks.kernel_registers import compile_row_matmul, registers\n"
-            "small = registers(compile_row_matmul(1024, 2048, 0, False, 2, 2048, 4))\n"
-            "large = registers(compile_row_matmul(1024, 2048, 0, False, 4, 2048, 4))\n"
-            "print(small[0], large[0])")
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    small, large = map(int, run.stdout.split())
+    small, large = map(int, _compiled("from benchmarks.kernel_registers import compile_row_matmul, registers\n"
+                                      "small = registers(compile_row_matmul(1024, 2048, 0, False, 2, 2048, 4))\n"
+                                      "large = registers(compile_row_matmul(1024, 2048, 0, False, 4, 2048, 4))\n"
+                                      "print(small[0], large[0])").split())
     assert 16 <= small < large <= 255, (small, large)
 
 
@@ -156,14 +154,9 @@ def test_what_a_kernel_reads_after_its_wait_is_read_before_it_computes():
     on the step's critical path: every load there is issued before the first computation, so the
     data arrives in one trip to memory, not two (the norm weight of the row kernels is read before
     the wait: nothing writes it). Checked in the PTX for sm_90 at Qwen3-0.6B's shapes."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-c", _LOAD_ORDER], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    found = {tuple(line.split()[:-2]): tuple(map(int, line.split()[-2:])) for line in run.stdout.splitlines()}
-    assert len(found) == 6, run.stdout
+    out = _compiled(_LOAD_ORDER)
+    found = {tuple(line.split()[:-2]): tuple(map(int, line.split()[-2:])) for line in out.splitlines()}
+    assert len(found) == 6, out
     for kernel, (a, b) in found.items():
         if kernel[0] == "row":  # loads before the wait: the plain form's, then the norm form's
             assert b == a + 1, (kernel, a, b)
