@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|small|smallbatch|bursts|pipeline|readahead|splitcfg|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|small|smallbatch|bursts|pipeline|readahead|splitcfg|ab|host|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
@@ -9,7 +9,8 @@
 # 'splitcfg': decode.py at batch 1 and 4 with the split-KV attention's settings and the ones before;
 # 'smallbatch': the row kernels at 1-8 rows against cuBLAS, and decode.py at batches 1-16 with the row
 # kernels for batch 1 alone and with our decode attention up to 4 sequences, each against the defaults;
-# 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step)
+# 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step;
+# 'ab': decode.py at batch 1 and 2 for an older tree at $OLD and this one, in alternating processes)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels',
 # 'tests-shapes' and 'tests-engine' apart; 'tests-kernels' alone outgrew 530 s on a fresh H100 in
 # session 14 while Triton compiled every variant), 'decode' (decode.py, kernels.py, row_kernels.py, profile_step.py),
@@ -114,6 +115,25 @@ if [ "$what" = smallbatch ]; then
   timeout 420 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 2 4 8 16 --compiled-batches --kv-gb 8 --compare-row-rows 1 --compare-small-decode-batch 4 2>&1 \
     | grep -E "^card|^ +[0-9]+ |row kernels|decode attention" | tee "$OUT/decode_small_batches.log"
+fi
+if [ "$what" = ab ]; then
+  # two builds of the engine side by side: the tree at $OLD (its braid_engine/ and benchmarks/, e.g.
+  # `git archive COMMIT braid_engine benchmarks | tar -x -C .fictgz/old`, carried) against this one,
+  # in alternating processes, three rounds; then each build's row_kernels --hops
+  root=$PWD
+  for i in 1 2 3; do
+    for side in old new; do
+      if [ $side = old ]; then cd "${OLD:?set OLD to the older tree}"; else cd "$root"; fi
+      timeout 150 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 2 \
+        --compiled-batches --kv-gb 4 --skip-transformers 2>&1 | grep -E "^ +[0-9]+ " | sed "s/^/$side $i /" \
+        | tee -a "$OUT/ab_decode.log"
+    done
+  done
+  for side in old new; do
+    if [ $side = old ]; then cd "$OLD"; else cd "$root"; fi
+    timeout 60 python3 -m benchmarks.row_kernels --hops 2>&1 | grep -v Warning | sed "s/^/$side /" | tee -a "$OUT/ab_hops.log"
+  done
+  cd "$root"
 fi
 if [ "$what" = host ]; then
   # what lies outside a fresh prompt's prefill graph: generate against the graph alone, then the
