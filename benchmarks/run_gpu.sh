@@ -117,9 +117,10 @@ if [ "$what" = smallbatch ]; then
     | grep -E "^card|^ +[0-9]+ |row kernels|decode attention" | tee "$OUT/decode_small_batches.log"
 fi
 if [ "$what" = ab ]; then
-  # two builds of the engine side by side: the tree at $OLD (its braid_engine/ and benchmarks/, e.g.
-  # `git archive COMMIT braid_engine benchmarks | tar -x -C .fictgz/old`, carried) against this one,
-  # in alternating processes, three rounds; then each build's row_kernels --hops
+  # two builds of the engine side by side: the tree at $OLD (an older braid_engine/ beside this tree's
+  # benchmarks/, e.g. `git archive COMMIT braid_engine | tar -x -C .fictgz/old && cp -r benchmarks
+  # .fictgz/old/`, carried) against this one, in alternating processes, three rounds; then each
+  # build's row_kernels --hops
   root=$PWD
   for i in 1 2 3; do
     for side in old new; do
