@@ -15,6 +15,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic
+import pydantic.v1
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import (
@@ -779,7 +781,13 @@ def _json_parser(model: type | None, *, calls: bool = False) -> Callable[[AIMess
                                         llm_output=message.text) from e
         if model is None:
             return value
-        return model.model_validate(value) if hasattr(model, "model_validate") else model.parse_obj(value)
+        try:
+            return model.model_validate(value) if hasattr(model, "model_validate") else model.parse_obj(value)
+        except (pydantic.ValidationError, pydantic.v1.ValidationError) as e:
+            # JSON the schema does not take (json_mode constrains only to an object; validators
+            # no grammar enforces): the parser exception that retrying and fixing parsers catch
+            raise OutputParserException(f"structured output: the answer does not fit {model.__name__} ({e})",
+                                        llm_output=message.text) from e
 
     return parse
 

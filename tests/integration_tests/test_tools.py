@@ -7,6 +7,7 @@ import json
 from typing import Literal
 
 import pytest
+from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel
@@ -512,6 +513,27 @@ def test_json_mode_answers_with_an_object(chat):
     raw = chat.with_structured_output(None, method="json_mode", include_raw=True, seed=2,
                                       max_tokens=12).invoke("JSON please")["raw"]
     assert raw.content.startswith("{") and raw.usage_metadata["output_tokens"] <= 12
+
+
+def test_json_that_does_not_fit_the_schema_is_an_output_parser_error(chat, monkeypatch):
+    """json_mode constrains the answer to some JSON object: one the pydantic schema does not take
+    raises OutputParserException (as PydanticOutputParser and ChatOpenAI's json_mode do, and as
+    retrying and fixing parsers catch), not pydantic's ValidationError; include_raw hands it over
+    as the parsing error."""
+    from tests.integration_tests.test_chat_models import _scripted
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    _scripted(chat, '{"foo": 1}', monkeypatch)
+    with pytest.raises(OutputParserException, match="does not fit Person") as caught:
+        chat.with_structured_output(Person, method="json_mode").invoke("A person as JSON")
+    assert caught.value.llm_output == '{"foo": 1}'
+    out = chat.with_structured_output(Person, method="json_mode", include_raw=True).invoke("A person as JSON")
+    assert out["parsed"] is None and isinstance(out["parsing_error"], OutputParserException)
+    _scripted(chat, '{"name": "Ada", "age": 36}', monkeypatch)
+    assert chat.with_structured_output(Person, method="json_mode").invoke("A person") == Person(name="Ada", age=36)
 
 
 @pytest.mark.parametrize("strict", [True, False])
