@@ -382,6 +382,23 @@ class ToolCallStreamParser:
         return chunks if self.limit is None else [c for c in chunks if c["index"] < self.limit]
 
 
+def one_chunk_per_call(chunks: list[ToolCallChunk]) -> list[ToolCallChunk]:
+    """The tool-call chunks of one message chunk, those of the same call joined in order. A
+    message chunk parses each of its tool-call chunks on its own (LangChain merges by index only
+    across message chunks, as ``+`` does): a call's header and the rest of it in two chunks of one
+    message chunk would read as a call with no arguments beside a nameless invalid one."""
+    merged: dict[int, ToolCallChunk] = {}
+    for chunk in chunks:
+        into = merged.get(chunk["index"])
+        if into is None:
+            merged[chunk["index"]] = ToolCallChunk(**chunk)
+        else:
+            into["args"] = (into["args"] or "") + (chunk["args"] or "")
+            into["name"] = into["name"] or chunk["name"]
+            into["id"] = into["id"] or chunk["id"]
+    return list(merged.values())
+
+
 def _partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
     for k in range(min(len(text), len(tag) - 1), 0, -1):

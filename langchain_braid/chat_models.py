@@ -52,6 +52,7 @@ from langchain_braid._tools import (
     format_tools,
     is_json_schema,
     normalize_tool_choice,
+    one_chunk_per_call,
     parse_tool_calls,
     to_openai_tool,
     tool_grammar,
@@ -487,10 +488,10 @@ class ChatBraid(BaseChatModel):
         out_ids += delta.token_ids
         reasoning, answer, calls = parser.feed(delta.text)
         if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
-            return self._chunk(reasoning, answer, tool_call_chunks=calls)
+            return self._chunk(reasoning, answer, tool_call_chunks=one_chunk_per_call(calls))
         tail_reasoning, tail_answer, tail_calls = parser.finish()
         return self._last_chunk(engine, prompt_ids, out_ids, delta, reasoning + tail_reasoning,
-                                answer + tail_answer, calls + tail_calls, parser.opened)
+                                answer + tail_answer, one_chunk_per_call(calls + tail_calls), parser.opened)
 
     def _last_chunk(self, engine: _Engine, prompt_ids: list[int], out_ids: list[int],
                     delta: RequestOutput, reasoning: str, answer: str,

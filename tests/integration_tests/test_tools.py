@@ -644,6 +644,36 @@ def test_a_streamed_call_cut_off_is_invalid_not_run_with_partial_arguments():
     assert [c["args"] for c in merged.tool_calls] == [{"a": 1, "b": 2}]
 
 
+def test_a_message_chunk_holds_one_tool_call_chunk_per_call(chat):
+    """LangChain parses each message chunk's tool-call chunks on their own (``+`` merges them by
+    index across chunks; LangChain's v3 stream protocol reads chunk by chunk): a chunk that held a
+    call's header and, at a cut, its unrepairable tail apart claimed a valid call with no
+    arguments. Cut at every length from inside the header to past it, no chunk holds two pieces of
+    one call, a cut call is valid in no chunk nor in the v3 stream's message, and the merged
+    stream classifies the call as invoke does."""
+    import warnings
+
+    bound = chat.bind_tools([add], tool_choice="add")
+    for max_tokens in range(8, 26, 3):
+        whole = bound.invoke("Add 2 and 3", max_tokens=max_tokens)
+        chunks = list(bound.stream("Add 2 and 3", max_tokens=max_tokens))
+        for chunk in chunks:
+            indices = [c["index"] for c in chunk.tool_call_chunks]
+            assert len(indices) == len(set(indices)), (max_tokens, chunk.tool_call_chunks)
+        merged = sum(chunks[1:], chunks[0])
+        assert (merged.tool_calls, len(merged.invalid_tool_calls)) == (
+            whole.tool_calls, len(whole.invalid_tool_calls)), max_tokens
+        if whole.invalid_tool_calls:  # cut off: no piece of the stream runs a tool
+            assert whole.tool_calls == [] and all(c.tool_calls == [] for c in chunks[-1:]), max_tokens
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the v3 protocol is in beta
+                try:
+                    v3 = bound.stream_events("Add 2 and 3", version="v3", max_tokens=max_tokens).output
+                except (TypeError, ValueError, NotImplementedError):  # a langchain-core without it
+                    continue
+            assert v3.tool_calls == [], max_tokens
+
+
 def _streamed(text, names, step):
     """The message LangChain merges from the stream parser's chunks of ``text`` fed ``step``
     characters at a time: its content, valid calls and invalid calls."""
