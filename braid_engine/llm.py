@@ -137,6 +137,13 @@ class LLM:
             num_pages = max(1, budget // (per_token * page_size))
         if max_model_len is None:
             max_len = min(max_len, pool_context(num_pages, page_size))
+            if max_len < 2:
+                raise ValueError(
+                    f"a KV pool of {num_pages} page(s) of {page_size} token(s) holds sequences of at most "
+                    f"{max_len} tokens (one page spare for copy-on-write), and a request needs 2 (a prompt "
+                    "token and one to generate); give the KV cache more memory (kv_cache_memory, num_pages) "
+                    "or use larger pages."
+                )
         elif max_len > (num_pages - 1) * page_size:
             raise ValueError(
                 f"max_model_len={max_len} needs {-(-max_len // page_size) + 1} KV pages (one spare for "
@@ -347,7 +354,7 @@ def pool_context(num_pages: int, page_size: int) -> int:
     """The longest sequence a pool of ``num_pages`` holds with one page of headroom: a request
     that reuses a prefix ending inside a page holds its own copy of that page while the cache
     keeps the original. ``max_model_len`` left out is capped at it."""
-    return max(num_pages - 1, 1) * page_size
+    return max(num_pages - 1, 0) * page_size
 
 
 def _is_array(value: Any) -> bool:

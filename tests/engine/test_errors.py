@@ -152,6 +152,20 @@ def test_pool_too_small_for_max_model_len(tiny_qwen3):
     assert LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=16).config.max_model_len == 60
 
 
+@pytest.mark.parametrize("pool", [dict(page_size=1, num_pages=2), dict(page_size=1, kv_cache_memory=1),
+                                  dict(page_size=16, num_pages=1)])
+def test_a_pool_that_holds_no_request_is_refused_at_construction(tiny_qwen3, pool):
+    """max_model_len left out is what the pool holds less one spare page; a pool where that is
+    below 2 tokens (a prompt token and one to generate) was accepted and then refused every
+    prompt (one page: no spare at all, unlike an explicit max_model_len)."""
+    with pytest.raises(ValueError, match="a request needs 2.*give the KV cache more memory"):
+        LLM(tiny_qwen3, device="cpu", **pool)
+    llm = LLM(tiny_qwen3, device="cpu", page_size=1, num_pages=3)  # the smallest that serves
+    assert llm.config.max_model_len == 2
+    assert len(llm.generate([[5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].token_ids) == 1
+    llm.shutdown()
+
+
 def test_generation_stops_at_max_model_len(tiny_qwen3):
     llm = LLM(tiny_qwen3, device="cpu", max_model_len=32, page_size=4)
     out = llm.generate([[7] * 30], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
