@@ -7,13 +7,15 @@ import json
 import re
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.messages import InvalidToolCall, ToolCall, ToolCallChunk
 from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
 from langchain_core.utils.json_schema import dereference_refs
 
 from braid_engine import GuidedDecoding
+from langchain_braid._thinking import CLOSE as THINK_CLOSE
+from langchain_braid._thinking import OPEN as THINK_OPEN
 
 OPEN_CALL, CLOSE_CALL = "<tool_call>", "</tool_call>"
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
@@ -149,12 +151,19 @@ def _call_tag(tool: dict[str, Any]) -> dict[str, Any]:
 
 
 def tool_grammar(tools: Sequence[dict[str, Any]], choice: str,
-                 answer: dict[str, Any] | None = None, *, parallel: bool = True) -> GuidedDecoding:
+                 answer: dict[str, Any] | None = None, *, parallel: bool = True,
+                 reasoning: Literal["open", "may"] | None = None) -> GuidedDecoding:
     """The constraint for ``choice`` (normalised): auto lets the model write text and constrains
     each call it starts; any / a name force calls from the first token; none forbids calls.
     ``answer`` (a structural-tag format, e.g. a response format's JSON schema) constrains an
     answer that is not a call: auto is then calls or that answer, none that answer.
-    ``parallel=False`` ends the answer after its first call (a named choice always does)."""
+    ``parallel=False`` ends the answer after its first call (a named choice always does).
+
+    ``reasoning`` (auto and none without ``answer``): the answer starts inside a ``<think>`` block
+    the prompt opened (``"open"``) or may start with one (``"may"``); the block is free text up
+    to ``</think>``, constrained after it, so a call the model quotes while it reasons is
+    reasoning (as the parsers read it): it neither counts as the one call ``parallel=False``
+    allows nor is held to a tool's schema."""
     single = not parallel
     if answer is not None and choice in ("auto", "none"):
         calls = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
@@ -169,6 +178,11 @@ def tool_grammar(tools: Sequence[dict[str, Any]], choice: str,
         chosen = [t for t in tools if choice == "any" or t["function"]["name"] == choice]
         fmt = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
                "stop_after_first": single or choice != "any", "tags": [_call_tag(t) for t in chosen]}
+    if reasoning is not None and answer is None and choice in ("auto", "none"):
+        block = {"type": "tag", "begin": "" if reasoning == "open" else THINK_OPEN,
+                 "content": {"type": "any_text"}, "end": THINK_CLOSE}
+        thought = {"type": "sequence", "elements": [block, fmt]}
+        fmt = thought if reasoning == "open" else {"type": "or", "elements": [thought, fmt]}
     return GuidedDecoding(structural_tag={"type": "structural_tag", "format": fmt})
 
 

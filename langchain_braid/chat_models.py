@@ -412,10 +412,8 @@ class ChatBraid(BaseChatModel):
         response_format = _response_format_grammar(options.get("response_format"))
         if tools:  # (create_agent binds a response_format beside the tools for its final answer)
             template["tools"] = tools
-            guided = tool_grammar(tools, choice, _answer_format(response_format), parallel=parallel)
         else:
-            guided = response_format
-            choice = "any" if guided is not None else "auto"
+            choice = "any" if response_format is not None else "auto"
         # an answer the grammar writes whole (forced calls, a response format) starts at its first
         # token and ends where the grammar ends: stop strings, which end free text, would cut it
         whole = choice not in ("auto", "none") or response_format is not None
@@ -432,6 +430,11 @@ class ChatBraid(BaseChatModel):
                 "choose tools, use one whose template renders them (Qwen3).", UserWarning, stacklevel=3)
         rendered = render(tok, messages, template_kwargs=template,
                           vocab_size=engine.llm.model_config.vocab_size)
+        opened = rendered.text.rstrip().endswith(OPEN)
+        # a free answer may reason first (in a block the prompt opened, or one it opens itself):
+        # the calls' grammar starts after it
+        guided = tool_grammar(tools, choice, _answer_format(response_format), parallel=parallel,
+                              reasoning="open" if opened else "may") if tools else response_format
         params = SamplingParams(
             temperature=options.get("temperature", self.temperature),
             top_p=options.get("top_p", self.top_p), top_k=options.get("top_k", self.top_k),
@@ -440,7 +443,6 @@ class ChatBraid(BaseChatModel):
             enable_prefix_caching=options.get("enable_prefix_caching", self.enable_prefix_caching),
             guided=guided,
         )
-        opened = rendered.text.rstrip().endswith(OPEN)
         limit = None if parallel else 1
         return engine, rendered.token_ids(tok), params, opened, tool_names(tools), limit
 

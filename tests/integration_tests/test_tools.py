@@ -144,6 +144,34 @@ def test_parallel_tool_calls_false_masks_a_second_call(chat, choice):
     assert allowed and allowed <= set(chat.llm.engine.eos_token_ids)
 
 
+@pytest.mark.parametrize("reasoning", ["may", "open"])
+def test_a_call_quoted_in_the_reasoning_is_free_text_and_not_the_one_call(chat, reasoning):
+    """Qwen3 quotes the call it plans inside <think>: the grammar starts after the block (one the
+    prompt opened, or one the answer opens), so the quote neither ends an answer that allows one
+    call nor is held to a schema; after the block calls are constrained as before, and
+    tool_choice="none" still forbids them there."""
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from langchain_braid._tools import tool_grammar
+
+    runtime = chat.llm.engine.grammar()
+    tools = [convert_to_openai_tool(t) for t in (add, toggle)]
+    start = "<think>\n" if reasoning == "may" else "\n"
+    thought = start + "I will write " + CALL + ', or <tool_call>{"name": "add", "arguments": {"a": "x"}}? No.\n</think>\n\n'
+    for parallel in (True, False):
+        matcher = runtime.matcher(tool_grammar(tools, "auto", parallel=parallel, reasoning=reasoning))
+        assert matcher.accept_string(thought + "Sure. " + CALL)
+        assert matcher.accept_string("\n" + CALL) is parallel
+        bad = runtime.matcher(tool_grammar(tools, "auto", parallel=parallel, reasoning=reasoning))
+        assert bad.accept_string(thought + "Sure. ") and not bad.accept_string(
+            '<tool_call>\n{"name": "add", "arguments": {"a": "x"')
+    none = runtime.matcher(tool_grammar(tools, "none", reasoning=reasoning))
+    assert none.accept_string(thought + "No call: ") and not none.accept_string(CALL)
+    if reasoning == "may":  # an answer that does not reason is constrained from its first token
+        direct = runtime.matcher(tool_grammar(tools, "auto", parallel=False, reasoning=reasoning))
+        assert direct.accept_string("Sure. " + CALL) and direct.is_completed()
+
+
 def test_parallel_tool_calls_must_be_a_bool(chat):
     with pytest.raises(TypeError, match="parallel_tool_calls.*True, False or None"):
         chat.bind_tools([add], parallel_tool_calls="no")
