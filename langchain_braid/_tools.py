@@ -219,11 +219,10 @@ def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
     """
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
-    content, last = [], 0
+    content, last = _Content(), 0
     for n, (start, end, body, closed) in enumerate(_call_spans(text)):
         # the spaces before a call and the newlines after it go with it, as the stream parser cuts
-        piece = text[last:start]
-        content.append((piece.lstrip("\n") if n else piece).rstrip())
+        content.cut(text[last:start], after_call=n > 0, before_call=True)
         last = end
         if limit is not None and n >= limit:
             continue
@@ -238,10 +237,49 @@ def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
                                          args=(body[header.end():] if header else body).strip(), id=parsed["id"],
                                          error="the call was cut off before </tool_call>")
             invalid.append(parsed)
-    content.append(text[last:].lstrip("\n") if content else text)
     # no strip beyond the calls' own cuts: an answer without a call is its text as generated,
     # which the next turn's prompt must hold for its carried ids to be reused
-    return "".join(content), calls, invalid
+    content.cut(text[last:], after_call=last > 0, before_call=False)
+    return "".join(content.out), calls, invalid
+
+
+class _Content:
+    """An answer's text with its calls cut out, as the whole parse and the stream parser cut
+    it: the spaces before a call and the newlines after it go with the call, and two pieces of
+    text that a call stood between keep one separator (a newline where one was cut, else a
+    space) unless the later one starts with its own."""
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self.gap = ""  # whitespace cut since the last text handed out
+        self.wrote = False
+
+    def text(self, text: str) -> str:
+        """``text`` to hand out next, its separator first."""
+        if not text:
+            return text
+        if self.wrote and self.gap and not text[0].isspace():
+            text = ("\n" if "\n" in self.gap else " ") + text
+        self.wrote, self.gap = True, ""
+        self.out.append(text)
+        return text
+
+    def cut(self, piece: str, *, after_call: bool, before_call: bool) -> str:
+        """A piece of text between calls (after one, before one): what of it goes out."""
+        if after_call:
+            piece = self.lead(piece)
+        if not before_call:
+            return self.text(piece)
+        kept = piece.rstrip()
+        out = self.text(kept)
+        self.gap += piece[len(kept):]
+        return out
+
+    def lead(self, text: str) -> str:
+        """``text`` after a call, its leading newlines cut."""
+        kept = text.lstrip("\n")
+        self.gap += text[:len(text) - len(kept)]
+        return kept
 
 
 def _call_spans(text: str):
@@ -315,6 +353,7 @@ class ToolCallStreamParser:
         self.named = False  # the current call names a bound tool
         self.scan = _OUTSIDE  # how far the current call's body has been read for its closing tag
         self.after_call = False
+        self.content = _Content()
 
     def feed(self, delta: str) -> tuple[str, list[ToolCallChunk]]:
         self.buffer += delta
@@ -323,7 +362,7 @@ class ToolCallStreamParser:
         while True:
             if not self.in_call:
                 if self.after_call:  # the newlines after a call go with it, in this delta or later ones
-                    self.buffer = self.buffer.lstrip("\n")
+                    self.buffer = self.content.lead(self.buffer)
                     self.after_call = not self.buffer
                 start = self.buffer.find(OPEN_CALL)
                 if start < 0:
@@ -331,9 +370,9 @@ class ToolCallStreamParser:
                     head = self.buffer[:len(self.buffer) - keep]
                     keep += len(head) - len(head.rstrip())  # spaces before a call are dropped
                     text, self.buffer = self.buffer[:len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
-                    content.append(text)
+                    content.append(self.content.text(text))
                     break
-                content.append(self.buffer[:start].rstrip())
+                content.append(self.content.cut(self.buffer[:start], after_call=False, before_call=True))
                 self.buffer = self.buffer[start + len(OPEN_CALL):]
                 self.in_call, self.header_done, self.sent, self.args_sent = True, False, 0, ""
                 self.scan = _OUTSIDE
@@ -390,7 +429,7 @@ class ToolCallStreamParser:
                     args=_unrepairable_suffix(self.args_sent))])
             return "", self._allowed([ToolCallChunk(type="tool_call_chunk", name=None, args=_unrepairable(rest.strip()),
                                                     id=self.call_id, index=self.index)])
-        return rest, []  # held spaces no call followed: the answer's own
+        return self.content.text(rest), []  # held spaces no call followed: the answer's own
 
     def _allowed(self, chunks: list[ToolCallChunk]) -> list[ToolCallChunk]:
         return chunks if self.limit is None else [c for c in chunks if c["index"] < self.limit]

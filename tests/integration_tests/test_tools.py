@@ -754,6 +754,24 @@ def test_the_closing_tag_inside_a_string_argument_is_text(value):
             "Hi bye", [("add", expected)], []), step
 
 
+@pytest.mark.parametrize(("text", "content"), [
+    ("I will check.\n" + CALL + "\nThen I will answer.", "I will check.\nThen I will answer."),
+    ("Hi " + CALL + " bye", "Hi bye"),
+    ("A" + CALL + "B", "AB"),
+    ("A  " + CALL + "B", "A B"),
+    ("First.\n" + CALL + "\n" + CALL + "\n\nLast.", "First.\nLast."),
+    (CALL + "\nAfter.", "After."),
+    ("Before.\n" + CALL, "Before."),
+])
+def test_the_text_on_both_sides_of_a_call_stays_apart(text, content):
+    """The whitespace around a call goes with it, and the pieces of text it stood between were
+    glued ("I will check.Then I will answer."): they keep one separator, a newline where one was
+    cut, whole and streamed at any split."""
+    assert parse_tool_calls(text, ["add"])[0] == content
+    for step in (1, 2, 7, len(text)):
+        assert _streamed(text, ["add"], step)[0] == content, step
+
+
 def test_a_call_cut_off_in_a_string_holding_the_closing_tag_is_invalid():
     text = _HEAD + '{"s": "x</tool_call>y'
     _, calls, invalid = parse_tool_calls(text, ["add"])
