@@ -159,11 +159,12 @@ def tool_grammar(tools: Sequence[dict[str, Any]], choice: str,
     answer that is not a call: auto is then calls or that answer, none that answer.
     ``parallel=False`` ends the answer after its first call (a named choice always does).
 
-    ``reasoning`` (auto and none without ``answer``): the answer starts inside a ``<think>`` block
-    the prompt opened (``"open"``) or may start with one (``"may"``); the block is free text up
-    to ``</think>``, constrained after it, so a call the model quotes while it reasons is
-    reasoning (as the parsers read it): it neither counts as the one call ``parallel=False``
-    allows nor is held to a tool's schema."""
+    ``reasoning``: the answer starts inside a ``<think>`` block the prompt opened (``"open"``,
+    whatever the choice: a template may open one even where ``enable_thinking=False`` asks it not
+    to) or, with a free choice (auto and none without ``answer``), may start with one (``"may"``);
+    the block is free text up to ``</think>``, constrained after it, so a call the model quotes
+    while it reasons is reasoning (as the parsers read it): it neither counts as the one call
+    ``parallel=False`` allows nor is held to a tool's schema."""
     single = not parallel
     if answer is not None and choice in ("auto", "none"):
         calls = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
@@ -178,12 +179,20 @@ def tool_grammar(tools: Sequence[dict[str, Any]], choice: str,
         chosen = [t for t in tools if choice == "any" or t["function"]["name"] == choice]
         fmt = {"type": "tags_with_separator", "separator": "\n", "at_least_one": True,
                "stop_after_first": single or choice != "any", "tags": [_call_tag(t) for t in chosen]}
-    if reasoning is not None and answer is None and choice in ("auto", "none"):
-        block = {"type": "tag", "begin": "" if reasoning == "open" else THINK_OPEN,
-                 "content": {"type": "any_text"}, "end": THINK_CLOSE}
-        thought = {"type": "sequence", "elements": [block, fmt]}
-        fmt = thought if reasoning == "open" else {"type": "or", "elements": [thought, fmt]}
+    if reasoning == "open" or reasoning == "may" and answer is None and choice in ("auto", "none"):
+        fmt = after_reasoning(fmt, opened=reasoning == "open")
     return GuidedDecoding(structural_tag={"type": "structural_tag", "format": fmt})
+
+
+def after_reasoning(fmt: dict[str, Any], *, opened: bool) -> dict[str, Any]:
+    """A structural-tag format that applies after a ``<think>`` block, free text up to
+    ``</think>``: one the prompt opened (``opened``), or one the answer may open first."""
+    block = {"type": "tag", "begin": "" if opened else THINK_OPEN, "content": {"type": "any_text"},
+             "end": THINK_CLOSE}
+    # the blank lines a model writes after the block (Qwen3: "</think>\n\n"), which a forced call
+    # or a JSON answer would not take
+    thought = {"type": "sequence", "elements": [block, {"type": "regex", "pattern": r"\s*"}, fmt]}
+    return thought if opened else {"type": "or", "elements": [thought, fmt]}
 
 
 def _call_id() -> str:

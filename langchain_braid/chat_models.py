@@ -49,6 +49,7 @@ from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reason
 from langchain_braid._tools import (
     ToolCallStreamParser,
     ToolChoiceError,
+    after_reasoning,
     format_tools,
     is_json_schema,
     normalize_tool_choice,
@@ -433,8 +434,14 @@ class ChatBraid(BaseChatModel):
         opened = rendered.text.rstrip().endswith(OPEN)
         # a free answer may reason first (in a block the prompt opened, or one it opens itself):
         # the calls' grammar starts after it
-        guided = tool_grammar(tools, choice, _answer_format(response_format), parallel=parallel,
-                              reasoning="open" if opened else "may") if tools else response_format
+        if tools:
+            guided = tool_grammar(tools, choice, _answer_format(response_format), parallel=parallel,
+                                  reasoning="open" if opened else "may")
+        elif response_format is not None and opened:  # a template that opens <think> whatever it is asked
+            guided = GuidedDecoding(structural_tag={"type": "structural_tag", "format": after_reasoning(
+                _answer_format(response_format), opened=True)})
+        else:
+            guided = response_format
         params = SamplingParams(
             temperature=options.get("temperature", self.temperature),
             top_p=options.get("top_p", self.top_p), top_k=options.get("top_k", self.top_k),

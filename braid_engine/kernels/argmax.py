@@ -86,6 +86,8 @@ class GreedyIds:
                 or rows * self.width > self.part_val.numel()):
             raise ValueError(f"logits must be [≤ {self.part_val.numel() // self.width}, {self.vocab}] with unit "
                              f"stride along the vocabulary, got {tuple(logits.shape)}")
+        if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"logits must be float32, float16 or bfloat16 (compared in float32), got {logits.dtype}")
         if out.shape != (rows,) or out.dtype != torch.int64:
             raise ValueError(f"out must be [{rows}] int64, got {tuple(out.shape)} {out.dtype}")
         pdl = pdl_args(logits.device)

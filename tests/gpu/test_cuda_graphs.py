@@ -429,7 +429,7 @@ def test_a_steps_rows_are_staged_in_pinned_memory_and_rewritten_only_after_their
     assert torch.equal(on_device.cpu(), torch.arange(15).view(3, 5))
 
 
-def test_the_greedy_kernel_gives_the_tokens_and_logits_of_torch_argmax(engines, monkeypatch):
+def test_the_greedy_kernel_gives_the_tokens_and_logits_of_torch_argmax(tmp_path, monkeypatch):
     """kernels.FUSED_GREEDY: the decode graphs pick their greedy tokens with kernels/argmax.py from
     the LM head's bf16 logits. The same tokens as the graphs that take torch's argmax of the float
     logits, in bursts and single steps, at batches that replay our decode attention (3) and
@@ -437,10 +437,16 @@ def test_the_greedy_kernel_gives_the_tokens_and_logits_of_torch_argmax(engines, 
     the same seeded samples."""
     from braid_engine import kernels
 
-    graphed, _ = engines
+    # a vocabulary of three of the kernel's chunks (the tokenizer's ids are the first few hundred;
+    # the logits of the rest are the model's all the same)
+    path = make_tiny_checkpoint(tmp_path / "vocab", arch="qwen3", num_hidden_layers=2, hidden_size=256,
+                                intermediate_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                                vocab_size=9000)
+    kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_num_seqs=16, cuda_graphs=True,
+              prefill_graph_tokens=256)
+    graphed = LLM(path, **kw)
     monkeypatch.setattr(kernels, "FUSED_GREEDY", True)
-    fused = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
-                max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256)
+    fused = LLM(path, **kw)
     monkeypatch.setattr(kernels, "FUSED_GREEDY", False)
     try:
         assert fused.engine.runner._greedy is not None and graphed.engine.runner._greedy is None
@@ -464,3 +470,4 @@ def test_the_greedy_kernel_gives_the_tokens_and_logits_of_torch_argmax(engines, 
         assert fused.stats()["decode_bursts"] > 0
     finally:
         fused.shutdown()
+        graphed.shutdown()

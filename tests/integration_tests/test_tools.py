@@ -172,6 +172,37 @@ def test_a_call_quoted_in_the_reasoning_is_free_text_and_not_the_one_call(chat, 
         assert direct.accept_string("Sure. " + CALL) and direct.is_completed()
 
 
+def test_a_template_that_always_opens_think_still_gets_its_forced_call_and_json(tiny_model, tmp_path):
+    """A template may open <think> in every prompt, enable_thinking=False or not (as Qwen3's
+    thinking-only models do): a forced call or structured output then follows the model's free
+    reasoning, where the grammar forced it from the first token inside the block (the parser read
+    it all as reasoning: no call, "not JSON")."""
+    import shutil
+
+    path = tmp_path / "always-think"
+    shutil.copytree(tiny_model, path)
+    template = path / "chat_template.jinja"
+    text = template.read_text()
+    closed = "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif -%}"
+    assert closed in text
+    template.write_text(text.replace(closed, "<think>\n"))
+    chat = ChatBraid(model=str(path), device="cpu", temperature=1.0, max_tokens=300)
+    runtime = chat.llm.engine.grammar()
+    bound = chat.bind_tools([add], tool_choice="add")
+    _, ids, params, opened, _, _ = bound.bound._prepare([HumanMessage("Add 2 and 3")], None, bound.kwargs)
+    assert opened and chat.tokenizer.decode(ids).rstrip().endswith("<think>")
+    matcher = runtime.matcher(params.guided)
+    assert matcher.accept_string("Two numbers, <tool_call> to add them.</think>\n\n" + CALL)
+    assert matcher.is_completed()
+    refused = runtime.matcher(params.guided)  # after the block, the call is forced as before
+    assert refused.accept_string("Hmm.</think>\n\n") and not refused.accept_string("Sure. ")
+    answer = {"type": "json_schema", "json_schema": {"name": "Pair", "schema": UNTITLED}}
+    _, _, params, opened, _, _ = chat._prepare([HumanMessage("A pair")], None, {"response_format": answer})
+    assert opened
+    matcher = runtime.matcher(params.guided)
+    assert matcher.accept_string('Two numbers.</think>\n{"days": 3, "unit": "celsius"}') and matcher.is_completed()
+
+
 def test_parallel_tool_calls_must_be_a_bool(chat):
     with pytest.raises(TypeError, match="parallel_tool_calls.*True, False or None"):
         chat.bind_tools([add], parallel_tool_calls="no")

@@ -67,5 +67,7 @@ def test_greedy_ids_refuse_what_they_cannot_take(device):
         greedy(torch.zeros(2, VOCAB + 1, device=device), out)
     with pytest.raises(ValueError, match="logits must be"):
         greedy(torch.zeros(VOCAB, 2, device=device).t(), out)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        greedy(torch.zeros(2, VOCAB, dtype=torch.float64, device=device), out)
     with pytest.raises(ValueError, match="out must be"):
         greedy(torch.zeros(2, VOCAB, device=device), torch.empty(2, dtype=torch.int32, device=device))
