@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,11 +74,12 @@ class GuidedDecoding:
                 "write sets as lists.") from None
 
     def key(self) -> str:
-        """A canonical string naming the constraint (compiled grammars are cached by it)."""
+        """A string naming the constraint (compiled grammars are cached by it). Key order is kept:
+        the grammar writes an object's properties in the schema's order."""
         schema = self.json_schema
         if isinstance(schema, str):
             schema = json.loads(schema)
-        return json.dumps([schema, self.json_object, self.structural_tag], sort_keys=True)
+        return json.dumps([schema, self.json_object, self.structural_tag])
 
 
 # Length-bounded JSON strings (minLength/maxLength, in propertyNames too). xgrammar 0.2.8 writes
@@ -178,9 +180,70 @@ def _fix_bounded_strings(ebnf: str) -> str:
     return fixed.rstrip("\n") + "\n" + chains.ebnf() if chains.rules else fixed
 
 
+# JSON Schema keywords xgrammar 0.2.8 leaves unenforced (it logs a warning at most): a value the
+# grammar lets through would break them, so a schema using them is refused. (uniqueItems is not
+# enforced either, but kept: pydantic writes it for sets, and parsing a set takes duplicates.)
+_UNENFORCED = ("not", "contains", "minContains", "maxContains", "dependentRequired", "dependentSchemas",
+               "dependencies", "if", "then", "else", "multipleOf", "unevaluatedProperties", "unevaluatedItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("additionalProperties", "items", "propertyNames", "not", "contains", "if", "then", "else",
+               "unevaluatedProperties", "unevaluatedItems", "additionalItems")
+
+
+def enforceable_schema(schema: Any, path: str = "#") -> Any:
+    """``schema`` as the grammar can enforce it: a required property missing from ``properties``
+    gets the schema extra properties take (xgrammar ignored it: ``{}`` passed ``required: ["a"]``),
+    an enum of strings keeps the values its length bounds allow; raises InvalidGrammarError,
+    naming the place, for a keyword no grammar here enforces (see ``_UNENFORCED``), ``allOf`` with
+    more than one schema, or a required property that extra properties cannot be."""
+    if isinstance(schema, list):
+        return [enforceable_schema(s, f"{path}/{i}") for i, s in enumerate(schema)]
+    if not isinstance(schema, dict):
+        return schema
+    bad = [k for k in _UNENFORCED if k in schema]
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        bad.append("allOf (with more than one schema)")
+    if bad:
+        raise InvalidGrammarError(
+            f"the JSON schema uses {', '.join(bad)} at {path}, which guided decoding cannot enforce "
+            "(its output could break them); rewrite the schema without them (e.g. merge allOf's "
+            "schemas into one), or validate those rules after generation.")
+    out = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            value = {name: enforceable_schema(v, f"{path}/{key}/{name}") for name, v in value.items()}
+        elif key in _SUBSCHEMA_LISTS or key in _SUBSCHEMAS:
+            value = enforceable_schema(value, f"{path}/{key}")
+        out[key] = value
+    required = out.get("required")
+    if isinstance(required, list) and required:
+        props = out.get("properties") if isinstance(out.get("properties"), dict) else {}
+        missing = [name for name in required if isinstance(name, str) and name not in props]
+        if missing:
+            extra = out.get("additionalProperties", True)
+            if extra is False:
+                raise InvalidGrammarError(
+                    f"the JSON schema at {path} requires {missing} but allows no property of those "
+                    "names (additionalProperties is false); no object satisfies it.")
+            out["properties"] = {**props, **{name: extra if isinstance(extra, dict) else {} for name in missing}}
+    enum = out.get("enum")
+    if isinstance(enum, list) and ("minLength" in out or "maxLength" in out):
+        lo, hi = out.get("minLength", 0), out.get("maxLength")
+        kept = [v for v in enum if not isinstance(v, str) or lo <= len(v) and (hi is None or len(v) <= hi)]
+        if not kept:
+            raise InvalidGrammarError(f"the JSON schema at {path}: no value of its enum fits minLength/maxLength.")
+        out["enum"] = kept
+    return out
+
+
 def json_schema_grammar(xgr: Any, schema: dict[str, Any] | str) -> Any:
     """xgrammar's grammar for ``schema`` as compact JSON (``", "`` / ``": "`` separators: what
-    chat templates' tojson renders back), its length-bounded strings fixed (see above)."""
+    chat templates' tojson renders back), its length-bounded strings fixed (see above); refused
+    where it cannot be enforced (``enforceable_schema``)."""
+    if isinstance(schema, str):
+        schema = json.loads(schema)
+    schema = json.dumps(enforceable_schema(schema))
     grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(", ", ": "))
     ebnf = str(grammar)
     fixed = _fix_bounded_strings(ebnf)
@@ -197,6 +260,11 @@ def _xgrammar() -> Any:
     return xgrammar
 
 
+# compiled grammars kept (least recently used go first), and the bytes xgrammar's own cache keeps
+COMPILED_KEPT = 256
+_XGR_CACHE_BYTES = 512 << 20
+
+
 class GrammarRuntime:
     """Compiles constraints for one tokenizer and computes token masks for a batch.
 
@@ -210,8 +278,8 @@ class GrammarRuntime:
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=sorted(stop_token_ids))
-        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
-        self._compiled: dict[str, Any] = {}
+        self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=_XGR_CACHE_BYTES)
+        self._compiled: OrderedDict[str, Any] = OrderedDict()  # the latest COMPILED_KEPT, least recent first
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -220,6 +288,8 @@ class GrammarRuntime:
         key = guided.key()
         with self._lock:
             hit = self._compiled.get(key)
+            if hit is not None:
+                self._compiled.move_to_end(key)
         if hit is not None:
             return hit
         try:
@@ -229,12 +299,16 @@ class GrammarRuntime:
             else:
                 tag = self._compact(guided.structural_tag)
                 compiled = self._compiler.compile_structural_tag(tag)
+        except InvalidGrammarError:
+            raise
         except Exception as e:  # xgrammar raises RuntimeError/ValueError/pydantic errors alike
             raise InvalidGrammarError(
                 f"the guided-decoding constraint could not be compiled: {e}; check the JSON "
                 "schema (or structural tag) is valid.") from e
         with self._lock:
             self._compiled[key] = compiled
+            while len(self._compiled) > COMPILED_KEPT:  # a schema per request (its own enum) adds up
+                self._compiled.popitem(last=False)
         return compiled
 
     def _compact(self, node: Any) -> Any:
@@ -247,7 +321,7 @@ class GrammarRuntime:
             return node
         if node.get("type") == "json_schema" and node.get("style", "json") == "json" \
                 and not node.get("excludes") and "json_schema" in node:
-            grammar = json_schema_grammar(self._xgr, json.dumps(node["json_schema"]))
+            grammar = json_schema_grammar(self._xgr, node["json_schema"])
             return {"type": "grammar", "grammar": str(grammar)}
         return {k: self._compact(v) for k, v in node.items()}
 
@@ -270,6 +344,10 @@ class GrammarRuntime:
         for i, m in enumerate(matchers):
             try:
                 m.fill_next_token_bitmask(bitmask, i)
+                if not bitmask[i].any():  # a dead end: no token continues the grammar, none ends it
+                    raise InvalidGrammarError(
+                        "the guided-decoding constraint allows no next token: nothing satisfies the schema "
+                        "(e.g. a $ref to itself and nothing else); fix the schema.")
             except Exception as e:  # that request fails, not the step's others
                 bitmask[i] = -1
                 failed[i] = e
