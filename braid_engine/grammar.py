@@ -104,9 +104,12 @@ _CHAIN_MAX = 256
 _CHAIN_BUDGET = 512
 # a bounded string (its rule's name and bounds, or the single-character form); else a whole
 # string literal or character class, so that nothing matches inside one
-_EBNF_TOKEN = re.compile(r'"\\"" (?:(\w+)\{(\d+), (-?\d+)\}|(' + re.escape(_XGR_BOUNDED_CLASS)
-                         + r')) "\\""|"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
-_EBNF_RULE = re.compile(r"^(\w+)(?:\[[^\]\n]*\])? ::= ", re.M)
+# (a rule's name: xgrammar keeps a $defs name's "-" and "."; a string of at most one character is
+# "\"" NAME "\"" with NAME ::= ("" | (CLASS)))
+_NAME = r"[\w.\-]+"
+_EBNF_TOKEN = re.compile(r'"\\"" (?:(' + _NAME + r')\{(\d+), (-?\d+)\}|(' + re.escape(_XGR_BOUNDED_CLASS)
+                         + r')|(' + _NAME + r')) "\\""|"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
+_EBNF_RULE = re.compile(r"^(" + _NAME + r")(?:\[[^\]\n]*\])? ::= ", re.M)
 
 
 class _StringChains:
@@ -160,12 +163,15 @@ def _fix_bounded_strings(ebnf: str) -> str:
     JSON strings of the right length (see above); unchanged if it has none."""
     if _XGR_BOUNDED_CLASS not in ebnf:
         return ebnf
-    bounded = set(re.findall(rf"^(\w+) ::= \(\({re.escape(_XGR_BOUNDED_CLASS)}\)\)$", ebnf, re.M))
+    bounded = set(re.findall(rf"^({_NAME}) ::= \(\({re.escape(_XGR_BOUNDED_CLASS)}\)\)$", ebnf, re.M))
+    optional = set(re.findall(rf'^({_NAME}) ::= \("" \| \({re.escape(_XGR_BOUNDED_CLASS)}\)\)$', ebnf, re.M))
     chains = _StringChains(ebnf)
 
     def rewrite(m: re.Match) -> str:
-        if m[1] in bounded or m[4]:  # a bounded string
-            lo, hi = (int(m[2]), int(m[3])) if m[1] else (1, 1)
+        if m[5] is not None and m[5] not in optional:
+            return m[0]  # a quote, some other rule, a quote
+        if m[1] in bounded or m[4] or m[5]:  # a bounded string
+            lo, hi = (int(m[2]), int(m[3])) if m[1] else (0, 1) if m[5] else (1, 1)
             state = chains.state(lo, None if hi < 0 else hi - lo)
             if state is not None:
                 return f'"\\"" {state}'

@@ -136,6 +136,27 @@ def test_other_bound_shapes(qwen3_llm):
         assert not accepts(runtime, one, literal), literal
 
 
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "maxLength": 1},
+    {"type": "string", "minLength": 0, "maxLength": 1},
+    {"$defs": {"line-item": {"type": "string", "maxLength": 1}}, "$ref": "#/$defs/line-item"},
+    {"$defs": {"a b.c": {"type": "string", "maxLength": 1}}, "$ref": "#/$defs/a b.c"},
+])
+def test_strings_of_at_most_one_character_and_defs_with_other_names(qwen3_llm, schema):
+    """xgrammar writes a string of at most one character as '"\"" NAME "\""' with NAME ::= ("" |
+    CLASS), and keeps a $defs name's "-" and "." in its rules' names: neither was rewritten, so
+    escapes were refused there (the safe side, against the documented rule)."""
+    runtime = qwen3_llm.engine.grammar()
+    guided = GuidedDecoding(json_schema=schema)
+    for literal in ['""', '"a"', r'"\n"', r'"\""', r'"\u00e9"', r'"\ud83d\ude00"']:
+        assert accepts(runtime, guided, literal), literal
+    for literal in ['"ab"', '"\x00"', r'"\n\n"', r'"\ud800"']:
+        assert not accepts(runtime, guided, literal), literal
+    longer = {"$defs": {"line-item": {"type": "string", "minLength": 2, "maxLength": 3}}, "$ref": "#/$defs/line-item"}
+    assert accepts(runtime, GuidedDecoding(json_schema=longer), r'"a\nb"')
+    assert not accepts(runtime, GuidedDecoding(json_schema=longer), '"a\x01"')
+
+
 def test_long_bounds_refuse_control_characters_without_escapes(qwen3_llm):
     """Past 256 characters (or 512 chain rules in one grammar) a string keeps xgrammar's own
     repetition, whose masks stay fast, with the control characters taken out: exact length,
