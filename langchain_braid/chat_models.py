@@ -672,7 +672,14 @@ class ChatBraid(BaseChatModel):
                       else _JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         else:
             if method == "json_schema":  # a bare JSON Schema is used as given: nothing is named
-                json_schema = schema if is_json_schema(schema) else convert_to_json_schema(schema)
+                if is_json_schema(schema):
+                    json_schema = schema
+                elif pydantic and hasattr(schema, "model_json_schema"):
+                    # pydantic v2's own schema keeps $defs and $ref: a model that nests itself stays
+                    # constrained all the way down (LangChain's inlining leaves its children {})
+                    json_schema = schema.model_json_schema()
+                else:
+                    json_schema = convert_to_json_schema(schema)
                 fmt = {"type": "json_schema", "json_schema": {"schema": json_schema}}
             else:
                 fmt = {"type": "json_object"}
