@@ -190,9 +190,11 @@ def after_reasoning(fmt: dict[str, Any], *, opened: bool) -> dict[str, Any]:
     block = {"type": "tag", "begin": "" if opened else THINK_OPEN, "content": {"type": "any_text"},
              "end": THINK_CLOSE}
     # the blank lines a model writes after the block (Qwen3: "</think>\n\n"), which a forced call
-    # or a JSON answer would not take
-    thought = {"type": "sequence", "elements": [block, {"type": "regex", "pattern": r"\s*"}, fmt]}
-    return thought if opened else {"type": "or", "elements": [thought, fmt]}
+    # or a JSON answer would not take, and before one it opens (the parsers read past them too)
+    blank = {"type": "regex", "pattern": r"\s*"}
+    if opened:
+        return {"type": "sequence", "elements": [block, blank, fmt]}
+    return {"type": "or", "elements": [{"type": "sequence", "elements": [blank, block, blank, fmt]}, fmt]}
 
 
 def _call_id() -> str:

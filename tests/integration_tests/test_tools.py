@@ -156,7 +156,7 @@ def test_a_call_quoted_in_the_reasoning_is_free_text_and_not_the_one_call(chat, 
 
     runtime = chat.llm.engine.grammar()
     tools = [convert_to_openai_tool(t) for t in (add, toggle)]
-    start = "<think>\n" if reasoning == "may" else "\n"
+    start = "\n<think>\n" if reasoning == "may" else "\n"  # (the parsers read past blank lines before it)
     thought = start + "I will write " + CALL + ', or <tool_call>{"name": "add", "arguments": {"a": "x"}}? No.\n</think>\n\n'
     for parallel in (True, False):
         matcher = runtime.matcher(tool_grammar(tools, "auto", parallel=parallel, reasoning=reasoning))
