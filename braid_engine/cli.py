@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -79,7 +80,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    params = _params(args)  # a bad flag is refused before the model loads, not at the first message
     llm = _llm(args)
+    if not getattr(llm.tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"{args.model} has no chat template (a base model?): braid chat needs one; "
+                                "use `braid generate --raw MODEL PROMPT` to continue a plain prompt.")
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -105,7 +110,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         text, n_out, cached, first = "", 0, 0, None
         try:
             ids = llm.apply_chat_template(messages)
-            for delta in llm.stream(ids, _params(args)):
+            for delta in llm.stream(ids, params):
                 first = first or time.perf_counter()
                 print(delta.text, end="", flush=True)
                 text += delta.text
@@ -117,10 +122,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.pop()
             print(f"braid: {e}\n(the message was dropped; /reset starts a new conversation)", file=sys.stderr)
             continue
+        # the rate of the tokens after the first (whose time is the first token's)
         elapsed = time.perf_counter() - (first or t0)
+        rate = f"{(n_out - 1) / elapsed:.1f} tokens/s" if n_out > 1 and elapsed > 0 else "one token"
         print(f"\n[{len(ids)} in, {cached} cached, {n_out} out; first token "
-              f"{((first or t0) - t0) * 1e3:.0f} ms; {n_out / elapsed if elapsed else 0:.1f} tokens/s]",
-              file=sys.stderr)
+              f"{((first or t0) - t0) * 1e3:.0f} ms; {rate}]", file=sys.stderr)
         messages.append({"role": "assistant", "content": text})
 
 
@@ -135,6 +141,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.prompt_tokens + args.new_tokens > llm.config.max_model_len:
         print(f"braid: --prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed max_model_len "
               f"{llm.config.max_model_len}: the decode would be cut short and its rate overstated; lower them.",
+              file=sys.stderr)
+        return 2
+    room = llm.config.num_pages * llm.config.page_size
+    over = [b for b in args.batch if b * (args.prompt_tokens + args.new_tokens) > room]
+    if over:
+        print(f"braid: --batch {over[0]} × ({args.prompt_tokens} + {args.new_tokens}) tokens exceeds the KV pool "
+              f"({room} tokens): requests would wait or be preempted and the rate would mislead; lower them.",
               file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(0)
@@ -160,9 +173,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from braid_engine.compat import check_checkpoint
-    from braid_engine.loader import resolve_model_path
+    from braid_engine.config import resolve_device, resolve_dtype
+    from braid_engine.loader import load_config, resolve_model_path
 
-    print(check_checkpoint(resolve_model_path(_model_path(args))).format())
+    path = resolve_model_path(_model_path(args))
+    try:  # the options are checked as a run would check them, though the report needs neither
+        resolve_dtype(args.dtype, resolve_device(args.device), load_config(path).torch_dtype)
+    except ValueError as e:
+        raise _OptionError(str(e)) from e
+    print(check_checkpoint(path).format())
     return 0
 
 
@@ -245,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a killed pipe stage does
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141
 
 
 if __name__ == "__main__":

@@ -109,14 +109,23 @@ def check_checkpoint(path: str | Path) -> CompatReport:
     """
     from safetensors import safe_open
 
-    from braid_engine.loader import safetensors_files
+    from braid_engine.errors import CheckpointError
+    from braid_engine.loader import load_config, safetensors_files
+    from braid_engine.models.registry import model_class
+
+    # a model the engine cannot run is refused, as loading it is
+    model_class(load_config(Path(path)).architecture)
 
     def norms() -> Iterable[tuple[str, torch.Tensor]]:
         for file in safetensors_files(Path(path)):
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    if name.endswith("norm.weight"):
-                        yield name, f.get_tensor(name)
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        if name.endswith("norm.weight"):
+                            yield name, f.get_tensor(name)
+            except Exception as e:  # as the loader says it
+                raise CheckpointError(
+                    f"{file.name} is truncated or corrupt ({type(e).__name__}: {e}); re-download it.") from e
 
     return analyse_weights(norms())
 

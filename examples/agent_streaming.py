@@ -22,7 +22,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
 
-from braid_engine import ModelNotFoundError
+from braid_engine import BraidError, ModelNotFoundError
 from braid_engine.testing import make_tiny_checkpoint
 from langchain_braid import ChatBraid
 
@@ -109,6 +109,8 @@ def main() -> None:
         run_turn(graph, "And in Oslo?", "demo")
     except ModelNotFoundError as e:
         sys.exit(f"{e}\nNo network and no local copy? Try --model tiny (a tiny random checkpoint).")
+    except BraidError as e:  # a bad option or input: the message says what to do
+        sys.exit(str(e))
 
 
 if __name__ == "__main__":

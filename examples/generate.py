@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 
-from braid_engine import LLM, ModelNotFoundError, SamplingParams
+from braid_engine import LLM, BraidError, ModelNotFoundError, SamplingParams
 from braid_engine.testing import make_tiny_checkpoint
 
 
@@ -23,10 +23,12 @@ def main() -> None:
         scratch = tempfile.TemporaryDirectory(prefix="braid-tiny-")  # removed when main returns
         model = make_tiny_checkpoint(scratch.name, arch="qwen3")
     try:
+        params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
         llm = LLM(model)
     except ModelNotFoundError as e:
         sys.exit(f"{e}\nNo network and no local copy? Try --model tiny (a tiny random checkpoint).")
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    except BraidError as e:  # a bad option or input: the message says what to do
+        sys.exit(str(e))
     messages = [{"role": "user", "content": args.prompt}]
     for turn in range(2):
         t0 = time.perf_counter()

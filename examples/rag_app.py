@@ -32,7 +32,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableParallel
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from braid_engine import ModelNotFoundError
+from braid_engine import BraidError, ModelNotFoundError
 from braid_engine.testing import make_tiny_checkpoint
 from langchain_braid import ChatBraid
 
@@ -154,6 +154,8 @@ def main() -> None:
         t2 = time.perf_counter()
     except ModelNotFoundError as e:
         sys.exit(f"{e}\nNo network and no local copy? Try --model tiny (a tiny random checkpoint).")
+    except BraidError as e:  # a bad option or input: the message says what to do
+        sys.exit(str(e))
     results = [first, *rest]
     rows = [r["usage"] for r in results]
     print(f"{'question':<52} {'input':>6} {'cache_read':>10} {'model s':>8}  answer")

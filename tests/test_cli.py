@@ -105,3 +105,77 @@ def test_bench_refuses_sizes_past_the_context(tmp_path, capsys):
     path = make_tiny_checkpoint(tmp_path / "short", arch="qwen3", max_position_embeddings=64)
     assert main(["bench", str(path), "--prompt-tokens", "60", "--new-tokens", "30", "--device", "cpu"]) == 2
     assert "exceed max_model_len 64" in capsys.readouterr().err
+
+
+def test_chat_needs_a_chat_template_and_says_so_before_the_first_message(tmp_path, capsys, monkeypatch):
+    """Found by review: on a base checkpoint (no chat template) every message was dropped with
+    advice /reset could not follow, until input ended (status 0)."""
+    from braid_engine.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "base", arch="llama", chat_template=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nagain\n"))
+    assert main(["chat", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and "braid generate --raw" in err and "dropped" not in err
+
+
+def test_chat_refuses_bad_sampling_flags_before_loading(tiny_qwen3, capsys, monkeypatch):
+    """Found by review: the flags were checked at the first message, after the model loaded."""
+    import braid_engine.cli as cli
+
+    monkeypatch.setattr(cli, "_llm", lambda args: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert main(["chat", str(tiny_qwen3), "--temperature", "-1"]) == 2
+    assert "temperature must be" in capsys.readouterr().err
+
+
+def test_chat_rates_the_tokens_after_the_first(tiny_qwen3, capsys, monkeypatch):
+    """Found by review: n tokens over the time after the first token read 20,000-34,000 tokens/s
+    for a one-token answer; a one-token answer has no rate."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(tiny_qwen3), "--max-tokens", "1", "--temperature", "0", "--device", "cpu"]) == 0
+    assert re.search(r"1 out; first token \d+ ms; one token\]", capsys.readouterr().err)
+
+
+def test_check_refuses_what_a_run_would_refuse(tmp_path, capsys):
+    """Found by review: `braid check` took any --device/--dtype, never read config.json (an
+    unsupported architecture or broken JSON passed, status 0) and crashed with a traceback on a
+    truncated safetensors file."""
+    import json
+    import shutil
+
+    from braid_engine.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "ok", arch="qwen3")
+    assert main(["check", str(path), "--device", "tpu"]) == 2
+    assert "is not a device" in capsys.readouterr().err
+    assert main(["check", str(path), "--dtype", "fp7"]) == 2
+    assert "unknown dtype" in capsys.readouterr().err
+    mistral = shutil.copytree(path, tmp_path / "mistral")
+    config = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    assert main(["check", str(mistral)]) == 2
+    assert "'MistralForCausalLM' is not supported" in capsys.readouterr().err
+    cut = shutil.copytree(path, tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["check", str(cut)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_batch_past_the_kv_pool(tmp_path, capsys):
+    """Found by review: 8 prompts of 4,000 tokens in a 16,384-token pool ran, waiting and
+    preempting, and printed a rate above the smaller batches'."""
+    assert main(["bench", "tiny", "--batch", "1", "8", "--prompt-tokens", "4000", "--new-tokens", "8",
+                 "--device", "cpu"]) == 2
+    assert "--batch 8 × (4000 + 8) tokens exceeds the KV pool" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_qwen3, capsys, monkeypatch):
+    """Found by review: `braid info | head -1` ended in a BrokenPipeError traceback."""
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert main(["info"]) == 141
+    assert "Traceback" not in capsys.readouterr().err
