@@ -65,10 +65,16 @@ def _params(args: argparse.Namespace):
                           seed=args.seed)
 
 
+def _template_kwargs(args: argparse.Namespace) -> dict:
+    """``--no-think``: the template's enable_thinking=False (Qwen3 answers without a reasoning
+    block, which its template would drop from the history, and with it that turn's reuse)."""
+    return {"enable_thinking": False} if args.no_think else {}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     llm = _llm(args)
     use_template = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
-    prompt = (llm.apply_chat_template([{"role": "user", "content": args.prompt}])
+    prompt = (llm.apply_chat_template([{"role": "user", "content": args.prompt}], **_template_kwargs(args))
               if use_template else args.prompt)
     last = None
     for delta in llm.stream(prompt, _params(args)):
@@ -109,7 +115,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         text, n_out, cached, first = "", 0, 0, None
         try:
-            ids = llm.apply_chat_template(messages)
+            ids = llm.apply_chat_template(messages, **_template_kwargs(args))
             for delta in llm.stream(ids, params):
                 first = first or time.perf_counter()
                 print(delta.text, end="", flush=True)
@@ -231,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return p
 
     def sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
+        p.add_argument("--no-think", action="store_true",
+                       help="answer without a reasoning block (the chat template's enable_thinking=False)")
         p.add_argument("--max-tokens", type=int, default=max_tokens)
         p.add_argument("--temperature", type=float, default=0.7)
         p.add_argument("--top-p", type=float, default=0.95)

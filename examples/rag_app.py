@@ -131,7 +131,10 @@ def main() -> None:
     docs = [Document(p) for p in PASSAGES]
     if args.embedding_model:
         path = model if args.embedding_model == "tiny" else args.embedding_model
-        store = InMemoryVectorStore.from_documents(docs, LocalEmbeddings(path))
+        try:
+            store = InMemoryVectorStore.from_documents(docs, LocalEmbeddings(path))
+        except OSError as e:  # transformers could not find or read it
+            sys.exit(f"--embedding-model {args.embedding_model}: {e}")
         retriever = store.as_retriever(search_kwargs={"k": 4})
         print(f"retriever: InMemoryVectorStore over {args.embedding_model} embeddings")
     else:

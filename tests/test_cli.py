@@ -179,3 +179,22 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_qwen3, capsys, mo
     monkeypatch.setattr("sys.stdout", Closed())
     assert main(["info"]) == 141
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_no_think_renders_the_prompt_without_a_reasoning_block(tiny_qwen3, capsys, monkeypatch):
+    """--no-think passes enable_thinking=False to the template (Qwen3's closes an empty block
+    in the prompt), in generate and in every chat turn."""
+    seen = []
+    real = LLM.apply_chat_template
+
+    def spy(self, messages, *args, **kwargs):
+        seen.append(kwargs.get("enable_thinking"))
+        return real(self, messages, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "apply_chat_template", spy)
+    assert main(["generate", str(tiny_qwen3), "hi", "--max-tokens", "2", "--no-think"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nagain\n"))
+    assert main(["chat", str(tiny_qwen3), "--max-tokens", "2", "--no-think"]) == 0
+    assert main(["generate", str(tiny_qwen3), "hi", "--max-tokens", "2"]) == 0
+    assert seen == [False, False, False, None]
+    capsys.readouterr()
