@@ -107,27 +107,12 @@ def check_checkpoint(path: str | Path) -> CompatReport:
     Example:
         >>> print(check_checkpoint("/tmp/tiny-qwen3").format())
     """
-    from safetensors import safe_open
-
-    from braid_engine.errors import CheckpointError
-    from braid_engine.loader import load_config, safetensors_files
+    from braid_engine.loader import iter_weights, load_config
     from braid_engine.models.registry import model_class
 
     # a model the engine cannot run is refused, as loading it is
     model_class(load_config(Path(path)).architecture)
-
-    def norms() -> Iterable[tuple[str, torch.Tensor]]:
-        for file in safetensors_files(Path(path)):
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for name in f.keys():
-                        if name.endswith("norm.weight"):
-                            yield name, f.get_tensor(name)
-            except Exception as e:  # as the loader says it
-                raise CheckpointError(
-                    f"{file.name} is truncated or corrupt ({type(e).__name__}: {e}); re-download it.") from e
-
-    return analyse_weights(norms())
+    return analyse_weights(iter_weights(Path(path), keep=lambda name: name.endswith("norm.weight")))
 
 
 def check_model(model: torch.nn.Module) -> CompatReport:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -88,13 +88,16 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(path: Path, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors by name (with ``keep``, only those it keeps: the others are not
+    read); a file that cannot be read is a CheckpointError."""
     files = safetensors_files(path)
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    if keep is None or keep(name):
+                        yield name, f.get_tensor(name)
         except CheckpointError:
             raise
         except Exception as e:
