@@ -230,10 +230,10 @@ def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
     """
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
-    content, last = _Content(), 0
+    cuts, content, last = _Content(), [], 0
     for n, (start, end, body, closed) in enumerate(_call_spans(text)):
         # the spaces before a call and the newlines after it go with it, as the stream parser cuts
-        content.cut(text[last:start], after_call=n > 0, before_call=True)
+        content.append(cuts.cut(text[last:start], after_call=n > 0, before_call=True))
         last = end
         if limit is not None and n >= limit:
             continue
@@ -250,8 +250,8 @@ def parse_tool_calls(text: str, names: Sequence[str], limit: int | None = None,
             invalid.append(parsed)
     # no strip beyond the calls' own cuts: an answer without a call is its text as generated,
     # which the next turn's prompt must hold for its carried ids to be reused
-    content.cut(text[last:], after_call=last > 0, before_call=False)
-    return "".join(content.out), calls, invalid
+    content.append(cuts.cut(text[last:], after_call=last > 0, before_call=False))
+    return "".join(content), calls, invalid
 
 
 class _Content:
@@ -261,7 +261,6 @@ class _Content:
     space) unless the later one starts with its own."""
 
     def __init__(self) -> None:
-        self.out: list[str] = []
         self.gap = ""  # whitespace cut since the last text handed out
         self.wrote = False
 
@@ -272,7 +271,6 @@ class _Content:
         if self.wrote and self.gap and not text[0].isspace():
             text = ("\n" if "\n" in self.gap else " ") + text
         self.wrote, self.gap = True, ""
-        self.out.append(text)
         return text
 
     def cut(self, piece: str, *, after_call: bool, before_call: bool) -> str:
