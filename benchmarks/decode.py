@@ -173,14 +173,17 @@ def main() -> None:
     if args.compare_small_decode_batch is not None:
         others.append((f"our decode attention ≤ {FlashInferBackend.small_decode_batch}",
                        f"≤ {args.compare_small_decode_batch}", engine_with(args.compare_small_decode_batch)))
+
+    def flipped(switch: str, on: str, off: str) -> tuple[str, str, LLM]:
+        """(this engine's name, the other's, an engine with the boolean kernels switch the other way)."""
+        value = getattr(kernels, switch)
+        this, other = (on, off) if value else (off, on)
+        return this, other, engine_with(**{switch: not value})
+
     if args.compare_silu_out:
-        ways = ("SiLU·mul written by gate_up", "SiLU·mul in down_proj")
-        this, other = ways if kernels.ROW_SILU_OUT else ways[::-1]
-        others.append((this, other, engine_with(ROW_SILU_OUT=not kernels.ROW_SILU_OUT)))
+        others.append(flipped("ROW_SILU_OUT", "SiLU·mul written by gate_up", "SiLU·mul in down_proj"))
     if args.compare_fused_greedy:
-        ways = ("greedy tokens by our kernel", "greedy tokens by torch")
-        this, other = ways if kernels.FUSED_GREEDY else ways[::-1]
-        others.append((this, other, engine_with(FUSED_GREEDY=not kernels.FUSED_GREEDY)))
+        others.append(flipped("FUSED_GREEDY", "greedy tokens by our kernel", "greedy tokens by torch"))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
