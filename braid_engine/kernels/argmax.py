@@ -24,6 +24,19 @@ from braid_engine.kernels import pdl_args
 CHUNK = 4096
 
 
+_NONE = tl.constexpr(2147483647)  # an index past any vocabulary: no such element
+
+
+@triton.jit
+def _first_largest(v, idx, ok):
+    """Over the elements where ``ok``: the index of the first NaN (``_NONE`` if there is none), the
+    largest other value, and the first index holding it (torch ranks NaN above every number)."""
+    nan = (v != v) & ok
+    first_nan = tl.min(tl.where(nan, idx, _NONE), axis=0)
+    best = tl.max(tl.where(nan, float("-inf"), v), axis=0)
+    return first_nan, best, tl.min(tl.where(ok & (v == best), idx, _NONE), axis=0)
+
+
 @triton.jit
 def _chunk_kernel(x_ptr, x_stride, part_val_ptr, part_idx_ptr, n, CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
                   USE_PDL: tl.constexpr):
@@ -35,12 +48,8 @@ def _chunk_kernel(x_ptr, x_stride, part_val_ptr, part_idx_ptr, n, CHUNKS: tl.con
     idx = c * CHUNK + tl.arange(0, CHUNK)
     ok = idx < n
     v = tl.load(x_ptr + row.to(tl.int64) * x_stride + idx, mask=ok, other=float("-inf")).to(tl.float32)
-    nan = v != v
-    big = 2147483647
-    first_nan = tl.min(tl.where(nan & ok, idx, big), axis=0)
-    best = tl.max(tl.where(nan, float("-inf"), v), axis=0)
-    first_best = tl.min(tl.where(ok & (v == best), idx, big), axis=0)
-    has_nan = first_nan < big
+    first_nan, best, first_best = _first_largest(v, idx, ok)
+    has_nan = first_nan < _NONE
     # a chunk with a NaN hands on its first NaN (its value NaN); otherwise its largest value
     tl.store(part_val_ptr + row * CHUNKS + c, tl.where(has_nan, float("nan"), best))
     tl.store(part_idx_ptr + row * CHUNKS + c, tl.where(has_nan, first_nan, first_best))
@@ -57,14 +66,10 @@ def _rows_kernel(part_val_ptr, part_idx_ptr, out_ptr, out_stride, chunks, CHUNKS
     ok = c < chunks
     v = tl.load(part_val_ptr + row * CHUNKS + c, mask=ok, other=float("-inf"))
     i = tl.load(part_idx_ptr + row * CHUNKS + c, mask=ok, other=0)
-    big = 2147483647
-    nan = (v != v) & ok
     # the chunks' indices rise with the chunk: the first NaN chunk's index is the row's first NaN,
     # and the least index among the chunks holding the largest value is the row's first maximum
-    first_nan = tl.min(tl.where(nan, i, big), axis=0)
-    best = tl.max(tl.where(nan, float("-inf"), v), axis=0)
-    first_best = tl.min(tl.where(ok & (v == best), i, big), axis=0)
-    tl.store(out_ptr + row * out_stride, tl.where(first_nan < big, first_nan, first_best).to(tl.int64))
+    first_nan, _, first_best = _first_largest(v, i, ok)
+    tl.store(out_ptr + row * out_stride, tl.where(first_nan < _NONE, first_nan, first_best).to(tl.int64))
 
 
 class GreedyIds:
