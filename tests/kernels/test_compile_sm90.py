@@ -13,24 +13,32 @@ import pytest
 
 pytest.importorskip("triton")
 
-_COMPILE = r'''
-import sys
+# what both scripts below compile with: a kernel for sm_90 through Triton's whole pipeline
+_COMPILER = r'''
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from braid_engine.kernels.decode_attention import _merge_kernel, _split_kernel
 
 TYPES = {"table_ptr": "*i32", "lens_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32",
-         "cos_ptr": "*fp32", "sin_ptr": "*fp32", "scale": "fp32", "eps": "fp32"}
+         "cos_ptr": "*fp32", "sin_ptr": "*fp32", "scale": "fp32", "eps": "fp32", "slot_ptr": "*i64",
+         "pos_ptr": "*i64"}
 
-def compile_(fn, consts, num_warps=2, num_stages=2, types=None, **options):
-    # every other pointer bf16, every other scalar int32
+def compile_(fn, consts, num_warps=2, num_stages=2, types=None, divisible=False, **options):
+    # every other pointer bf16, every other scalar int32; divisible: pointers, strides and sizes
+    # divisible by 16, as the engine's launches specialise them
     types = {**TYPES, **(types or {})}
     sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"
+             and not n.startswith("eps") and n not in ("M", "page_size")} if divisible else None
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages, **options))
     assert k.asm["cubin"]
+    return k
+'''
+
+_COMPILE = _COMPILER + r'''
+from braid_engine.kernels.decode_attention import _merge_kernel, _split_kernel
 
 # Qwen3-0.6B: 16 query heads over 8 kv heads of 128, at the engine's settings (kernels.SPLIT_KV_CONFIG)
 # and at the earlier ones run_gpu.sh splitcfg times them against
@@ -49,7 +57,6 @@ from braid_engine.kernels.gemv import _row_matmul_kernel
 from braid_engine.kernels.qk_norm_rope import _qk_norm_rope_kernel
 from braid_engine.kernels.rmsnorm import _rms_norm_kernel
 
-TYPES.update({"slot_ptr": "*i64", "pos_ptr": "*i64"})
 for residual in (False, True):
     compile_(_rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=1024), num_warps=4)
 compile_(_silu_and_mul_kernel, dict(BLOCK=1024), num_warps=4)
@@ -100,27 +107,14 @@ def test_register_counts_come_from_ptxas():
     assert 16 <= small < large <= 255, (small, large)
 
 
-_LOAD_ORDER = r'''
+_LOAD_ORDER = _COMPILER + r'''
 import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from braid_engine.kernels.decode_attention import _merge_kernel
 from braid_engine.kernels.gemv import _row_matmul_kernel
 from braid_engine.kernels.qk_norm_rope import _qk_norm_rope_kernel
 
-TYPES = {"lens_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-         "slot_ptr": "*i64", "pos_ptr": "*i64", "eps": "fp32"}
-
-def ptx(fn, consts, **options):
-    # as the engine's launches specialise them: pointers, strides and sizes divisible by 16
-    sig = {n: "constexpr" if n in consts else TYPES.get(n, "*bf16" if n.endswith("_ptr") else "i32")
-           for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"
-             and not n.startswith("eps") and n not in ("M", "page_size")}
-    k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4, **options))
-    return k.asm["ptx"]
+def ptx(fn, consts, **options):  # as the engine launches them: Triton's default stages
+    return compile_(fn, consts, num_warps=4, num_stages=3, divisible=True, **options).asm["ptx"]
 
 def after_wait(text, first_compute):
     """(global loads after the wait, of them after the first of the instructions named)"""
