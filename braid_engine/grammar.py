@@ -191,10 +191,10 @@ def _fix_bounded_strings(ebnf: str) -> str:
 # enforced either, but kept: pydantic writes it for sets, and parsing a set takes duplicates.)
 _UNENFORCED = ("not", "contains", "minContains", "maxContains", "dependentRequired", "dependentSchemas",
                "dependencies", "if", "then", "else", "multipleOf", "unevaluatedProperties", "unevaluatedItems")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# where the subschemas of a schema the grammar takes sit (those under refused keywords are never reached)
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMAS = ("additionalProperties", "items", "propertyNames", "not", "contains", "if", "then", "else",
-               "unevaluatedProperties", "unevaluatedItems", "additionalItems")
+_SUBSCHEMAS = ("additionalProperties", "items", "propertyNames", "additionalItems")
 
 
 def enforceable_schema(schema: Any, path: str = "#") -> Any:
