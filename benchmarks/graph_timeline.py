@@ -135,6 +135,59 @@ def _prefill_graph(llm: LLM, n: int, vocab: int) -> tuple[torch.cuda.CUDAGraph, 
     return graphs[n][0], statistics.median(times[1:]) * 1e3
 
 
+def _launch_cost(graph: torch.cuda.CUDAGraph, reps: int = 20) -> tuple[float, float]:
+    """A replay launched on an idle GPU: (µs the host spends in ``replay()``, µs from an event
+    queued just before it to one just after it). Less the graph's back-to-back time, the second is
+    how long the GPU waited for the launch before its first kernel."""
+    host, span = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        t = time.perf_counter()
+        graph.replay()
+        host.append(time.perf_counter() - t)
+        b.record()
+        torch.cuda.synchronize()
+        span.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(host) * 1e6, statistics.median(span)
+
+
+class _Parts:
+    """Graphs replayed one after another, as one."""
+
+    def __init__(self, graphs: list[torch.cuda.CUDAGraph]) -> None:
+        self.graphs = graphs
+
+    def replay(self) -> None:
+        for g in self.graphs:
+            g.replay()
+
+
+def _launch_scaling(kernels: tuple[int, ...] = (32, 128, 512), parts: int = 4) -> None:
+    """Graphs of N tiny kernels: the host's launch and the GPU's wait for it as N grows, and the
+    same N kernels as ``parts`` graphs launched one after another (the GPU may start on the first
+    while the host launches the rest)."""
+    x = torch.zeros(256, device="cuda")
+
+    def captured(n: int) -> torch.cuda.CUDAGraph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                x.add_(1)
+        return g
+
+    for n in kernels:
+        whole, pieces = captured(n), [captured(n // parts) for _ in range(parts)]
+        host, span = _launch_cost(whole)
+        b2b = replay_time(whole, 20) * 1e6
+
+        host_p, span_p = _launch_cost(_Parts(pieces))  # type: ignore[arg-type]
+        print(f"  {n:>4} kernels: back to back {b2b:7.1f} µs; one graph launch {host:6.1f} µs on the host, "
+              f"GPU span {span:7.1f} µs (wait {span - b2b:6.1f}); as {parts} graphs {host_p:6.1f} µs on the host, "
+              f"GPU span {span_p:7.1f} µs")
+
+
 def _host_profile(llm: LLM, n: int, vocab: int, top: int) -> None:
     """A fresh ``n``-token prompt stepped in this thread under cProfile: the step's wall time
     (against generate's, the rest is the hand-off between threads) and the functions that take it."""
@@ -226,6 +279,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--host-profile", type=int, nargs="*", default=[], metavar="N",
                     help="fresh N-token prompts stepped in this thread under cProfile")
+    ap.add_argument("--launch", action="store_true",
+                    help="also each graph launched on an idle GPU: the host's launch and the GPU's wait for it, "
+                         "and graphs of N tiny kernels whole and in parts")
     args = ap.parse_args()
     path = build_model(args.shape, args.model)
     llm = LLM(path, device=args.device, dtype=args.dtype, pipeline_bursts=False, enable_prefix_caching=False,
@@ -243,15 +299,27 @@ def main() -> None:
         us, events = _replays(_decode_graph(llm, batch, vocab), args.replays)
         llm.engine.clear_cache()
         print(f"\nbatch {batch} decode: a replay takes {us:.1f} µs without the profiler ({1e6 / us * batch:,.0f} tokens/s)")
+        if args.launch:
+            host, span = _launch_cost(_decode_graph(llm, batch, vocab))
+            llm.engine.clear_cache()
+            print(f"  launched on an idle GPU: {host:.1f} µs in replay() on the host; GPU span {span:.1f} µs "
+                  f"(waiting {span - us:.1f} µs for the launch)")
         _print(events, args.replays, layers, args.top, "a step")
     for n in args.prefill:
         graph, ms = _prefill_graph(llm, n, vocab)
         us, events = _replays(graph, max(3, args.replays // 10))
         print(f"\nfresh {n}-token prompt: generate {ms:.2f} ms; its graph alone {us / 1e3:.2f} ms; "
               f"outside the graph {ms - us / 1e3:.2f} ms")
+        if args.launch:
+            host, span = _launch_cost(graph)
+            print(f"  launched on an idle GPU: {host:.1f} µs in replay() on the host; GPU span {span:.1f} µs "
+                  f"(waiting {span - us:.1f} µs for the launch)")
         _print(events, max(3, args.replays // 10), layers, args.top, "a prompt")
     for n in args.host_profile:
         _host_profile(llm, n, vocab, 2 * args.top)
+    if args.launch:
+        print("\ngraphs of tiny kernels (x.add_(1)), launched on an idle GPU:")
+        _launch_scaling()
     llm.shutdown()
 
 

@@ -73,6 +73,13 @@ ROW_SILU_OUT = True
 # the decode graphs pick their greedy tokens with kernels/argmax.py (from the LM head's model-dtype
 # logits, written straight into the ids the next replay reads) instead of torch's float copy,
 # argmax and copy; the same tokens (torch.argmax's: the first maximum, a NaN first). Read when the
-# graphs are captured, where the fused kernels run (LLM(fused_kernels=...) not 'off'). Off until
-# measured on the GPU: decode.py --compare-fused-greedy.
-FUSED_GREEDY = False
+# graphs are captured, where the fused kernels run (LLM(fused_kernels=...) not 'off'). On an H200,
+# decode.py --compare-fused-greedy: batch 1 1,565 -> 1,613 tokens/s, batch 8 6,150 -> 6,217, batch 32
+# 17,993 -> 18,238, the same greedy tokens (docs/benchmarks.md).
+FUSED_GREEDY = True
+
+# with FUSED_GREEDY, a decode burst's steps move their positions, KV slots and attention fills and
+# keep their tokens inside the decode graphs (kernels/burst.py: a kernel at the start of each graph,
+# the greedy kernel writing the step's tokens), instead of three copies from the host between
+# replays. decode.py --compare-graph-burst-steps measures the other setting.
+GRAPH_BURST_STEPS = True
