@@ -445,10 +445,10 @@ def test_the_greedy_kernel_gives_the_tokens_and_logits_of_torch_argmax(tmp_path,
                                 vocab_size=9000)
     kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_num_seqs=16, cuda_graphs=True,
               prefill_graph_tokens=256)
+    monkeypatch.setattr(kernels, "FUSED_GREEDY", False)
     graphed = LLM(path, **kw)
     monkeypatch.setattr(kernels, "FUSED_GREEDY", True)
     fused = LLM(path, **kw)
-    monkeypatch.setattr(kernels, "FUSED_GREEDY", False)
     try:
         assert fused.engine.runner._greedy is not None and graphed.engine.runner._greedy is None
         assert fused.engine.runner._burst is not None and graphed.engine.runner._burst is None
