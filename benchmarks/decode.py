@@ -121,9 +121,6 @@ def main() -> None:
     ap.add_argument("--compare-fused-greedy", action="store_true",
                     help="after each row, the engine against a second one whose decode graphs were captured with "
                          "braid_engine.kernels.FUSED_GREEDY the other way, in turn, in this process")
-    ap.add_argument("--compare-graph-burst-steps", action="store_true",
-                    help="after each row, the engine against a second one whose decode graphs were captured with "
-                         "braid_engine.kernels.GRAPH_BURST_STEPS the other way, in turn, in this process")
     ap.add_argument("--skip-transformers", action="store_true",
                     help="the engine's tokens/s only (to set two builds of the engine side by side; a record "
                          "needs the baselines)")
@@ -187,8 +184,6 @@ def main() -> None:
         others.append(flipped("ROW_SILU_OUT", "SiLU·mul written by gate_up", "SiLU·mul in down_proj"))
     if args.compare_fused_greedy:
         others.append(flipped("FUSED_GREEDY", "greedy tokens by our kernel", "greedy tokens by torch"))
-    if args.compare_graph_burst_steps:
-        others.append(flipped("GRAPH_BURST_STEPS", "burst steps moved in the graph", "moved by the host"))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)

@@ -180,8 +180,7 @@ class LLM:
         runner.fused = fused_kernels_available(dev) and fused_kernels != "off"
         if graphs:
             runner.capture_graphs(max_num_seqs, pad_page=num_pages, max_seq_pages=-(-max_len // page_size),
-                                  prefill_tokens=prefill_graph_tokens, max_step_tokens=max_num_batched_tokens,
-                                  burst_steps=decode_burst)
+                                  prefill_tokens=prefill_graph_tokens, max_step_tokens=max_num_batched_tokens)
         self.engine = LLMEngine(cfg, self.config, self.tokenizer, runner, self._eos_ids(path))
         # Everything alive now (torch, transformers, the model's modules: ~370k objects) leaves the
         # cyclic collector's reach; a full collection over it took ~220 ms on a 2-core CPU, a

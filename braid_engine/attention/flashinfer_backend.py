@@ -367,24 +367,15 @@ class FlashInferBackend(AttentionBackend):
         self.cascade_steps += prefix_len is None
         self._set_step(layout, True, decode, [group] if prefix_len is None else None, cascade_level=(shared, mask))
 
-    def graph_fill_target(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Where the decode graph of ``batch_size`` planned last (or being captured) reads its rows'
-        last-page fill at run time: (FlashInfer's last-page lengths, None), or for our decode
-        attention (its key counts, the keys before each row's last page) — a count is base + fill."""
-        if batch_size in self._graph_small:
-            _, lens, base = self._graph_small[batch_size]
-            return lens, base
-        return self._active._paged_kv_last_page_len_buf, None
-
     def set_graph_fill(self, batch_size: int, last_page_lens: torch.Tensor) -> None:
         """Advance a planned decode graph by one token a sequence without planning again: the
         decode plan depends on page counts only, the last page's fill is read at run time (a
         cascade twin's prefix pages are full and do not move)."""
-        fill, base = self.graph_fill_target(batch_size)
-        if base is None:
-            fill.copy_(last_page_lens)
-        else:
-            torch.add(base, last_page_lens, out=fill)
+        if batch_size in self._graph_small:
+            _, lens, base = self._graph_small[batch_size]
+            torch.add(base, last_page_lens, out=lens)
+            return
+        self._active._paged_kv_last_page_len_buf.copy_(last_page_lens)
 
     def _small_decode(self, batch_size: int) -> bool:
         d = self.head_dim

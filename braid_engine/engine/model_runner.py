@@ -137,21 +137,16 @@ class ModelRunner:
         # kernels/argmax.py (_greedy)
         self.fused = False
         self._greedy = None
-        # with the greedy kernel, a burst's steps move their inputs inside the decode graphs
-        # (kernels/burst.py) instead of three copies from the host between replays
-        self._burst = None
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
     def capture_graphs(self, max_batch: int, pad_page: int, max_seq_pages: int,
-                       prefill_tokens: int = PREFILL_GRAPH_TOKENS[-1], max_step_tokens: int | None = None,
-                       burst_steps: int = 8) -> None:
+                       prefill_tokens: int = PREFILL_GRAPH_TOKENS[-1], max_step_tokens: int | None = None) -> None:
         """Capture one decode graph per batch size up to ``max_batch``, and prefill graphs of
         16 … ``prefill_tokens`` rows — none larger than a step of ``max_step_tokens`` tokens
         can use. Inputs live in static buffers; the attention plan is made outside the graph
         before each replay. Padding rows write their KV into ``pad_page``, a page the pool never
-        hands out. A sequence's page table has at most ``max_seq_pages`` entries; a decode burst
-        runs at most ``burst_steps`` steps."""
+        hands out. A sequence's page table has at most ``max_seq_pages`` entries."""
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_batch]
         self.prefill_sizes = prefill_graph_sizes(prefill_tokens, max_step_tokens)
         # the fa2 scratch at the size the largest prefill graph needs, before anything binds it
@@ -167,10 +162,8 @@ class ModelRunner:
         self.static_last = torch.zeros(1, dtype=torch.long, device=dev)
         if self.fused and kernels.FUSED_GREEDY:
             from braid_engine.kernels.argmax import GreedyIds
-            from braid_engine.kernels.burst import BurstSteps
 
             self._greedy = GreedyIds(sizes[-1], self.model.config.vocab_size, dev)
-            self._burst = BurstSteps(burst_steps, sizes[-1], dev) if kernels.GRAPH_BURST_STEPS else None
         pool = None
         for bs in reversed(sizes):
             twin = self.backend.prepare_graph(bs, max_seq_pages)
@@ -242,13 +235,11 @@ class ModelRunner:
     def _forward_static(self, bs: int) -> torch.Tensor:
         """The decode graph's forward: its logits (float32, or the model dtype's where the greedy
         kernel picks the tokens; ``execute`` hands them out in float32 either way)."""
-        if self._burst is not None:  # inside a burst: this step's positions, slots and fills
-            self._burst.advance(self.static_pos[:bs], self.static_slots[:bs], *self.backend.graph_fill_target(bs))
         hidden = self.model(self.static_ids[:bs], self.static_pos[:bs], self.backend)
         # the greedy token becomes the next replay's input: a decode burst feeds itself on the GPU
         if self._greedy is not None:
             logits = self.model.compute_logits(hidden, float32=False)
-            self._greedy(logits, self.static_ids[:bs], self._burst)
+            self._greedy(logits, self.static_ids[:bs])
             return logits
         logits = self.model.compute_logits(hidden)
         self.static_ids[:bs].copy_(logits.argmax(-1))
@@ -307,10 +298,7 @@ class ModelRunner:
         return logits
 
     def _replay(self, bs: int, ids: list[int] | None, positions: list[int], slots: list[int],
-                layout: BatchLayout, burst_table: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Plan and replay the decode graph of ``bs`` for one step (None where no graph can run
-        it); ``burst_table``: the steps of a burst that starts here (``BurstSteps.host_table``),
-        loaded once the plan holds."""
+                layout: BatchLayout) -> torch.Tensor | None:
         n = len(positions)
         graph_layout = BatchLayout(layout.query_lens, layout.kv_lens, layout.page_tables,
                                    self.page_size, self.static_slots[:bs])
@@ -320,8 +308,6 @@ class ModelRunner:
         pad = bs - n
         self._load_static(None if ids is None else ids + [0] * pad, positions + [0] * pad,
                           slots + [self.pad_page * self.page_size] * pad)
-        if burst_table is not None:
-            self._burst.load(burst_table)
         graph, logits = (self.cascade_graphs if kind == "cascade" else self.graphs)[bs]
         graph.replay()
         self._replayed = graph
@@ -367,28 +353,25 @@ class ModelRunner:
             # an eager burst's last argmax is not in the graphs' input buffer
             self.static_ids[:len(seqs)].copy_(after.out[-1, :len(seqs)])
         # the first step plans and replays like a single decode step; the rest move its inputs
-        pad = 0 if bs is None else bs - len(seqs)
-        pad_slot = self.pad_page * ps
-
-        def fills(k: int) -> list[int]:  # the rows' last-page fill at step k (a padding row: one key)
-            return [(c + k) % ps + 1 for c in starts] + [1] * pad
-
-        table = None
-        if bs is not None and self._burst is not None and steps <= self._burst.max_steps:
-            # every step's inputs in one copy; the graph moves them (kernels/burst.py)
-            table = self._burst.host_table([[c + k for c in starts] + [0] * pad for k in range(steps)],
-                                           [slots(k) + [pad_slot] * pad for k in range(steps)],
-                                           [fills(k) for k in range(steps)])
-        if bs is not None and self._replay(bs, first, starts, slots(0), layout(0, torch.empty(0)), table) is not None:
+        if bs is not None and self._replay(bs, first, starts, slots(0), layout(0, torch.empty(0))) is not None:
             first_done = torch.cuda.Event()
             first_done.record(torch.cuda.current_stream(dev))
+            pad = bs - len(seqs)
+            pad_slot = self.pad_page * ps
+            # non-blocking: a blocking copy would wait here for the first replay to finish and
+            # leave the GPU idle while the host launches the rest
+            rows = torch.tensor([[[c + k for c in starts] + [0] * pad, slots(k) + [pad_slot] * pad]
+                                 for k in range(1, steps)], dtype=torch.long).to(dev, non_blocking=True)
+            fills = torch.tensor([[(c + k) % ps + 1 for c in starts] + [1] * pad for k in range(1, steps)],
+                                 dtype=torch.int32).to(dev, non_blocking=True)
             graph = self._replayed  # the plain graph of bs or its cascade twin, as the first step planned
-            if table is not None:
-                for _ in range(1, steps):
-                    graph.replay()
-                out = self._burst.tokens(steps, bs)
-            else:
-                out = self._burst_by_host(graph, bs, steps, starts, slots, fills)
+            out = torch.empty(steps, bs, dtype=torch.long, device=dev)
+            out[0].copy_(self.static_ids[:bs])
+            for k in range(1, steps):
+                self.static_in[1:, :bs].copy_(rows[k - 1])
+                self.backend.set_graph_fill(bs, fills[k - 1])
+                graph.replay()
+                out[k].copy_(self.static_ids[:bs])
             self.graph_replays += steps - 1
             if bs in self.cascade_graphs and graph is self.cascade_graphs[bs][0]:
                 self.cascade_replays += steps - 1
@@ -404,25 +387,6 @@ class ModelRunner:
             out.append(ids)
         out = torch.stack(out)
         return Burst(out, seqs, steps, None, *self._to_host(out))
-
-    def _burst_by_host(self, graph: torch.cuda.CUDAGraph, bs: int, steps: int, starts: list[int], slots, fills
-                       ) -> torch.Tensor:
-        """A burst's steps after its first, each step's inputs moved by copies from the host between
-        replays (the decode graphs without the burst kernel); [steps, bs] the steps' tokens."""
-        pad, dev = bs - len(starts), self.device
-        # non-blocking: a blocking copy would wait here for the first replay to finish and
-        # leave the GPU idle while the host launches the rest
-        rows = torch.tensor([[[c + k for c in starts] + [0] * pad, slots(k) + [self.pad_page * self.page_size] * pad]
-                             for k in range(1, steps)], dtype=torch.long).to(dev, non_blocking=True)
-        fill = torch.tensor([fills(k) for k in range(1, steps)], dtype=torch.int32).to(dev, non_blocking=True)
-        out = torch.empty(steps, bs, dtype=torch.long, device=dev)
-        out[0].copy_(self.static_ids[:bs])
-        for k in range(1, steps):
-            self.static_in[1:, :bs].copy_(rows[k - 1])
-            self.backend.set_graph_fill(bs, fill[k - 1])
-            graph.replay()
-            out[k].copy_(self.static_ids[:bs])
-        return out
 
     def _to_host(self, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
         """A burst's tokens on their way to the host: a pinned copy queued behind the burst and

@@ -77,9 +77,3 @@ ROW_SILU_OUT = True
 # decode.py --compare-fused-greedy: batch 1 1,565 -> 1,613 tokens/s, batch 8 6,150 -> 6,217, batch 32
 # 17,993 -> 18,238, the same greedy tokens (docs/benchmarks.md).
 FUSED_GREEDY = True
-
-# with FUSED_GREEDY, a decode burst's steps move their positions, KV slots and attention fills and
-# keep their tokens inside the decode graphs (kernels/burst.py: a kernel at the start of each graph,
-# the greedy kernel writing the step's tokens), instead of three copies from the host between
-# replays. decode.py --compare-graph-burst-steps measures the other setting.
-GRAPH_BURST_STEPS = True

@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from braid_engine.kernels import pdl_args
-from braid_engine.kernels.burst import BurstSteps
 
 # a chunk's elements: one tile a program, ~37 programs a row for a vocabulary of 151,936
 CHUNK = 4096
@@ -57,8 +56,8 @@ def _chunk_kernel(x_ptr, x_stride, part_val_ptr, part_idx_ptr, n, CHUNKS: tl.con
 
 
 @triton.jit
-def _rows_kernel(part_val_ptr, part_idx_ptr, out_ptr, out_stride, chunks, table_ptr, steps_out_ptr,
-                 CHUNKS: tl.constexpr, USE_PDL: tl.constexpr, BURST: tl.constexpr):
+def _rows_kernel(part_val_ptr, part_idx_ptr, out_ptr, out_stride, chunks, CHUNKS: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     row = tl.program_id(0)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -70,12 +69,7 @@ def _rows_kernel(part_val_ptr, part_idx_ptr, out_ptr, out_stride, chunks, table_
     # the chunks' indices rise with the chunk: the first NaN chunk's index is the row's first NaN,
     # and the least index among the chunks holding the largest value is the row's first maximum
     first_nan, _, first_best = _first_largest(v, i, ok)
-    token = tl.where(first_nan < _NONE, first_nan, first_best).to(tl.int64)
-    tl.store(out_ptr + row * out_stride, token)
-    if BURST:  # inside a burst (kernels/burst.py) the step's row of its tokens too
-        k = tl.load(table_ptr + 2)
-        if k >= 0:
-            tl.store(steps_out_ptr + k * tl.num_programs(0) + row, token)
+    tl.store(out_ptr + row * out_stride, tl.where(first_nan < _NONE, first_nan, first_best).to(tl.int64))
 
 
 class GreedyIds:
@@ -90,9 +84,8 @@ class GreedyIds:
         self.part_val = torch.empty(max_rows * self.width, dtype=torch.float32, device=device)
         self.part_idx = torch.empty(max_rows * self.width, dtype=torch.int32, device=device)
 
-    def __call__(self, logits: torch.Tensor, out: torch.Tensor, burst: BurstSteps | None = None) -> torch.Tensor:
-        """logits [rows, vocab] (unit stride along vocab); out [rows] int64 (any stride) → out. With
-        ``burst``, a replay inside a burst also writes the tokens into its step's row of ``burst.out``."""
+    def __call__(self, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """logits [rows, vocab] (unit stride along vocab); out [rows] int64 (any stride) → out."""
         rows = logits.shape[0]
         if (logits.dim() != 2 or logits.shape[1] != self.vocab or logits.stride(1) != 1
                 or rows * self.width > self.part_val.numel()):
@@ -102,12 +95,9 @@ class GreedyIds:
             raise ValueError(f"logits must be float32, float16 or bfloat16 (compared in float32), got {logits.dtype}")
         if out.shape != (rows,) or out.dtype != torch.int64:
             raise ValueError(f"out must be [{rows}] int64, got {tuple(out.shape)} {out.dtype}")
-        if burst is not None and rows > burst.max_rows:
-            raise ValueError(f"the burst's buffers hold {burst.max_rows} rows, not {rows}")
         pdl = pdl_args(logits.device)
         _chunk_kernel[(rows, self.chunks)](logits, logits.stride(0), self.part_val, self.part_idx, self.vocab,
                                            CHUNKS=self.width, CHUNK=CHUNK, num_warps=8, **pdl)
-        table, steps_out = (burst.table, burst.out) if burst is not None else (out, out)
-        _rows_kernel[(rows,)](self.part_val, self.part_idx, out, out.stride(0), self.chunks, table, steps_out,
-                              CHUNKS=self.width, BURST=burst is not None, num_warps=1, **pdl)
+        _rows_kernel[(rows,)](self.part_val, self.part_idx, out, out.stride(0), self.chunks, CHUNKS=self.width,
+                              num_warps=1, **pdl)
         return out

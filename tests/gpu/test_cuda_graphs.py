@@ -184,8 +184,8 @@ def test_decode_bursts_replay_the_graph_with_the_tokens_of_single_steps(engines,
     feeding each argmax to the next step on the device; it must give the tokens of planning and
     reading every step, also when a request stops inside a burst. (Requests of one call join
     one batch: in bf16 a prompt prefilled in another batch composition rounds differently.)
-    Three requests replay the graph of 4 (our split-KV decode kernel, its kv lengths moved by
-    the graph's burst kernel), six the graph of 8 (FlashInfer's decode)."""
+    Three requests replay the graph of 4 (our split-KV decode kernel, kv lengths moved by
+    set_graph_fill), six the graph of 8 (FlashInfer's decode)."""
     graphed, _ = engines
     stepwise = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                    max_num_seqs=16, cuda_graphs=True, decode_burst=1)
@@ -434,8 +434,7 @@ def test_the_greedy_kernel_gives_the_tokens_and_logits_of_torch_argmax(tmp_path,
     the LM head's bf16 logits. The same tokens as the graphs that take torch's argmax of the float
     logits, in bursts and single steps, at batches that replay our decode attention (3) and
     FlashInfer's (6); sampled steps (single steps through the graph) get the same float32 logits:
-    the same seeded samples. The kernel's engine also moves its bursts' steps inside the graphs
-    (kernels.GRAPH_BURST_STEPS), the other by copies from the host."""
+    the same seeded samples."""
     from braid_engine import kernels
 
     # a vocabulary of three of the kernel's chunks (the tokenizer's ids are the first few hundred;
@@ -451,7 +450,6 @@ def test_the_greedy_kernel_gives_the_tokens_and_logits_of_torch_argmax(tmp_path,
     fused = LLM(path, **kw)
     try:
         assert fused.engine.runner._greedy is not None and graphed.engine.runner._greedy is None
-        assert fused.engine.runner._burst is not None and graphed.engine.runner._burst is None
         gen = torch.Generator().manual_seed(11)
         for requests in (1, 3, 6):
             prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()

@@ -74,19 +74,11 @@ for heads, norm, in_place, ahead in ((8, True, False, True), (32, True, False, T
                                         K_IN_PLACE=in_place, READ_AHEAD=ahead, USE_PDL=True),
              num_warps=4, enable_fp_fusion=False)
 from braid_engine.kernels.argmax import CHUNK, _chunk_kernel, _rows_kernel
-from braid_engine.kernels.burst import STATE, _advance_kernel
 
-# the greedy-token kernels (kernels.FUSED_GREEDY) over a 151,936-token vocabulary: 38 chunks, 64 wide,
-# with and without a burst's step outputs (kernels/burst.py)
-argmax_types = {"part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "out_ptr": "*i64", "table_ptr": "*i64",
-                "steps_out_ptr": "*i64"}
+# the greedy-token kernels (kernels.FUSED_GREEDY) over a 151,936-token vocabulary: 38 chunks, 64 wide
+argmax_types = {"part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "out_ptr": "*i64"}
 compile_(_chunk_kernel, dict(CHUNKS=64, CHUNK=CHUNK, USE_PDL=True), num_warps=8, types=argmax_types)
-for burst in (False, True):
-    compile_(_rows_kernel, dict(CHUNKS=64, USE_PDL=True, BURST=burst), num_warps=1, types=argmax_types)
-# a burst's step at the decode graphs' batch sizes, with key counts (our decode attention) or fills (FlashInfer's)
-for rows, base in ((1, True), (3, True), (8, False), (256, False)):
-    compile_(_advance_kernel, dict(ROWS=rows, BLOCK=triton.next_power_of_2(rows), HAS_BASE=base, STATE=STATE),
-             num_warps=1, types={"table_ptr": "*i64", "fill_ptr": "*i32", "base_ptr": "*i32"})
+compile_(_rows_kernel, dict(CHUNKS=64, USE_PDL=True), num_warps=1, types=argmax_types)
 print("other kernels ok")
 '''
 
