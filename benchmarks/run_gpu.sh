@@ -9,7 +9,7 @@
 # 'splitcfg': decode.py at batch 1 and 4 with the split-KV attention's settings and the ones before;
 # 'smallbatch': the row kernels at 1-8 rows against cuBLAS, and decode.py at batches 1-16 with the row
 # kernels for batch 1 alone and with our decode attention up to 4 sequences, each against the defaults;
-# 'host': what lies outside a fresh prompt's prefill graph, and the host's part of its step;
+# 'host': what lies outside a fresh prompt's prefill graph, the host's part of its step, and what a graph launch costs;
 # 'ab': decode.py at batch 1 and 2 for an older tree at $OLD and this one, in alternating processes)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels',
 # 'tests-shapes' and 'tests-engine' apart; 'tests-kernels' alone outgrew 530 s on a fresh H100 in
@@ -140,8 +140,8 @@ if [ "$what" = host ]; then
   # what lies outside a fresh prompt's prefill graph: generate against the graph alone, then the
   # prompt stepped in the calling thread under cProfile (the host's part of the step)
   timeout 280 python3 -m benchmarks.graph_timeline --shape qwen3-0.6b --device cuda --dtype bfloat16 \
-    --batch --prefill 1024 4096 --host-profile 4096 1024 --kv-gb 4 2>&1 | grep -v Warning > "$OUT/graph_timeline.log"
-  grep -E "^fresh|^card" "$OUT/graph_timeline.log"; grep -A16 "stepped in this thread" "$OUT/graph_timeline.log"
+    --batch 1 --prefill 1024 4096 --host-profile 4096 1024 --launch --kv-gb 4 2>&1 | grep -v Warning > "$OUT/graph_timeline.log"
+  grep -E "^fresh|^card|launched|kernels:" "$OUT/graph_timeline.log"; grep -A16 "stepped in this thread" "$OUT/graph_timeline.log"
 fi
 if [ "$what" = workloads ] || [ "$what" = all ]; then
   # transformers keeping its KV across turns, compiled with CUDA graphs (in a child process)
