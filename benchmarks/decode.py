@@ -121,6 +121,12 @@ def main() -> None:
     ap.add_argument("--compare-fused-greedy", action="store_true",
                     help="after each row, the engine against a second one whose decode graphs were captured with "
                          "braid_engine.kernels.FUSED_GREEDY the other way, in turn, in this process")
+    ap.add_argument("--compare-fold-embedding", action="store_true",
+                    help="after each row, the engine against a second one whose graphs were captured with "
+                         "braid_engine.kernels.FOLD_EMBEDDING the other way, in turn, in this process")
+    ap.add_argument("--compare-pdl-rms-norm", action="store_true",
+                    help="after each row, the engine against a second one whose graphs were captured with "
+                         "braid_engine.kernels.PDL_RMS_NORM the other way, in turn, in this process")
     ap.add_argument("--skip-transformers", action="store_true",
                     help="the engine's tokens/s only (to set two builds of the engine side by side; a record "
                          "needs the baselines)")
@@ -184,6 +190,10 @@ def main() -> None:
         others.append(flipped("ROW_SILU_OUT", "SiLU·mul written by gate_up", "SiLU·mul in down_proj"))
     if args.compare_fused_greedy:
         others.append(flipped("FUSED_GREEDY", "greedy tokens by our kernel", "greedy tokens by torch"))
+    if args.compare_fold_embedding:
+        others.append(flipped("FOLD_EMBEDDING", "embeddings gathered by qkv", "an embedding kernel"))
+    if args.compare_pdl_rms_norm:
+        others.append(flipped("PDL_RMS_NORM", "RMSNorm a dependent launch", "RMSNorm launched plainly"))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)

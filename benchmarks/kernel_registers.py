@@ -63,7 +63,7 @@ def compile_row_matmul(n: int, k: int, prologue: int, residual: bool, block_n: i
     from braid_engine.kernels.gemv import _row_matmul_kernel as fn
 
     consts = dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k,
-                  USE_PDL=True, ROWS=rows, SILU_OUT=False)
+                  USE_PDL=True, ROWS=rows, SILU_OUT=False, GATHER=False)
     sig = {a: "constexpr" if a in consts else "fp32" if a == "eps" else "*bf16" if a.endswith("_ptr") else "i32"
            for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),

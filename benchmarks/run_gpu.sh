@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|small|smallbatch|bursts|pipeline|readahead|splitcfg|ab|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
 # ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
@@ -10,6 +10,7 @@
 # 'smallbatch': the row kernels at 1-8 rows against cuBLAS, and decode.py at batches 1-16 with the row
 # kernels for batch 1 alone and with our decode attention up to 4 sequences, each against the defaults;
 # 'host': what lies outside a fresh prompt's prefill graph, the host's part of its step, and what a graph launch costs;
+# 'levers': decode.py at batch 1 and 2 with each switch that is off until measured, against the defaults;
 # 'ab': decode.py at batch 1 and 2 for an older tree at $OLD and this one, in alternating processes)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels',
 # 'tests-shapes' and 'tests-engine' apart; 'tests-kernels' alone outgrew 530 s on a fresh H100 in
@@ -115,6 +116,14 @@ if [ "$what" = smallbatch ]; then
   timeout 420 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 2 4 8 16 --compiled-batches --kv-gb 8 --compare-row-rows 1 --compare-small-decode-batch 4 2>&1 \
     | grep -E "^card|^ +[0-9]+ |row kernels|decode attention" | tee "$OUT/decode_small_batches.log"
+fi
+if [ "$what" = levers ]; then
+  # the switches built off until measured: the first layer's qkv gathering its embeddings
+  # (kernels.FOLD_EMBEDDING) and the standalone RMSNorm as a dependent launch (kernels.PDL_RMS_NORM),
+  # each against the defaults, engines in turn in one process
+  timeout 400 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 2 \
+    --compiled-batches --kv-gb 8 --skip-transformers --compare-fold-embedding --compare-pdl-rms-norm 2>&1 \
+    | grep -E "^card|^ +[0-9]+ |gathered|RMSNorm|Error" | tee "$OUT/decode_levers.log"
 fi
 if [ "$what" = ab ]; then
   # two builds of the engine side by side: the tree at $OLD (an older braid_engine/ beside this tree's

@@ -77,3 +77,14 @@ ROW_SILU_OUT = True
 # decode.py --compare-fused-greedy: batch 1 1,565 -> 1,613 tokens/s, batch 8 6,150 -> 6,217, batch 32
 # 17,993 -> 18,238, the same greedy tokens (docs/benchmarks.md).
 FUSED_GREEDY = True
+
+# steps the first layer takes through the row kernels (kernels.ROW_KERNEL_ROWS) gather their token
+# embeddings inside its qkv kernel (gemv.norm_matmul(ids=...)) instead of an embedding kernel
+# before it: one kernel boundary less a step. The same values (a gather copies). Off until measured
+# on the GPU: decode.py --compare-fold-embedding.
+FOLD_EMBEDDING = False
+
+# the standalone RMSNorm kernel (the final norm of a decode step through the row kernels; every
+# norm of larger steps) is launched as a programmatic dependent of the kernel before it, its weight
+# read before the wait. The same values. Off until measured on the GPU: decode.py --compare-pdl-rms-norm.
+PDL_RMS_NORM = False

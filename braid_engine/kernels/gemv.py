@@ -46,15 +46,19 @@ _TILE = 8192
 
 @triton.jit
 def _prologue(x_ptr, r_ptr, nw, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.constexpr,
-              PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+              PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATHER: tl.constexpr = False):
     """The matmul's input for columns ``rk``, in float32, rounded as the unfused ops round; ``nw``:
-    the norm weight's columns ``rk`` (read before the wait: no kernel writes it), for the norm."""
+    the norm weight's columns ``rk`` (read before the wait: no kernel writes it), for the norm.
+    ``GATHER``: ``x_ptr`` is the row's embedding, which becomes the residual stream (``h_ptr``)."""
     if PROLOGUE == 1:
         # the whole row is in this tile: its RMS is needed before any product
         x = tl.load(x_ptr + rk, mask=k_ok, other=0.0)
         if HAS_RESIDUAL:
             r = tl.load(r_ptr + rk, mask=k_ok, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            if pid == 0:
+                tl.store(h_ptr + rk, x, mask=k_ok)
+        elif GATHER:
             if pid == 0:
                 tl.store(h_ptr + rk, x, mask=k_ok)
         h = x.to(tl.float32)
@@ -70,16 +74,25 @@ def _prologue(x_ptr, r_ptr, nw, h_ptr, rk, k_ok, K, eps, pid, dtype: tl.constexp
 
 
 @triton.jit
-def _rows_times_tile(acc, w, x_ptr, r_ptr, nw, h_ptr, rk, k_ok, M, K, eps, pid, dtype: tl.constexpr,
-                     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _row_input(x_ptr, ids_ptr, m, M, width, GATHER: tl.constexpr):
+    """Where input row m starts: row m of x, or with ``GATHER`` the embedding row of token ids[m]."""
+    if GATHER:
+        return x_ptr + tl.load(ids_ptr + m, mask=m < M, other=0).to(tl.int64) * width
+    return x_ptr + m * width
+
+
+@triton.jit
+def _rows_times_tile(acc, w, x_ptr, ids_ptr, r_ptr, nw, h_ptr, rk, k_ok, M, K, eps, pid, dtype: tl.constexpr,
+                     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATHER: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
     """acc [ROWS, BLOCK_N] plus, in row m, the weight tile w [BLOCK_N, BLOCK_K] times the prologue
     of input row m (rows from M on are padding: nothing read, nothing stored)."""
     rm = tl.arange(0, ROWS)
     width = 2 * K if PROLOGUE == 2 else K
     for m in tl.static_range(ROWS):
         ok = k_ok & (tl.full([BLOCK_K], m, tl.int32) < M)
-        a = _prologue(x_ptr + m * width, r_ptr + m * K, nw, h_ptr + m * K, rk, ok, K, eps, pid, dtype, PROLOGUE,
-                      HAS_RESIDUAL)
+        a = _prologue(_row_input(x_ptr, ids_ptr, m, M, width, GATHER), r_ptr + m * K, nw, h_ptr + m * K, rk, ok,
+                      K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL, GATHER)
         acc += tl.where(rm[:, None] == m, tl.sum(w.to(tl.float32) * a[None, :], axis=1)[None, :], 0.0)
     return acc
 
@@ -98,10 +111,10 @@ def _silu_mul_pairs(y, dtype: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constex
 
 
 @triton.jit
-def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
+def _row_matmul_kernel(x_ptr, ids_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K, eps,
                        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, ROWS: tl.constexpr,
-                       SILU_OUT: tl.constexpr):
+                       SILU_OUT: tl.constexpr, GATHER: tl.constexpr):
     dtype = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     if USE_PDL:
@@ -132,7 +145,8 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     if ROWS == 1:
-        a = _prologue(x_ptr, r_ptr, nw, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
+        x_ptr = _row_input(x_ptr, ids_ptr, 0, M, K, GATHER)
+        a = _prologue(x_ptr, r_ptr, nw, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL, GATHER)
         acc = w.to(tl.float32) * a[None, :]
         # the loop holds registers even where one tile spans K, yet without it the matmuls were slower
         # on an H100 (docs/benchmarks.md, "without their K-tile loop")
@@ -140,7 +154,7 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            a = _prologue(x_ptr, r_ptr, nw, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL)
+            a = _prologue(x_ptr, r_ptr, nw, h_ptr, rk, k_ok, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL, GATHER)
             acc += w.to(tl.float32) * a[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
@@ -152,14 +166,14 @@ def _row_matmul_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, M, N, K
     else:
         # a few rows (a small decode batch, padded to ROWS): each weight tile is read once and
         # multiplied by every row
-        acc = _rows_times_tile(tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), w, x_ptr, r_ptr, nw, h_ptr, rk,
-                               k_ok, M, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL, ROWS, BLOCK_K)
+        acc = _rows_times_tile(tl.zeros([ROWS, BLOCK_N], dtype=tl.float32), w, x_ptr, ids_ptr, r_ptr, nw, h_ptr,
+                               rk, k_ok, M, K, eps, pid, dtype, PROLOGUE, HAS_RESIDUAL, GATHER, ROWS, BLOCK_K)
         for k0 in range(BLOCK_K, K, BLOCK_K):  # only where K exceeds one tile (never with the norm)
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _rows_times_tile(acc, w, x_ptr, r_ptr, nw, h_ptr, rk, k_ok, M, K, eps, pid, dtype, PROLOGUE,
-                                   HAS_RESIDUAL, ROWS, BLOCK_K)
+            acc = _rows_times_tile(acc, w, x_ptr, ids_ptr, r_ptr, nw, h_ptr, rk, k_ok, M, K, eps, pid, dtype,
+                                   PROLOGUE, HAS_RESIDUAL, GATHER, ROWS, BLOCK_K)
         rm = tl.arange(0, ROWS)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -182,14 +196,21 @@ def default_config(n: int, k: int, prologue: int) -> dict:
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
             eps: float = 0.0, config: dict | None = None,
-            silu_out: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            silu_out: bool = False, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, k = weight.shape
     if silu_out and n % 2:
         raise ValueError(f"a SiLU·mul output needs gate and up rows of equal count; the weight has {n} rows")
     width = 2 * k if prologue == SILU else k
     x = x.contiguous()
-    m = x.shape[0] if x.dim() == 2 else 0
-    if x.shape != (m, width) or not 1 <= m <= MAX_ROWS or not weight.is_contiguous():
+    if ids is not None:  # x is an embedding table, the input rows its rows ids
+        if prologue != NORM or residual is not None or ids.dim() != 1 or ids.dtype != torch.int64:
+            raise ValueError("embedding rows are gathered only before a norm without a residual, by int64 ids [rows]")
+        if x.dim() != 2 or x.shape[1] != width:
+            raise ValueError(f"the embedding table must be [vocab, {width}], got {tuple(x.shape)}")
+        ids = ids.contiguous()
+    m = (ids.shape[0] if ids is not None else x.shape[0]) if x.dim() == 2 else 0
+    if x.shape[1:] != (width,) or (ids is None and x.shape[0] != m) or not 1 <= m <= MAX_ROWS \
+            or not weight.is_contiguous():
         raise ValueError(f"one-row matmul takes a contiguous [rows, {width}] input of 1 to {MAX_ROWS} rows and an "
                          f"[N, K] weight; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if residual is not None:
@@ -197,11 +218,13 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         if residual.shape != x.shape:
             raise ValueError(f"the residual must match the input {tuple(x.shape)}, got {tuple(residual.shape)}")
     y = torch.empty((m, n // 2 if silu_out else n), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(x) if residual is not None else None
-    args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-            weight, bias if bias is not None else weight, y, h if h is not None else y, m, n, k, eps)
+    # the residual stream after this kernel: x + residual, or the gathered embedding rows
+    h = torch.empty((m, width), dtype=x.dtype, device=x.device) if residual is not None or ids is not None else None
+    args = (x, ids if ids is not None else x, residual if residual is not None else x,
+            norm_weight if norm_weight is not None else x, weight, bias if bias is not None else weight, y,
+            h if h is not None else y, m, n, k, eps)
     flags = {"PROLOGUE": prologue, "HAS_RESIDUAL": residual is not None, "HAS_BIAS": bias is not None,
-             **pdl_args(x.device)}
+             "GATHER": ids is not None, **pdl_args(x.device)}
     cfg = dict(config or default_config(n, k, prologue))
     if prologue == NORM and cfg["BLOCK_K"] < k:
         raise ValueError(f"the norm prologue needs the whole row in one tile: BLOCK_K ≥ {k}")
@@ -231,12 +254,14 @@ def row_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 def norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                 weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: dict | None = None, silu_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                config: dict | None = None, silu_out: bool = False,
+                ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) @ weightᵀ (+ bias), x + residual); without a residual the
     second item is x itself, as the layer's first norm returns it. ``silu_out``: the weight is a
     gate_up projection's (gate rows, then up rows) and the first item SiLU(gate)·up [M, N/2], as
-    the standalone kernel after the matmul gives it."""
-    y, h = _launch(NORM, x, weight, bias, residual, norm_weight, eps, config, silu_out=silu_out)
+    the standalone kernel after the matmul gives it. ``ids`` (no residual): x is an embedding
+    table and the input rows are x[ids], gathered in the kernel; the second item is those rows."""
+    y, h = _launch(NORM, x, weight, bias, residual, norm_weight, eps, config, silu_out=silu_out, ids=ids)
     return y, (h if h is not None else x)
 
 

@@ -6,13 +6,21 @@ import torch
 import triton
 import triton.language as tl
 
+from braid_engine import kernels
+from braid_engine.kernels import pdl_args
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, x_stride, res_stride, n, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    # the weight is read before waiting for the kernel before (no kernel writes it)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     dtype = out_ptr.dtype.element_ty
     if HAS_RESIDUAL:
@@ -22,7 +30,6 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, x_stride, res_
         tl.store(res_out_ptr + row * n + cols, x, mask=mask)
     h = x.to(tl.float32)
     h = h * tl.math.rsqrt(tl.sum(h * h, axis=0) / n + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = w.to(tl.float32) * h.to(dtype).to(tl.float32)
     tl.store(out_ptr + row * n + cols, y.to(dtype), mask=mask)
 
@@ -52,7 +59,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(x2.shape[0],)](x2, res, weight, out, res_out, x2.stride(0), res.stride(0), n, eps,
                                      HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                     num_warps=min(max(block // 256, 1), 8))
+                                     num_warps=min(max(block // 256, 1), 8),
+                                     **(pdl_args(x.device) if kernels.PDL_RMS_NORM else {}))
     return out.view(x.shape), res_out.view(x.shape)
 
 

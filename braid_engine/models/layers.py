@@ -198,13 +198,18 @@ class DecoderLayer(nn.Module):
         for mod in (self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm):
             mod.fused = enabled
 
+    def takes_rows(self, rows: int, width: int) -> bool:
+        """Whether a step of ``rows`` rows of ``width`` runs through the row kernels here."""
+        return (self.fused and self.row_kernels and 1 <= rows <= kernels.ROW_KERNEL_ROWS
+                and rows <= kernels.ROW_KERNEL_MAX_ROWS and width <= self.MAX_ROW_WIDTH)
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: AttentionContext, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x is the previous layer's MLP output (or the embeddings with ``residual`` None);
-        returns this layer's MLP output and the residual stream before it is added."""
-        if (self.fused and self.row_kernels and 1 <= x.shape[0] <= kernels.ROW_KERNEL_ROWS
-                and x.shape[0] <= kernels.ROW_KERNEL_MAX_ROWS and x.shape[1] <= self.MAX_ROW_WIDTH):
-            return self._forward_row(positions, x, residual, ctx)
+        returns this layer's MLP output and the residual stream before it is added. ``ids``
+        (a first layer that ``takes_rows``): x is the embedding table, the input its rows ``ids``."""
+        if ids is not None or self.takes_rows(x.shape[0], x.shape[1]):
+            return self._forward_row(positions, x, residual, ctx, ids)
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
@@ -213,14 +218,14 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
     def _forward_row(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                     ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+                     ctx: AttentionContext, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A few tokens: each norm and the SiLU·mul run inside the matmul after them."""
         from braid_engine.kernels.gemv import norm_matmul, row_matmul, silu_matmul, silu_out_fits
 
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv, residual = norm_matmul(x, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight,
-                                    attn.qkv_proj.bias)
+                                    attn.qkv_proj.bias, ids=ids)
         h = row_matmul(attn.attend(positions, qkv, ctx), attn.o_proj.weight, attn.o_proj.bias)
         # SiLU·mul written by the gate_up matmul (then down_proj is a plain one), or computed in
         # down_proj's prologue
@@ -244,9 +249,14 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
+        layers = iter(self.layers)
+        table = self.embed_tokens.weight
+        if kernels.FOLD_EMBEDDING and self.layers[0].takes_rows(input_ids.shape[0], table.shape[1]):
+            # the first layer's qkv kernel gathers the embeddings itself
+            x, residual = next(layers)(positions, table, None, ctx, ids=input_ids)
+        else:
+            x, residual = self.embed_tokens(input_ids), None
+        for layer in layers:
             x, residual = layer(positions, x, residual, ctx)
         return self.norm(x, residual)[0]
 

@@ -58,16 +58,22 @@ from braid_engine.kernels.qk_norm_rope import _qk_norm_rope_kernel
 from braid_engine.kernels.rmsnorm import _rms_norm_kernel
 
 for residual in (False, True):
-    compile_(_rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=1024), num_warps=4)
+    for pdl in (False, True):  # kernels.PDL_RMS_NORM
+        compile_(_rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=1024, USE_PDL=pdl), num_warps=4)
 compile_(_silu_and_mul_kernel, dict(BLOCK=1024), num_warps=4)
 for rows in (1, 2, 4, 8):  # batch 1, the engine's small batches, the most a launch takes
     for prologue, residual in ((0, False), (1, False), (1, True), (2, False)):
         for bias in (False, True) if rows <= 2 else (False,):  # biased projections (Qwen2-style qkv)
             compile_(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=residual, HAS_BIAS=bias, BLOCK_N=8,
-                                              BLOCK_K=1024, USE_PDL=True, ROWS=rows, SILU_OUT=False), num_warps=4)
+                                              BLOCK_K=1024, USE_PDL=True, ROWS=rows, SILU_OUT=False, GATHER=False),
+                     num_warps=4)
 for rows in (1, 2):  # the gate_up matmul writing SiLU·mul (kernels.ROW_SILU_OUT)
     compile_(_row_matmul_kernel, dict(PROLOGUE=1, HAS_RESIDUAL=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024,
-                                      USE_PDL=True, ROWS=rows, SILU_OUT=True), num_warps=4)
+                                      USE_PDL=True, ROWS=rows, SILU_OUT=True, GATHER=False), num_warps=4)
+    # the first layer's qkv gathering its input rows from the embedding (kernels.FOLD_EMBEDDING)
+    compile_(_row_matmul_kernel, dict(PROLOGUE=1, HAS_RESIDUAL=False, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=1024,
+                                      USE_PDL=True, ROWS=rows, SILU_OUT=False, GATHER=True), num_warps=4,
+             types={"ids_ptr": "*i64"})
 for heads, norm, in_place, ahead in ((8, True, False, True), (32, True, False, True), (32, False, False, True),
                                     (32, True, True, True), (8, True, False, False)):
     compile_(_qk_norm_rope_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HEADS=heads, APPLY_NORM=norm,
@@ -132,7 +138,8 @@ def before_wait(text):
 for rows in (1, 2):
     for silu_out in (False, True):
         forms = [ptx(_row_matmul_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=prologue == 1, HAS_BIAS=False, BLOCK_N=8,
-                                              BLOCK_K=1024, USE_PDL=True, ROWS=rows, SILU_OUT=silu_out and prologue == 1))
+                                              BLOCK_K=1024, USE_PDL=True, ROWS=rows, SILU_OUT=silu_out and prologue == 1,
+                                              GATHER=False))
                  for prologue in (0, 1)]
         print("row", rows, silu_out, *map(before_wait, forms))
 print("qk", *after_wait(ptx(_qk_norm_rope_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, HEADS=8,

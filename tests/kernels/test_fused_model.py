@@ -172,14 +172,37 @@ def test_steps_past_the_row_kernels_launch_limit_take_cublas(tmp_path, device, m
     torch.testing.assert_close(fused, _batch_step_logits(path, False, histories, device), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_first_layer_gathering_its_embeddings_changes_no_bit(tmp_path, batch, device, monkeypatch):
+    """kernels.FOLD_EMBEDDING: steps the first layer takes through the row kernels gather their
+    embeddings inside its qkv kernel, with the logits of the embedding kernel before it bit for bit;
+    longer steps (the prefills here) keep the embedding kernel."""
+    from braid_engine import kernels
+    from braid_engine.kernels import gemv
+
+    path = make_tiny_checkpoint(tmp_path / "q", k_norm_max=96.5)
+    histories = _histories(batch, seed=3)
+    monkeypatch.setattr(kernels, "ROW_KERNEL_ROWS", 2)
+    off = _batch_step_logits(path, True, histories, device)
+    gathered = []
+    launch = gemv._launch
+    monkeypatch.setattr(gemv, "_launch", lambda *a, ids=None, **k: gathered.append(ids is not None) or launch(*a, ids=ids, **k))
+    monkeypatch.setattr(kernels, "FOLD_EMBEDDING", True)
+    on = _batch_step_logits(path, True, histories, device)
+    assert torch.equal(on, off)
+    assert gathered.count(True) == 1 and gathered[0]  # the step's first layer's qkv, once
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
 def test_dependent_launch_changes_no_bit(tmp_path, device, monkeypatch):
     """PDL only lets a kernel start early; every kernel waits for its input, so the logits are
-    bit-identical with it on and off (a missing wait would read a half-written row)."""
+    bit-identical with it on and off (a missing wait would read a half-written row). On: the
+    standalone RMSNorm (the final norm here) launched so too (kernels.PDL_RMS_NORM)."""
     from braid_engine import kernels
 
     path = make_tiny_checkpoint(tmp_path / "q", k_norm_max=96.5)
     ids = [3, 17, 42, 8, 99, 5, 61, 23, 7, 11]
+    monkeypatch.setattr(kernels, "PDL_RMS_NORM", True)
     on = _stepwise_logits(path, ids, device)
     monkeypatch.setattr(kernels, "PDL", False)
     assert torch.equal(_stepwise_logits(path, ids, device), on)

@@ -251,14 +251,46 @@ def test_row_kernels_leave_the_padding_rows_alone(device, rows, prologue, silu_o
     warps = cfg.pop("num_warps")
     norm = prologue == gemv.NORM
     gemv._row_matmul_kernel[(triton.cdiv(out, cfg["BLOCK_N"] // (2 if silu_out else 1)),)](
-        x, r, nw, w, b, y, h, rows, n, k, 1e-6, PROLOGUE=prologue, HAS_RESIDUAL=norm, HAS_BIAS=True,
-        USE_PDL=False, ROWS=pad, SILU_OUT=silu_out, num_warps=warps, **cfg)
+        x, x, r, nw, w, b, y, h, rows, n, k, 1e-6, PROLOGUE=prologue, HAS_RESIDUAL=norm, HAS_BIAS=True,
+        USE_PDL=False, ROWS=pad, SILU_OUT=silu_out, GATHER=False, num_warps=warps, **cfg)
     assert y[rows:].isnan().all() and h[rows:].isnan().all()
     want, want_h = gemv._launch(prologue, x[:rows], w, b, r[:rows] if norm else None, nw if norm else None, 1e-6,
                                 silu_out=silu_out)
     assert torch.equal(y[:rows], want)
     if norm:
         assert torch.equal(h[:rows], want_h)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_norm_matmul_gathers_embedding_rows_as_given_them(device, dtype, rows):
+    """The first layer's qkv kernel reading its rows from the embedding table by token id
+    (kernels.FOLD_EMBEDDING): the same product bit for bit as the gathered rows given, and the
+    residual stream it hands on is those rows (ids repeat and lie far apart in the table)."""
+    from braid_engine.kernels.gemv import norm_matmul
+
+    g = torch.Generator().manual_seed(rows)
+    table = (torch.randn(500, 96, generator=g) * torch.rand(500, 1, generator=g) * 8).to(device, dtype)
+    ids = torch.tensor([499, 3, 499][:rows], device=device)
+    nw = (torch.rand(96, generator=g) * 4).to(device, dtype)
+    w = torch.randn(72, 96, generator=g).to(device, dtype)
+    y, h = norm_matmul(table, None, nw, 1e-6, w, ids=ids)
+    want, _ = norm_matmul(table[ids], None, nw, 1e-6, w)
+    assert torch.equal(y, want)
+    assert torch.equal(h, table[ids]) and h.data_ptr() != table.data_ptr()
+
+
+def test_gathered_rows_need_a_norm_without_a_residual_and_int64_ids(device):
+    from braid_engine.kernels.gemv import norm_matmul
+
+    table, w, nw = torch.zeros(10, 8, device=device), torch.zeros(4, 8, device=device), torch.ones(8, device=device)
+    ids = torch.tensor([1, 2], device=device)
+    with pytest.raises(ValueError, match="without a residual, by int64 ids"):
+        norm_matmul(table, torch.zeros(2, 8, device=device), nw, 1e-6, w, ids=ids)
+    with pytest.raises(ValueError, match="without a residual, by int64 ids"):
+        norm_matmul(table, None, nw, 1e-6, w, ids=ids.int())
+    with pytest.raises(ValueError, match=r"embedding table must be \[vocab, 8\]"):
+        norm_matmul(torch.zeros(10, 9, device=device), None, nw, 1e-6, w, ids=ids)
 
 
 def test_one_row_matmuls_refuse_other_shapes(device):
