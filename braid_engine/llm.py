@@ -112,6 +112,9 @@ class LLM:
         if not isinstance(max_pinned_fraction, (int, float)) or not 0 <= max_pinned_fraction <= 1:
             raise ValueError(f"max_pinned_fraction must be a number in [0, 1] (the share of the KV pool "
                              f"pins may hold), got {max_pinned_fraction!r}.")
+        if not isinstance(gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1] (the share of the card the engine "
+                             f"may fill), got {gpu_memory_utilization!r}.")
         prefill_graph_sizes(prefill_graph_tokens)  # a clear error before anything loads
         chunk = prefill_chunk_while_decoding
         if chunk != "auto" and chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):

@@ -226,6 +226,8 @@ def test_a_failed_request_raises_its_error_again_when_asked_again(tiny_qwen3):
     (dict(max_model_len=0), r"max_model_len must be an int ≥ 2 or None"),  # silently the model's maximum
     (dict(max_model_len=-5), r"max_model_len must be an int ≥ 2 or None"),  # every prompt "too long"
     (dict(max_pinned_fraction=1.5), r"max_pinned_fraction must be a number in \[0, 1\]"),
+    (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be a number in \(0, 1\]"),  # a pool past the card
+    (dict(gpu_memory_utilization=0), r"gpu_memory_utilization must be a number in \(0, 1\]"),  # silently one request's KV
     (dict(kv_cache_memory=-1), r"kv_cache_memory must be an int ≥ 1 or None"),  # silently a 1-page pool
     (dict(kv_cache_memory=0), r"kv_cache_memory must be an int ≥ 1 or None"),  # silently the default
     (dict(max_num_batched_tokens=0), r"max_num_batched_tokens must be an int ≥ 1"),  # silently 1
