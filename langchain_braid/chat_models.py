@@ -542,16 +542,19 @@ class ChatBraid(BaseChatModel):
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
         engine = _loaded(key) or await asyncio.to_thread(self._engine)
 
+        submission = _Submission()
+
         def submit() -> tuple[_Engine, RequestStream, bool, list[str], int | None]:
             engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
             stream = engine.llm.engine.add_request(ids, params, loop=loop, final_only=final_only)
+            submission.queued(stream)
             return engine, stream, opened, names, limit
 
         submitted = loop.run_in_executor(engine.submitter, contextvars.copy_context().run, submit)
         try:
             return await asyncio.shield(submitted)
         except asyncio.CancelledError:
-            submitted.add_done_callback(_abort_submitted)
+            submission.cancel()
             raise
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -729,12 +732,28 @@ def _response_format_grammar(response_format: dict[str, Any] | None) -> GuidedDe
                      "{'type': 'json_schema', 'json_schema': {'schema': {...}}} or {'type': 'text'}.")
 
 
-def _abort_submitted(submitted: asyncio.Future) -> None:
-    """Abort the request of a call cancelled while it was being submitted (done callback)."""
-    if submitted.cancelled() or submitted.exception() is not None:
-        return  # nothing was queued
-    stream = submitted.result()[1]
-    stream.engine.abort(stream.request_id)
+class _Submission:
+    """An async call's request, queued on the engine's submitting thread, and whether the call
+    was cancelled meanwhile: whichever of the two comes second aborts the request. (A callback on
+    the call's event loop never ran where the loop closed first, asyncio.run after a timeout, and
+    an ainvoke's request, which hands the loop nothing until it ends, ran to its end for nobody.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stream: RequestStream | None = None
+        self._cancelled = False
+
+    def queued(self, stream: RequestStream) -> None:
+        with self._lock:
+            self._stream, cancelled = stream, self._cancelled
+        if cancelled:
+            stream.engine.abort(stream.request_id)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled, stream = True, self._stream
+        if stream is not None:
+            stream.engine.abort(stream.request_id)
 
 
 def _check_switches(options: dict[str, Any]) -> None:

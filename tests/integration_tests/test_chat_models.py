@@ -260,6 +260,52 @@ async def test_an_async_call_cancelled_while_it_is_submitted_aborts_its_request(
     assert out.finish_reason == "abort" and len(out.token_ids) < 400
 
 
+def test_a_call_cancelled_while_it_is_submitted_is_aborted_after_its_event_loop_closed(
+        chat: ChatBraid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``asyncio.run(wait_for(chat.ainvoke(...), t))`` timing out while the call waits for the
+    submitting thread (busy with other calls' grammars): the loop is closed before the request is
+    queued. The abort was a callback on that loop, which never ran, and an ainvoke's request
+    (which hands nothing to the loop until it ends) ran to its max_tokens for nobody. The call and
+    its submission now meet on the submitting side: whichever comes second aborts it."""
+    import time
+
+    engine = chat.llm.engine
+    entered, release = threading.Event(), threading.Event()
+    streams: list[Any] = []
+    finished: dict[str, str] = {}
+    add_request, finish = engine.add_request, engine._finish
+
+    def slow_add_request(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        streams.append(add_request(*args, **kwargs))
+        return streams[-1]
+
+    def recording_finish(seq: Any, reason: str) -> None:
+        finished[seq.request_id] = reason
+        finish(seq, reason)
+
+    monkeypatch.setattr(engine, "add_request", slow_add_request)
+    monkeypatch.setattr(engine, "_finish", recording_finish)
+
+    async def cancelled_while_submitted() -> None:
+        # (greedy, this prompt runs the whole 400 tokens: an abort is what stops it early)
+        task = asyncio.create_task(chat.ainvoke([HumanMessage("Tell me a long story")], max_tokens=400))
+        while not entered.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_while_submitted())  # its loop is closed when it returns
+    release.set()
+    deadline = time.monotonic() + 30
+    while not (streams and streams[0].request_id in finished) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert finished.get(streams[0].request_id) == "abort"
+    assert chat.llm.stats()["running"] == 0
+
+
 def test_token_count_is_the_prompt_a_call_sends(chat: ChatBraid) -> None:
     """get_num_tokens_from_messages summed each message as rendered between two user turns: it
     left out the generation prompt (47 counted, 52 sent), a reasoning block the template keeps
