@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import json
 import os
 import threading
@@ -255,11 +256,16 @@ class ChatBraid(BaseChatModel):
             with _REGISTRY_LOCK:
                 engine = _loaded(key)
                 if engine is None:
+                    closed = _ENGINES.pop(key, None)
+                    if closed is not None:
+                        # shut down (to free its memory): let it go before the next one loads, or
+                        # both engines' weights and KV pools are held at once; its submitting thread
+                        # would idle on
+                        closed.submitter.shutdown(wait=False)
+                        del closed
+                        gc.collect()  # (an engine's parts hold each other in cycles)
                     llm = LLM(self.model, device=self.device, dtype=self.dtype,
                               **{"enable_prefix_caching": True, **self.engine_kwargs})
-                    closed = _ENGINES.get(key)
-                    if closed is not None:  # shut down: its submitting thread would idle on
-                        closed.submitter.shutdown(wait=False)
                     engine = _ENGINES[key] = _Engine(llm)
         profile = self._own_profile
         if profile is not None and self.profile is profile:

@@ -451,6 +451,34 @@ def test_a_shut_down_engine_is_loaded_again_on_next_use(tiny_model: str) -> None
     chat.llm.shutdown()
 
 
+def test_a_shut_down_engine_is_let_go_before_the_next_one_loads(
+        tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry held the shut-down engine (its weights and KV pool) while the next call
+    loaded its successor, so both engines' memory was held at once. It is now dropped (and
+    collected) first."""
+    import gc
+    import weakref
+
+    kwargs = {"page_size": 4}  # an engine of this test's own
+    chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
+    first = chat.invoke("Hello")
+    kv_cache = weakref.ref(chat.llm.engine.runner.backend.kv_cache)
+    chat.llm.shutdown()
+    gc.collect()
+    old_alive_at_load = []
+    load = chat_models.LLM
+
+    def recording_load(*args: Any, **kwargs: Any) -> Any:
+        old_alive_at_load.append(kv_cache() is not None)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(chat_models, "LLM", recording_load)
+    again = chat.invoke("Hello")
+    assert old_alive_at_load == [False]
+    assert again.response_metadata[TOKEN_IDS_KEY] == first.response_metadata[TOKEN_IDS_KEY]
+    chat.llm.shutdown()
+
+
 def test_profile_context_limit_is_the_engine_s_once_it_is_loaded(tiny_model: str) -> None:
     """A pool sized from memory (kv_cache_memory, or a GPU's free memory) fixes the context only
     when the engine loads: the profile said max_position_embeddings even after that, so a
