@@ -198,6 +198,10 @@ class LLM:
     @staticmethod
     def _default_kv_bytes(dev: torch.device, util: float, per_token: int, max_len: int) -> int:
         if dev.type == "cuda":
+            # blocks torch's allocator keeps but no tensor holds (an engine shut down before this
+            # one, the loader's temporaries) count as used in the driver's figures: hand them back
+            # first, or the pool is sized without them and cannot reuse them
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(dev)
             used = total - free
             return max(int(total * util) - used, per_token * max_len)

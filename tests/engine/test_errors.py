@@ -166,6 +166,19 @@ def test_a_pool_that_holds_no_request_is_refused_at_construction(tiny_qwen3, poo
     llm.shutdown()
 
 
+def test_a_gpu_pool_is_sized_after_torch_hands_back_its_unused_blocks(monkeypatch):
+    """The default KV pool on a GPU is the share of the card left over; memory torch's allocator
+    keeps cached but unused (an engine shut down before, the loader's temporaries) reads as used
+    in the driver's figures, so it is handed back before they are read (the figures below are
+    what the driver reports before and after)."""
+    gib = 1 << 30
+    state = {"free": 30 * gib}
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: state.update(free=70 * gib))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (state["free"], 80 * gib))
+    per_token = 1024
+    assert LLM._default_kv_bytes(torch.device("cuda", 0), 0.9, per_token, 4096) == 72 * gib - 10 * gib
+
+
 def test_generation_stops_at_max_model_len(tiny_qwen3):
     llm = LLM(tiny_qwen3, device="cpu", max_model_len=32, page_size=4)
     out = llm.generate([[7] * 30], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
