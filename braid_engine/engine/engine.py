@@ -68,7 +68,9 @@ class RequestStream:
             try:
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                self.engine._abort(self)
+                # (only the loop thread puts, holding the state lock, so it queues the abort
+                # without taking ``_wake``, and takes it on its next turn: see ``together``)
+                self.engine._aborts.append(self)
         else:
             self._queue.put(item)
 
@@ -175,6 +177,7 @@ class LLMEngine:
         self._wake = threading.Condition()
         self._state = threading.RLock()
         self._closed = False
+        self._stopped = False  # the loop thread has ended every request after shutdown()
         self._thread: threading.Thread | None = None
         self._grammar: GrammarRuntime | None = None
         self._grammar_lock = threading.Lock()
@@ -288,7 +291,10 @@ class LLMEngine:
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
         """Requests added inside this block join the batch in the same step: the loop thread
-        takes new requests only under this lock. Wait for no result inside it (deadlock)."""
+        takes new requests only under this lock. Wait for no result inside it (deadlock).
+        ``stats()``, ``clear_cache()``, ``release()`` and ``shutdown()`` may be called inside:
+        the loop thread never waits for this lock while it holds the state lock they take, and
+        ``shutdown()`` gives this one up while it waits for the loop to stop."""
         with self._wake:
             yield
 
@@ -352,6 +358,11 @@ class LLMEngine:
                     for seq in list(self.scheduler.running) + self._unplaced():
                         self._fail(seq, e)
         self._fail_unfinished()
+        if self._grammar is not None:  # after the last step that could fill a mask with it
+            self._grammar.shutdown()
+        with self._wake:
+            self._stopped = True
+            self._wake.notify_all()  # shutdown() waits for this
 
     def _unplaced(self) -> list[Sequence]:
         """Unfinished requests neither waiting nor running: ones a failed ``schedule()`` took off
@@ -650,9 +661,11 @@ class LLMEngine:
         self._forget(seq)
 
     def _forget(self, seq: Sequence) -> None:
+        # without ``_wake``: the loop thread holds the state lock here, which a caller inside
+        # together() may be waiting for (stats()). A dict's pop is atomic, and the id is free
+        # for a new request only once popped, so _queue's check-and-insert cannot interleave
         self._seqs.pop(seq.request_id, None)
-        with self._wake:
-            self._streams.pop(seq.request_id, None)
+        self._streams.pop(seq.request_id, None)
 
     def _copy_page(self, src: int, dst: int) -> None:
         kv = self.runner.backend.kv_cache
@@ -743,13 +756,19 @@ class LLMEngine:
                 self.cache.clear()
 
     def shutdown(self) -> None:
+        """Refuse new requests and stop the loop thread, which ends each request still queued
+        or running with EngineClosedError; returns once it has (or after 30 s of a step). Inside
+        ``together()`` as well: a Condition's wait gives its lock up however deeply this thread
+        holds it, and the loop takes that lock to stop (a join while holding it hung)."""
         with self._wake:
             self._closed = True
             self._wake.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
-        if self._grammar is not None:
-            self._grammar.shutdown()
+            thread = self._thread
+            if (thread is not None and thread is not threading.current_thread()
+                    and self._wake.wait_for(lambda: self._stopped or not thread.is_alive(), timeout=30)):
+                thread.join()  # it needs no lock any more: it only returns
+        if (thread is None or not thread.is_alive()) and self._grammar is not None:
+            self._grammar.shutdown()  # no loop thread left to do it after its last step
 
     @property
     def closed(self) -> bool:

@@ -323,3 +323,143 @@ def test_shutdown_racing_submissions_strands_nobody(tiny_qwen3):
     assert llm.stats()["running"] == llm.stats()["waiting"] == 0
     llm.engine.clear_cache()
     assert llm.engine.pool.num_free == llm.engine.pool.num_pages
+
+
+def _hold_steps(monkeypatch, engine, where="execute"):
+    """Make the loop thread stop inside its next step (holding the engine's state lock) at
+    ``engine.runner.execute`` or ``engine.scheduler.schedule``, until the returned ``go`` is set;
+    ``inside`` is set once it is there."""
+    import threading
+
+    inside, go = threading.Event(), threading.Event()
+    owner = engine.runner if where == "execute" else engine.scheduler
+    original = getattr(owner, where)
+
+    def held(*args):
+        inside.set()
+        go.wait(30)
+        return original(*args)
+
+    monkeypatch.setattr(owner, where, held)
+    return inside, go
+
+
+def _in_a_thread(body, seconds=20):
+    """``body()``'s result (or the error it raised) from a thread given ``seconds``; ``"hung"``
+    if it had not returned by then."""
+    import threading
+
+    box = ["hung"]
+
+    def run():
+        try:
+            box[0] = body()
+        except Exception as e:  # noqa: BLE001 - the error is what the test looks at
+            box[0] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return box[0]
+
+
+def test_stats_and_cache_control_inside_together_wait_for_the_step_not_forever(tiny_qwen3, monkeypatch):
+    """together() holds the lock the loop takes new requests under; stats(), clear_cache() and a
+    pin's release take the state lock the loop holds through a step. The loop took the first
+    lock inside its step, to forget a request that finished there: a block that asked for the
+    stats during such a step waited for the step, which waited for the block, forever. Now the
+    loop never waits for that lock while it holds the state lock: inside the block these calls
+    wait for the step alone, and see what it did."""
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    handle = llm.pin([5, 6, 7, 8, 9, 10])  # 2 pages
+    before = llm.stats()
+    assert before["pages_pinned"] == 2 and before["pages_used"] == 2
+    prompt = [20, 21, 22, 23, 24]
+    inside, go = _hold_steps(monkeypatch, engine)
+    stream = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
+    assert inside.wait(30)  # the loop is in the step that finishes the request
+
+    def block():
+        with engine.together():
+            go.set()
+            during = engine.stats()  # after the step: the request finished in it
+            handle.release()
+            engine.clear_cache()
+            return during, engine.stats()
+
+    result = _in_a_thread(block)
+    assert result != "hung", "stats() inside together() deadlocked with the loop thread"
+    assert not isinstance(result, Exception), result
+    during, after = result
+    assert (during["running"], during["waiting"]) == (0, 0)
+    assert during["steps"] == before["steps"] + 1
+    assert during["prefilled_tokens"] == before["prefilled_tokens"] + 5
+    assert during["pages_used"] == 2 + 2 and during["pages_pinned"] == 2  # its prompt cached
+    assert (after["pages_used"], after["pages_pinned"], after["pages_cached"]) == (0, 0, 0)
+    monkeypatch.undo()
+    out = stream.result()
+    assert (len(out.token_ids), out.finish_reason) == (1, "length")
+    assert out.token_ids == llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))[0].token_ids
+    llm.shutdown()
+
+
+def test_shutdown_inside_together_stops_the_engine_without_hanging(tiny_qwen3, monkeypatch):
+    """shutdown() joined the loop thread, which takes together()'s lock to stop: inside the
+    block it hung for the join's 30 s and returned with the loop still running. Now it waits
+    with that lock given up, as outside the block: requests added after it are refused, and
+    those running or queued have ended with EngineClosedError when it returns, their pages
+    back; the grammar's helper thread, which fills a guided request's masks, stops only once no
+    step can use it (stopped under a step, it fails the step's requests)."""
+    import threading
+
+    import pytest
+
+    from braid_engine import LLM, GuidedDecoding
+    from braid_engine.errors import EngineClosedError
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    long_string = {"type": "object", "properties": {"a": {"type": "string", "minLength": 300}}, "required": ["a"]}
+    guided = SamplingParams(temperature=0, max_tokens=200, guided=GuidedDecoding(json_schema=long_string))
+    running = iter(engine.add_request([5, 6, 7], guided))
+    next(running)  # its masks are filled on the grammar's helper thread now
+    pool, stops = engine._grammar._pool, []
+    assert pool is not None
+    stop = engine._grammar.shutdown
+
+    def stop_and_tell():  # whether a step could still run (the loop thread is on)
+        stops.append(engine._thread.is_alive() and threading.current_thread() is not engine._thread)
+        stop()
+
+    engine._grammar.shutdown = stop_and_tell
+    inside, go = _hold_steps(monkeypatch, engine, "schedule")  # before the step fills its mask
+    assert inside.wait(30)
+
+    def block():
+        with engine.together():
+            queued = engine.add_request([8, 9, 10], SamplingParams(temperature=0, max_tokens=200))
+            go.set()
+            start = time.monotonic()
+            engine.shutdown()
+            took = time.monotonic() - start
+            with pytest.raises(EngineClosedError, match="create a new LLM"):
+                engine.add_request([11, 12], SamplingParams(max_tokens=2))
+            assert not engine._thread.is_alive()
+        return took, queued
+
+    result = _in_a_thread(block)
+    assert result != "hung", "shutdown() inside together() hung"
+    assert not isinstance(result, Exception), result
+    took, queued = result
+    assert took < 10
+    for stream in (running, iter(queued)):
+        with pytest.raises(EngineClosedError, match="shut down before request .* finished"):
+            list(stream)
+    assert pool._shutdown and stops and not any(stops)
+    stats = llm.stats()
+    assert (stats["running"], stats["waiting"]) == (0, 0)
+    engine.clear_cache()
+    assert llm.stats()["pages_used"] == 0
