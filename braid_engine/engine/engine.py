@@ -384,6 +384,8 @@ class LLMEngine:
     def step(self) -> None:
         """One forward over the scheduled batch, then sample and emit. Loop thread only."""
         batch = self.scheduler.schedule()
+        for seq, error in self.scheduler.failed:
+            self._fail(seq, error)
         if not batch:
             stuck = self.scheduler.stuck()
             if stuck is not None:

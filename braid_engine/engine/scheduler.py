@@ -33,6 +33,9 @@ class Scheduler:
         self.reused_tokens = 0  # tokens whose KV came from the prefix cache
         self.preempted = False  # whether the last schedule() preempted (and so admitted nobody)
         self.blocked: Sequence | None = None  # a request the last schedule() found stuck (``stuck``)
+        # requests the last schedule() took off the queue but could not admit, their admission
+        # having raised (a failed copy of a cached page), each with its error: the engine fails them
+        self.failed: list[tuple[Sequence, Exception]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -50,6 +53,7 @@ class Scheduler:
         in_batch: set[int] = set()  # ids of the sequences already in it: a victim is never one
         preemptions_before = self.num_preemptions
         self.blocked = None
+        self.failed = []
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
@@ -70,7 +74,11 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
             seq = self.waiting.popleft()
-            self._match_prefix(seq)
+            try:
+                self._match_prefix(seq)
+            except Exception as e:  # that request fails alone; the batch goes on without it
+                self.failed.append((seq, e))
+                continue
             if self._prefix_in_flight(seq):
                 self.release(seq)  # wait for the sharer's prompt to land in the cache, then reuse it
                 seq.num_computed = 0
@@ -201,7 +209,12 @@ class Scheduler:
                     return
                 self.cache.lock(node, 1)
             else:
-                self.copy_page(table[-1], fresh[0])
+                try:
+                    self.copy_page(table[-1], fresh[0])
+                except BaseException:  # (a device fault) nothing else names the page or the lock
+                    self.pool.decref(fresh)
+                    self.cache.lock(node, -1)
+                    raise
                 self.pool.incref(table[:-1])
                 table[-1] = fresh[0]
         if m % ps == 0:

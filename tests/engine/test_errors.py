@@ -319,15 +319,16 @@ def test_a_request_taken_off_the_queue_by_a_failing_schedule_gets_the_error(tiny
     prompt = [(3 * j) % 300 + 3 for j in range(30)]
     llm.generate([prompt], GREEDY)  # the second request's prefix is then cached
     scheduler = llm.engine.scheduler
-    match, calls = scheduler._match_prefix, []
+    in_flight, calls = scheduler._prefix_in_flight, []
 
-    def match_then_fail(seq):
-        match(seq)
+    def fail_after_the_match(seq):  # (a failing match itself fails that request alone)
         if not calls:
             calls.append(seq)
+            assert seq.page_table  # it holds its cached pages
             raise RuntimeError("scheduling broke")
+        return in_flight(seq)
 
-    monkeypatch.setattr(scheduler, "_match_prefix", match_then_fail)
+    monkeypatch.setattr(scheduler, "_prefix_in_flight", fail_after_the_match)
     out = _result_within(llm.engine.add_request(prompt + [7, 8], GREEDY))
     _failed_in_the_engine(out, "scheduling broke")
     assert len(llm.generate([prompt + [9]], GREEDY)[0].token_ids) == 8
@@ -807,3 +808,54 @@ def test_a_tokenizer_longer_than_the_model_s_vocabulary_is_named_as_the_cause(tm
     with pytest.raises(InvalidRequestError, match="tokenizer and weights do not match"):
         llm.chat([{"role": "user", "content": text}], GREEDY)
     assert llm.generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"  # still serving
+
+
+def test_a_failed_copy_of_a_cached_partial_page_fails_that_request_alone(tiny_qwen3, monkeypatch):
+    """A request whose cached prefix ends inside a page copies that page into one of its own as
+    it is admitted (copy-on-write). When the copy raised (a device fault), the page just taken
+    for it and its lock on the cached path were never given back, and the whole step failed
+    with it: every running request ended with its error. Now that request alone ends with the
+    error; the one admitted beside it runs as in a clean run, the same prompt again gives the
+    uncached output, and every page comes back."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    prefix = [(3 * j) % 300 + 3 for j in range(30)]  # 7 full pages and 2 tokens of the 8th
+    first = llm.generate([prefix], GREEDY)[0]
+    doomed_prompt = prefix + [first.token_ids[0] + 1, 5]  # its cached prefix ends at token 30
+    other_prompt = [9, 10, 11, 12, 13]
+    plain = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False)
+    clean = {tuple(p): plain.generate([p], GREEDY)[0].token_ids for p in (doomed_prompt, other_prompt)}
+    plain.shutdown()
+    copies = []
+
+    def copy_fails(src, dst):
+        copies.append((src, dst))
+        raise RuntimeError("copy broke")
+
+    monkeypatch.setattr(engine.scheduler, "copy_page", copy_fails)
+    with engine.together():  # admitted in one schedule, the other first
+        other = engine.add_request(other_prompt, GREEDY)
+        doomed = engine.add_request(doomed_prompt, GREEDY, request_id="doomed")
+    _failed_in_the_engine(_result_within(doomed), "copy broke", "doomed")
+    out = _result_within(other)
+    assert not isinstance(out, (str, Exception)), out
+    assert out.token_ids == clean[tuple(other_prompt)]
+    assert len(copies) == 1
+    _wait_idle(llm)
+    assert all(node.lock == 0 for node in engine.cache.nodes())  # no lock left on the cached path
+    stats = llm.stats()
+    assert stats["pages_used"] == stats["pages_cached"]  # and no page outside the tree
+    monkeypatch.undo()
+    again = llm.generate([doomed_prompt], GREEDY)[0]
+    assert again.num_cached_tokens == 30 and again.token_ids == clean[tuple(doomed_prompt)]
+    _no_pages_held(llm)
+    llm.shutdown()
+
+
+def _wait_idle(llm):
+    import time
+
+    deadline = time.time() + 30
+    while not llm.engine.idle and time.time() < deadline:
+        time.sleep(0.01)
+    assert llm.engine.idle
