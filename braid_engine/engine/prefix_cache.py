@@ -124,15 +124,27 @@ class RadixCache:
         that page too, byte for byte, so ``node`` names the copy instead and the original is
         freed once nothing else names it — otherwise every mid-page branch (each turn of a
         conversation) would keep one page twice. So do the nodes above ``node`` that end in the
-        same page (a split leaves both halves naming the page it cuts)."""
+        same page (a split leaves both halves naming the page it cuts).
+
+        Not where a node below them that goes on naming the original (the lower half of a
+        split) is pinned, or holds a pin below it: the original stays resident for that pin,
+        and the copy would join the pinned pages too, one page past those the pin was checked
+        against (``max_pinned_fraction``) for every such branch point."""
         if end % self.page_size == 0 or node is self.root or not node.pages or node.pages[-1] == copy:
             return
         original = node.pages[-1]
+        chain = []
         while node is not self.root and node.pages and node.pages[-1] == original:
+            chain.append(node)
+            node = node.parent
+        for upper in chain:
+            for child in upper.children.values():
+                if child.pages[0] == original and child not in chain and _holds_pin(child):
+                    return
+        for upper in chain:
             self.pool.incref([copy])
             self.pool.decref([original])
-            node.pages[-1] = copy
-            node = node.parent
+            upper.pages[-1] = copy
 
     def _split(self, node: RadixNode, k: int) -> RadixNode:
         """Cut ``node`` after its first k tokens; returns the new upper node."""
@@ -224,6 +236,18 @@ class RadixCache:
             for p in n.pages:
                 refs[p] = refs.get(p, 0) + 1
         return refs
+
+
+def _holds_pin(node: RadixNode) -> bool:
+    """Whether ``node`` or a node below it is pinned. A pin locks every node above it, so only
+    locked nodes are walked (those of pins and running requests)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.pins:
+            return True
+        stack.extend(c for c in n.children.values() if c.lock)
+    return False
 
 
 def _common_prefix(edge: list[int], tokens: list[int], pos: int) -> int:

@@ -70,6 +70,40 @@ def test_a_copy_handed_over_below_a_split_frees_the_original_page():
     assert pool.refs == [cache.page_refs().get(p, 0) for p in range(32)]
 
 
+def test_a_branch_above_a_pinned_lower_half_keeps_the_pinned_pages_as_they_were():
+    """Where the lower half of a split is pinned, a branch at the split keeps its copy of the
+    page they straddle to itself: the upper half named it instead before, so the copy joined
+    the pinned pages beside the original the lower half keeps. Unpinned, the copy is handed
+    over again."""
+    pool = PagePool(32, 4)
+    cache = RadixCache(pool)
+    a = list(range(12))
+    ta = _table(pool, 12)
+    pinned = cache.insert(a, ta)
+    pool.decref(ta)
+    cache.pin(pinned)
+    upper, m, _ = cache.match(a[:9])  # splits the pinned node inside page 2
+    assert m == 9 and upper.pins == 0 and cache.pinned_pages() == set(ta)
+
+    def branch(tokens):  # a request copies page 2 and writes its own tokens on, then finishes
+        table = ta[:2] + pool.allocate(1)
+        pool.incref(ta[:2])
+        cache.insert(a[:9] + tokens, table)
+        pool.decref(table)
+        return table
+
+    tb = branch([50, 51])
+    assert upper.pages == ta and cache.pinned_pages() == set(ta)
+    assert cache.match(a[:9] + [50, 51])[2] == tb and cache.match(a)[2] == ta
+    assert pool.refs == [cache.page_refs().get(p, 0) for p in range(32)]
+    cache.unpin(pinned)
+    tc = branch([60, 61])
+    assert upper.pages == tc and cache.match(a)[2] == ta and cache.match(a[:9] + [50, 51])[2] == tb
+    assert pool.refs == [cache.page_refs().get(p, 0) for p in range(32)]
+    cache.clear()
+    assert pool.num_free == 32
+
+
 def test_insert_from_a_node_on_the_path_builds_the_tree_a_walk_from_the_root_builds():
     trees = []
     for from_node in (False, True):
@@ -494,6 +528,37 @@ def test_a_pin_over_the_limit_pins_nothing_and_leaks_no_page(tiny_qwen3):
     _wait_idle(llm)
     _check_refs(llm)
     llm.shutdown()
+
+
+def test_branches_inside_the_pages_of_a_pinned_prefix_keep_pins_within_the_limit(tiny_qwen3):
+    """A request that branches off a pinned prefix inside one of its pages splits the pinned node
+    there and brings its own copy of that page. The upper half then named the copy instead
+    (handed over), while the pinned lower half kept the original: both were pinned, one page
+    more per branch point, past the limit the pin was checked against (15 pages pinned against
+    10 after five branches). Now the upper half keeps the original where a pin below it keeps
+    that page anyway: pins hold the pages they were checked with (a branch at the prefix's
+    end still hands its page over), and every output is the uncached one."""
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4, num_pages=40, max_pinned_fraction=0.25)
+    cache = llm.engine.cache
+    prefix = [(3 * j) % 300 + 3 for j in range(38)]  # 10 pages, the limit; 2 tokens in the last
+    handle = llm.pin(prefix)
+    pinned = cache.path_pages(handle.node)
+    assert len(pinned) == 10 == llm.stats()["pages_pinned"]
+    for i, branch in enumerate((6, 14, 22, 30, 6, 14, 37)):  # inside pages 1, 3, 5, 7 and 9
+        prompt = prefix[:branch] + [299 - i, 298, 297]  # (a second branch at 6 and 14: a third child)
+        out = llm.generate([prompt], GREEDY)[0]
+        assert out.num_cached_tokens == branch and out.token_ids == _reference(tiny_qwen3, prompt, 6)
+        assert cache.pinned_pages() == pinned and llm.stats()["pages_pinned"] == 10
+    prompt = prefix + [299, 298]  # from the prefix's end, inside its last page: handed over
+    out = llm.generate([prompt], GREEDY)[0]
+    assert out.num_cached_tokens == 38 and out.token_ids == _reference(tiny_qwen3, prompt, 6)
+    assert llm.stats()["pages_pinned"] == 10 and len(cache.pinned_pages() & pinned) == 9
+    out = llm.generate([prefix + [5]], GREEDY)[0]  # the pinned prefix is still read whole
+    assert out.num_cached_tokens == 38 and out.token_ids == _reference(tiny_qwen3, prefix + [5], 6)
+    _wait_idle(llm)
+    _check_refs(llm)
+    handle.release()
+    _check_pages_come_back(llm, 40)
 
 
 def test_a_pin_whose_caller_stops_waiting_leaves_nothing_pinned(tiny_qwen3, monkeypatch):
