@@ -16,6 +16,7 @@ from braid_engine.errors import (
     PromptTooLongError,
     RequestFailedError,
     UnsupportedArchitectureError,
+    WaitInsideTogetherError,
 )
 from braid_engine.grammar import GuidedDecoding
 from braid_engine.llm import LLM
@@ -25,4 +26,5 @@ __all__ = [
     "LLM", "SamplingParams", "GuidedDecoding", "RequestOutput", "PinHandle", "BraidError", "ChatTemplateError",
     "CheckpointError", "EngineClosedError", "GrammarUnavailableError", "InvalidGrammarError", "InvalidRequestError", "InvalidSamplingParamsError", "KVCacheFullError",
     "ModelNotFoundError", "PromptTooLongError", "RequestFailedError", "UnsupportedArchitectureError",
+    "WaitInsideTogetherError",
 ]

@@ -41,6 +41,11 @@ class EngineClosedError(BraidError, RuntimeError):
     """The engine was shut down."""
 
 
+class WaitInsideTogetherError(BraidError, RuntimeError):
+    """An output was awaited inside ``LLMEngine.together()``, where the engine takes no step
+    until the block ends: it would wait forever."""
+
+
 class RequestFailedError(BraidError, RuntimeError):
     """A request failed inside the engine (a bug, or a device fault such as running out of
     memory); the engine goes on serving the others. The fault is its ``__cause__``."""

@@ -33,6 +33,7 @@ from braid_engine.errors import (
     KVCacheFullError,
     PromptTooLongError,
     RequestFailedError,
+    WaitInsideTogetherError,
 )
 from braid_engine.grammar import GrammarRuntime
 from braid_engine.sampling import SamplingParams, sample
@@ -89,7 +90,10 @@ class RequestStream:
             raise self.error
         try:
             while self.finish_reason is None:
-                yield self._accept(self._queue.get())
+                if self.engine._together_thread == threading.get_ident():
+                    yield self._accept(self._ready())
+                else:
+                    yield self._accept(self._queue.get())
         finally:
             if self.finish_reason is None:
                 self.engine._abort(self)
@@ -99,10 +103,24 @@ class RequestStream:
             raise self.error
         try:
             while self.finish_reason is None:
-                yield self._accept(await self._queue.get())
+                if self.engine._together_thread == threading.get_ident():
+                    yield self._accept(self._ready())
+                else:
+                    yield self._accept(await self._queue.get())
         finally:
             if self.finish_reason is None:
                 self.engine._abort(self)
+
+    def _ready(self) -> RequestOutput | BaseException:
+        """An output already delivered, inside ``LLMEngine.together()``: the loop thread takes that
+        block's lock between steps, so a wait there for one not yet delivered would never end."""
+        try:
+            return self._queue.get_nowait()
+        except (queue.Empty, asyncio.QueueEmpty):
+            raise WaitInsideTogetherError(
+                f"request {self.request_id!r}'s output was awaited inside together(), which would wait "
+                "forever: the engine steps only between blocks. Add the requests inside the block and "
+                "read their results after it.") from None
 
     def result(self) -> RequestOutput:
         """Block until the request finishes; the whole output."""
@@ -173,6 +191,7 @@ class LLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[Sequence] = []
+        self._together_thread: int | None = None  # the thread inside together(), if any
         self._aborts: list[RequestStream] = []
         self._wake = threading.Condition()
         self._state = threading.RLock()
@@ -291,12 +310,17 @@ class LLMEngine:
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
         """Requests added inside this block join the batch in the same step: the loop thread
-        takes new requests only under this lock. Wait for no result inside it (deadlock).
+        takes new requests, and its next step, only under this lock, so a wait inside it for an
+        output not yet delivered would never end: it raises WaitInsideTogetherError.
         ``stats()``, ``clear_cache()``, ``release()`` and ``shutdown()`` may be called inside:
         the loop thread never waits for this lock while it holds the state lock they take, and
         ``shutdown()`` gives this one up while it waits for the loop to stop."""
         with self._wake:
-            yield
+            outer, self._together_thread = self._together_thread, threading.get_ident()
+            try:
+                yield
+            finally:
+                self._together_thread = outer
 
     def grammar(self) -> GrammarRuntime:
         """The engine's grammar compiler and mask computer (created on first guided request).

@@ -463,3 +463,52 @@ def test_shutdown_inside_together_stops_the_engine_without_hanging(tiny_qwen3, m
     assert (stats["running"], stats["waiting"]) == (0, 0)
     engine.clear_cache()
     assert llm.stats()["pages_used"] == 0
+
+
+def test_waiting_inside_together_for_an_output_is_refused(tiny_qwen3):
+    """The loop thread takes together()'s lock between steps, so inside the block no output comes
+    that is not already on its way: a wait there (a pin(), generate(), reading a stream, sync or
+    async, added inside the block or before it) waited forever. It is refused with
+    WaitInsideTogetherError and its request aborted, nothing leaked; outputs already delivered
+    are still read there."""
+    from braid_engine import LLM, WaitInsideTogetherError
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=3)
+    want = llm.generate([[5, 6, 7]], params)[0].token_ids
+
+    def block():
+        errors = []
+        done = engine.add_request([5, 6, 7], params)
+        while engine.stats()["running"] or engine.stats()["waiting"]:  # all its outputs delivered, none read
+            time.sleep(0.01)
+        running = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=500))
+        reading = iter(running)  # (kept: a dropped iterator aborts its request)
+        next(reading)  # taken by the loop, far from done
+        with engine.together():
+            for wait in (running.result, lambda: llm.pin([8, 9, 10, 11, 12]),
+                         lambda: llm.generate([[5, 6, 7]], params),
+                         lambda: engine.add_request([5, 6, 7], params).result(),
+                         lambda: asyncio.run(engine.add_request([5, 6, 7], params,
+                                                                loop=asyncio.new_event_loop()).aresult())):
+                try:
+                    wait()
+                except WaitInsideTogetherError as e:
+                    errors.append(str(e))
+            out = done.result()  # delivered already: read inside the block
+        return out, errors, running
+
+    result = _in_a_thread(block)
+    assert result != "hung", "a wait inside together() hung"
+    assert not isinstance(result, Exception), result
+    out, errors, running = result
+    assert out.token_ids == want
+    assert len(errors) == 5 and all("read their results after it" in e for e in errors), errors
+    assert llm.generate([[5, 6, 7]], params)[0].token_ids == want  # still serving
+    assert running.result().finish_reason == "abort"  # aborted by the refused read
+    assert engine.stats()["pages_pinned"] == 0
+    engine.clear_cache()
+    stats = engine.stats()
+    assert (stats["pages_used"], stats["running"], stats["waiting"]) == (0, 0, 0)
+    llm.shutdown()
