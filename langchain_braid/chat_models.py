@@ -290,9 +290,10 @@ class ChatBraid(BaseChatModel):
         Example:
             >>> ChatBraid(model="Qwen/Qwen3-0.6B").tokenizer.decode([9707])
         """
-        key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
-        if key in _ENGINES:
-            return _ENGINES[key].llm.tokenizer
+        # one look-up: a shut-down engine is dropped from the registry before its successor loads
+        engine = _ENGINES.get(_engine_key(self.model, self.device, self.dtype, self.engine_kwargs))
+        if engine is not None:
+            return engine.llm.tokenizer
         with _REGISTRY_LOCK:
             if self.model not in _TOKENIZERS:
                 _TOKENIZERS[self.model] = load_tokenizer(resolve_model_path(self.model))

@@ -479,6 +479,70 @@ def test_a_shut_down_engine_is_let_go_before_the_next_one_loads(
     chat.llm.shutdown()
 
 
+def test_the_tokenizer_read_while_a_shut_down_engine_is_let_go_is_still_there(
+        tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry drops a shut-down engine before loading its successor (it only replaced it
+    before). ``tokenizer`` asked whether the key was there, then read it: an engine dropped in
+    between made it a KeyError (get_num_tokens, get_token_ids on another thread)."""
+    kwargs = {"page_size": 2}  # an engine of this test's own
+    chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=3, engine_kwargs=kwargs)
+    chat.invoke("Hello")
+    key = chat_models._engine_key(chat.model, "cpu", chat.dtype, kwargs)
+    chat.llm.shutdown()
+    looked, dropped, read = threading.Event(), threading.Event(), threading.Event()
+    reader: list[threading.Thread] = []
+
+    class Registry(dict):  # the reader stops between its look-up and its read, until the drop
+        def _hold(self) -> None:
+            if reader and threading.current_thread() is reader[0]:
+                looked.set()
+                dropped.wait(10)
+
+        def __contains__(self, k: object) -> bool:
+            found = super().__contains__(k)
+            self._hold()
+            return found
+
+        def get(self, k: Any, default: Any = None) -> Any:
+            found = super().get(k, default)
+            self._hold()
+            return found
+
+        def pop(self, *args: Any) -> Any:
+            out = super().pop(*args)
+            dropped.set()
+            return out
+
+    registry = Registry(chat_models._ENGINES)
+    del chat_models._ENGINES[key]  # (the registry restored after the test holds no closed engine)
+    monkeypatch.setattr(chat_models, "_ENGINES", registry)
+    load = chat_models.LLM
+
+    def held_load(*args: Any, **kw: Any) -> Any:
+        read.wait(2)  # the reader goes on meanwhile (it may wait for this load instead)
+        return load(*args, **kw)
+
+    monkeypatch.setattr(chat_models, "LLM", held_load)
+    got: list[Any] = []
+
+    def read_tokenizer() -> None:
+        try:
+            got.append(chat.tokenizer)
+        except Exception as e:  # noqa: BLE001 - the error is what the test looks at
+            got.append(e)
+        read.set()
+
+    reader.append(threading.Thread(target=read_tokenizer, daemon=True))
+    reader[0].start()
+    assert looked.wait(10)
+    again = chat.invoke("Hello")  # drops the shut-down engine and loads the next
+    reader[0].join(30)
+    assert got and not isinstance(got[0], Exception), got
+    assert got[0].encode("Hello") == chat.llm.tokenizer.encode("Hello")
+    assert again.content is not None
+    chat.llm.shutdown()
+
+
 def test_profile_context_limit_is_the_engine_s_once_it_is_loaded(tiny_model: str) -> None:
     """A pool sized from memory (kv_cache_memory, or a GPU's free memory) fixes the context only
     when the engine loads: the profile said max_position_embeddings even after that, so a
