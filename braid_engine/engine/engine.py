@@ -350,10 +350,19 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            self._stopped = False
             self._thread = threading.Thread(target=self._loop, name="braid-engine", daemon=True)
             self._thread.start()
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        finally:  # also should the thread die of a bug: shutdown() waits for this
+            with self._wake:
+                self._stopped = True
+                self._wake.notify_all()
+
+    def _run(self) -> None:
         while True:
             with self._wake:
                 while not (self._closed or self._pending or self._aborts or self.scheduler.has_work()):
@@ -384,9 +393,6 @@ class LLMEngine:
         self._fail_unfinished()
         if self._grammar is not None:  # after the last step that could fill a mask with it
             self._grammar.shutdown()
-        with self._wake:
-            self._stopped = True
-            self._wake.notify_all()  # shutdown() waits for this
 
     def _unplaced(self) -> list[Sequence]:
         """Unfinished requests neither waiting nor running: ones a failed ``schedule()`` took off

@@ -512,3 +512,26 @@ def test_waiting_inside_together_for_an_output_is_refused(tiny_qwen3):
     stats = engine.stats()
     assert (stats["pages_used"], stats["running"], stats["waiting"]) == (0, 0, 0)
     llm.shutdown()
+
+
+def test_shutdown_returns_at_once_when_the_loop_thread_dies_meanwhile(tiny_qwen3, monkeypatch):
+    """shutdown() waits for the loop thread to say it stopped; a thread that dies of a bug while
+    it stops (here in ending the unfinished requests) says so too, so shutdown() returns at once
+    instead of after its 30 s limit."""
+    import threading
+
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True))
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the bug's traceback, expected
+
+    def broken():
+        raise RuntimeError("a bug while stopping")
+
+    monkeypatch.setattr(engine, "_fail_unfinished", broken)
+    start = time.perf_counter()
+    llm.shutdown()
+    assert time.perf_counter() - start < 5
+    assert not engine._thread.is_alive()
