@@ -91,7 +91,10 @@ def _memo(tokenizer: Any) -> _Memo:
 
 def _content_text(message: BaseMessage) -> tuple[str, str]:
     """The message's text and (for AI messages) its reasoning, from str or list content
-    (a tool message's ``json`` blocks as JSON text)."""
+    (a tool message's ``json`` blocks as JSON text). An AI message's text blocks are joined as
+    they are: they are pieces of one answer (an ``output_version="v1"`` stream splits its text
+    where a call stood, the separator kept in the piece after it), as LangChain's ``.text``
+    reads them; other messages' blocks are lines."""
     content = message.content
     if isinstance(content, str):
         return content, ""
@@ -114,7 +117,7 @@ def _content_text(message: BaseMessage) -> tuple[str, str]:
             raise UnsupportedContentError(
                 f"a {message.type} message holds a {kind!r} content block, but ChatBraid serves "
                 "text-only models; send text blocks only (describe or transcribe media first).")
-    return "\n".join(texts), "".join(reasoning)
+    return ("" if isinstance(message, AIMessage) else "\n").join(texts), "".join(reasoning)
 
 
 def to_template_dict(message: BaseMessage) -> dict[str, Any]:

@@ -389,6 +389,33 @@ def test_reasoning_goes_to_reasoning_content_and_v1_blocks(chat: ChatBraid, monk
         "Hello!", "The user greets me.")
 
 
+def test_a_v1_answer_streamed_with_text_around_a_call_renders_as_invoked(
+        chat: ChatBraid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With output_version="v1" LangChain turns each streamed chunk into content blocks, so an
+    answer's text before and after a call comes back as two text blocks: pieces of one text, the
+    separator already in the second. They were joined with a newline, so a streamed agent's next
+    turn showed the model text it never wrote (and not the invoked message's: the two modes then
+    generated differently); they are read as LangChain's ``.text`` reads them."""
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    v1 = chat.model_copy(update={"output_version": "v1"})
+    _scripted(v1, 'Sure, let me check.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n'
+                  "</tool_call>\nDone.", monkeypatch)
+    bound = v1.bind_tools([add])
+    whole = bound.invoke("Add 2 and 3")
+    streamed = None
+    for chunk in bound.stream("Add 2 and 3"):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert [c["args"] for c in streamed.tool_calls] == [c["args"] for c in whole.tool_calls] == [{"a": 2, "b": 3}]
+    assert streamed.text == whole.text == "Sure, let me check.\nDone."
+    question = HumanMessage("Add 2 and 3")
+    assert v1.get_num_tokens_from_messages([question, streamed], tools=[add]) == \
+        v1.get_num_tokens_from_messages([question, whole], tools=[add])
+    assert render(v1.tokenizer, [question, streamed]).text == render(v1.tokenizer, [question, whole]).text
+
+
 def _opening_think(tiny_model: str, tmp_path: Any) -> str:
     """The tiny checkpoint with a template whose generation prompt opens ``<think>`` (as
     Qwen3's thinking-only models do): the answer starts inside the block."""
