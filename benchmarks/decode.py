@@ -84,6 +84,16 @@ def hf_compiled(model, prompts: torch.Tensor, new: int, device: torch.device) ->
     return run()
 
 
+# --compare-FLAG: an engine whose graphs were captured with this boolean braid_engine.kernels switch
+# flipped, and what the output calls the engine with it on and off
+_FLIPPED = {
+    "silu-out": ("ROW_SILU_OUT", "SiLU·mul written by gate_up", "SiLU·mul in down_proj"),
+    "fused-greedy": ("FUSED_GREEDY", "greedy tokens by our kernel", "greedy tokens by torch"),
+    "fold-embedding": ("FOLD_EMBEDDING", "embeddings gathered by qkv", "an embedding kernel"),
+    "pdl-rms-norm": ("PDL_RMS_NORM", "RMSNorm a dependent launch", "RMSNorm launched plainly"),
+}
+
+
 def main() -> None:
     ap = model_arguments(__doc__)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -115,18 +125,10 @@ def main() -> None:
     ap.add_argument("--compare-small-decode-batch", type=int, default=None, metavar="N",
                     help="after each row, the engine against a second one whose decode steps of up to N sequences "
                          "take our split-KV attention kernel (FlashInferBackend.small_decode_batch), in turn")
-    ap.add_argument("--compare-silu-out", action="store_true",
-                    help="after each row, the engine against a second one whose graphs were captured with "
-                         "braid_engine.kernels.ROW_SILU_OUT the other way, in turn, in this process")
-    ap.add_argument("--compare-fused-greedy", action="store_true",
-                    help="after each row, the engine against a second one whose decode graphs were captured with "
-                         "braid_engine.kernels.FUSED_GREEDY the other way, in turn, in this process")
-    ap.add_argument("--compare-fold-embedding", action="store_true",
-                    help="after each row, the engine against a second one whose graphs were captured with "
-                         "braid_engine.kernels.FOLD_EMBEDDING the other way, in turn, in this process")
-    ap.add_argument("--compare-pdl-rms-norm", action="store_true",
-                    help="after each row, the engine against a second one whose graphs were captured with "
-                         "braid_engine.kernels.PDL_RMS_NORM the other way, in turn, in this process")
+    for flag, (switch, *_) in _FLIPPED.items():
+        ap.add_argument(f"--compare-{flag}", action="store_true",
+                        help="after each row, the engine against a second one whose graphs were captured with "
+                             f"braid_engine.kernels.{switch} the other way, in turn, in this process")
     ap.add_argument("--skip-transformers", action="store_true",
                     help="the engine's tokens/s only (to set two builds of the engine side by side; a record "
                          "needs the baselines)")
@@ -186,14 +188,9 @@ def main() -> None:
         this, other = (on, off) if value else (off, on)
         return this, other, engine_with(**{switch: not value})
 
-    if args.compare_silu_out:
-        others.append(flipped("ROW_SILU_OUT", "SiLU·mul written by gate_up", "SiLU·mul in down_proj"))
-    if args.compare_fused_greedy:
-        others.append(flipped("FUSED_GREEDY", "greedy tokens by our kernel", "greedy tokens by torch"))
-    if args.compare_fold_embedding:
-        others.append(flipped("FOLD_EMBEDDING", "embeddings gathered by qkv", "an embedding kernel"))
-    if args.compare_pdl_rms_norm:
-        others.append(flipped("PDL_RMS_NORM", "RMSNorm a dependent launch", "RMSNorm launched plainly"))
+    for flag, names in _FLIPPED.items():
+        if getattr(args, "compare_" + flag.replace("-", "_")):
+            others.append(flipped(*names))
     device, dtype = llm.config.device, llm.config.dtype
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf)
