@@ -19,6 +19,7 @@ from braid_engine import (
     UnsupportedArchitectureError,
 )
 from braid_engine.testing import make_tiny_checkpoint
+from tests.threads import within
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -272,20 +273,7 @@ def test_an_unknown_device_is_a_value_error_naming_the_choices(tiny_qwen3):
 
 def _result_within(stream, seconds=30):
     """``stream.result()`` (or the error it raised), or ``"stranded"`` if it never came."""
-    import threading
-
-    box = ["stranded"]
-
-    def wait():
-        try:
-            box[0] = stream.result()
-        except Exception as e:  # noqa: BLE001 - the error is what the test looks at
-            box[0] = e
-
-    waiter = threading.Thread(target=wait, daemon=True)
-    waiter.start()
-    waiter.join(seconds)
-    return box[0]
+    return within(stream.result, seconds, "stranded")
 
 
 def _no_pages_held(llm):

@@ -3,6 +3,7 @@ import time
 
 from braid_engine import SamplingParams
 from braid_engine.detokenizer import IncrementalDetokenizer
+from tests.threads import within
 
 
 def test_stream_deltas_add_up_to_generate(qwen3_llm):
@@ -345,22 +346,8 @@ def _hold_steps(monkeypatch, engine, where="execute"):
 
 
 def _in_a_thread(body, seconds=20):
-    """``body()``'s result (or the error it raised) from a thread given ``seconds``; ``"hung"``
-    if it had not returned by then."""
-    import threading
-
-    box = ["hung"]
-
-    def run():
-        try:
-            box[0] = body()
-        except Exception as e:  # noqa: BLE001 - the error is what the test looks at
-            box[0] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return box[0]
+    """``body()``'s result (or the error it raised), or ``"hung"`` if it had not returned in ``seconds``."""
+    return within(body, seconds, "hung")
 
 
 def test_stats_and_cache_control_inside_together_wait_for_the_step_not_forever(tiny_qwen3, monkeypatch):
