@@ -221,15 +221,13 @@ async def test_async_calls_set_up_and_compile_grammars_off_the_event_loop(
     chat.llm.shutdown()
 
 
-async def test_an_async_call_cancelled_while_it_is_submitted_aborts_its_request(
-        chat: ChatBraid, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Submission runs on a worker thread, which a cancelled task cannot stop: the request it
-    queues is aborted once it is queued, so nobody's tokens are generated for nothing."""
-    engine = chat.llm.engine
+def _held_submissions(engine: Any, monkeypatch: pytest.MonkeyPatch
+                      ) -> tuple[threading.Event, threading.Event, list[Any]]:
+    """The engine's ``add_request`` held on the submitting thread: (set once a submission waits,
+    set to let it go on, the streams queued since)."""
     entered, release = threading.Event(), threading.Event()
     streams: list[Any] = []
-    aborted: list[str] = []
-    add_request, abort = engine.add_request, engine.abort
+    add_request = engine.add_request
 
     def slow_add_request(*args: Any, **kwargs: Any) -> Any:
         entered.set()
@@ -237,11 +235,23 @@ async def test_an_async_call_cancelled_while_it_is_submitted_aborts_its_request(
         streams.append(add_request(*args, **kwargs))
         return streams[-1]
 
+    monkeypatch.setattr(engine, "add_request", slow_add_request)
+    return entered, release, streams
+
+
+async def test_an_async_call_cancelled_while_it_is_submitted_aborts_its_request(
+        chat: ChatBraid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Submission runs on a worker thread, which a cancelled task cannot stop: the request it
+    queues is aborted once it is queued, so nobody's tokens are generated for nothing."""
+    engine = chat.llm.engine
+    entered, release, streams = _held_submissions(engine, monkeypatch)
+    aborted: list[str] = []
+    abort = engine.abort
+
     def recording_abort(request_id: str) -> None:
         aborted.append(request_id)
         abort(request_id)
 
-    monkeypatch.setattr(engine, "add_request", slow_add_request)
     monkeypatch.setattr(engine, "abort", recording_abort)
     # (greedy, this prompt runs the whole 400 tokens: an abort is what stops it early)
     task = asyncio.create_task(chat.ainvoke([HumanMessage("Tell me a long story")], max_tokens=400))
@@ -270,22 +280,14 @@ def test_a_call_cancelled_while_it_is_submitted_is_aborted_after_its_event_loop_
     import time
 
     engine = chat.llm.engine
-    entered, release = threading.Event(), threading.Event()
-    streams: list[Any] = []
+    entered, release, streams = _held_submissions(engine, monkeypatch)
     finished: dict[str, str] = {}
-    add_request, finish = engine.add_request, engine._finish
-
-    def slow_add_request(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        release.wait(30)
-        streams.append(add_request(*args, **kwargs))
-        return streams[-1]
+    finish = engine._finish
 
     def recording_finish(seq: Any, reason: str) -> None:
         finished[seq.request_id] = reason
         finish(seq, reason)
 
-    monkeypatch.setattr(engine, "add_request", slow_add_request)
     monkeypatch.setattr(engine, "_finish", recording_finish)
 
     async def cancelled_while_submitted() -> None:
