@@ -209,8 +209,7 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
             raise ValueError(f"the embedding table must be [vocab, {width}], got {tuple(x.shape)}")
         ids = ids.contiguous()
     m = (ids.shape[0] if ids is not None else x.shape[0]) if x.dim() == 2 else 0
-    if x.shape[1:] != (width,) or (ids is None and x.shape[0] != m) or not 1 <= m <= MAX_ROWS \
-            or not weight.is_contiguous():
+    if x.shape[1:] != (width,) or not 1 <= m <= MAX_ROWS or not weight.is_contiguous():
         raise ValueError(f"one-row matmul takes a contiguous [rows, {width}] input of 1 to {MAX_ROWS} rows and an "
                          f"[N, K] weight; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if residual is not None:
