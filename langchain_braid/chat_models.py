@@ -79,12 +79,13 @@ class _Engine:
         self.llm = llm
         self.pins: dict[str, PinHandle] = {}
         self.lock = threading.Lock()
-        # async calls render, set up their grammar and submit here, off the event loop: one at
-        # a time, in the order they were made (as when they ran on the loop)
-        self.submitter = ThreadPoolExecutor(1, thread_name_prefix="braid-submit")
 
 
 _ENGINES: dict[tuple[Any, ...], _Engine] = {}
+# async calls load the engine, render, set up their grammar and submit on their key's thread, off
+# the event loop: one at a time, in the order they were made (as when they ran on the loop). The
+# thread belongs to the key, not to one loaded engine, so a reload never strands a call on it
+_SUBMITTERS: dict[tuple[Any, ...], ThreadPoolExecutor] = {}
 _TOKENIZERS: dict[str, Any] = {}
 _VOCAB_SIZES: dict[str, int] = {}
 _REGISTRY_LOCK = threading.Lock()
@@ -256,13 +257,9 @@ class ChatBraid(BaseChatModel):
             with _REGISTRY_LOCK:
                 engine = _loaded(key)
                 if engine is None:
-                    closed = _ENGINES.pop(key, None)
-                    if closed is not None:
+                    if _ENGINES.pop(key, None) is not None:
                         # shut down (to free its memory): let it go before the next one loads, or
-                        # both engines' weights and KV pools are held at once; its submitting thread
-                        # would idle on
-                        closed.submitter.shutdown(wait=False)
-                        del closed
+                        # both engines' weights and KV pools are held at once
                         gc.collect()  # (an engine's parts hold each other in cycles)
                     llm = LLM(self.model, device=self.device, dtype=self.dtype,
                               **{"enable_prefix_caching": True, **self.engine_kwargs})
@@ -547,8 +544,10 @@ class ChatBraid(BaseChatModel):
         its request once it is queued (the thread cannot be stopped midway)."""
         loop = asyncio.get_running_loop()
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
-        engine = _loaded(key) or await asyncio.to_thread(self._engine)
-
+        with _REGISTRY_LOCK:
+            submitter = _SUBMITTERS.get(key)
+            if submitter is None:
+                submitter = _SUBMITTERS[key] = ThreadPoolExecutor(1, thread_name_prefix="braid-submit")
         submission = _Submission()
 
         def submit() -> tuple[_Engine, RequestStream, bool, list[str], int | None]:
@@ -557,7 +556,7 @@ class ChatBraid(BaseChatModel):
             submission.queued(stream)
             return engine, stream, opened, names, limit
 
-        submitted = loop.run_in_executor(engine.submitter, contextvars.copy_context().run, submit)
+        submitted = loop.run_in_executor(submitter, contextvars.copy_context().run, submit)
         try:
             return await asyncio.shield(submitted)
         except asyncio.CancelledError:

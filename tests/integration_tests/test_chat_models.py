@@ -469,14 +469,43 @@ def test_a_shut_down_engine_is_loaded_again_on_next_use(tiny_model: str) -> None
     chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
     first = chat.invoke("Hello")
     old = chat.llm
-    submitter = chat_models._ENGINES[chat_models._engine_key(chat.model, "cpu", chat.dtype, kwargs)].submitter
     old.shutdown()
     again = chat.invoke("Hello")
     assert chat.llm is not old
-    assert submitter._shutdown  # the closed engine's submitting thread went with it
     assert again.response_metadata[TOKEN_IDS_KEY] == first.response_metadata[TOKEN_IDS_KEY]
     other = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
     assert other.llm is chat.llm
+    chat.llm.shutdown()
+
+
+async def test_an_async_call_whose_engine_is_reloaded_while_it_is_submitted_is_answered(
+        tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An async call took the loaded engine, then handed its submission to that engine's
+    submitting thread. Had another thread shut the engine down and loaded its successor in
+    between, that thread had gone with the old engine, and the call failed with a RuntimeError
+    ("cannot schedule new futures after shutdown"). The submitting thread now belongs to the
+    model's key and outlives reloads; the call is answered by the successor."""
+    kwargs = {"page_size": 6}  # an engine of this test's own
+    chat = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5, engine_kwargs=kwargs)
+    first = chat.invoke("Hello")
+    old = chat.llm
+    reloaded: list[Any] = []
+
+    class Submission(chat_models._Submission):  # made between taking the engine and submitting
+        def __init__(self) -> None:
+            super().__init__()
+            if not reloaded:
+                old.shutdown()
+                other = ChatBraid(model=tiny_model, device="cpu", temperature=0, max_tokens=5,
+                                  engine_kwargs=kwargs)
+                done = threading.Thread(target=lambda: reloaded.append(other.invoke("Hi")))
+                done.start()
+                done.join(60)
+
+    monkeypatch.setattr(chat_models, "_Submission", Submission)
+    again = await chat.ainvoke("Hello")
+    assert reloaded and chat.llm is not old
+    assert again.response_metadata[TOKEN_IDS_KEY] == first.response_metadata[TOKEN_IDS_KEY]
     chat.llm.shutdown()
 
 
