@@ -44,6 +44,8 @@ PIPELINE_CHAIN = 8
 
 logger = logging.getLogger("braid_engine")
 _ids = itertools.count()
+# what an EngineClosedError advises (ChatBraid, which cannot be handed a new LLM, loads one itself)
+_REOPEN = "create a new LLM (a ChatBraid loads a new engine on its next call)"
 
 
 class RequestStream:
@@ -248,7 +250,7 @@ class LLMEngine:
         """A request's checks, grammar, sequence and stream, made without the loop's lock: a
         first guided request builds the grammar runtime (~1 s for a 150k vocabulary)."""
         if self._closed:
-            raise EngineClosedError("the engine was shut down; create a new LLM.")
+            raise EngineClosedError(f"the engine was shut down; {_REOPEN}.")
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}.")
         params.validate()
@@ -279,7 +281,7 @@ class LLMEngine:
         """Hand a made request to the loop thread."""
         with self._wake:
             if self._closed:  # shut down since the check in _make: the loop would never take it
-                raise EngineClosedError("the engine was shut down; create a new LLM.")
+                raise EngineClosedError(f"the engine was shut down; {_REOPEN}.")
             if seq.request_id in self._streams:
                 raise InvalidRequestError(f"request id {seq.request_id!r} is already in use.")
             self._streams[seq.request_id] = stream
@@ -408,8 +410,8 @@ class LLMEngine:
         with self._state:
             for seq in pending + list(self._seqs.values()):
                 self._fail(seq, EngineClosedError(
-                    f"the engine was shut down before request {seq.request_id} finished; create "
-                    "a new LLM and submit it again."))
+                    f"the engine was shut down before request {seq.request_id} finished; {_REOPEN} "
+                    "and submit it again."))
 
     def step(self) -> None:
         """One forward over the scheduled batch, then sample and emit. Loop thread only."""
