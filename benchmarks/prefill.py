@@ -6,6 +6,7 @@ transformers eager and transformers under `torch.compile`, same weights, same ca
     python -m benchmarks.prefill ... --fa3-graph-rows 512         # graphs of 512+ rows on fa3, not fa2
     python -m benchmarks.prefill ... --paged-fresh                 # fresh prompts read their keys from the pages
     python -m benchmarks.prefill ... --compare-fresh               # both ways, alternating in one process
+    python -m benchmarks.prefill ... --compare-switch PDL_RMS_NORM # a kernels switch each way, alternating
     python -m benchmarks.prefill --tokens 256 1024 --compiled-tokens      # tiny model, CPU smoke run
 """
 
@@ -59,17 +60,30 @@ def main() -> None:
     ap.add_argument("--compare-fresh", action="store_true",
                     help="time the engine with fresh prompts on their own k/v and paged, alternating "
                          "--repeat times each in this process (no transformers rows)")
+    ap.add_argument("--compare-switch", metavar="NAME", default=None,
+                    help="time the engine against a second one whose graphs were captured with the boolean "
+                         "braid_engine.kernels.NAME the other way, alternating --repeat times each in this "
+                         "process (no transformers rows; needs room for two engines)")
     args = ap.parse_args()
+    from braid_engine import kernels
     from braid_engine.attention.flashinfer_backend import FlashInferBackend
+
+    switch = args.compare_switch
+    if switch is not None and not isinstance(getattr(kernels, switch, None), bool):
+        ap.error(f"--compare-switch takes a boolean braid_engine.kernels switch, not {switch!r}")
 
     if args.fa3_graph_rows is not None:
         FlashInferBackend.fa3_prefill_graph_rows = args.fa3_graph_rows or None
     if args.paged_fresh:
         FlashInferBackend.ragged_fresh_prefill = False
     path = build_model(args.shape, args.model)
+
+    def engine() -> LLM:
+        return LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
+                   prefill_graph_tokens=args.prefill_graph_tokens, **kv_kwargs(args))
+
     t0 = time.perf_counter()
-    llm = LLM(path, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
-              prefill_graph_tokens=args.prefill_graph_tokens, **kv_kwargs(args))
+    llm = engine()
     start_s = time.perf_counter() - t0
     graph_mb = torch.cuda.memory_allocated() / 1e6 if llm.config.device.type == "cuda" else 0.0
     device, dtype = llm.config.device, llm.config.dtype
@@ -80,6 +94,20 @@ def main() -> None:
     if args.compare_fresh:
         compare_fresh(llm, args.tokens, args.repeat, gen, one)
         llm.shutdown()
+        return
+    if switch is not None:
+        value = getattr(kernels, switch)
+        setattr(kernels, switch, not value)  # read as the other engine captures its graphs
+        try:
+            other = engine()
+        finally:
+            setattr(kernels, switch, value)
+        names = (f"{switch} on", f"{switch} off") if value else (f"{switch} off", f"{switch} on")
+        print(f"card: {card(device)}; dtype {dtype}; the engine ({names[0]}) against one whose graphs were "
+              f"captured with {names[1]}, alternating, {args.repeat} runs each")
+        compare_ways(dict(zip(names, (lambda: llm, lambda: other))), args.tokens, args.repeat, gen, one, device)
+        llm.shutdown()
+        other.shutdown()
         return
     weights, kv_per_token = weight_and_kv_bytes(hf)
     bw = copy_bandwidth(device)
@@ -126,21 +154,30 @@ def compare_fresh(llm: LLM, lengths: list[int], repeat: int, gen: torch.Generato
 
     print(f"card: {card(device)}; dtype {llm.config.dtype}; fresh prompts on their own k/v vs paged, "
           f"alternating, {repeat} runs each (twin graphs: {sorted(twins)})")
-    for n in lengths:
-        ids = torch.randint(3, len(llm.tokenizer), (n,), generator=gen).tolist()
+    try:
+        compare_ways({"own k/v": lambda: fresh(True) or llm, "paged": lambda: fresh(False) or llm},
+                     lengths, repeat, gen, one, device)
+    finally:
+        fresh(True)
 
-        def measure(_, ids=ids) -> tuple[float, int]:
+
+def compare_ways(ways: dict, lengths: list[int], repeat: int, gen: torch.Generator, one: SamplingParams,
+                 device: torch.device) -> None:
+    """Each prompt length's first token timed two ways (each a function that sets its way up and
+    returns the engine to use), alternating after a warm round; their first tokens must agree."""
+    (a, way_a), (b, _) = ways.items()
+    for n in lengths:
+        ids = torch.randint(3, len(way_a().tokenizer), (n,), generator=gen).tolist()
+
+        def measure(llm: LLM, ids=ids) -> tuple[float, int]:
             t0 = now(device)
             out = llm.generate([ids], one)[0]
             return now(device) - t0, out.token_ids[0]
 
-        med, times, same = alternate({"own": lambda: fresh(True), "paged": lambda: fresh(False)}, measure, repeat,
-                                     warm=True)
-        own, paged = med["own"] * 1e3, med["paged"] * 1e3
-        print(f"{n:>7} tokens: own k/v {own:.2f} ms vs paged {paged:.2f} ms ({paged / own:.3f}x; runs "
-              f"{', '.join(f'{t * 1e3:.2f}' for t in times['own'])} vs {', '.join(f'{t * 1e3:.2f}' for t in times['paged'])})"
+        med, times, same = alternate(ways, measure, repeat, warm=True)
+        print(f"{n:>7} tokens: {a} {med[a] * 1e3:.2f} ms vs {b} {med[b] * 1e3:.2f} ms ({med[b] / med[a]:.3f}x; runs "
+              f"{', '.join(f'{t * 1e3:.2f}' for t in times[a])} vs {', '.join(f'{t * 1e3:.2f}' for t in times[b])})"
               f"; first token {'the same' if same else 'DIFFERENT'}")
-    fresh(True)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ if [ "$what" = levers ]; then
   timeout 400 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 2 \
     --compiled-batches --kv-gb 8 --skip-transformers --compare-fold-embedding --compare-pdl-rms-norm 2>&1 \
     | grep -E "^card|^ +[0-9]+ |gathered|RMSNorm|Error" | tee "$OUT/decode_levers.log"
+  # the RMSNorm switch reaches every norm of a prompt's step too: whole fresh prompts each way
+  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+    --tokens 1024 4096 --repeat 5 --compare-switch PDL_RMS_NORM 2>&1 | grep -E "^card|tokens:|Error" \
+    | tee "$OUT/prefill_levers.log"
 fi
 if [ "$what" = ab ]; then
   # two builds of the engine side by side: the tree at $OLD (an older braid_engine/ beside this tree's
