@@ -80,11 +80,13 @@ FUSED_GREEDY = True
 
 # steps the first layer takes through the row kernels (kernels.ROW_KERNEL_ROWS) gather their token
 # embeddings inside its qkv kernel (gemv.norm_matmul(ids=...)) instead of an embedding kernel
-# before it: one kernel boundary less a step. The same values (a gather copies). Off until measured
-# on the GPU: decode.py --compare-fold-embedding.
-FOLD_EMBEDDING = False
+# before it: one kernel boundary less a step. The same values (a gather copies). On an H200,
+# decode.py --compare-fold-embedding: batch 1 1,594 -> 1,614 tokens/s, batch 2 2,684 -> 2,724, the
+# same greedy tokens (docs/benchmarks.md).
+FOLD_EMBEDDING = True
 
 # the standalone RMSNorm kernel (the final norm of a decode step through the row kernels; every
 # norm of larger steps) is launched as a programmatic dependent of the kernel before it, its weight
-# read before the wait. The same values. Off until measured on the GPU: decode.py --compare-pdl-rms-norm.
-PDL_RMS_NORM = False
+# read before the wait. The same values. On an H200, decode.py --compare-pdl-rms-norm: batch 1 1,604
+# -> 1,619 tokens/s (every run ahead), batch 2 within its runs' spread (docs/benchmarks.md).
+PDL_RMS_NORM = True

@@ -125,12 +125,18 @@ def _histories(batch: int, seed: int) -> list[list[int]]:
 
 
 def _row_launches(monkeypatch) -> list[int]:
-    """The rows of each row-kernel launch from now on (the list fills as they run)."""
+    """The rows of each row-kernel launch from now on (the list fills as they run); a launch
+    that gathers its rows from the embedding table (kernels.FOLD_EMBEDDING) counts its ids."""
     from braid_engine.kernels import gemv
 
     rows = []
     launch = gemv._launch
-    monkeypatch.setattr(gemv, "_launch", lambda prologue, x, *a, **k: rows.append(x.shape[0]) or launch(prologue, x, *a, **k))
+
+    def counted(prologue, x, *a, ids=None, **k):
+        rows.append(x.shape[0] if ids is None else ids.shape[0])
+        return launch(prologue, x, *a, ids=ids, **k)
+
+    monkeypatch.setattr(gemv, "_launch", counted)
     return rows
 
 
