@@ -86,9 +86,13 @@ _ENGINES: dict[tuple[Any, ...], _Engine] = {}
 # the event loop: one at a time, in the order they were made (as when they ran on the loop). The
 # thread belongs to the key, not to one loaded engine, so a reload never strands a call on it
 _SUBMITTERS: dict[tuple[Any, ...], ThreadPoolExecutor] = {}
+_SUBMITTERS_LOCK = threading.Lock()  # taken on the event loop: never held for long (as loads hold the registry's)
+_REGISTRY_LOCK = threading.Lock()  # _ENGINES'; held while an engine loads (seconds)
+# a model's tokenizer and vocabulary size, read without loading its engine (token counts), under
+# a lock of their own: they should not wait for a load
 _TOKENIZERS: dict[str, Any] = {}
 _VOCAB_SIZES: dict[str, int] = {}
-_REGISTRY_LOCK = threading.Lock()
+_FILES_LOCK = threading.Lock()
 
 
 def _engine_key(model: str, device: str, dtype: str, engine_kwargs: dict[str, Any]) -> tuple:
@@ -291,7 +295,7 @@ class ChatBraid(BaseChatModel):
         engine = _ENGINES.get(_engine_key(self.model, self.device, self.dtype, self.engine_kwargs))
         if engine is not None:
             return engine.llm.tokenizer
-        with _REGISTRY_LOCK:
+        with _FILES_LOCK:
             if self.model not in _TOKENIZERS:
                 _TOKENIZERS[self.model] = load_tokenizer(resolve_model_path(self.model))
             return _TOKENIZERS[self.model]
@@ -334,7 +338,7 @@ class ChatBraid(BaseChatModel):
         engine = _loaded(_engine_key(self.model, self.device, self.dtype, self.engine_kwargs))
         if engine is not None:
             return engine.llm.model_config.vocab_size
-        with _REGISTRY_LOCK:
+        with _FILES_LOCK:
             if self.model not in _VOCAB_SIZES:
                 _VOCAB_SIZES[self.model] = load_config(resolve_model_path(self.model)).vocab_size
             return _VOCAB_SIZES[self.model]
@@ -544,7 +548,7 @@ class ChatBraid(BaseChatModel):
         its request once it is queued (the thread cannot be stopped midway)."""
         loop = asyncio.get_running_loop()
         key = _engine_key(self.model, self.device, self.dtype, self.engine_kwargs)
-        with _REGISTRY_LOCK:
+        with _SUBMITTERS_LOCK:
             submitter = _SUBMITTERS.get(key)
             if submitter is None:
                 submitter = _SUBMITTERS[key] = ThreadPoolExecutor(1, thread_name_prefix="braid-submit")

@@ -509,6 +509,42 @@ async def test_an_async_call_whose_engine_is_reloaded_while_it_is_submitted_is_a
     chat.llm.shutdown()
 
 
+async def test_an_async_call_does_not_wait_on_the_event_loop_while_another_engine_loads(chat: ChatBraid) -> None:
+    """Loading an engine holds the registry's lock for seconds. An async call on a loaded engine
+    took that lock on the event loop to find its submitting thread, so it stalled the loop
+    until the other load ended; it must not touch that lock on the loop."""
+    await chat.ainvoke("Hello")  # loaded
+    released = threading.Event()
+    chat_models._REGISTRY_LOCK.acquire()  # as a load of another model would
+    timer = threading.Timer(5, lambda: (released.set(), chat_models._REGISTRY_LOCK.release()))
+    timer.start()
+    try:
+        message = await chat.ainvoke("Hello")
+        assert not released.is_set()  # answered while the lock was still held
+        assert message.usage_metadata["output_tokens"] > 0
+    finally:
+        timer.join()
+
+
+def test_token_counts_do_not_wait_for_an_engine_to_load(tiny_model: str, tmp_path) -> None:
+    """Counting tokens reads only the tokenizer and config.json of a model whose engine is not
+    loaded. Those reads took the registry's lock, which a load holds for seconds (any model's,
+    this one's reload too), so a count waited for the whole load."""
+    import shutil
+
+    from tests.threads import within
+
+    path = str(shutil.copytree(tiny_model, tmp_path / "copy"))  # a model nothing has read yet
+    chat = ChatBraid(model=path, device="cpu")
+    with chat_models._REGISTRY_LOCK:  # as a load would
+        counted = within(lambda: chat.get_num_tokens_from_messages([HumanMessage("Hello there")]), 10,
+                         "waited for the load")
+    assert isinstance(counted, int) and counted > 2
+    assert counted == len(chat.llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello there"}], tokenize=True, add_generation_prompt=True)["input_ids"])
+    chat.llm.shutdown()
+
+
 def test_a_shut_down_engine_is_let_go_before_the_next_one_loads(
         tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The registry held the shut-down engine (its weights and KV pool) while the next call
