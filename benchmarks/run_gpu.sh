@@ -10,7 +10,8 @@
 # 'smallbatch': the row kernels at 1-8 rows against cuBLAS, and decode.py at batches 1-16 with the row
 # kernels for batch 1 alone and with our decode attention up to 4 sequences, each against the defaults;
 # 'host': what lies outside a fresh prompt's prefill graph, the host's part of its step, and what a graph launch costs;
-# 'levers': decode.py at batch 1 and 2 with each switch that is off until measured, against the defaults;
+# 'levers': decode.py at batch 1 and 2 with each of two kernel switches the other way, against the defaults,
+# and whole prompts with PDL_RMS_NORM each way;
 # 'ab': decode.py at batch 1 and 2 for an older tree at $OLD and this one, in alternating processes)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels',
 # 'tests-shapes' and 'tests-engine' apart; 'tests-kernels' alone outgrew 530 s on a fresh H100 in
@@ -118,15 +119,17 @@ if [ "$what" = smallbatch ]; then
     | grep -E "^card|^ +[0-9]+ |row kernels|decode attention" | tee "$OUT/decode_small_batches.log"
 fi
 if [ "$what" = levers ]; then
-  # the switches built off until measured: the first layer's qkv gathering its embeddings
+  # two switches (on since session 18): the first layer's qkv gathering its embeddings
   # (kernels.FOLD_EMBEDDING) and the standalone RMSNorm as a dependent launch (kernels.PDL_RMS_NORM),
-  # each against the defaults, engines in turn in one process
+  # each against an engine with it the other way, engines in turn in one process
   timeout 400 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 2 \
     --compiled-batches --kv-gb 8 --skip-transformers --compare-fold-embedding --compare-pdl-rms-norm 2>&1 \
     | grep -E "^card|^ +[0-9]+ |gathered|RMSNorm|Error" | tee "$OUT/decode_levers.log"
   # the RMSNorm switch reaches every norm of a prompt's step too: whole fresh prompts each way
-  timeout 150 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
-    --tokens 1024 4096 --repeat 5 --compare-switch PDL_RMS_NORM 2>&1 | grep -E "^card|tokens:|Error" \
+  # (graphs up to 4,096 rows: two engines capturing up to 8,192 outgrew 150 s on a fresh H200)
+  timeout 200 python3 -m benchmarks.prefill --shape qwen3-0.6b --device cuda --dtype bfloat16 --kv-gb 8 \
+    --prefill-graph-tokens 4096 --tokens 1024 2048 4096 --repeat 11 --compare-switch PDL_RMS_NORM 2>&1 \
+    | grep -E "^card|tokens:|Error" \
     | tee "$OUT/prefill_levers.log"
 fi
 if [ "$what" = ab ]; then
