@@ -101,35 +101,65 @@ class SamplingParams:
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   min_p: float) -> torch.Tensor:
     """Temperature-scaled log-probabilities with filtered-out tokens at -inf. logits: [V] fp32."""
-    logits = logits / temperature
+    t = torch.tensor
+    return filter_logits_rows(logits[None], t([temperature]), t([top_k]), t([top_p]), t([min_p]))[0]
+
+
+def filter_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """``filter_logits`` for every row of ``logits`` [B, V] (fp32) at once, each row with its own
+    settings ([B] each, on any device): top-k, then min-p, then top-p, each a no-op for a row
+    that disables it. Every operation works along the rows, so a row's result does not depend on
+    the others. The settings are read on the host (given there, nothing waits for the device)."""
+    dev, dt = logits.device, logits.dtype
     vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k).values[-1]
+    top_k, top_p, min_p = top_k.cpu(), top_p.cpu(), min_p.cpu()
+    k_on, p_on = (top_k > 0) & (top_k < vocab), top_p < 1
+    logits = logits / temperature.to(dev, dt)[:, None]
+    if k_on.any():
+        # the k-th largest of each row (its smallest, so nothing goes, where a row keeps all)
+        k = torch.where(k_on, top_k - 1, vocab - 1)
+        kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, k.to(dev)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if min_p > 0:
+    if (min_p > 0).any():
         probs = torch.softmax(logits, -1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    if top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
-        drop_sorted = (cum - torch.softmax(sorted_logits, -1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(probs < min_p.to(dev, dt)[:, None] * probs.max(-1, keepdim=True).values,
+                                    float("-inf"))
+    if p_on.any():
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        sorted_probs = torch.softmax(sorted_logits, -1)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it included); a
+        # row with top_p = 1 drops nothing (its cumulative sums may round to 1 before the end)
+        limit = torch.where(p_on, top_p, float("inf")).to(dev, dt)[:, None]
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= limit
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
     return torch.log_softmax(logits, -1)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` [B, V] (fp32)."""
-    out: list[int] = []
-    greedy = logits.argmax(-1).tolist()
-    for row, p, gen in zip(range(logits.shape[0]), params, generators):
-        if p.greedy:
-            out.append(greedy[row])
-            continue
-        logp = filter_logits(logits[row], p.temperature, p.top_k, p.top_p, p.min_p)
-        # Gumbel-max via exponential race: argmax p / E, E ~ Exp(1), drawn from the request's generator
-        e = torch.empty_like(logp).exponential_(generator=gen)
-        out.append(int((logp.exp() / e).argmax()))
-    return out
+    """One token per row of ``logits`` [B, V] (fp32); the host waits once, for all of them."""
+    return sample_rows(logits, params, generators).tolist()
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V] (fp32), on its device, without waiting for it.
+    Greedy rows take the argmax; the others are filtered (``filter_logits_rows``) and drawn by
+    an exponential race (Gumbel-max: argmax p / E, E ~ Exp(1)), each row's E from its request's
+    generator (the default one where it has none), so a seeded request's tokens do not depend
+    on the rows beside it."""
+    greedy = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return greedy
+    ps = [params[i] for i in rows]
+    idx = torch.tensor(rows, device=logits.device)
+    logp = filter_logits_rows(logits.index_select(0, idx) if len(rows) < len(params) else logits,
+                              torch.tensor([p.temperature for p in ps], dtype=torch.float64),
+                              torch.tensor([p.top_k for p in ps]), torch.tensor([float(p.top_p) for p in ps]),
+                              torch.tensor([float(p.min_p) for p in ps]))
+    race = torch.empty_like(logp)
+    for r, i in enumerate(rows):
+        race[r].exponential_(generator=generators[i])
+    return greedy.index_copy(0, idx, (logp.exp() / race).argmax(-1))

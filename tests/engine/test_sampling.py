@@ -136,3 +136,58 @@ def test_stop_lists_given_as_iterators_or_arrays_are_read_once_and_kept(qwen3_ll
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=iter([stop]))
     assert params.stop == [stop]
     assert qwen3_llm.generate("Hello there", params)[0].text == full.text[: full.text.index(stop)]
+
+
+def _row_by_row(logits, params, generators):
+    """The sampler as it was, one row at a time (each row filtered alone, its token read by the
+    host before the next row): what the batched sampler must give token for token."""
+    out = []
+    for row, p, gen in zip(logits, params, generators):
+        if p.greedy:
+            out.append(int(row.argmax()))
+            continue
+        logits_row = row / p.temperature
+        if 0 < p.top_k < row.shape[-1]:
+            logits_row = logits_row.masked_fill(logits_row < torch.topk(logits_row, p.top_k).values[-1], float("-inf"))
+        if p.min_p > 0:
+            probs = torch.softmax(logits_row, -1)
+            logits_row = logits_row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        if p.top_p < 1:
+            sorted_logits, order = torch.sort(logits_row, descending=True, stable=True)
+            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = (cum - torch.softmax(sorted_logits, -1)) >= p.top_p
+            logits_row = logits_row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        logp = torch.log_softmax(logits_row, -1)
+        out.append(int((logp.exp() / torch.empty_like(logp).exponential_(generator=gen)).argmax()))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_batch_is_sampled_at_once_as_row_by_row(seed):
+    """The sampler filters and draws every row of a step together (one wait for the host, not one
+    a row): each row's token is the one it gets sampled alone, with its own settings and its own
+    generator (greedy rows, seeded rows, unseeded rows off the default generator, mixed)."""
+    rng = torch.Generator().manual_seed(seed)
+    b, v = 9, 300
+    logits = torch.randn(b, v, generator=rng) * 3
+    logits[0, :7] = logits[0, 7]  # ties at the top of one row
+    settings = [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=1.3, top_k=5),
+                dict(temperature=0.9, top_p=0.8), dict(temperature=1.0, min_p=0.05),
+                dict(temperature=0.6, top_k=20, top_p=0.95, min_p=0.01), dict(top_k=1),
+                dict(temperature=2.0, top_k=v), dict(temperature=0.8, top_p=1.0)]
+    params = [SamplingParams(**settings[(i + seed) % len(settings)]) for i in range(b)]
+    seeds = [None if (i + seed) % 3 == 0 else 100 * seed + i for i in range(b)]
+
+    def gens():
+        return [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+
+    for _ in range(3):
+        torch.manual_seed(seed)
+        want = _row_by_row(logits, params, gens())
+        torch.manual_seed(seed)
+        assert sample(logits, params, gens()) == want
+    assert sum(w != int(logits[i].argmax()) for i, w in enumerate(want)) >= 2  # rows were drawn, not all top
+    # a seeded row's token does not depend on the rows beside it
+    alone = [sample(logits[i:i + 1], [params[i]], [torch.Generator().manual_seed(s)])[0]
+             for i, s in enumerate(seeds) if s is not None]
+    assert alone == [t for t, s in zip(want, seeds) if s is not None]
