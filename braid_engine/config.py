@@ -181,7 +181,7 @@ class EngineConfig:
     max_pinned_fraction: float = 0.5
     attention_backend: str = "torch"
     cascade: str = "auto"
-    decode_burst: int = 8  # greedy decode steps run back to back between token reads; 1: every step
+    decode_burst: int = 8  # decode steps run back to back between token reads; 1: every step
     # launch the next burst for the same sequences before reading the last one's tokens, so the
     # GPU does not idle while the host takes them (a sequence that stops drops its share);
     # LLM(pipeline_bursts="auto") turns it on where CUDA graphs run

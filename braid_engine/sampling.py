@@ -101,65 +101,84 @@ class SamplingParams:
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   min_p: float) -> torch.Tensor:
     """Temperature-scaled log-probabilities with filtered-out tokens at -inf. logits: [V] fp32."""
-    t = torch.tensor
-    return filter_logits_rows(logits[None], t([temperature]), t([top_k]), t([top_p]), t([min_p]))[0]
+    return _Filters([temperature], [top_k], [top_p], [min_p], logits.shape[-1], logits.device)(logits[None])[0]
 
 
-def filter_logits_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                       top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """``filter_logits`` for every row of ``logits`` [B, V] (fp32) at once, each row with its own
-    settings ([B] each, on any device): top-k, then min-p, then top-p, each a no-op for a row
-    that disables it. Every operation works along the rows, so a row's result does not depend on
-    the others. The settings are read on the host (given there, nothing waits for the device)."""
-    dev, dt = logits.device, logits.dtype
-    vocab = logits.shape[-1]
-    top_k, top_p, min_p = top_k.cpu(), top_p.cpu(), min_p.cpu()
-    k_on, p_on = (top_k > 0) & (top_k < vocab), top_p < 1
-    logits = logits / temperature.to(dev, dt)[:, None]
-    if k_on.any():
-        # the k-th largest of each row (its smallest, so nothing goes, where a row keeps all)
-        k = torch.where(k_on, top_k - 1, vocab - 1)
-        kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, k.to(dev)[:, None])
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if (min_p > 0).any():
-        probs = torch.softmax(logits, -1)
-        logits = logits.masked_fill(probs < min_p.to(dev, dt)[:, None] * probs.max(-1, keepdim=True).values,
-                                    float("-inf"))
-    if p_on.any():
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-        sorted_probs = torch.softmax(sorted_logits, -1)
-        # keep the smallest prefix whose mass reaches top_p (the token crossing it included); a
-        # row with top_p = 1 drops nothing (its cumulative sums may round to 1 before the end)
-        limit = torch.where(p_on, top_p, float("inf")).to(dev, dt)[:, None]
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= limit
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
-    return torch.log_softmax(logits, -1)
+class _Filters:
+    """Temperature, top-k, min-p and top-p for a batch's rows, each row with its own settings:
+    made once on the host (their values copied to the device without waiting), then applied to
+    the logits [rows, V] (fp32) of any number of steps. Every operation works along the rows,
+    so a row's result does not depend on the others; a filter a row disables is a no-op for it."""
+
+    def __init__(self, temperature: list[float], top_k: list[int], top_p: list[float], min_p: list[float],
+                 vocab: int, device: torch.device) -> None:
+        k, p, m = torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float32), torch.tensor(min_p, dtype=torch.float32)
+        k_on = (k > 0) & (k < vocab)
+        self.use_k, self.use_min_p, self.use_p = bool(k_on.any()), bool((m > 0).any()), bool((p < 1).any())
+        # one row a setting: the temperature, the index of the k-th largest logit (the smallest,
+        # so nothing goes, where a row keeps all), min-p, and the top-p mass (infinite where a row
+        # keeps all: its cumulative sums may round to 1 before the end)
+        values = torch.stack((torch.tensor(temperature, dtype=torch.float64).float(),
+                              torch.where(k_on, k - 1, vocab - 1).float(), m, torch.where(p < 1, p, float("inf"))))
+        self.values = _to_device(values, device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        temperature, k_index, min_p, top_p = self.values[:, :, None]
+        logits = logits / temperature
+        if self.use_k:
+            kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, k_index.long())
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.use_min_p:
+            probs = torch.softmax(logits, -1)
+            logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+        if self.use_p:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+            sorted_probs = torch.softmax(sorted_logits, -1)
+            # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
+            drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+            logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+        return torch.log_softmax(logits, -1)
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` on ``device``; to a GPU through pinned memory, queued: a copy from pageable
+    memory would make the host wait for everything queued before it (a burst's replays)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+class RowSampler:
+    """Picks one token per row of a batch's logits [B, V] (fp32), on their device, without the
+    host waiting: greedy rows take the argmax; the others are filtered (temperature, top-k,
+    min-p, top-p) and drawn by an exponential race (Gumbel-max: argmax p / E, E ~ Exp(1)), each
+    row's E from its request's generator (the default one where it has none), so a seeded
+    request's tokens do not depend on the rows beside it. Made once for a batch, it serves
+    every step of a decode burst."""
+
+    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 vocab: int, device: torch.device) -> None:
+        self.rows = [i for i, p in enumerate(params) if not p.greedy]
+        self.generators = [generators[i] for i in self.rows]
+        ps = [params[i] for i in self.rows]
+        self.every_row = len(self.rows) == len(params)
+        self.index = None if self.every_row or not self.rows else _to_device(torch.tensor(self.rows), device)
+        self.filters = _Filters([p.temperature for p in ps], [p.top_k for p in ps], [float(p.top_p) for p in ps],
+                                [float(p.min_p) for p in ps], vocab, device) if ps else None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        greedy = logits.argmax(-1)
+        if self.filters is None:
+            return greedy
+        logp = self.filters(logits if self.every_row else logits.index_select(0, self.index))
+        race = torch.empty_like(logp)
+        for r, gen in enumerate(self.generators):
+            race[r].exponential_(generator=gen)
+        drawn = (logp.exp() / race).argmax(-1)
+        return drawn if self.every_row else greedy.index_copy(0, self.index, drawn)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` [B, V] (fp32); the host waits once, for all of them."""
-    return sample_rows(logits, params, generators).tolist()
-
-
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of ``logits`` [B, V] (fp32), on its device, without waiting for it.
-    Greedy rows take the argmax; the others are filtered (``filter_logits_rows``) and drawn by
-    an exponential race (Gumbel-max: argmax p / E, E ~ Exp(1)), each row's E from its request's
-    generator (the default one where it has none), so a seeded request's tokens do not depend
-    on the rows beside it."""
-    greedy = logits.argmax(-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return greedy
-    ps = [params[i] for i in rows]
-    idx = torch.tensor(rows, device=logits.device)
-    logp = filter_logits_rows(logits.index_select(0, idx) if len(rows) < len(params) else logits,
-                              torch.tensor([p.temperature for p in ps], dtype=torch.float64),
-                              torch.tensor([p.top_k for p in ps]), torch.tensor([float(p.top_p) for p in ps]),
-                              torch.tensor([float(p.min_p) for p in ps]))
-    race = torch.empty_like(logp)
-    for r, i in enumerate(rows):
-        race[r].exponential_(generator=generators[i])
-    return greedy.index_copy(0, idx, (logp.exp() / race).argmax(-1))
+    """One token per row of ``logits`` [B, V] (fp32) (``RowSampler``); the host waits once, for all."""
+    return RowSampler(params, generators, logits.shape[-1], logits.device)(logits).tolist()

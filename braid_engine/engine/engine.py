@@ -203,7 +203,7 @@ class LLMEngine:
         self._grammar: GrammarRuntime | None = None
         self._grammar_lock = threading.Lock()
         self.steps = 0
-        self.bursts = 0  # decode bursts: several greedy steps between token reads
+        self.bursts = 0  # decode bursts: several steps between token reads
         self.pipelined_bursts = 0  # bursts launched before the host read the one before them
 
     # -- requests ----------------------------------------------------------------------
@@ -491,14 +491,14 @@ class LLMEngine:
             self.scheduler.cache_sequence(seq)  # a shared prompt is reusable while it runs
 
     def _burst_steps(self, batch: list[tuple[Sequence, int]]) -> int:
-        """How many greedy decode steps may run back to back before the host reads tokens: all
-        sequences decode greedily without a grammar, nobody who could join waits, no sequence can reach
+        """How many decode steps may run back to back before the host reads tokens: all
+        sequences decode without a grammar, nobody who could join waits, no sequence can reach
         its length limit sooner, and every sequence's positions stay in its current page. A
         stop token ends a sequence inside a burst; the steps computed after it are dropped."""
         if self.config.decode_burst <= 1 or not self._nobody_joins():
             return 1
         for seq, n in batch:
-            if n != 1 or seq.num_computed + 1 != len(seq) or not seq.params.greedy or seq.matcher is not None:
+            if n != 1 or seq.num_computed + 1 != len(seq) or seq.matcher is not None:
                 return 1
         return self._burst_room([seq for seq, _ in batch])
 

@@ -11,6 +11,7 @@ from braid_engine import kernels
 from braid_engine.attention.base import AttentionBackend, BatchLayout
 from braid_engine.engine.sequence import Sequence, int64_tensor
 from braid_engine.models.layers import CausalLM
+from braid_engine.sampling import RowSampler
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # one sequence's new tokens (a new turn after a cached history) run in a graph of the next size
@@ -83,9 +84,9 @@ def prefill_pieces(n: int, sizes: tuple[int, ...]) -> list[int] | None:
 
 @dataclass
 class Burst:
-    """Greedy decode steps queued on the device, their tokens not yet read."""
+    """Decode steps queued on the device, their tokens not yet read."""
 
-    out: torch.Tensor  # [steps, rows] argmax of each step (graph rows past the sequences are padding)
+    out: torch.Tensor  # [steps, rows] each step's tokens (graph rows past the sequences are padding)
     seqs: list[Sequence]  # in row order
     steps: int
     first_done: torch.cuda.Event | None  # recorded after the first step (graphs only)
@@ -317,9 +318,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_burst(self, batch: list[tuple[Sequence, int]], steps: int, after: Burst | None = None) -> Burst:
-        """Queue ``steps`` greedy decode steps back to back, each step's argmax fed to the next on
-        the device; ``Burst.tokens()`` reads them once at the end (on the GPU the host goes on at
-        once). Every sequence decodes one token a step, and its next ``steps`` positions lie in
+        """Queue ``steps`` decode steps back to back, each step's tokens (the argmax, or drawn
+        where a sequence samples: ``RowSampler``, each request's generator drawn step by step as
+        single steps draw it) fed to the next on the device; ``Burst.tokens()`` reads them once at
+        the end (on the GPU the host goes on at once). Every sequence decodes one token a step, and its next ``steps`` positions lie in
         the page of its current one, so the attention plan's page counts hold for the whole
         burst (only the last page's fill changes). ``after``: a burst still in flight that this
         one follows — the same sequences, each ``after.steps`` tokens further on (their pages
@@ -342,6 +344,10 @@ class ModelRunner:
             return [t[(c + k) // ps] * ps + (c + k) % ps for t, c in zip(tables, starts, strict=True)]
 
         bs = self._graph_size(batch)
+        sampler = None
+        if any(not seq.params.greedy for seq in seqs):
+            sampler = RowSampler([seq.params for seq in seqs], [seq.generator for seq in seqs],
+                                 self.model.config.vocab_size, dev)
         if after is not None and after.first_done is not None:
             # planning refills pinned host buffers (FlashInfer's plan information) whose copies to
             # the device were queued before the first replay of ``after``: once that replay is
@@ -353,9 +359,17 @@ class ModelRunner:
             # an eager burst's last argmax is not in the graphs' input buffer
             self.static_ids[:len(seqs)].copy_(after.out[-1, :len(seqs)])
         # the first step plans and replays like a single decode step; the rest move its inputs
-        if bs is not None and self._replay(bs, first, starts, slots(0), layout(0, torch.empty(0))) is not None:
+        logits = None if bs is None else self._replay(bs, first, starts, slots(0), layout(0, torch.empty(0)))
+        if logits is not None:
+            n = len(seqs)
+
+            def draw() -> None:  # the sampled tokens replace the graph's argmax as the next input
+                if sampler is not None:
+                    self.static_ids[:n].copy_(sampler(logits.float()))
+
             first_done = torch.cuda.Event()
             first_done.record(torch.cuda.current_stream(dev))
+            draw()
             pad = bs - len(seqs)
             pad_slot = self.pad_page * ps
             # non-blocking: a blocking copy would wait here for the first replay to finish and
@@ -371,6 +385,7 @@ class ModelRunner:
                 self.static_in[1:, :bs].copy_(rows[k - 1])
                 self.backend.set_graph_fill(bs, fills[k - 1])
                 graph.replay()
+                draw()
                 out[k].copy_(self.static_ids[:bs])
             self.graph_replays += steps - 1
             if bs in self.cascade_graphs and graph is self.cascade_graphs[bs][0]:
@@ -383,7 +398,8 @@ class ModelRunner:
         for k in range(steps):
             self.backend.plan(layout(k, torch.tensor(slots(k), dtype=torch.long, device=dev)))
             positions = torch.tensor([c + k for c in starts], dtype=torch.long, device=dev)
-            ids = self.model.compute_logits(self.model(ids, positions, self.backend)).argmax(-1)
+            logits = self.model.compute_logits(self.model(ids, positions, self.backend))
+            ids = logits.argmax(-1) if sampler is None else sampler(logits)
             out.append(ids)
         out = torch.stack(out)
         return Burst(out, seqs, steps, None, *self._to_host(out))

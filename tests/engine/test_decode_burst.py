@@ -1,5 +1,5 @@
-"""Decode bursts: several greedy steps run back to back, each feeding its token to the next on
-the device, read by the host once. They must never change an output, a stop inside a burst
+"""Decode bursts: several decode steps run back to back, each feeding its tokens (greedy or
+drawn) to the next on the device, read by the host once. They must never change an output, a stop inside a burst
 must drop the steps after it, and the pages and prefix cache must end as without bursts.
 Likewise with ``pipeline_bursts``, where the next burst is launched before the host reads the
 last one's tokens and a sequence that stopped in the last one drops its share of the next."""
@@ -135,12 +135,45 @@ def test_a_burst_never_crosses_a_page_or_the_length_limit(tiny_qwen3, stepwise, 
         llm.shutdown()
 
 
-def test_sampling_and_waiting_requests_take_single_steps(tiny_qwen3):
+@pytest.mark.parametrize("pipeline", [False, True])
+@pytest.mark.parametrize("final_only", [False, True])
+def test_sampled_requests_burst_and_draw_the_tokens_of_single_steps(tiny_qwen3, stepwise, final_only, pipeline):
+    """Sampled requests decode in bursts too, each step's tokens drawn on the device and fed to
+    the next: a seeded request draws from its generator step by step as single steps do, so
+    its tokens are the same, beside greedy rows and others' filters, with a stop mid-burst."""
+    prompts = _prompts()
+    settings = [dict(temperature=0.8, seed=1), dict(temperature=0), dict(temperature=1.2, top_k=20, seed=2),
+                dict(temperature=0.7, top_p=0.9, seed=3), dict(temperature=1.0, min_p=0.05, top_k=50, seed=4)]
+    free = [SamplingParams(max_tokens=30, ignore_eos=True, **kw) for kw in settings]
+    ref = _run(stepwise, prompts, free)
+    greedy = _run(stepwise, prompts, [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * 5)
+    assert sum(r.token_ids != g.token_ids for r, g in zip(ref, greedy)) >= 3  # they were drawn
+    stop = [SamplingParams(max_tokens=30, ignore_eos=True, stop_token_ids=[r.token_ids[5 + 3 * i]], **kw)
+            for i, (r, kw) in enumerate(zip(ref, settings))]
+    ref_stop = _run(stepwise, prompts, stop)
+    assert stepwise.stats()["decode_bursts"] == 0
+    llm = _bursting(tiny_qwen3, pipeline, enable_prefix_caching=False)
+    try:
+        for params, expect in ((free, ref), (stop, ref_stop)):
+            outs = _run(llm, prompts, params, final_only)
+            assert [o.token_ids for o in outs] == [r.token_ids for r in expect]
+            assert [o.finish_reason for o in outs] == [r.finish_reason for r in expect]
+        stats = llm.stats()
+        assert stats["decode_bursts"] > 0 and (stats["pipelined_bursts"] > 0) == pipeline
+        assert stats["pages_used"] == 0
+    finally:
+        llm.shutdown()
+
+
+def test_guided_and_waiting_requests_take_single_steps(tiny_qwen3):
+    """A grammar's mask is filled on the host between steps: a guided request decodes step by step."""
+    from braid_engine import GuidedDecoding
+
     llm = LLM(tiny_qwen3, device="cpu", page_size=16, decode_burst=8)
     try:
-        llm.generate([[3, 4, 5]], SamplingParams(temperature=0.8, seed=1, max_tokens=20, ignore_eos=True))
+        llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=12, guided=GuidedDecoding(json_object=True)))
         assert llm.stats()["decode_bursts"] == 0
-        llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        llm.generate([[3, 4, 5]], SamplingParams(temperature=0.8, seed=1, max_tokens=20, ignore_eos=True))
         assert llm.stats()["decode_bursts"] > 0
     finally:
         llm.shutdown()

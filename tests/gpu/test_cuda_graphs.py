@@ -363,6 +363,59 @@ def test_pipelined_bursts_give_the_tokens_of_bursts_read_in_turn(engines, reques
         plain.shutdown()
 
 
+
+@pytest.mark.parametrize("requests", [1, 3, 6])
+def test_sampled_bursts_draw_the_tokens_of_single_graph_steps(engines, requests):
+    """Sampled requests decode in (pipelined) bursts: after each replay the step's tokens are
+    drawn on the device (each request's generator, step by step, as single steps draw it) and
+    replace the graph's argmax as the next input. Seeded requests beside a greedy one get the
+    tokens of the same graphs replayed one step at a time. (No request stops early: single
+    steps would then shrink the batch into another graph, which rounds otherwise.)"""
+    graphed, _ = engines
+    stepwise = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                   max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256, decode_burst=1)
+    try:
+        gen = torch.Generator().manual_seed(40 + requests)
+        prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
+                   for n in torch.randint(5, 90, (requests,), generator=gen)]
+        kinds = [dict(temperature=0.8), dict(temperature=1.1, top_k=20, top_p=0.9), dict(temperature=0),
+                 dict(temperature=1.0, min_p=0.02), dict(temperature=0.6, top_p=0.95), dict(temperature=1.3)]
+        params = [SamplingParams(max_tokens=40, ignore_eos=True, enable_prefix_caching=False, seed=i, **kinds[i])
+                  for i in range(requests)]
+        results = []
+        for llm in (stepwise, graphed):
+            with llm.engine.together():
+                streams = [llm.engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+            results.append([s.result().token_ids for s in streams])
+        assert results[1] == results[0]
+        greedy = graphed.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                          enable_prefix_caching=False))
+        assert results[1][0] != greedy[0].token_ids  # drawn, not the argmax
+        assert stepwise.stats()["decode_bursts"] == 0
+    finally:
+        stepwise.shutdown()
+
+
+def test_drawing_a_steps_tokens_does_not_wait_for_the_gpu(engines):
+    """A burst draws each step's tokens between replays it has queued: making the sampler (its
+    settings copied to the device) and drawing must queue behind the GPU's work, not wait for it.
+    A spin kernel stands for the replays."""
+    from braid_engine.sampling import RowSampler
+
+    params = [SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.01, seed=1), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.0)]
+    logits = torch.randn(3, 500, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 31)  # about a second of spinning on the GPU
+    spun = torch.cuda.Event()
+    spun.record(torch.cuda.current_stream())
+    gens = [torch.Generator(device="cuda").manual_seed(1), None, None]
+    tokens = RowSampler(params, gens, 500, logits.device)(logits)
+    drawn_while_busy = not spun.query()
+    torch.cuda.synchronize()
+    assert drawn_while_busy
+    assert tokens[1].item() == logits[1].argmax().item()
+
 @pytest.mark.parametrize("batch", [1, 8])
 def test_planning_a_decode_graph_does_not_wait_for_the_gpu(engines, batch):
     """Pipelined bursts plan the next burst while the last one runs: a graph's decode plan (the
