@@ -105,10 +105,12 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 class _Filters:
-    """Temperature, top-k, min-p and top-p for a batch's rows, each row with its own settings:
-    made once on the host (their values copied to the device without waiting), then applied to
-    the logits [rows, V] (fp32) of any number of steps. Every operation works along the rows,
-    so a row's result does not depend on the others; a filter a row disables is a no-op for it."""
+    """Temperature, top-k, top-p and min-p, in transformers' order (the distribution top-p cuts is
+    top-k's; min-p, relative to the top token, keeps the same tokens whatever went before), for
+    a batch's rows, each row with its own settings: made once on the host (their values copied
+    to the device without waiting), then applied to the logits [rows, V] (fp32) of any number of
+    steps. Every operation works along the rows, so a row's result does not depend on the
+    others; a filter a row disables is a no-op for it."""
 
     def __init__(self, temperature: list[float], top_k: list[int], top_p: list[float], min_p: list[float],
                  vocab: int, device: torch.device) -> None:
@@ -128,15 +130,15 @@ class _Filters:
         if self.use_k:
             kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, k_index.long())
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.use_min_p:
-            probs = torch.softmax(logits, -1)
-            logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
         if self.use_p:
             sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
             sorted_probs = torch.softmax(sorted_logits, -1)
             # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
             drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
             logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+        if self.use_min_p:
+            probs = torch.softmax(logits, -1)
+            logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
         return torch.log_softmax(logits, -1)
 
 

@@ -149,14 +149,14 @@ def _row_by_row(logits, params, generators):
         logits_row = row / p.temperature
         if 0 < p.top_k < row.shape[-1]:
             logits_row = logits_row.masked_fill(logits_row < torch.topk(logits_row, p.top_k).values[-1], float("-inf"))
-        if p.min_p > 0:
-            probs = torch.softmax(logits_row, -1)
-            logits_row = logits_row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         if p.top_p < 1:
             sorted_logits, order = torch.sort(logits_row, descending=True, stable=True)
             cum = torch.softmax(sorted_logits, -1).cumsum(-1)
             drop = (cum - torch.softmax(sorted_logits, -1)) >= p.top_p
             logits_row = logits_row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        if p.min_p > 0:
+            probs = torch.softmax(logits_row, -1)
+            logits_row = logits_row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         logp = torch.log_softmax(logits_row, -1)
         out.append(int((logp.exp() / torch.empty_like(logp).exponential_(generator=gen)).argmax()))
     return out
@@ -191,3 +191,30 @@ def test_a_batch_is_sampled_at_once_as_row_by_row(seed):
     alone = [sample(logits[i:i + 1], [params[i]], [torch.Generator().manual_seed(s)])[0]
              for i, s in enumerate(seeds) if s is not None]
     assert alone == [t for t, s in zip(want, seeds) if s is not None]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_filters_keep_the_tokens_transformers_keeps(seed):
+    """The oracle is transformers: its warpers (temperature, top-k, top-p, min-p, in the order
+    generate() applies them) keep the same tokens, and the distribution over them is the same.
+    min-p after top-p matters: the other way round top-p cut the distribution min-p had
+    already renormalised, and kept fewer tokens."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    rng = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, 2000, generator=rng) * 2.5
+    for t, k, p, m in [(0.7, -1, 0.9, 0.0), (1.0, 40, 1.0, 0.0), (1.3, -1, 0.8, 0.05), (0.6, 20, 0.95, 0.02),
+                       (1.0, -1, 0.5, 0.3), (2.0, 100, 0.7, 0.01), (0.9, -1, 1.0, 0.1)]:
+        warpers = [TemperatureLogitsWarper(t)] + ([TopKLogitsWarper(k)] if k > 0 else []) + \
+            ([TopPLogitsWarper(p)] if p < 1 else []) + ([MinPLogitsWarper(m)] if m > 0 else [])
+        want = torch.log_softmax(LogitsProcessorList(warpers)(torch.zeros(1, 1, dtype=torch.long), logits.clone()), -1)[0]
+        got = filter_logits(logits[0], t, k, p, m)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), (t, k, p, m)
+        torch.testing.assert_close(got, want)
+        assert 1 < int(torch.isfinite(got).sum()) < 2000
