@@ -4,13 +4,17 @@ Baselines, same weights, same card, same run: transformers `generate` (eager), a
 hand-written decode loop over `StaticCache` with the step under
 `torch.compile(mode="reduce-overhead", fullgraph=True)` (what a PyTorch user would write).
 Each row also gives the bytes a decode step must read (weights + KV) over its time, as a
-fraction of the card's measured copy bandwidth.
+fraction of the card's measured copy bandwidth. Greedy unless `--temperature` is above 0: then
+all three sample with the same filters (the engine's requests seeded by their place in the batch).
 
     python -m benchmarks.decode --shape qwen3-0.6b --device cuda --batch 1 8 32 128
+    python -m benchmarks.decode --shape qwen3-0.6b --device cuda --batch 1 8 32 --temperature 0.7 --top-p 0.95 --top-k 20
     python -m benchmarks.decode --batch 1 4 --new-tokens 16          # tiny model, CPU smoke run
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
@@ -27,26 +31,63 @@ from benchmarks.common import (
     pipeline_setting,
     weight_and_kv_bytes,
 )
-from braid_engine import LLM, SamplingParams, kernels
+from braid_engine import LLM, InvalidSamplingParamsError, SamplingParams, kernels
 from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
 
-def engine_decode(llm: LLM, prompts: list[list[int]], new: int, device: torch.device) -> float:
+def engine_generate(llm: LLM, prompts: list[list[int]], new: int, sampling: SamplingParams) -> list[list[int]]:
+    """Each prompt's `new` tokens, in one batch; sampled, request i is seeded i, so two engines
+    given the same logits draw the same tokens."""
+    seeded = not sampling.greedy
+    with llm.engine.together():  # all join the same step, as with generate
+        streams = [llm.engine.add_request(p, replace(sampling, max_tokens=new, seed=i if seeded else None),
+                                          final_only=True) for i, p in enumerate(prompts)]
+    return [s.result().token_ids for s in streams]
+
+
+def engine_decode(llm: LLM, prompts: list[list[int]], new: int, device: torch.device,
+                  sampling: SamplingParams) -> float:
     """Seconds for `new - 1` decode steps of the whole batch (prefill time subtracted)."""
-    p1 = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, enable_prefix_caching=False)
-    pn = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, enable_prefix_caching=False)
-    llm.generate(prompts, pn)  # warm-up (graphs, kernels)
+    engine_generate(llm, prompts, new, sampling)  # warm-up (graphs, kernels)
     t0 = now(device)
-    llm.generate(prompts, p1)
+    engine_generate(llm, prompts, 1, sampling)
     t1 = now(device)
-    llm.generate(prompts, pn)
+    engine_generate(llm, prompts, new, sampling)
     t2 = now(device)
     return (t2 - t1) - (t1 - t0)
 
 
+def hf_sampling(sampling: SamplingParams) -> dict:
+    """transformers ``generate``'s arguments for these settings: top_k 0 where it is off (left
+    out, it would be 50), min_p None (0 would still filter every step)."""
+    if sampling.greedy:
+        return dict(do_sample=False)
+    return dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=max(sampling.top_k, 0), min_p=sampling.min_p or None)
+
+
+def draw(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """Next tokens [B, 1] from last-position logits [B, V]: the argmax, or a draw after
+    temperature, top-k, top-p and min-p (transformers' order), all in sorted order so that it
+    compiles into one graph (no data-dependent shapes)."""
+    if sampling.greedy:
+        return logits.argmax(-1, keepdim=True)
+    logits, order = (logits.float() / sampling.temperature).sort(-1, descending=True)
+    if sampling.top_k > 0:
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= sampling.top_k,
+                                    float("-inf"))
+    probs = logits.softmax(-1)
+    if sampling.top_p < 1:  # the smallest prefix whose mass reaches top_p
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, 0)
+    if sampling.min_p > 0:
+        probs = probs.masked_fill(probs < sampling.min_p * probs[:, :1], 0)
+    # exponential race: argmax p / E, E ~ Exp(1), draws in proportion to p (unnormalised)
+    return order.gather(-1, (probs / torch.empty_like(probs).exponential_()).argmax(-1, keepdim=True))
+
+
 @torch.inference_mode()
-def hf_eager(model, prompts: torch.Tensor, new: int, device: torch.device) -> float:
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+def hf_eager(model, prompts: torch.Tensor, new: int, device: torch.device, sampling: SamplingParams) -> float:
+    kw = dict(**hf_sampling(sampling), pad_token_id=0, eos_token_id=None)
     model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **kw)
     t0 = now(device)
     model.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kw)
@@ -57,7 +98,8 @@ def hf_eager(model, prompts: torch.Tensor, new: int, device: torch.device) -> fl
 
 
 @torch.inference_mode()
-def hf_compiled(model, prompts: torch.Tensor, new: int, device: torch.device) -> tuple[float, float]:
+def hf_compiled(model, prompts: torch.Tensor, new: int, device: torch.device,
+                sampling: SamplingParams) -> tuple[float, float]:
     """transformers with a ``StaticCache`` and the decode step under ``torch.compile``: seconds
     of the prefill and of the ``new - 1`` decode steps (third run; the first compiles)."""
     b, p = prompts.shape
@@ -65,15 +107,16 @@ def hf_compiled(model, prompts: torch.Tensor, new: int, device: torch.device) ->
 
     def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = model(tok, past_key_values=cache, cache_position=pos, use_cache=True)
-        return out.logits[:, -1].argmax(-1, keepdim=True)
+        return draw(out.logits[:, -1], sampling)
 
     compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
 
     def run() -> tuple[float, float]:
         cache.reset()
         t0 = now(device)
-        tok = model(prompts, past_key_values=cache, cache_position=torch.arange(p, device=device),
-                    use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        logits = model(prompts, past_key_values=cache, cache_position=torch.arange(p, device=device),
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        tok = draw(logits, sampling)
         t1 = now(device)
         for i in range(new - 1):
             tok = compiled(tok.clone(), torch.tensor([p + i], device=device))
@@ -101,6 +144,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--compiled-batches", type=int, nargs="*", default=[1],
                     help="batch sizes for the torch.compile baseline (each compiles anew)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0; 1: off")
+    ap.add_argument("--top-k", type=int, default=-1, help="with --temperature > 0; ≤ 0: off")
+    ap.add_argument("--min-p", type=float, default=0.0, help="with --temperature > 0; 0: off")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--no-row-kernels", action="store_true",
                     help="one-token steps use cuBLAS and the standalone norm/SiLU kernels (to measure the row kernels)")
@@ -133,6 +180,11 @@ def main() -> None:
                     help="the engine's tokens/s only (to set two builds of the engine side by side; a record "
                          "needs the baselines)")
     args = ap.parse_args()
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  min_p=args.min_p, ignore_eos=True, enable_prefix_caching=False)
+    except InvalidSamplingParamsError as e:
+        ap.error(str(e))
     if args.compare_row_rows is not None and not 1 <= args.compare_row_rows <= kernels.ROW_KERNEL_MAX_ROWS:
         ap.error(f"--compare-row-rows takes 1 to {kernels.ROW_KERNEL_MAX_ROWS} (the most rows a row-kernel launch takes)")
     if args.no_row_kernels:
@@ -200,15 +252,15 @@ def main() -> None:
           f"row kernels {'off' if args.no_row_kernels else 'on'}; "
           f"small-batch decode kernel {'off' if args.no_small_decode else 'on'}; "
           f"decode bursts of up to {llm.config.decode_burst}{', pipelined' if llm.engine.config.pipeline_bursts else ''}; "
-          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s")
+          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s; {_describe(sampling)}")
     print(f"{'batch':>5} {'braid tok/s':>12} {'hf eager':>10} {'hf compiled':>12} {'vs eager':>9} "
           f"{'vs compiled':>12} {'bandwidth':>10}")
     for b in args.batch:
         ids = torch.randint(3, len(llm.tokenizer), (b, args.prompt_tokens), generator=gen)
         steps = args.new_tokens - 1
-        t_braid = engine_decode(llm, ids.tolist(), args.new_tokens, device)
-        t_eager = None if args.skip_transformers else hf_eager(hf, ids.to(device), args.new_tokens, device)
-        t_comp = (hf_compiled(hf, ids.to(device), args.new_tokens, device)[1]
+        t_braid = engine_decode(llm, ids.tolist(), args.new_tokens, device, sampling)
+        t_eager = None if args.skip_transformers else hf_eager(hf, ids.to(device), args.new_tokens, device, sampling)
+        t_comp = (hf_compiled(hf, ids.to(device), args.new_tokens, device, sampling)[1]
                   if b in args.compiled_batches and not args.skip_transformers else None)
         tps = b * steps / t_braid
         ctx = args.prompt_tokens + args.new_tokens / 2
@@ -220,12 +272,21 @@ def main() -> None:
         vs_eager = f"{t_eager / t_braid:>8.2f}x" if t_eager else f"{'-':>9}"
         print(f"{b:>5} {tps:>12.1f} {eager} {comp} {vs_eager} {vs_comp} {frac:>9.0%}")
         if args.compare_pipelining:
-            compare_pipelining(llm, ids.tolist(), args.new_tokens, device)
+            compare_pipelining(llm, ids.tolist(), args.new_tokens, device, sampling)
         for name, other_name, other in others:
-            compare_engines(llm, other, ids.tolist(), args.new_tokens, device, name, other_name)
+            compare_engines(llm, other, ids.tolist(), args.new_tokens, device, sampling, name, other_name)
     llm.shutdown()
     for *_, other in others:
         other.shutdown()
+
+
+def _describe(sampling: SamplingParams) -> str:
+    """``greedy``, or ``sampling T=0.7 top_p=0.95 top_k=20`` (the filters that are on)."""
+    if sampling.greedy:
+        return "greedy"
+    filters = {f"top_p={sampling.top_p:g}": sampling.top_p < 1, f"top_k={sampling.top_k}": sampling.top_k > 0,
+               f"min_p={sampling.min_p:g}": sampling.min_p > 0}
+    return " ".join([f"sampling T={sampling.temperature:g}", *(f for f, on in filters.items() if on)])
 
 
 def _split_config(text: str) -> tuple[int, int, int, int]:
@@ -236,23 +297,26 @@ def _split_config(text: str) -> tuple[int, int, int, int]:
     return parts
 
 
-def _decode_rate(prompts: list[list[int]], new: int, device: torch.device):
-    """``measure`` for ``alternate``: an engine's decode tokens/s and its greedy tokens."""
-    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, enable_prefix_caching=False)
-
+def _decode_rate(prompts: list[list[int]], new: int, device: torch.device, sampling: SamplingParams):
+    """``measure`` for ``alternate``: an engine's decode tokens/s and its tokens."""
     def measure(llm: LLM) -> tuple[float, list[list[int]]]:
-        rate = len(prompts) * (new - 1) / engine_decode(llm, prompts, new, device)
-        return rate, [o.token_ids for o in llm.generate(prompts, params)]
+        rate = len(prompts) * (new - 1) / engine_decode(llm, prompts, new, device, sampling)
+        return rate, engine_generate(llm, prompts, new, sampling)
     return measure
+
+
+def _tokens(sampling: SamplingParams) -> str:
+    return "greedy tokens" if sampling.greedy else "seeded sampled tokens"
 
 
 def _runs(rates: list[float]) -> str:
     return ", ".join(f"{r:.0f}" for r in rates)
 
 
-def compare_pipelining(llm: LLM, prompts: list[list[int]], new: int, device: torch.device) -> None:
+def compare_pipelining(llm: LLM, prompts: list[list[int]], new: int, device: torch.device,
+                       sampling: SamplingParams) -> None:
     """The engine's decode with bursts pipelined and not, three times each in turn (median
-    tokens/s), and whether both give the same greedy tokens."""
+    tokens/s), and whether both give the same tokens."""
     config = llm.engine.config
     was = config.pipeline_bursts
 
@@ -263,21 +327,22 @@ def compare_pipelining(llm: LLM, prompts: list[list[int]], new: int, device: tor
         return way
 
     try:
-        med, rates, same = alternate({"plain": mode(False), "piped": mode(True)}, _decode_rate(prompts, new, device), 3)
+        med, rates, same = alternate({"plain": mode(False), "piped": mode(True)},
+                                     _decode_rate(prompts, new, device, sampling), 3)
     finally:
         config.pipeline_bursts = was
     print(f"      pipelined {med['piped']:.1f} tok/s vs {med['plain']:.1f} ({med['piped'] / med['plain']:.3f}x; runs "
-          f"{_runs(rates['piped'])} vs {_runs(rates['plain'])}); greedy tokens {'the same' if same else 'DIFFER'}; "
+          f"{_runs(rates['piped'])} vs {_runs(rates['plain'])}); {_tokens(sampling)} {'the same' if same else 'DIFFER'}; "
           f"pipelined bursts so far {llm.stats().get('pipelined_bursts', '?')}")
 
 
 def compare_engines(a: LLM, b: LLM, prompts: list[list[int]], new: int, device: torch.device,
-                    name_a: str, name_b: str) -> None:
+                    sampling: SamplingParams, name_a: str, name_b: str) -> None:
     """Two engines' decode, three times each in turn (median tokens/s), and whether both give
-    the same greedy tokens."""
-    med, rates, same = alternate({name_b: lambda: b, name_a: lambda: a}, _decode_rate(prompts, new, device), 3)
+    the same tokens."""
+    med, rates, same = alternate({name_b: lambda: b, name_a: lambda: a}, _decode_rate(prompts, new, device, sampling), 3)
     print(f"      {name_a} {med[name_a]:.1f} tok/s vs {name_b} {med[name_b]:.1f} ({med[name_a] / med[name_b]:.3f}x; "
-          f"runs {_runs(rates[name_a])} vs {_runs(rates[name_b])}); greedy tokens {'the same' if same else 'DIFFER'}")
+          f"runs {_runs(rates[name_a])} vs {_runs(rates[name_b])}); {_tokens(sampling)} {'the same' if same else 'DIFFER'}")
 
 
 if __name__ == "__main__":
