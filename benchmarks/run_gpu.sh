@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
-# ('small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|sampled|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
+# ('sampled': decode.py sampling as ChatBraid does by default (temperature 0.7), with top-p and top-k;
+# 'small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
 # prompt arrives; 'pipeline': decode.py with bursts pipelined and not, and profile_step's idle share each way;
 # 'readahead': decode.py at batch 1 and 4 with the kernels reading ahead of their wait and not;
@@ -61,6 +62,13 @@ if [ "$what" = decode ] || [ "$what" = all ]; then
   timeout 40 python3 -m benchmarks.row_kernels --hops 2>&1 | grep -v Warning | tee "$OUT/row_kernels_hops.log"
   timeout 150 python3 -m benchmarks.profile_step --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     > "$OUT/profile_step.log" 2>&1; grep -E "tokens/s|^  |first token|GPU idle|no graph" "$OUT/profile_step.log" | head -44
+fi
+if [ "$what" = sampled ]; then
+  # the same table sampled (ChatBraid's default temperature, with top-p and top-k): the engine's
+  # sampler, transformers' warpers and the filters inside the compiled step
+  timeout 420 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+    --batch 1 8 32 --compiled-batches 1 --kv-gb 8 --temperature 0.7 --top-p 0.95 --top-k 20 2>&1 \
+    | grep -E "^card|^batch|^ +[0-9]+ |Error" | tee "$OUT/decode_sampled.log"
 fi
 if [ "$what" = small ]; then
   # one layer's decode attention at batch 1 and 4: FlashInfer's forms against our split-KV kernel
