@@ -153,7 +153,7 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 class RowSampler:
     """Picks one token per row of a batch's logits [B, V] (fp32), on their device, without the
     host waiting: greedy rows take the argmax; the others are filtered (temperature, top-k,
-    min-p, top-p) and drawn by an exponential race (Gumbel-max: argmax p / E, E ~ Exp(1)), each
+    top-p, min-p) and drawn by an exponential race (Gumbel-max: argmax p / E, E ~ Exp(1)), each
     row's E from its request's generator (the default one where it has none), so a seeded
     request's tokens do not depend on the rows beside it. Made once for a batch, it serves
     every step of a decode burst."""
@@ -169,15 +169,14 @@ class RowSampler:
                                 [float(p.min_p) for p in ps], vocab, device) if ps else None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        greedy = logits.argmax(-1)
         if self.filters is None:
-            return greedy
+            return logits.argmax(-1)
         logp = self.filters(logits if self.every_row else logits.index_select(0, self.index))
         race = torch.empty_like(logp)
         for r, gen in enumerate(self.generators):
             race[r].exponential_(generator=gen)
         drawn = (logp.exp() / race).argmax(-1)
-        return drawn if self.every_row else greedy.index_copy(0, self.index, drawn)
+        return drawn if self.every_row else logits.argmax(-1).index_copy(0, self.index, drawn)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],

@@ -320,14 +320,14 @@ class ModelRunner:
     def launch_burst(self, batch: list[tuple[Sequence, int]], steps: int, after: Burst | None = None) -> Burst:
         """Queue ``steps`` decode steps back to back, each step's tokens (the argmax, or drawn
         where a sequence samples: ``RowSampler``, each request's generator drawn step by step as
-        single steps draw it) fed to the next on the device; ``Burst.tokens()`` reads them once at
-        the end (on the GPU the host goes on at once). Every sequence decodes one token a step, and its next ``steps`` positions lie in
-        the page of its current one, so the attention plan's page counts hold for the whole
-        burst (only the last page's fill changes). ``after``: a burst still in flight that this
-        one follows — the same sequences, each ``after.steps`` tokens further on (their pages
-        reserved), its first input the argmax of ``after``'s last step, on the device. The host
-        reads nothing in between, so the GPU need not wait for the host's work on ``after``'s
-        tokens."""
+        single steps draw it) fed to the next on the device; ``Burst.tokens()`` reads them once
+        at the end (on the GPU the host goes on at once). Every sequence decodes one token a
+        step, and its next ``steps`` positions lie in the page of its current one, so the
+        attention plan's page counts hold for the whole burst (only the last page's fill
+        changes). ``after``: a burst still in flight that this one follows — the same sequences,
+        each ``after.steps`` tokens further on (their pages reserved), its first input the tokens
+        of ``after``'s last step, on the device. The host reads nothing in between, so the GPU
+        need not wait for the host's work on ``after``'s tokens."""
         seqs = [seq for seq, _ in sorted(batch, key=lambda b: b[0].page_table)]
         if after is not None and [id(s) for s in seqs] != [id(s) for s in after.seqs]:
             raise ValueError("a burst can follow only a burst of the same sequences in the same order")
