@@ -271,9 +271,10 @@ class LLM:
         return self._text_ids(text, add_special_tokens=False)
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Generate for one prompt or many, batched together; outputs in prompt order."""
-        params = params or SamplingParams()
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or many, batched together; outputs in prompt order. ``params``:
+        one SamplingParams for every prompt, or a list of them paired with the prompts."""
+        params = SamplingParams() if params is None else params
         streams = self.engine.add_requests(self._normalize(prompts), params, final_only=True)
         try:
             return [s.result() for s in streams]

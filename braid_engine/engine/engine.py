@@ -289,12 +289,21 @@ class LLMEngine:
             self._ensure_thread()
             self._wake.notify()
 
-    def add_requests(self, prompts: list[list[int]], params: SamplingParams,
+    def add_requests(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                      final_only: bool = False) -> list[RequestStream]:
         """Queue several requests as one batch: they join the same step, and if one is refused
-        (a bad prompt, say) none of them is queued. Each is made (checks, grammar) before the
-        loop's lock is taken, so running streams go on meanwhile."""
-        made = [self._make(prompt, params, None, None, final_only) for prompt in prompts]
+        (a bad prompt, say) none of them is queued. ``params``: one SamplingParams for all, or a
+        list paired with the prompts. Each is made (checks, grammar) before the loop's lock is
+        taken, so running streams go on meanwhile."""
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise InvalidRequestError(
+                    f"{len(prompts)} prompts but {len(params)} SamplingParams: give one for all, or one "
+                    "per prompt.")
+            paired = list(params)
+        else:
+            paired = [params] * len(prompts)
+        made = [self._make(prompt, p, None, None, final_only) for prompt, p in zip(prompts, paired)]
         streams: list[RequestStream] = []
         with self.together():
             try:

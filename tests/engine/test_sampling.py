@@ -218,3 +218,26 @@ def test_the_filters_keep_the_tokens_transformers_keeps(seed):
         assert torch.equal(torch.isinf(got), torch.isinf(want)), (t, k, p, m)
         torch.testing.assert_close(got, want)
         assert 1 < int(torch.isfinite(got).sum()) < 2000
+
+
+def test_generate_takes_one_sampling_params_per_prompt(qwen3_llm):
+    """As in vLLM, ``generate`` takes a list of SamplingParams paired with the prompts (it took
+    only one for all): each request runs with its own, in one batch, as each would alone."""
+    from braid_engine import InvalidRequestError
+
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    params = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, stop_token_ids=[])]
+    outs = qwen3_llm.generate(prompts, params)
+    alone = [qwen3_llm.generate([p], q)[0] for p, q in zip(prompts, params)]
+    assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
+    assert [len(o.token_ids) for o in outs] == [5, 9, 3]
+    before = qwen3_llm.stats()["pages_used"]
+    with pytest.raises(InvalidRequestError, match="3 prompts but 2 SamplingParams"):
+        qwen3_llm.generate(prompts, params[:2])
+    bad = SamplingParams(max_tokens=4)
+    bad.temperature = -1
+    with pytest.raises(InvalidSamplingParamsError, match="temperature"):  # each is checked, none queued
+        qwen3_llm.generate(prompts[:2], [params[0], bad])
+    assert qwen3_llm.stats()["pages_used"] == before
