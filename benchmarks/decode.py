@@ -39,10 +39,8 @@ def engine_generate(llm: LLM, prompts: list[list[int]], new: int, sampling: Samp
     """Each prompt's `new` tokens, in one batch; sampled, request i is seeded i, so two engines
     given the same logits draw the same tokens."""
     seeded = not sampling.greedy
-    with llm.engine.together():  # all join the same step, as with generate
-        streams = [llm.engine.add_request(p, replace(sampling, max_tokens=new, seed=i if seeded else None),
-                                          final_only=True) for i, p in enumerate(prompts)]
-    return [s.result().token_ids for s in streams]
+    params = [replace(sampling, max_tokens=new, seed=i if seeded else None) for i in range(len(prompts))]
+    return [o.token_ids for o in llm.generate(prompts, params)]
 
 
 def engine_decode(llm: LLM, prompts: list[list[int]], new: int, device: torch.device,
