@@ -116,26 +116,33 @@ class _Filters:
                  vocab: int, device: torch.device) -> None:
         k, p, m = torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float32), torch.tensor(min_p, dtype=torch.float32)
         k_on = (k > 0) & (k < vocab)
-        self.use_k, self.use_min_p, self.use_p = bool(k_on.any()), bool((m > 0).any()), bool((p < 1).any())
-        # one row a setting: the temperature, the index of the k-th largest logit (the smallest,
-        # so nothing goes, where a row keeps all), min-p, and the top-p mass (infinite where a row
-        # keeps all: its cumulative sums may round to 1 before the end)
+        self.use_min_p, self.use_p = bool((m > 0).any()), bool((p < 1).any())
+        # the largest k: its top values hold every row's k-th largest (a partial sort, not a whole one)
+        self.k_max = int(k[k_on].max()) if k_on.any() else 0
+        # one row a setting: the temperature, the index of the k-th largest logit (-1 where a row
+        # keeps all), min-p, and the mass top-p drops, 1 - top_p taken in double as transformers
+        # takes it (-inf where a row keeps all: its cumulative sums may round to 0 before the end)
+        drops = 1 - torch.tensor(top_p, dtype=torch.float64)
         values = torch.stack((torch.tensor(temperature, dtype=torch.float64).float(),
-                              torch.where(k_on, k - 1, vocab - 1).float(), m, torch.where(p < 1, p, float("inf"))))
+                              torch.where(k_on, k - 1, -1).float(), m,
+                              torch.where(p < 1, drops, float("-inf")).float()))
         self.values = _to_device(values, device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        temperature, k_index, min_p, top_p = self.values[:, :, None]
+        temperature, k_index, min_p, top_p_drops = self.values[:, :, None]
         logits = logits / temperature
-        if self.use_k:
-            kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, k_index.long())
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.k_max:
+            # ties at the k-th value are kept, as transformers keeps them
+            kth = torch.topk(logits, self.k_max, dim=-1).values.gather(1, k_index.clamp(min=0).long())
+            logits = logits.masked_fill((logits < kth) & (k_index >= 0), float("-inf"))
         if self.use_p:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-            sorted_probs = torch.softmax(sorted_logits, -1)
-            # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
-            drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-            logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+            # the least likely tokens whose mass stays within 1 - top_p go, the top one never; in
+            # ascending order, tied logits by index, as transformers computes it (ties at the cut
+            # fall alike)
+            sorted_logits, order = torch.sort(logits, dim=-1, stable=True)
+            drop_sorted = torch.softmax(sorted_logits, -1).cumsum(-1) <= top_p_drops
+            drop_sorted[:, -1] = False
+            logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
         if self.use_min_p:
             probs = torch.softmax(logits, -1)
             logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))

@@ -139,8 +139,8 @@ def test_stop_lists_given_as_iterators_or_arrays_are_read_once_and_kept(qwen3_ll
 
 
 def _row_by_row(logits, params, generators):
-    """The sampler as it was, one row at a time (each row filtered alone, its token read by the
-    host before the next row): what the batched sampler must give token for token."""
+    """The sampler one row at a time (each row filtered alone, its token read by the host before
+    the next row): what the batched sampler must give token for token."""
     out = []
     for row, p, gen in zip(logits, params, generators):
         if p.greedy:
@@ -150,10 +150,10 @@ def _row_by_row(logits, params, generators):
         if 0 < p.top_k < row.shape[-1]:
             logits_row = logits_row.masked_fill(logits_row < torch.topk(logits_row, p.top_k).values[-1], float("-inf"))
         if p.top_p < 1:
-            sorted_logits, order = torch.sort(logits_row, descending=True, stable=True)
-            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-            drop = (cum - torch.softmax(sorted_logits, -1)) >= p.top_p
-            logits_row = logits_row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+            sorted_logits, order = torch.sort(logits_row, stable=True)
+            drop = torch.softmax(sorted_logits, -1).cumsum(-1) <= 1 - p.top_p
+            drop[-1] = False
+            logits_row = logits_row.masked_fill(drop.scatter(0, order, drop), float("-inf"))
         if p.min_p > 0:
             probs = torch.softmax(logits_row, -1)
             logits_row = logits_row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
@@ -196,7 +196,8 @@ def test_a_batch_is_sampled_at_once_as_row_by_row(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_the_filters_keep_the_tokens_transformers_keeps(seed):
     """The oracle is transformers: its warpers (temperature, top-k, top-p, min-p, in the order
-    generate() applies them) keep the same tokens, and the distribution over them is the same.
+    generate() applies them) keep the same tokens, and the distribution over them is the same,
+    ties included.
     min-p after top-p matters: the other way round top-p cut the distribution min-p had
     already renormalised, and kept fewer tokens."""
     from transformers.generation.logits_process import (
@@ -209,6 +210,8 @@ def test_the_filters_keep_the_tokens_transformers_keeps(seed):
 
     rng = torch.Generator().manual_seed(seed)
     logits = torch.randn(1, 2000, generator=rng) * 2.5
+    if seed % 2:  # bf16 logits, as the GPU's: ties at the k-th value are common, and kept
+        logits = logits.to(torch.bfloat16).float()
     for t, k, p, m in [(0.7, -1, 0.9, 0.0), (1.0, 40, 1.0, 0.0), (1.3, -1, 0.8, 0.05), (0.6, 20, 0.95, 0.02),
                        (1.0, -1, 0.5, 0.3), (2.0, 100, 0.7, 0.01), (0.9, -1, 1.0, 0.1)]:
         warpers = [TemperatureLogitsWarper(t)] + ([TopKLogitsWarper(k)] if k > 0 else []) + \
