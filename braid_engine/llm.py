@@ -296,10 +296,15 @@ class LLM:
         async for delta in stream:
             yield delta
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             params: SamplingParams | list[SamplingParams] | None = None,
              **template_kwargs: Any) -> list[RequestOutput]:
-        """Render one conversation with the chat template and generate the assistant turn."""
-        return self.generate([self.apply_chat_template(messages, **template_kwargs)], params)
+        """Render a conversation (a list of messages), or each of a list of them, with the chat
+        template and generate the assistant turns, batched; ``params`` as for ``generate``."""
+        batch = isinstance(messages, (list, tuple)) and bool(messages) and all(
+            isinstance(m, (list, tuple)) for m in messages)
+        conversations = messages if batch else [messages]
+        return self.generate([self.apply_chat_template(c, **template_kwargs) for c in conversations], params)
 
     # -- prefix cache --------------------------------------------------------------------
     def pin(self, prompt: PromptType) -> PinHandle:

@@ -522,3 +522,17 @@ def test_shutdown_returns_at_once_when_the_loop_thread_dies_meanwhile(tiny_qwen3
     llm.shutdown()
     assert time.perf_counter() - start < 5
     assert not engine._thread.is_alive()
+
+
+def test_chat_takes_a_batch_of_conversations(qwen3_llm):
+    """As in vLLM, ``chat`` takes a list of conversations too (each a list of messages; it read
+    the first conversation as a message without a role): one output each, batched, each as it
+    would be alone, with one SamplingParams for all or one each."""
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = [{"role": "user", "content": "Hello there"}]
+    second = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    alone = [qwen3_llm.chat(c, greedy)[0].token_ids for c in (first, second)]
+    assert [o.token_ids for o in qwen3_llm.chat([first, second], greedy)] == alone
+    short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    outs = qwen3_llm.chat([first, second], [greedy, short])
+    assert [o.token_ids for o in outs] == [alone[0], alone[1][:2]]
