@@ -382,11 +382,7 @@ def test_sampled_bursts_draw_the_tokens_of_single_graph_steps(engines, requests)
                  dict(temperature=1.0, min_p=0.02), dict(temperature=0.6, top_p=0.95), dict(temperature=1.3)]
         params = [SamplingParams(max_tokens=40, ignore_eos=True, enable_prefix_caching=False, seed=i, **kinds[i])
                   for i in range(requests)]
-        results = []
-        for llm in (stepwise, graphed):
-            with llm.engine.together():
-                streams = [llm.engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
-            results.append([s.result().token_ids for s in streams])
+        results = [[o.token_ids for o in llm.generate(prompts, params)] for llm in (stepwise, graphed)]
         assert results[1] == results[0]
         greedy = graphed.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
                                                           enable_prefix_caching=False))
