@@ -160,15 +160,17 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 class RowSampler:
     """Picks one token per row of a batch's logits [B, V] (fp32), on their device, without the
     host waiting: greedy rows take the argmax; the others are filtered (temperature, top-k,
-    top-p, min-p) and drawn by an exponential race (Gumbel-max: argmax p / E, E ~ Exp(1)), each
-    row's E from its request's generator (the default one where it has none), so a seeded
-    request's tokens do not depend on the rows beside it. Made once for a batch, it serves
-    every step of a decode burst."""
+    top-p, min-p) and drawn by an exponential race (Gumbel-max: argmax p / E, E ~ Exp(1)). A
+    seeded request's row takes its E from its own generator, so its tokens do not depend on the
+    rows beside it; the rows of requests without one share one draw from the default generator
+    (one launch a step, not one a row). Made once for a batch, it serves every step of a decode
+    burst."""
 
     def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None],
                  vocab: int, device: torch.device) -> None:
         self.rows = [i for i, p in enumerate(params) if not p.greedy]
-        self.generators = [generators[i] for i in self.rows]
+        self.seeded = [(r, generators[i]) for r, i in enumerate(self.rows) if generators[i] is not None]
+        self.shared = len(self.seeded) < len(self.rows)
         ps = [params[i] for i in self.rows]
         self.every_row = len(self.rows) == len(params)
         self.index = None if self.every_row or not self.rows else _to_device(torch.tensor(self.rows), device)
@@ -180,7 +182,9 @@ class RowSampler:
             return logits.argmax(-1)
         logp = self.filters(logits if self.every_row else logits.index_select(0, self.index))
         race = torch.empty_like(logp)
-        for r, gen in enumerate(self.generators):
+        if self.shared:
+            race.exponential_()
+        for r, gen in self.seeded:
             race[r].exponential_(generator=gen)
         drawn = (logp.exp() / race).argmax(-1)
         return drawn if self.every_row else logits.argmax(-1).index_copy(0, self.index, drawn)

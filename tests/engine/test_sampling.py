@@ -140,9 +140,14 @@ def test_stop_lists_given_as_iterators_or_arrays_are_read_once_and_kept(qwen3_ll
 
 def _row_by_row(logits, params, generators):
     """The sampler one row at a time (each row filtered alone, its token read by the host before
-    the next row): what the batched sampler must give token for token."""
+    the next row): what the batched sampler must give token for token. The rows without a
+    generator take their races from one draw of the default generator over the sampled rows."""
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    shared = None
+    if any(generators[i] is None for i in sampled):
+        shared = torch.empty(len(sampled), logits.shape[-1]).exponential_()
     out = []
-    for row, p, gen in zip(logits, params, generators):
+    for i, (row, p, gen) in enumerate(zip(logits, params, generators)):
         if p.greedy:
             out.append(int(row.argmax()))
             continue
@@ -158,7 +163,8 @@ def _row_by_row(logits, params, generators):
             probs = torch.softmax(logits_row, -1)
             logits_row = logits_row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         logp = torch.log_softmax(logits_row, -1)
-        out.append(int((logp.exp() / torch.empty_like(logp).exponential_(generator=gen)).argmax()))
+        race = shared[sampled.index(i)] if gen is None else torch.empty_like(logp).exponential_(generator=gen)
+        out.append(int((logp.exp() / race).argmax()))
     return out
 
 
