@@ -114,8 +114,10 @@ class _Filters:
 
     def __init__(self, temperature: list[float], top_k: list[int], top_p: list[float], min_p: list[float],
                  vocab: int, device: torch.device) -> None:
-        k, p, m = torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float32), torch.tensor(min_p, dtype=torch.float32)
-        k_on = (k > 0) & (k < vocab)
+        # 0 where off, before packing: a top_k past int64 (2**64, "no limit") overflowed the tensor
+        k = torch.tensor([k if 0 < k < vocab else 0 for k in top_k], dtype=torch.long)
+        p, m = torch.tensor(top_p, dtype=torch.float32), torch.tensor(min_p, dtype=torch.float32)
+        k_on = k > 0
         self.use_min_p, self.use_p = bool((m > 0).any()), bool((p < 1).any())
         # the largest k: its top values hold every row's k-th largest (a partial sort, not a whole one)
         self.k_max = int(k[k_on].max()) if k_on.any() else 0

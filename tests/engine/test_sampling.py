@@ -250,3 +250,20 @@ def test_generate_takes_one_sampling_params_per_prompt(qwen3_llm):
     with pytest.raises(InvalidSamplingParamsError, match="temperature"):  # each is checked, none queued
         qwen3_llm.generate(prompts[:2], [params[0], bad])
     assert qwen3_llm.stats()["pages_used"] == before
+
+
+def test_a_top_k_past_int64_keeps_every_token_and_fails_no_request_beside_it(qwen3_llm):
+    """top_k is any int (≤ 0 or ≥ the vocabulary: off). The batched sampler packed every row's
+    top_k into an int64 tensor, so one request with a top_k past int64 (2**64, "no limit")
+    raised ("Overflow when unpacking long long") in the step and failed every request of its
+    batch, greedy ones too."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = qwen3_llm.generate(prompts, [greedy, SamplingParams(temperature=0.9, top_k=2**64, seed=5, max_tokens=12,
+                                                               ignore_eos=True)])
+    want = qwen3_llm.generate(prompts, [greedy, SamplingParams(temperature=0.9, top_k=-1, seed=5, max_tokens=12,
+                                                               ignore_eos=True)])
+    assert [o.token_ids for o in outs] == [w.token_ids for w in want]
+    assert [len(o.token_ids) for o in outs] == [12, 12]
+    assert kept([0.1, 3.0, 2.0, -1.0, 2.5], top_k=2**64) == {0, 1, 2, 3, 4}
+    assert kept([0.1, 3.0, 2.0, -1.0, 2.5], top_k=-(2**64)) == {0, 1, 2, 3, 4}
