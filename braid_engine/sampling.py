@@ -116,18 +116,18 @@ class _Filters:
                  vocab: int, device: torch.device) -> None:
         # 0 where off, before packing: a top_k past int64 (2**64, "no limit") overflowed the tensor
         k = torch.tensor([k if 0 < k < vocab else 0 for k in top_k], dtype=torch.long)
-        p, m = torch.tensor(top_p, dtype=torch.float32), torch.tensor(min_p, dtype=torch.float32)
-        k_on = k > 0
-        self.use_min_p, self.use_p = bool((m > 0).any()), bool((p < 1).any())
+        p, m = torch.tensor(top_p, dtype=torch.float64), torch.tensor(min_p, dtype=torch.float32)
+        # top-p on or off decided in double, as transformers decides it (1 - 1e-8 is 1 in float32)
+        k_on, p_on = k > 0, p < 1
+        self.use_min_p, self.use_p = bool((m > 0).any()), bool(p_on.any())
         # the largest k: its top values hold every row's k-th largest (a partial sort, not a whole one)
         self.k_max = int(k[k_on].max()) if k_on.any() else 0
         # one row a setting: the temperature, the index of the k-th largest logit (-1 where a row
         # keeps all), min-p, and the mass top-p drops, 1 - top_p taken in double as transformers
         # takes it (-inf where a row keeps all: its cumulative sums may round to 0 before the end)
-        drops = 1 - torch.tensor(top_p, dtype=torch.float64)
         values = torch.stack((torch.tensor(temperature, dtype=torch.float64).float(),
                               torch.where(k_on, k - 1, -1).float(), m,
-                              torch.where(p < 1, drops, float("-inf")).float()))
+                              torch.where(p_on, 1 - p, float("-inf")).float()))
         self.values = _to_device(values, device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from braid_engine import InvalidSamplingParamsError, SamplingParams
-from braid_engine.sampling import filter_logits, sample
+from braid_engine.sampling import _Filters, filter_logits, sample
 
 
 def kept(logits, **kw):
@@ -267,3 +267,19 @@ def test_a_top_k_past_int64_keeps_every_token_and_fails_no_request_beside_it(qwe
     assert [len(o.token_ids) for o in outs] == [12, 12]
     assert kept([0.1, 3.0, 2.0, -1.0, 2.5], top_k=2**64) == {0, 1, 2, 3, 4}
     assert kept([0.1, 3.0, 2.0, -1.0, 2.5], top_k=-(2**64)) == {0, 1, 2, 3, 4}
+
+
+def test_a_top_p_just_below_one_drops_what_transformers_drops():
+    """Whether a row's top-p is on was decided in float32, where 1 - 1e-8 rounds to 1: the row
+    kept every token, while transformers' TopPLogitsWarper (the oracle) drops the least likely
+    ones whose mass stays within 1e-8. Decided in double, as transformers decides it, beside a
+    row whose top-p is off."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.randn(2, 2000, generator=torch.Generator().manual_seed(0)) * 5
+    top_p = 1 - 1e-8
+    want = TopPLogitsWarper(top_p)(torch.zeros(1, 1, dtype=torch.long), logits[:1].clone())[0]
+    assert 0 < int(torch.isinf(want).sum()) < 2000
+    assert torch.equal(torch.isinf(filter_logits(logits[0], 1.0, -1, top_p, 0.0)), torch.isinf(want))
+    both = _Filters([1.0, 1.0], [-1, -1], [top_p, 1.0], [0.0, 0.0], 2000, logits.device)(logits)
+    assert torch.equal(torch.isinf(both[0]), torch.isinf(want)) and not torch.isinf(both[1]).any()
