@@ -139,9 +139,9 @@ class _Filters:
             logits = logits.masked_fill((logits < kth) & (k_index >= 0), float("-inf"))
         if self.use_p:
             # the least likely tokens whose mass stays within 1 - top_p go, the top one never; in
-            # ascending order, tied logits by index, as transformers computes it (ties at the cut
-            # fall alike)
-            sorted_logits, order = torch.sort(logits, dim=-1, stable=True)
+            # ascending order, sorted as transformers sorts (torch's default, not stable on the
+            # CPU), so ties at the cut fall alike; each row is sorted alone
+            sorted_logits, order = torch.sort(logits, dim=-1)
             drop_sorted = torch.softmax(sorted_logits, -1).cumsum(-1) <= top_p_drops
             drop_sorted[:, -1] = False
             logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
