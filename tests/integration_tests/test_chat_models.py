@@ -239,6 +239,17 @@ def _held_submissions(engine: Any, monkeypatch: pytest.MonkeyPatch
     return entered, release, streams
 
 
+async def _cancel_while_submitted(chat: ChatBraid, entered: threading.Event) -> None:
+    """An ainvoke cancelled once its submission waits (``_held_submissions``)."""
+    # (greedy, this prompt runs the whole 400 tokens: an abort is what stops it early)
+    task = asyncio.create_task(chat.ainvoke([HumanMessage("Tell me a long story")], max_tokens=400))
+    while not entered.is_set():
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_an_async_call_cancelled_while_it_is_submitted_aborts_its_request(
         chat: ChatBraid, monkeypatch: pytest.MonkeyPatch) -> None:
     """Submission runs on a worker thread, which a cancelled task cannot stop: the request it
@@ -253,13 +264,7 @@ async def test_an_async_call_cancelled_while_it_is_submitted_aborts_its_request(
         abort(request_id)
 
     monkeypatch.setattr(engine, "abort", recording_abort)
-    # (greedy, this prompt runs the whole 400 tokens: an abort is what stops it early)
-    task = asyncio.create_task(chat.ainvoke([HumanMessage("Tell me a long story")], max_tokens=400))
-    while not entered.is_set():
-        await asyncio.sleep(0.005)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancel_while_submitted(chat, entered)
     release.set()
     for _ in range(2000):
         if aborted:
@@ -289,17 +294,7 @@ def test_a_call_cancelled_while_it_is_submitted_is_aborted_after_its_event_loop_
         finish(seq, reason)
 
     monkeypatch.setattr(engine, "_finish", recording_finish)
-
-    async def cancelled_while_submitted() -> None:
-        # (greedy, this prompt runs the whole 400 tokens: an abort is what stops it early)
-        task = asyncio.create_task(chat.ainvoke([HumanMessage("Tell me a long story")], max_tokens=400))
-        while not entered.is_set():
-            await asyncio.sleep(0.005)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(cancelled_while_submitted())  # its loop is closed when it returns
+    asyncio.run(_cancel_while_submitted(chat, entered))  # its loop is closed when it returns
     release.set()
     deadline = time.monotonic() + 30
     while not (streams and streams[0].request_id in finished) and time.monotonic() < deadline:
