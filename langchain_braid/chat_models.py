@@ -540,8 +540,8 @@ class ChatBraid(BaseChatModel):
     async def _asubmit(self, messages: list[BaseMessage], stop: list[str] | None,
                        kwargs: dict[str, Any], final_only: bool = False) -> tuple[_Engine, RequestStream, bool,
                                                                                 list[str], int | None]:
-        """``_prepare`` and ``add_request`` on the engine's submitting thread, never on the event
-        loop: loading takes seconds, a first guided request builds the grammar runtime (~1.1 s
+        """``_prepare`` and ``add_request`` on the submitting thread of the model's key, never on
+        the event loop: loading takes seconds, a first guided request builds the grammar runtime (~1.1 s
         for a 150k-token vocabulary), each new schema compiles (10-20 ms) and a long prompt takes
         milliseconds to render. The request's stream, the prompt's ``<think>`` state, the tool
         names and the call limit come back. A call cancelled while it is being submitted aborts
