@@ -153,6 +153,13 @@ def _launch_cost(graph: torch.cuda.CUDAGraph, reps: int = 20) -> tuple[float, fl
     return statistics.median(host) * 1e6, statistics.median(span)
 
 
+def _print_launch(graph: torch.cuda.CUDAGraph, us: float) -> None:
+    """``_launch_cost`` of a graph whose replays back to back take ``us``, printed."""
+    host, span = _launch_cost(graph)
+    print(f"  launched on an idle GPU: {host:.1f} µs in replay() on the host; GPU span {span:.1f} µs "
+          f"(waiting {span - us:.1f} µs for the launch)")
+
+
 class _Parts:
     """Graphs replayed one after another, as one."""
 
@@ -300,10 +307,9 @@ def main() -> None:
         llm.engine.clear_cache()
         print(f"\nbatch {batch} decode: a replay takes {us:.1f} µs without the profiler ({1e6 / us * batch:,.0f} tokens/s)")
         if args.launch:
-            host, span = _launch_cost(_decode_graph(llm, batch, vocab))
+            graph = _decode_graph(llm, batch, vocab)
             llm.engine.clear_cache()
-            print(f"  launched on an idle GPU: {host:.1f} µs in replay() on the host; GPU span {span:.1f} µs "
-                  f"(waiting {span - us:.1f} µs for the launch)")
+            _print_launch(graph, us)
         _print(events, args.replays, layers, args.top, "a step")
     for n in args.prefill:
         graph, ms = _prefill_graph(llm, n, vocab)
@@ -311,9 +317,7 @@ def main() -> None:
         print(f"\nfresh {n}-token prompt: generate {ms:.2f} ms; its graph alone {us / 1e3:.2f} ms; "
               f"outside the graph {ms - us / 1e3:.2f} ms")
         if args.launch:
-            host, span = _launch_cost(graph)
-            print(f"  launched on an idle GPU: {host:.1f} µs in replay() on the host; GPU span {span:.1f} µs "
-                  f"(waiting {span - us:.1f} µs for the launch)")
+            _print_launch(graph, us)
         _print(events, max(3, args.replays // 10), layers, args.top, "a prompt")
     for n in args.host_profile:
         _host_profile(llm, n, vocab, 2 * args.top)
