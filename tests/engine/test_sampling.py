@@ -199,13 +199,9 @@ def test_a_batch_is_sampled_at_once_as_row_by_row(seed):
     assert alone == [t for t, s in zip(want, seeds) if s is not None]
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_the_filters_keep_the_tokens_transformers_keeps(seed):
-    """The oracle is transformers: its warpers (temperature, top-k, top-p, min-p, in the order
-    generate() applies them) keep the same tokens, and the distribution over them is the same,
-    ties included.
-    min-p after top-p matters: the other way round top-p cut the distribution min-p had
-    already renormalised, and kept fewer tokens."""
+def _warped(logits, t, k, p, m):
+    """Row 0 of ``logits`` [1, V] through transformers' warpers for these settings (each only
+    where it is on), in the order generate() applies them."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         MinPLogitsWarper,
@@ -214,15 +210,25 @@ def test_the_filters_keep_the_tokens_transformers_keeps(seed):
         TopPLogitsWarper,
     )
 
+    warpers = [TemperatureLogitsWarper(t)] + ([TopKLogitsWarper(k)] if k > 0 else []) + \
+        ([TopPLogitsWarper(p)] if p < 1 else []) + ([MinPLogitsWarper(m)] if m > 0 else [])
+    return LogitsProcessorList(warpers)(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_filters_keep_the_tokens_transformers_keeps(seed):
+    """The oracle is transformers: its warpers (temperature, top-k, top-p, min-p, in the order
+    generate() applies them) keep the same tokens, and the distribution over them is the same,
+    ties included.
+    min-p after top-p matters: the other way round top-p cut the distribution min-p had
+    already renormalised, and kept fewer tokens."""
     rng = torch.Generator().manual_seed(seed)
     logits = torch.randn(1, 2000, generator=rng) * 2.5
     if seed % 2:  # bf16 logits, as the GPU's: ties at the k-th value are common, and kept
         logits = logits.to(torch.bfloat16).float()
     for t, k, p, m in [(0.7, -1, 0.9, 0.0), (1.0, 40, 1.0, 0.0), (1.3, -1, 0.8, 0.05), (0.6, 20, 0.95, 0.02),
                        (1.0, -1, 0.5, 0.3), (2.0, 100, 0.7, 0.01), (0.9, -1, 1.0, 0.1)]:
-        warpers = [TemperatureLogitsWarper(t)] + ([TopKLogitsWarper(k)] if k > 0 else []) + \
-            ([TopPLogitsWarper(p)] if p < 1 else []) + ([MinPLogitsWarper(m)] if m > 0 else [])
-        want = torch.log_softmax(LogitsProcessorList(warpers)(torch.zeros(1, 1, dtype=torch.long), logits.clone()), -1)[0]
+        want = torch.log_softmax(_warped(logits, t, k, p, m), -1)
         got = filter_logits(logits[0], t, k, p, m)
         assert torch.equal(torch.isinf(got), torch.isinf(want)), (t, k, p, m)
         torch.testing.assert_close(got, want)
@@ -292,19 +298,11 @@ def test_ties_at_the_top_p_cut_fall_as_transformers_lets_them_fall(seed):
     the CPU is not stable: where tied bf16 logits straddled the cut, the same number of tokens
     was kept but not the same ones (seeds 9, 13 and 15 of the oracle test's rows). Sorted as
     transformers sorts, the kept tokens are the same, beside other rows as alone."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
     rng = torch.Generator().manual_seed(seed)
     logits = (torch.randn(1, 2000, generator=rng) * 2.5).to(torch.bfloat16).float()
     settings = [(0.7, -1, 0.9), (2.0, 100, 0.7), (1.0, -1, 0.95), (0.6, -1, 0.5)]
     for t, k, p in settings:
-        warpers = [TemperatureLogitsWarper(t)] + ([TopKLogitsWarper(k)] if k > 0 else []) + [TopPLogitsWarper(p)]
-        want = LogitsProcessorList(warpers)(torch.zeros(1, 1, dtype=torch.long), logits.clone())[0]
+        want = _warped(logits, t, k, p, 0.0)
         assert torch.equal(torch.isinf(filter_logits(logits[0], t, k, p, 0.0)), torch.isinf(want)), (t, k, p)
     batch = logits.expand(len(settings), -1)
     both = _Filters(*map(list, zip(*settings)), [0.0] * len(settings), 2000, logits.device)(batch)
