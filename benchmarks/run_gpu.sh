@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|sampled|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|sampled|persistent|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
 # ('sampled': decode.py sampling as ChatBraid does by default (temperature 0.7), with top-p and top-k;
 # 'small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
@@ -13,6 +13,7 @@
 # 'host': what lies outside a fresh prompt's prefill graph, the host's part of its step, and what a graph launch costs;
 # 'levers': decode.py at batch 1 and 2 with each of two kernel switches the other way, against the defaults,
 # and whole prompts with PDL_RMS_NORM each way;
+# 'persistent': persistent_layer.py, a batch-1 step's matmuls in one kernel reading ahead of its waits, against the row kernels;
 # 'ab': decode.py at batch 1 and 2 for an older tree at $OLD and this one, in alternating processes)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels',
 # 'tests-shapes' and 'tests-engine' apart; 'tests-kernels' alone outgrew 530 s on a fresh H100 in
@@ -69,6 +70,15 @@ if [ "$what" = sampled ]; then
   timeout 420 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 8 32 --compiled-batches 1 --kv-gb 8 --temperature 0.7 --top-p 0.95 --top-k 20 2>&1 \
     | grep -E "^card|^batch|^ +[0-9]+ |Error" | tee "$OUT/decode_sampled.log"
+fi
+if [ "$what" = persistent ]; then
+  # 28 layers' matmuls in one persistent kernel (one program an SM, then two) against the engine's chain of row kernels
+  timeout 120 python3 -m benchmarks.persistent_layer --rows 8 16 2>&1 | grep -v Warning | tee "$OUT/persistent_layer.log"
+  # all programs must be resident at once: 3 an SM fit only with 2 tiles ahead (registers)
+  timeout 80 python3 -m benchmarks.persistent_layer --per-sm 2 --warps 4 --rows 8 --ahead 2 4 2>&1 | grep -v Warning \
+    | tee "$OUT/persistent_layer_2.log"
+  timeout 80 python3 -m benchmarks.persistent_layer --per-sm 3 --warps 4 --rows 8 --ahead 2 2>&1 | grep -v Warning \
+    | tee "$OUT/persistent_layer_3.log"
 fi
 if [ "$what" = small ]; then
   # one layer's decode attention at batch 1 and 4: FlashInfer's forms against our split-KV kernel
