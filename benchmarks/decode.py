@@ -67,13 +67,16 @@ def hf_sampling(sampling: SamplingParams) -> dict:
 def draw(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
     """Next tokens [B, 1] from last-position logits [B, V]: the argmax, or a draw after
     temperature, top-k, top-p and min-p (transformers' order), all in sorted order so that it
-    compiles into one graph (no data-dependent shapes)."""
+    compiles into one graph (no data-dependent shapes). With top-k, only the k largest are kept
+    and sorted (``torch.topk``), as a user of torch would write it; without, the whole row (torch
+    2.11's inductor then fails to compile the draw's argmax over the vocabulary: "NYI
+    TritonSplitDimKernel reductions")."""
     if sampling.greedy:
         return logits.argmax(-1, keepdim=True)
-    logits, order = (logits.float() / sampling.temperature).sort(-1, descending=True)
     if sampling.top_k > 0:
-        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= sampling.top_k,
-                                    float("-inf"))
+        logits, order = torch.topk(logits.float() / sampling.temperature, min(sampling.top_k, logits.shape[-1]))
+    else:
+        logits, order = (logits.float() / sampling.temperature).sort(-1, descending=True)
     probs = logits.softmax(-1)
     if sampling.top_p < 1:  # the smallest prefix whose mass reaches top_p
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, 0)
@@ -132,6 +135,7 @@ _FLIPPED = {
     "fused-greedy": ("FUSED_GREEDY", "greedy tokens by our kernel", "greedy tokens by torch"),
     "fold-embedding": ("FOLD_EMBEDDING", "embeddings gathered by qkv", "an embedding kernel"),
     "pdl-rms-norm": ("PDL_RMS_NORM", "RMSNorm a dependent launch", "RMSNorm launched plainly"),
+    "fused-sampling": ("FUSED_SAMPLING", "sampled tokens by our kernel", "sampled tokens by torch"),
 }
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|sampled|persistent|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|sampled|sampling|persistent|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
 # ('sampled': decode.py sampling as ChatBraid does by default (temperature 0.7), with top-p and top-k;
 # 'small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
@@ -13,6 +13,7 @@
 # 'host': what lies outside a fresh prompt's prefill graph, the host's part of its step, and what a graph launch costs;
 # 'levers': decode.py at batch 1 and 2 with each of two kernel switches the other way, against the defaults,
 # and whole prompts with PDL_RMS_NORM each way;
+# 'sampling': sampling.py, each filter's draw a step, and decode.py at temperature 0.7 alone, the draw in our kernels and in torch;
 # 'persistent': persistent_layer.py, a batch-1 step's matmuls in one kernel reading ahead of its waits, against the row kernels;
 # 'ab': decode.py at batch 1 and 2 for an older tree at $OLD and this one, in alternating processes)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels',
@@ -70,6 +71,14 @@ if [ "$what" = sampled ]; then
   timeout 420 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 \
     --batch 1 8 32 --compiled-batches 1 --kv-gb 8 --temperature 0.7 --top-p 0.95 --top-k 20 2>&1 \
     | grep -E "^card|^batch|^ +[0-9]+ |Error" | tee "$OUT/decode_sampled.log"
+fi
+if [ "$what" = sampling ]; then
+  # what each filter's draw costs a step (GPU and host), then the engine at ChatBraid's default (temperature
+  # 0.7 alone) with the draw in our kernels (kernels.FUSED_SAMPLING) and in torch, two engines in turn
+  timeout 120 python3 -m benchmarks.sampling 2>&1 | grep -v Warning | tee "$OUT/sampling.log"
+  timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 8 32 \
+    --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.7 --compare-fused-sampling 2>&1 \
+    | grep -E "^card|^batch|^ +[0-9]+ |sampled tokens|Error" | tee "$OUT/decode_temperature.log"
 fi
 if [ "$what" = persistent ]; then
   # 28 layers' matmuls in one persistent kernel (one program an SM, then two) against the engine's chain of row kernels

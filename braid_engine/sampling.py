@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from braid_engine import kernels
 from braid_engine.errors import InvalidSamplingParamsError
 from braid_engine.grammar import GuidedDecoding
+from braid_engine.kernels import fused_kernels_available
 
 # temperatures below this sample the top token anyway (vLLM's _SAMPLING_EPS), and far smaller
 # ones overflow the scaled logits to inf (a NaN softmax): they are greedy
@@ -101,25 +103,28 @@ class SamplingParams:
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   min_p: float) -> torch.Tensor:
     """Temperature-scaled log-probabilities with filtered-out tokens at -inf. logits: [V] fp32."""
-    return _Filters([temperature], [top_k], [top_p], [min_p], logits.shape[-1], logits.device)(logits[None])[0]
+    filters = _Filters([temperature], [top_k], [top_p], [min_p], logits.shape[-1], logits.device)
+    return torch.log_softmax(filters(logits[None])[0], -1)
 
 
 class _Filters:
     """Temperature, top-k, top-p and min-p, in transformers' order (the distribution top-p cuts is
     top-k's; min-p, relative to the top token, keeps the same tokens whatever went before), for
     a batch's rows, each row with its own settings: made once on the host (their values copied
-    to the device without waiting), then applied to the logits [rows, V] (fp32) of any number of
-    steps. Every operation works along the rows, so a row's result does not depend on the
-    others; a filter a row disables is a no-op for it."""
+    to the device without waiting), then applied to the logits [rows, V] of any number of steps:
+    the temperature-scaled logits (float32), the filtered-out ones at -inf. Every operation works
+    along the rows, so a row's result does not depend on the others; a filter a row disables is a
+    no-op for it (its values are the scaled logits, as with no filter at all)."""
 
     def __init__(self, temperature: list[float], top_k: list[int], top_p: list[float], min_p: list[float],
-                 vocab: int, device: torch.device) -> None:
+                 vocab: int, device: torch.device, kth_kernel: bool = False) -> None:
         # 0 where off, before packing: a top_k past int64 (2**64, "no limit") overflowed the tensor
         k = torch.tensor([k if 0 < k < vocab else 0 for k in top_k], dtype=torch.long)
         p, m = torch.tensor(top_p, dtype=torch.float64), torch.tensor(min_p, dtype=torch.float32)
         # top-p on or off decided in double, as transformers decides it (1 - 1e-8 is 1 in float32)
         k_on, p_on = k > 0, p < 1
         self.use_min_p, self.use_p = bool((m > 0).any()), bool(p_on.any())
+        self.temperature = _to_device(torch.tensor(temperature, dtype=torch.float64).float(), device)
         # the largest k: its top values hold every row's k-th largest (a partial sort, not a whole one)
         self.k_max = int(k[k_on].max()) if k_on.any() else 0
         # one row a setting: the temperature, the index of the k-th largest logit (-1 where a row
@@ -129,13 +134,24 @@ class _Filters:
                               torch.where(k_on, k - 1, -1).float(), m,
                               torch.where(p_on, 1 - p, float("-inf")).float()))
         self.values = _to_device(values, device)
+        # kth_kernel: each row's k-th largest from kernels/topk.py instead of torch.topk, where k fits it
+        self.kth = None
+        if kth_kernel and self.k_max:
+            from braid_engine.kernels.topk import MAX_K, KthLargest
+
+            if self.k_max <= MAX_K:
+                self.kth = KthLargest(len(temperature), vocab, self.k_max, device)
+                self.k_index = _to_device(torch.where(k_on, k - 1, -1).int(), device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         temperature, k_index, min_p, top_p_drops = self.values[:, :, None]
         logits = logits / temperature
         if self.k_max:
             # ties at the k-th value are kept, as transformers keeps them
-            kth = torch.topk(logits, self.k_max, dim=-1).values.gather(1, k_index.clamp(min=0).long())
+            if self.kth is not None:  # -inf where a row keeps all
+                kth = self.kth(logits, self.k_index)
+            else:
+                kth = torch.topk(logits, self.k_max, dim=-1).values.gather(1, k_index.clamp(min=0).long())
             logits = logits.masked_fill((logits < kth) & (k_index >= 0), float("-inf"))
         if self.use_p:
             # the least likely tokens whose mass stays within 1 - top_p go, the top one never; in
@@ -148,7 +164,12 @@ class _Filters:
         if self.use_min_p:
             probs = torch.softmax(logits, -1)
             logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-        return torch.log_softmax(logits, -1)
+        return logits
+
+    @property
+    def scale_only(self) -> bool:
+        """No row filters: the scaled logits are all there is."""
+        return not (self.k_max or self.use_p or self.use_min_p)
 
 
 def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -160,39 +181,56 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class RowSampler:
-    """Picks one token per row of a batch's logits [B, V] (fp32), on their device, without the
-    host waiting: greedy rows take the argmax; the others are filtered (temperature, top-k,
-    top-p, min-p) and drawn by an exponential race (Gumbel-max: argmax p / E, E ~ Exp(1)). A
+    """Picks one token per row of a batch's logits [B, V] (any float dtype), on their device,
+    without the host waiting: greedy rows take the argmax; the others are filtered (temperature,
+    top-k, top-p, min-p) and drawn by an exponential race (Gumbel-max: the argmax of
+    ``z − log E``, E ~ Exp(1), z the scaled and filtered logits: the argmax of ``p / E``). A
     seeded request's row takes its E from its own generator, so its tokens do not depend on the
     rows beside it; the rows of requests without one share one draw from the default generator
-    (one launch a step, not one a row). Made once for a batch, it serves every step of a decode
-    burst."""
+    (one launch a step, not one a row). On a GPU with Triton and ``fused`` (the engine's fused
+    kernels not off, and ``kernels.FUSED_SAMPLING``), the race (and for rows that only scale, the
+    temperature) runs in the greedy-token kernels (``kernels/argmax.py``): one pass over the
+    logits; with ``kernels.FUSED_TOP_K`` too, top-k's threshold comes from ``kernels/topk.py``.
+    Made once for a batch, it serves every step of a decode burst."""
 
     def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None],
-                 vocab: int, device: torch.device) -> None:
+                 vocab: int, device: torch.device, fused: bool = True) -> None:
         self.rows = [i for i, p in enumerate(params) if not p.greedy]
         self.seeded = [(r, generators[i]) for r, i in enumerate(self.rows) if generators[i] is not None]
         self.shared = len(self.seeded) < len(self.rows)
         ps = [params[i] for i in self.rows]
         self.every_row = len(self.rows) == len(params)
         self.index = None if self.every_row or not self.rows else _to_device(torch.tensor(self.rows), device)
+        fused = bool(ps) and fused and fused_kernels_available(device)
         self.filters = _Filters([p.temperature for p in ps], [p.top_k for p in ps], [float(p.top_p) for p in ps],
-                                [float(p.min_p) for p in ps], vocab, device) if ps else None
+                                [float(p.min_p) for p in ps], vocab, device,
+                                kth_kernel=fused and kernels.FUSED_TOP_K) if ps else None
+        self.kernel = None
+        if fused:
+            from braid_engine.kernels.argmax import GreedyIds
+
+            self.kernel = GreedyIds(len(ps), vocab, device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.filters is None:
             return logits.argmax(-1)
-        logp = self.filters(logits if self.every_row else logits.index_select(0, self.index))
-        race = torch.empty_like(logp)
+        rows = logits if self.every_row else logits.index_select(0, self.index)
+        # only scaled: the kernel divides by the temperature itself; else the filters' float32 output
+        z = rows if self.kernel is not None and self.filters.scale_only else self.filters(rows)
+        race = torch.empty(z.shape, dtype=torch.float32, device=z.device)
         if self.shared:
             race.exponential_()
         for r, gen in self.seeded:
             race[r].exponential_(generator=gen)
-        drawn = (logp.exp() / race).argmax(-1)
+        if self.kernel is None:
+            drawn = (z - race.log()).argmax(-1)
+        else:
+            drawn = self.kernel(z, torch.empty(z.shape[0], dtype=torch.long, device=z.device), race,
+                                self.filters.temperature if z is rows else None)
         return drawn if self.every_row else logits.argmax(-1).index_copy(0, self.index, drawn)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
+           generators: list[torch.Generator | None], fused: bool = True) -> list[int]:
     """One token per row of ``logits`` [B, V] (fp32) (``RowSampler``); the host waits once, for all."""
-    return RowSampler(params, generators, logits.shape[-1], logits.device)(logits).tolist()
+    return RowSampler(params, generators, logits.shape[-1], logits.device, fused)(logits).tolist()

@@ -42,3 +42,24 @@ def test_the_graph_timeline_charges_each_kernel_up_to_the_next_start():
         analyse(events[:-1] + [("other", 116, 120)], 3, 2)
     with pytest.raises(ValueError, match="do not split"):
         analyse(events[:-1], 3, 2)
+
+
+def test_the_compiled_baselines_draw_keeps_the_tokens_transformers_keeps():
+    """decode.py's compiled transformers baseline samples with its own filters (plain torch that
+    compiles into one graph): with top-k (the k largest through torch.topk) and without (the
+    whole row sorted), every token it draws is one transformers' warpers keep, and it draws more
+    than one of them."""
+    import torch
+
+    from benchmarks.decode import draw
+    from braid_engine import SamplingParams
+    from tests.engine.test_sampling import _warped
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 500) * 3
+    for t, k, p, m in [(0.7, 20, 0.95, 0.0), (0.9, 0, 0.9, 0.0), (1.3, 0, 1.0, 0.05), (0.6, 7, 1.0, 0.0)]:
+        kept = torch.isfinite(_warped(logits, t, k, p, m))
+        params = SamplingParams(temperature=t, top_k=k if k > 0 else -1, top_p=p, min_p=m)
+        drawn = torch.cat([draw(logits.expand(400, -1), params) for _ in range(5)]).flatten()
+        assert bool(kept[drawn].all()), (t, k, p, m)
+        assert 1 < drawn.unique().numel() <= int(kept.sum()), (t, k, p, m)

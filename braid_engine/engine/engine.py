@@ -449,7 +449,8 @@ class LLMEngine:
             failed = {id(guided[i]): e for i, e in failures.items()}
         for seq, n in batch:
             self._computed(seq, n)
-        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
+                        self.runner.sample_fused)
         for seq, token in zip(samplers, tokens):
             error = failed.get(id(seq))
             if error is None:

@@ -11,7 +11,7 @@ from braid_engine import kernels
 from braid_engine.attention.base import AttentionBackend, BatchLayout
 from braid_engine.engine.sequence import Sequence, int64_tensor
 from braid_engine.models.layers import CausalLM
-from braid_engine.sampling import RowSampler
+from braid_engine.sampling import RowSampler, SamplingParams
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # one sequence's new tokens (a new turn after a cached history) run in a graph of the next size
@@ -138,6 +138,8 @@ class ModelRunner:
         # kernels/argmax.py (_greedy)
         self.fused = False
         self._greedy = None
+        # with fused, a sampled step's tokens drawn by kernels/argmax.py (kernels.FUSED_SAMPLING)
+        self.fused_sampling = kernels.FUSED_SAMPLING
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
@@ -187,7 +189,24 @@ class ModelRunner:
                 self.backend.prepare_prefill_graph(tokens, fresh=True)
                 self.backend.plan_prefill_graph(layout, tokens, pad_page, fresh=True)
                 self.fresh_prefill_graphs[tokens] = self._capture(self._forward_prefill_static, tokens, pool)
+        if self.sample_fused:
+            self._warm_sampler(self.graphs[sizes[0]][1])
         torch.cuda.synchronize(dev)
+
+    @property
+    def sample_fused(self) -> bool:
+        """Whether sampled steps draw their tokens with the fused kernels (``RowSampler(fused=...)``)."""
+        return self.fused and self.fused_sampling
+
+    @staticmethod
+    def _warm_sampler(logits: torch.Tensor) -> None:
+        """Compile the sampler's race kernels (kernels/argmax.py) now, for each form a step's
+        logits take (a decode graph's, and the float32 ones ``execute`` hands out; temperature
+        alone, and filtered): a Triton kernel's first launch compiles and loads it, which waits
+        for the GPU, as a burst's first sampled step would otherwise wait."""
+        for x in (logits[:1], logits[:1].float()):
+            for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)):
+                RowSampler([params], [None], x.shape[-1], x.device, fused=True)(x)
 
     @staticmethod
     def _capture(forward, rows: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -347,7 +366,7 @@ class ModelRunner:
         sampler = None
         if any(not seq.params.greedy for seq in seqs):
             sampler = RowSampler([seq.params for seq in seqs], [seq.generator for seq in seqs],
-                                 self.model.config.vocab_size, dev)
+                                 self.model.config.vocab_size, dev, self.sample_fused)
         if after is not None and after.first_done is not None:
             # planning refills pinned host buffers (FlashInfer's plan information) whose copies to
             # the device were queued before the first replay of ``after``: once that replay is
@@ -365,7 +384,7 @@ class ModelRunner:
 
             def draw() -> None:  # the sampled tokens replace the graph's argmax as the next input
                 if sampler is not None:
-                    self.static_ids[:n].copy_(sampler(logits.float()))
+                    self.static_ids[:n].copy_(sampler(logits))
 
             first_done = torch.cuda.Event()
             first_done.record(torch.cuda.current_stream(dev))

@@ -90,3 +90,18 @@ FOLD_EMBEDDING = True
 # read before the wait. The same values. On an H200, decode.py --compare-pdl-rms-norm: batch 1 1,604
 # -> 1,619 tokens/s (every run ahead), batch 2 within its runs' spread (docs/benchmarks.md).
 PDL_RMS_NORM = True
+
+# a sampled step's tokens are drawn by the greedy-token kernels (kernels/argmax.py: the exponential
+# race, the argmax of z - log E, and for rows with a temperature alone the division by it, in one
+# pass over the logits) instead of torch's float copy, scaling, softmax, exponential, division and
+# argmax. Read when an engine is made; where the fused kernels run. On an H200, benchmarks/sampling.py:
+# a batch-1 draw at temperature 0.7 57 -> 13 µs of GPU time (73 -> 57 µs of the host's), batch 32
+# 116 -> 35 (docs/benchmarks.md); decode.py --compare-fused-sampling measures it in the engine.
+FUSED_SAMPLING = True
+
+# the sampler's top-k takes each row's k-th largest value from kernels/topk.py (program (row, chunk)
+# sorts its chunk and keeps the largest k, program (row) sorts those) instead of torch.topk, for a
+# largest k up to topk.MAX_K: the same value. Read when a sampler is made, where the fused kernels
+# run. Off until measured: on an H200 torch.topk took ~340 µs of the host's time a batch-1 step
+# (benchmarks/sampling.py, which times both).
+FUSED_TOP_K = False

@@ -10,6 +10,11 @@ writes it, as int64, into ``out``.
 
 The token is ``torch.argmax``'s exactly: the first index of the largest value, and where the row
 holds a NaN, the first NaN's index (torch ranks NaN above every number).
+
+The same kernels draw a sampled step's tokens (``race``): the argmax of ``x / T − log E`` with
+``E ~ Exp(1)`` drawn by torch beside the logits, the exponential race (Gumbel-max) that
+``sampling.RowSampler`` runs, in one pass over the logits instead of the five or six torch
+kernels of its float copy, temperature, logarithm, subtraction and argmax.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ def _first_largest(v, idx, ok):
 
 
 @triton.jit
-def _chunk_kernel(x_ptr, x_stride, part_val_ptr, part_idx_ptr, n, CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
-                  USE_PDL: tl.constexpr):
+def _chunk_kernel(x_ptr, x_stride, e_ptr, e_stride, t_ptr, part_val_ptr, part_idx_ptr, n, CHUNKS: tl.constexpr,
+                  CHUNK: tl.constexpr, RACE: tl.constexpr, TEMPERATURE: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
     c = tl.program_id(1)
     if USE_PDL:
@@ -48,6 +53,10 @@ def _chunk_kernel(x_ptr, x_stride, part_val_ptr, part_idx_ptr, n, CHUNKS: tl.con
     idx = c * CHUNK + tl.arange(0, CHUNK)
     ok = idx < n
     v = tl.load(x_ptr + row.to(tl.int64) * x_stride + idx, mask=ok, other=float("-inf")).to(tl.float32)
+    if RACE:
+        if TEMPERATURE:  # divided, as torch divides (not times a reciprocal)
+            v = tl.math.div_rn(v, tl.load(t_ptr + row))
+        v = v - tl.log(tl.load(e_ptr + row.to(tl.int64) * e_stride + idx, mask=ok, other=1.0))
     first_nan, best, first_best = _first_largest(v, idx, ok)
     has_nan = first_nan < _NONE
     # a chunk with a NaN hands on its first NaN (its value NaN); otherwise its largest value
@@ -84,8 +93,11 @@ class GreedyIds:
         self.part_val = torch.empty(max_rows * self.width, dtype=torch.float32, device=device)
         self.part_idx = torch.empty(max_rows * self.width, dtype=torch.int32, device=device)
 
-    def __call__(self, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """logits [rows, vocab] (unit stride along vocab); out [rows] int64 (any stride) → out."""
+    def __call__(self, logits: torch.Tensor, out: torch.Tensor, race: torch.Tensor | None = None,
+                 temperature: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [rows, vocab] (unit stride along vocab); out [rows] int64 (any stride) → out.
+        ``race`` (float32, as logits): the argmax of ``logits / temperature − log(race)`` instead,
+        with ``temperature`` float32 [rows] (None: the logits are already scaled)."""
         rows = logits.shape[0]
         if (logits.dim() != 2 or logits.shape[1] != self.vocab or logits.stride(1) != 1
                 or rows * self.width > self.part_val.numel()):
@@ -95,9 +107,19 @@ class GreedyIds:
             raise ValueError(f"logits must be float32, float16 or bfloat16 (compared in float32), got {logits.dtype}")
         if out.shape != (rows,) or out.dtype != torch.int64:
             raise ValueError(f"out must be [{rows}] int64, got {tuple(out.shape)} {out.dtype}")
+        if race is not None and (race.shape != logits.shape or race.dtype != torch.float32 or race.stride(1) != 1):
+            raise ValueError(f"race must be float32 {tuple(logits.shape)} with unit stride along the vocabulary, got "
+                             f"{race.dtype} {tuple(race.shape)}")
+        if temperature is not None and (race is None or temperature.shape != (rows,)
+                                        or temperature.dtype != torch.float32 or not temperature.is_contiguous()):
+            raise ValueError(f"temperature goes with a race and must be contiguous float32 [{rows}]")
         pdl = pdl_args(logits.device)
-        _chunk_kernel[(rows, self.chunks)](logits, logits.stride(0), self.part_val, self.part_idx, self.vocab,
-                                           CHUNKS=self.width, CHUNK=CHUNK, num_warps=8, **pdl)
+        _chunk_kernel[(rows, self.chunks)](logits, logits.stride(0), race if race is not None else logits,
+                                           race.stride(0) if race is not None else 0,
+                                           temperature if temperature is not None else logits,
+                                           self.part_val, self.part_idx, self.vocab, CHUNKS=self.width, CHUNK=CHUNK,
+                                           RACE=race is not None, TEMPERATURE=temperature is not None, num_warps=8,
+                                           **pdl)
         _rows_kernel[(rows,)](self.part_val, self.part_idx, out, out.stride(0), self.chunks, CHUNKS=self.width,
                               num_warps=1, **pdl)
         return out

@@ -299,10 +299,10 @@ def test_graphed_engines_chunk_prompts_while_decoding_by_default(engines, monkey
     first_logits = []  # the long prompt's first-token logits, each time it is sampled
     sample = engine_module.sample
 
-    def spy(logits, params, generators):
+    def spy(logits, params, generators, *args):
         # each request keeps a copy of its parameters: the long prompt's are the ones asking for one token
         first_logits.extend(logits[i].clone() for i, p in enumerate(params) if p.max_tokens == 1)
-        return sample(logits, params, generators)
+        return sample(logits, params, generators, *args)
 
     monkeypatch.setattr(engine_module, "sample", spy)
     once = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -395,22 +395,33 @@ def test_sampled_bursts_draw_the_tokens_of_single_graph_steps(engines, requests)
 def test_drawing_a_steps_tokens_does_not_wait_for_the_gpu(engines):
     """A burst draws each step's tokens between replays it has queued: making the sampler (its
     settings copied to the device) and drawing must queue behind the GPU's work, not wait for it.
-    A spin kernel stands for the replays."""
+    A spin kernel stands for the replays. The draw's kernels (kernels/argmax.py) wait the first
+    time they launch (Triton compiles and loads them): the engine launched them when it captured
+    its graphs, for its vocabulary, in each form (a graph's logits and float32 ones; temperature
+    alone, and filtered rows), so every draw here waits for nothing."""
     from braid_engine.sampling import RowSampler
 
+    graphed = engines[0]
+    vocab = graphed.engine.runner.model.config.vocab_size
     params = [SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.01, seed=1), SamplingParams(temperature=0),
               SamplingParams(temperature=1.0)]
-    logits = torch.randn(3, 500, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda._sleep(1 << 31)  # about a second of spinning on the GPU
-    spun = torch.cuda.Event()
-    spun.record(torch.cuda.current_stream())
-    gens = [torch.Generator(device="cuda").manual_seed(1), None, None]
-    tokens = RowSampler(params, gens, 500, logits.device)(logits)
-    drawn_while_busy = not spun.query()
-    torch.cuda.synchronize()
-    assert drawn_while_busy
-    assert tokens[1].item() == logits[1].argmax().item()
+    graph_logits = graphed.engine.runner.graphs[1][1]
+    for logits, ps in [(torch.randn(3, vocab, device="cuda"), params),  # filtered rows
+                       (torch.randn(3, vocab, device="cuda"), params[1:]),  # temperature alone
+                       (torch.randn(3, vocab, device="cuda").to(graph_logits.dtype), params[1:]),
+                       (torch.randn(3, vocab, device="cuda").to(graph_logits.dtype), params)]:
+        logits = logits[:len(ps)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(1 << 31)  # about a second of spinning on the GPU
+        spun = torch.cuda.Event()
+        spun.record(torch.cuda.current_stream())
+        gens = [torch.Generator(device="cuda").manual_seed(1), None, None][-len(ps):]
+        tokens = RowSampler(ps, gens, vocab, logits.device, fused=graphed.engine.runner.fused)(logits)
+        drawn_while_busy = not spun.query()
+        torch.cuda.synchronize()
+        assert drawn_while_busy, (logits.dtype, len(ps))
+        greedy = [i for i, p in enumerate(ps) if p.greedy]
+        assert tokens[greedy[0]].item() == logits[greedy[0]].argmax().item()
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_planning_a_decode_graph_does_not_wait_for_the_gpu(engines, batch):

@@ -71,3 +71,48 @@ def test_greedy_ids_refuse_what_they_cannot_take(device):
         greedy(torch.zeros(2, VOCAB, dtype=torch.float64, device=device), out)
     with pytest.raises(ValueError, match="out must be"):
         greedy(torch.zeros(2, VOCAB, device=device), torch.empty(2, dtype=torch.int32, device=device))
+
+
+def _race_torch(logits, race, temperature=None):
+    """RowSampler's race without the kernel: the argmax of logits / T − log E, in float32."""
+    z = logits.float() if temperature is None else logits / temperature[:, None]
+    return (z - race.log()).argmax(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_the_race_draws_what_torch_draws(device, dtype, scaled):
+    """A sampled step's draw in the greedy-token kernels, the argmax of ``x / T − log E`` (each
+    row its own temperature, or logits already scaled, with filtered-out tokens at -inf), is
+    torch's, from the same race; and it is a draw, not the argmax: the rows' tokens differ from
+    their greedy ones, and a second race draws other tokens."""
+    gen = torch.Generator().manual_seed(7)
+    rows = 6
+    logits = (torch.randn(rows, VOCAB, generator=gen) * 2).to(dtype)
+    logits[2, 3000:] = float("-inf")  # a filtered row: the token comes from the first 3,000
+    logits, temperature = logits.to(device), torch.tensor([0.7, 1.0, 1.3, 0.2, 2.0, 0.05], device=device)
+    drawn = []
+    for _ in range(2):
+        race = torch.empty(rows, VOCAB).exponential_(generator=gen).to(device)
+        out = torch.full((rows,), -1, dtype=torch.long, device=device)
+        got = GreedyIds(rows, VOCAB, device)(logits, out, race, temperature if scaled else None)
+        assert got is out
+        assert torch.equal(got, _race_torch(logits, race, temperature if scaled else None))
+        drawn.append(got)
+    assert int(drawn[0][2]) < 3000
+    assert (drawn[0] != logits.float().argmax(-1)).sum() >= 3
+    assert not torch.equal(drawn[0], drawn[1])
+
+
+def test_the_race_refuses_what_it_cannot_take(device):
+    greedy = GreedyIds(2, VOCAB, device)
+    logits = torch.zeros(2, VOCAB, device=device)
+    out = torch.empty(2, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="race must be float32"):
+        greedy(logits, out, torch.ones(2, VOCAB, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="race must be float32"):
+        greedy(logits, out, torch.ones(2, VOCAB - 1, device=device))
+    with pytest.raises(ValueError, match="temperature goes with a race"):
+        greedy(logits, out, None, torch.ones(2, device=device))
+    with pytest.raises(ValueError, match="temperature goes with a race"):
+        greedy(logits, out, torch.ones(2, VOCAB, device=device), torch.ones(3, device=device))

@@ -83,8 +83,22 @@ from braid_engine.kernels.argmax import CHUNK, _chunk_kernel, _rows_kernel
 
 # the greedy-token kernels (kernels.FUSED_GREEDY) over a 151,936-token vocabulary: 38 chunks, 64 wide
 argmax_types = {"part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "out_ptr": "*i64"}
-compile_(_chunk_kernel, dict(CHUNKS=64, CHUNK=CHUNK, USE_PDL=True), num_warps=8, types=argmax_types)
+# greedy, and a sampled step's race (scaled logits, or the temperature divided in), over model-dtype
+# or float32 logits
+for race, temperature, x in [(False, False, "*bf16"), (True, False, "*fp32"), (True, True, "*bf16"),
+                             (True, True, "*fp32")]:
+    compile_(_chunk_kernel, dict(CHUNKS=64, CHUNK=CHUNK, RACE=race, TEMPERATURE=temperature, USE_PDL=True),
+             num_warps=8, types={**argmax_types, "x_ptr": x, "e_ptr": "*fp32", "t_ptr": "*fp32"})
 compile_(_rows_kernel, dict(CHUNKS=64, USE_PDL=True), num_warps=1, types=argmax_types)
+
+# the sampler's k-th largest (kernels/topk.py) at Qwen3's vocabulary (38 chunks of 4,096), k up to MAX_K
+from braid_engine.kernels.topk import CHUNK as TOPK_CHUNK
+from braid_engine.kernels.topk import MAX_K, _chunk_top_kernel, _kth_kernel
+
+topk_types = {"x_ptr": "*fp32", "part_ptr": "*fp32", "k_ptr": "*i32", "out_ptr": "*fp32"}
+for keep in (1, MAX_K):
+    compile_(_chunk_top_kernel, dict(CHUNKS=64, CHUNK=TOPK_CHUNK, KEEP=keep), num_warps=8, types=topk_types)
+    compile_(_kth_kernel, dict(CHUNKS=64, KEEP=keep), num_warps=8, types=topk_types)
 print("other kernels ok")
 '''
 
