@@ -180,6 +180,9 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return values.pin_memory().to(device, non_blocking=True)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class RowSampler:
     """Picks one token per row of a batch's logits [B, V] (any float dtype), on their device,
     without the host waiting: greedy rows take the argmax; the others are filtered (temperature,
@@ -215,18 +218,23 @@ class RowSampler:
         if self.filters is None:
             return logits.argmax(-1)
         rows = logits if self.every_row else logits.index_select(0, self.index)
+        # the kernel takes float32, float16 and bfloat16 with unit stride along the vocabulary;
+        # anything else (float64, a transposed view) is drawn by torch, as without the kernel
+        kernel = self.kernel if rows.dtype in _KERNEL_DTYPES else None
+        if kernel is not None and rows.stride(-1) != 1:
+            rows = rows.contiguous()
         # only scaled: the kernel divides by the temperature itself; else the filters' float32 output
-        z = rows if self.kernel is not None and self.filters.scale_only else self.filters(rows)
+        z = rows if kernel is not None and self.filters.scale_only else self.filters(rows)
         race = torch.empty(z.shape, dtype=torch.float32, device=z.device)
         if self.shared:
             race.exponential_()
         for r, gen in self.seeded:
             race[r].exponential_(generator=gen)
-        if self.kernel is None:
+        if kernel is None:
             drawn = (z - race.log()).argmax(-1)
         else:
-            drawn = self.kernel(z, torch.empty(z.shape[0], dtype=torch.long, device=z.device), race,
-                                self.filters.temperature if z is rows else None)
+            drawn = kernel(z, torch.empty(z.shape[0], dtype=torch.long, device=z.device), race,
+                           self.filters.temperature if z is rows else None)
         return drawn if self.every_row else logits.argmax(-1).index_copy(0, self.index, drawn)
 
 

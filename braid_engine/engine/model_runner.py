@@ -204,9 +204,12 @@ class ModelRunner:
         logits take (a decode graph's, and the float32 ones ``execute`` hands out; temperature
         alone, and filtered): a Triton kernel's first launch compiles and loads it, which waits
         for the GPU, as a burst's first sampled step would otherwise wait."""
+        # a generator of its own: the warm-up must not advance the default one, which unseeded
+        # requests draw from
+        gen = torch.Generator(device=logits.device)
         for x in (logits[:1], logits[:1].float()):
             for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)):
-                RowSampler([params], [None], x.shape[-1], x.device, fused=True)(x)
+                RowSampler([params], [gen], x.shape[-1], x.device, fused=True)(x)
 
     @staticmethod
     def _capture(forward, rows: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -53,7 +53,10 @@ class KthLargest:
     def __init__(self, rows: int, vocab: int, k_max: int, device: torch.device, chunk: int = CHUNK) -> None:
         if not 1 <= k_max <= MAX_K:
             raise ValueError(f"the kernels take a largest k of 1 to {MAX_K}, got {k_max}; use torch.topk")
-        self.vocab, self.keep, self.chunk = vocab, triton.next_power_of_2(k_max), max(chunk, MAX_K)
+        if chunk < MAX_K or chunk & (chunk - 1):
+            raise ValueError(f"chunk must be a power of two of at least {MAX_K}, got {chunk}")
+        self.k_max = k_max
+        self.vocab, self.keep, self.chunk = vocab, triton.next_power_of_2(k_max), chunk
         self.chunks = triton.cdiv(vocab, self.chunk)
         self.width = triton.next_power_of_2(self.chunks)
         self.part = torch.full((rows * self.width * self.keep,), float("-inf"), device=device)
@@ -67,6 +70,10 @@ class KthLargest:
                              f"with unit stride along the vocabulary, got {x.dtype} {tuple(x.shape)}")
         if k_index.shape != (rows,) or k_index.dtype != torch.int32 or not k_index.is_contiguous():
             raise ValueError(f"k_index must be contiguous int32 [{rows}]")
+        # places past k_max − 1 would read the chunks' kept values as if they were the row's (and
+        # past them, 0.0): checked where that costs no wait for the device
+        if k_index.device.type == "cpu" and rows and not bool(((k_index >= -1) & (k_index < self.k_max)).all()):
+            raise ValueError(f"k_index must lie in [-1, {self.k_max - 1}] (k_max {self.k_max}), got {k_index.tolist()}")
         out = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
         _chunk_top_kernel[(rows, self.chunks)](x, x.stride(0), self.part, self.vocab, CHUNKS=self.width,
                                                CHUNK=self.chunk, KEEP=self.keep, num_warps=8)

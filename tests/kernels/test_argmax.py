@@ -116,3 +116,30 @@ def test_the_race_refuses_what_it_cannot_take(device):
         greedy(logits, out, None, torch.ones(2, device=device))
     with pytest.raises(ValueError, match="temperature goes with a race"):
         greedy(logits, out, torch.ones(2, VOCAB, device=device), torch.ones(3, device=device))
+
+
+def test_the_sampler_draws_what_torch_draws_with_the_kernels_or_without(device, monkeypatch):
+    """RowSampler with its kernels (forced on under the CPU interpreter) draws each seeded row's
+    token as without them, temperature alone or filtered, beside a greedy row; logits the kernels
+    do not take (float64, or not unit-strided along the vocabulary) are drawn by torch instead of
+    refused."""
+    import braid_engine.sampling as sampling
+    from braid_engine.sampling import RowSampler, SamplingParams
+
+    monkeypatch.setattr(sampling, "fused_kernels_available", lambda dev: True)
+    gen = torch.Generator().manual_seed(5)
+    base = (torch.randn(3, VOCAB, generator=gen) * 3).to(device)
+    cases = [[SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.3, seed=2)],
+             [SamplingParams(temperature=0.8, top_k=40, seed=1), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.3, top_p=0.9, min_p=0.01, seed=2)]]
+    for params in cases:
+        for logits in (base, base.double(), base.t().contiguous().t()):
+            def draw(fused, logits=logits, params=params):
+                gens = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
+                        for p in params]
+                sampler = RowSampler(params, gens, VOCAB, logits.device, fused=fused)
+                assert (sampler.kernel is not None) == fused
+                return sampler(logits)
+
+            assert torch.equal(draw(True), draw(False)), (logits.dtype, logits.stride())

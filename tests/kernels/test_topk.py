@@ -83,3 +83,12 @@ def test_the_engines_chunks_at_qwen3s_vocabulary_give_torch_topks():
     want = torch.topk(x, MAX_K, dim=-1).values.gather(1, k_index.clamp(min=0)[:, None].cuda())
     want[2] = float("-inf")
     assert torch.equal(got, want)
+
+
+def test_the_kernels_refuse_a_bad_chunk_or_place(device):
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        KthLargest(2, VOCAB, 4, device, chunk=96)
+    if device.type == "cpu":  # checked where it costs no wait for the device
+        kth = KthLargest(2, VOCAB, 4, device, CHUNK)
+        with pytest.raises(ValueError, match=r"k_index must lie in \[-1, 3\]"):
+            kth(torch.zeros(2, VOCAB), torch.tensor([0, 4], dtype=torch.int32))
