@@ -136,6 +136,7 @@ _FLIPPED = {
     "fold-embedding": ("FOLD_EMBEDDING", "embeddings gathered by qkv", "an embedding kernel"),
     "pdl-rms-norm": ("PDL_RMS_NORM", "RMSNorm a dependent launch", "RMSNorm launched plainly"),
     "fused-sampling": ("FUSED_SAMPLING", "sampled tokens by our kernel", "sampled tokens by torch"),
+    "fused-top-k": ("FUSED_TOP_K", "top-k threshold by our kernels", "top-k threshold by torch.topk"),
 }
 
 

@@ -13,7 +13,8 @@
 # 'host': what lies outside a fresh prompt's prefill graph, the host's part of its step, and what a graph launch costs;
 # 'levers': decode.py at batch 1 and 2 with each of two kernel switches the other way, against the defaults,
 # and whole prompts with PDL_RMS_NORM each way;
-# 'sampling': sampling.py, each filter's draw a step, and decode.py at temperature 0.7 alone, the draw in our kernels and in torch;
+# 'sampling': sampling.py, each filter's draw a step; decode.py at temperature 0.7 alone, the draw in our kernels and in torch,
+# and at Qwen3's settings with top-k's threshold from our kernels and from torch.topk;
 # 'persistent': persistent_layer.py, a batch-1 step's matmuls in one kernel reading ahead of its waits, against the row kernels;
 # 'ab': decode.py at batch 1 and 2 for an older tree at $OLD and this one, in alternating processes)
 # 'tests' takes ~8.5 min on a fresh H100 (514 s of its 530 s timeout in session 10: run 'tests-kernels',
@@ -79,6 +80,10 @@ if [ "$what" = sampling ]; then
   timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 8 32 \
     --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.7 --compare-fused-sampling 2>&1 \
     | grep -E "^card|^batch|^ +[0-9]+ |sampled tokens|Error" | tee "$OUT/decode_temperature.log"
+  # Qwen3's recommended settings, top-k's threshold from our kernels (kernels.FUSED_TOP_K) and from torch.topk
+  timeout 250 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 32 \
+    --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.7 --top-p 0.95 --top-k 20 --compare-fused-top-k \
+    2>&1 | grep -E "^card|^batch|^ +[0-9]+ |top-k threshold|Error" | tee "$OUT/decode_top_k.log"
 fi
 if [ "$what" = persistent ]; then
   # 28 layers' matmuls in one persistent kernel (one program an SM, then two) against the engine's chain of row kernels

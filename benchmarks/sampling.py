@@ -17,7 +17,6 @@ import time
 import torch
 
 from benchmarks.common import graph_time
-from braid_engine import kernels
 from braid_engine.sampling import RowSampler, SamplingParams
 
 VOCAB = 151_936
@@ -61,11 +60,7 @@ def main() -> None:
                 continue
             cells = []
             for b in args.batch:
-                before, kernels.FUSED_TOP_K = kernels.FUSED_TOP_K, kth  # read when the sampler is made
-                try:
-                    sampler = RowSampler([params] * b, [None] * b, VOCAB, dev, fused=fused)
-                finally:
-                    kernels.FUSED_TOP_K = before
+                sampler = RowSampler([params] * b, [None] * b, VOCAB, dev, fused=fused, top_k_kernel=kth)
                 x = logits[b]
                 gpu = graph_time(lambda s=sampler, x=x: s(x), 50)
                 host = host_time(lambda s=sampler, x=x: s(x))

@@ -193,11 +193,12 @@ class RowSampler:
     (one launch a step, not one a row). On a GPU with Triton and ``fused`` (the engine's fused
     kernels not off, and ``kernels.FUSED_SAMPLING``), the race (and for rows that only scale, the
     temperature) runs in the greedy-token kernels (``kernels/argmax.py``): one pass over the
-    logits; with ``kernels.FUSED_TOP_K`` too, top-k's threshold comes from ``kernels/topk.py``.
+    logits; with ``top_k_kernel`` too (None: ``kernels.FUSED_TOP_K``), top-k's threshold comes from
+    ``kernels/topk.py``.
     Made once for a batch, it serves every step of a decode burst."""
 
     def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None],
-                 vocab: int, device: torch.device, fused: bool = True) -> None:
+                 vocab: int, device: torch.device, fused: bool = True, top_k_kernel: bool | None = None) -> None:
         self.rows = [i for i, p in enumerate(params) if not p.greedy]
         self.seeded = [(r, generators[i]) for r, i in enumerate(self.rows) if generators[i] is not None]
         self.shared = len(self.seeded) < len(self.rows)
@@ -207,7 +208,8 @@ class RowSampler:
         fused = bool(ps) and fused and fused_kernels_available(device)
         self.filters = _Filters([p.temperature for p in ps], [p.top_k for p in ps], [float(p.top_p) for p in ps],
                                 [float(p.min_p) for p in ps], vocab, device,
-                                kth_kernel=fused and kernels.FUSED_TOP_K) if ps else None
+                                kth_kernel=fused and (kernels.FUSED_TOP_K if top_k_kernel is None else top_k_kernel)
+                                ) if ps else None
         self.kernel = None
         if fused:
             from braid_engine.kernels.argmax import GreedyIds
@@ -238,7 +240,7 @@ class RowSampler:
         return drawn if self.every_row else logits.argmax(-1).index_copy(0, self.index, drawn)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None], fused: bool = True) -> list[int]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           fused: bool = True, top_k_kernel: bool | None = None) -> list[int]:
     """One token per row of ``logits`` [B, V] (fp32) (``RowSampler``); the host waits once, for all."""
-    return RowSampler(params, generators, logits.shape[-1], logits.device, fused)(logits).tolist()
+    return RowSampler(params, generators, logits.shape[-1], logits.device, fused, top_k_kernel)(logits).tolist()

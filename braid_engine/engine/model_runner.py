@@ -138,8 +138,10 @@ class ModelRunner:
         # kernels/argmax.py (_greedy)
         self.fused = False
         self._greedy = None
-        # with fused, a sampled step's tokens drawn by kernels/argmax.py (kernels.FUSED_SAMPLING)
+        # with fused, a sampled step's tokens drawn by kernels/argmax.py (kernels.FUSED_SAMPLING), and
+        # top-k's threshold by kernels/topk.py (kernels.FUSED_TOP_K), as they were when the engine was made
         self.fused_sampling = kernels.FUSED_SAMPLING
+        self.fused_top_k = kernels.FUSED_TOP_K
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
@@ -190,7 +192,7 @@ class ModelRunner:
                 self.backend.plan_prefill_graph(layout, tokens, pad_page, fresh=True)
                 self.fresh_prefill_graphs[tokens] = self._capture(self._forward_prefill_static, tokens, pool)
         if self.sample_fused:
-            self._warm_sampler(self.graphs[sizes[0]][1])
+            self._warm_sampler(self.graphs[sizes[0]][1], self.fused_top_k)
         torch.cuda.synchronize(dev)
 
     @property
@@ -199,7 +201,7 @@ class ModelRunner:
         return self.fused and self.fused_sampling
 
     @staticmethod
-    def _warm_sampler(logits: torch.Tensor) -> None:
+    def _warm_sampler(logits: torch.Tensor, top_k_kernel: bool) -> None:
         """Compile the sampler's race kernels (kernels/argmax.py) now, for each form a step's
         logits take (a decode graph's, and the float32 ones ``execute`` hands out; temperature
         alone, and filtered): a Triton kernel's first launch compiles and loads it, which waits
@@ -209,7 +211,7 @@ class ModelRunner:
         gen = torch.Generator(device=logits.device)
         for x in (logits[:1], logits[:1].float()):
             for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)):
-                RowSampler([params], [gen], x.shape[-1], x.device, fused=True)(x)
+                RowSampler([params], [gen], x.shape[-1], x.device, True, top_k_kernel)(x)
 
     @staticmethod
     def _capture(forward, rows: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -369,7 +371,7 @@ class ModelRunner:
         sampler = None
         if any(not seq.params.greedy for seq in seqs):
             sampler = RowSampler([seq.params for seq in seqs], [seq.generator for seq in seqs],
-                                 self.model.config.vocab_size, dev, self.sample_fused)
+                                 self.model.config.vocab_size, dev, self.sample_fused, self.fused_top_k)
         if after is not None and after.first_done is not None:
             # planning refills pinned host buffers (FlashInfer's plan information) whose copies to
             # the device were queued before the first replay of ``after``: once that replay is
