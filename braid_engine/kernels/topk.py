@@ -3,7 +3,8 @@
 The sampler keeps a row's tokens whose scaled logit is at least its k-th largest (ties kept, as
 transformers keeps them). ``torch.topk`` of the largest k asked gives that value, but on the GPU
 it is a radix select of many small launches: ~340 µs of the host's time a step at batch 1 on an
-H200 (``benchmarks/sampling.py``), more than the decode step's GPU work it sits between. Here
+H200 (``benchmarks/sampling.py``), which inside a decode burst lengthens every sampled step (616 µs
+greedy, 938 µs with top-k and top-p, ``benchmarks/decode.py``). Here
 program (row, chunk) sorts its chunk of 4,096 values and keeps the largest ``KEEP`` (the next
 power of two of the largest k), and program (row) sorts the chunks' kept values and takes the one
 at place k − 1: the same value as ``torch.topk``'s k-th (every value among a row's k largest is
