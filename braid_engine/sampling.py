@@ -124,14 +124,13 @@ class _Filters:
         # top-p on or off decided in double, as transformers decides it (1 - 1e-8 is 1 in float32)
         k_on, p_on = k > 0, p < 1
         self.use_min_p, self.use_p = bool((m > 0).any()), bool(p_on.any())
-        self.temperature = _to_device(torch.tensor(temperature, dtype=torch.float64).float(), device)
         # the largest k: its top values hold every row's k-th largest (a partial sort, not a whole one)
         self.k_max = int(k[k_on].max()) if k_on.any() else 0
         # one row a setting: the temperature, the index of the k-th largest logit (-1 where a row
         # keeps all), min-p, and the mass top-p drops, 1 - top_p taken in double as transformers
         # takes it (-inf where a row keeps all: its cumulative sums may round to 0 before the end)
-        values = torch.stack((torch.tensor(temperature, dtype=torch.float64).float(),
-                              torch.where(k_on, k - 1, -1).float(), m,
+        k_index = torch.where(k_on, k - 1, -1)
+        values = torch.stack((torch.tensor(temperature, dtype=torch.float64).float(), k_index.float(), m,
                               torch.where(p_on, 1 - p, float("-inf")).float()))
         self.values = _to_device(values, device)
         # kth_kernel: each row's k-th largest from kernels/topk.py instead of torch.topk, where k fits it
@@ -141,7 +140,7 @@ class _Filters:
 
             if self.k_max <= MAX_K:
                 self.kth = KthLargest(len(temperature), vocab, self.k_max, device)
-                self.k_index = _to_device(torch.where(k_on, k - 1, -1).int(), device)
+                self.k_index = _to_device(k_index.int(), device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         temperature, k_index, min_p, top_p_drops = self.values[:, :, None]
@@ -167,6 +166,11 @@ class _Filters:
         return logits
 
     @property
+    def temperature(self) -> torch.Tensor:
+        """The rows' temperatures [rows], float32, on the device."""
+        return self.values[0]
+
+    @property
     def scale_only(self) -> bool:
         """No row filters: the scaled logits are all there is."""
         return not (self.k_max or self.use_p or self.use_min_p)
@@ -178,9 +182,6 @@ def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return values.to(device)
     return values.pin_memory().to(device, non_blocking=True)
-
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class RowSampler:
@@ -222,7 +223,7 @@ class RowSampler:
         rows = logits if self.every_row else logits.index_select(0, self.index)
         # the kernel takes float32, float16 and bfloat16 with unit stride along the vocabulary;
         # anything else (float64, a transposed view) is drawn by torch, as without the kernel
-        kernel = self.kernel if rows.dtype in _KERNEL_DTYPES else None
+        kernel = self.kernel if self.kernel is not None and rows.dtype in self.kernel.DTYPES else None
         if kernel is not None and rows.stride(-1) != 1:
             rows = rows.contiguous()
         # only scaled: the kernel divides by the temperature itself; else the filters' float32 output

@@ -86,6 +86,8 @@ class GreedyIds:
     ``vocab``-wide logits tensor; the chunks' partial results live in buffers made once, so the
     launches can be captured in a CUDA graph."""
 
+    DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the logits' it takes
+
     def __init__(self, max_rows: int, vocab: int, device: torch.device) -> None:
         self.vocab = vocab
         self.chunks = triton.cdiv(vocab, CHUNK)
@@ -103,7 +105,7 @@ class GreedyIds:
                 or rows * self.width > self.part_val.numel()):
             raise ValueError(f"logits must be [≤ {self.part_val.numel() // self.width}, {self.vocab}] with unit "
                              f"stride along the vocabulary, got {tuple(logits.shape)}")
-        if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if logits.dtype not in self.DTYPES:
             raise ValueError(f"logits must be float32, float16 or bfloat16 (compared in float32), got {logits.dtype}")
         if out.shape != (rows,) or out.dtype != torch.int64:
             raise ValueError(f"out must be [{rows}] int64, got {tuple(out.shape)} {out.dtype}")
