@@ -73,10 +73,11 @@ def draw(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
     TritonSplitDimKernel reductions")."""
     if sampling.greedy:
         return logits.argmax(-1, keepdim=True)
+    scaled = logits.float() / sampling.temperature
     if sampling.top_k > 0:
-        logits, order = torch.topk(logits.float() / sampling.temperature, min(sampling.top_k, logits.shape[-1]))
+        logits, order = torch.topk(scaled, min(sampling.top_k, scaled.shape[-1]))
     else:
-        logits, order = (logits.float() / sampling.temperature).sort(-1, descending=True)
+        logits, order = scaled.sort(-1, descending=True)
     probs = logits.softmax(-1)
     if sampling.top_p < 1:  # the smallest prefix whose mass reaches top_p
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, 0)

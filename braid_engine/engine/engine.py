@@ -92,7 +92,7 @@ class RequestStream:
             raise self.error
         try:
             while self.finish_reason is None:
-                if self.engine._together_thread == threading.get_ident():
+                if self.engine._inside_together():
                     yield self._accept(self._ready())
                 else:
                     yield self._accept(self._queue.get())
@@ -105,7 +105,7 @@ class RequestStream:
             raise self.error
         try:
             while self.finish_reason is None:
-                if self.engine._together_thread == threading.get_ident():
+                if self.engine._inside_together():
                     yield self._accept(self._ready())
                 else:
                     yield self._accept(await self._queue.get())
@@ -317,6 +317,10 @@ class LLMEngine:
                 self._pending = [seq for seq in self._pending if seq.request_id not in added]
                 raise
         return streams
+
+    def _inside_together(self) -> bool:
+        """Whether the calling thread is inside ``together()``."""
+        return self._together_thread == threading.get_ident()
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
