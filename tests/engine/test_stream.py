@@ -468,8 +468,8 @@ def test_waiting_inside_together_for_an_output_is_refused(tiny_qwen3):
     def block():
         errors = []
         done = engine.add_request([5, 6, 7], params)
-        while engine.stats()["running"] or engine.stats()["waiting"]:  # all its outputs delivered, none read
-            time.sleep(0.01)
+        while not engine.idle:  # all its outputs delivered, none read (stats() counts no request
+            time.sleep(0.01)     # the loop has not yet taken: it can read 0 running, 0 waiting first)
         running = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=500))
         reading = iter(running)  # (kept: a dropped iterator aborts its request)
         next(reading)  # taken by the loop, far from done
