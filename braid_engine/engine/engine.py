@@ -384,12 +384,13 @@ class LLMEngine:
                     self._wake.wait()
                 if self._closed:
                     break
-                pending, self._pending = self._pending, []
                 aborts, self._aborts = self._aborts, []
+                with self._state:  # under both locks: stats() finds a new request queued here or
+                    for seq in self._pending:  # in the scheduler, never in neither
+                        self._seqs[seq.request_id] = seq
+                        self.scheduler.add(seq)
+                    self._pending = []
             with self._state:
-                for seq in pending:
-                    self._seqs[seq.request_id] = seq
-                    self.scheduler.add(seq)
                 for stream in aborts:
                     rid = stream.request_id
                     seq = self._seqs.get(rid)
@@ -789,7 +790,9 @@ class LLMEngine:
                 "decoded_tokens": self.scheduler.decoded_tokens,
                 "preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running),
-                "waiting": len(self.scheduler.waiting),
+                # (with requests added but not yet taken by the loop thread, which it takes under
+                # this lock too; a list's len needs no other)
+                "waiting": len(self.scheduler.waiting) + len(self._pending),
                 "steps": self.steps,
                 "decode_bursts": self.bursts,
                 "pipelined_bursts": self.pipelined_bursts,

@@ -350,6 +350,24 @@ def _in_a_thread(body, seconds=20):
     return within(body, seconds, "hung")
 
 
+def test_stats_count_a_request_the_loop_has_not_yet_taken_as_waiting(tiny_qwen3):
+    """A request added is waiting from then on: stats() counted only the scheduler's queue, so
+    until the loop thread took a new request it read 0 running and 0 waiting, as if none had come.
+    Inside together() the loop cannot take it, which holds that moment still."""
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", page_size=4)
+    engine = llm.engine
+    with engine.together():
+        streams = [engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=2)) for _ in range(2)]
+        inside = engine.stats()
+    assert (inside["waiting"], inside["running"]) == (2, 0)
+    assert [len(s.result().token_ids) for s in streams] == [2, 2]
+    after = engine.stats()
+    assert (after["waiting"], after["running"]) == (0, 0)
+    assert after["pages_used"] == after["pages_cached"]  # only the prompt's page, kept by the prefix cache
+
+
 def test_stats_and_cache_control_inside_together_wait_for_the_step_not_forever(tiny_qwen3, monkeypatch):
     """together() holds the lock the loop takes new requests under; stats(), clear_cache() and a
     pin's release take the state lock the loop holds through a step. The loop took the first
