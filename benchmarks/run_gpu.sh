@@ -48,7 +48,7 @@ case "$what" in
   tests|all) tests="tests/kernels tests/gpu" ;;
   tests-kernels) tests="tests/kernels" ;;
   tests-shapes) tests="tests/gpu/test_kernels_qwen3_shapes.py tests/gpu/test_flashinfer_backend.py" ;;
-  tests-engine) tests="tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16.py" ;;
+  tests-engine) tests="tests/gpu/test_cuda_graphs.py tests/gpu/test_engine_bf16.py tests/gpu/test_sampling_filters.py" ;;
   *) tests="" ;;
 esac
 if [ -n "$tests" ]; then

@@ -4,7 +4,8 @@ its GPU time (the draw captured in a CUDA graph, replays back to back) and the h
 launch it (eager calls, no waiting), against the greedy argmax. Inside a decode burst the host
 launches each step's draw between two replays, so a step costs at least the larger of the two.
 Each setting three ways: in torch (``fused=False``), with the race in our kernels (the engine's
-default, ``kernels.FUSED_SAMPLING``), and with top-k's threshold from ours too (``kernels.FUSED_TOP_K``).
+default, ``kernels.FUSED_SAMPLING``), and with top-k's threshold from ours too (``kernels.FUSED_TOP_K``);
+top-p after top-k also with the whole row sorted (``sampling.SORT_FREE_TOP_P`` off, as before it).
 
     python -m benchmarks.sampling [--batch 1 8 32]
 """
@@ -17,6 +18,7 @@ import time
 import torch
 
 from benchmarks.common import graph_time
+from braid_engine import sampling
 from braid_engine.sampling import RowSampler, SamplingParams
 
 VOCAB = 151_936
@@ -53,14 +55,18 @@ def main() -> None:
           f"(GPU: in a CUDA graph; host: launching it)")
     print(f"{'setting [way]':>38} " + " ".join(f"{f'b{b} GPU':>9} {f'b{b} host':>9}" for b in args.batch))
     logits = {b: torch.randn(b, VOCAB, device=dev) * 4 for b in args.batch}
-    ways = {"torch": (False, False), "race kernel": (True, False), "+ k-th kernel": (True, True)}
+    ways = {"torch": (False, False, True), "race kernel": (True, False, True), "+ k-th kernel": (True, True, True),
+            "race kernel, row sorted": (True, False, False)}
     for name, params in SETTINGS.items():
-        for way, (fused, kth) in ways.items():
-            if params.greedy and fused or kth and params.top_k <= 0:
+        for way, (fused, kth, sort_free) in ways.items():
+            nucleus_in_top_k = params.top_k > 0 and params.top_p < 1
+            if params.greedy and fused or kth and params.top_k <= 0 or not sort_free and not nucleus_in_top_k:
                 continue
             cells = []
             for b in args.batch:
+                sampling.SORT_FREE_TOP_P = sort_free  # (read as the sampler is made)
                 sampler = RowSampler([params] * b, [None] * b, VOCAB, dev, fused=fused, top_k_kernel=kth)
+                sampling.SORT_FREE_TOP_P = True
                 x = logits[b]
                 gpu = graph_time(lambda s=sampler, x=x: s(x), 50)
                 host = host_time(lambda s=sampler, x=x: s(x))

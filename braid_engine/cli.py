@@ -58,11 +58,13 @@ def _at_least(low: int):
     return parse
 
 
-def _params(args: argparse.Namespace):
+def _params(args: argparse.Namespace, model: dict | None = None):
+    """The flags' SamplingParams; the settings not given are the model's (``LLM.sampling_defaults``),
+    with ``model`` None SamplingParams' own (to check the flags before the model loads)."""
     from braid_engine import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                          seed=args.seed)
+    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k") if getattr(args, k) is not None}
+    return SamplingParams(**{**(model or {}), **given}, max_tokens=args.max_tokens, seed=args.seed)
 
 
 def _template_kwargs(args: argparse.Namespace) -> dict:
@@ -77,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = (llm.apply_chat_template([{"role": "user", "content": args.prompt}], **_template_kwargs(args))
               if use_template else args.prompt)
     last = None
-    for delta in llm.stream(prompt, _params(args)):
+    for delta in llm.stream(prompt, _params(args, llm.sampling_defaults)):
         print(delta.text, end="", flush=True)
         last = delta
     print(file=sys.stderr)
@@ -86,8 +88,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    params = _params(args)  # a bad flag is refused before the model loads, not at the first message
+    _params(args)  # a bad flag is refused before the model loads, not at the first message
     llm = _llm(args)
+    params = _params(args, llm.sampling_defaults)
     if not getattr(llm.tokenizer, "chat_template", None):
         raise ChatTemplateError(f"{args.model} has no chat template (a base model?): braid chat needs one; "
                                 "use `braid generate --raw MODEL PROMPT` to continue a plain prompt.")
@@ -240,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--no-think", action="store_true",
                        help="answer without a reasoning block (the chat template's enable_thinking=False)")
         p.add_argument("--max-tokens", type=int, default=max_tokens)
-        p.add_argument("--temperature", type=float, default=0.7)
-        p.add_argument("--top-p", type=float, default=0.95)
+        model = " (default: the model's generation_config.json, else %(off)s)"
+        p.add_argument("--temperature", type=float, help="0 is greedy" + model % {"off": "1"})
+        p.add_argument("--top-p", type=float, help="nucleus mass" + model % {"off": "1, off"})
+        p.add_argument("--top-k", type=int, help="most likely tokens to sample among" + model % {"off": "-1, off"})
         p.add_argument("--seed", type=int, default=None)
 
     chat = with_model("chat", "chat in the terminal (streaming, per-turn stats)")

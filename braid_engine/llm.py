@@ -184,7 +184,9 @@ class LLM:
         if graphs:
             runner.capture_graphs(max_num_seqs, pad_page=num_pages, max_seq_pages=-(-max_len // page_size),
                                   prefill_tokens=prefill_graph_tokens, max_step_tokens=max_num_batched_tokens)
-        self.engine = LLMEngine(cfg, self.config, self.tokenizer, runner, self._eos_ids(path))
+        generation = _generation_config(path)
+        self.sampling_defaults = _sampling_defaults(generation, path)
+        self.engine = LLMEngine(cfg, self.config, self.tokenizer, runner, self._eos_ids(generation, path))
         # Everything alive now (torch, transformers, the model's modules: ~370k objects) leaves the
         # cyclic collector's reach; a full collection over it took ~220 ms on a 2-core CPU, a
         # pause that would land inside some request's step
@@ -207,18 +209,13 @@ class LLM:
             return max(int(total * util) - used, per_token * max_len)
         return min(_CPU_KV_BYTES, per_token * max(4 * max_len, 16384))
 
-    def _eos_ids(self, path: Path) -> set[int]:
+    def _eos_ids(self, generation: dict[str, Any], path: Path) -> set[int]:
         ids = set(self.model_config.eos_token_ids)
-        gen = path / "generation_config.json"
-        if gen.is_file():
-            try:
-                eos = json.loads(gen.read_text()).get("eos_token_id")
-            except (json.JSONDecodeError, AttributeError) as e:
-                raise CheckpointError(f"{gen} is not a JSON object of settings ({e}); re-download it.") from e
-            eos = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
-                raise CheckpointError(f"{gen}'s eos_token_id must be token ids, got {eos!r}.")
-            ids.update(eos)
+        eos = generation.get("eos_token_id")
+        eos = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos):
+            raise CheckpointError(f"{path / _GENERATION_CONFIG}'s eos_token_id must be token ids, got {eos!r}.")
+        ids.update(eos)
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
@@ -271,10 +268,17 @@ class LLM:
         return self._text_ids(text, add_special_tokens=False)
 
     # -- generation ------------------------------------------------------------------------
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams a call without any gets: the sampling settings the checkpoint's
+        ``generation_config.json`` gives (temperature, top_p, top_k, min_p; Qwen3: 0.6, 0.95, 20),
+        the others SamplingParams' own defaults. A new object each call, to change freely."""
+        return SamplingParams(**self.sampling_defaults)
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or many, batched together; outputs in prompt order. ``params``:
-        one SamplingParams for every prompt, or a list of them paired with the prompts."""
-        params = SamplingParams() if params is None else params
+        one SamplingParams for every prompt, or a list of them paired with the prompts; None: the
+        model's (``get_default_sampling_params()``)."""
+        params = self.get_default_sampling_params() if params is None else params
         streams = self.engine.add_requests(self._normalize(prompts), params, final_only=True)
         try:
             return [s.result() for s in streams]
@@ -286,12 +290,12 @@ class LLM:
     def stream(self, prompt: PromptType, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield deltas (new token ids, new text) as they are sampled; the last carries the
         finish reason. Closing the iterator early aborts the request."""
-        yield from self.engine.add_request(self._to_ids(prompt), params or SamplingParams())
+        yield from self.engine.add_request(self._to_ids(prompt), params or self.get_default_sampling_params())
 
     async def astream(self, prompt: PromptType,
                       params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
         """``stream`` for asyncio: the event loop is never blocked by the engine."""
-        stream = self.engine.add_request(self._to_ids(prompt), params or SamplingParams(),
+        stream = self.engine.add_request(self._to_ids(prompt), params or self.get_default_sampling_params(),
                                          loop=asyncio.get_running_loop())
         async for delta in stream:
             yield delta
@@ -352,6 +356,45 @@ def _choose_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name == "flashinfer" and device.type != "cuda":
         raise ValueError("attention_backend='flashinfer' needs a CUDA device; use 'torch' on CPU.")
     return name
+
+
+_GENERATION_CONFIG = "generation_config.json"
+# the sampling settings a checkpoint's generation_config.json may give, as SamplingParams names them
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
+# ones braid does not apply, with the value that means "off"
+_UNSUPPORTED = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def _generation_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's generation_config.json ({} where it has none)."""
+    gen = path / _GENERATION_CONFIG
+    if not gen.is_file():
+        return {}
+    try:
+        settings = json.loads(gen.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{gen} is not a JSON object of settings ({e}); re-download it.") from e
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{gen} is not a JSON object of settings (a {type(settings).__name__}); "
+                              "re-download it.")
+    return settings
+
+
+def _sampling_defaults(generation: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The sampling settings of generation_config.json, which requests without their own take, as
+    vLLM's and transformers' do (``do_sample`` is not read: a temperature of 0 is greedy).
+    Checked here: a bad one is the checkpoint's fault, not a request's."""
+    defaults = {k: generation[k] for k in _SAMPLING_KEYS if generation.get(k) is not None}
+    try:
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / _GENERATION_CONFIG} gives sampling settings {defaults} that "
+                              f"cannot be used ({e}); fix or remove them.") from e
+    ignored = {k: v for k, v in _UNSUPPORTED.items() if generation.get(k) not in (None, v)}
+    if ignored:
+        logger.warning("%s asks for %s, which braid does not apply: requests sample without them.",
+                       path / _GENERATION_CONFIG, ", ".join(f"{k}={generation[k]}" for k in ignored))
+    return defaults
 
 
 def _check_size(name: str, value: Any, low: int, hint: str, optional: bool = False) -> None:

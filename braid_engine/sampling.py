@@ -107,14 +107,25 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return torch.log_softmax(filters(logits[None])[0], -1)
 
 
+# top-p after top-k cut among the top-k values, without sorting the vocabulary (off: sorted, as
+# top-p alone is; the same tokens either way, but where a mass equals the drop to float32's last bit)
+SORT_FREE_TOP_P = True
+
+
 class _Filters:
     """Temperature, top-k, top-p and min-p, in transformers' order (the distribution top-p cuts is
     top-k's; min-p, relative to the top token, keeps the same tokens whatever went before), for
     a batch's rows, each row with its own settings: made once on the host (their values copied
     to the device without waiting), then applied to the logits [rows, V] of any number of steps:
     the temperature-scaled logits (float32), the filtered-out ones at -inf. Every operation works
-    along the rows, so a row's result does not depend on the others; a filter a row disables is a
-    no-op for it (its values are the scaled logits, as with no filter at all)."""
+    along the rows, and which path a row takes depends on its own settings alone, so a row's
+    result does not depend on the others; a filter a row disables is a no-op for it (its values
+    are the scaled logits, as with no filter at all).
+
+    Top-p drops the least likely tokens whose mass stays within 1 - top_p, the top one never, in
+    ascending order of (logit, index): tied logits fall lowest index first, as a stable sort
+    orders them. A row with top-k needs no sort of its vocabulary for that (``_top_k_top_p``);
+    a row with top-p alone sorts its row."""
 
     def __init__(self, temperature: list[float], top_k: list[int], top_p: list[float], min_p: list[float],
                  vocab: int, device: torch.device, kth_kernel: bool = False) -> None:
@@ -123,19 +134,28 @@ class _Filters:
         p, m = torch.tensor(top_p, dtype=torch.float64), torch.tensor(min_p, dtype=torch.float32)
         # top-p on or off decided in double, as transformers decides it (1 - 1e-8 is 1 in float32)
         k_on, p_on = k > 0, p < 1
-        self.use_min_p, self.use_p = bool((m > 0).any()), bool(p_on.any())
+        self.use_min_p = bool((m > 0).any())
         # the largest k: its top values hold every row's k-th largest (a partial sort, not a whole one)
         self.k_max = int(k[k_on].max()) if k_on.any() else 0
+        # top-p with top-k: cut among the top values (_top_k_top_p); top-p alone: its rows sorted
+        in_top_k = p_on & k_on if SORT_FREE_TOP_P else torch.zeros_like(p_on)
+        self.nucleus_in_top_k = bool(in_top_k.any())
+        sorted_rows = p_on & ~in_top_k
+        self.sorted_rows = None
+        if sorted_rows.any():
+            self.sorted_rows = slice(None) if sorted_rows.all() else _to_device(
+                torch.nonzero(sorted_rows).flatten(), device)
         # one row a setting: the temperature, the index of the k-th largest logit (-1 where a row
         # keeps all), min-p, and the mass top-p drops, 1 - top_p taken in double as transformers
         # takes it (-inf where a row keeps all: its cumulative sums may round to 0 before the end)
         k_index = torch.where(k_on, k - 1, -1)
-        values = torch.stack((torch.tensor(temperature, dtype=torch.float64).float(), k_index.float(), m,
-                              torch.where(p_on, 1 - p, float("-inf")).float()))
+        drops = torch.where(p_on, 1 - p, float("-inf")).float()
+        values = torch.stack((torch.tensor(temperature, dtype=torch.float64).float(), k_index.float(), m, drops))
         self.values = _to_device(values, device)
-        # kth_kernel: each row's k-th largest from kernels/topk.py instead of torch.topk, where k fits it
+        # kth_kernel: each row's k-th largest from kernels/topk.py instead of torch.topk, where k
+        # fits it and no row cuts top-p among its top values (which takes them from torch.topk)
         self.kth = None
-        if kth_kernel and self.k_max:
+        if kth_kernel and self.k_max and not self.nucleus_in_top_k:
             from braid_engine.kernels.topk import MAX_K, KthLargest
 
             if self.k_max <= MAX_K:
@@ -148,18 +168,23 @@ class _Filters:
         if self.k_max:
             # ties at the k-th value are kept, as transformers keeps them
             if self.kth is not None:  # -inf where a row keeps all
-                kth = self.kth(logits, self.k_index)
+                logits = logits.masked_fill((logits < self.kth(logits, self.k_index)) & (k_index >= 0),
+                                            float("-inf"))
             else:
-                kth = torch.topk(logits, self.k_max, dim=-1).values.gather(1, k_index.clamp(min=0).long())
-            logits = logits.masked_fill((logits < kth) & (k_index >= 0), float("-inf"))
-        if self.use_p:
-            # the least likely tokens whose mass stays within 1 - top_p go, the top one never; in
-            # ascending order, sorted as transformers sorts (torch's default, not stable on the
-            # CPU), so ties at the cut fall alike; each row is sorted alone
-            sorted_logits, order = torch.sort(logits, dim=-1)
-            drop_sorted = torch.softmax(sorted_logits, -1).cumsum(-1) <= top_p_drops
-            drop_sorted[:, -1] = False
-            logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+                top, at = torch.topk(logits, self.k_max, dim=-1)
+                kth = top.gather(1, k_index.clamp(min=0).long())
+                if self.nucleus_in_top_k:
+                    logits = _top_k_top_p(logits, top, at, kth.masked_fill(k_index < 0, float("-inf")),
+                                          top_p_drops.masked_fill(k_index < 0, float("-inf")))
+                else:
+                    logits = logits.masked_fill((logits < kth) & (k_index >= 0), float("-inf"))
+        if self.sorted_rows is not None:
+            rows = self.sorted_rows
+            cut = _top_p_sorted(logits[rows], top_p_drops[rows])
+            if isinstance(rows, slice):
+                logits = cut
+            else:
+                logits = logits.index_copy(0, rows, cut)
         if self.use_min_p:
             probs = torch.softmax(logits, -1)
             logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
@@ -173,7 +198,60 @@ class _Filters:
     @property
     def scale_only(self) -> bool:
         """No row filters: the scaled logits are all there is."""
-        return not (self.k_max or self.use_p or self.use_min_p)
+        return not (self.k_max or self.sorted_rows is not None or self.use_min_p)
+
+
+def _top_p_sorted(logits: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:
+    """Top-p for rows [n, V] by a sort of each: ``drops`` [n, 1] the mass each drops (-inf: none)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, stable=True)
+    drop_sorted = torch.softmax(sorted_logits, -1).cumsum(-1) <= drops
+    drop_sorted[:, -1] = False
+    return logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+
+
+def _top_k_top_p(logits: torch.Tensor, top: torch.Tensor, at: torch.Tensor, kth: torch.Tensor,
+                 drops: torch.Tensor) -> torch.Tensor:
+    """Top-k, then top-p over what it keeps, with no sort of the vocabulary. ``top``, ``at``
+    [n, K]: each row's K largest logits and their indices (torch.topk), ``kth`` [n, 1] its k-th
+    largest (-inf: keeps all), ``drops`` [n, 1] the mass top-p drops (-inf: none).
+
+    Top-k keeps the t tokens tied at the k-th value and the s < k above it, all among the top K.
+    In ascending (logit, index) order the ties come first, each of the same probability q: top-p
+    drops the lowest-indexed of them while their cumulative mass j·q stays within the drop, and,
+    once all are gone, the larger ones, sorted among the K, while theirs does. What is kept is
+    every token from a cut on: past the k-th value, the ties past the m-th (counted by index
+    across the row), or, where the cut falls among the larger ones, from its (logit, index) on.
+    The masses are summed in double, a softmax and cumulative sum over the sorted row in float32:
+    a cut moves only where a cumulative mass equals the drop to float32's last bit (a tie group of
+    t at a drop of j/t, say), where float32's rounding decides either way."""
+    neg = float("-inf")
+    ties = logits == kth  # (no token is "tied" with a NaN)
+    t = ties.sum(-1, keepdim=True)
+    # the survivors' probabilities, in double ([n, K]: cheap): the larger ones' and the ties' q
+    larger = top > kth
+    peak = top[:, :1].double()
+    tie_weight = torch.exp(kth.double() - peak)
+    scale = torch.where(larger, torch.exp(top.double() - peak), 0).sum(-1, keepdim=True) + t * tie_weight
+    q = tie_weight / scale
+    s = larger.sum(-1, keepdim=True)
+    # ties dropped: j·q ≤ drop for j = 1..m; never all of them when nothing is larger
+    m = torch.minimum(torch.floor(drops / q).nan_to_num(neg, float("inf"), neg), (t - (s == 0).long()).double())
+    # the larger ones in ascending (logit, index) order: the K by index, then stably by logit
+    by_index, order = at.sort(-1)
+    ascending, order2 = top.gather(1, order).sort(dim=-1, stable=True)
+    index = by_index.gather(1, order2)
+    up = ascending > kth
+    mass = t * q + torch.where(up, torch.exp(ascending.double() - peak) / scale, 0).cumsum(-1)
+    # the larger ones dropped, never the top one; they are the last s of the K
+    dropped = ((mass <= drops) & up).sum(-1, keepdim=True).clamp(max=(s - 1).clamp(min=0))
+    cut = (top.shape[-1] - s + dropped).clamp(max=top.shape[-1] - 1)
+    cut_value, cut_index = ascending.gather(1, cut), index.gather(1, cut)
+    columns = torch.arange(logits.shape[-1], device=logits.device)
+    in_ties = m < t.float()
+    rank = ties.cumsum(-1)  # a tie's place among its row's ties, by index, from 1
+    keep = torch.where(in_ties, (logits > kth) | (ties & (rank > m)),
+                       (logits > cut_value) | ((logits == cut_value) & (columns >= cut_index)))
+    return logits.masked_fill(~keep, neg)
 
 
 def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -7,6 +7,7 @@ with a chat template shaped like the architecture's own.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,7 @@ def make_tiny_checkpoint(
     init_std: float = 0.3,
     max_shard_size: str | int | None = None,
     chat_template: bool = True,
+    generation_config: dict[str, Any] | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Write a tiny random model in Hugging Face format to ``path`` and return the path.
@@ -190,6 +192,8 @@ def make_tiny_checkpoint(
     config.json fields (e.g. ``num_key_value_heads=1``). ``k_norm_max`` scales Qwen3's
     k_norm weights so their largest entry equals it (real Qwen3-0.6B reaches 96.5).
     ``max_shard_size`` (e.g. ``"20KB"``) writes sharded safetensors with an index.
+    ``generation_config`` adds fields to generation_config.json (e.g. Qwen3's sampling settings
+    ``{"temperature": 0.6, "top_p": 0.95, "top_k": 20}``).
 
     Example:
         >>> path = make_tiny_checkpoint("/tmp/tiny-qwen3", arch="qwen3")
@@ -230,6 +234,9 @@ def make_tiny_checkpoint(
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)
+    if generation_config:
+        gen_path = path / "generation_config.json"
+        gen_path.write_text(json.dumps({**json.loads(gen_path.read_text()), **generation_config}, indent=2))
     return path
 
 

@@ -64,6 +64,8 @@ from langchain_braid._tools import (
 _PROVIDER = "braid"
 _WARNED_TOOLS: set[str] = set()  # models warned that their template ignores bound tools
 _PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would start
+# the sampling settings where neither the call, the model's fields nor the checkpoint give one
+_SAMPLING_FALLBACKS = {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
                            "enable_thinking", "enable_prefix_caching", "chat_template_kwargs",
                            "tools", "tool_choice", "parallel_tool_calls", "response_format", "stream_usage"})
@@ -142,12 +144,14 @@ class ChatBraid(BaseChatModel):
     """``"auto"`` (CUDA if available, else CPU), ``"cuda"``, ``"cuda:1"`` or ``"cpu"``."""
     dtype: str = "auto"
     """``"auto"`` (the checkpoint's dtype; float32 on CPU), ``"bfloat16"``, ``"float16"``…"""
-    temperature: float = 0.7
-    """Sampling temperature; 0 is greedy."""
-    top_p: float = 1.0
-    """Nucleus sampling mass; 1 disables it."""
-    top_k: int = -1
-    """Sample among the k most likely tokens; -1 disables it."""
+    temperature: float | None = None
+    """Sampling temperature; 0 is greedy. ``None``: the model's (its ``generation_config.json``;
+    Qwen3: 0.6), else 0.7."""
+    top_p: float | None = None
+    """Nucleus sampling mass; 1 disables it. ``None``: the model's (Qwen3: 0.95), else 1."""
+    top_k: int | None = None
+    """Sample among the k most likely tokens; -1 disables it. ``None``: the model's (Qwen3: 20),
+    else -1."""
     max_tokens: int | None = None
     """Most tokens to generate; ``None`` runs to end of turn or the context limit."""
     stop: list[str] | None = None
@@ -450,10 +454,13 @@ class ChatBraid(BaseChatModel):
                 _answer_format(response_format), opened=True)})
         else:
             guided = response_format
+        # per call, else the model's field, else the checkpoint's generation_config.json, else ours
+        model = engine.llm.sampling_defaults
+        sampling = {name: next(v for v in (options.get(name), getattr(self, name, None), model.get(name), fallback)
+                               if v is not None)
+                    for name, fallback in _SAMPLING_FALLBACKS.items()}
         params = SamplingParams(
-            temperature=options.get("temperature", self.temperature),
-            top_p=options.get("top_p", self.top_p), top_k=options.get("top_k", self.top_k),
-            min_p=options.get("min_p", 0.0), max_tokens=options.get("max_tokens", self.max_tokens),
+            **sampling, max_tokens=options.get("max_tokens", self.max_tokens),
             stop=None if whole else stop if stop is not None else self.stop, seed=options.get("seed", self.seed),
             enable_prefix_caching=options.get("enable_prefix_caching", self.enable_prefix_caching),
             guided=guided,

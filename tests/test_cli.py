@@ -198,3 +198,22 @@ def test_no_think_renders_the_prompt_without_a_reasoning_block(tiny_qwen3, capsy
     assert main(["generate", str(tiny_qwen3), "hi", "--max-tokens", "2"]) == 0
     assert seen == [False, False, False, None]
     capsys.readouterr()
+
+
+def test_sampling_flags_not_given_are_the_models(tmp_path, capsys):
+    """A checkpoint whose generation_config.json says greedy answers greedily without flags; a
+    flag given wins over it (the file's other settings stay)."""
+    from braid_engine.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "greedy", generation_config={"temperature": 0.0, "top_k": 3})
+    assert main(["generate", str(path), "Hello there", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    llm = LLM(path, device="cpu")
+    msgs = [{"role": "user", "content": "Hello there"}]
+    assert out == llm.chat(msgs, SamplingParams(temperature=0, max_tokens=8))[0].text
+    flagged = llm.chat(msgs, SamplingParams(temperature=1.5, top_k=3, max_tokens=8, seed=4))[0].text
+    assert flagged != out  # (seed 4's draw differs from the greedy answer)
+    assert main(["generate", str(path), "Hello there", "--max-tokens", "8", "--temperature", "1.5",
+                 "--seed", "4"]) == 0
+    assert capsys.readouterr().out == flagged
+    llm.shutdown()

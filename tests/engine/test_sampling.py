@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from braid_engine import InvalidSamplingParamsError, SamplingParams
+from braid_engine import InvalidSamplingParamsError, SamplingParams, sampling
 from braid_engine.sampling import _Filters, filter_logits, sample
 
 
@@ -291,20 +291,132 @@ def test_a_top_p_just_below_one_drops_what_transformers_drops():
     assert torch.equal(torch.isinf(both[0]), torch.isinf(want)) and not torch.isinf(both[1]).any()
 
 
+def _stable_reference(row, t, k, p, m=0.0):
+    """One row [V] through the filters as transformers' warpers compute them, with top-p's sort
+    stable: tied logits in index order."""
+    z = row / t
+    if 0 < k < z.shape[-1]:
+        z = z.masked_fill(z < torch.topk(z, k).values[-1], float("-inf"))
+    if p < 1:
+        sorted_z, order = torch.sort(z, stable=True)
+        drop = torch.softmax(sorted_z, -1).cumsum(-1) <= 1 - p
+        drop[-1] = False
+        z = z.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    if m > 0:
+        probs = torch.softmax(z, -1)
+        z = z.masked_fill(probs < m * probs.max(), float("-inf"))
+    return z
+
+
 @pytest.mark.parametrize("seed", range(16))
-def test_ties_at_the_top_p_cut_fall_as_transformers_lets_them_fall(seed):
-    """Top-p sorted with torch.sort(stable=True), tied logits by index, on the belief that
-    transformers' sort orders them so; its TopPLogitsWarper sorts with torch's default, which on
-    the CPU is not stable: where tied bf16 logits straddled the cut, the same number of tokens
-    was kept but not the same ones (seeds 9, 13 and 15 of the oracle test's rows). Sorted as
-    transformers sorts, the kept tokens are the same, beside other rows as alone."""
+def test_ties_at_the_top_p_cut_fall_lowest_index_first(seed):
+    """Top-p drops tied logits at its cut lowest index first, as a stable sort orders them: with
+    top-k without sorting the vocabulary, with top-p alone by a stable sort, alone or beside other
+    rows. transformers' TopPLogitsWarper sorts with torch's default sort, whose order of ties on
+    the CPU is std::sort's (neither by index nor fixed): there the same number of tokens is kept,
+    not always the same ones (bf16 logits tie at the cut in most of these rows)."""
     rng = torch.Generator().manual_seed(seed)
     logits = (torch.randn(1, 2000, generator=rng) * 2.5).to(torch.bfloat16).float()
-    settings = [(0.7, -1, 0.9), (2.0, 100, 0.7), (1.0, -1, 0.95), (0.6, -1, 0.5)]
+    settings = [(0.7, -1, 0.9), (2.0, 100, 0.7), (1.0, -1, 0.95), (0.6, -1, 0.5), (1.0, 300, 0.9), (0.6, 20, 0.95)]
     for t, k, p in settings:
-        want = _warped(logits, t, k, p, 0.0)
-        assert torch.equal(torch.isinf(filter_logits(logits[0], t, k, p, 0.0)), torch.isinf(want)), (t, k, p)
+        got = filter_logits(logits[0], t, k, p, 0.0)
+        assert torch.equal(torch.isinf(got), torch.isinf(_stable_reference(logits[0], t, k, p))), (t, k, p)
+        assert int(torch.isfinite(got).sum()) == int(torch.isfinite(_warped(logits, t, k, p, 0.0)).sum())
     batch = logits.expand(len(settings), -1)
     both = _Filters(*map(list, zip(*settings)), [0.0] * len(settings), 2000, logits.device)(batch)
     for row, (t, k, p) in zip(both, settings):  # the filters give scaled logits, filter_logits their log-softmax
         assert torch.equal(torch.log_softmax(row, -1), filter_logits(logits[0], t, k, p, 0.0))
+
+
+def _tie_heavy(rng, rows, vocab):
+    """Logits of few distinct values (many ties everywhere), some rows with -inf tokens."""
+    logits = torch.randint(-6, 7, (rows, vocab), generator=rng).float() * 0.5
+    logits[::3, ::5] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_top_p_after_top_k_without_a_sort_keeps_what_the_sorted_row_keeps(seed, monkeypatch):
+    """Top-p over what top-k keeps is cut among the top values (``_top_k_top_p``), never sorting
+    the vocabulary: the same tokens as the whole row sorted, on rows of few distinct values (ties
+    at the k-th value, at the cut, at the top), -inf tokens, fewer finite tokens than k, k of 1,
+    top-p so small it keeps one token, and beside rows with top-k alone, top-p alone or neither."""
+    rng = torch.Generator().manual_seed(seed)
+    vocab = 257
+    logits = _tie_heavy(rng, 10, vocab) if seed % 2 else torch.randn(10, vocab, generator=rng) * 3
+    if seed % 4 == 3:
+        logits[1, 3:] = float("-inf")  # 3 finite tokens, k of 20
+    # top-p values whose drop no tie group's mass j/t can equal (a group of 20 equal logits reaches
+    # 0.05 = 1 - 0.95 exactly, where float32's rounding decides the sorted row's cut)
+    settings = [(0.6, 20, 0.9513, 0.0), (1.0, 20, 0.9377, 0.0), (1.0, 1, 0.5371, 0.0), (0.9, 5, 1e-6, 0.0),
+                (1.3, 64, 0.8123, 0.05), (1.0, 256, 0.6079, 0.0), (0.7, 20, 1.0, 0.0), (1.0, -1, 0.9011, 0.0),
+                (0.8, -1, 1.0, 0.0), (2.0, 7, 0.9917, 0.1)]
+    filters = _Filters(*map(list, zip(*settings)), vocab, logits.device)
+    assert filters.nucleus_in_top_k
+    got = filters(logits)
+    for i, (row, (t, k, p, m)) in enumerate(zip(logits, settings)):
+        want = _stable_reference(row, t, k, p, m)
+        assert torch.equal(torch.isinf(got[i]), torch.isinf(want)), (seed, i)
+        assert torch.equal(got[i][torch.isfinite(want)], want[torch.isfinite(want)])
+        alone = _Filters([t], [k], [p], [m], vocab, logits.device)(logits[i:i + 1])[0]
+        assert torch.equal(alone, got[i])
+    kept = torch.isfinite(got).sum(-1)
+    assert kept[3] == 1 and 1 <= kept[2] <= int((logits[2] == logits[2].max()).sum())
+    monkeypatch.setattr(sampling, "SORT_FREE_TOP_P", False)  # every top-p row sorted, as before
+    sorted_rows = _Filters(*map(list, zip(*settings)), vocab, logits.device)
+    assert not sorted_rows.nucleus_in_top_k
+    assert torch.equal(sorted_rows(logits), got)
+
+
+QWEN3_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
+
+def test_calls_without_params_take_the_checkpoints_sampling_settings(tmp_path):
+    """As vLLM and transformers do, a call without SamplingParams samples with the settings of the
+    checkpoint's generation_config.json (Qwen3's 0.6 / 0.95 / 20), SamplingParams' defaults for the
+    rest; a checkpoint without any gets SamplingParams(). A greedy setting there makes the call
+    without params give the greedy tokens."""
+    from braid_engine import LLM
+    from braid_engine.testing import make_tiny_checkpoint
+
+    llm = LLM(make_tiny_checkpoint(tmp_path / "qwen3", generation_config=QWEN3_SAMPLING), device="cpu")
+    got = llm.get_default_sampling_params()
+    assert (got.temperature, got.top_p, got.top_k, got.min_p, got.max_tokens) == (0.6, 0.95, 20, 0.0, 16)
+    got.temperature = 0  # a new object each call
+    assert llm.get_default_sampling_params().temperature == 0.6
+    llm.shutdown()
+    plain = LLM(make_tiny_checkpoint(tmp_path / "plain"), device="cpu")
+    assert plain.get_default_sampling_params() == SamplingParams()
+    plain.shutdown()
+
+    llm = LLM(make_tiny_checkpoint(tmp_path / "greedy", generation_config={"temperature": 0.0}), device="cpu")
+    prompt = [5, 6, 7, 8]
+    want = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].token_ids
+    sampled = [llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=16, seed=s))[0].token_ids
+               for s in range(3)]
+    assert any(t != want for t in sampled)  # the default SamplingParams() would not give want
+    assert llm.generate([prompt])[0].token_ids == want
+    deltas = list(llm.stream(prompt))
+    assert sum((d.token_ids for d in deltas), []) == want and deltas[-1].finish_reason == "length"
+    llm.shutdown()
+
+
+def test_unusable_sampling_settings_in_the_checkpoint_are_refused_at_load(tmp_path, caplog):
+    from braid_engine import LLM, CheckpointError
+    from braid_engine.testing import make_tiny_checkpoint
+
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": "20"}):
+        path = make_tiny_checkpoint(tmp_path / str(len(list(tmp_path.iterdir()))), generation_config=bad)
+        with pytest.raises(CheckpointError, match="generation_config.json gives sampling settings .* fix or remove"):
+            LLM(path, device="cpu")
+    path = make_tiny_checkpoint(tmp_path / "penalty", generation_config={"repetition_penalty": 1.1, "temperature": 0.7})
+    with caplog.at_level("WARNING", logger="braid_engine"):
+        llm = LLM(path, device="cpu")
+    assert "repetition_penalty=1.1, which braid does not apply" in caplog.text
+    assert llm.get_default_sampling_params().temperature == 0.7
+    llm.shutdown()
+    path = make_tiny_checkpoint(tmp_path / "off", generation_config={"repetition_penalty": 1.0})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="braid_engine"):
+        LLM(path, device="cpu").shutdown()
+    assert "does not apply" not in caplog.text

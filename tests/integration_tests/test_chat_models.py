@@ -701,3 +701,31 @@ def test_a_cut_off_call_holds_its_arguments_text_as_its_args() -> None:
     _, calls, invalid = parse_tool_calls('<tool_call>\n{"name": "g", "arguments": {"s": "ab', ["g"])
     assert calls == [] and invalid[0]["name"] == "g" and invalid[0]["args"] == '{"s": "ab'
     assert invalid[0]["error"] == "the call was cut off before </tool_call>"
+
+
+def test_sampling_settings_not_given_are_the_checkpoints(tmp_path, monkeypatch):
+    """A setting neither the call nor the model's fields give is the checkpoint's
+    generation_config.json one (Qwen3's 0.6 / 0.95 / 20), as through vLLM's server; where the
+    checkpoint has none, 0.7 / 1 / -1. The call's win over the fields, the fields over the file."""
+    from braid_engine.engine.engine import LLMEngine
+    from braid_engine.testing import make_tiny_checkpoint
+
+    seen: list[Any] = []
+    add_request = LLMEngine.add_request
+
+    def recorded(self, prompt, params, *args, **kwargs):
+        seen.append((params.temperature, params.top_p, params.top_k, params.min_p))
+        return add_request(self, prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(LLMEngine, "add_request", recorded)
+    qwen3 = str(make_tiny_checkpoint(tmp_path / "qwen3", generation_config={
+        "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}))
+    plain = str(make_tiny_checkpoint(tmp_path / "plain"))
+    hi = [HumanMessage("hi")]
+    ChatBraid(model=qwen3, device="cpu", max_tokens=2).invoke(hi)
+    ChatBraid(model=qwen3, device="cpu", max_tokens=2, temperature=0).invoke(hi)
+    ChatBraid(model=qwen3, device="cpu", max_tokens=2, top_p=0.5).invoke(hi, top_k=3, min_p=0.1)
+    list(ChatBraid(model=qwen3, device="cpu", max_tokens=2).stream(hi, temperature=None))
+    ChatBraid(model=plain, device="cpu", max_tokens=2).invoke(hi)
+    assert seen == [(0.6, 0.95, 20, 0.0), (0.0, 0.95, 20, 0.0), (0.6, 0.5, 3, 0.1), (0.6, 0.95, 20, 0.0),
+                    (0.7, 1.0, -1, 0.0)]

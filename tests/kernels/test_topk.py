@@ -44,12 +44,13 @@ def test_ties_at_the_kth_value_count_as_often_as_they_occur(device):
 
 def test_the_filters_keep_the_same_tokens_with_the_kernels(device, monkeypatch):
     """The sampler's filters with top-k's threshold from the kernels give the scaled, filtered
-    logits of torch.topk's, bit for bit, beside top-p and min-p, with k past MAX_K taking torch."""
+    logits of torch.topk's, bit for bit, beside top-p and min-p, with k past MAX_K taking torch,
+    and torch's top values where a row cuts top-p among them."""
     from braid_engine.sampling import _Filters
 
     gen = torch.Generator().manual_seed(3)
     logits = (torch.randn(4, VOCAB, generator=gen) * 4).to(torch.bfloat16).float().to(device)
-    settings = dict(temperature=[0.7, 1.0, 1.3, 0.9], top_k=[20, -1, 3, 50], top_p=[0.95, 0.9, 1.0, 1.0],
+    settings = dict(temperature=[0.7, 1.0, 1.3, 0.9], top_k=[20, -1, 3, 50], top_p=[1.0, 0.9, 1.0, 1.0],
                     min_p=[0.0, 0.05, 0.0, 0.0])
     args = (*settings.values(), VOCAB, logits.device)
     with_kernels = _Filters(*args, kth_kernel=True)
@@ -58,6 +59,8 @@ def test_the_filters_keep_the_same_tokens_with_the_kernels(device, monkeypatch):
     assert torch.equal(with_kernels(logits), _Filters(*args)(logits))
     big = _Filters([1.0], [MAX_K + 1], [1.0], [0.0], VOCAB, logits.device, kth_kernel=True)
     assert big.kth is None  # torch.topk past the kernels' largest k
+    nucleus = _Filters([0.6], [20], [0.95], [0.0], VOCAB, logits.device, kth_kernel=True)
+    assert nucleus.kth is None and nucleus.nucleus_in_top_k
 
 
 def test_the_kernels_refuse_what_they_cannot_take(device):
