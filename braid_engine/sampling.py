@@ -251,6 +251,9 @@ def _top_k_top_p(logits: torch.Tensor, top: torch.Tensor, at: torch.Tensor, kth:
     rank = ties.cumsum(-1)  # a tie's place among its row's ties, by index, from 1
     keep = torch.where(in_ties, (logits > kth) | (ties & (rank > m)),
                        (logits > cut_value) | ((logits == cut_value) & (columns >= cut_index)))
+    # a row with a NaN: top-k's mask alone, as where no row cuts top-p among its top values (a
+    # NaN softmax drops nothing; a row without top-k, kth -inf, keeps every token, NaN included)
+    keep = torch.where(logits.isnan().any(-1, keepdim=True), ~(logits < kth), keep)
     return logits.masked_fill(~keep, neg)
 
 

@@ -368,6 +368,28 @@ def test_top_p_after_top_k_without_a_sort_keeps_what_the_sorted_row_keeps(seed, 
     assert torch.equal(sorted_rows(logits), got)
 
 
+def test_nan_logits_beside_a_row_cutting_top_p_among_its_top_values_are_kept_as_alone():
+    """A NaN logit (a model gone wrong) is kept by top-k, as the reference keeps it (NaN < k-th is
+    false), and the row's NaN softmax drops nothing by top-p. ``_top_k_top_p`` runs over every row
+    once one row cuts top-p among its top values, and it turned each NaN into -inf: in that row and
+    in rows without top-k beside it, which alone keep the NaN (and top-p then drops nothing)."""
+    nan = float("nan")
+    row = torch.tensor([0.5, nan, 2.0, 1.0, -1.0])
+    settings = [(1.0, 2, 0.9, 0.0), (1.0, -1, 0.5, 0.0), (1.0, -1, 1.0, 0.0), (0.7, -1, 1.0, 0.1),
+                (1.0, 1, 0.9, 0.0), (1.0, 3, 0.3, 0.0)]
+    logits = row.expand(len(settings), -1)
+    filters = _Filters(*map(list, zip(*settings)), 5, logits.device)
+    assert filters.nucleus_in_top_k
+    got = filters(logits)
+    for i, (t, k, p, m) in enumerate(settings):
+        want = _stable_reference(row, t, k, p, m)
+        assert torch.equal(torch.isneginf(got[i]), torch.isneginf(want)), (i, got[i], want)
+        alone = _Filters([t], [k], [p], [m], 5, logits.device)(logits[i:i + 1])[0]
+        assert torch.equal(torch.isneginf(alone), torch.isneginf(got[i])) and torch.isnan(alone[1]), i
+        assert torch.equal(alone.nan_to_num(), got[i].nan_to_num()), i
+    assert torch.isneginf(got[0]).tolist() == [True, False, False, True, True]  # the k-th (2.0) and NaN
+
+
 QWEN3_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
