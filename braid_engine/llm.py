@@ -386,6 +386,10 @@ def _sampling_defaults(generation: dict[str, Any], path: Path) -> dict[str, Any]
     Checked here: a bad one is the checkpoint's fault, not a request's."""
     defaults = {k: generation[k] for k in _SAMPLING_KEYS if generation.get(k) is not None}
     try:
+        # a JSON true or false is no number (SamplingParams took one as 1 or 0 for all but top_k)
+        flags = [k for k, v in defaults.items() if isinstance(v, bool)]
+        if flags:
+            raise ValueError(f"{', '.join(flags)} must be numbers, not true or false")
         SamplingParams(**defaults)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / _GENERATION_CONFIG} gives sampling settings {defaults} that "

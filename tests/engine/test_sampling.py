@@ -427,7 +427,7 @@ def test_unusable_sampling_settings_in_the_checkpoint_are_refused_at_load(tmp_pa
     from braid_engine import LLM, CheckpointError
     from braid_engine.testing import make_tiny_checkpoint
 
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": "20"}):
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": "20"}, {"temperature": True}, {"min_p": True}):
         path = make_tiny_checkpoint(tmp_path / str(len(list(tmp_path.iterdir()))), generation_config=bad)
         with pytest.raises(CheckpointError, match="generation_config.json gives sampling settings .* fix or remove"):
             LLM(path, device="cpu")
