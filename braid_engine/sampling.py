@@ -108,7 +108,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 # top-p after top-k cut among the top-k values, without sorting the vocabulary (off: sorted, as
-# top-p alone is; the same tokens either way, but where a mass equals the drop to float32's last bit)
+# top-p alone is; the same tokens either way, but where a mass lies within float32's rounding of
+# the drop: see _top_k_top_p)
 SORT_FREE_TOP_P = True
 
 
@@ -222,8 +223,9 @@ def _top_k_top_p(logits: torch.Tensor, top: torch.Tensor, at: torch.Tensor, kth:
     every token from a cut on: past the k-th value, the ties past the m-th (counted by index
     across the row), or, where the cut falls among the larger ones, from its (logit, index) on.
     The masses are summed in double, a softmax and cumulative sum over the sorted row in float32:
-    a cut moves only where a cumulative mass equals the drop to float32's last bit (a tie group of
-    t at a drop of j/t, say), where float32's rounding decides either way."""
+    the two cut differently only where a cumulative mass lies within float32's rounding of the
+    drop (its last bit; a few bits over a tie group of thousands), e.g. a group of t at a drop of
+    j/t, where that rounding decides either way."""
     neg = float("-inf")
     ties = logits == kth  # (no token is "tied" with a NaN)
     t = ties.sum(-1, keepdim=True)

@@ -193,6 +193,10 @@ class LLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[Sequence] = []
+        # requests handed to the loop thread (written under _wake) and taken into its scheduler
+        # (by the loop thread, under _state): stats() counts the difference as waiting. One writer
+        # lock each, so no update is lost, and no lock is taken inside the other to count them
+        self._queued = self._taken = 0
         self._together_thread: int | None = None  # the thread inside together(), if any
         self._aborts: list[RequestStream] = []
         self._wake = threading.Condition()
@@ -286,6 +290,7 @@ class LLMEngine:
                 raise InvalidRequestError(f"request id {seq.request_id!r} is already in use.")
             self._streams[seq.request_id] = stream
             self._pending.append(seq)
+            self._queued += 1
             self._ensure_thread()
             self._wake.notify()
 
@@ -315,6 +320,7 @@ class LLMEngine:
                 for rid in added:
                     del self._streams[rid]
                 self._pending = [seq for seq in self._pending if seq.request_id not in added]
+                self._queued -= len(added)
                 raise
         return streams
 
@@ -384,13 +390,13 @@ class LLMEngine:
                     self._wake.wait()
                 if self._closed:
                     break
+                pending, self._pending = self._pending, []
                 aborts, self._aborts = self._aborts, []
-                with self._state:  # under both locks: stats() finds a new request queued here or
-                    for seq in self._pending:  # in the scheduler, never in neither
-                        self._seqs[seq.request_id] = seq
-                        self.scheduler.add(seq)
-                    self._pending = []
             with self._state:
+                for seq in pending:
+                    self._seqs[seq.request_id] = seq
+                    self.scheduler.add(seq)
+                self._taken += len(pending)
                 for stream in aborts:
                     rid = stream.request_id
                     seq = self._seqs.get(rid)
@@ -422,6 +428,7 @@ class LLMEngine:
         with self._wake:
             pending, self._pending = self._pending, []
         with self._state:
+            self._taken += len(pending)
             for seq in pending + list(self._seqs.values()):
                 self._fail(seq, EngineClosedError(
                     f"the engine was shut down before request {seq.request_id} finished; {_REOPEN} "
@@ -790,9 +797,8 @@ class LLMEngine:
                 "decoded_tokens": self.scheduler.decoded_tokens,
                 "preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running),
-                # (with requests added but not yet taken by the loop thread, which it takes under
-                # this lock too; a list's len needs no other)
-                "waiting": len(self.scheduler.waiting) + len(self._pending),
+                # with the requests added that the loop thread has not yet taken
+                "waiting": len(self.scheduler.waiting) + self._queued - self._taken,
                 "steps": self.steps,
                 "decode_bursts": self.bursts,
                 "pipelined_bursts": self.pipelined_bursts,
