@@ -32,6 +32,7 @@ from benchmarks.common import (
     weight_and_kv_bytes,
 )
 from braid_engine import LLM, InvalidSamplingParamsError, SamplingParams, kernels
+from braid_engine import sampling as braid_sampling
 from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
 
@@ -152,6 +153,9 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0; 1: off")
     ap.add_argument("--top-k", type=int, default=-1, help="with --temperature > 0; ≤ 0: off")
     ap.add_argument("--min-p", type=float, default=0.0, help="with --temperature > 0; 0: off")
+    ap.add_argument("--sorted-top-p", action="store_true",
+                    help="top-p after top-k with each row sorted (braid_engine.sampling.SORT_FREE_TOP_P off), "
+                         "as before the sort-free cut")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--no-row-kernels", action="store_true",
                     help="one-token steps use cuBLAS and the standalone norm/SiLU kernels (to measure the row kernels)")
@@ -191,6 +195,8 @@ def main() -> None:
         ap.error(str(e))
     if args.compare_row_rows is not None and not 1 <= args.compare_row_rows <= kernels.ROW_KERNEL_MAX_ROWS:
         ap.error(f"--compare-row-rows takes 1 to {kernels.ROW_KERNEL_MAX_ROWS} (the most rows a row-kernel launch takes)")
+    if args.sorted_top_p:
+        braid_sampling.SORT_FREE_TOP_P = False
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
 

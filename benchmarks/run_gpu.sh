@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|sampled|sampling|persistent|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|sampled|sampling|topp|persistent|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
 # ('sampled': decode.py sampling as ChatBraid does by default (temperature 0.7), with top-p and top-k;
 # 'small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
@@ -80,10 +80,20 @@ if [ "$what" = sampling ]; then
   timeout 240 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 32 \
     --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.7 --compare-fused-sampling 2>&1 \
     | grep -E "^card|^batch|^ +[0-9]+ |sampled tokens|Error" | tee "$OUT/decode_temperature.log"
-  # Qwen3's recommended settings, top-k's threshold from our kernels (kernels.FUSED_TOP_K) and from torch.topk
+  # top-k alone, its threshold from our kernels (kernels.FUSED_TOP_K) and from torch.topk (a row that also
+  # cuts top-p takes torch.topk's values: sampling._top_k_top_p)
   timeout 240 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 32 \
-    --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.7 --top-p 0.95 --top-k 20 --compare-fused-top-k \
+    --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.7 --top-k 20 --compare-fused-top-k \
     2>&1 | grep -E "^card|^batch|^ +[0-9]+ |top-k threshold|Error" | tee "$OUT/decode_top_k.log"
+fi
+if [ "$what" = topp ]; then
+  # Qwen3's settings (its generation_config.json: the default of a request without its own), top-p cut
+  # among the top-k values (sampling.SORT_FREE_TOP_P) and after a sort of each row, two processes in turn
+  for way in "" --sorted-top-p "" --sorted-top-p; do
+    timeout 140 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 32 \
+      --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 $way 2>&1 \
+      | grep -E "^batch|^ +[0-9]+ |Error" | sed "s/^/${way:-sort-free} /" | tee -a "$OUT/decode_top_p.log"
+  done
 fi
 if [ "$what" = persistent ]; then
   # 28 layers' matmuls in one persistent kernel (one program an SM, then two) against the engine's chain of row kernels

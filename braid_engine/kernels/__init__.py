@@ -101,7 +101,8 @@ FUSED_SAMPLING = True
 
 # the sampler's top-k takes each row's k-th largest value from kernels/topk.py (program (row, chunk)
 # sorts its chunk and keeps the largest k, program (row) sorts those) instead of torch.topk, for a
-# largest k up to topk.MAX_K: the same value. Read when an engine is made, where the fused kernels
-# run. Off until measured: on an H200 torch.topk took ~340 µs of the host's time a batch-1 step
-# (benchmarks/sampling.py times both; decode.py --compare-fused-top-k measures it in the engine).
+# largest k up to topk.MAX_K: the same value; not where a row also cuts top-p (sampling._top_k_top_p
+# takes torch.topk's values). Read when an engine is made, where the fused kernels run. Off until
+# measured: on an H200 torch.topk took ~340 µs of the host's time a batch-1 step (benchmarks/sampling.py
+# times both; decode.py --compare-fused-top-k measures it in the engine, run_gpu.sh sampling at top-k alone).
 FUSED_TOP_K = False
