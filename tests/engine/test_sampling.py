@@ -151,18 +151,7 @@ def _row_by_row(logits, params, generators):
         if p.greedy:
             out.append(int(row.argmax()))
             continue
-        logits_row = row / p.temperature
-        if 0 < p.top_k < row.shape[-1]:
-            logits_row = logits_row.masked_fill(logits_row < torch.topk(logits_row, p.top_k).values[-1], float("-inf"))
-        if p.top_p < 1:
-            sorted_logits, order = torch.sort(logits_row)
-            drop = torch.softmax(sorted_logits, -1).cumsum(-1) <= 1 - p.top_p
-            drop[-1] = False
-            logits_row = logits_row.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-        if p.min_p > 0:
-            probs = torch.softmax(logits_row, -1)
-            logits_row = logits_row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-        logp = torch.log_softmax(logits_row, -1)
+        logp = torch.log_softmax(_stable_reference(row, p.temperature, p.top_k, p.top_p, p.min_p), -1)
         race = shared[sampled.index(i)] if gen is None else torch.empty_like(logp).exponential_(generator=gen)
         out.append(int((logp.exp() / race).argmax()))
     return out
