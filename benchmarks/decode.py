@@ -153,9 +153,9 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0; 1: off")
     ap.add_argument("--top-k", type=int, default=-1, help="with --temperature > 0; ≤ 0: off")
     ap.add_argument("--min-p", type=float, default=0.0, help="with --temperature > 0; 0: off")
-    ap.add_argument("--sorted-top-p", action="store_true",
-                    help="top-p after top-k with each row sorted (braid_engine.sampling.SORT_FREE_TOP_P off), "
-                         "as before the sort-free cut")
+    ap.add_argument("--top-p-cut", choices=("sorted", "sort-free"), default=None,
+                    help="top-p after top-k with each row sorted or cut among the top-k values "
+                         "(braid_engine.sampling.SORT_FREE_TOP_P off or on; default: the engine's, sorted on a GPU)")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--no-row-kernels", action="store_true",
                     help="one-token steps use cuBLAS and the standalone norm/SiLU kernels (to measure the row kernels)")
@@ -184,6 +184,9 @@ def main() -> None:
         ap.add_argument(f"--compare-{flag}", action="store_true",
                         help="after each row, the engine against a second one whose graphs were captured with "
                              f"braid_engine.kernels.{switch} the other way, in turn, in this process")
+    ap.add_argument("--compare-draw-graphs", action="store_true",
+                    help="after each row, the engine against a second one whose sampled bursts draw their tokens "
+                         "op by op, not in a graph of their own (ModelRunner.draw_graph_rows 0), in turn")
     ap.add_argument("--skip-transformers", action="store_true",
                     help="the engine's tokens/s only (to set two builds of the engine side by side; a record "
                          "needs the baselines)")
@@ -195,8 +198,8 @@ def main() -> None:
         ap.error(str(e))
     if args.compare_row_rows is not None and not 1 <= args.compare_row_rows <= kernels.ROW_KERNEL_MAX_ROWS:
         ap.error(f"--compare-row-rows takes 1 to {kernels.ROW_KERNEL_MAX_ROWS} (the most rows a row-kernel launch takes)")
-    if args.sorted_top_p:
-        braid_sampling.SORT_FREE_TOP_P = False
+    if args.top_p_cut is not None:
+        braid_sampling.SORT_FREE_TOP_P = args.top_p_cut == "sort-free"
     if args.no_row_kernels:
         from braid_engine.models.layers import DecoderLayer
 
@@ -243,6 +246,11 @@ def main() -> None:
     if args.compare_small_decode_batch is not None:
         others.append((f"our decode attention ≤ {FlashInferBackend.small_decode_batch}",
                        f"≤ {args.compare_small_decode_batch}", engine_with(args.compare_small_decode_batch)))
+
+    if args.compare_draw_graphs:
+        op_by_op = engine_with()
+        op_by_op.engine.runner.draw_graph_rows = 0
+        others.append((f"draws in graphs up to {llm.engine.runner.draw_graph_rows} rows", "draws op by op", op_by_op))
 
     def flipped(switch: str, on: str, off: str) -> tuple[str, str, LLM]:
         """(this engine's name, the other's, an engine with the boolean kernels switch the other way)."""

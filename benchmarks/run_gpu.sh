@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A full run on the GPU machine: GPU tests, then the benchmarks with their transformers
 # baselines. Logs go to $OUT (or ./gpu-logs). Usage, from the project root on that machine:
-#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|sampled|sampling|topp|persistent|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
+#   bash benchmarks/run_gpu.sh [tests|tests-kernels|tests-shapes|tests-engine|decode|sampled|sampling|draws|topp|persistent|small|smallbatch|bursts|pipeline|readahead|splitcfg|levers|ab|host|workloads|prefill|shared|all]
 # ('sampled': decode.py sampling as ChatBraid does by default (temperature 0.7), with top-p and top-k;
 # 'small': one layer's decode attention, FlashInfer's forms and ours, and graph_timeline.py, each kernel's share
 # of a decode step or a fresh prompt in its graph; 'bursts': interleave.py, streams while a long
@@ -13,6 +13,7 @@
 # 'host': what lies outside a fresh prompt's prefill graph, the host's part of its step, and what a graph launch costs;
 # 'levers': decode.py at batch 1 and 2 with each of two kernel switches the other way, against the defaults,
 # and whole prompts with PDL_RMS_NORM each way;
+# 'draws': decode.py sampled, each burst's draw in a graph of its own and op by op;
 # 'sampling': sampling.py, each filter's draw a step; decode.py at temperature 0.7 alone, the draw in our kernels and in torch,
 # and at Qwen3's settings with top-k's threshold from our kernels and from torch.topk;
 # 'persistent': persistent_layer.py, a batch-1 step's matmuls in one kernel reading ahead of its waits, against the row kernels;
@@ -89,11 +90,21 @@ fi
 if [ "$what" = topp ]; then
   # Qwen3's settings (its generation_config.json: the default of a request without its own), top-p cut
   # among the top-k values (sampling.SORT_FREE_TOP_P) and after a sort of each row, two processes in turn
-  for way in "" --sorted-top-p "" --sorted-top-p; do
+  for way in sort-free sorted sort-free sorted; do
     timeout 140 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 32 \
-      --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 $way 2>&1 \
-      | grep -E "^batch|^ +[0-9]+ |Error" | sed "s/^/${way:-sort-free} /" | tee -a "$OUT/decode_top_p.log"
+      --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 --top-p-cut $way 2>&1 \
+      | grep -E "^batch|^ +[0-9]+ |Error" | sed "s/^/$way /" | tee -a "$OUT/decode_top_p.log"
   done
+fi
+if [ "$what" = draws ]; then
+  # sampled bursts drawing their tokens in a CUDA graph of their own (model_runner.DRAW_GRAPH_ROWS) against
+  # launched op by op, two engines in turn: Qwen3's settings, then temperature alone (ChatBraid's fallback)
+  timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 8 32 \
+    --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 --compare-draw-graphs \
+    2>&1 | grep -E "^card|^batch|^ +[0-9]+ |draws|Error" | tee "$OUT/decode_draws.log"
+  timeout 150 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 \
+    --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.7 --compare-draw-graphs \
+    2>&1 | grep -E "^card|^batch|^ +[0-9]+ |draws|Error" | tee "$OUT/decode_draws_temperature.log"
 fi
 if [ "$what" = persistent ]; then
   # 28 layers' matmuls in one persistent kernel (one program an SM, then two) against the engine's chain of row kernels

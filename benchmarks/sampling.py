@@ -5,7 +5,8 @@ launch it (eager calls, no waiting), against the greedy argmax. Inside a decode 
 launches each step's draw between two replays, so a step costs at least the larger of the two.
 Each setting three ways: in torch (``fused=False``), with the race in our kernels (the engine's
 default, ``kernels.FUSED_SAMPLING``), and with top-k's threshold from ours too (``kernels.FUSED_TOP_K``);
-top-p after top-k also with the whole row sorted (``sampling.SORT_FREE_TOP_P`` off, as before it).
+top-p after top-k both cut among the top-k values (``sampling.SORT_FREE_TOP_P`` on, the CPU's way) and
+with the whole row sorted (off, the GPU's way).
 
     python -m benchmarks.sampling [--batch 1 8 32]
 """
@@ -66,7 +67,7 @@ def main() -> None:
             for b in args.batch:
                 sampling.SORT_FREE_TOP_P = sort_free  # (read as the sampler is made)
                 sampler = RowSampler([params] * b, [None] * b, VOCAB, dev, fused=fused, top_k_kernel=kth)
-                sampling.SORT_FREE_TOP_P = True
+                sampling.SORT_FREE_TOP_P = None
                 x = logits[b]
                 gpu = graph_time(lambda s=sampler, x=x: s(x), 50)
                 host = host_time(lambda s=sampler, x=x: s(x))

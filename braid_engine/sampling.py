@@ -107,10 +107,13 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return torch.log_softmax(filters(logits[None])[0], -1)
 
 
-# top-p after top-k cut among the top-k values, without sorting the vocabulary (off: sorted, as
+# top-p after top-k cut among the top-k values, without sorting the vocabulary (False: sorted, as
 # top-p alone is; the same tokens either way, but where a mass lies within float32's rounding of
-# the drop: see _top_k_top_p)
-SORT_FREE_TOP_P = True
+# the drop: see _top_k_top_p). None: on the CPU only. On a GPU the sort-free cut's two dozen
+# launches over the whole row took longer than the sort (H200, benchmarks/sampling.py, bf16
+# Qwen3 vocabulary at 0.6/20/0.95: 243 against 209 µs of GPU a step at batch 1, 548 against 511
+# at 8; the host's launches 2.0 against 0.66 ms); on the CPU it takes a third of the sort's time.
+SORT_FREE_TOP_P: bool | None = None
 
 
 class _Filters:
@@ -125,8 +128,8 @@ class _Filters:
 
     Top-p drops the least likely tokens whose mass stays within 1 - top_p, the top one never, in
     ascending order of (logit, index): tied logits fall lowest index first, as a stable sort
-    orders them. A row with top-k needs no sort of its vocabulary for that (``_top_k_top_p``);
-    a row with top-p alone sorts its row."""
+    orders them. On the CPU a row with top-k needs no sort of its vocabulary for that
+    (``_top_k_top_p``, ``SORT_FREE_TOP_P``); other rows with top-p sort theirs."""
 
     def __init__(self, temperature: list[float], top_k: list[int], top_p: list[float], min_p: list[float],
                  vocab: int, device: torch.device, kth_kernel: bool = False) -> None:
@@ -139,7 +142,8 @@ class _Filters:
         # the largest k: its top values hold every row's k-th largest (a partial sort, not a whole one)
         self.k_max = int(k[k_on].max()) if k_on.any() else 0
         # top-p with top-k: cut among the top values (_top_k_top_p); top-p alone: its rows sorted
-        in_top_k = p_on & k_on if SORT_FREE_TOP_P else torch.zeros_like(p_on)
+        sort_free = device.type == "cpu" if SORT_FREE_TOP_P is None else SORT_FREE_TOP_P
+        in_top_k = p_on & k_on if sort_free else torch.zeros_like(p_on)
         self.nucleus_in_top_k = bool(in_top_k.any())
         sorted_rows = p_on & ~in_top_k
         self.sorted_rows = None

@@ -18,6 +18,12 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
 # larger prefill graphs, captured when LLM(prefill_graph_tokens=...) asks for them
 LONG_PREFILL_GRAPH_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
+# a sampled burst of up to this many sequences draws its tokens (RowSampler) in a CUDA graph of
+# their own, captured once for the batch and replayed after each step's replay, instead of
+# launching the draw's few dozen operations one by one every step (0: never). The host's
+# launches took longer than a batch-1 step's GPU time (benchmarks/sampling.py); the graph's
+# memory pool holds each intermediate [rows, vocabulary] tensor, hence the limit
+DRAW_GRAPH_ROWS = 32
 
 
 def _rows_tensor(*rows: list[int]) -> torch.Tensor:
@@ -142,6 +148,12 @@ class ModelRunner:
         # top-k's threshold by kernels/topk.py (kernels.FUSED_TOP_K), as they were when the engine was made
         self.fused_sampling = kernels.FUSED_SAMPLING
         self.fused_top_k = kernels.FUSED_TOP_K
+        self.draw_graph_rows = DRAW_GRAPH_ROWS  # as it was when the engine was made
+        # the last burst's draw graph: (its sequences, their graph's logits, the graph, its sampler),
+        # replayed again by the next burst of the same sequences (pipelined bursts follow one another)
+        self._draw: tuple[list[Sequence], torch.Tensor, torch.cuda.CUDAGraph, RowSampler] | None = None
+        self._draw_pool = None  # one memory pool for every draw graph: the last one's is taken again
+        self.draw_captures = 0
 
     # -- CUDA graphs for decode ------------------------------------------------------------
     @torch.inference_mode()
@@ -212,6 +224,45 @@ class ModelRunner:
         for x in (logits[:1], logits[:1].float()):
             for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)):
                 RowSampler([params], [gen], x.shape[-1], x.device, True, top_k_kernel)(x)
+
+    def _sampler(self, seqs: list[Sequence]) -> RowSampler:
+        return RowSampler([seq.params for seq in seqs], [seq.generator for seq in seqs],
+                          self.model.config.vocab_size, self.device, self.sample_fused, self.fused_top_k)
+
+    def _draw_graph(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.cuda.CUDAGraph | None:
+        """A CUDA graph that draws ``seqs``' tokens from ``logits`` (the rows of a decode graph's
+        output) into the graphs' input ids, as ``RowSampler`` draws them: the last burst's when it
+        drew for the same sequences from the same graph's logits, else captured now. Each
+        request's generator is registered with the graph, which advances it on each replay as
+        the operations run one by one advance it, so a seeded request draws the same tokens either
+        way. Capturing queues nothing and waits for nothing: the host goes on ahead of the GPU.
+        None where torch cannot register a request's own generator with a graph."""
+        last = self._draw
+        if (last is not None and last[1].data_ptr() == logits.data_ptr() and len(last[0]) == len(seqs)
+                and all(a is b for a, b in zip(last[0], seqs, strict=True))):
+            return last[2]
+        graph = torch.cuda.CUDAGraph()
+        generators = [seq.generator for seq in seqs if seq.generator is not None and not seq.params.greedy]
+        if generators and not hasattr(graph, "register_generator_state"):
+            return None
+        sampler = self._sampler(seqs)
+        for gen in generators:
+            graph.register_generator_state(gen)
+        if self._draw_pool is None:
+            self._draw_pool = torch.cuda.graph_pool_handle()
+        n = len(seqs)
+        # (not torch.cuda.graph: it synchronizes the device first. A side stream, as capture
+        # needs one; only this thread's calls are checked, the API's other users go on)
+        with torch.cuda.stream(torch.cuda.Stream(self.device)):
+            graph.capture_begin(pool=self._draw_pool, capture_error_mode="thread_local")
+            try:
+                self.static_ids[:n].copy_(sampler(logits))
+            finally:
+                graph.capture_end()
+        # the old graph goes only now: its pool's memory is the new one's to take again
+        self._draw = (seqs, logits, graph, sampler)
+        self.draw_captures += 1
+        return graph
 
     @staticmethod
     def _capture(forward, rows: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -368,10 +419,9 @@ class ModelRunner:
             return [t[(c + k) // ps] * ps + (c + k) % ps for t, c in zip(tables, starts, strict=True)]
 
         bs = self._graph_size(batch)
-        sampler = None
-        if any(not seq.params.greedy for seq in seqs):
-            sampler = RowSampler([seq.params for seq in seqs], [seq.generator for seq in seqs],
-                                 self.model.config.vocab_size, dev, self.sample_fused, self.fused_top_k)
+        sampled = any(not seq.params.greedy for seq in seqs)
+        graph_draws = sampled and bs is not None and steps > 1 and len(seqs) <= self.draw_graph_rows
+        sampler = self._sampler(seqs) if sampled and not graph_draws else None
         if after is not None and after.first_done is not None:
             # planning refills pinned host buffers (FlashInfer's plan information) whose copies to
             # the device were queued before the first replay of ``after``: once that replay is
@@ -386,9 +436,14 @@ class ModelRunner:
         logits = None if bs is None else self._replay(bs, first, starts, slots(0), layout(0, torch.empty(0)))
         if logits is not None:
             n = len(seqs)
+            draw_graph = self._draw_graph(seqs, logits) if graph_draws else None
+            if graph_draws and draw_graph is None:
+                sampler = self._sampler(seqs)
 
             def draw() -> None:  # the sampled tokens replace the graph's argmax as the next input
-                if sampler is not None:
+                if draw_graph is not None:
+                    draw_graph.replay()
+                elif sampler is not None:
                     self.static_ids[:n].copy_(sampler(logits))
 
             first_done = torch.cuda.Event()
@@ -416,6 +471,8 @@ class ModelRunner:
                 self.cascade_replays += steps - 1
                 self.backend.cascade_steps += steps - 1  # planned once, cascaded every step
             return Burst(out, seqs, steps, first_done, *self._to_host(out))
+        if sampled and sampler is None:  # no graph took the step after all
+            sampler = self._sampler(seqs)
         # (a graph's padding rows come after the sequences')
         ids = torch.tensor(first, dtype=torch.long, device=dev) if after is None else after.out[-1, :len(seqs)]
         out = []

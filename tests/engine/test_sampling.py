@@ -357,6 +357,23 @@ def test_top_p_after_top_k_without_a_sort_keeps_what_the_sorted_row_keeps(seed, 
     assert torch.equal(sorted_rows(logits), got)
 
 
+def test_top_p_after_top_k_is_cut_without_a_sort_on_the_cpu_alone(monkeypatch):
+    """``SORT_FREE_TOP_P`` None (the default): the sort-free cut on the CPU, where it is the faster
+    one; elsewhere every top-p row is sorted, the faster there (docs/benchmarks.md). Either way
+    when set."""
+    settings = ([0.6, 1.0], [20, -1], [0.95, 0.9], [0.0, 0.0])
+    assert sampling.SORT_FREE_TOP_P is None
+    for device, sort_free in ((torch.device("cpu"), True), (torch.device("meta"), False)):
+        filters = _Filters(*settings, 1000, device)
+        assert filters.nucleus_in_top_k == sort_free
+        assert (filters.sorted_rows == torch.tensor([1], device=device)).all() if sort_free else \
+            filters.sorted_rows == slice(None)
+        for forced in (True, False):
+            monkeypatch.setattr(sampling, "SORT_FREE_TOP_P", forced)
+            assert _Filters(*settings, 1000, device).nucleus_in_top_k == forced
+        monkeypatch.setattr(sampling, "SORT_FREE_TOP_P", None)
+
+
 def test_nan_logits_beside_a_row_cutting_top_p_among_its_top_values_are_kept_as_alone():
     """A NaN logit (a model gone wrong) is kept by top-k, as the reference keeps it (NaN < k-th is
     false), and the row's NaN softmax drops nothing by top-p. ``_top_k_top_p`` runs over every row

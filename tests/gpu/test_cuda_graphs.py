@@ -374,7 +374,9 @@ def test_sampled_bursts_draw_the_tokens_of_single_graph_steps(engines, requests)
     graphed, _ = engines
     stepwise = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                    max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256, decode_burst=1)
+    runner = graphed.engine.runner
     try:
+        captures, bursts = runner.draw_captures, graphed.stats()["decode_bursts"]
         gen = torch.Generator().manual_seed(40 + requests)
         prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist()
                    for n in torch.randint(5, 90, (requests,), generator=gen)]
@@ -384,10 +386,45 @@ def test_sampled_bursts_draw_the_tokens_of_single_graph_steps(engines, requests)
                   for i in range(requests)]
         results = [[o.token_ids for o in llm.generate(prompts, params)] for llm in (stepwise, graphed)]
         assert results[1] == results[0]
+        # the bursts drew in graphs (runner.DRAW_GRAPH_ROWS), each batch's captured once and
+        # replayed by the bursts that followed it
+        captures, bursts = runner.draw_captures - captures, graphed.stats()["decode_bursts"] - bursts
+        assert 1 <= captures < bursts
         greedy = graphed.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
                                                           enable_prefix_caching=False))
         assert results[1][0] != greedy[0].token_ids  # drawn, not the argmax
         assert stepwise.stats()["decode_bursts"] == 0
+    finally:
+        stepwise.shutdown()
+
+
+@pytest.mark.parametrize("graph_rows", [0, 32], ids=["drawn-op-by-op", "drawn-in-graphs"])
+def test_unseeded_sampled_bursts_draw_the_tokens_of_single_steps(engines, graph_rows, monkeypatch):
+    """Requests without a seed draw from the default CUDA generator: seeded the same, bursts
+    (their draw launched op by op, or in a graph of its own that advances the default generator
+    by what the ops would) draw the tokens of single steps."""
+    from braid_engine.engine import model_runner
+
+    graphed, _ = engines
+    monkeypatch.setattr(graphed.engine.runner, "draw_graph_rows", graph_rows)
+    stepwise = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                   max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256, decode_burst=1)
+    try:
+        assert model_runner.DRAW_GRAPH_ROWS == 32  # the default this test's second case stands for
+        gen = torch.Generator().manual_seed(7)
+        prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist() for n in (12, 40, 75)]
+        params = [SamplingParams(max_tokens=30, ignore_eos=True, enable_prefix_caching=False, **kw)
+                  for kw in (dict(temperature=0.9), dict(temperature=0.6, top_k=20, top_p=0.95),
+                             dict(temperature=1.0, top_p=0.8))]
+        results = []
+        for llm in (stepwise, graphed):
+            captures = graphed.engine.runner.draw_captures
+            torch.cuda.manual_seed(1234)
+            results.append([o.token_ids for o in llm.generate(prompts, params)])
+        assert (graphed.engine.runner.draw_captures > captures) == (graph_rows > 0)
+        assert results[1] == results[0]
+        torch.cuda.manual_seed(4321)
+        assert [o.token_ids for o in graphed.generate(prompts, params)] != results[0]  # drawn anew
     finally:
         stepwise.shutdown()
 
