@@ -20,10 +20,10 @@ PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
 LONG_PREFILL_GRAPH_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
 # a sampled burst of up to this many sequences draws its tokens (RowSampler) in a CUDA graph of
 # their own, captured once for the batch and replayed after each step's replay, instead of
-# launching the draw's few dozen operations one by one every step (0: never). The host's
-# launches took longer than a batch-1 step's GPU time (benchmarks/sampling.py); the graph's
-# memory pool holds each intermediate [rows, vocabulary] tensor, hence the limit
-DRAW_GRAPH_ROWS = 32
+# launching the draw's few dozen operations one by one every step (0: never). H200, Qwen3's
+# 0.6/0.95/20: 1.05× the tokens/s at batch 1, 1.01× at 8, 0.97× at 32 (docs/benchmarks.md); the
+# graph's memory pool also holds each intermediate [rows, vocabulary] tensor
+DRAW_GRAPH_ROWS = 8
 
 
 def _rows_tensor(*rows: list[int]) -> torch.Tensor:
@@ -153,6 +153,7 @@ class ModelRunner:
         # replayed again by the next burst of the same sequences (pipelined bursts follow one another)
         self._draw: tuple[list[Sequence], torch.Tensor, torch.cuda.CUDAGraph, RowSampler] | None = None
         self._draw_pool = None  # one memory pool for every draw graph: the last one's is taken again
+        self._side: torch.cuda.Stream | None = None  # where draw graphs are captured
         self.draw_captures = 0
 
     # -- CUDA graphs for decode ------------------------------------------------------------
@@ -251,18 +252,29 @@ class ModelRunner:
         if self._draw_pool is None:
             self._draw_pool = torch.cuda.graph_pool_handle()
         n = len(seqs)
-        # (not torch.cuda.graph: it synchronizes the device first. A side stream, as capture
-        # needs one; only this thread's calls are checked, the API's other users go on)
-        with torch.cuda.stream(torch.cuda.Stream(self.device)):
+        # (not torch.cuda.graph: it synchronizes the device first.) Capture needs a stream of its
+        # own, and only this thread's calls are checked. Beginning a capture resets each
+        # generator's device-side seed and offset, which every graph drawing from it reads when
+        # it runs (the default generator's: every draw graph's): queued on the capture stream, that
+        # reset must come after the replays already queued, and before any queued later
+        main, side = torch.cuda.current_stream(self.device), self._capture_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
             graph.capture_begin(pool=self._draw_pool, capture_error_mode="thread_local")
             try:
                 self.static_ids[:n].copy_(sampler(logits))
             finally:
                 graph.capture_end()
+        main.wait_stream(side)
         # the old graph goes only now: its pool's memory is the new one's to take again
         self._draw = (seqs, logits, graph, sampler)
         self.draw_captures += 1
         return graph
+
+    def _capture_stream(self) -> torch.cuda.Stream:
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
 
     @staticmethod
     def _capture(forward, rows: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
