@@ -19,10 +19,11 @@ PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
 # larger prefill graphs, captured when LLM(prefill_graph_tokens=...) asks for them
 LONG_PREFILL_GRAPH_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
 # a sampled burst of up to this many sequences, each sampled one with a seed, draws its tokens
-# (RowSampler) in a CUDA graph of their own, captured once for the batch and replayed after each step's replay, instead of
-# launching the draw's few dozen operations one by one every step (0: never). H200, Qwen3's
-# 0.6/0.95/20: 1.05× the tokens/s at batch 1, 1.01× at 8, 0.97× at 32 (docs/benchmarks.md); the
-# graph's memory pool also holds each intermediate [rows, vocabulary] tensor
+# (RowSampler) in a CUDA graph of their own, captured once for the batch and replayed after each
+# step's replay, instead of launching the draw's few dozen operations one by one every step (0:
+# never). H200, Qwen3's 0.6/0.95/20, seeded: batch 1 1.05× and 1.35× the tokens/s in two runs (the
+# op-by-op engine's own rate moved, 1,103 and 866), 4 and 8 1.00-1.01×, 32 0.97× (docs/benchmarks.md).
+# The graph's memory pool holds each intermediate [rows, vocabulary] tensor
 DRAW_GRAPH_ROWS = 8
 
 
@@ -86,6 +87,33 @@ def prefill_pieces(n: int, sizes: tuple[int, ...]) -> list[int] | None:
         filled = max(t for t in sizes if t <= n)
         pieces.append(filled)
         n -= filled
+
+
+def capture_draw(sampler: RowSampler, generators: list[torch.Generator], logits: torch.Tensor, out: torch.Tensor,
+                 pool, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``out.copy_(sampler(logits))``, captured on ``stream`` into memory pool
+    ``pool``. ``generators``: the draw's own (seeded) ones; the default CUDA generator, which
+    the rows without one draw from, every graph registers. Each replay advances each generator
+    as the operations run one by one would, so a replay draws what they would have drawn.
+    Capturing queues nothing and waits for nothing (torch.cuda.graph would synchronize the
+    device first): the host goes on ahead of the GPU. Only this thread's calls are checked
+    while it captures. Beginning a capture resets each generator's device-side seed and
+    offset, which every graph drawing from it reads when it runs: queued on ``stream``, that
+    reset is ordered after the work already queued on the current stream, and before any
+    queued there later."""
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        graph.register_generator_state(gen)
+    main = torch.cuda.current_stream(out.device)
+    stream.wait_stream(main)
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out.copy_(sampler(logits))
+        finally:
+            graph.capture_end()
+    main.wait_stream(stream)
+    return graph
 
 
 @dataclass
@@ -232,54 +260,33 @@ class ModelRunner:
 
     def _draw_graph(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.cuda.CUDAGraph | None:
         """A CUDA graph that draws ``seqs``' tokens from ``logits`` (the rows of a decode graph's
-        output) into the graphs' input ids, as ``RowSampler`` draws them: the last burst's when it
-        drew for the same sequences from the same graph's logits, else captured now. Each
-        request's generator is registered with the graph, which advances it on each replay as
-        the operations run one by one advance it, so a seeded request draws the same tokens either
-        way. Capturing queues nothing and waits for nothing: the host goes on ahead of the GPU.
-        None where torch cannot register a request's own generator with a graph.
+        output) into the graphs' input ids (``capture_draw``): the last burst's when it drew for
+        the same sequences from the same graph's logits, else captured now. None where torch
+        cannot register a request's own generator with a graph.
 
-        Only for batches whose sampled requests each have a seed (their own generator). Drawn
-        from the default CUDA generator (which every graph registers), three unseeded requests
-        drew other tokens than op by op from their first token on, the default generator seeded
-        the same (H200, tests/gpu/test_cuda_graphs.py, reproduced twice): not yet understood."""
+        Only for batches whose sampled requests each have a seed (their own generator), the case
+        the H200 has checked (tests/gpu/test_cuda_graphs.py). A draw from the default CUDA
+        generator in a graph has not yet run on a GPU (test_a_draw_graph_draws_the_tokens_of_the
+        draw_op_by_op). Unseeded requests' tokens depend on the batches they were drawn in, so
+        an engine-level comparison cannot show it: three of them gave other tokens in an engine
+        with bursts than in one stepping singly even with draws op by op, seeded the same."""
         last = self._draw
         if (last is not None and last[1].data_ptr() == logits.data_ptr() and len(last[0]) == len(seqs)
                 and all(a is b for a, b in zip(last[0], seqs, strict=True))):
             return last[2]
-        graph = torch.cuda.CUDAGraph()
         generators = [seq.generator for seq in seqs if seq.generator is not None and not seq.params.greedy]
-        if generators and not hasattr(graph, "register_generator_state"):
+        if generators and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
             return None
         sampler = self._sampler(seqs)
-        for gen in generators:
-            graph.register_generator_state(gen)
         if self._draw_pool is None:
             self._draw_pool = torch.cuda.graph_pool_handle()
-        n = len(seqs)
-        # (not torch.cuda.graph: it synchronizes the device first.) Capture needs a stream of its
-        # own, and only this thread's calls are checked. Beginning a capture resets each
-        # generator's device-side seed and offset, which every graph drawing from it reads when
-        # it runs (the default generator's: every draw graph's): queued on the capture stream, that
-        # reset must come after the replays already queued, and before any queued later
-        main, side = torch.cuda.current_stream(self.device), self._capture_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            graph.capture_begin(pool=self._draw_pool, capture_error_mode="thread_local")
-            try:
-                self.static_ids[:n].copy_(sampler(logits))
-            finally:
-                graph.capture_end()
-        main.wait_stream(side)
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        graph = capture_draw(sampler, generators, logits, self.static_ids[:len(seqs)], self._draw_pool, self._side)
         # the old graph goes only now: its pool's memory is the new one's to take again
         self._draw = (seqs, logits, graph, sampler)
         self.draw_captures += 1
         return graph
-
-    def _capture_stream(self) -> torch.cuda.Stream:
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        return self._side
 
     @staticmethod
     def _capture(forward, rows: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -437,8 +444,7 @@ class ModelRunner:
 
         bs = self._graph_size(batch)
         sampled = any(not seq.params.greedy for seq in seqs)
-        # (requests without a seed, drawing from the default CUDA generator, drew other tokens
-        # in a draw graph than op by op: see _draw_graph)
+        # (seeded requests alone: see _draw_graph)
         graph_draws = (sampled and bs is not None and steps > 1 and len(seqs) <= self.draw_graph_rows
                        and all(seq.generator is not None for seq in seqs if not seq.params.greedy))
         sampler = self._sampler(seqs) if sampled and not graph_draws else None

@@ -398,33 +398,61 @@ def test_sampled_bursts_draw_the_tokens_of_single_graph_steps(engines, requests)
         stepwise.shutdown()
 
 
-def test_unseeded_sampled_bursts_draw_the_tokens_of_single_steps(engines):
-    """Requests without a seed draw from the default CUDA generator: seeded the same, bursts draw
-    the tokens of single steps. Their draws are launched op by op, not in a draw graph (one
-    drew other tokens here: model_runner._draw_graph); a seeded request beside them is no
-    different."""
+def test_unseeded_sampled_bursts_draw_op_by_op(engines):
+    """A burst with a sampled request without a seed draws op by op, not in a draw graph
+    (model_runner._draw_graph: seeded batches alone), and still draws."""
     graphed, _ = engines
     runner = graphed.engine.runner
-    stepwise = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
-                   max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256, decode_burst=1)
-    try:
-        gen = torch.Generator().manual_seed(7)
-        prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist() for n in (12, 40, 75, 20)]
-        params = [SamplingParams(max_tokens=30, ignore_eos=True, enable_prefix_caching=False, **kw)
-                  for kw in (dict(temperature=0.9), dict(temperature=0.6, top_k=20, top_p=0.95),
-                             dict(temperature=1.0, top_p=0.8), dict(temperature=0.8, seed=3))]
-        results = []
-        captures, bursts = runner.draw_captures, graphed.stats()["decode_bursts"]
-        for llm in (stepwise, graphed):
-            torch.cuda.manual_seed(1234)
-            results.append([o.token_ids for o in llm.generate(prompts, params)])
-        assert runner.draw_captures == captures and graphed.stats()["decode_bursts"] > bursts
-        assert results[1] == results[0]
-        torch.cuda.manual_seed(4321)
-        again = [o.token_ids for o in graphed.generate(prompts, params)]
-        assert again[:3] != results[0][:3] and again[3] == results[0][3]  # drawn anew; the seeded one not
-    finally:
-        stepwise.shutdown()
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist() for n in (12, 40)]
+    params = [SamplingParams(max_tokens=30, ignore_eos=True, enable_prefix_caching=False, **kw)
+              for kw in (dict(temperature=0.9, seed=1), dict(temperature=0.6, top_k=20, top_p=0.95))]
+    captures, bursts = runner.draw_captures, graphed.stats()["decode_bursts"]
+    drawn = [o.token_ids for o in graphed.generate(prompts, params)]
+    assert runner.draw_captures == captures and graphed.stats()["decode_bursts"] > bursts
+    greedy = graphed.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                      enable_prefix_caching=False))
+    assert drawn[1] != greedy[1].token_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_draw_graph_draws_the_tokens_of_the_draw_op_by_op(dtype):
+    """``capture_draw``: replayed step after step, a draw graph draws the tokens the sampler draws
+    op by op, for rows with their own generator and rows drawing from the default CUDA
+    generator, and leaves both generators where the ops leave them; a draw after it, op by op,
+    goes on from there. Captured while other work is queued, it waits for none of it."""
+    from braid_engine.engine.model_runner import capture_draw
+    from braid_engine.sampling import RowSampler
+
+    vocab, dev = 151_936, torch.device("cuda")
+    logits = (torch.randn(4, vocab, generator=torch.Generator().manual_seed(0)) * 4).to(dtype).to(dev)
+    own = torch.Generator(device=dev)
+    params = [SamplingParams(temperature=0.9), SamplingParams(temperature=0.6, top_k=20, top_p=0.95),
+              SamplingParams(temperature=1.0, top_p=0.8, seed=5), SamplingParams(temperature=0)]
+    sampler = RowSampler(params, [None, None, own, None], vocab, dev)
+
+    def run(draw) -> tuple[list[list[int]], int, int]:
+        torch.cuda.manual_seed(11)
+        own.manual_seed(5)
+        tokens = [draw() for _ in range(5)] + [sampler(logits).tolist()]  # the last one op by op
+        return tokens, torch.cuda.default_generators[0].get_offset(), own.get_offset()
+
+    eager = run(lambda: sampler(logits).tolist())
+    out = torch.empty(4, dtype=torch.long, device=dev)
+    torch.cuda._sleep(100_000_000)  # queued work a capture must not wait for
+    start = torch.cuda.Event()
+    start.record()
+    graph = capture_draw(sampler, [own], logits, out, torch.cuda.graph_pool_handle(), torch.cuda.Stream(dev))
+    assert not start.query()  # the host captured while the GPU still slept
+
+    def replay() -> list[int]:
+        graph.replay()
+        return out.tolist()
+
+    assert run(replay) == eager
+    tokens = eager[0]
+    assert len({tuple(t[:3]) for t in tokens}) > 1  # drawn anew each step
+    assert all(t[3] == logits[3].float().argmax().item() for t in tokens)
 
 
 def test_drawing_a_steps_tokens_does_not_wait_for_the_gpu(engines):
