@@ -14,6 +14,7 @@ import operator
 import queue
 import struct
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
@@ -71,9 +72,9 @@ class RequestStream:
             try:
                 self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
             except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                # (only the loop thread puts, holding the state lock, so it queues the abort
-                # without taking ``_wake``, and takes it on its next turn: see ``together``)
-                self.engine._aborts.append(self)
+                # (on the loop thread, holding the state lock: an abort waits for no lock, and the
+                # loop takes it on its next turn)
+                self.engine._abort(self)
         else:
             self._queue.put(item)
 
@@ -198,7 +199,12 @@ class LLMEngine:
         # lock each, so no update is lost, and no lock is taken inside the other to count them
         self._queued = self._taken = 0
         self._together_thread: int | None = None  # the thread inside together(), if any
-        self._aborts: list[RequestStream] = []
+        # streams whose requests are to stop, taken by the loop thread each turn. Queued without
+        # a lock (a deque's append and popleft are atomic): a stream's iterator aborts in its
+        # ``finally``, which runs wherever it is dropped or collected, maybe on a thread holding
+        # the state lock (the loop thread mid-step, a caller in stats()); waiting there for
+        # ``_wake`` deadlocked with a together() block waiting in stats() for the state lock
+        self._aborts: deque[RequestStream] = deque()
         self._wake = threading.Condition()
         self._state = threading.RLock()
         self._closed = False
@@ -334,8 +340,9 @@ class LLMEngine:
         takes new requests, and its next step, only under this lock, so a wait inside it for an
         output not yet delivered would never end: it raises WaitInsideTogetherError.
         ``stats()``, ``clear_cache()``, ``release()`` and ``shutdown()`` may be called inside:
-        the loop thread never waits for this lock while it holds the state lock they take, and
-        ``shutdown()`` gives this one up while it waits for the loop to stop."""
+        the loop thread never waits for this lock while it holds the state lock they take, an
+        abort (made on any thread, holding any lock) waits for neither, and ``shutdown()`` gives
+        this one up while it waits for the loop to stop."""
         with self._wake:
             outer, self._together_thread = self._together_thread, threading.get_ident()
             try:
@@ -355,18 +362,26 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its computed KV stays cached. Unknown or finished ids are ignored."""
-        with self._wake:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                self._abort(stream)
+        # without ``_wake``, as ``_abort``: a caller may hold the state lock. A dict's get is
+        # atomic; an id read just before _queue registers it or _forget drops it is an abort
+        # made a moment earlier or later
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._abort(stream)
 
     def _abort(self, stream: RequestStream) -> None:
         """Stop ``stream``'s request if it still runs. Aborts name the stream, not its id: one
         read after its request finished (a stream closed late, an abort racing the finish) would
-        otherwise stop a new request that took the id again."""
-        with self._wake:
-            self._aborts.append(stream)
-            self._wake.notify()
+        otherwise stop a new request that took the id again. Takes no lock (see ``_aborts``)."""
+        self._aborts.append(stream)
+        # the loop is woken where the lock is free; where it is held, nothing is lost: an abort
+        # matters only while its request is queued (_queue woke the loop for it) or in the
+        # scheduler (the loop does not sleep then, and takes the aborts every turn)
+        if self._wake.acquire(blocking=False):
+            try:
+                self._wake.notify()
+            finally:
+                self._wake.release()
 
     # -- the loop ----------------------------------------------------------------------
     def _ensure_thread(self) -> None:
@@ -391,7 +406,11 @@ class LLMEngine:
                 if self._closed:
                     break
                 pending, self._pending = self._pending, []
-                aborts, self._aborts = self._aborts, []
+                # after the requests, under the same lock: a stream is aborted only once _queue has
+                # registered it, so each abort taken here is of a request taken by now (drained
+                # after the lock is let go, one of a request queued meanwhile would come before its
+                # request, and be dropped)
+                aborts = [self._aborts.popleft() for _ in range(len(self._aborts))]
             with self._state:
                 for seq in pending:
                     self._seqs[seq.request_id] = seq

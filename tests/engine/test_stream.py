@@ -1,6 +1,8 @@
 import asyncio
 import time
 
+import pytest
+
 from braid_engine import SamplingParams
 from braid_engine.detokenizer import IncrementalDetokenizer
 from tests.threads import within
@@ -554,3 +556,202 @@ def test_chat_takes_a_batch_of_conversations(qwen3_llm):
     short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     outs = qwen3_llm.chat([first, second], [greedy, short])
     assert [o.token_ids for o in outs] == [alone[0], alone[1][:2]]
+
+
+def _threads(engine, *bodies, seconds=10):
+    """Each body on a daemon thread of its own, all started at once: their results (or the errors
+    they raised), ``"hung"`` for one still running after ``seconds``. A deadlocked engine's
+    shutdown and aborts are made no-ops, and it is taken off the exit hook's list: its LLM's
+    finalizer, its streams' and that hook, run later by any collection or at exit, would wait for
+    its locks forever too."""
+    import threading
+
+    from braid_engine.llm import _LIVE_ENGINES
+
+    boxes = [["hung"] for _ in bodies]
+
+    def run(body, box):
+        try:
+            box[0] = body()
+        except Exception as e:  # noqa: BLE001 - the error is what the test looks at
+            box[0] = e
+
+    threads = [threading.Thread(target=run, args=(body, box), daemon=True) for body, box in zip(bodies, boxes)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + seconds
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    results = [box[0] for box in boxes]
+    if any(isinstance(r, str) and r == "hung" for r in results):
+        _LIVE_ENGINES.discard(engine)
+        engine._abort = lambda stream: None
+        engine.shutdown = lambda: None
+    return results
+
+
+def _giving_up(stream, how):
+    """A callable that gives ``stream``'s request up (read once: it runs, holding pages) from the
+    thread that calls it: by id, or by dropping the last reference to its partly read iterator,
+    whose ``finally`` aborts it, at once ("dropped") or in a collection of the cycle that holds it
+    ("collected"; the caller keeps the collector off until then)."""
+    import gc
+
+    reading = iter(stream)
+    next(reading)
+    if how == "by id":
+        kept = reading  # (until the abort: dropped, it would abort the request itself)
+
+        def by_id():
+            stream.engine.abort(stream.request_id)
+            kept.close()
+        return by_id
+    box = [reading]
+    del reading
+    if how == "dropped":
+        return box.clear
+    box.append(box)
+    del box
+    return gc.collect
+
+
+def _ended_by_the_abort(llm, stream):
+    """``stream``'s request ended aborted, before its length limit, and every page came back."""
+    out = within(stream.result, 30, "hung")
+    assert out != "hung" and not isinstance(out, Exception), out
+    assert out.finish_reason == "abort" and len(out.token_ids) < 500
+    deadline = time.time() + 30
+    while not llm.engine.idle and time.time() < deadline:
+        time.sleep(0.01)
+    stats = llm.stats()
+    assert (stats["pages_used"], stats["running"], stats["waiting"]) == (0, 0, 0)
+    assert llm.engine.pool.num_free == llm.engine.pool.num_pages
+
+
+@pytest.mark.parametrize("how", ["by id", "dropped", "collected"])
+def test_an_abort_from_a_thread_holding_the_state_lock_does_not_deadlock_with_together(tiny_qwen3, how):
+    """A stream's iterator aborts its request in its ``finally``, which runs wherever the iterator
+    is dropped or collected: on a thread holding the engine's state lock (inside stats(), or the
+    loop thread in a step), the abort waited for together()'s lock, while a block inside
+    together() waited in stats() for the state lock: both hung. Now an abort waits for no lock."""
+    import gc
+    import threading
+
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False, page_size=4)
+    engine = llm.engine
+    stream = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+    gc.disable()  # the cycle of "collected" is freed where the test says, not at some allocation
+    try:
+        give_up = _giving_up(stream, how)
+        inside, holding = threading.Event(), threading.Event()
+
+        def stats_inside_together():
+            # first the block: the loop then stops before its next step, the request unfinished,
+            # and lets the state lock go (stepping back to back, it would keep it from a thread
+            # waiting for it until the request ended)
+            with engine.together():
+                inside.set()
+                assert holding.wait(10)
+                return engine.stats()
+
+        def hold_the_state_lock():
+            assert inside.wait(10)
+            with engine._state:
+                holding.set()
+                give_up()
+
+        block, held = _threads(engine, stats_inside_together, hold_the_state_lock)
+    finally:
+        gc.enable()
+    assert (block, held) != ("hung", "hung"), "the abort and stats() inside together() deadlocked"
+    assert isinstance(block, dict) and held is None, (block, held)
+    _ended_by_the_abort(llm, stream)
+    llm.shutdown()
+
+
+@pytest.mark.parametrize("how", ["dropped", "collected"])
+def test_a_stream_finalized_on_the_loop_thread_mid_step_does_not_deadlock(tiny_qwen3, monkeypatch, how):
+    """The loop thread runs a step holding the state lock; a collection it sets off there (or a
+    last reference dropped) finalizes an abandoned stream iterator, whose abort waited for
+    together()'s lock, held by a block waiting in stats() for that step to end. Now the step goes
+    on, stats() returns after it, and the loop ends the request at its next turn."""
+    import gc
+    import threading
+
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False, page_size=4)
+    engine = llm.engine
+    stream = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+    gc.disable()
+    try:
+        give_up = _giving_up(stream, how)
+        in_step, inside = threading.Event(), threading.Event()
+        schedule = engine.scheduler.schedule
+
+        def schedule_after_a_finalizer():
+            if not in_step.is_set():
+                in_step.set()
+                if inside.wait(10):
+                    give_up()
+            return schedule()
+
+        monkeypatch.setattr(engine.scheduler, "schedule", schedule_after_a_finalizer)
+
+        def stats_inside_together():
+            assert in_step.wait(10)
+            with engine.together():
+                inside.set()
+                return engine.stats()
+
+        (block,) = _threads(engine, stats_inside_together)
+    finally:
+        gc.enable()
+    assert block != "hung", "a stream finalized mid-step deadlocked the loop with stats() inside together()"
+    assert isinstance(block, dict), block
+    _ended_by_the_abort(llm, stream)
+    llm.shutdown()
+
+
+def test_an_abort_while_the_loop_sleeps_and_together_holds_its_lock_is_taken(tiny_qwen3):
+    """A request added inside together() while the loop thread sleeps, aborted by id meanwhile
+    from a thread holding the state lock (which a stats() in the block waits for): the abort
+    returns at once, without together()'s lock, and the loop, woken by the request, takes both
+    in one turn, so the request ends aborted before any step computes it."""
+    import threading
+
+    from braid_engine import LLM
+
+    llm = LLM(tiny_qwen3, device="cpu", enable_prefix_caching=False, page_size=4)
+    engine = llm.engine
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=2))
+    deadline = time.time() + 30
+    while not engine.idle and time.time() < deadline:  # the loop thread sleeps now
+        time.sleep(0.01)
+    before = llm.stats()
+    holding, added, streams = threading.Event(), threading.Event(), []
+
+    def abort_under_the_state_lock():
+        with engine._state:
+            holding.set()
+            assert added.wait(10)
+            engine.abort("late")
+
+    def add_inside_together():
+        assert holding.wait(10)
+        with engine.together():
+            streams.append(engine.add_request(
+                [8, 9, 10], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True), request_id="late"))
+            added.set()
+            return engine.stats()
+
+    held, block = _threads(engine, abort_under_the_state_lock, add_inside_together)
+    assert (held, block) != ("hung", "hung"), "abort() and stats() inside together() deadlocked"
+    assert held is None and isinstance(block, dict), (held, block)
+    assert block["waiting"] == 1
+    _ended_by_the_abort(llm, streams[0])
+    out = streams[0].result()
+    assert out.token_ids == [] and llm.stats()["prefilled_tokens"] == before["prefilled_tokens"]
+    llm.shutdown()
