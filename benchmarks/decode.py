@@ -139,6 +139,7 @@ _FLIPPED = {
     "pdl-rms-norm": ("PDL_RMS_NORM", "RMSNorm a dependent launch", "RMSNorm launched plainly"),
     "fused-sampling": ("FUSED_SAMPLING", "sampled tokens by our kernel", "sampled tokens by torch"),
     "fused-top-k": ("FUSED_TOP_K", "top-k threshold by our kernels", "top-k threshold by torch.topk"),
+    "fused-top-p": ("FUSED_TOP_P", "top-p keep rule by our kernels", "top-p by torch"),
 }
 
 

@@ -5,8 +5,9 @@ launch it (eager calls, no waiting), against the greedy argmax. Inside a decode 
 launches each step's draw between two replays, so a step costs at least the larger of the two.
 Each setting three ways: in torch (``fused=False``), with the race in our kernels (the engine's
 default, ``kernels.FUSED_SAMPLING``), and with top-k's threshold from ours too (``kernels.FUSED_TOP_K``);
-top-p after top-k both cut among the top-k values (``sampling.SORT_FREE_TOP_P`` on, the CPU's way) and
-with the whole row sorted (off, the GPU's way).
+top-p after top-k both cut among the top-k values (``sampling.SORT_FREE_TOP_P`` on, the CPU's way),
+with the whole row sorted (off, the GPU's way), and by its keep rule from our kernels (``kernels.FUSED_TOP_P``,
+``kernels/topp.py``: no sort, the race applying the rule).
 
     python -m benchmarks.sampling [--batch 1 8 32]
 """
@@ -56,17 +57,21 @@ def main() -> None:
           f"(GPU: in a CUDA graph; host: launching it)")
     print(f"{'setting [way]':>38} " + " ".join(f"{f'b{b} GPU':>9} {f'b{b} host':>9}" for b in args.batch))
     logits = {b: torch.randn(b, VOCAB, device=dev) * 4 for b in args.batch}
-    ways = {"torch": (False, False, True), "race kernel": (True, False, True), "+ k-th kernel": (True, True, True),
-            "race kernel, row sorted": (True, False, False)}
+    # (fused, top_k_kernel, SORT_FREE_TOP_P, top_p_kernel)
+    ways = {"torch": (False, False, True, False), "race kernel": (True, False, True, False),
+            "+ k-th kernel": (True, True, True, False), "race kernel, row sorted": (True, False, False, False),
+            "+ top-p kernels": (True, False, False, True)}
     for name, params in SETTINGS.items():
-        for way, (fused, kth, sort_free) in ways.items():
+        for way, (fused, kth, sort_free, top_p) in ways.items():
             nucleus_in_top_k = params.top_k > 0 and params.top_p < 1
-            if params.greedy and fused or kth and params.top_k <= 0 or not sort_free and not nucleus_in_top_k:
+            if (params.greedy and fused or kth and params.top_k <= 0 or not sort_free and not nucleus_in_top_k
+                    or top_p and not nucleus_in_top_k):
                 continue
             cells = []
             for b in args.batch:
                 sampling.SORT_FREE_TOP_P = sort_free  # (read as the sampler is made)
-                sampler = RowSampler([params] * b, [None] * b, VOCAB, dev, fused=fused, top_k_kernel=kth)
+                sampler = RowSampler([params] * b, [None] * b, VOCAB, dev, fused=fused, top_k_kernel=kth,
+                                     top_p_kernel=top_p)
                 sampling.SORT_FREE_TOP_P = None
                 x = logits[b]
                 gpu = graph_time(lambda s=sampler, x=x: s(x), 50)

@@ -282,11 +282,14 @@ class RowSampler:
     kernels not off, and ``kernels.FUSED_SAMPLING``), the race (and for rows that only scale, the
     temperature) runs in the greedy-token kernels (``kernels/argmax.py``): one pass over the
     logits; with ``top_k_kernel`` too (None: ``kernels.FUSED_TOP_K``), top-k's threshold comes from
-    ``kernels/topk.py``.
+    ``kernels/topk.py``; with ``top_p_kernel`` (None: ``kernels.FUSED_TOP_P``), the rows with top-k (k ≤ 64)
+    and top-p and no min-p take their keep rule from ``kernels/topp.py`` (no sort of the row), the race
+    applying it.
     Made once for a batch, it serves every step of a decode burst."""
 
     def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None],
-                 vocab: int, device: torch.device, fused: bool = True, top_k_kernel: bool | None = None) -> None:
+                 vocab: int, device: torch.device, fused: bool = True, top_k_kernel: bool | None = None,
+                 top_p_kernel: bool | None = None) -> None:
         self.rows = [i for i, p in enumerate(params) if not p.greedy]
         self.seeded = [(r, generators[i]) for r, i in enumerate(self.rows) if generators[i] is not None]
         self.shared = len(self.seeded) < len(self.rows)
@@ -294,18 +297,50 @@ class RowSampler:
         self.every_row = len(self.rows) == len(params)
         self.index = None if self.every_row or not self.rows else _to_device(torch.tensor(self.rows), device)
         fused = bool(ps) and fused and fused_kernels_available(device)
-        self.filters = _Filters([p.temperature for p in ps], [p.top_k for p in ps], [float(p.top_p) for p in ps],
-                                [float(p.min_p) for p in ps], vocab, device,
-                                kth_kernel=fused and (kernels.FUSED_TOP_K if top_k_kernel is None else top_k_kernel)
-                                ) if ps else None
+        settings = ([p.temperature for p in ps], [p.top_k for p in ps], [float(p.top_p) for p in ps],
+                    [float(p.min_p) for p in ps])
+        self._vocab, self._device = vocab, device
+        self._kth_kernel = fused and (kernels.FUSED_TOP_K if top_k_kernel is None else top_k_kernel)
+        self._filters = None
+        # top-p after top-k by its keep rule from kernels/topp.py (kernels.FUSED_TOP_P), for the rows
+        # with both (k ≤ topp.MAX_K) and no min-p: their own filters are the rule, applied in the race;
+        # the other rows' filters (``rest``) run as without it. Where the race kernel does not take
+        # the logits (float64, say), every row is filtered in torch (``filters``).
+        self.cut = self.rest = None
+        if fused and (kernels.FUSED_TOP_P if top_p_kernel is None else top_p_kernel):
+            from braid_engine.kernels.topp import MAX_K, TopKTopPCut
+
+            temperature, top_k, top_p, min_p = settings
+            on = [0 < k <= MAX_K and k < vocab and p < 1 and m == 0 for k, p, m in zip(top_k, top_p, min_p)]
+            if any(on):
+                self.cut = TopKTopPCut(len(ps), vocab, max(k for k, o in zip(top_k, on) if o), device)
+                # k − 1 and the mass dropped (1 − top_p in double, as _Filters takes it); -1: no rule
+                self.cut_k_index = _to_device(torch.tensor([k - 1 if o else -1 for k, o in zip(top_k, on)],
+                                                           dtype=torch.int32), device)
+                self.cut_drops = _to_device(torch.tensor([1 - p if o else 0.0 for p, o in zip(top_p, on)],
+                                                         dtype=torch.float64).float(), device)
+                self.rest = _Filters(temperature, [-1 if o else k for k, o in zip(top_k, on)],
+                                     [1.0 if o else p for p, o in zip(top_p, on)], min_p, vocab, device,
+                                     kth_kernel=self._kth_kernel)
+        self._settings = settings
+        if ps and self.cut is None:
+            self._filters = _Filters(*settings, vocab, device, kth_kernel=self._kth_kernel)
         self.kernel = None
         if fused:
             from braid_engine.kernels.argmax import GreedyIds
 
             self.kernel = GreedyIds(len(ps), vocab, device)
 
+    @property
+    def filters(self) -> _Filters | None:
+        """Every sampled row's filters in torch (None: no row is sampled); with a keep-rule kernel,
+        made when first needed."""
+        if self._filters is None and self.rows:
+            self._filters = _Filters(*self._settings, self._vocab, self._device, kth_kernel=self._kth_kernel)
+        return self._filters
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.filters is None:
+        if not self.rows:
             return logits.argmax(-1)
         rows = logits if self.every_row else logits.index_select(0, self.index)
         # the kernel takes float32, float16 and bfloat16 with unit stride along the vocabulary;
@@ -313,8 +348,14 @@ class RowSampler:
         kernel = self.kernel if self.kernel is not None and rows.dtype in self.kernel.DTYPES else None
         if kernel is not None and rows.stride(-1) != 1:
             rows = rows.contiguous()
+        # rows with a keep rule: the other rows' filters alone (the rule is applied in the race)
+        filters = self.rest if kernel is not None and self.cut is not None else self.filters
         # only scaled: the kernel divides by the temperature itself; else the filters' float32 output
-        z = rows if kernel is not None and self.filters.scale_only else self.filters(rows)
+        z = rows if kernel is not None and filters.scale_only else filters(rows)
+        temperature = filters.temperature if z is rows else None
+        cut = None
+        if kernel is not None and self.cut is not None:
+            cut = self.cut(z, self.cut_k_index, self.cut_drops, temperature)
         race = torch.empty(z.shape, dtype=torch.float32, device=z.device)
         if self.shared:
             race.exponential_()
@@ -323,12 +364,12 @@ class RowSampler:
         if kernel is None:
             drawn = (z - race.log()).argmax(-1)
         else:
-            drawn = kernel(z, torch.empty(z.shape[0], dtype=torch.long, device=z.device), race,
-                           self.filters.temperature if z is rows else None)
+            drawn = kernel(z, torch.empty(z.shape[0], dtype=torch.long, device=z.device), race, temperature, cut)
         return drawn if self.every_row else logits.argmax(-1).index_copy(0, self.index, drawn)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           fused: bool = True, top_k_kernel: bool | None = None) -> list[int]:
+           fused: bool = True, top_k_kernel: bool | None = None, top_p_kernel: bool | None = None) -> list[int]:
     """One token per row of ``logits`` [B, V] (fp32) (``RowSampler``); the host waits once, for all."""
-    return RowSampler(params, generators, logits.shape[-1], logits.device, fused, top_k_kernel)(logits).tolist()
+    return RowSampler(params, generators, logits.shape[-1], logits.device, fused, top_k_kernel,
+                      top_p_kernel)(logits).tolist()

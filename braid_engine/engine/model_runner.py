@@ -173,9 +173,11 @@ class ModelRunner:
         self.fused = False
         self._greedy = None
         # with fused, a sampled step's tokens drawn by kernels/argmax.py (kernels.FUSED_SAMPLING), and
-        # top-k's threshold by kernels/topk.py (kernels.FUSED_TOP_K), as they were when the engine was made
+        # top-k's threshold by kernels/topk.py (kernels.FUSED_TOP_K), top-p after top-k's keep rule by
+        # kernels/topp.py (kernels.FUSED_TOP_P), as they were when the engine was made
         self.fused_sampling = kernels.FUSED_SAMPLING
         self.fused_top_k = kernels.FUSED_TOP_K
+        self.fused_top_p = kernels.FUSED_TOP_P
         self.draw_graph_rows = DRAW_GRAPH_ROWS  # as it was when the engine was made
         # the last burst's draw graph: (its sequences, their graph's logits, the graph, its sampler),
         # replayed again by the next burst of the same sequences (pipelined bursts follow one another)
@@ -233,7 +235,7 @@ class ModelRunner:
                 self.backend.plan_prefill_graph(layout, tokens, pad_page, fresh=True)
                 self.fresh_prefill_graphs[tokens] = self._capture(self._forward_prefill_static, tokens, pool)
         if self.sample_fused:
-            self._warm_sampler(self.graphs[sizes[0]][1], self.fused_top_k)
+            self._warm_sampler(self.graphs[sizes[0]][1], self.fused_top_k, self.fused_top_p)
         torch.cuda.synchronize(dev)
 
     @property
@@ -242,7 +244,7 @@ class ModelRunner:
         return self.fused and self.fused_sampling
 
     @staticmethod
-    def _warm_sampler(logits: torch.Tensor, top_k_kernel: bool) -> None:
+    def _warm_sampler(logits: torch.Tensor, top_k_kernel: bool, top_p_kernel: bool = False) -> None:
         """Compile the sampler's race kernels (kernels/argmax.py) now, for each form a step's
         logits take (a decode graph's, and the float32 ones ``execute`` hands out; temperature
         alone, and filtered): a Triton kernel's first launch compiles and loads it, which waits
@@ -250,13 +252,19 @@ class ModelRunner:
         # a generator of its own: the warm-up must not advance the default one, which unseeded
         # requests draw from
         gen = torch.Generator(device=logits.device)
+        # (with top_p_kernel, the keep-rule kernels at Qwen3's top-k of 20: another k's power of two
+        # compiles at its first step)
+        settings = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)]
+        if top_p_kernel:
+            settings.append(SamplingParams(temperature=1.0, top_k=20, top_p=0.9))
         for x in (logits[:1], logits[:1].float()):
-            for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)):
-                RowSampler([params], [gen], x.shape[-1], x.device, True, top_k_kernel)(x)
+            for params in settings:
+                RowSampler([params], [gen], x.shape[-1], x.device, True, top_k_kernel, top_p_kernel)(x)
 
     def _sampler(self, seqs: list[Sequence]) -> RowSampler:
         return RowSampler([seq.params for seq in seqs], [seq.generator for seq in seqs],
-                          self.model.config.vocab_size, self.device, self.sample_fused, self.fused_top_k)
+                          self.model.config.vocab_size, self.device, self.sample_fused, self.fused_top_k,
+                          self.fused_top_p)
 
     def _draw_graph(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.cuda.CUDAGraph | None:
         """A CUDA graph that draws ``seqs``' tokens from ``logits`` (the rows of a decode graph's

@@ -106,3 +106,14 @@ FUSED_SAMPLING = True
 # measured: on an H200 torch.topk took ~340 µs of the host's time a batch-1 step (benchmarks/sampling.py
 # times both; decode.py --compare-fused-top-k measures it in the engine, run_gpu.sh sampling at top-k alone).
 FUSED_TOP_K = False
+
+# the sampler's rows with top-k (k up to topp.MAX_K) and top-p and no min-p (Qwen3's defaults: 0.6, 20,
+# 0.95) take their keep rule from kernels/topp.py (program (row, chunk) keeps its chunk's largest KEEP,
+# program (row) their largest KEEP and the cut among them, as sampling._top_k_top_p cuts it: the same
+# tokens) and the race (kernels/argmax.py) applies it, instead of torch.topk, a sort of each row, its
+# softmax, cumulative sum and scatter (sampling.SORT_FREE_TOP_P off, the GPU's way) or the sort-free cut's
+# launches over the row. Read when an engine is made, where the fused kernels run. Off until measured:
+# on an H200 top-k 20 + top-p 0.95 with the row sorted took 209 µs of GPU a step at batch 1, 866 at batch
+# 32 (benchmarks/sampling.py times this way as "+ top-p kernels"; decode.py --compare-fused-top-p measures
+# it in the engine).
+FUSED_TOP_P = False

@@ -43,8 +43,9 @@ def _first_largest(v, idx, ok):
 
 
 @triton.jit
-def _chunk_kernel(x_ptr, x_stride, e_ptr, e_stride, t_ptr, part_val_ptr, part_idx_ptr, n, CHUNKS: tl.constexpr,
-                  CHUNK: tl.constexpr, RACE: tl.constexpr, TEMPERATURE: tl.constexpr, USE_PDL: tl.constexpr):
+def _chunk_kernel(x_ptr, x_stride, e_ptr, e_stride, t_ptr, cut_val_ptr, cut_idx_ptr, part_val_ptr, part_idx_ptr, n,
+                  CHUNKS: tl.constexpr, CHUNK: tl.constexpr, RACE: tl.constexpr, TEMPERATURE: tl.constexpr,
+                  CUT: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0)
     c = tl.program_id(1)
     if USE_PDL:
@@ -56,6 +57,9 @@ def _chunk_kernel(x_ptr, x_stride, e_ptr, e_stride, t_ptr, part_val_ptr, part_id
     if RACE:
         if TEMPERATURE:  # divided, as torch divides (not times a reciprocal)
             v = tl.math.div_rn(v, tl.load(t_ptr + row))
+        if CUT:  # the row's keep rule (kernels/topp.py): what it drops is -inf, as torch's masked_fill makes it
+            cut_val = tl.load(cut_val_ptr + row)
+            v = tl.where((v < cut_val) | ((v == cut_val) & (idx < tl.load(cut_idx_ptr + row))), float("-inf"), v)
         v = v - tl.log(tl.load(e_ptr + row.to(tl.int64) * e_stride + idx, mask=ok, other=1.0))
     first_nan, best, first_best = _first_largest(v, idx, ok)
     has_nan = first_nan < _NONE
@@ -96,10 +100,14 @@ class GreedyIds:
         self.part_idx = torch.empty(max_rows * self.width, dtype=torch.int32, device=device)
 
     def __call__(self, logits: torch.Tensor, out: torch.Tensor, race: torch.Tensor | None = None,
-                 temperature: torch.Tensor | None = None) -> torch.Tensor:
+                 temperature: torch.Tensor | None = None,
+                 cut: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """logits [rows, vocab] (unit stride along vocab); out [rows] int64 (any stride) → out.
         ``race`` (float32, as logits): the argmax of ``logits / temperature − log(race)`` instead,
-        with ``temperature`` float32 [rows] (None: the logits are already scaled)."""
+        with ``temperature`` float32 [rows] (None: the logits are already scaled). ``cut`` (with a
+        race): each row's keep rule from ``kernels/topp.py``, (value float32 [rows], index int32
+        [rows]): the scaled logits it drops (below the value, or equal to it before the index) are
+        -inf in the race."""
         rows = logits.shape[0]
         if (logits.dim() != 2 or logits.shape[1] != self.vocab or logits.stride(1) != 1
                 or rows * self.width > self.part_val.numel()):
@@ -115,12 +123,18 @@ class GreedyIds:
         if temperature is not None and (race is None or temperature.shape != (rows,)
                                         or temperature.dtype != torch.float32 or not temperature.is_contiguous()):
             raise ValueError(f"temperature goes with a race and must be contiguous float32 [{rows}]")
+        if cut is not None and (race is None or len(cut) != 2 or any(
+                c.shape != (rows,) or c.dtype != d or not c.is_contiguous()
+                for c, d in zip(cut, (torch.float32, torch.int32)))):
+            raise ValueError(f"cut goes with a race and must be contiguous (float32, int32) [{rows}]")
         pdl = pdl_args(logits.device)
         _chunk_kernel[(rows, self.chunks)](logits, logits.stride(0), race if race is not None else logits,
                                            race.stride(0) if race is not None else 0,
                                            temperature if temperature is not None else logits,
+                                           cut[0] if cut is not None else logits, cut[1] if cut is not None else logits,
                                            self.part_val, self.part_idx, self.vocab, CHUNKS=self.width, CHUNK=CHUNK,
-                                           RACE=race is not None, TEMPERATURE=temperature is not None, num_warps=8,
+                                           RACE=race is not None, TEMPERATURE=temperature is not None,
+                                           CUT=cut is not None, num_warps=8,
                                            **pdl)
         _rows_kernel[(rows,)](self.part_val, self.part_idx, out, out.stride(0), self.chunks, CHUNKS=self.width,
                               num_warps=1, **pdl)

@@ -85,10 +85,13 @@ from braid_engine.kernels.argmax import CHUNK, _chunk_kernel, _rows_kernel
 argmax_types = {"part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "out_ptr": "*i64"}
 # greedy, and a sampled step's race (scaled logits, or the temperature divided in), over model-dtype
 # or float32 logits
-for race, temperature, x in [(False, False, "*bf16"), (True, False, "*fp32"), (True, True, "*bf16"),
-                             (True, True, "*fp32")]:
-    compile_(_chunk_kernel, dict(CHUNKS=64, CHUNK=CHUNK, RACE=race, TEMPERATURE=temperature, USE_PDL=True),
-             num_warps=8, types={**argmax_types, "x_ptr": x, "e_ptr": "*fp32", "t_ptr": "*fp32"})
+# (and the race applying top-p's keep rule from kernels/topp.py, kernels.FUSED_TOP_P)
+for race, temperature, x, cut in [(False, False, "*bf16", False), (True, False, "*fp32", False),
+                                  (True, True, "*bf16", False), (True, True, "*fp32", False),
+                                  (True, True, "*bf16", True), (True, False, "*fp32", True)]:
+    compile_(_chunk_kernel, dict(CHUNKS=64, CHUNK=CHUNK, RACE=race, TEMPERATURE=temperature, CUT=cut, USE_PDL=True),
+             num_warps=8, types={**argmax_types, "x_ptr": x, "e_ptr": "*fp32", "t_ptr": "*fp32",
+                                 "cut_val_ptr": "*fp32", "cut_idx_ptr": "*i32"})
 compile_(_rows_kernel, dict(CHUNKS=64, USE_PDL=True), num_warps=1, types=argmax_types)
 
 # the sampler's k-th largest (kernels/topk.py) at Qwen3's vocabulary (38 chunks of 4,096), k up to MAX_K
@@ -99,6 +102,20 @@ topk_types = {"x_ptr": "*fp32", "part_ptr": "*fp32", "k_ptr": "*i32", "out_ptr":
 for keep in (1, MAX_K):
     compile_(_chunk_top_kernel, dict(CHUNKS=64, CHUNK=TOPK_CHUNK, KEEP=keep), num_warps=8, types=topk_types)
     compile_(_kth_kernel, dict(CHUNKS=64, KEEP=keep), num_warps=8, types=topk_types)
+
+# top-p after top-k's keep rule (kernels/topp.py): int64 keys, masses in double, over model-dtype logits
+# (the temperature divided in) or the filters' float32 output, k from 1 to MAX_K
+from braid_engine.kernels.topp import CHUNK as TOPP_CHUNK
+from braid_engine.kernels.topp import MAX_K as TOPP_MAX_K
+from braid_engine.kernels.topp import _chunk_kernel as _topp_chunk_kernel
+from braid_engine.kernels.topp import _cut_kernel
+
+topp_types = {"t_ptr": "*fp32", "k_ptr": "*i32", "part_ptr": "*i64", "drop_ptr": "*fp32", "cut_val_ptr": "*fp32",
+              "cut_idx_ptr": "*i32"}
+for keep, temperature, x in [(1, True, "*bf16"), (32, True, "*bf16"), (32, False, "*fp32"), (TOPP_MAX_K, True, "*bf16")]:
+    for fn in (_topp_chunk_kernel, _cut_kernel):
+        compile_(fn, dict(CHUNKS=64, CHUNK=TOPP_CHUNK, KEEP=keep, TEMPERATURE=temperature), num_warps=8,
+                 types={**topp_types, "x_ptr": x})
 print("other kernels ok")
 '''
 
