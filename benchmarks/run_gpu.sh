@@ -95,6 +95,13 @@ if [ "$what" = topp ]; then
       --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 --top-p-cut $way 2>&1 \
       | grep -E "^batch|^ +[0-9]+ |Error" | sed "s/^/$way /" | tee -a "$OUT/decode_top_p.log"
   done
+  # the keep rule from our kernels (kernels.FUSED_TOP_P, kernels/topp.py) against the engine's way, two
+  # engines in turn in one process, and the kernels' tests at Qwen3's vocabulary (compiled, bf16)
+  timeout 240 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 32 \
+    --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 --compare-fused-top-p \
+    2>&1 | grep -E "^card|^batch|^ +[0-9]+ |top-p keep rule|Error" | tee "$OUT/decode_fused_top_p.log"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_topp.py 2>&1 | tail -5 \
+    | tee "$OUT/topp_tests.log"
 fi
 if [ "$what" = draws ]; then
   # sampled bursts drawing their tokens in a CUDA graph of their own (model_runner.DRAW_GRAPH_ROWS) against
