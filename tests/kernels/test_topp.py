@@ -105,18 +105,36 @@ def test_a_batch_gives_each_row_its_rule_alone(device):
 
 def test_rows_without_the_filter_keep_everything_and_chunk_size_does_not_matter(device, monkeypatch):
     """A row whose k index is -1 (top-k or top-p off) gets (-inf, 0): nothing dropped, NaN kept; the
-    rules are the same with chunks of 512 (one) and, for a few rows, of 16 (nineteen: the ties past
-    the candidates span them)."""
+    rules are the same with a chunk of 512 (one, mostly past the vocabulary) and of 16 (nineteen:
+    the ties past the candidates span them)."""
     x, (t, k, p) = _rows(1)
     x = x.to(device)
     k[4], p[6] = -1, 1.0
     value, index = _cut(x, t, k, p)
     assert value[4] == NEG and index[4] == 0 and value[6] == NEG and index[6] == 0
-    v, i = _cut(x, t, k, p, 512)
-    assert torch.equal(v.nan_to_num(), value.nan_to_num()) and torch.equal(i, index)
-    rows = [0, 11, 12, 13]
-    v, i = _cut(x[rows], [t[r] for r in rows], [k[r] for r in rows], [p[r] for r in rows], 16)
-    assert torch.equal(v, value[rows]) and torch.equal(i, index[rows])
+    for chunk, rows in ((512, [0, 4, 6, 9, 12]), (16, [11, 13])):
+        v, i = _cut(x[rows], [t[r] for r in rows], [k[r] for r in rows], [p[r] for r in rows], chunk)
+        assert torch.equal(v.nan_to_num(), value[rows].nan_to_num()) and torch.equal(i, index[rows]), chunk
+
+
+def test_random_rows_and_settings_keep_what_top_k_top_p_keeps(device, monkeypatch):
+    """Rows of bf16-rounded logits (ties among the larger values too), few distinct values and
+    -inf-masked ones, each with a random temperature, k (1 to MAX_K) and top-p."""
+    g = torch.Generator().manual_seed(5)
+    rows = 16
+    x = (torch.randn(rows, VOCAB, generator=g) * 4).to(torch.bfloat16).float()
+    x[::4] = torch.randint(-8, 9, (rows // 4, VOCAB), generator=g).float() * 0.25
+    x[1::3, ::3] = NEG
+    t = (torch.rand(rows, generator=g) * 1.5 + 0.3).tolist()
+    k = torch.randint(1, MAX_K + 1, (rows,), generator=g).tolist()
+    p = (torch.rand(rows, generator=g) * 0.98 + 0.01).tolist()
+    x = x.to(device)
+    value, index = _cut(x, t, k, p)
+    got, want = _applied(x, t, value, index), _reference(x, t, k, p, monkeypatch)
+    for r in range(rows):
+        assert _same(got[r], want[r]), (r, t[r], k[r], p[r])
+    kept = (~torch.isneginf(want)).sum(-1)
+    assert (kept > 1).sum() >= rows // 2 and (kept < torch.tensor(k, device=device)).sum() >= rows // 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
@@ -235,3 +253,21 @@ def test_the_engines_chunks_at_qwen3s_vocabulary_keep_what_top_k_top_p_keeps(mon
 
     value, index = _cut(x, t, k, p, ENGINE_CHUNK)
     assert _same(_applied(x, t, value, index), _reference(x, t, k, p, monkeypatch))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine's chunks of 4,096: slow in the interpreter")
+def test_the_sampler_at_qwen3s_vocabulary_draws_the_same_tokens_with_the_top_p_kernels():
+    """On a GPU, compiled: RowSampler at Qwen3's settings over bf16 logits draws with the keep-rule
+    kernels the tokens it draws without them (the row sorted), seeded rows, every step of a few."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(8, 151_936, generator=g) * 4).to(torch.bfloat16).cuda()
+    params = [SamplingParams(temperature=0.6, top_k=20, top_p=0.95, seed=i) for i in range(6)]
+    params += [SamplingParams(temperature=0.7, top_k=5, seed=6), SamplingParams(temperature=1.0, top_p=0.9, seed=7)]
+
+    def draws(top_p_kernel):
+        gens = [torch.Generator(device="cuda").manual_seed(p.seed) for p in params]
+        sampler = RowSampler(params, gens, x.shape[1], x.device, fused=True, top_p_kernel=top_p_kernel)
+        assert (sampler.cut is not None) == top_p_kernel
+        return torch.stack([sampler(x) for _ in range(4)])
+
+    assert torch.equal(draws(True), draws(False))
