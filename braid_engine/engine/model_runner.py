@@ -252,14 +252,18 @@ class ModelRunner:
         # a generator of its own: the warm-up must not advance the default one, which unseeded
         # requests draw from
         gen = torch.Generator(device=logits.device)
-        # (with top_p_kernel, the keep-rule kernels at Qwen3's top-k of 20: another k's power of two
-        # compiles at its first step)
-        settings = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=2)]
+        # with top_p_kernel, the keep-rule kernels (kernels/topp.py) at Qwen3's top-k of 20, over the
+        # logits (rows that take the rule alone) and over the filters' output (beside a top-k row);
+        # another k's power of two compiles at its first step
+        batches = [[SamplingParams(temperature=1.0)], [SamplingParams(temperature=1.0, top_k=2)]]
         if top_p_kernel:
-            settings.append(SamplingParams(temperature=1.0, top_k=20, top_p=0.9))
+            nucleus = SamplingParams(temperature=1.0, top_k=20, top_p=0.9)
+            batches += [[nucleus], [nucleus, SamplingParams(temperature=1.0, top_k=2)]]
         for x in (logits[:1], logits[:1].float()):
-            for params in settings:
-                RowSampler([params], [gen], x.shape[-1], x.device, True, top_k_kernel, top_p_kernel)(x)
+            for params in batches:
+                rows = x.expand(len(params), -1)
+                RowSampler(params, [gen] * len(params), x.shape[-1], x.device, True, top_k_kernel,
+                           top_p_kernel)(rows)
 
     def _sampler(self, seqs: list[Sequence]) -> RowSampler:
         return RowSampler([seq.params for seq in seqs], [seq.generator for seq in seqs],

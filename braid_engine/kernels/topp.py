@@ -25,11 +25,17 @@ Two kernels find the rule, over z = x / temperature (float32, divided as torch d
   k-th value, and the cut as ``_top_k_top_p`` defines it, the masses in double (the larger ones
   summed in ascending (value, index) order, as the reference sums them: KEEP more rounds over the
   KEEP keys with the index not inverted; the order within tied larger values decides which of
-  them the cut keeps). Where the last of
-  the KEEP is still tied at the k-th value, the row's tie count ``t`` is unknown: that row counts
-  its ties over the whole row (a loop over it in this one program; not where no tie carries any
-  mass, e.g. a k-th value of -inf), and, where the cut lies past the ties among the candidates,
-  finds the (m+1)-th tie's index by a second loop. Rows of real logits rarely take it.
+  them the cut keeps). Where the last of the KEEP is still tied at the k-th value, the row's tie
+  count ``t`` is unknown: that row counts its ties over the whole row (a loop over it in this one
+  program; not where no tie carries any mass, e.g. a k-th value of -inf, a grammar-masked row with
+  fewer tokens than k), and, where the cut lies past the ties among the candidates, finds the
+  (m+1)-th tie's index by a second loop. Rows of real logits rarely take it.
+
+Not yet measured on a GPU (``kernels.FUSED_TOP_P`` is off). The cost as reasoned: program (row,
+chunk) reads its 4,096 values once and runs KEEP block-wide int64 max reductions (two barriers
+each); program (row) reads chunks × KEEP keys (38 × 32 at Qwen3's vocabulary and k of 20) and
+runs 2 × KEEP reductions, in one program a row: at batch 1 its latency is the longer part. A
+smaller ``chunk`` gives more programs a row and more keys to the row's program.
 """
 
 from __future__ import annotations
