@@ -88,20 +88,17 @@ if [ "$what" = sampling ]; then
     2>&1 | grep -E "^card|^batch|^ +[0-9]+ |top-k threshold|Error" | tee "$OUT/decode_top_k.log"
 fi
 if [ "$what" = topp ]; then
-  # Qwen3's settings (its generation_config.json: the default of a request without its own), top-p cut
-  # among the top-k values (sampling.SORT_FREE_TOP_P) and after a sort of each row, two processes in turn
-  for way in sort-free sorted sort-free sorted; do
-    timeout 140 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 32 \
-      --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 --top-p-cut $way 2>&1 \
-      | grep -E "^batch|^ +[0-9]+ |Error" | sed "s/^/$way /" | tee -a "$OUT/decode_top_p.log"
-  done
-  # the keep rule from our kernels (kernels.FUSED_TOP_P, kernels/topp.py) against the engine's way, two
-  # engines in turn in one process, and the kernels' tests at Qwen3's vocabulary (compiled, bf16)
+  # top-p after top-k by the keep rule from our kernels (kernels.FUSED_TOP_P, kernels/topp.py): their tests
+  # at Qwen3's vocabulary (compiled, bf16), each filter's draw a step (sampling.py: "+ top-p kernels"
+  # beside the row sorted, the GPU's default, and the sort-free cut in torch), then the engine at Qwen3's
+  # settings with the kernels against without, two engines in turn in one process. (Sorted against
+  # sort-free in the engine: decode.py --top-p-cut; session 21's sampling.py table settled it)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_topp.py 2>&1 | tail -5 \
+    | tee "$OUT/topp_tests.log"
+  timeout 90 python3 -m benchmarks.sampling 2>&1 | grep -v Warning | tee "$OUT/sampling.log"
   timeout 240 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 32 \
     --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 --compare-fused-top-p \
     2>&1 | grep -E "^card|^batch|^ +[0-9]+ |top-p keep rule|Error" | tee "$OUT/decode_fused_top_p.log"
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_topp.py 2>&1 | tail -5 \
-    | tee "$OUT/topp_tests.log"
 fi
 if [ "$what" = draws ]; then
   # sampled bursts drawing their tokens in a CUDA graph of their own (model_runner.DRAW_GRAPH_ROWS) against
