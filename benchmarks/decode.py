@@ -35,11 +35,16 @@ from braid_engine import LLM, InvalidSamplingParamsError, SamplingParams, kernel
 from braid_engine import sampling as braid_sampling
 from braid_engine.attention.flashinfer_backend import FlashInferBackend
 
+# whether the timed sampled requests are seeded (--unseeded: not, as ChatBraid's are by default;
+# the token comparisons between engines stay seeded)
+TIMED_SEEDS = True
 
-def engine_generate(llm: LLM, prompts: list[list[int]], new: int, sampling: SamplingParams) -> list[list[int]]:
-    """Each prompt's `new` tokens, in one batch; sampled, request i is seeded i, so two engines
-    given the same logits draw the same tokens."""
-    seeded = not sampling.greedy
+
+def engine_generate(llm: LLM, prompts: list[list[int]], new: int, sampling: SamplingParams,
+                    seeded: bool = True) -> list[list[int]]:
+    """Each prompt's `new` tokens, in one batch; sampled and ``seeded``, request i is seeded i, so
+    two engines given the same logits draw the same tokens."""
+    seeded = seeded and not sampling.greedy
     params = [replace(sampling, max_tokens=new, seed=i if seeded else None) for i in range(len(prompts))]
     return [o.token_ids for o in llm.generate(prompts, params)]
 
@@ -47,11 +52,11 @@ def engine_generate(llm: LLM, prompts: list[list[int]], new: int, sampling: Samp
 def engine_decode(llm: LLM, prompts: list[list[int]], new: int, device: torch.device,
                   sampling: SamplingParams) -> float:
     """Seconds for `new - 1` decode steps of the whole batch (prefill time subtracted)."""
-    engine_generate(llm, prompts, new, sampling)  # warm-up (graphs, kernels)
+    engine_generate(llm, prompts, new, sampling, TIMED_SEEDS)  # warm-up (graphs, kernels)
     t0 = now(device)
-    engine_generate(llm, prompts, 1, sampling)
+    engine_generate(llm, prompts, 1, sampling, TIMED_SEEDS)
     t1 = now(device)
-    engine_generate(llm, prompts, new, sampling)
+    engine_generate(llm, prompts, new, sampling, TIMED_SEEDS)
     t2 = now(device)
     return (t2 - t1) - (t1 - t0)
 
@@ -185,6 +190,10 @@ def main() -> None:
         ap.add_argument(f"--compare-{flag}", action="store_true",
                         help="after each row, the engine against a second one whose graphs were captured with "
                              f"braid_engine.kernels.{switch} the other way, in turn, in this process")
+    ap.add_argument("--unseeded", action="store_true",
+                    help="sampled: the timed requests have no seed, as ChatBraid's have none by default (they draw "
+                         "from the default generator; a burst with one draws op by op, not in a draw graph); "
+                         "the token comparisons between engines stay seeded")
     ap.add_argument("--compare-draw-graphs", action="store_true",
                     help="after each row, the engine against a second one whose sampled bursts draw their tokens "
                          "op by op, not in a graph of their own (ModelRunner.draw_graph_rows 0), in turn")
@@ -199,6 +208,8 @@ def main() -> None:
         ap.error(str(e))
     if args.compare_row_rows is not None and not 1 <= args.compare_row_rows <= kernels.ROW_KERNEL_MAX_ROWS:
         ap.error(f"--compare-row-rows takes 1 to {kernels.ROW_KERNEL_MAX_ROWS} (the most rows a row-kernel launch takes)")
+    global TIMED_SEEDS
+    TIMED_SEEDS = not args.unseeded
     if args.top_p_cut is not None:
         braid_sampling.SORT_FREE_TOP_P = args.top_p_cut == "sort-free"
     if args.no_row_kernels:
@@ -271,7 +282,8 @@ def main() -> None:
           f"row kernels {'off' if args.no_row_kernels else 'on'}; "
           f"small-batch decode kernel {'off' if args.no_small_decode else 'on'}; "
           f"decode bursts of up to {llm.config.decode_burst}{', pipelined' if llm.engine.config.pipeline_bursts else ''}; "
-          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s; {_describe(sampling)}")
+          f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e12:.2f} TB/s; {_describe(sampling)}"
+          f"{'' if sampling.greedy else ', timed requests seeded' if TIMED_SEEDS else ', timed requests unseeded'}")
     print(f"{'batch':>5} {'braid tok/s':>12} {'hf eager':>10} {'hf compiled':>12} {'vs eager':>9} "
           f"{'vs compiled':>12} {'bandwidth':>10}")
     for b in args.batch:

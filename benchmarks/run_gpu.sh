@@ -102,11 +102,16 @@ if [ "$what" = topp ]; then
 fi
 if [ "$what" = draws ]; then
   # sampled bursts drawing their tokens in a CUDA graph of their own (model_runner.DRAW_GRAPH_ROWS) against
-  # launched op by op, two engines in turn: Qwen3's settings, then temperature alone (ChatBraid's fallback)
-  timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 4 8 16 \
+  # launched op by op, two engines in turn: Qwen3's settings, seeded, then at batch 1 unseeded (ChatBraid's
+  # requests; a batch with one draws op by op until draws from the default generator in a graph are on),
+  # then temperature alone (ChatBraid's fallback)
+  timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 8 16 \
     --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 --compare-draw-graphs \
     2>&1 | grep -E "^card|^batch|^ +[0-9]+ |draws|Error" | tee "$OUT/decode_draws.log"
-  timeout 150 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 \
+  timeout 130 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 \
+    --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 --unseeded \
+    --compare-draw-graphs 2>&1 | grep -E "^card|^batch|^ +[0-9]+ |draws|Error" | tee "$OUT/decode_draws_unseeded.log"
+  timeout 130 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 \
     --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.7 --compare-draw-graphs \
     2>&1 | grep -E "^card|^batch|^ +[0-9]+ |draws|Error" | tee "$OUT/decode_draws_temperature.log"
 fi
