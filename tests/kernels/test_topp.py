@@ -10,9 +10,11 @@ from braid_engine.kernels.topp import MAX_K, TopKTopPCut
 from braid_engine.sampling import RowSampler, SamplingParams, _Filters
 
 # the interpreter computes in numpy, which warns where IEEE arithmetic meets -inf and NaN on purpose
-# (a mass of 0 dividing the drop, -inf minus -inf): the rows that test those cases
+# (a mass of 0 dividing the drop, -inf minus -inf, a tiny temperature overflowing the logits): the
+# rows that test those cases
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning",
-                                        "ignore:invalid value encountered:RuntimeWarning")
+                                        "ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:overflow encountered:RuntimeWarning")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 # chunks of 64 (the engine's are 4,096; the interpreter is slow): five, the last one partial
 CHUNK = 64
@@ -139,6 +141,35 @@ def test_random_rows_and_settings_keep_what_top_k_top_p_keeps(device, monkeypatc
         assert _same(got[r], want[r]), (r, t[r], k[r], p[r])
     kept = (~torch.isneginf(want)).sum(-1)
     assert (kept > 1).sum() >= rows // 2 and (kept < torch.tensor(k, device=device)).sum() >= rows // 2
+
+
+def test_signed_zeros_denormals_and_overflowed_or_underflowed_masses_keep_what_top_k_top_p_keeps(device, monkeypatch):
+    """Rows the random ones miss: -0.0 and +0.0 tied at the k-th value (the cut deep among them, past
+    the candidates; all of them tied), denormal logits a large temperature rounds to signed zeros,
+    logits a tiny temperature overflows to ±inf, and a k-th value whose mass beside the larger ones
+    underflows double (exp(-800): its ties never counted) or is denormal (exp(-740): counted)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(6, VOCAB)
+    x[0, 1::2] = -0.0
+    x[0, [3, 90, 200, 299, 150]] = torch.tensor([1.0, 1.1, 1.2, 1.3, 1.4])
+    x[1, ::3] = -0.0
+    x[2] = torch.randn(VOCAB, generator=g) * 1e-40
+    x[3] = torch.randn(VOCAB, generator=g) * 2e35
+    x[4, [5, 70, 140, 210, 280]] = 800.0 + torch.arange(5.0) * 0.25
+    x[5, [5, 70, 140, 210, 280]] = 740.0 + torch.arange(5.0) * 0.25
+    t, k, p = [1.0, 1.0, 1e5, 1e-3, 1.0, 1.0], [20, 7, 64, 20, 20, 20], [0.4629, 1e-9, 0.9011, 0.9377, 0.5371, 0.6079]
+    x = x.to(device)
+    value, index = _cut(x, t, k, p)
+    got, want = _applied(x, t, value, index), _reference(x, t, k, p, monkeypatch)
+    for r in range(x.shape[0]):
+        assert _same(got[r], want[r]), (r, value[r], index[r])
+    z = x / torch.tensor(t, device=device)[:, None]
+    assert ((z[2] == 0) & z[2].signbit()).any() and ((z[2] == 0) & ~z[2].signbit()).any()
+    assert torch.isposinf(z[3]).sum() > 3 and torch.isneginf(z[3]).any()
+    kept = (~torch.isneginf(want)).sum(-1).tolist()
+    assert 100 < kept[0] < 200 and value[0] == 0 and index[0] > 2 * CHUNK
+    assert kept[1] == 1 and index[1] == VOCAB - 1
+    assert 1 < kept[4] < 5 and 1 < kept[5] < 5
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
