@@ -29,7 +29,11 @@ Two kernels find the rule, over z = x / temperature (float32, divided as torch d
   count ``t`` is unknown: that row counts its ties over the whole row (a loop over it in this one
   program; not where no tie carries any mass, e.g. a k-th value of -inf, a grammar-masked row with
   fewer tokens than k), and, where the cut lies past the ties among the candidates, finds the
-  (m+1)-th tie's index by a second loop. Rows of real logits rarely take it.
+  (m+1)-th tie's index by a second loop. Where k is below KEEP, rows of real logits rarely take
+  it; where k is KEEP itself (a power of two: 16, 32, 64 as the batch's largest k), the k-th
+  candidate is the last one, so every such row counts its ties every step (correct, and to be
+  measured: counting them from the chunks' kept keys, scanning only where a chunk's last kept
+  key ties the k-th value, or a KEEP of the next power of two past k, would avoid it).
 
 Not yet measured on a GPU (``kernels.FUSED_TOP_P`` is off). The cost as reasoned: program (row,
 chunk) reads its 4,096 values once and runs KEEP block-wide int64 max reductions (two barriers
