@@ -46,6 +46,13 @@ def _kth_kernel(part_ptr, k_ptr, out_ptr, chunks, CHUNKS: tl.constexpr, KEEP: tl
     tl.store(out_ptr + row, tl.where(k >= 0, kth, float("-inf")))
 
 
+def check_k_index(k_index: torch.Tensor, k_max: int) -> None:
+    """Each row's place of its k-th largest, k − 1, lies in [-1, k_max − 1] (-1: no filter):
+    checked where that costs no wait for the device (on the CPU)."""
+    if k_index.device.type == "cpu" and k_index.numel() and not bool(((k_index >= -1) & (k_index < k_max)).all()):
+        raise ValueError(f"k_index must lie in [-1, {k_max - 1}] (k_max {k_max}), got {k_index.tolist()}")
+
+
 class KthLargest:
     """``torch.topk(x, k_max).values`` at each row's place ``k_index`` (-inf where it is -1), for
     rows of ``vocab`` float32 values and a largest k ≤ :data:`MAX_K`. ``chunk`` (a power of two,
@@ -72,9 +79,8 @@ class KthLargest:
         if k_index.shape != (rows,) or k_index.dtype != torch.int32 or not k_index.is_contiguous():
             raise ValueError(f"k_index must be contiguous int32 [{rows}]")
         # places past k_max − 1 would read the chunks' kept values as if they were the row's (and
-        # past them, 0.0): checked where that costs no wait for the device
-        if k_index.device.type == "cpu" and rows and not bool(((k_index >= -1) & (k_index < self.k_max)).all()):
-            raise ValueError(f"k_index must lie in [-1, {self.k_max - 1}] (k_max {self.k_max}), got {k_index.tolist()}")
+        # past them, 0.0)
+        check_k_index(k_index, self.k_max)
         out = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
         _chunk_top_kernel[(rows, self.chunks)](x, x.stride(0), self.part, self.vocab, CHUNKS=self.width,
                                                CHUNK=self.chunk, KEEP=self.keep, num_warps=8)

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from braid_engine.kernels.topk import check_k_index
+
 CHUNK = 4096
 # the largest k the kernels take: program (row) takes the largest KEEP of (chunks, rounded up to a
 # power of two) × KEEP keys; past it the sampler cuts top-p in torch
@@ -228,9 +230,7 @@ class TopKTopPCut:
                                ("temperature", temperature, torch.float32)):
             if v is not None and (v.shape != (rows,) or v.dtype != dtype or not v.is_contiguous()):
                 raise ValueError(f"{name} must be contiguous {dtype} [{rows}]")
-        # places past k_max − 1 would read past the kept keys: checked where that costs no wait
-        if k_index.device.type == "cpu" and rows and not bool(((k_index >= -1) & (k_index < self.k_max)).all()):
-            raise ValueError(f"k_index must lie in [-1, {self.k_max - 1}] (k_max {self.k_max}), got {k_index.tolist()}")
+        check_k_index(k_index, self.k_max)  # places past k_max − 1 would read past the kept keys
         scaled = temperature is not None
         t = temperature if scaled else x
         _chunk_kernel[(rows, self.chunks)](x, x.stride(0), t, k_index, self.part, self.vocab, CHUNKS=self.width,
