@@ -481,7 +481,7 @@ class LLMEngine:
         for seq, n in batch:
             self._computed(seq, n)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                        self.runner.sample_fused, self.runner.fused_top_k, self.runner.fused_top_p)
+                        *self.runner.sampling_kernels)
         for seq, token in zip(samplers, tokens):
             error = failed.get(id(seq))
             if error is None:

@@ -235,7 +235,7 @@ class ModelRunner:
                 self.backend.plan_prefill_graph(layout, tokens, pad_page, fresh=True)
                 self.fresh_prefill_graphs[tokens] = self._capture(self._forward_prefill_static, tokens, pool)
         if self.sample_fused:
-            self._warm_sampler(self.graphs[sizes[0]][1], self.fused_top_k, self.fused_top_p)
+            self._warm_sampler(self.graphs[sizes[0]][1])
         torch.cuda.synchronize(dev)
 
     @property
@@ -243,8 +243,7 @@ class ModelRunner:
         """Whether sampled steps draw their tokens with the fused kernels (``RowSampler(fused=...)``)."""
         return self.fused and self.fused_sampling
 
-    @staticmethod
-    def _warm_sampler(logits: torch.Tensor, top_k_kernel: bool, top_p_kernel: bool = False) -> None:
+    def _warm_sampler(self, logits: torch.Tensor) -> None:
         """Compile the sampler's race kernels (kernels/argmax.py) now, for each form a step's
         logits take (a decode graph's, and the float32 ones ``execute`` hands out; temperature
         alone, and filtered): a Triton kernel's first launch compiles and loads it, which waits
@@ -252,29 +251,36 @@ class ModelRunner:
         # a generator of its own: the warm-up must not advance the default one, which unseeded
         # requests draw from
         gen = torch.Generator(device=logits.device)
-        # with top_p_kernel, the keep-rule kernels (kernels/topp.py) at Qwen3's top-k of 20, over the
-        # logits (rows that take the rule alone) and over the filters' output (beside a top-k row);
-        # another k's power of two compiles at its first step
+        # with the keep-rule kernels (fused_top_p, kernels/topp.py), them at Qwen3's top-k of 20, over
+        # the logits (rows that take the rule alone) and over the filters' output (beside a top-k
+        # row); another k's power of two compiles at its first step
         batches = [[SamplingParams(temperature=1.0)], [SamplingParams(temperature=1.0, top_k=2)]]
-        if top_p_kernel:
+        if self.fused_top_p:
             nucleus = SamplingParams(temperature=1.0, top_k=20, top_p=0.9)
             batches += [[nucleus], [nucleus, SamplingParams(temperature=1.0, top_k=2)]]
         for x in (logits[:1], logits[:1].float()):
             for params in batches:
-                rows = x.expand(len(params), -1)
-                RowSampler(params, [gen] * len(params), x.shape[-1], x.device, True, top_k_kernel,
-                           top_p_kernel)(rows)
+                self.sampler(params, [gen] * len(params), x.shape[-1])(x.expand(len(params), -1))
+
+    @property
+    def sampling_kernels(self) -> tuple[bool, bool, bool]:
+        """RowSampler's ``fused``, ``top_k_kernel`` and ``top_p_kernel`` for this engine."""
+        return self.sample_fused, self.fused_top_k, self.fused_top_p
+
+    def sampler(self, params: list[SamplingParams], generators: list[torch.Generator | None],
+                vocab: int | None = None) -> RowSampler:
+        """A RowSampler for these rows with this engine's sampling kernels; ``vocab`` None: the model's."""
+        return RowSampler(params, generators, vocab or self.model.config.vocab_size, self.device,
+                          *self.sampling_kernels)
 
     def _sampler(self, seqs: list[Sequence]) -> RowSampler:
-        return RowSampler([seq.params for seq in seqs], [seq.generator for seq in seqs],
-                          self.model.config.vocab_size, self.device, self.sample_fused, self.fused_top_k,
-                          self.fused_top_p)
+        return self.sampler([seq.params for seq in seqs], [seq.generator for seq in seqs])
 
-    def _draw_graph(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.cuda.CUDAGraph | None:
+    def _draw_graph(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.cuda.CUDAGraph:
         """A CUDA graph that draws ``seqs``' tokens from ``logits`` (the rows of a decode graph's
         output) into the graphs' input ids (``capture_draw``): the last burst's when it drew for
-        the same sequences from the same graph's logits, else captured now. None where torch
-        cannot register a request's own generator with a graph.
+        the same sequences from the same graph's logits, else captured now (where torch can
+        register a request's own generator with a graph: ``launch_burst`` checks).
 
         Only for batches whose sampled requests each have a seed (their own generator), the case
         the H200 has checked (tests/gpu/test_cuda_graphs.py). A draw from the default CUDA
@@ -287,8 +293,6 @@ class ModelRunner:
                 and all(a is b for a, b in zip(last[0], seqs, strict=True))):
             return last[2]
         generators = [seq.generator for seq in seqs if seq.generator is not None and not seq.params.greedy]
-        if generators and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
-            return None
         sampler = self._sampler(seqs)
         if self._draw_pool is None:
             self._draw_pool = torch.cuda.graph_pool_handle()
@@ -458,7 +462,8 @@ class ModelRunner:
         sampled = any(not seq.params.greedy for seq in seqs)
         # (seeded requests alone: see _draw_graph)
         graph_draws = (sampled and bs is not None and steps > 1 and len(seqs) <= self.draw_graph_rows
-                       and all(seq.generator is not None for seq in seqs if not seq.params.greedy))
+                       and all(seq.generator is not None for seq in seqs if not seq.params.greedy)
+                       and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
         sampler = self._sampler(seqs) if sampled and not graph_draws else None
         if after is not None and after.first_done is not None:
             # planning refills pinned host buffers (FlashInfer's plan information) whose copies to
@@ -475,8 +480,6 @@ class ModelRunner:
         if logits is not None:
             n = len(seqs)
             draw_graph = self._draw_graph(seqs, logits) if graph_draws else None
-            if graph_draws and draw_graph is None:
-                sampler = self._sampler(seqs)
 
             def draw() -> None:  # the sampled tokens replace the graph's argmax as the next input
                 if draw_graph is not None:
