@@ -103,8 +103,7 @@ fi
 if [ "$what" = draws ]; then
   # sampled bursts drawing their tokens in a CUDA graph of their own (model_runner.DRAW_GRAPH_ROWS) against
   # launched op by op, two engines in turn: Qwen3's settings, seeded, then at batch 1 unseeded (ChatBraid's
-  # requests; a batch with one draws op by op until draws from the default generator in a graph are on),
-  # then temperature alone (ChatBraid's fallback)
+  # requests, drawing from the default generator), then temperature alone (ChatBraid's fallback)
   timeout 300 python3 -m benchmarks.decode --shape qwen3-0.6b --device cuda --dtype bfloat16 --batch 1 8 16 \
     --compiled-batches --kv-gb 8 --skip-transformers --temperature 0.6 --top-p 0.95 --top-k 20 --compare-draw-graphs \
     2>&1 | grep -E "^card|^batch|^ +[0-9]+ |draws|Error" | tee "$OUT/decode_draws.log"

@@ -18,7 +18,7 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256)
 # larger prefill graphs, captured when LLM(prefill_graph_tokens=...) asks for them
 LONG_PREFILL_GRAPH_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
-# a sampled burst of up to this many sequences, each sampled one with a seed, draws its tokens
+# a sampled burst of up to this many sequences, seeded or not, draws its tokens
 # (RowSampler) in a CUDA graph of their own, captured once for the batch and replayed after each
 # step's replay, instead of launching the draw's few dozen operations one by one every step (0:
 # never). H200, Qwen3's 0.6/0.95/20, seeded: batch 1 1.05× and 1.35× the tokens/s in two runs (the
@@ -280,14 +280,10 @@ class ModelRunner:
         """A CUDA graph that draws ``seqs``' tokens from ``logits`` (the rows of a decode graph's
         output) into the graphs' input ids (``capture_draw``): the last burst's when it drew for
         the same sequences from the same graph's logits, else captured now (where torch can
-        register a request's own generator with a graph: ``launch_burst`` checks).
-
-        Only for batches whose sampled requests each have a seed (their own generator), the case
-        the H200 has checked (tests/gpu/test_cuda_graphs.py). A draw from the default CUDA
-        generator in a graph has not yet run on a GPU (test_a_draw_graph_draws_the_tokens_of_the
-        draw_op_by_op). Unseeded requests' tokens depend on the batches they were drawn in, so
-        an engine-level comparison cannot show it: three of them gave other tokens in an engine
-        with bursts than in one stepping singly even with draws op by op, seeded the same."""
+        register a request's own generator with a graph: ``launch_burst`` checks). Seeded rows
+        draw from their own generators, the others from the default CUDA generator, both as the
+        ops would (tests/gpu/test_cuda_graphs.py, on the H200: the same tokens and generator
+        offsets as the ops, step after step)."""
         last = self._draw
         if (last is not None and last[1].data_ptr() == logits.data_ptr() and len(last[0]) == len(seqs)
                 and all(a is b for a, b in zip(last[0], seqs, strict=True))):
@@ -460,9 +456,7 @@ class ModelRunner:
 
         bs = self._graph_size(batch)
         sampled = any(not seq.params.greedy for seq in seqs)
-        # (seeded requests alone: see _draw_graph)
         graph_draws = (sampled and bs is not None and steps > 1 and len(seqs) <= self.draw_graph_rows
-                       and all(seq.generator is not None for seq in seqs if not seq.params.greedy)
                        and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
         sampler = self._sampler(seqs) if sampled and not graph_draws else None
         if after is not None and after.first_done is not None:

@@ -398,9 +398,9 @@ def test_sampled_bursts_draw_the_tokens_of_single_graph_steps(engines, requests)
         stepwise.shutdown()
 
 
-def test_unseeded_sampled_bursts_draw_op_by_op(engines):
-    """A burst with a sampled request without a seed draws op by op, not in a draw graph
-    (model_runner._draw_graph: seeded batches alone), and still draws."""
+def test_unseeded_sampled_bursts_draw_in_graphs_from_the_default_generator(engines):
+    """A burst with a sampled request without a seed draws in a draw graph too, from the default
+    CUDA generator, which each replay advances: the same request again draws other tokens."""
     graphed, _ = engines
     runner = graphed.engine.runner
     gen = torch.Generator().manual_seed(7)
@@ -408,11 +408,14 @@ def test_unseeded_sampled_bursts_draw_op_by_op(engines):
     params = [SamplingParams(max_tokens=30, ignore_eos=True, enable_prefix_caching=False, **kw)
               for kw in (dict(temperature=0.9, seed=1), dict(temperature=0.6, top_k=20, top_p=0.95))]
     captures, bursts = runner.draw_captures, graphed.stats()["decode_bursts"]
-    drawn = [o.token_ids for o in graphed.generate(prompts, params)]
-    assert runner.draw_captures == captures and graphed.stats()["decode_bursts"] > bursts
+    drawn = [[o.token_ids for o in graphed.generate(prompts, params)] for _ in range(2)]
+    captures, bursts = runner.draw_captures - captures, graphed.stats()["decode_bursts"] - bursts
+    assert 1 <= captures < bursts
+    assert drawn[0][0] == drawn[1][0]  # seeded: its own generator, seeded again
+    assert drawn[0][1] != drawn[1][1]  # unseeded: the default generator went on
     greedy = graphed.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
                                                       enable_prefix_caching=False))
-    assert drawn[1] != greedy[1].token_ids
+    assert drawn[0][1] != greedy[1].token_ids
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
