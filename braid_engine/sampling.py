@@ -342,6 +342,28 @@ class RowSampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits.argmax(-1)
+        rows, kernel, z, temperature, cut = self._rule(logits)
+        race = torch.empty(z.shape, dtype=torch.float32, device=z.device)
+        if self.shared:
+            race.exponential_()
+        for r, gen in self.seeded:
+            race[r].exponential_(generator=gen)
+        if kernel is None:
+            drawn = (z - race.log()).argmax(-1)
+        else:
+            drawn = kernel(z, torch.empty(z.shape[0], dtype=torch.long, device=z.device), race, temperature, cut)
+        return drawn if self.every_row else logits.argmax(-1).index_copy(0, self.index, drawn)
+
+    def prepare(self, logits: torch.Tensor) -> None:
+        """Run what a draw from ``logits`` runs before it draws (the filters, the keep-rule
+        kernels), which draws nothing and advances no generator: every Triton kernel of that
+        part is then compiled and loaded, as a CUDA graph's capture of the draw needs."""
+        if self.rows:
+            self._rule(logits)
+
+    def _rule(self, logits: torch.Tensor):
+        """(the sampled rows, the race kernel or None, what the race draws from, the temperature
+        the kernel divides by or None, the keep rule or None)."""
         rows = logits if self.every_row else logits.index_select(0, self.index)
         # the kernel takes float32, float16 and bfloat16 with unit stride along the vocabulary;
         # anything else (float64, a transposed view) is drawn by torch, as without the kernel
@@ -356,16 +378,7 @@ class RowSampler:
         cut = None
         if kernel is not None and self.cut is not None:
             cut = self.cut(z, self.cut_k_index, self.cut_drops, temperature)
-        race = torch.empty(z.shape, dtype=torch.float32, device=z.device)
-        if self.shared:
-            race.exponential_()
-        for r, gen in self.seeded:
-            race[r].exponential_(generator=gen)
-        if kernel is None:
-            drawn = (z - race.log()).argmax(-1)
-        else:
-            drawn = kernel(z, torch.empty(z.shape[0], dtype=torch.long, device=z.device), race, temperature, cut)
-        return drawn if self.every_row else logits.argmax(-1).index_copy(0, self.index, drawn)
+        return rows, kernel, z, temperature, cut
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

@@ -294,6 +294,8 @@ class ModelRunner:
             self._draw_pool = torch.cuda.graph_pool_handle()
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)
+        # a keep-rule kernel of another k's power of two than the warm-up's compiles now, not in the capture
+        sampler.prepare(logits)
         graph = capture_draw(sampler, generators, logits, self.static_ids[:len(seqs)], self._draw_pool, self._side)
         # the old graph goes only now: its pool's memory is the new one's to take again
         self._draw = (seqs, logits, graph, sampler)

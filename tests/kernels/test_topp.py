@@ -242,15 +242,32 @@ def test_the_sampler_draws_the_same_tokens_with_the_top_p_kernels(device, monkey
     assert torch.equal(_draw(logits.double(), params, device)[1], got)
 
 
-def test_the_switch_is_off_by_default_and_leaves_the_sampler_as_it_was(device, monkeypatch):
+def test_the_switch_is_on_by_default_and_off_leaves_the_sampler_as_it_was(device, monkeypatch):
     monkeypatch.setattr(sampling, "fused_kernels_available", lambda dev: True)
-    assert kernels.FUSED_TOP_P is False
+    assert kernels.FUSED_TOP_P is True
     params = _params()
-    sampler = RowSampler(params, [None] * len(params), VOCAB, device)
-    assert sampler.cut is None and sampler.rest is None and sampler.filters is not None
-    monkeypatch.setattr(kernels, "FUSED_TOP_P", True)
     assert RowSampler(params, [None] * len(params), VOCAB, device).cut is not None
     assert RowSampler(params, [None] * len(params), VOCAB, device, fused=False).cut is None
+    monkeypatch.setattr(kernels, "FUSED_TOP_P", False)
+    sampler = RowSampler(params, [None] * len(params), VOCAB, device)
+    assert sampler.cut is None and sampler.rest is None and sampler.filters is not None
+
+
+def test_preparing_a_draw_computes_the_rule_and_draws_nothing(device, monkeypatch):
+    """RowSampler.prepare (before a draw graph's capture) runs the keep-rule kernels, as a draw
+    would, and advances no generator: the draw after it is the draw without it."""
+    monkeypatch.setattr(sampling, "fused_kernels_available", lambda dev: True)
+    params = _params()
+    logits = (torch.randn(len(params), VOCAB, generator=torch.Generator().manual_seed(4)) * 3).to(device)
+    want = _draw(logits, params, device)[1]
+    gens = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in params]
+    sampler = RowSampler(params, gens, VOCAB, device)
+    sampler.cut = TopKTopPCut(len(sampler.rows), VOCAB, sampler.cut.k_max, device, CHUNK)
+    sampler.cut.cut_value.fill_(float("nan"))
+    torch.manual_seed(11)
+    sampler.prepare(logits)
+    assert not sampler.cut.cut_value.isnan().any()  # the rule was computed
+    assert torch.equal(sampler(logits), want)
 
 
 def test_the_kernels_refuse_what_they_cannot_take(device):
