@@ -192,7 +192,7 @@ def main() -> None:
                              f"braid_engine.kernels.{switch} the other way, in turn, in this process")
     ap.add_argument("--unseeded", action="store_true",
                     help="sampled: the timed requests have no seed, as ChatBraid's have none by default (they draw "
-                         "from the default generator; a burst with one draws op by op, not in a draw graph); "
+                         "from the default generator); "
                          "the token comparisons between engines stay seeded")
     ap.add_argument("--compare-draw-graphs", action="store_true",
                     help="after each row, the engine against a second one whose sampled bursts draw their tokens "

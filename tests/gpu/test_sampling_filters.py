@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (  # noqa: E402
     TopPLogitsWarper,
 )
 
+from braid_engine.kernels.topp import TopKTopPCut  # noqa: E402
 from braid_engine.sampling import _Filters  # noqa: E402
 
 VOCAB = 151_936
@@ -41,3 +42,22 @@ def test_the_filters_keep_transformers_tokens_on_the_gpu(seed):
         assert torch.equal(torch.isinf(got[i]), torch.isinf(want)), (seed, SETTINGS[i])
         alone = _Filters([ti], [ki], [pi], [0.0], VOCAB, logits.device)(logits[i:i + 1])[0]
         assert torch.equal(alone, got[i])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_keep_rule_kernels_keep_transformers_tokens_on_the_gpu(seed):
+    """The keep rule from kernels/topp.py (the engine's way for top-k ≤ 64 with top-p) keeps
+    exactly the tokens transformers' warpers keep, on bf16 logits with their ties, the kernels
+    dividing by the temperature themselves."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    settings = [(t, k, p) for t, k, p in SETTINGS if 0 < k <= 64 and p < 1]
+    logits = (torch.randn(len(settings), VOCAB, generator=gen) * 4).to(torch.bfloat16).cuda()
+    t, k, p = (torch.tensor(v, dtype=torch.float64) for v in zip(*settings))
+    rule = TopKTopPCut(len(settings), VOCAB, int(k.max()), logits.device)
+    value, index = rule(logits, (k - 1).to(torch.int32).cuda(), (1 - p).float().cuda(), t.float().cuda())
+    z = logits.float() / t.float().cuda()[:, None]
+    j = torch.arange(VOCAB, device=logits.device)
+    kept = (z > value[:, None]) | ((z == value[:, None]) & (j >= index[:, None]))
+    for i, (ti, ki, pi) in enumerate(settings):
+        want = _warped(logits[i].float(), ti, ki, pi)
+        assert torch.equal(kept[i], torch.isfinite(want)), (seed, settings[i])
