@@ -270,8 +270,9 @@ class LLM:
     # -- generation ------------------------------------------------------------------------
     def get_default_sampling_params(self) -> SamplingParams:
         """The SamplingParams a call without any gets: the sampling settings the checkpoint's
-        ``generation_config.json`` gives (temperature, top_p, top_k, min_p; Qwen3: 0.6, 0.95, 20),
-        the others SamplingParams' own defaults. A new object each call, to change freely."""
+        ``generation_config.json`` gives (temperature, top_p, top_k, min_p and the penalties;
+        Qwen3: 0.6, 0.95, 20), the others SamplingParams' own defaults. A new object each call,
+        to change freely."""
         return SamplingParams(**self.sampling_defaults)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -360,9 +361,8 @@ def _choose_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
 _GENERATION_CONFIG = "generation_config.json"
 # the sampling settings a checkpoint's generation_config.json may give, as SamplingParams names them
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
-# ones braid does not apply, with the value that means "off"
-_UNSUPPORTED = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
 
 
 def _generation_config(path: Path) -> dict[str, Any]:
@@ -394,10 +394,6 @@ def _sampling_defaults(generation: dict[str, Any], path: Path) -> dict[str, Any]
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / _GENERATION_CONFIG} gives sampling settings {defaults} that "
                               f"cannot be used ({e}); fix or remove them.") from e
-    ignored = {k: v for k, v in _UNSUPPORTED.items() if generation.get(k) not in (None, v)}
-    if ignored:
-        logger.warning("%s asks for %s, which braid does not apply: requests sample without them.",
-                       path / _GENERATION_CONFIG, ", ".join(f"{k}={generation[k]}" for k in ignored))
     return defaults
 
 

@@ -29,6 +29,13 @@ class SamplingParams:
     ``guided`` constrains the output to a grammar (JSON schema, JSON object or structural tag);
     it needs the optional ``xgrammar`` package.
 
+    Penalties change the logits before any of that, as vLLM applies them: ``repetition_penalty``
+    (> 0, 1 off; transformers' too) divides a positive logit, and multiplies a negative one, of
+    each token already in the prompt or the output; then ``frequency_penalty`` times a token's
+    count in the output and ``presence_penalty`` once for each token the output holds are
+    subtracted (each in [-2, 2], 0 off; positive ones discourage repeating). A batch holding a
+    penalized request decodes a step at a time.
+
     Example:
         >>> SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64, seed=1, stop=["\\n\\n"])
     """
@@ -45,6 +52,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     enable_prefix_caching: bool = True
     guided: GuidedDecoding | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +100,13 @@ class SamplingParams:
             self.stop_token_ids = [int(t) for t in ids]  # numpy ints, arrays and iterators as a list
         if self.guided is not None and not isinstance(self.guided, GuidedDecoding):
             raise bad(f"guided must be a GuidedDecoding or None, got {type(self.guided).__name__}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -2 <= v <= 2:
+                raise bad(f"{name} must be a number in [-2, 2], got {v!r}; use 0 to disable it.")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+            raise bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}; "
+                      "use 1 to disable it.")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -98,6 +115,41 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty changes this request's logits (``penalize``)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _is_number(v: object) -> bool:
+    """A real number that is no bool (JSON's true would pass as 1) and is finite."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@torch.inference_mode()  # the engine's logits are inference tensors, changed in place
+def penalize(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+             outputs: list[list[int]]) -> None:
+    """Apply each row's penalties (``SamplingParams``) to ``logits`` [rows, V] in place, row i
+    after prompt ``prompts[i]`` and output so far ``outputs[i]``. The repetition penalty is
+    computed as transformers' RepetitionPenaltyLogitsProcessor computes it, the other two as
+    vLLM subtracts them; rows without penalties are left as they are."""
+    for i, p in enumerate(params):
+        if not p.penalized:
+            continue
+        row = logits[i:i + 1]
+        if p.repetition_penalty != 1:
+            seen = _to_device(torch.tensor([prompts[i] + outputs[i]], dtype=torch.long), row.device)
+            score = torch.gather(row, 1, seen)
+            score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+            row.scatter_(1, seen, score)
+        if (p.frequency_penalty or p.presence_penalty) and outputs[i]:
+            out = _to_device(torch.tensor(outputs[i], dtype=torch.long), row.device)
+            counts = torch.bincount(out, minlength=row.shape[1])[None, :row.shape[1]]
+            if p.frequency_penalty:
+                row -= p.frequency_penalty * counts
+            if p.presence_penalty:
+                row -= p.presence_penalty * (counts > 0)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

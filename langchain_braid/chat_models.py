@@ -65,8 +65,10 @@ _PROVIDER = "braid"
 _WARNED_TOOLS: set[str] = set()  # models warned that their template ignores bound tools
 _PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would start
 # the sampling settings where neither the call, the model's fields nor the checkpoint give one
-_SAMPLING_FALLBACKS = {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
-_CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "max_tokens", "seed",
+_SAMPLING_FALLBACKS = {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "presence_penalty": 0.0,
+                       "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+_CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                           "repetition_penalty", "max_tokens", "seed",
                            "enable_thinking", "enable_prefix_caching", "chat_template_kwargs",
                            "tools", "tool_choice", "parallel_tool_calls", "response_format", "stream_usage"})
 # those with_structured_output binds as given (it sets the tools and response format itself)
@@ -152,6 +154,16 @@ class ChatBraid(BaseChatModel):
     top_k: int | None = None
     """Sample among the k most likely tokens; -1 disables it. ``None``: the model's (Qwen3: 20),
     else -1."""
+    presence_penalty: float | None = None
+    """Subtracted once from the logit of each token the answer already holds (OpenAI's and
+    vLLM's; -2 to 2, positive discourages repeating: a small model's endless loops, say).
+    ``None``: the model's, else 0 (off)."""
+    frequency_penalty: float | None = None
+    """Subtracted from a token's logit once for each time the answer holds it (-2 to 2).
+    ``None``: the model's, else 0 (off)."""
+    repetition_penalty: float | None = None
+    """transformers' penalty (> 0): a token already in the prompt or the answer has a positive
+    logit divided by it and a negative one multiplied. ``None``: the model's, else 1 (off)."""
     max_tokens: int | None = None
     """Most tokens to generate; ``None`` runs to end of turn or the context limit."""
     stop: list[str] | None = None
@@ -198,7 +210,8 @@ class ChatBraid(BaseChatModel):
         # everything that changes an answer: LangChain's cache keys answers by these
         return {"model": self.model, "device": self.device, "dtype": self.dtype,
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_tokens": self.max_tokens, "stop": self.stop, "seed": self.seed,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "repetition_penalty": self.repetition_penalty, "max_tokens": self.max_tokens, "stop": self.stop, "seed": self.seed,
                 "enable_thinking": self.enable_thinking, "chat_template_kwargs": self.chat_template_kwargs,
                 "engine_kwargs": self.engine_kwargs, "output_version": self.output_version}
 

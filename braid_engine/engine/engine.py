@@ -37,7 +37,7 @@ from braid_engine.errors import (
     WaitInsideTogetherError,
 )
 from braid_engine.grammar import GrammarRuntime
-from braid_engine.sampling import SamplingParams, sample
+from braid_engine.sampling import SamplingParams, penalize, sample
 
 # with EngineConfig.pipeline_bursts: follow-up bursts launched in one step at most; the GPU then
 # waits for the host once every PIPELINE_CHAIN + 1 bursts
@@ -478,6 +478,9 @@ class LLMEngine:
             bitmask, failures = masks.result()
             self._grammar.apply(logits, bitmask, [rows[id(s)] for s in guided])
             failed = {id(guided[i]): e for i, e in failures.items()}
+        if any(s.params.penalized for s in samplers):
+            penalize(logits, [s.params for s in samplers], [s.prompt_token_ids for s in samplers],
+                     [s.output_token_ids for s in samplers])
         for seq, n in batch:
             self._computed(seq, n)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
@@ -533,13 +536,13 @@ class LLMEngine:
 
     def _burst_steps(self, batch: list[tuple[Sequence, int]]) -> int:
         """How many decode steps may run back to back before the host reads tokens: all
-        sequences decode without a grammar, nobody who could join waits, no sequence can reach
+        sequences decode without a grammar or penalties, nobody who could join waits, no sequence can reach
         its length limit sooner, and every sequence's positions stay in its current page. A
         stop token ends a sequence inside a burst; the steps computed after it are dropped."""
         if self.config.decode_burst <= 1 or not self._nobody_joins():
             return 1
         for seq, n in batch:
-            if n != 1 or seq.num_computed + 1 != len(seq) or seq.matcher is not None:
+            if n != 1 or seq.num_computed + 1 != len(seq) or seq.matcher is not None or seq.params.penalized:
                 return 1
         return self._burst_room([seq for seq, _ in batch])
 

@@ -729,3 +729,34 @@ def test_sampling_settings_not_given_are_the_checkpoints(tmp_path, monkeypatch):
     ChatBraid(model=plain, device="cpu", max_tokens=2).invoke(hi)
     assert seen == [(0.6, 0.95, 20, 0.0), (0.0, 0.95, 20, 0.0), (0.6, 0.5, 3, 0.1), (0.6, 0.95, 20, 0.0),
                     (0.7, 1.0, -1, 0.0)]
+
+
+def test_penalties_reach_the_engine_from_calls_fields_and_the_checkpoint(tmp_path, monkeypatch):
+    """presence, frequency and repetition penalties as the other sampling settings: the call's,
+    else the field's, else generation_config.json's, else off; a bad one is a typed error."""
+    from braid_engine import InvalidSamplingParamsError
+    from braid_engine.engine.engine import LLMEngine
+    from braid_engine.testing import make_tiny_checkpoint
+
+    seen: list[Any] = []
+    add_request = LLMEngine.add_request
+
+    def recorded(self, prompt, params, *args, **kwargs):
+        seen.append((params.presence_penalty, params.frequency_penalty, params.repetition_penalty))
+        return add_request(self, prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(LLMEngine, "add_request", recorded)
+    penalized = str(make_tiny_checkpoint(tmp_path / "penalized", generation_config={"repetition_penalty": 1.1}))
+    plain = str(make_tiny_checkpoint(tmp_path / "plain"))
+    hi = [HumanMessage("hi")]
+    ChatBraid(model=penalized, device="cpu", max_tokens=2).invoke(hi)
+    ChatBraid(model=penalized, device="cpu", max_tokens=2, presence_penalty=0.5).invoke(hi, repetition_penalty=1.0)
+    list(ChatBraid(model=plain, device="cpu", max_tokens=2, frequency_penalty=0.2).stream(hi, frequency_penalty=0.3))
+    ChatBraid(model=plain, device="cpu", max_tokens=2).invoke(hi)
+    assert seen == [(0.0, 0.0, 1.1), (0.5, 0.0, 1.0), (0.0, 0.3, 1.0), (0.0, 0.0, 1.0)]
+    with pytest.raises(InvalidSamplingParamsError, match="presence_penalty"):
+        ChatBraid(model=plain, device="cpu", max_tokens=2).invoke(hi, presence_penalty=5)
+    # greedy: a strong penalty changes the answer's tokens
+    chat = ChatBraid(model=plain, device="cpu", max_tokens=24, temperature=0)
+    free = chat.invoke(hi).response_metadata[TOKEN_IDS_KEY]
+    assert chat.invoke(hi, repetition_penalty=2.0).response_metadata[TOKEN_IDS_KEY] != free

@@ -496,8 +496,8 @@ def test_structured_output_binds_call_options_given_to_it(chat):
     assert out["raw"].response_metadata["finish_reason"] == "length" and out["parsing_error"]
     seeded = chat.with_structured_output(Forecast, seed=7).invoke("Forecast")
     assert seeded == chat.with_structured_output(Forecast).invoke("Forecast", seed=7)
-    with pytest.raises(TypeError, match=r"unexpected arguments \['frequency_penalty'\].*'seed'"):
-        chat.with_structured_output(Forecast, frequency_penalty=1.0)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['logit_bias'\].*'seed'"):
+        chat.with_structured_output(Forecast, logit_bias={1: 5.0})
 
 
 @pytest.mark.parametrize("schema", [Forecast, Flags, Forecast.model_json_schema(), None])

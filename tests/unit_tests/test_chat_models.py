@@ -69,8 +69,8 @@ def test_token_counting_uses_the_checkpoint_tokenizer(tiny_model: str) -> None:
 
 def test_unknown_call_option_is_a_clear_error(tiny_model: str) -> None:
     chat = ChatBraid(model=tiny_model, device="cpu", max_tokens=2)
-    with pytest.raises(TypeError, match="unknown call options \\['frequency_penalty'\\]"):
-        chat.invoke("hi", frequency_penalty=1.0)
+    with pytest.raises(TypeError, match="unknown call options \\['logit_bias'\\]"):
+        chat.invoke("hi", logit_bias={1: 5.0})
 
 
 def test_call_options_of_the_wrong_kind_are_clear_errors(tiny_model: str) -> None:

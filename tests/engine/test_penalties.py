@@ -1,0 +1,136 @@
+"""Repetition, frequency and presence penalties (SamplingParams): the repetition penalty against
+transformers' own processor and ``generate``, the other two against a greedy loop over
+transformers' logits that subtracts them as vLLM defines them; batching, the prefix cache and
+bursts change no penalized token (fp32, CPU)."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from braid_engine import LLM, SamplingParams
+from braid_engine.errors import InvalidSamplingParamsError
+from braid_engine.sampling import penalize
+from braid_engine.testing import make_tiny_checkpoint
+
+PROMPT = "Hello! How are you today? The cache keeps every answer, the cache keeps it."
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("penalties"), arch="qwen3")
+    llm = LLM(path, device="cpu", page_size=4, decode_burst=4)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    yield llm, hf
+    llm.shutdown()
+
+
+def _penalized_reference(row, prompt, output, rep=1.0, freq=0.0, pres=0.0):
+    """A row's logits penalized token by token in double, the rules written out plainly."""
+    want = row.double().clone()
+    for tok in set(prompt) | set(output):
+        if rep != 1:
+            v = float(row[tok])
+            want[tok] = v * rep if v < 0 else v / rep
+    for tok in set(output):
+        want[tok] -= freq * output.count(tok) + pres
+    return want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_penalize_is_transformers_repetition_penalty_and_vllms_others(seed):
+    g = torch.Generator().manual_seed(seed)
+    vocab = 300
+    logits = torch.randn(4, vocab, generator=g) * 3
+    prompts = [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in (5, 40, 1, 12)]
+    outputs = [torch.randint(0, 40, (int(n),), generator=g).tolist() for n in (0, 30, 9, 12)]
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(repetition_penalty=0.7, frequency_penalty=0.4),
+              SamplingParams(), SamplingParams(presence_penalty=-1.5, frequency_penalty=2.0)]
+    got = logits.clone()
+    penalize(got, params, prompts, outputs)
+    # repetition alone: bit for bit transformers' processor over the prompt and output
+    for i in (0,):
+        ids = torch.tensor([prompts[i] + outputs[i]])
+        assert torch.equal(got[i], RepetitionPenaltyLogitsProcessor(1.3)(ids, logits[i:i + 1].clone())[0])
+    assert torch.equal(got[2], logits[2])  # no penalty: untouched
+    for i, p in ((1, params[1]), (3, params[3])):
+        want = _penalized_reference(logits[i], prompts[i], outputs[i], p.repetition_penalty,
+                                    p.frequency_penalty, p.presence_penalty)
+        assert torch.allclose(got[i].double(), want, rtol=0, atol=1e-5)
+        assert not torch.equal(got[i], logits[i])
+
+
+def test_the_penalties_are_checked():
+    for kwargs, word in ((dict(repetition_penalty=0), "repetition_penalty"),
+                         (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+                         (dict(repetition_penalty=True), "repetition_penalty"),
+                         (dict(presence_penalty=2.5), "presence_penalty"),
+                         (dict(presence_penalty=float("nan")), "presence_penalty"),
+                         (dict(frequency_penalty="1"), "frequency_penalty"),
+                         (dict(frequency_penalty=-3), "frequency_penalty")):
+        with pytest.raises(InvalidSamplingParamsError, match=f"{word}.*use"):
+            SamplingParams(**kwargs)
+    assert not SamplingParams().penalized
+    assert SamplingParams(presence_penalty=0.5).penalized and SamplingParams(repetition_penalty=1.1).penalized
+
+
+def test_greedy_with_a_repetition_penalty_is_transformers_generate(pair):
+    llm, hf = pair
+    ids = llm.encode(PROMPT)
+    plain = llm.generate(ids, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0].token_ids
+    for rep in (1.3, 0.8):
+        got = llm.generate(ids, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                               repetition_penalty=rep))[0].token_ids
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              do_sample=False, max_new_tokens=40, min_new_tokens=40, repetition_penalty=rep,
+                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert got == ref
+        assert got != plain  # the penalty changed the answer: the test can tell
+    assert len(set(plain)) < 40  # the unpenalized answer repeats tokens
+
+
+def _hf_greedy_penalized(hf, ids, n, freq, pres):
+    """Argmax over transformers' logits with frequency and presence subtracted as vLLM does."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            row = hf(torch.tensor([ids + out])).logits[0, -1].float()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=row.shape[0])
+            row = row - freq * counts - pres * (counts > 0)
+            out.append(int(row.argmax()))
+    return out
+
+
+def test_greedy_with_frequency_and_presence_penalties_is_the_reference_loop(pair):
+    llm, hf = pair
+    ids = llm.encode(PROMPT)
+    plain = llm.generate(ids, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].token_ids
+    for freq, pres in ((0.5, 0.0), (0.0, 1.0), (0.3, 0.7)):
+        got = llm.generate(ids, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                               frequency_penalty=freq, presence_penalty=pres))[0].token_ids
+        assert got == _hf_greedy_penalized(hf, ids, 30, freq, pres)
+        assert got != plain
+
+
+def test_batching_caching_and_bursts_change_no_penalized_token(pair):
+    """A penalized request beside others: each gets its tokens alone; the batch decodes a step at a
+    time (no bursts) while a batch without penalties bursts; a prefix cache hit gives the same."""
+    llm, _ = pair
+    prompts = [llm.encode(p) for p in (PROMPT, "Paged attention stores keys.", "東京 café 😀")]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.2,
+                             presence_penalty=0.5),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True, seed=3, frequency_penalty=0.6)]
+    alone = [llm.generate(p, dataclasses.replace(q, enable_prefix_caching=False))[0].token_ids
+             for p, q in zip(prompts, params)]
+    bursts = llm.stats()["decode_bursts"]
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    assert together == alone
+    assert llm.stats()["decode_bursts"] == bursts
+    again = llm.generate(prompts, params)  # the prompts now come from the cache
+    assert [o.token_ids for o in again] == alone and again[0].num_cached_tokens > 0
+    llm.generate(prompts[1:2], params[1])
+    assert llm.stats()["decode_bursts"] > bursts
