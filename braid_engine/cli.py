@@ -63,7 +63,8 @@ def _params(args: argparse.Namespace, model: dict | None = None):
     with ``model`` None SamplingParams' own (to check the flags before the model loads)."""
     from braid_engine import SamplingParams
 
-    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
+                                           "frequency_penalty") if getattr(args, k) is not None}
     return SamplingParams(**{**(model or {}), **given}, max_tokens=args.max_tokens, seed=args.seed)
 
 
@@ -247,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--temperature", type=float, help="0 is greedy" + model % {"off": "1"})
         p.add_argument("--top-p", type=float, help="nucleus mass" + model % {"off": "1, off"})
         p.add_argument("--top-k", type=int, help="most likely tokens to sample among" + model % {"off": "-1, off"})
+        p.add_argument("--repetition-penalty", type=float,
+                       help="> 0; divides the positive logits of tokens already seen" + model % {"off": "1, off"})
+        p.add_argument("--presence-penalty", type=float,
+                       help="-2 to 2; off each token the answer holds" + model % {"off": "0, off"})
+        p.add_argument("--frequency-penalty", type=float,
+                       help="-2 to 2; off a token per time the answer holds it" + model % {"off": "0, off"})
         p.add_argument("--seed", type=int, default=None)
 
     chat = with_model("chat", "chat in the terminal (streaming, per-turn stats)")

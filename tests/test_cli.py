@@ -217,3 +217,20 @@ def test_sampling_flags_not_given_are_the_models(tmp_path, capsys):
                  "--seed", "4"]) == 0
     assert capsys.readouterr().out == flagged
     llm.shutdown()
+
+
+def test_penalty_flags_reach_the_answer(tiny_qwen3, capsys):
+    """--repetition-penalty, --presence-penalty and --frequency-penalty: the answer of
+    SamplingParams with them; a bad one is the CLI's clear error."""
+    msgs = [{"role": "user", "content": "Hello there"}]
+    flags = ["--max-tokens", "12", "--temperature", "0", "--repetition-penalty", "1.8", "--presence-penalty", "0.5",
+             "--frequency-penalty", "0.25"]
+    assert main(["generate", str(tiny_qwen3), "Hello there", *flags]) == 0
+    out = capsys.readouterr().out
+    llm = LLM(tiny_qwen3, device="cpu")
+    want = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.8, presence_penalty=0.5,
+                                         frequency_penalty=0.25))[0].text
+    assert out == want and out != llm.chat(msgs, SamplingParams(temperature=0, max_tokens=12))[0].text
+    llm.shutdown()
+    assert main(["generate", str(tiny_qwen3), "hi", "--presence-penalty", "3"]) != 0
+    assert "presence_penalty must be a number in [-2, 2]" in capsys.readouterr().err
