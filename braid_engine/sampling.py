@@ -17,6 +17,8 @@ from braid_engine.kernels import fused_kernels_available
 # temperatures below this sample the top token anyway (vLLM's _SAMPLING_EPS), and far smaller
 # ones overflow the scaled logits to inf (a NaN softmax): they are greedy
 GREEDY_TEMPERATURE = 1e-5
+# the most top log-probabilities a request may ask for per token (OpenAI's top_logprobs limit)
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -35,6 +37,11 @@ class SamplingParams:
     count in the output and ``presence_penalty`` once for each token the output holds are
     subtracted (each in [-2, 2], 0 off; positive ones discourage repeating). A batch holding a
     penalized request decodes a step at a time.
+
+    ``logprobs=k`` (0 to 20; None: off) returns, for each token drawn, its log-probability and
+    those of the k most likely tokens, in the model's own distribution (the logits' log-softmax,
+    before penalties, temperature, filters and grammar), as vLLM and transformers' logits give
+    it (``RequestOutput.logprobs``). Such a request also decodes a step at a time.
 
     Example:
         >>> SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64, seed=1, stop=["\\n\\n"])
@@ -55,6 +62,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logprobs: int | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +112,10 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_number(v) or not -2 <= v <= 2:
                 raise bad(f"{name} must be a number in [-2, 2], got {v!r}; use 0 to disable it.")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad(f"logprobs must be an int in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r} "
+                      "(0: the drawn token's alone; None: none).")
         if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
             raise bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}; "
                       "use 1 to disable it.")
@@ -115,6 +127,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def single_steps(self) -> bool:
+        """Whether this request's batches decode a step at a time (no bursts): penalties and
+        log-probabilities need each step's tokens on the host."""
+        return self.penalized or self.logprobs is not None
 
     @property
     def penalized(self) -> bool:
@@ -438,3 +456,27 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """One token per row of ``logits`` [B, V] (fp32) (``RowSampler``); the host waits once, for all."""
     return RowSampler(params, generators, logits.shape[-1], logits.device, fused, top_k_kernel,
                       top_p_kernel)(logits).tolist()
+
+
+def log_probabilities(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The model's log-probabilities (float32 log-softmax) of ``logits``' rows ``rows``."""
+    return torch.log_softmax(logits[rows].float(), -1)
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: list[int], top: list[int]) -> list[dict[int, float]]:
+    """For each row of ``logprobs`` [n, V]: {token: its log-probability} for the row's drawn token
+    and its ``top[i]`` most likely, the drawn one first, the rest most likely first (ties by
+    lower id), read back with one wait."""
+    k = max(top)
+    drawn = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0]
+    # a stable descending sort orders ties by id; only the first k are read
+    values, ids = (torch.sort(logprobs, dim=-1, descending=True, stable=True) if k else (None, None))
+    picked = drawn.tolist()
+    best = (ids[:, :k].tolist(), values[:, :k].tolist()) if k else ([[]] * len(tokens), [[]] * len(tokens))
+    out = []
+    for t, p, n, i, v in zip(tokens, picked, top, *best, strict=True):
+        entry = {t: p}
+        for tok, val in zip(i[:n], v[:n], strict=True):
+            entry.setdefault(tok, val)
+        out.append(entry)
+    return out

@@ -68,7 +68,7 @@ _PIN_SENTINEL = "\u2063braid-pin\u2063"  # marks where the next user turn would 
 _SAMPLING_FALLBACKS = {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "presence_penalty": 0.0,
                        "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 _CALL_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                           "repetition_penalty", "max_tokens", "seed",
+                           "repetition_penalty", "logprobs", "top_logprobs", "max_tokens", "seed",
                            "enable_thinking", "enable_prefix_caching", "chat_template_kwargs",
                            "tools", "tool_choice", "parallel_tool_calls", "response_format", "stream_usage"})
 # those with_structured_output binds as given (it sets the tools and response format itself)
@@ -164,6 +164,13 @@ class ChatBraid(BaseChatModel):
     repetition_penalty: float | None = None
     """transformers' penalty (> 0): a token already in the prompt or the answer has a positive
     logit divided by it and a negative one multiplied. ``None``: the model's, else 1 (off)."""
+    logprobs: bool | None = None
+    """Return each output token's log-probability in ``response_metadata["logprobs"]`` (OpenAI's
+    form: ``{"content": [{"token", "bytes", "logprob", "top_logprobs"}]}``; a stream's chunks
+    each carry their tokens'), from the model's own distribution. Such requests decode a step at
+    a time. ``None``: on where ``top_logprobs`` is given."""
+    top_logprobs: int | None = None
+    """With ``logprobs``: how many of the most likely tokens to list at each position (0-20)."""
     max_tokens: int | None = None
     """Most tokens to generate; ``None`` runs to end of turn or the context limit."""
     stop: list[str] | None = None
@@ -211,7 +218,8 @@ class ChatBraid(BaseChatModel):
         return {"model": self.model, "device": self.device, "dtype": self.dtype,
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "repetition_penalty": self.repetition_penalty, "max_tokens": self.max_tokens, "stop": self.stop, "seed": self.seed,
+                "repetition_penalty": self.repetition_penalty, "logprobs": self.logprobs,
+                "top_logprobs": self.top_logprobs, "max_tokens": self.max_tokens, "stop": self.stop, "seed": self.seed,
                 "enable_thinking": self.enable_thinking, "chat_template_kwargs": self.chat_template_kwargs,
                 "engine_kwargs": self.engine_kwargs, "output_version": self.output_version}
 
@@ -475,6 +483,7 @@ class ChatBraid(BaseChatModel):
         params = SamplingParams(
             **sampling, max_tokens=options.get("max_tokens", self.max_tokens),
             stop=None if whole else stop if stop is not None else self.stop, seed=options.get("seed", self.seed),
+            logprobs=self._logprobs(options),
             enable_prefix_caching=options.get("enable_prefix_caching", self.enable_prefix_caching),
             guided=guided,
         )
@@ -495,12 +504,27 @@ class ChatBraid(BaseChatModel):
             usage["output_token_details"] = {"reasoning": len(out_ids)}
         return usage
 
-    def _metadata(self, out_ids: list[int], finish_reason: str | None) -> dict[str, Any]:
-        return {"model_name": self.model, "model_provider": _PROVIDER,
-                "finish_reason": finish_reason, TOKEN_IDS_KEY: list(out_ids)}
+    def _logprobs(self, options: dict[str, Any]) -> int | None:
+        """SamplingParams' ``logprobs`` from ``logprobs`` and ``top_logprobs`` (the call's, else the
+        fields'): None where off."""
+        on = options.get("logprobs", self.logprobs)
+        top = options.get("top_logprobs", self.top_logprobs)
+        if on is not None and not isinstance(on, bool):
+            raise TypeError(f"logprobs must be True, False or None, got {on!r}.")
+        if on is False or (on is None and top is None):
+            return None
+        return 0 if top is None else top
+
+    def _metadata(self, engine: _Engine, out_ids: list[int], delta: RequestOutput, top: int | None) -> dict[str, Any]:
+        """A message's (or a stream's last chunk's) metadata; ``top``: the request's ``logprobs``."""
+        meta = {"model_name": self.model, "model_provider": _PROVIDER,
+                "finish_reason": delta.finish_reason, TOKEN_IDS_KEY: list(out_ids)}
+        if delta.logprobs is not None and top is not None:
+            meta["logprobs"] = openai_logprobs(delta.logprobs, top, engine.llm.tokenizer)
+        return meta
 
     def _message(self, engine: _Engine, out: RequestOutput, opened: bool,
-                 names: list[str], limit: int | None) -> AIMessage:
+                 names: list[str], limit: int | None, top: int | None) -> AIMessage:
         reasoning, answer = split_reasoning(out.text, thinking=opened)
         calls: dict[str, Any] = {}
         if names:
@@ -511,7 +535,7 @@ class ChatBraid(BaseChatModel):
             additional_kwargs={"reasoning_content": reasoning} if reasoning else {},
             usage_metadata=self._usage(out.prompt_token_ids, out.token_ids,
                                        out.num_cached_tokens, engine.llm.tokenizer, opened),
-            response_metadata=self._metadata(out.token_ids, out.finish_reason),
+            response_metadata=self._metadata(engine, out.token_ids, out, top),
         )
 
     def _chunk(self, reasoning: str, answer: str, **extra: Any) -> ChatGenerationChunk:
@@ -520,31 +544,34 @@ class ChatBraid(BaseChatModel):
             message=AIMessageChunk(content=answer, additional_kwargs=kwargs, **extra))
 
     def _delta_chunk(self, engine: _Engine, prompt_ids: list[int], out_ids: list[int],
-                     parser: _AnswerParser, delta: RequestOutput) -> ChatGenerationChunk:
-        """The chunk of one engine delta (``out_ids`` collects the generated ids)."""
+                     parser: _AnswerParser, delta: RequestOutput, top: int | None) -> ChatGenerationChunk:
+        """The chunk of one engine delta (``out_ids`` collects the generated ids; ``top``: the
+        request's ``logprobs``)."""
         out_ids += delta.token_ids
         reasoning, answer, calls = parser.feed(delta.text)
         if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
-            return self._chunk(reasoning, answer, tool_call_chunks=one_chunk_per_call(calls))
+            extra = ({} if delta.logprobs is None or top is None else
+                     {"response_metadata": {"logprobs": openai_logprobs(delta.logprobs, top, engine.llm.tokenizer)}})
+            return self._chunk(reasoning, answer, tool_call_chunks=one_chunk_per_call(calls), **extra)
         tail_reasoning, tail_answer, tail_calls = parser.finish()
         return self._last_chunk(engine, prompt_ids, out_ids, delta, reasoning + tail_reasoning,
-                                answer + tail_answer, one_chunk_per_call(calls + tail_calls), parser.opened)
+                                answer + tail_answer, one_chunk_per_call(calls + tail_calls), parser.opened, top)
 
     def _last_chunk(self, engine: _Engine, prompt_ids: list[int], out_ids: list[int],
                     delta: RequestOutput, reasoning: str, answer: str,
-                    calls: list[Any], opened: bool) -> ChatGenerationChunk:
+                    calls: list[Any], opened: bool, top: int | None) -> ChatGenerationChunk:
         return self._chunk(
             reasoning, answer, chunk_position="last", tool_call_chunks=calls,
             usage_metadata=self._usage(prompt_ids, out_ids, delta.num_cached_tokens,
                                        engine.llm.tokenizer, opened),
-            response_metadata=self._metadata(out_ids, delta.finish_reason))
+            response_metadata=self._metadata(engine, out_ids, delta, top))
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
         engine, ids, params, opened, names, limit = self._prepare(messages, stop, kwargs)
         out = engine.llm.engine.add_request(ids, params, final_only=True).result()
-        message = self._message(engine, out, opened, names, limit)
+        message = self._message(engine, out, opened, names, limit, params.logprobs)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
@@ -553,7 +580,7 @@ class ChatBraid(BaseChatModel):
                          **kwargs: Any) -> ChatResult:
         engine, stream, opened, names, limit = await self._asubmit(messages, stop, kwargs, final_only=True)
         out = await stream.aresult()
-        message = self._message(engine, out, opened, names, limit)
+        message = self._message(engine, out, opened, names, limit, stream.params.logprobs)
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model})
 
@@ -596,7 +623,7 @@ class ChatBraid(BaseChatModel):
         out_ids: list[int] = []
         try:
             for delta in deltas:
-                yield self._delta_chunk(engine, ids, out_ids, parser, delta)
+                yield self._delta_chunk(engine, ids, out_ids, parser, delta, params.logprobs)
         finally:
             deltas.close()  # a caller that stops early aborts the request
 
@@ -609,7 +636,8 @@ class ChatBraid(BaseChatModel):
         out_ids: list[int] = []
         try:
             async for delta in deltas:
-                yield self._delta_chunk(engine, stream.prompt_token_ids, out_ids, parser, delta)
+                yield self._delta_chunk(engine, stream.prompt_token_ids, out_ids, parser, delta,
+                                        stream.params.logprobs)
         finally:
             await deltas.aclose()  # a caller that stops early aborts the request
 
@@ -928,3 +956,23 @@ class _AnswerParser:
         text, chunks = self.calls.feed(answer)
         tail, more = self.calls.finish()
         return reasoning, text + tail, chunks + more
+
+
+def openai_logprobs(entries: list[dict[int, float]], top: int, tok: Any) -> dict[str, Any]:
+    """The engine's log-probabilities (``RequestOutput.logprobs`` of a request with
+    ``logprobs=top``: per token, the drawn token's first, then the ``top`` most likely) in
+    OpenAI's form, as ChatOpenAI puts them in ``response_metadata["logprobs"]``: each token's
+    text (decoded alone), its UTF-8 bytes, its log-probability and the ``top`` most likely tokens
+    at its position, most likely first."""
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = tok.decode([token])
+        return {"token": text, "bytes": list(text.encode("utf-8", errors="replace")), "logprob": logprob}
+
+    content = []
+    for entry in entries:
+        token, logprob = next(iter(entry.items()))
+        # the engine took the most likely by (log-probability, lower id): the drawn token, where
+        # it is not one of them, sorts after them all
+        likely = sorted(entry.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        content.append({**one(token, logprob), "top_logprobs": [one(t, v) for t, v in likely]})
+    return {"content": content}

@@ -43,6 +43,9 @@ class RequestOutput:
     finish_reason: str | None
     num_cached_tokens: int = 0
     finished: bool = True
+    # with SamplingParams(logprobs=k): for each of token_ids, {token id: log-probability} of the
+    # token drawn and the k most likely (the model's own distribution); None otherwise
+    logprobs: list[dict[int, float]] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -58,6 +61,7 @@ class Sequence:
     max_len: int  # stop (finish "length") when the sequence reaches this many tokens
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # one per output token (params.logprobs)
     status: Status = Status.WAITING
     page_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache

@@ -134,3 +134,53 @@ def test_batching_caching_and_bursts_change_no_penalized_token(pair):
     assert [o.token_ids for o in again] == alone and again[0].num_cached_tokens > 0
     llm.generate(prompts[1:2], params[1])
     assert llm.stats()["decode_bursts"] > bursts
+
+
+def _hf_logprobs(hf, ids, out):
+    """transformers' log-softmax (fp32) at each step that chose a token of ``out``."""
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids + out])).logits[0, len(ids) - 1:-1].float(), -1)
+
+
+def _expected(ref_row, tok, k):
+    """The tokens of an entry: the drawn one, then the k most likely (ties by lower id)."""
+    order = torch.sort(ref_row, descending=True, stable=True).indices[:k].tolist()
+    return [tok] + [t for t in order if t != tok]
+
+
+def test_logprobs_are_transformers_log_softmax_of_each_step(pair):
+    """logprobs=k: for each token, its log-probability and the k most likely tokens' from the
+    model's own logits (transformers' log-softmax, fp32), the drawn token first; streamed
+    deltas carry their tokens' entries; penalties and filters do not change them."""
+    llm, hf = pair
+    ids = llm.encode(PROMPT)
+    params = SamplingParams(temperature=0.9, top_k=5, max_tokens=12, ignore_eos=True, seed=2, logprobs=3,
+                            presence_penalty=1.0)
+    out = llm.generate(ids, params)[0]
+    assert len(out.logprobs) == len(out.token_ids) == 12
+    ref = _hf_logprobs(hf, ids, out.token_ids)
+    drawn_not_top = 0
+    for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert list(entry) == _expected(ref[i], tok, 3)
+        assert all(abs(v - float(ref[i, t])) <= 1e-4 for t, v in entry.items())
+        drawn_not_top += tok != int(ref[i].argmax())
+    assert drawn_not_top > 0  # sampled (and penalized) tokens the model did not rank first
+    deltas = list(llm.stream(ids, params))
+    assert len(deltas) > 2 and [e for d in deltas for e in d.logprobs] == out.logprobs
+    assert [t for d in deltas for t in d.token_ids] == out.token_ids
+    greedy = llm.generate(ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0))[0]
+    ref = _hf_logprobs(hf, ids, greedy.token_ids)
+    assert [list(e) for e in greedy.logprobs] == [[t] for t in greedy.token_ids] == \
+        [[int(r.argmax())] for r in ref]
+    assert all(abs(e[t] - float(r.max())) <= 1e-4 for e, t, r in zip(greedy.logprobs, greedy.token_ids, ref))
+    assert llm.generate(ids, SamplingParams(max_tokens=2))[0].logprobs is None
+    # a step at a time, the same tokens as without them
+    bursts = llm.stats()["decode_bursts"]
+    assert llm.generate(ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].token_ids == \
+        greedy.token_ids
+    assert llm.stats()["decode_bursts"] > bursts
+    bursts = llm.stats()["decode_bursts"]
+    llm.generate(ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2))
+    assert llm.stats()["decode_bursts"] == bursts
+    with pytest.raises(InvalidSamplingParamsError, match="logprobs"):
+        SamplingParams(logprobs=21)

@@ -50,6 +50,32 @@ def test_graphs_give_the_eager_tokens(engines, batch):
     assert a == b
 
 
+def test_penalized_requests_take_single_graph_steps_with_the_eager_tokens(engines):
+    """A batch holding a penalized request decodes a step at a time in the graphs (no burst),
+    the penalties applied on the device to the graph's logits: the eager engine's tokens, and
+    other tokens than without the penalties. ``penalize`` on CUDA is the CPU's, bit for bit."""
+    from braid_engine.sampling import penalize
+
+    graphed, eager = engines
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist() for n in (20, 45, 70)]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **kw)
+              for kw in (dict(repetition_penalty=1.5, presence_penalty=0.5), dict(),
+                         dict(frequency_penalty=1.0))]
+    bursts, replays = graphed.stats()["decode_bursts"], graphed.engine.runner.graph_replays
+    a = [o.token_ids for o in graphed.generate(prompts, params)]
+    assert graphed.stats()["decode_bursts"] == bursts and graphed.engine.runner.graph_replays - replays >= 20
+    assert a == [o.token_ids for o in eager.generate(prompts, params)]
+    plain = graphed.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    assert a[1] == plain[1].token_ids and a[0] != plain[0].token_ids and a[2] != plain[2].token_ids
+    logits = torch.randn(3, 5000, generator=gen) * 3
+    outs = [torch.randint(0, 50, (30,), generator=gen).tolist() for _ in range(3)]
+    cpu, cuda = logits.clone(), logits.cuda()
+    penalize(cpu, params, prompts, outs)
+    penalize(cuda, params, prompts, outs)
+    assert torch.equal(cuda.cpu(), cpu) and not torch.equal(cpu, logits)
+
+
 def _agree_up_to_near_tie(eager, prompt: list[int], out: list[int], ref: list[int]) -> int | None:
     """Index where two greedy continuations part (None if they do not); they may part only
     where the eager model's top two logits are within NEAR_TIE."""

@@ -760,3 +760,39 @@ def test_penalties_reach_the_engine_from_calls_fields_and_the_checkpoint(tmp_pat
     chat = ChatBraid(model=plain, device="cpu", max_tokens=24, temperature=0)
     free = chat.invoke(hi).response_metadata[TOKEN_IDS_KEY]
     assert chat.invoke(hi, repetition_penalty=2.0).response_metadata[TOKEN_IDS_KEY] != free
+
+
+def test_logprobs_in_response_metadata_as_chatopenai_gives_them(tiny_model):
+    """logprobs / top_logprobs (fields or per call): OpenAI's form in response_metadata, one entry
+    per generated token (the reasoning's too), the engine's values; a stream's chunks carry their
+    tokens' and merge into the whole answer's; off: no "logprobs" key."""
+    from braid_engine import SamplingParams
+
+    # every prompt computed afresh (a cached one's logits may differ in float32's last places)
+    fresh = dict(device="cpu", max_tokens=10, temperature=0, enable_prefix_caching=False)
+    chat = ChatBraid(model=tiny_model, **fresh)
+    msg = chat.invoke("hi", logprobs=True, top_logprobs=2)
+    ids = msg.response_metadata[TOKEN_IDS_KEY]
+    content = msg.response_metadata["logprobs"]["content"]
+    assert len(content) == len(ids) == 10
+    llm = chat._engine().llm
+    prompt = render(llm.tokenizer, [HumanMessage("hi")]).token_ids(llm.tokenizer)
+    ref = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, logprobs=2, enable_prefix_caching=False))[0]
+    assert ref.token_ids == ids
+    for entry, tok, want in zip(content, ids, ref.logprobs):
+        assert entry["token"] == llm.tokenizer.decode([tok]) and entry["bytes"] == list(entry["token"].encode())
+        assert entry["logprob"] == want[tok]
+        top = sorted(want.items(), key=lambda kv: (-kv[1], kv[0]))[:2]
+        assert [(t["token"], t["logprob"]) for t in entry["top_logprobs"]] == \
+            [(llm.tokenizer.decode([t]), v) for t, v in top]
+        assert entry["top_logprobs"][0]["token"] == entry["token"]  # greedy: the drawn is the likeliest
+    streamed = None
+    for chunk in ChatBraid(model=tiny_model, logprobs=True, top_logprobs=2, **fresh).stream("hi"):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert streamed.response_metadata["logprobs"]["content"] == content
+    assert "logprobs" not in chat.invoke("hi").response_metadata
+    only = chat.invoke("hi", logprobs=True).response_metadata["logprobs"]["content"]
+    assert [e["top_logprobs"] for e in only] == [[]] * 10
+    assert len(chat.invoke("hi", top_logprobs=1).response_metadata["logprobs"]["content"][0]["top_logprobs"]) == 1
+    with pytest.raises(TypeError, match="logprobs must be True, False or None"):
+        chat.invoke("hi", logprobs="yes")
