@@ -251,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--repetition-penalty", type=float,
                        help="> 0; divides the positive logits of tokens already seen" + model % {"off": "1, off"})
         p.add_argument("--presence-penalty", type=float,
-                       help="-2 to 2; off each token the answer holds" + model % {"off": "0, off"})
+                       help="-2 to 2; subtracted once from each token the answer holds (default 0, off)")
         p.add_argument("--frequency-penalty", type=float,
-                       help="-2 to 2; off a token per time the answer holds it" + model % {"off": "0, off"})
+                       help="-2 to 2; subtracted from a token per time the answer holds it (default 0, off)")
         p.add_argument("--seed", type=int, default=None)
 
     chat = with_model("chat", "chat in the terminal (streaming, per-turn stats)")

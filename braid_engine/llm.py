@@ -270,7 +270,7 @@ class LLM:
     # -- generation ------------------------------------------------------------------------
     def get_default_sampling_params(self) -> SamplingParams:
         """The SamplingParams a call without any gets: the sampling settings the checkpoint's
-        ``generation_config.json`` gives (temperature, top_p, top_k, min_p and the penalties;
+        ``generation_config.json`` gives (temperature, top_p, top_k, min_p and repetition_penalty;
         Qwen3: 0.6, 0.95, 20), the others SamplingParams' own defaults. A new object each call,
         to change freely."""
         return SamplingParams(**self.sampling_defaults)
@@ -361,8 +361,10 @@ def _choose_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
 _GENERATION_CONFIG = "generation_config.json"
 # the sampling settings a checkpoint's generation_config.json may give, as SamplingParams names them
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                  "frequency_penalty")
+# (transformers' generate takes repetition_penalty from there; it has no presence or frequency penalty)
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# ones braid does not take from there, as transformers does not, with the value that means "off"
+_NOT_TAKEN = {"presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 def _generation_config(path: Path) -> dict[str, Any]:
@@ -394,6 +396,14 @@ def _sampling_defaults(generation: dict[str, Any], path: Path) -> dict[str, Any]
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / _GENERATION_CONFIG} gives sampling settings {defaults} that "
                               f"cannot be used ({e}); fix or remove them.") from e
+    ignored = {k: v for k, v in _NOT_TAKEN.items() if generation.get(k) not in (None, v)}
+    if ignored:
+        logger.warning("%s gives %s, which braid does not take from there (nor does transformers): pass "
+                       "it in SamplingParams.", path / _GENERATION_CONFIG,
+                       ", ".join(f"{k}={generation[k]}" for k in ignored))
+    if defaults.get("repetition_penalty", 1) != 1:
+        logger.info("braid: requests without their own settings take %s's repetition_penalty=%s; their "
+                    "batches decode a step at a time", path / _GENERATION_CONFIG, defaults["repetition_penalty"])
     return defaults
 
 

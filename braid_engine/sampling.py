@@ -31,7 +31,7 @@ class SamplingParams:
     ``guided`` constrains the output to a grammar (JSON schema, JSON object or structural tag);
     it needs the optional ``xgrammar`` package.
 
-    Penalties change the logits before any of that, as vLLM applies them: ``repetition_penalty``
+    Penalties change the logits before temperature and the filters, as vLLM applies them: ``repetition_penalty``
     (> 0, 1 off; transformers' too) divides a positive logit, and multiplies a negative one, of
     each token already in the prompt or the output; then ``frequency_penalty`` times a token's
     count in the output and ``presence_penalty`` once for each token the output holds are
@@ -112,6 +112,7 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_number(v) or not -2 <= v <= 2:
                 raise bad(f"{name} must be a number in [-2, 2], got {v!r}; use 0 to disable it.")
+            setattr(self, name, float(v))  # (a Fraction or numpy scalar as torch takes a number)
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad(f"logprobs must be an int in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r} "
@@ -119,6 +120,7 @@ class SamplingParams:
         if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
             raise bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}; "
                       "use 1 to disable it.")
+        self.repetition_penalty = float(self.repetition_penalty)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -145,29 +147,65 @@ def _is_number(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-@torch.inference_mode()  # the engine's logits are inference tensors, changed in place
+class Penalties:
+    """One request's penalties (``SamplingParams``) with what they need kept on the device: which
+    tokens its prompt and output hold (the repetition penalty) and how often its output holds
+    each (frequency, presence). ``update`` takes the output tokens drawn since its last call
+    (one a step: their copy is the step's only host work), ``apply`` changes a row of logits in
+    place and reads nothing back. The repetition penalty is computed as transformers'
+    RepetitionPenaltyLogitsProcessor computes it (the same operations on the same values), the
+    other two as vLLM subtracts them, after it."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab: int, device: torch.device) -> None:
+        self.params, self.device, self.taken = params, device, 0
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self._mark(prompt)
+        if params.frequency_penalty or params.presence_penalty:
+            self.counts = torch.zeros(vocab, dtype=torch.int32, device=device)
+
+    def _mark(self, tokens: list[int]) -> torch.Tensor | None:
+        """``tokens`` on the device, marked as seen; None where there are none."""
+        if not tokens:
+            return None
+        ids = _to_device(torch.tensor(tokens, dtype=torch.long), self.device)
+        if self.seen is not None:
+            self.seen.index_fill_(0, ids, True)
+        return ids
+
+    @torch.inference_mode()
+    def update(self, outputs: list[int]) -> None:
+        """Count ``outputs[taken:]``, the output tokens not yet counted."""
+        ids = self._mark(outputs[self.taken:])
+        if ids is not None and self.counts is not None:
+            self.counts.index_add_(0, ids, torch.ones(ids.shape, dtype=torch.int32, device=self.device))
+        self.taken = len(outputs)
+
+    @torch.inference_mode()  # the engine's logits are inference tensors
+    def apply(self, row: torch.Tensor) -> None:
+        """Penalize ``row`` [V] (a view of a step's logits) in place."""
+        p = self.params
+        if self.seen is not None:
+            rep = p.repetition_penalty
+            row.copy_(torch.where(self.seen, torch.where(row < 0, row * rep, row / rep), row))
+        if self.counts is not None:
+            if p.frequency_penalty:
+                row -= p.frequency_penalty * self.counts
+            if p.presence_penalty:
+                row -= p.presence_penalty * (self.counts > 0)
+
+
 def penalize(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
              outputs: list[list[int]]) -> None:
-    """Apply each row's penalties (``SamplingParams``) to ``logits`` [rows, V] in place, row i
-    after prompt ``prompts[i]`` and output so far ``outputs[i]``. The repetition penalty is
-    computed as transformers' RepetitionPenaltyLogitsProcessor computes it, the other two as
-    vLLM subtracts them; rows without penalties are left as they are."""
+    """Apply each row's penalties to ``logits`` [rows, V] in place, row i after prompt
+    ``prompts[i]`` and output so far ``outputs[i]`` (``Penalties`` made for the one call; the
+    engine keeps a request's from step to step)."""
     for i, p in enumerate(params):
-        if not p.penalized:
-            continue
-        row = logits[i:i + 1]
-        if p.repetition_penalty != 1:
-            seen = _to_device(torch.tensor([prompts[i] + outputs[i]], dtype=torch.long), row.device)
-            score = torch.gather(row, 1, seen)
-            score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
-            row.scatter_(1, seen, score)
-        if (p.frequency_penalty or p.presence_penalty) and outputs[i]:
-            out = _to_device(torch.tensor(outputs[i], dtype=torch.long), row.device)
-            counts = torch.bincount(out, minlength=row.shape[1])[None, :row.shape[1]]
-            if p.frequency_penalty:
-                row -= p.frequency_penalty * counts
-            if p.presence_penalty:
-                row -= p.presence_penalty * (counts > 0)
+        if p.penalized:
+            state = Penalties(p, prompts[i], logits.shape[-1], logits.device)
+            state.update(outputs[i])
+            state.apply(logits[i])
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

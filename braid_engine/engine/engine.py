@@ -38,9 +38,9 @@ from braid_engine.errors import (
 )
 from braid_engine.grammar import GrammarRuntime
 from braid_engine.sampling import (
+    Penalties,
     SamplingParams,
     log_probabilities,
-    penalize,
     sample,
     token_logprobs,
 )
@@ -492,9 +492,12 @@ class LLMEngine:
             bitmask, failures = masks.result()
             self._grammar.apply(logits, bitmask, [rows[id(s)] for s in guided])
             failed = {id(guided[i]): e for i, e in failures.items()}
-        if any(s.params.penalized for s in samplers):
-            penalize(logits, [s.params for s in samplers], [s.prompt_token_ids for s in samplers],
-                     [s.output_token_ids for s in samplers])
+        for i, s in enumerate(samplers):
+            if s.params.penalized:
+                if s.penalties is None:
+                    s.penalties = Penalties(s.params, s.prompt_token_ids, logits.shape[-1], logits.device)
+                s.penalties.update(s.output_token_ids)
+                s.penalties.apply(logits[i])
         for seq, n in batch:
             self._computed(seq, n)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
@@ -720,6 +723,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
+        seq.penalties = None  # its device tensors go now
         if seq.pin is not None and reason != "abort":
             error = self._pin_prompt(seq)
             if error is not None:

@@ -62,6 +62,7 @@ class Sequence:
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)  # one per output token (params.logprobs)
+    penalties: Any = None  # sampling.Penalties of a penalized request, made at its first token
     status: Status = Status.WAITING
     page_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache

@@ -429,18 +429,23 @@ def test_calls_without_params_take_the_checkpoints_sampling_settings(tmp_path):
     llm.shutdown()
 
 
-def test_unusable_sampling_settings_in_the_checkpoint_are_refused_at_load(tmp_path):
+def test_unusable_sampling_settings_in_the_checkpoint_are_refused_at_load(tmp_path, caplog):
     from braid_engine import LLM, CheckpointError
     from braid_engine.testing import make_tiny_checkpoint
 
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_k": "20"}, {"temperature": True}, {"min_p": True},
-                {"repetition_penalty": 0}, {"presence_penalty": 3}):
+                {"repetition_penalty": 0}):
         path = make_tiny_checkpoint(tmp_path / str(len(list(tmp_path.iterdir()))), generation_config=bad)
         with pytest.raises(CheckpointError, match="generation_config.json gives sampling settings .* fix or remove"):
             LLM(path, device="cpu")
     # the penalties it gives are the requests' defaults, as transformers' generate takes them
-    path = make_tiny_checkpoint(tmp_path / "penalty", generation_config={"repetition_penalty": 1.1, "temperature": 0.7})
-    llm = LLM(path, device="cpu")
+    # (transformers takes no presence or frequency penalty from there: nor does braid, and says so)
+    path = make_tiny_checkpoint(tmp_path / "penalty", generation_config={"repetition_penalty": 1.1, "temperature": 0.7,
+                                                                          "presence_penalty": 0.5})
+    with caplog.at_level("INFO", logger="braid_engine"):
+        llm = LLM(path, device="cpu")
     defaults = llm.get_default_sampling_params()
     assert (defaults.temperature, defaults.repetition_penalty, defaults.presence_penalty) == (0.7, 1.1, 0.0)
+    assert "presence_penalty=0.5, which braid does not take from there" in caplog.text
+    assert "repetition_penalty=1.1; their batches decode a step at a time" in caplog.text
     llm.shutdown()

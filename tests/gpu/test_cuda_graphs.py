@@ -53,7 +53,11 @@ def test_graphs_give_the_eager_tokens(engines, batch):
 def test_penalized_requests_take_single_graph_steps_with_the_eager_tokens(engines):
     """A batch holding a penalized request decodes a step at a time in the graphs (no burst),
     the penalties applied on the device to the graph's logits: the eager engine's tokens, and
-    other tokens than without the penalties. ``penalize`` on CUDA is the CPU's, bit for bit."""
+    other tokens than without the penalties. ``penalize`` on CUDA: the repetition penalty is
+    transformers' processor's there, bit for bit (CUDA divides by a number as a multiplication by
+    its reciprocal, the CPU does not: the two differ in the last place), the rest the CPU's."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
     from braid_engine.sampling import penalize
 
     graphed, eager = engines
@@ -73,7 +77,12 @@ def test_penalized_requests_take_single_graph_steps_with_the_eager_tokens(engine
     cpu, cuda = logits.clone(), logits.cuda()
     penalize(cpu, params, prompts, outs)
     penalize(cuda, params, prompts, outs)
-    assert torch.equal(cuda.cpu(), cpu) and not torch.equal(cpu, logits)
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(cpu, logits)
+    alone = logits[:1].cuda()
+    penalize(alone, [SamplingParams(repetition_penalty=1.5)], prompts[:1], outs[:1])
+    ids = torch.tensor([prompts[0] + outs[0]], device="cuda")
+    assert torch.equal(alone, RepetitionPenaltyLogitsProcessor(1.5)(ids, logits[:1].cuda()))
 
 
 def _agree_up_to_near_tie(eager, prompt: list[int], out: list[int], ref: list[int]) -> int | None:
