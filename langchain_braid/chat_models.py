@@ -962,11 +962,11 @@ def openai_logprobs(entries: list[dict[int, float]], top: int, tok: Any) -> dict
     """The engine's log-probabilities (``RequestOutput.logprobs`` of a request with
     ``logprobs=top``: per token, the drawn token's first, then the ``top`` most likely) in
     OpenAI's form, as ChatOpenAI puts them in ``response_metadata["logprobs"]``: each token's
-    text (decoded alone), its UTF-8 bytes, its log-probability and the ``top`` most likely tokens
+    text (decoded alone), its bytes (``token_bytes``: a character split over several tokens has
+    its UTF-8 bytes spread over their entries, where the text of each is U+FFFD), its log-probability and the ``top`` most likely tokens
     at its position, most likely first."""
     def one(token: int, logprob: float) -> dict[str, Any]:
-        text = tok.decode([token])
-        return {"token": text, "bytes": list(text.encode("utf-8", errors="replace")), "logprob": logprob}
+        return {"token": tok.decode([token]), "bytes": list(token_bytes(tok, token)), "logprob": logprob}
 
     content = []
     for entry in entries:
@@ -976,3 +976,41 @@ def openai_logprobs(entries: list[dict[int, float]], top: int, tok: Any) -> dict
         likely = sorted(entry.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
         content.append({**one(token, logprob), "top_logprobs": [one(t, v) for t, v in likely]})
     return {"content": content}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of each byte to the character a byte-level BPE vocabulary writes it as."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_LEVEL: dict[int, bool] = {}  # id(tokenizer) -> whether its vocabulary is byte-level BPE
+
+
+def token_bytes(tok: Any, token: int) -> bytes:
+    """A token's own bytes, as OpenAI's ``bytes`` gives them: those of its vocabulary piece for a
+    byte-level BPE (GPT-2, Llama 3, Qwen) or a byte-fallback piece (``<0xE6>``), so that a
+    character split over tokens is whole again when their bytes are joined; otherwise (and for
+    added tokens) the UTF-8 of the token's text decoded alone."""
+    piece = tok.convert_ids_to_tokens(token)
+    if isinstance(piece, str) and token not in getattr(tok, "added_tokens_decoder", {}):
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        byte_level = _BYTE_LEVEL.get(id(tok))
+        if byte_level is None:
+            decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
+            byte_level = _BYTE_LEVEL[id(tok)] = "ByteLevel" in repr(decoder)
+        if byte_level and all(ch in _UNICODE_TO_BYTE for ch in piece):
+            return bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+    return tok.decode([token]).encode("utf-8", errors="replace")

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 
 from braid_engine import LLM, SamplingParams
 from braid_engine.errors import InvalidSamplingParamsError
-from braid_engine.sampling import penalize
+from braid_engine.sampling import log_probabilities, penalize, token_logprobs
 from braid_engine.testing import make_tiny_checkpoint
 
 PROMPT = "Hello! How are you today? The cache keeps every answer, the cache keeps it."
@@ -187,3 +187,22 @@ def test_logprobs_are_transformers_log_softmax_of_each_step(pair):
     assert llm.stats()["decode_bursts"] == bursts
     with pytest.raises(InvalidSamplingParamsError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+def test_token_logprobs_rank_ties_by_lower_id_and_put_the_drawn_token_first():
+    """Exact ties (common in bf16 logits) rank by lower id; the drawn token comes first, once,
+    whether or not it is among the k; each row takes its own k; k past the vocabulary lists it
+    all; the log-softmax is taken on a copy (the caller's logits are masked in place after)."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0, -1.0],
+                           [2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+                           [0.0, 5.0, 1.0, 1.0, 4.0, 1.0]])
+    lp = log_probabilities(logits, [0, 1, 2])
+    logits[:] = -float("inf")  # as a grammar mask or a penalty changes them after
+    assert torch.isfinite(lp).all()
+    got = token_logprobs(lp, [4, 5, 3], [2, 3, 20])
+    assert [list(e) for e in got] == [[4, 1, 2], [5, 0, 1, 2], [3, 1, 4, 2, 5, 0]]
+    assert got[0][4] == got[0][1] == got[0][2] == float(lp[0, 1])
+    assert [list(e) for e in token_logprobs(lp, [0, 5, 2], [0, 1, 0])] == [[0], [5, 0], [2]]
+    wide = torch.zeros(1, 5000)
+    wide[0, ::7] = 1.0  # a sort that is not stable orders these ties by anything
+    assert list(token_logprobs(log_probabilities(wide, [0]), [3], [5])[0]) == [3, 0, 7, 14, 21, 28]

@@ -796,3 +796,34 @@ def test_logprobs_in_response_metadata_as_chatopenai_gives_them(tiny_model):
     assert len(chat.invoke("hi", top_logprobs=1).response_metadata["logprobs"]["content"][0]["top_logprobs"]) == 1
     with pytest.raises(TypeError, match="logprobs must be True, False or None"):
         chat.invoke("hi", logprobs="yes")
+
+
+def test_sampled_logprobs_list_the_most_likely_whether_or_not_drawn_and_bytes_join_into_text(tiny_model):
+    """A sampled answer's tokens are often not the likeliest: each position's top_logprobs are
+    still the k most likely (the engine's, ties by lower id), the drawn token only where it is
+    one of them. A character split over tokens has its UTF-8 bytes spread over their entries, as
+    OpenAI gives them: joined, the bytes are the text."""
+    from braid_engine import SamplingParams
+
+    sampling = dict(temperature=1.0, top_p=1.0, top_k=-1, seed=3, max_tokens=12)
+    chat = ChatBraid(model=tiny_model, device="cpu", enable_prefix_caching=False, **sampling)
+    msg = chat.invoke("hi", top_logprobs=2)
+    ids, content = msg.response_metadata[TOKEN_IDS_KEY], msg.response_metadata["logprobs"]["content"]
+    llm = chat._engine().llm
+    prompt = render(llm.tokenizer, [HumanMessage("hi")]).token_ids(llm.tokenizer)
+    ref = llm.generate(prompt, SamplingParams(**sampling, logprobs=20, enable_prefix_caching=False))[0]
+    assert ref.token_ids == ids and len(content) == len(ids)
+    drawn_not_top = 0
+    for entry, tok, want in zip(content, ids, ref.logprobs, strict=True):
+        top = sorted(want.items(), key=lambda kv: (-kv[1], kv[0]))[:2]
+        assert entry["logprob"] == want[tok]
+        assert [(t["token"], t["logprob"]) for t in entry["top_logprobs"]] == \
+            [(llm.tokenizer.decode([t]), v) for t, v in top]
+        drawn_not_top += tok not in dict(top)
+    assert drawn_not_top > 0
+    text = "日本 héllo"
+    split = llm.tokenizer.encode(text, add_special_tokens=False)
+    entries = chat_models.openai_logprobs([{t: -1.0} for t in split], 1, llm.tokenizer)["content"]
+    assert any(e["token"] == "\ufffd" for e in entries)  # some tokens hold part of a character
+    assert bytes(b for e in entries for b in e["bytes"]) == text.encode()
+    assert [e["top_logprobs"][0]["bytes"] for e in entries] == [e["bytes"] for e in entries]
