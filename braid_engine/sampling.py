@@ -504,7 +504,7 @@ def log_probabilities(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
 def token_logprobs(logprobs: torch.Tensor, tokens: list[int], top: list[int]) -> list[dict[int, float]]:
     """For each row of ``logprobs`` [n, V]: {token: its log-probability} for the row's drawn token
     and its ``top[i]`` most likely, the drawn one first, the rest most likely first (ties by
-    lower id), read back with one wait."""
+    lower id: a stable sort of each row), read back after the step's tokens were."""
     k = max(top)
     drawn = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0]
     # a stable descending sort orders ties by id; only the first k are read

@@ -45,6 +45,7 @@ from braid_engine.chat import check_template_kwargs
 from braid_engine.engine.engine import RequestStream
 from braid_engine.llm import pool_context
 from braid_engine.loader import load_config, load_tokenizer, resolve_model_path
+from braid_engine.sampling import MAX_LOGPROBS
 from langchain_braid._messages import TOKEN_IDS_KEY, render, template_renders_tools
 from langchain_braid._thinking import CLOSE, OPEN, ReasoningParser, split_reasoning
 from langchain_braid._tools import (
@@ -511,6 +512,8 @@ class ChatBraid(BaseChatModel):
         top = options.get("top_logprobs", self.top_logprobs)
         if on is not None and not isinstance(on, bool):
             raise TypeError(f"logprobs must be True, False or None, got {on!r}.")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+            raise ValueError(f"top_logprobs must be an int from 0 to {MAX_LOGPROBS} or None, got {top!r}.")
         if on is False or (on is None and top is None):
             return None
         return 0 if top is None else top
@@ -962,11 +965,14 @@ def openai_logprobs(entries: list[dict[int, float]], top: int, tok: Any) -> dict
     """The engine's log-probabilities (``RequestOutput.logprobs`` of a request with
     ``logprobs=top``: per token, the drawn token's first, then the ``top`` most likely) in
     OpenAI's form, as ChatOpenAI puts them in ``response_metadata["logprobs"]``: each token's
-    text (decoded alone), its bytes (``token_bytes``: a character split over several tokens has
-    its UTF-8 bytes spread over their entries, where the text of each is U+FFFD), its log-probability and the ``top`` most likely tokens
-    at its position, most likely first."""
+    text (decoded alone), its own bytes (``token_bytes``: a character split over several tokens
+    has its UTF-8 bytes spread over their entries, where the text of each is U+FFFD), its
+    log-probability and the ``top`` most likely tokens at its position, most likely first."""
+    byte_level = "ByteLevel" in repr(getattr(getattr(tok, "backend_tokenizer", None), "decoder", None))
+
     def one(token: int, logprob: float) -> dict[str, Any]:
-        return {"token": tok.decode([token]), "bytes": list(token_bytes(tok, token)), "logprob": logprob}
+        return {"token": tok.decode([token]), "bytes": list(token_bytes(tok, token, byte_level)),
+                "logprob": logprob}
 
     content = []
     for entry in entries:
@@ -978,28 +984,23 @@ def openai_logprobs(entries: list[dict[int, float]], top: int, tok: Any) -> dict
     return {"content": content}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map of each byte to the character a byte-level BPE vocabulary writes it as."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
-        list(range(ord("\xae"), ord("\xff") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte each character of a byte-level BPE vocabulary (GPT-2's scheme, Qwen's and Llama
+    3's) stands for: a byte that is a visible Latin-1 character is written as itself, the others
+    (space, controls, a few more), in byte order, as U+0100, U+0101, and so on."""
+    visible = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    shifted = iter(range(0x100, 0x200))
+    return {chr(b if b in visible else next(shifted)): b for b in range(256)}
 
 
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
-_BYTE_LEVEL: dict[int, bool] = {}  # id(tokenizer) -> whether its vocabulary is byte-level BPE
+_BYTE_OF = _byte_level_alphabet()
 
 
-def token_bytes(tok: Any, token: int) -> bytes:
-    """A token's own bytes, as OpenAI's ``bytes`` gives them: those of its vocabulary piece for a
-    byte-level BPE (GPT-2, Llama 3, Qwen) or a byte-fallback piece (``<0xE6>``), so that a
-    character split over tokens is whole again when their bytes are joined; otherwise (and for
-    added tokens) the UTF-8 of the token's text decoded alone."""
+def token_bytes(tok: Any, token: int, byte_level: bool) -> bytes:
+    """A token's own bytes, as OpenAI's ``bytes`` gives them: those its vocabulary piece spells in
+    a byte-level BPE (``byte_level``) or a byte-fallback piece (``<0xE6>``), so that a character
+    split over tokens is whole again when their bytes are joined; otherwise (and for added
+    tokens) the UTF-8 of the token's text decoded alone."""
     piece = tok.convert_ids_to_tokens(token)
     if isinstance(piece, str) and token not in getattr(tok, "added_tokens_decoder", {}):
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
@@ -1007,10 +1008,6 @@ def token_bytes(tok: Any, token: int) -> bytes:
                 return bytes([int(piece[3:5], 16)])
             except ValueError:
                 pass
-        byte_level = _BYTE_LEVEL.get(id(tok))
-        if byte_level is None:
-            decoder = getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)
-            byte_level = _BYTE_LEVEL[id(tok)] = "ByteLevel" in repr(decoder)
-        if byte_level and all(ch in _UNICODE_TO_BYTE for ch in piece):
-            return bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+        if byte_level and all(ch in _BYTE_OF for ch in piece):
+            return bytes(_BYTE_OF[ch] for ch in piece)
     return tok.decode([token]).encode("utf-8", errors="replace")

@@ -796,6 +796,8 @@ def test_logprobs_in_response_metadata_as_chatopenai_gives_them(tiny_model):
     assert len(chat.invoke("hi", top_logprobs=1).response_metadata["logprobs"]["content"][0]["top_logprobs"]) == 1
     with pytest.raises(TypeError, match="logprobs must be True, False or None"):
         chat.invoke("hi", logprobs="yes")
+    with pytest.raises(ValueError, match="top_logprobs must be an int from 0 to 20"):
+        chat.invoke("hi", top_logprobs=25)
 
 
 def test_sampled_logprobs_list_the_most_likely_whether_or_not_drawn_and_bytes_join_into_text(tiny_model):
