@@ -402,8 +402,9 @@ def _sampling_defaults(generation: dict[str, Any], path: Path) -> dict[str, Any]
                        "it in SamplingParams.", path / _GENERATION_CONFIG,
                        ", ".join(f"{k}={generation[k]}" for k in ignored))
     if defaults.get("repetition_penalty", 1) != 1:
-        logger.info("braid: requests without their own settings take %s's repetition_penalty=%s; their "
-                    "batches decode a step at a time", path / _GENERATION_CONFIG, defaults["repetition_penalty"])
+        logger.info("braid: requests without their own settings take %s's repetition_penalty=%s (their "
+                    "draws are not captured in CUDA graphs)", path / _GENERATION_CONFIG,
+                    defaults["repetition_penalty"])
     return defaults
 
 

@@ -35,8 +35,8 @@ class SamplingParams:
     (> 0, 1 off; transformers' too) divides a positive logit, and multiplies a negative one, of
     each token already in the prompt or the output; then ``frequency_penalty`` times a token's
     count in the output and ``presence_penalty`` once for each token the output holds are
-    subtracted (each in [-2, 2], 0 off; positive ones discourage repeating). A batch holding a
-    penalized request decodes a step at a time.
+    subtracted (each in [-2, 2], 0 off; positive ones discourage repeating). In a burst, the
+    penalized rows are drawn step by step outside a draw graph.
 
     ``logprobs=k`` (0 to 20; None: off) returns, for each token drawn, its log-probability and
     those of the k most likely tokens, in the model's own distribution (the logits' log-softmax,
@@ -132,9 +132,9 @@ class SamplingParams:
 
     @property
     def single_steps(self) -> bool:
-        """Whether this request's batches decode a step at a time (no bursts): penalties and
-        log-probabilities need each step's tokens on the host."""
-        return self.penalized or self.logprobs is not None
+        """Whether this request's batches decode a step at a time (no bursts): log-probabilities
+        are read for each step's token."""
+        return self.logprobs is not None
 
     @property
     def penalized(self) -> bool:
@@ -151,8 +151,9 @@ class Penalties:
     """One request's penalties (``SamplingParams``) with what they need kept on the device: which
     tokens its prompt and output hold (the repetition penalty) and how often its output holds
     each (frequency, presence). ``update`` takes the output tokens drawn since its last call
-    (one a step: their copy is the step's only host work), ``apply`` changes a row of logits in
-    place and reads nothing back. The repetition penalty is computed as transformers'
+    (one a step: their copy is the step's only host work), ``count`` a token drawn on the
+    device (a burst's), ``apply`` changes a row of logits in place and reads nothing back.
+    ``taken``: the output tokens counted, or to be counted by a burst in flight. The repetition penalty is computed as transformers'
     RepetitionPenaltyLogitsProcessor computes it (the same operations on the same values), the
     other two as vLLM subtracts them, after it."""
 
@@ -176,11 +177,24 @@ class Penalties:
 
     @torch.inference_mode()
     def update(self, outputs: list[int]) -> None:
-        """Count ``outputs[taken:]``, the output tokens not yet counted."""
+        """Count ``outputs[taken:]``, the output tokens not yet counted (none where a burst in
+        flight counts the ones past ``outputs``)."""
         ids = self._mark(outputs[self.taken:])
-        if ids is not None and self.counts is not None:
+        if ids is not None:
+            self._count(ids)
+        self.taken = max(self.taken, len(outputs))
+
+    @torch.inference_mode()
+    def count(self, ids: torch.Tensor) -> None:
+        """Count the tokens ``ids`` (on the device, [n]) as output tokens; ``taken`` is the
+        caller's to advance."""
+        if self.seen is not None:
+            self.seen.index_fill_(0, ids, True)
+        self._count(ids)
+
+    def _count(self, ids: torch.Tensor) -> None:
+        if self.counts is not None:
             self.counts.index_add_(0, ids, torch.ones(ids.shape, dtype=torch.int32, device=self.device))
-        self.taken = len(outputs)
 
     @torch.inference_mode()  # the engine's logits are inference tensors
     def apply(self, row: torch.Tensor) -> None:

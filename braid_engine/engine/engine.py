@@ -23,7 +23,7 @@ import torch
 from braid_engine.config import EngineConfig, ModelConfig
 from braid_engine.detokenizer import IncrementalDetokenizer
 from braid_engine.engine.kv_cache import PagePool
-from braid_engine.engine.model_runner import Burst, ModelRunner
+from braid_engine.engine.model_runner import Burst, ModelRunner, penalties
 from braid_engine.engine.prefix_cache import RadixCache, RadixNode
 from braid_engine.engine.scheduler import Scheduler
 from braid_engine.engine.sequence import RequestOutput, Sequence, int64_tensor
@@ -38,7 +38,6 @@ from braid_engine.errors import (
 )
 from braid_engine.grammar import GrammarRuntime
 from braid_engine.sampling import (
-    Penalties,
     SamplingParams,
     log_probabilities,
     sample,
@@ -494,10 +493,7 @@ class LLMEngine:
             failed = {id(guided[i]): e for i, e in failures.items()}
         for i, s in enumerate(samplers):
             if s.params.penalized:
-                if s.penalties is None:
-                    s.penalties = Penalties(s.params, s.prompt_token_ids, logits.shape[-1], logits.device)
-                s.penalties.update(s.output_token_ids)
-                s.penalties.apply(logits[i])
+                penalties(s, logits.shape[-1], logits.device).apply(logits[i])
         for seq, n in batch:
             self._computed(seq, n)
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
@@ -557,7 +553,7 @@ class LLMEngine:
 
     def _burst_steps(self, batch: list[tuple[Sequence, int]]) -> int:
         """How many decode steps may run back to back before the host reads tokens: all
-        sequences decode without a grammar, penalties or log-probabilities, nobody who could join waits, no
+        sequences decode without a grammar or log-probabilities, nobody who could join waits, no
         sequence can reach
         its length limit sooner, and every sequence's positions stay in its current page. A
         stop token ends a sequence inside a burst; the steps computed after it are dropped."""

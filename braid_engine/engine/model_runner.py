@@ -11,7 +11,7 @@ from braid_engine import kernels
 from braid_engine.attention.base import AttentionBackend, BatchLayout
 from braid_engine.engine.sequence import Sequence, int64_tensor
 from braid_engine.models.layers import CausalLM
-from braid_engine.sampling import RowSampler, SamplingParams
+from braid_engine.sampling import Penalties, RowSampler, SamplingParams
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # one sequence's new tokens (a new turn after a cached history) run in a graph of the next size
@@ -87,6 +87,31 @@ def prefill_pieces(n: int, sizes: tuple[int, ...]) -> list[int] | None:
         filled = max(t for t in sizes if t <= n)
         pieces.append(filled)
         n -= filled
+
+
+def penalties(seq: Sequence, vocab: int, device: torch.device) -> Penalties:
+    """A penalized sequence's penalties (``sampling.Penalties``, made at its first token), up
+    to date with the output tokens the host holds."""
+    if seq.penalties is None:
+        seq.penalties = Penalties(seq.params, seq.prompt_token_ids, vocab, device)
+    seq.penalties.update(seq.output_token_ids)
+    return seq.penalties
+
+
+def _penalized_draw(penalized: list[tuple[int, Penalties]], sampler: RowSampler):
+    """A burst step's draw for a batch with penalized rows (``(row, its penalties)``): the
+    penalties applied to a float32 copy of the logits (as a single step applies them to the
+    float32 logits ``execute`` hands out), the tokens drawn from it, then counted on the device
+    for the next step."""
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        z = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        for i, state in penalized:
+            state.apply(z[i])
+        ids = sampler(z)
+        for i, state in penalized:
+            state.count(ids[i:i + 1])
+        return ids
+    return pick
 
 
 def capture_draw(sampler: RowSampler, generators: list[torch.Generator], logits: torch.Tensor, out: torch.Tensor,
@@ -457,10 +482,18 @@ class ModelRunner:
             return [t[(c + k) // ps] * ps + (c + k) % ps for t, c in zip(tables, starts, strict=True)]
 
         bs = self._graph_size(batch)
-        sampled = any(not seq.params.greedy for seq in seqs)
-        graph_draws = (sampled and bs is not None and steps > 1 and len(seqs) <= self.draw_graph_rows
+        # penalized rows (greedy ones too) are drawn from their penalized logits, op by op: each
+        # step's drawn tokens are counted on the device for the next
+        vocab = self.model.config.vocab_size
+        penalized = [(i, penalties(seq, vocab, dev)) for i, seq in enumerate(seqs) if seq.params.penalized]
+        for _, state in penalized:
+            state.taken += steps  # this burst counts its tokens (a sequence that stops in it ends)
+        sampled = bool(penalized) or any(not seq.params.greedy for seq in seqs)
+        graph_draws = (sampled and not penalized and bs is not None and steps > 1
+                       and len(seqs) <= self.draw_graph_rows
                        and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
         sampler = self._sampler(seqs) if sampled and not graph_draws else None
+        pick = _penalized_draw(penalized, sampler) if penalized else sampler
         if after is not None and after.first_done is not None:
             # planning refills pinned host buffers (FlashInfer's plan information) whose copies to
             # the device were queued before the first replay of ``after``: once that replay is
@@ -480,8 +513,8 @@ class ModelRunner:
             def draw() -> None:  # the sampled tokens replace the graph's argmax as the next input
                 if draw_graph is not None:
                     draw_graph.replay()
-                elif sampler is not None:
-                    self.static_ids[:n].copy_(sampler(logits))
+                elif pick is not None:
+                    self.static_ids[:n].copy_(pick(logits[:n]))
 
             first_done = torch.cuda.Event()
             first_done.record(torch.cuda.current_stream(dev))
@@ -508,8 +541,8 @@ class ModelRunner:
                 self.cascade_replays += steps - 1
                 self.backend.cascade_steps += steps - 1  # planned once, cascaded every step
             return Burst(out, seqs, steps, first_done, *self._to_host(out))
-        if sampled and sampler is None:  # no graph took the step after all
-            sampler = self._sampler(seqs)
+        if sampled and pick is None:  # no graph took the step after all
+            pick = self._sampler(seqs)
         # (a graph's padding rows come after the sequences')
         ids = torch.tensor(first, dtype=torch.long, device=dev) if after is None else after.out[-1, :len(seqs)]
         out = []
@@ -517,7 +550,7 @@ class ModelRunner:
             self.backend.plan(layout(k, torch.tensor(slots(k), dtype=torch.long, device=dev)))
             positions = torch.tensor([c + k for c in starts], dtype=torch.long, device=dev)
             logits = self.model.compute_logits(self.model(ids, positions, self.backend))
-            ids = logits.argmax(-1) if sampler is None else sampler(logits)
+            ids = logits.argmax(-1) if pick is None else pick(logits)
             out.append(ids)
         out = torch.stack(out)
         return Burst(out, seqs, steps, None, *self._to_host(out))

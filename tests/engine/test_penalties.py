@@ -116,8 +116,9 @@ def test_greedy_with_frequency_and_presence_penalties_is_the_reference_loop(pair
 
 
 def test_batching_caching_and_bursts_change_no_penalized_token(pair):
-    """A penalized request beside others: each gets its tokens alone; the batch decodes a step at a
-    time (no bursts) while a batch without penalties bursts; a prefix cache hit gives the same."""
+    """A penalized request beside others: each gets its tokens alone, and the tokens of an engine
+    that reads every step (decode_burst=1); the batch decodes in bursts (the penalties counted
+    on the device step by step), pipelined or not; a prefix cache hit gives the same."""
     llm, _ = pair
     prompts = [llm.encode(p) for p in (PROMPT, "Paged attention stores keys.", "東京 café 😀")]
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.2,
@@ -129,11 +130,21 @@ def test_batching_caching_and_bursts_change_no_penalized_token(pair):
     bursts = llm.stats()["decode_bursts"]
     together = [o.token_ids for o in llm.generate(prompts, params)]
     assert together == alone
-    assert llm.stats()["decode_bursts"] == bursts
+    assert llm.stats()["decode_bursts"] > bursts
     again = llm.generate(prompts, params)  # the prompts now come from the cache
     assert [o.token_ids for o in again] == alone and again[0].num_cached_tokens > 0
-    llm.generate(prompts[1:2], params[1])
-    assert llm.stats()["decode_bursts"] > bursts
+    for kw in (dict(decode_burst=1), dict(decode_burst=3, pipeline_bursts=True)):
+        other = LLM(llm.model_path, device="cpu", page_size=4, **kw)
+        try:
+            assert [o.token_ids for o in other.generate(prompts, params)] == alone
+            assert (other.stats()["decode_bursts"] > 0) == (kw["decode_burst"] > 1)
+            assert (other.stats()["pipelined_bursts"] > 0) == kw.get("pipeline_bursts", False)
+            # the unpenalized request stops inside a burst; the penalized ones go on as alone
+            stops = [params[0], dataclasses.replace(params[1], stop_token_ids=[alone[1][4]]), params[2]]
+            out = [o.token_ids for o in other.generate(prompts, stops)]
+            assert out[0] == alone[0] and out[2] == alone[2] and out[1] == alone[1][:alone[1].index(alone[1][4]) + 1]
+        finally:
+            other.shutdown()
 
 
 def _hf_logprobs(hf, ids, out):

@@ -447,5 +447,5 @@ def test_unusable_sampling_settings_in_the_checkpoint_are_refused_at_load(tmp_pa
     defaults = llm.get_default_sampling_params()
     assert (defaults.temperature, defaults.repetition_penalty, defaults.presence_penalty) == (0.7, 1.1, 0.0)
     assert "presence_penalty=0.5, which braid does not take from there" in caplog.text
-    assert "repetition_penalty=1.1; their batches decode a step at a time" in caplog.text
+    assert "repetition_penalty=1.1 (their draws are not captured" in caplog.text
     llm.shutdown()

@@ -50,10 +50,11 @@ def test_graphs_give_the_eager_tokens(engines, batch):
     assert a == b
 
 
-def test_penalized_requests_take_single_graph_steps_with_the_eager_tokens(engines):
-    """A batch holding a penalized request decodes a step at a time in the graphs (no burst),
-    the penalties applied on the device to the graph's logits: the eager engine's tokens, and
-    other tokens than without the penalties. ``penalize`` on CUDA: the repetition penalty is
+def test_penalized_requests_burst_in_the_graphs_with_the_eager_tokens(engines):
+    """A batch holding a penalized request decodes in bursts of graph replays, its draws op by op
+    (no draw graph), the penalties applied to a float32 copy of the graph's logits and each
+    step's tokens counted on the device: the eager engine's tokens, and other tokens than
+    without the penalties. ``penalize`` on CUDA: the repetition penalty is
     transformers' processor's there, bit for bit (CUDA divides by a number as a multiplication by
     its reciprocal, the CPU does not: the two differ in the last place), the rest the CPU's."""
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
@@ -66,9 +67,11 @@ def test_penalized_requests_take_single_graph_steps_with_the_eager_tokens(engine
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **kw)
               for kw in (dict(repetition_penalty=1.5, presence_penalty=0.5), dict(),
                          dict(frequency_penalty=1.0))]
-    bursts, replays = graphed.stats()["decode_bursts"], graphed.engine.runner.graph_replays
+    runner = graphed.engine.runner
+    bursts, replays, captures = graphed.stats()["decode_bursts"], runner.graph_replays, runner.draw_captures
     a = [o.token_ids for o in graphed.generate(prompts, params)]
-    assert graphed.stats()["decode_bursts"] == bursts and graphed.engine.runner.graph_replays - replays >= 20
+    assert graphed.stats()["decode_bursts"] > bursts and runner.graph_replays - replays >= 20
+    assert runner.draw_captures == captures
     assert a == [o.token_ids for o in eager.generate(prompts, params)]
     plain = graphed.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     assert a[1] == plain[1].token_ids and a[0] != plain[0].token_ids and a[2] != plain[2].token_ids
