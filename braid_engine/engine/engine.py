@@ -555,8 +555,8 @@ class LLMEngine:
         """How many decode steps may run back to back before the host reads tokens: all
         sequences decode without a grammar or log-probabilities, nobody who could join waits,
         no sequence can reach its length limit sooner, and every sequence's positions stay in
-        its current page. A
-        stop token ends a sequence inside a burst; the steps computed after it are dropped."""
+        its current page. A stop token ends a sequence inside a burst; the steps computed after
+        it are dropped."""
         if self.config.decode_burst <= 1 or not self._nobody_joins():
             return 1
         for seq, n in batch:
