@@ -41,7 +41,8 @@ class SamplingParams:
     ``logprobs=k`` (0 to 20; None: off) returns, for each token drawn, its log-probability and
     those of the k most likely tokens, in the model's own distribution (the logits' log-softmax,
     before penalties, temperature, filters and grammar), as vLLM and transformers' logits give
-    it (``RequestOutput.logprobs``). Such a request also decodes a step at a time.
+    it (``RequestOutput.logprobs``). In a burst, such a request's rows are drawn step by step
+    outside a draw graph.
 
     Example:
         >>> SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64, seed=1, stop=["\\n\\n"])
@@ -129,12 +130,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
-
-    @property
-    def single_steps(self) -> bool:
-        """Whether this request's batches decode a step at a time (no bursts): log-probabilities
-        are read for each step's token."""
-        return self.logprobs is not None
 
     @property
     def penalized(self) -> bool:
@@ -515,20 +510,33 @@ def log_probabilities(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits[rows].float(), -1)
 
 
+def ranked_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the device, for each row of ``logprobs`` [n, V] and its drawn token ``tokens`` [n]:
+    (values [n, 1 + k]: the drawn token's log-probability, then the k largest; ids [n, k]: the
+    tokens of those k), the k most likely by a stable sort (ties by lower id)."""
+    drawn = logprobs.gather(1, tokens[:, None])
+    if not k:
+        return drawn, torch.empty(tokens.shape[0], 0, dtype=torch.long, device=tokens.device)
+    values, ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
+    return torch.cat([drawn, values[:, :k]], 1), ids[:, :k]
+
+
+def logprob_entries(tokens: list[int], values: list[list[float]], ids: list[list[int]],
+                    top: list[int]) -> list[dict[int, float]]:
+    """``ranked_logprobs``' rows read back, as ``RequestOutput.logprobs`` entries: {the drawn
+    token: its log-probability, then each of the row's ``top[i]`` most likely: theirs}."""
+    out = []
+    for t, v, i, n in zip(tokens, values, ids, top, strict=True):
+        entry = {t: v[0]}
+        for tok, val in zip(i[:n], v[1:n + 1], strict=True):
+            entry.setdefault(tok, val)
+        out.append(entry)
+    return out
+
+
 def token_logprobs(logprobs: torch.Tensor, tokens: list[int], top: list[int]) -> list[dict[int, float]]:
     """For each row of ``logprobs`` [n, V]: {token: its log-probability} for the row's drawn token
     and its ``top[i]`` most likely, the drawn one first, the rest most likely first (ties by
     lower id: a stable sort of each row), read back after the step's tokens were."""
-    k = max(top)
-    drawn = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0]
-    # a stable descending sort orders ties by id; only the first k are read
-    values, ids = (torch.sort(logprobs, dim=-1, descending=True, stable=True) if k else (None, None))
-    picked = drawn.tolist()
-    best = (ids[:, :k].tolist(), values[:, :k].tolist()) if k else ([[]] * len(tokens), [[]] * len(tokens))
-    out = []
-    for t, p, n, i, v in zip(tokens, picked, top, *best, strict=True):
-        entry = {t: p}
-        for tok, val in zip(i[:n], v[:n], strict=True):
-            entry.setdefault(tok, val)
-        out.append(entry)
-    return out
+    values, ids = ranked_logprobs(logprobs, torch.tensor(tokens, device=logprobs.device), max(top))
+    return logprob_entries(tokens, values.tolist(), ids.tolist(), top)

@@ -168,8 +168,8 @@ class ChatBraid(BaseChatModel):
     logprobs: bool | None = None
     """Return each output token's log-probability in ``response_metadata["logprobs"]`` (OpenAI's
     form: ``{"content": [{"token", "bytes", "logprob", "top_logprobs"}]}``; a stream's chunks
-    each carry their tokens'), from the model's own distribution. Such requests decode a step at
-    a time. ``None``: on where ``top_logprobs`` is given."""
+    each carry their tokens'), from the model's own distribution. ``None``: on where
+    ``top_logprobs`` is given."""
     top_logprobs: int | None = None
     """With ``logprobs``: how many of the most likely tokens to list at each position (0-20)."""
     max_tokens: int | None = None

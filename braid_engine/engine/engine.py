@@ -553,14 +553,13 @@ class LLMEngine:
 
     def _burst_steps(self, batch: list[tuple[Sequence, int]]) -> int:
         """How many decode steps may run back to back before the host reads tokens: all
-        sequences decode without a grammar or log-probabilities, nobody who could join waits,
-        no sequence can reach its length limit sooner, and every sequence's positions stay in
-        its current page. A stop token ends a sequence inside a burst; the steps computed after
-        it are dropped."""
+        sequences decode without a grammar, nobody who could join waits, no sequence can reach
+        its length limit sooner, and every sequence's positions stay in its current page. A
+        stop token ends a sequence inside a burst; the steps computed after it are dropped."""
         if self.config.decode_burst <= 1 or not self._nobody_joins():
             return 1
         for seq, n in batch:
-            if n != 1 or seq.num_computed + 1 != len(seq) or seq.matcher is not None or seq.params.single_steps:
+            if n != 1 or seq.num_computed + 1 != len(seq) or seq.matcher is not None:
                 return 1
         return self._burst_room([seq for seq, _ in batch])
 
@@ -622,6 +621,9 @@ class LLMEngine:
         are skipped: their tokens here were computed past their end."""
         steps = burst.steps
         tokens = burst.tokens()
+        for seq, entries in burst.logprob_entries(tokens):
+            if not seq.is_finished:
+                seq.logprobs.extend(entries)  # cut to the tokens taken, below
         self.steps += steps
         self.bursts += 1
         # sequences whose caller wants only the result take their column in bulk; streamed ones
@@ -648,6 +650,9 @@ class LLMEngine:
                     self.scheduler.decoded_tokens += 1
                 self._computed(seq, 1)
                 self._alone(seq, self._append, seq, what)
+        for seq in burst.seqs:
+            if seq.params.logprobs is not None:
+                del seq.logprobs[len(seq.output_token_ids):]  # steps past a stop
 
     def _append_quiet(self, seq: Sequence, column: tuple[int, ...], scheduled: bool) -> tuple[int, str] | None:
         """A burst's tokens for a sequence whose caller wants only the final output (no text
@@ -709,7 +714,9 @@ class LLMEngine:
         if not final and (stream is None or stream.final_only):
             return  # the final output carries everything not yet handed out
         new = seq.output_token_ids[seq.emitted_tokens:]
-        logprobs = seq.logprobs[seq.emitted_tokens:] if seq.params.logprobs is not None else None
+        # (a burst adds its steps' entries at once: those past the tokens taken wait)
+        end = len(seq.output_token_ids)
+        logprobs = seq.logprobs[seq.emitted_tokens:end] if seq.params.logprobs is not None else None
         seq.emitted_tokens = len(seq.output_token_ids)
         text = seq.detok.take(final)
         if stream is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from array import array
 from dataclasses import dataclass
 
@@ -11,7 +12,14 @@ from braid_engine import kernels
 from braid_engine.attention.base import AttentionBackend, BatchLayout
 from braid_engine.engine.sequence import Sequence, int64_tensor
 from braid_engine.models.layers import CausalLM
-from braid_engine.sampling import Penalties, RowSampler, SamplingParams
+from braid_engine.sampling import (
+    Penalties,
+    RowSampler,
+    SamplingParams,
+    log_probabilities,
+    logprob_entries,
+    ranked_logprobs,
+)
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # one sequence's new tokens (a new turn after a cached history) run in a graph of the next size
@@ -98,18 +106,29 @@ def penalties(seq: Sequence, vocab: int, device: torch.device) -> Penalties:
     return seq.penalties
 
 
-def _penalized_draw(penalized: list[tuple[int, Penalties]], sampler: RowSampler):
-    """A burst step's draw for a batch with penalized rows (``(row, its penalties)``): the
-    penalties applied to a float32 copy of the logits (as a single step applies them to the
-    float32 logits ``execute`` hands out), the tokens drawn from it, then counted on the device
-    for the next step."""
+def _burst_draw(penalized: list[tuple[int, Penalties]], asked: BurstLogprobs | None, sampler: RowSampler):
+    """A burst step's draw, op by op, for a batch with penalized rows (``(row, its penalties)``)
+    or rows asking for log-probabilities (``asked``), the k-th call for step k: the
+    log-probabilities of the logits written to ``asked``'s step k; the penalties applied to a
+    float32 copy of the logits (as a single step applies them to the float32 logits ``execute``
+    hands out); the tokens drawn from it, then counted on the device for the next step."""
+    step = itertools.count()
+
     def pick(logits: torch.Tensor) -> torch.Tensor:
-        z = logits.float() if logits.dtype != torch.float32 else logits.clone()
-        for i, state in penalized:
-            state.apply(z[i])
+        k = next(step)
+        lp = log_probabilities(logits, asked.rows) if asked is not None else None
+        z = logits
+        if penalized:
+            z = logits.float() if logits.dtype != torch.float32 else logits.clone()
+            for i, state in penalized:
+                state.apply(z[i])
         ids = sampler(z)
         for i, state in penalized:
             state.count(ids[i:i + 1])
+        if asked is not None:
+            values, top_ids = ranked_logprobs(lp, ids[asked.rows], asked.values.shape[-1] - 1)
+            asked.values[k].copy_(values)
+            asked.ids[k].copy_(top_ids)
         return ids
     return pick
 
@@ -154,6 +173,8 @@ class Burst:
     # burst (a pipelined follow-up): this waits for the burst alone
     host: torch.Tensor | None = None
     done: torch.cuda.Event | None = None
+    # the log-probabilities its requests with ``logprobs`` asked for (``BurstLogprobs``)
+    logprobs: BurstLogprobs | None = None
 
     def tokens(self) -> list[list[int]]:
         """``tokens[k][i]``: sequence i's token from step k (waits for the device)."""
@@ -161,6 +182,32 @@ class Burst:
             return self.out[:, :len(self.seqs)].tolist()
         self.done.synchronize()
         return self.host[:, :len(self.seqs)].tolist()
+
+    def logprob_entries(self, tokens: list[list[int]]) -> list[tuple[Sequence, list[dict[int, float]]]]:
+        """Each asking sequence with its entries (``RequestOutput.logprobs``), one a step; after
+        ``tokens()``, which waited for them."""
+        lp = self.logprobs
+        if lp is None:
+            return []
+        values, ids = (lp.values, lp.ids) if lp.host is None else lp.host
+        values, ids = values.tolist(), ids.tolist()
+        return [(self.seqs[i], [logprob_entries([tokens[k][i]], [values[k][j]], [ids[k][j]], [lp.top[j]])[0]
+                                for k in range(self.steps)])
+                for j, i in enumerate(lp.rows)]
+
+
+@dataclass
+class BurstLogprobs:
+    """A burst's log-probabilities for its rows ``rows`` (their ``top``: each request's
+    ``logprobs``), written step by step on the device (``ranked_logprobs``: values [steps, rows,
+    1 + k], ids [steps, rows, k]) and, on a GPU, copied to pinned memory (``host``) with the
+    burst's tokens."""
+
+    rows: list[int]
+    top: list[int]
+    values: torch.Tensor
+    ids: torch.Tensor
+    host: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class ModelRunner:
@@ -488,12 +535,19 @@ class ModelRunner:
         penalized = [(i, penalties(seq, vocab, dev)) for i, seq in enumerate(seqs) if seq.params.penalized]
         for _, state in penalized:
             state.taken += steps  # this burst counts its tokens (a sequence that stops in it ends)
-        sampled = bool(penalized) or any(not seq.params.greedy for seq in seqs)
-        graph_draws = (sampled and not penalized and bs is not None and steps > 1
+        rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        asked = None
+        if rows:  # their log-probabilities, step by step, read with the tokens
+            top = [seqs[i].params.logprobs for i in rows]
+            asked = BurstLogprobs(rows, top, torch.empty(steps, len(rows), 1 + max(top), device=dev),
+                                  torch.empty(steps, len(rows), max(top), dtype=torch.long, device=dev))
+        op_by_op = bool(penalized) or asked is not None
+        sampled = op_by_op or any(not seq.params.greedy for seq in seqs)
+        graph_draws = (sampled and not op_by_op and bs is not None and steps > 1
                        and len(seqs) <= self.draw_graph_rows
                        and hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
         sampler = self._sampler(seqs) if sampled and not graph_draws else None
-        pick = _penalized_draw(penalized, sampler) if penalized else sampler
+        pick = _burst_draw(penalized, asked, sampler) if op_by_op else sampler
         if after is not None and after.first_done is not None:
             # planning refills pinned host buffers (FlashInfer's plan information) whose copies to
             # the device were queued before the first replay of ``after``: once that replay is
@@ -540,7 +594,7 @@ class ModelRunner:
             if bs in self.cascade_graphs and graph is self.cascade_graphs[bs][0]:
                 self.cascade_replays += steps - 1
                 self.backend.cascade_steps += steps - 1  # planned once, cascaded every step
-            return Burst(out, seqs, steps, first_done, *self._to_host(out))
+            return Burst(out, seqs, steps, first_done, *self._to_host(out, asked), logprobs=asked)
         if sampled and pick is None:  # no graph took the step after all
             pick = self._sampler(seqs)
         # (a graph's padding rows come after the sequences')
@@ -553,15 +607,24 @@ class ModelRunner:
             ids = logits.argmax(-1) if pick is None else pick(logits)
             out.append(ids)
         out = torch.stack(out)
-        return Burst(out, seqs, steps, None, *self._to_host(out))
+        return Burst(out, seqs, steps, None, *self._to_host(out, asked), logprobs=asked)
 
-    def _to_host(self, out: torch.Tensor) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
+    def _to_host(self, out: torch.Tensor, asked: BurstLogprobs | None = None
+                 ) -> tuple[torch.Tensor | None, torch.cuda.Event | None]:
         """A burst's tokens on their way to the host: a pinned copy queued behind the burst and
-        the event that marks it done (None, None off the GPU: the host reads ``out`` itself)."""
+        the event that marks it done (None, None off the GPU: the host reads ``out`` itself);
+        ``asked``'s log-probabilities copied alike (to ``asked.host``)."""
         if out.device.type != "cuda":
             return None, None
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
+
+        def pinned(t: torch.Tensor) -> torch.Tensor:
+            copy = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            copy.copy_(t, non_blocking=True)
+            return copy
+
+        host = pinned(out)
+        if asked is not None:
+            asked.host = (pinned(asked.values), pinned(asked.ids))
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(out.device))
         return host, done

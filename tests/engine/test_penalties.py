@@ -188,14 +188,45 @@ def test_logprobs_are_transformers_log_softmax_of_each_step(pair):
         [[int(r.argmax())] for r in ref]
     assert all(abs(e[t] - float(r.max())) <= 1e-4 for e, t, r in zip(greedy.logprobs, greedy.token_ids, ref))
     assert llm.generate(ids, SamplingParams(max_tokens=2))[0].logprobs is None
-    # a step at a time, the same tokens as without them
-    bursts = llm.stats()["decode_bursts"]
     assert llm.generate(ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].token_ids == \
         greedy.token_ids
-    assert llm.stats()["decode_bursts"] > bursts
-    bursts = llm.stats()["decode_bursts"]
-    llm.generate(ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2))
-    assert llm.stats()["decode_bursts"] == bursts
+
+
+def test_logprobs_in_bursts_are_those_of_single_steps(pair):
+    """Requests with logprobs decode in bursts (their rows drawn op by op, each step's
+    log-probabilities ranked on the device and read with the tokens), pipelined or not: the
+    entries of an engine that reads every step, beside requests without them, a stop inside a
+    burst cutting them with the tokens."""
+    llm, _ = pair
+    prompts = [llm.encode(p) for p in (PROMPT, "Paged attention stores keys.", "東京 café 😀")]
+    base = dict(max_tokens=20, ignore_eos=True, enable_prefix_caching=False)
+    params = [SamplingParams(temperature=0, logprobs=2, **base), SamplingParams(temperature=0, **base),
+              SamplingParams(temperature=0.8, seed=5, logprobs=4, frequency_penalty=0.5, **base)]
+    stepwise = LLM(llm.model_path, device="cpu", page_size=4, decode_burst=1)
+    try:
+        want = stepwise.generate(prompts, params)
+        stop = want[0].token_ids[6]
+        stopping = [dataclasses.replace(params[0], stop_token_ids=[stop])] + params[1:]
+        want_stop = stepwise.generate(prompts, stopping)
+        # alone (the rows of a batch of another size may differ in float32's last places)
+        alone = {id(ps): stepwise.generate(prompts[0], ps[0])[0].logprobs for ps in (params, stopping)}
+    finally:
+        stepwise.shutdown()
+    assert len(want_stop[0].token_ids) < 20 and len(want_stop[0].logprobs) == len(want_stop[0].token_ids)
+    for kw in (dict(decode_burst=4), dict(decode_burst=3, pipeline_bursts=True)):
+        bursting = LLM(llm.model_path, device="cpu", page_size=4, **kw)
+        try:
+            for ps, ref in ((params, want), (stopping, want_stop)):
+                got = bursting.generate(prompts, ps)
+                assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+                assert [o.logprobs for o in got] == [o.logprobs for o in ref]
+                streamed = list(bursting.stream(prompts[0], ps[0]))
+                assert [e for d in streamed for e in d.logprobs] == alone[id(ps)]
+                assert len(streamed) > 2
+            assert bursting.stats()["decode_bursts"] > 0
+            assert (bursting.stats()["pipelined_bursts"] > 0) == kw.get("pipeline_bursts", False)
+        finally:
+            bursting.shutdown()
     with pytest.raises(InvalidSamplingParamsError, match="logprobs"):
         SamplingParams(logprobs=21)
 

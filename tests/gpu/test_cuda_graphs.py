@@ -88,6 +88,31 @@ def test_penalized_requests_burst_in_the_graphs_with_the_eager_tokens(engines):
     assert torch.equal(alone, RepetitionPenaltyLogitsProcessor(1.5)(ids, logits[:1].cuda()))
 
 
+def test_logprobs_in_bursts_are_those_of_single_graph_steps(engines):
+    """Requests asking for log-probabilities decode in bursts of graph replays, their draws op by
+    op (no draw graph), each step's log-probabilities ranked on the device and copied to the host
+    with the burst's tokens: the entries of the same graphs replayed a step at a time."""
+    graphed, _ = engines
+    stepwise = LLM(graphed.model_path, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                   max_num_seqs=16, cuda_graphs=True, prefill_graph_tokens=256, decode_burst=1)
+    runner = graphed.engine.runner
+    try:
+        gen = torch.Generator().manual_seed(21)
+        prompts = [torch.randint(3, 400, (int(n),), generator=gen).tolist() for n in (15, 50, 33)]
+        params = [SamplingParams(max_tokens=24, ignore_eos=True, enable_prefix_caching=False, **kw)
+                  for kw in (dict(temperature=0, logprobs=3), dict(temperature=0.7, seed=2),
+                             dict(temperature=0.9, seed=4, top_k=20, top_p=0.9, logprobs=1))]
+        bursts, captures = graphed.stats()["decode_bursts"], runner.draw_captures
+        got = graphed.generate(prompts, params)
+        assert graphed.stats()["decode_bursts"] > bursts and runner.draw_captures == captures
+        want = stepwise.generate(prompts, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert [o.logprobs for o in got] == [o.logprobs for o in want]
+        assert got[1].logprobs is None and len(got[0].logprobs) == len(got[2].logprobs) == 24
+    finally:
+        stepwise.shutdown()
+
+
 def _agree_up_to_near_tie(eager, prompt: list[int], out: list[int], ref: list[int]) -> int | None:
     """Index where two greedy continuations part (None if they do not); they may part only
     where the eager model's top two logits are within NEAR_TIE."""
