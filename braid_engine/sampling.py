@@ -148,9 +148,9 @@ class Penalties:
     each (frequency, presence). ``update`` takes the output tokens drawn since its last call
     (one a step: their copy is the step's only host work), ``count`` a token drawn on the
     device (a burst's), ``apply`` changes a row of logits in place and reads nothing back.
-    ``taken``: the output tokens counted, or to be counted by a burst in flight. The repetition penalty is computed as transformers'
-    RepetitionPenaltyLogitsProcessor computes it (the same operations on the same values), the
-    other two as vLLM subtracts them, after it."""
+    ``taken``: the output tokens counted, or to be counted by a burst in flight. The repetition
+    penalty is computed as transformers' RepetitionPenaltyLogitsProcessor computes it (the same
+    operations on the same values), the other two as vLLM subtracts them, after it."""
 
     def __init__(self, params: SamplingParams, prompt: list[int], vocab: int, device: torch.device) -> None:
         self.params, self.device, self.taken = params, device, 0
