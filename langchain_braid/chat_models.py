@@ -158,10 +158,10 @@ class ChatBraid(BaseChatModel):
     presence_penalty: float | None = None
     """Subtracted once from the logit of each token the answer already holds (OpenAI's and
     vLLM's; -2 to 2, positive discourages repeating: a small model's endless loops, say).
-    ``None``: the model's, else 0 (off)."""
+    ``None``: 0 (off)."""
     frequency_penalty: float | None = None
     """Subtracted from a token's logit once for each time the answer holds it (-2 to 2).
-    ``None``: the model's, else 0 (off)."""
+    ``None``: 0 (off)."""
     repetition_penalty: float | None = None
     """transformers' penalty (> 0): a token already in the prompt or the answer has a positive
     logit divided by it and a negative one multiplied. ``None``: the model's, else 1 (off)."""
