@@ -511,14 +511,21 @@ def log_probabilities(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 
 def ranked_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """On the device, for each row of ``logprobs`` [n, V] and its drawn token ``tokens`` [n]:
-    (values [n, 1 + k]: the drawn token's log-probability, then the k largest; ids [n, k]: the
-    tokens of those k), the k most likely by a stable sort (ties by lower id)."""
+    """On the device, for each row of ``logprobs`` [n, V] (float32) and its drawn token ``tokens``
+    [n]: (values [n, 1 + k]: the drawn token's log-probability, then the k largest; ids [n, k]:
+    the tokens of those k; k at most V), the k most likely in (value, lower id) order. One top-k
+    over int64 keys that order both (the value's bits made to sort as the value does, over the
+    id inverted), so exact ties, common in bf16 logits, rank by id without a sort of the row."""
     drawn = logprobs.gather(1, tokens[:, None])
+    k = min(k, logprobs.shape[-1])
     if not k:
         return drawn, torch.empty(tokens.shape[0], 0, dtype=torch.long, device=tokens.device)
-    values, ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
-    return torch.cat([drawn, values[:, :k]], 1), ids[:, :k]
+    bits = logprobs.contiguous().view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # a negative float's bits sort reversed
+    ids = torch.arange(logprobs.shape[-1], device=logprobs.device)
+    ids = ((ordered << 32) | (0xFFFFFFFF - ids)).topk(k, dim=-1).values.bitwise_and(0xFFFFFFFF)
+    ids = 0xFFFFFFFF - ids
+    return torch.cat([drawn, logprobs.gather(1, ids)], 1), ids
 
 
 def logprob_entries(tokens: list[int], values: list[list[float]], ids: list[list[int]],

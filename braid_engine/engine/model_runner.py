@@ -539,8 +539,9 @@ class ModelRunner:
         asked = None
         if rows:  # their log-probabilities, step by step, read with the tokens
             top = [seqs[i].params.logprobs for i in rows]
-            asked = BurstLogprobs(rows, top, torch.empty(steps, len(rows), 1 + max(top), device=dev),
-                                  torch.empty(steps, len(rows), max(top), dtype=torch.long, device=dev))
+            k = min(max(top), self.model.config.vocab_size)  # as ranked_logprobs takes it
+            asked = BurstLogprobs(rows, top, torch.empty(steps, len(rows), 1 + k, device=dev),
+                                  torch.empty(steps, len(rows), k, dtype=torch.long, device=dev))
         op_by_op = bool(penalized) or asked is not None
         sampled = op_by_op or any(not seq.params.greedy for seq in seqs)
         graph_draws = (sampled and not op_by_op and bs is not None and steps > 1

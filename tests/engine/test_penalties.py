@@ -248,3 +248,27 @@ def test_token_logprobs_rank_ties_by_lower_id_and_put_the_drawn_token_first():
     wide = torch.zeros(1, 5000)
     wide[0, ::7] = 1.0  # a sort that is not stable orders these ties by anything
     assert list(token_logprobs(log_probabilities(wide, [0]), [3], [5])[0]) == [3, 0, 7, 14, 21, 28]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ranked_logprobs_are_a_stable_sorts_first_k(seed):
+    """ranked_logprobs' top-k over (value, inverted id) keys: the ids and values of a stable
+    descending sort's first k, for rows with bf16 ties and -inf, k up to past the vocabulary."""
+    from braid_engine.sampling import ranked_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(40):
+        vocab = int(torch.randint(1, 2000, (1,), generator=g))
+        x = torch.randn(4, vocab, generator=g) * 3
+        if trial % 2:
+            x = x.to(torch.bfloat16).float()  # many exact ties
+        if trial % 5 == 0:
+            x[:, ::3] = -float("inf")
+        lp = torch.log_softmax(x, -1)
+        tokens = torch.randint(0, vocab, (4,), generator=g)
+        values, ids = torch.sort(lp, dim=-1, descending=True, stable=True)
+        for k in (0, 1, 7, 20):
+            got_values, got_ids = ranked_logprobs(lp, tokens, k)
+            assert torch.equal(got_ids, ids[:, :k])
+            assert torch.equal(got_values[:, 1:], values[:, :k])
+            assert torch.equal(got_values[:, 0], lp.gather(1, tokens[:, None])[:, 0])
