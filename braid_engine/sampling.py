@@ -31,9 +31,9 @@ class SamplingParams:
     ``guided`` constrains the output to a grammar (JSON schema, JSON object or structural tag);
     it needs the optional ``xgrammar`` package.
 
-    Penalties change the logits before temperature and the filters, as vLLM applies them: ``repetition_penalty``
-    (> 0, 1 off; transformers' too) divides a positive logit, and multiplies a negative one, of
-    each token already in the prompt or the output; then ``frequency_penalty`` times a token's
+    Penalties change the logits before temperature and the filters, as vLLM applies them:
+    ``repetition_penalty`` (> 0, 1 off; transformers' too) divides a positive logit, and
+    multiplies a negative one, of each token already in the prompt or the output; then ``frequency_penalty`` times a token's
     count in the output and ``presence_penalty`` once for each token the output holds are
     subtracted (each in [-2, 2], 0 off; positive ones discourage repeating). In a burst, the
     penalized rows are drawn step by step outside a draw graph.
@@ -157,26 +157,18 @@ class Penalties:
         self.seen = self.counts = None
         if params.repetition_penalty != 1:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self._mark(prompt)
+            if prompt:
+                self.seen.index_fill_(0, _to_device(torch.tensor(prompt, dtype=torch.long), device), True)
         if params.frequency_penalty or params.presence_penalty:
             self.counts = torch.zeros(vocab, dtype=torch.int32, device=device)
-
-    def _mark(self, tokens: list[int]) -> torch.Tensor | None:
-        """``tokens`` on the device, marked as seen; None where there are none."""
-        if not tokens:
-            return None
-        ids = _to_device(torch.tensor(tokens, dtype=torch.long), self.device)
-        if self.seen is not None:
-            self.seen.index_fill_(0, ids, True)
-        return ids
 
     @torch.inference_mode()
     def update(self, outputs: list[int]) -> None:
         """Count ``outputs[taken:]``, the output tokens not yet counted (none where a burst in
         flight counts the ones past ``outputs``)."""
-        ids = self._mark(outputs[self.taken:])
-        if ids is not None:
-            self._count(ids)
+        new = outputs[self.taken:]
+        if new:
+            self.count(_to_device(torch.tensor(new, dtype=torch.long), self.device))
         self.taken = max(self.taken, len(outputs))
 
     @torch.inference_mode()
@@ -185,9 +177,6 @@ class Penalties:
         caller's to advance."""
         if self.seen is not None:
             self.seen.index_fill_(0, ids, True)
-        self._count(ids)
-
-    def _count(self, ids: torch.Tensor) -> None:
         if self.counts is not None:
             self.counts.index_add_(0, ids, torch.ones(ids.shape, dtype=torch.int32, device=self.device))
 
@@ -544,6 +533,6 @@ def logprob_entries(tokens: list[int], values: list[list[float]], ids: list[list
 def token_logprobs(logprobs: torch.Tensor, tokens: list[int], top: list[int]) -> list[dict[int, float]]:
     """For each row of ``logprobs`` [n, V]: {token: its log-probability} for the row's drawn token
     and its ``top[i]`` most likely, the drawn one first, the rest most likely first (ties by
-    lower id: a stable sort of each row), read back after the step's tokens were."""
+    lower id: ``ranked_logprobs``), read back after the step's tokens were."""
     values, ids = ranked_logprobs(logprobs, torch.tensor(tokens, device=logprobs.device), max(top))
     return logprob_entries(tokens, values.tolist(), ids.tolist(), top)

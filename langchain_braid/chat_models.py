@@ -520,11 +520,9 @@ class ChatBraid(BaseChatModel):
 
     def _metadata(self, engine: _Engine, out_ids: list[int], delta: RequestOutput, top: int | None) -> dict[str, Any]:
         """A message's (or a stream's last chunk's) metadata; ``top``: the request's ``logprobs``."""
-        meta = {"model_name": self.model, "model_provider": _PROVIDER,
-                "finish_reason": delta.finish_reason, TOKEN_IDS_KEY: list(out_ids)}
-        if delta.logprobs is not None and top is not None:
-            meta["logprobs"] = openai_logprobs(delta.logprobs, top, engine.llm.tokenizer)
-        return meta
+        return {"model_name": self.model, "model_provider": _PROVIDER,
+                "finish_reason": delta.finish_reason, TOKEN_IDS_KEY: list(out_ids),
+                **_logprob_metadata(engine, delta, top)}
 
     def _message(self, engine: _Engine, out: RequestOutput, opened: bool,
                  names: list[str], limit: int | None, top: int | None) -> AIMessage:
@@ -553,8 +551,8 @@ class ChatBraid(BaseChatModel):
         out_ids += delta.token_ids
         reasoning, answer, calls = parser.feed(delta.text)
         if delta.finish_reason is None:  # one chunk per sampled token, even if its text is held
-            extra = ({} if delta.logprobs is None or top is None else
-                     {"response_metadata": {"logprobs": openai_logprobs(delta.logprobs, top, engine.llm.tokenizer)}})
+            logprobs = _logprob_metadata(engine, delta, top)
+            extra = {"response_metadata": logprobs} if logprobs else {}
             return self._chunk(reasoning, answer, tool_call_chunks=one_chunk_per_call(calls), **extra)
         tail_reasoning, tail_answer, tail_calls = parser.finish()
         return self._last_chunk(engine, prompt_ids, out_ids, delta, reasoning + tail_reasoning,
@@ -959,6 +957,14 @@ class _AnswerParser:
         text, chunks = self.calls.feed(answer)
         tail, more = self.calls.finish()
         return reasoning, text + tail, chunks + more
+
+
+def _logprob_metadata(engine: _Engine, delta: RequestOutput, top: int | None) -> dict[str, Any]:
+    """``{"logprobs": ...}`` (``openai_logprobs``) for a delta or answer of a request that asked
+    for them (``top``: its ``logprobs``), else {}."""
+    if delta.logprobs is None or top is None:
+        return {}
+    return {"logprobs": openai_logprobs(delta.logprobs, top, engine.llm.tokenizer)}
 
 
 def openai_logprobs(entries: list[dict[int, float]], top: int, tok: Any) -> dict[str, Any]:

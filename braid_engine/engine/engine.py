@@ -717,7 +717,7 @@ class LLMEngine:
         # (a burst adds its steps' entries at once: those past the tokens taken wait)
         end = len(seq.output_token_ids)
         logprobs = seq.logprobs[seq.emitted_tokens:end] if seq.params.logprobs is not None else None
-        seq.emitted_tokens = len(seq.output_token_ids)
+        seq.emitted_tokens = end
         text = seq.detok.take(final)
         if stream is not None:
             stream._put(RequestOutput(seq.request_id, seq.prompt_token_ids, new, text,

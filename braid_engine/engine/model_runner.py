@@ -191,8 +191,9 @@ class Burst:
             return []
         values, ids = (lp.values, lp.ids) if lp.host is None else lp.host
         values, ids = values.tolist(), ids.tolist()
-        return [(self.seqs[i], [logprob_entries([tokens[k][i]], [values[k][j]], [ids[k][j]], [lp.top[j]])[0]
-                                for k in range(self.steps)])
+        steps = range(self.steps)
+        return [(self.seqs[i], logprob_entries([tokens[k][i] for k in steps], [values[k][j] for k in steps],
+                                               [ids[k][j] for k in steps], [lp.top[j]] * self.steps))
                 for j, i in enumerate(lp.rows)]
 
 
@@ -539,7 +540,7 @@ class ModelRunner:
         asked = None
         if rows:  # their log-probabilities, step by step, read with the tokens
             top = [seqs[i].params.logprobs for i in rows]
-            k = min(max(top), self.model.config.vocab_size)  # as ranked_logprobs takes it
+            k = min(max(top), vocab)  # as ranked_logprobs takes it
             asked = BurstLogprobs(rows, top, torch.empty(steps, len(rows), 1 + k, device=dev),
                                   torch.empty(steps, len(rows), k, dtype=torch.long, device=dev))
         op_by_op = bool(penalized) or asked is not None
